@@ -1,0 +1,451 @@
+//! Broker state: topics, their partitions' logs, the topic metadata file,
+//! and the background flush and retention loops.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quiver_log::{Log, OpenError as LogOpenError};
+use quiver_protocol::ErrorCode;
+use quiver_protocol::WireError;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name};
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A validated broker configuration (the server crate builds it from TOML,
+/// environment and flags).
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub node_id: u32,
+    pub data_dir: PathBuf,
+    /// `host:port` clients are told to connect to.
+    pub advertised_address: String,
+    /// Largest request frame accepted.
+    pub frame_bytes_max: usize,
+    /// Upper bound on the long-poll wait a fetch may ask for.
+    pub fetch_wait_ms_max: u32,
+    /// Background fsync of every partition at this interval; `None` leaves
+    /// it to the OS (acks=all still fsyncs before answering).
+    pub flush_interval_ms: Option<u64>,
+    pub retention_check_interval_ms: u64,
+    /// Defaults for topics created without overrides.
+    pub topic_defaults: TopicConfig,
+}
+
+impl BrokerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BrokerConfig {
+            node_id: 1,
+            data_dir: data_dir.into(),
+            advertised_address: "127.0.0.1:7878".into(),
+            frame_bytes_max: quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
+            fetch_wait_ms_max: 30_000,
+            flush_interval_ms: Some(1_000),
+            retention_check_interval_ms: 60_000,
+            topic_defaults: TopicConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("topic metadata file {path} is unreadable: {reason}")]
+    Metadata { path: PathBuf, reason: String },
+    #[error("cannot open partition {topic}-{partition}: {source}")]
+    Log {
+        topic: String,
+        partition: u32,
+        source: LogOpenError,
+    },
+}
+
+pub(crate) struct Partition {
+    pub(crate) id: u32,
+    pub(crate) log: Log,
+}
+
+pub(crate) struct Topic {
+    pub(crate) record: TopicRecord,
+    pub(crate) config: TopicConfig,
+    pub(crate) partitions: Vec<Arc<Partition>>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct MetadataFile {
+    topics: Vec<TopicRecord>,
+}
+
+const METADATA_FILE: &str = "topics.json";
+const LOGS_DIR: &str = "logs";
+const DELETED_SUFFIX: &str = ".deleted";
+
+/// One node's broker. Cheap to share (`Arc`); every method is safe to call
+/// concurrently.
+pub struct Broker {
+    pub(crate) config: BrokerConfig,
+    pub(crate) topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Serialises topic creation and deletion with the metadata file write.
+    admin_lock: tokio::sync::Mutex<()>,
+    /// Bumped after every append: long-polling fetches wait on it.
+    pub(crate) appended: watch::Sender<u64>,
+    pub(crate) shutting_down: AtomicBool,
+}
+
+impl Broker {
+    /// Opens the data directory: loads the topic metadata, recovers every
+    /// partition's log, and removes leftovers of deleted topics.
+    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, OpenError> {
+        let logs_dir = config.data_dir.join(LOGS_DIR);
+        std::fs::create_dir_all(&logs_dir).map_err(|source| OpenError::DataDir {
+            path: logs_dir.clone(),
+            source,
+        })?;
+        remove_deleted_dirs(&logs_dir);
+        let meta_path = config.data_dir.join(METADATA_FILE);
+        let meta = match std::fs::read(&meta_path) {
+            Ok(raw) => {
+                serde_json::from_slice::<MetadataFile>(&raw).map_err(|e| OpenError::Metadata {
+                    path: meta_path.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => MetadataFile::default(),
+            Err(source) => {
+                return Err(OpenError::DataDir {
+                    path: meta_path,
+                    source,
+                });
+            }
+        };
+        let mut topics = HashMap::new();
+        for record in meta.topics {
+            let config_t = config
+                .topic_defaults
+                .clone()
+                .with_overrides(
+                    record
+                        .overrides
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                )
+                .map_err(|reason| OpenError::Metadata {
+                    path: meta_path.clone(),
+                    reason,
+                })?;
+            let topic = open_topic(&logs_dir, record, config_t)?;
+            topics.insert(topic.record.name.clone(), Arc::new(topic));
+        }
+        tracing::info!(topics = topics.len(), dir = %config.data_dir.display(), "broker opened");
+        Ok(Arc::new(Broker {
+            config,
+            topics: RwLock::new(topics),
+            admin_lock: tokio::sync::Mutex::new(()),
+            appended: watch::channel(0).0,
+            shutting_down: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    pub(crate) fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics.read().expect("topics lock").get(name).cloned()
+    }
+
+    pub(crate) fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(Arc<Topic>, Arc<Partition>), WireError> {
+        let t = self.topic(topic).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic '{topic}' does not exist"),
+            )
+        })?;
+        let p = t
+            .partitions
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::UnknownPartition,
+                    format!(
+                        "topic '{topic}' has {} partitions; there is no partition {partition}",
+                        t.partitions.len()
+                    ),
+                )
+            })?;
+        Ok((t, p))
+    }
+
+    pub(crate) fn sorted_topics(&self) -> Vec<Arc<Topic>> {
+        let mut all: Vec<_> = self
+            .topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        all
+    }
+
+    /// Creates a topic durably: partition directories first, then the
+    /// metadata file (atomically replaced), then it becomes visible.
+    pub(crate) async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &[(String, String)],
+    ) -> Result<Arc<Topic>, WireError> {
+        validate_topic_name(name).map_err(|m| WireError::new(ErrorCode::InvalidTopicName, m))?;
+        if partitions == 0 || partitions > PARTITIONS_MAX {
+            return Err(WireError::new(
+                ErrorCode::InvalidPartitions,
+                format!("partition count must be between 1 and {PARTITIONS_MAX}, not {partitions}"),
+            ));
+        }
+        let mut seen = BTreeMap::new();
+        for (k, v) in overrides {
+            if seen.insert(k.clone(), v.clone()).is_some() {
+                return Err(WireError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("config '{k}' given twice"),
+                ));
+            }
+        }
+        let config = self
+            .config
+            .topic_defaults
+            .clone()
+            .with_overrides(seen.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|m| WireError::new(ErrorCode::InvalidConfig, m))?;
+        let _guard = self.admin_lock.lock().await;
+        if self.topic(name).is_some() {
+            return Err(WireError::new(
+                ErrorCode::TopicAlreadyExists,
+                format!("topic '{name}' already exists"),
+            ));
+        }
+        let record = TopicRecord {
+            name: name.to_string(),
+            partitions,
+            overrides: seen,
+            created_ms: now_ms(),
+        };
+        let logs_dir = self.config.data_dir.join(LOGS_DIR);
+        let topic = Arc::new(open_topic(&logs_dir, record, config).map_err(storage_error)?);
+        let mut records: Vec<TopicRecord> = self
+            .sorted_topics()
+            .iter()
+            .map(|t| t.record.clone())
+            .collect();
+        records.push(topic.record.clone());
+        self.write_metadata(records).map_err(storage_error)?;
+        self.topics
+            .write()
+            .expect("topics lock")
+            .insert(name.to_string(), topic.clone());
+        tracing::info!(topic = name, partitions, "topic created");
+        Ok(topic)
+    }
+
+    /// Deletes a topic: it disappears from the metadata file first, then its
+    /// directories are renamed away and removed in the background. Readers
+    /// holding a partition finish from their open files.
+    pub(crate) async fn delete_topic(&self, name: &str) -> Result<(), WireError> {
+        let _guard = self.admin_lock.lock().await;
+        let topic = self.topic(name).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic '{name}' does not exist"),
+            )
+        })?;
+        let records: Vec<TopicRecord> = self
+            .sorted_topics()
+            .iter()
+            .filter(|t| t.record.name != name)
+            .map(|t| t.record.clone())
+            .collect();
+        self.write_metadata(records).map_err(storage_error)?;
+        self.topics.write().expect("topics lock").remove(name);
+        let logs_dir = self.config.data_dir.join(LOGS_DIR);
+        let stamp = now_ms();
+        for p in &topic.partitions {
+            let dir = partition_dir(&logs_dir, name, p.id);
+            let gone = logs_dir.join(format!("{name}-{}.{stamp}{DELETED_SUFFIX}", p.id));
+            if let Err(e) = std::fs::rename(&dir, &gone) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot rename deleted partition");
+                continue;
+            }
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = std::fs::remove_dir_all(&gone) {
+                    tracing::warn!(dir = %gone.display(), error = %e, "cannot remove deleted partition");
+                }
+            });
+        }
+        tracing::info!(topic = name, "topic deleted");
+        Ok(())
+    }
+
+    fn write_metadata(&self, topics: Vec<TopicRecord>) -> std::io::Result<()> {
+        let path = self.config.data_dir.join(METADATA_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let body =
+            serde_json::to_vec_pretty(&MetadataFile { topics }).expect("metadata serialises");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.config.data_dir)?.sync_all()
+    }
+
+    /// Starts the background flush and retention loops; they stop when
+    /// [`Broker::shutdown`] is called.
+    pub fn spawn_background(self: &Arc<Self>) {
+        if let Some(interval_ms) = self.config.flush_interval_ms {
+            let broker = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(interval_ms.max(1)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !broker.shutting_down.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let b = broker.clone();
+                    let _ = tokio::task::spawn_blocking(move || b.flush_all()).await;
+                }
+            });
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(
+                broker.config.retention_check_interval_ms.max(1),
+            ));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !broker.shutting_down.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let b = broker.clone();
+                let _ = tokio::task::spawn_blocking(move || b.enforce_retention()).await;
+            }
+        });
+    }
+
+    fn flush_all(&self) {
+        for topic in self.sorted_topics() {
+            for p in &topic.partitions {
+                if p.log.durable_end_offset() < p.log.log_end_offset()
+                    && let Err(e) = p.log.flush()
+                {
+                    tracing::error!(topic = %topic.record.name, partition = p.id, error = %e, "background flush failed");
+                }
+            }
+        }
+    }
+
+    /// Applies retention to every partition now.
+    pub fn enforce_retention(&self) {
+        let now = now_ms();
+        for topic in self.sorted_topics() {
+            for p in &topic.partitions {
+                match p.log.enforce_retention(now) {
+                    Ok(report) if report.segments_deleted > 0 => tracing::info!(
+                        topic = %topic.record.name,
+                        partition = p.id,
+                        segments = report.segments_deleted,
+                        bytes = report.bytes_deleted,
+                        log_start_offset = report.log_start_offset,
+                        "retention deleted segments"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(topic = %topic.record.name, partition = p.id, error = %e, "retention failed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops accepting produce requests, fsyncs and closes every log. Safe to
+    /// call more than once.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.appended.send_modify(|n| *n += 1); // wake long polls so they return
+        for topic in self.sorted_topics() {
+            for p in &topic.partitions {
+                if let Err(e) = p.log.close() {
+                    tracing::error!(topic = %topic.record.name, partition = p.id, error = %e, "close failed");
+                }
+            }
+        }
+        tracing::info!("broker shut down cleanly");
+    }
+}
+
+fn storage_error(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::StorageError, e.to_string())
+}
+
+fn partition_dir(logs_dir: &Path, topic: &str, partition: u32) -> PathBuf {
+    logs_dir.join(format!("{topic}-{partition}"))
+}
+
+fn open_topic(
+    logs_dir: &Path,
+    record: TopicRecord,
+    config: TopicConfig,
+) -> Result<Topic, OpenError> {
+    let partitions = (0..record.partitions)
+        .map(|id| {
+            let log = Log::open(
+                &partition_dir(logs_dir, &record.name, id),
+                config.log_config(),
+            )
+            .map_err(|source| OpenError::Log {
+                topic: record.name.clone(),
+                partition: id,
+                source,
+            })?;
+            Ok(Arc::new(Partition { id, log }))
+        })
+        .collect::<Result<_, OpenError>>()?;
+    Ok(Topic {
+        record,
+        config,
+        partitions,
+    })
+}
+
+fn remove_deleted_dirs(logs_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(logs_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(DELETED_SUFFIX)
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! Request handling: decode a frame, run the request, encode the answer.
+//! Every failure becomes a typed wire error with a message; no input makes
+//! the broker panic.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_log::ReadError;
+use quiver_protocol::batch::{self, BatchError, ValidationLimits};
+use quiver_protocol::codec::{Wire, decode_exact};
+use quiver_protocol::frame::{encode_error_response, encode_response, split_request};
+use quiver_protocol::messages::*;
+use quiver_protocol::{ErrorCode, WireError};
+
+use crate::broker::{Broker, Partition, Topic};
+use crate::topic::TopicCompression;
+
+const BROKER_SOFTWARE: &str = concat!("quiver ", env!("CARGO_PKG_VERSION"));
+
+impl Broker {
+    /// Answers one request frame (without its length prefix) with one
+    /// response frame (with its length prefix).
+    pub async fn handle(&self, frame: Bytes) -> Bytes {
+        match self.dispatch(frame).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(code = %error.code, message = %error.message, "request failed");
+                encode_error_response(&error)
+            }
+        }
+    }
+
+    async fn dispatch(&self, frame: Bytes) -> Result<Bytes, WireError> {
+        let (header, body) = split_request(frame).map_err(corrupt)?;
+        let api = ApiKey::from_u16(header.api_key).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnknownApi,
+                format!("unknown API key {}", header.api_key),
+            )
+        })?;
+        let (min, max) = api.supported_versions();
+        if header.api_version < min || header.api_version > max {
+            return Err(WireError::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "{api:?} version {} is not supported; this broker supports versions {min} to {max}",
+                    header.api_version
+                ),
+            ));
+        }
+        match api {
+            ApiKey::ApiVersions => {
+                self.run(body, |_: ApiVersionsRequest| async {
+                    Ok(self.api_versions())
+                })
+                .await
+            }
+            ApiKey::Metadata => {
+                self.run(body, |r| async move { Ok(self.metadata(r)) })
+                    .await
+            }
+            ApiKey::CreateTopic => self.run(body, |r| self.create_topic_request(r)).await,
+            ApiKey::DeleteTopic => self.run(body, |r| self.delete_topic_request(r)).await,
+            ApiKey::DescribeTopics => self.run(body, |r| async move { self.describe(r) }).await,
+            ApiKey::Produce => self.run(body, |r| self.produce(r)).await,
+            ApiKey::Fetch => self.run(body, |r| self.fetch(r)).await,
+            ApiKey::ListOffsets => {
+                self.run(body, |r| async move { Ok(self.list_offsets(r)) })
+                    .await
+            }
+        }
+    }
+
+    async fn run<Req, Resp, F, Fut>(&self, body: Bytes, f: F) -> Result<Bytes, WireError>
+    where
+        Req: Wire,
+        Resp: Wire,
+        F: FnOnce(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, WireError>>,
+    {
+        let request = decode_exact::<Req>(body).map_err(corrupt)?;
+        Ok(encode_response(&f(request).await?))
+    }
+
+    fn api_versions(&self) -> ApiVersionsResponse {
+        ApiVersionsResponse {
+            broker_software: BROKER_SOFTWARE.into(),
+            node_id: self.config.node_id,
+            apis: ApiKey::ALL
+                .iter()
+                .map(|api| {
+                    let (min, max) = api.supported_versions();
+                    ApiVersionRange {
+                        api_key: *api as u16,
+                        min_version: min,
+                        max_version: max,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
+        let describe = |t: &Topic| TopicMetadata {
+            name: t.record.name.clone(),
+            error: ErrorCode::None,
+            partitions: t
+                .partitions
+                .iter()
+                .map(|p| PartitionMetadata {
+                    partition: p.id,
+                    leader: self.config.node_id,
+                    leader_epoch: 0,
+                })
+                .collect(),
+        };
+        let topics = match request.topics {
+            None => self.sorted_topics().iter().map(|t| describe(t)).collect(),
+            Some(names) => names
+                .into_iter()
+                .map(|name| match self.topic(&name) {
+                    Some(t) => describe(&t),
+                    None => TopicMetadata {
+                        name,
+                        error: ErrorCode::UnknownTopic,
+                        partitions: vec![],
+                    },
+                })
+                .collect(),
+        };
+        MetadataResponse {
+            brokers: vec![BrokerInfo {
+                node_id: self.config.node_id,
+                address: self.config.advertised_address.clone(),
+            }],
+            topics,
+        }
+    }
+
+    async fn create_topic_request(
+        &self,
+        r: CreateTopicRequest,
+    ) -> Result<CreateTopicResponse, WireError> {
+        if r.replication_factor > 1 {
+            return Err(WireError::new(
+                ErrorCode::NotEnoughReplicas,
+                format!(
+                    "replication factor {} needs {} brokers; this cluster has 1",
+                    r.replication_factor, r.replication_factor
+                ),
+            ));
+        }
+        let topic = self.create_topic(&r.name, r.partitions, &r.configs).await?;
+        Ok(CreateTopicResponse {
+            configs: topic.config.to_pairs(),
+        })
+    }
+
+    async fn delete_topic_request(
+        &self,
+        r: DeleteTopicRequest,
+    ) -> Result<DeleteTopicResponse, WireError> {
+        self.delete_topic(&r.name).await?;
+        Ok(DeleteTopicResponse {})
+    }
+
+    fn describe(&self, r: DescribeTopicsRequest) -> Result<DescribeTopicsResponse, WireError> {
+        let topics = match r.names {
+            None => self.sorted_topics(),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    self.topic(n).ok_or_else(|| {
+                        WireError::new(
+                            ErrorCode::UnknownTopic,
+                            format!("topic '{n}' does not exist"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(DescribeTopicsResponse {
+            topics: topics
+                .iter()
+                .map(|t| TopicDescription {
+                    name: t.record.name.clone(),
+                    configs: t.config.to_pairs(),
+                    partitions: t
+                        .partitions
+                        .iter()
+                        .map(|p| PartitionDescription {
+                            partition: p.id,
+                            leader: self.config.node_id,
+                            log_start_offset: p.log.log_start_offset(),
+                            high_watermark: p.log.log_end_offset(),
+                            size_bytes: p.log.size_bytes(),
+                            segments: p.log.segment_count() as u32,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn produce(&self, r: ProduceRequest) -> Result<ProduceResponse, WireError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(WireError::new(
+                ErrorCode::BrokerShuttingDown,
+                "broker is shutting down",
+            ));
+        }
+        let mut results = Vec::with_capacity(r.partitions.len());
+        let mut to_sync = Vec::new();
+        for p in &r.partitions {
+            let outcome = self.append_one(p);
+            let (error, message, base_offset, log_start_offset) = match outcome {
+                Ok((partition, base, last)) => {
+                    let start = partition.log.log_start_offset();
+                    to_sync.push((results.len(), partition, last + 1));
+                    (ErrorCode::None, String::new(), base, start)
+                }
+                Err(e) => (e.code, e.message, -1, -1),
+            };
+            results.push(ProducePartitionResult {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                error,
+                message,
+                base_offset,
+                log_start_offset,
+            });
+        }
+        if !to_sync.is_empty() {
+            self.appended.send_modify(|n| *n += 1);
+        }
+        if r.acks == Acks::All {
+            // Group commit: concurrent requests on the same partition share
+            // the fsync inside `Log::sync_to`.
+            for (index, partition, end) in to_sync {
+                let synced = tokio::task::spawn_blocking(move || partition.log.sync_to(end)).await;
+                let failure = match synced {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(reason) = failure {
+                    let result = &mut results[index];
+                    result.error = ErrorCode::StorageError;
+                    result.message = format!("fsync failed: {reason}");
+                }
+            }
+        }
+        Ok(ProduceResponse {
+            partitions: results,
+        })
+    }
+
+    fn append_one(
+        &self,
+        p: &ProducePartition,
+    ) -> Result<(std::sync::Arc<Partition>, i64, i64), WireError> {
+        let (topic, partition) = self.partition(&p.topic, p.partition)?;
+        let limits = ValidationLimits {
+            record_bytes_max: topic.config.record_bytes_max,
+        };
+        let header = batch::validate(&p.records, &limits).map_err(|e| match e {
+            BatchError::RecordTooLarge { .. } => WireError::new(
+                ErrorCode::RecordTooLarge,
+                format!("{e} (topic '{}' max.message.bytes)", p.topic),
+            ),
+            other => WireError::new(
+                ErrorCode::CorruptMessage,
+                format!("invalid record batch: {other}"),
+            ),
+        })?;
+        let stored = match topic.config.compression {
+            TopicCompression::Codec(codec) if header.compression().ok() != Some(codec) => {
+                batch::recompress(&p.records, codec).map_err(corrupt)?
+            }
+            _ => p.records.clone(),
+        };
+        let info = partition
+            .log
+            .append(&stored, 0)
+            .map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()))?;
+        Ok((partition, info.base_offset, info.last_offset))
+    }
+
+    async fn fetch(&self, r: FetchRequest) -> Result<FetchResponse, WireError> {
+        let wait =
+            Duration::from_millis(u64::from(r.max_wait_ms.min(self.config.fetch_wait_ms_max)));
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut appended = self.appended.subscribe();
+        loop {
+            appended.borrow_and_update();
+            let (results, bytes, failed) = self.read_partitions(&r);
+            let done = failed
+                || bytes >= r.min_bytes.max(1) as usize
+                || tokio::time::Instant::now() >= deadline
+                || self.shutting_down.load(Ordering::Relaxed);
+            if done {
+                return Ok(FetchResponse {
+                    partitions: results,
+                });
+            }
+            if tokio::time::timeout_at(deadline, appended.changed())
+                .await
+                .is_err()
+            {
+                let (results, _, _) = self.read_partitions(&r);
+                return Ok(FetchResponse {
+                    partitions: results,
+                });
+            }
+        }
+    }
+
+    /// Reads every requested partition once; returns the results, the bytes
+    /// read, and whether any partition failed.
+    fn read_partitions(&self, r: &FetchRequest) -> (Vec<FetchPartitionResult>, usize, bool) {
+        let mut remaining = r.max_bytes as usize;
+        let mut total = 0usize;
+        let mut failed = false;
+        let results = r
+            .partitions
+            .iter()
+            .map(|fp| {
+                let mut result = FetchPartitionResult {
+                    topic: fp.topic.clone(),
+                    partition: fp.partition,
+                    error: ErrorCode::None,
+                    message: String::new(),
+                    high_watermark: -1,
+                    log_start_offset: -1,
+                    records: Bytes::new(),
+                };
+                let read = self.partition(&fp.topic, fp.partition).and_then(|(_, p)| {
+                    let hw = p.log.log_end_offset();
+                    result.high_watermark = hw;
+                    result.log_start_offset = p.log.log_start_offset();
+                    if fp.offset == hw || remaining == 0 {
+                        return Ok(Bytes::new());
+                    }
+                    // Always allow one whole batch, so a batch larger than the
+                    // limit cannot stall a consumer.
+                    let limit = (fp.max_bytes as usize).min(remaining).max(1);
+                    p.log.read(fp.offset, limit, hw).map_err(read_error)
+                });
+                match read {
+                    Ok(records) => {
+                        remaining = remaining.saturating_sub(records.len());
+                        total += records.len();
+                        result.records = records;
+                    }
+                    Err(e) => {
+                        failed = true;
+                        result.error = e.code;
+                        result.message = e.message;
+                    }
+                }
+                result
+            })
+            .collect();
+        (results, total, failed)
+    }
+
+    fn list_offsets(&self, r: ListOffsetsRequest) -> ListOffsetsResponse {
+        let partitions = r
+            .partitions
+            .into_iter()
+            .map(|lp| {
+                let found =
+                    self.partition(&lp.topic, lp.partition)
+                        .and_then(|(_, p)| match lp.timestamp {
+                            OFFSET_EARLIEST => Ok((p.log.log_start_offset(), -1)),
+                            OFFSET_LATEST => Ok((p.log.log_end_offset(), -1)),
+                            ts if ts >= 0 => {
+                                match p.log.offset_for_timestamp(ts).map_err(read_error)? {
+                                    Some(found) => Ok(found),
+                                    None => Ok((p.log.log_end_offset(), -1)),
+                                }
+                            }
+                            ts => Err(WireError::new(
+                                ErrorCode::InvalidRequest,
+                                format!("invalid timestamp {ts}"),
+                            )),
+                        });
+                let (error, message, offset, timestamp) = match found {
+                    Ok((offset, ts)) => (ErrorCode::None, String::new(), offset, ts),
+                    Err(e) => (e.code, e.message, -1, -1),
+                };
+                ListOffsetsPartitionResult {
+                    topic: lp.topic,
+                    partition: lp.partition,
+                    error,
+                    message,
+                    offset,
+                    timestamp,
+                }
+            })
+            .collect();
+        ListOffsetsResponse { partitions }
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::CorruptMessage, e.to_string())
+}
+
+fn read_error(e: ReadError) -> WireError {
+    match e {
+        ReadError::OffsetOutOfRange { .. } => {
+            WireError::new(ErrorCode::OffsetOutOfRange, e.to_string())
+        }
+        ReadError::Corrupt { .. } => {
+            tracing::error!(error = %e, "corrupt batch on disk; not served");
+            WireError::new(ErrorCode::CorruptStoredBatch, e.to_string())
+        }
+        other => WireError::new(ErrorCode::StorageError, other.to_string()),
+    }
+}

@@ -1,0 +1,13 @@
+//! Quiver's broker core: the topics and partitions of one node, and the
+//! answer to every request frame.
+//!
+//! Architecture invariant: nothing here knows about QUIC, TLS or sockets.
+//! The server crate reads a request frame from a stream, calls
+//! [`Broker::handle`], and writes the response frame back. That keeps every
+//! request path testable with plain byte frames.
+
+mod broker;
+mod handlers;
+pub mod topic;
+
+pub use broker::{Broker, BrokerConfig, OpenError, now_ms};

@@ -1,0 +1,255 @@
+//! Topic names and topic configs: parsing, validation, defaults, and the
+//! mapping onto the storage engine's `LogConfig`.
+
+use std::collections::BTreeMap;
+
+use quiver_log::LogConfig;
+use quiver_protocol::batch::Compression;
+use serde::{Deserialize, Serialize};
+
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+pub const PARTITIONS_MAX: u32 = 10_000;
+
+/// Checks a topic name: Kafka's rule (ASCII letters, digits, `.`, `_`, `-`;
+/// at most 249 bytes; not `.` or `..`), so names round-trip with Kafka tools.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("topic name is empty".into());
+    }
+    if name.len() > TOPIC_NAME_BYTES_MAX {
+        return Err(format!(
+            "topic name is longer than {TOPIC_NAME_BYTES_MAX} bytes"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("'{name}' is not a valid topic name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name '{name}' contains '{c}': only ASCII letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// What the broker does with the codec of incoming batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicCompression {
+    /// Store batches as the producer compressed them.
+    Producer,
+    /// Re-encode batches that do not already use this codec.
+    Codec(Compression),
+}
+
+/// A topic's typed configuration. Every key has a default; unknown keys and
+/// bad values are refused at creation with a message that names them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicConfig {
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub segment_bytes: u64,
+    pub segment_ms: Option<u64>,
+    pub compression: TopicCompression,
+    pub record_bytes_max: usize,
+    pub index_interval_bytes: u32,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: None,
+            segment_bytes: 1024 * 1024 * 1024,
+            segment_ms: Some(7 * 24 * 3600 * 1000),
+            compression: TopicCompression::Producer,
+            record_bytes_max: 1024 * 1024,
+            index_interval_bytes: 4096,
+        }
+    }
+}
+
+/// The keys `TopicConfig` understands, with what they mean (for `--help`
+/// texts and errors).
+pub const CONFIG_KEYS: &[(&str, &str)] = &[
+    (
+        "retention.ms",
+        "delete segments older than this (ms); -1 keeps forever",
+    ),
+    (
+        "retention.bytes",
+        "delete oldest segments while the partition is larger (bytes); -1 = no limit",
+    ),
+    (
+        "segment.bytes",
+        "roll to a new segment at this size (bytes, >= 1024)",
+    ),
+    (
+        "segment.ms",
+        "roll to a new segment at this age (ms); -1 = never",
+    ),
+    (
+        "compression",
+        "producer | none | lz4 | zstd: codec batches are stored with",
+    ),
+    (
+        "max.message.bytes",
+        "largest record accepted (key + value + headers, bytes)",
+    ),
+    (
+        "index.interval.bytes",
+        "bytes between sparse offset index entries",
+    ),
+];
+
+fn optional_ms(key: &str, value: &str) -> Result<Option<u64>, String> {
+    match value.parse::<i64>() {
+        Ok(-1) => Ok(None),
+        Ok(v) if v >= 0 => Ok(Some(v as u64)),
+        _ => Err(format!(
+            "{key}: '{value}' is not a non-negative integer or -1"
+        )),
+    }
+}
+
+fn positive<T: std::str::FromStr + PartialOrd + From<u16>>(
+    key: &str,
+    value: &str,
+    min: u16,
+) -> Result<T, String> {
+    match value.parse::<T>() {
+        Ok(v) if v >= T::from(min) => Ok(v),
+        _ => Err(format!("{key}: '{value}' is not an integer >= {min}")),
+    }
+}
+
+impl TopicConfig {
+    /// Applies `key=value` overrides on top of `self`.
+    pub fn with_overrides<'a>(
+        mut self,
+        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, String> {
+        for (key, value) in overrides {
+            match key {
+                "retention.ms" => self.retention_ms = optional_ms(key, value)?,
+                "retention.bytes" => self.retention_bytes = optional_ms(key, value)?,
+                "segment.bytes" => self.segment_bytes = positive(key, value, 1024)?,
+                "segment.ms" => self.segment_ms = optional_ms(key, value)?,
+                "compression" => {
+                    self.compression = match value {
+                        "producer" => TopicCompression::Producer,
+                        other => TopicCompression::Codec(
+                            other.parse().map_err(|e| format!("compression: {e}"))?,
+                        ),
+                    }
+                }
+                "max.message.bytes" => {
+                    self.record_bytes_max = positive::<u32>(key, value, 1)? as usize
+                }
+                "index.interval.bytes" => self.index_interval_bytes = positive(key, value, 1)?,
+                other => {
+                    let known: Vec<_> = CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
+                    return Err(format!(
+                        "unknown topic config '{other}' (known: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// Every key with its effective value, as `describe` shows them.
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        let ms = |v: Option<u64>| v.map_or("-1".to_string(), |v| v.to_string());
+        vec![
+            (
+                "compression".into(),
+                match self.compression {
+                    TopicCompression::Producer => "producer".into(),
+                    TopicCompression::Codec(c) => c.to_string(),
+                },
+            ),
+            (
+                "index.interval.bytes".into(),
+                self.index_interval_bytes.to_string(),
+            ),
+            (
+                "max.message.bytes".into(),
+                self.record_bytes_max.to_string(),
+            ),
+            ("retention.bytes".into(), ms(self.retention_bytes)),
+            ("retention.ms".into(), ms(self.retention_ms)),
+            ("segment.bytes".into(), self.segment_bytes.to_string()),
+            ("segment.ms".into(), ms(self.segment_ms)),
+        ]
+    }
+
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes_max: self.segment_bytes,
+            segment_ms_max: self.segment_ms,
+            retention_ms: self.retention_ms,
+            retention_bytes: self.retention_bytes,
+            index_interval_bytes: self.index_interval_bytes,
+        }
+    }
+}
+
+/// A topic as persisted in the broker's metadata file: name, partition count
+/// and only the overrides the user gave (so changing a default later applies
+/// to topics that did not override it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    pub name: String,
+    pub partitions: u32,
+    pub overrides: BTreeMap<String, String>,
+    pub created_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_topic_name("orders.v1_eu-west").is_ok());
+        assert!(validate_topic_name("").is_err());
+        assert!(validate_topic_name("..").is_err());
+        assert!(validate_topic_name("a/b").unwrap_err().contains("'/'"));
+        assert!(validate_topic_name(&"x".repeat(250)).is_err());
+    }
+
+    #[test]
+    fn overrides() {
+        let c = TopicConfig::default()
+            .with_overrides([
+                ("retention.ms", "-1"),
+                ("compression", "zstd"),
+                ("segment.bytes", "4096"),
+            ])
+            .unwrap();
+        assert_eq!(c.retention_ms, None);
+        assert_eq!(c.compression, TopicCompression::Codec(Compression::Zstd));
+        assert_eq!(c.segment_bytes, 4096);
+        let err = TopicConfig::default()
+            .with_overrides([("retention.hours", "1")])
+            .unwrap_err();
+        assert!(
+            err.contains("unknown topic config 'retention.hours'"),
+            "{err}"
+        );
+        assert!(
+            TopicConfig::default()
+                .with_overrides([("segment.bytes", "12")])
+                .is_err()
+        );
+        assert!(
+            TopicConfig::default()
+                .with_overrides([("compression", "gzip")])
+                .is_err()
+        );
+    }
+}

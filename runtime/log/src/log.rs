@@ -1,0 +1,682 @@
+//! The log of one partition: [`Log`] ties the segments of a directory
+//! together, assigns offsets, serves reads, rolls and deletes segments, and
+//! tracks what is durable.
+//!
+//! Locks, always taken in this order, none ever held across an fsync:
+//! - `append_lock` serialises writers (append, roll). The batch is written to
+//!   the file under it but outside `state`, so readers never wait for I/O.
+//! - `state` guards the segment list and what is published. Readers hold it
+//!   only to snapshot a file handle and a byte range, then read without it,
+//!   so a reader never sees a partly written batch.
+//! - `sync_lock` serialises fsyncs so that concurrent [`Log::sync_to`]
+//!   callers share them (group commit).
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use quiver_protocol::batch::{self, BATCH_HEADER_LEN, BatchError, BatchHeader};
+use tracing::{debug, info, warn};
+
+use crate::segment::{
+    self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, Segment, SegmentFile, TIME_INDEX_EXT, TMP_SUFFIX,
+    read_header_at,
+};
+use crate::{AppendError, AppendInfo, LogConfig, OpenError, ReadError, RetentionReport};
+
+/// Held with an exclusive `flock` while a [`Log`] has the directory open.
+pub const LOCK_FILE_NAME: &str = ".lock";
+
+/// One partition's log. `Send + Sync`: share it behind an `Arc`; all
+/// methods take `&self` and lock internally.
+#[derive(Debug)]
+pub struct Log {
+    dir: PathBuf,
+    config: RwLock<LogConfig>,
+    append_lock: Mutex<()>,
+    state: RwLock<State>,
+    sync_lock: Mutex<()>,
+    durable_end_offset: AtomicI64,
+    /// Keeps the directory's flock for the lifetime of the `Log`.
+    _dir_lock: File,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Ordered by base offset, contiguous, never empty; the last is active.
+    segments: Vec<Segment>,
+    /// Sealed segments whose files (and index files) have not been fsynced.
+    unsynced_sealed: Vec<Arc<SegmentFile>>,
+    /// A segment file was created or deleted since the directory was fsynced.
+    dir_dirty: bool,
+}
+
+impl State {
+    fn active(&self) -> &Segment {
+        self.segments
+            .last()
+            .expect("a log always has an active segment")
+    }
+
+    fn log_start(&self) -> i64 {
+        self.segments[0].base_offset()
+    }
+
+    fn log_end(&self) -> i64 {
+        self.active().next_offset
+    }
+
+    /// The segment holding `offset`, which must be in `[log_start, log_end)`.
+    fn segment_for(&self, offset: i64) -> &Segment {
+        let n = self.segments.partition_point(|s| s.base_offset() <= offset);
+        &self.segments[n - 1]
+    }
+}
+
+impl Log {
+    /// Opens the log in `dir` (created if missing) and recovers it: the
+    /// active segment is scanned and truncated at the first torn or corrupt
+    /// batch, sealed segments are trusted with their index files (rebuilt if
+    /// missing or inconsistent). Leftover `*.deleted` and `*.tmp` files and
+    /// index files without a `.log` are removed; other unknown files are
+    /// ignored.
+    pub fn open(dir: &Path, config: LogConfig) -> Result<Log, OpenError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join(LOCK_FILE_NAME);
+        let dir_lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match dir_lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(OpenError::Locked(dir.to_path_buf())),
+            Err(TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+
+        let mut bases = list_segments(dir).map_err(io_err(dir))?;
+        if bases.is_empty() {
+            SegmentFile::open(dir, 0, true).map_err(io_err(dir))?;
+            bases.push(0);
+        }
+        let mut segments = Vec::with_capacity(bases.len());
+        for (i, &base) in bases.iter().enumerate() {
+            let path = dir.join(segment::file_name(base, LOG_EXT));
+            let file = SegmentFile::open(dir, base, false).map_err(io_err(&path))?;
+            let segment = match bases.get(i + 1) {
+                Some(&next) => Segment::load_sealed(file, next, config.index_interval_bytes),
+                None => recover_active(file, config.index_interval_bytes),
+            }
+            .map_err(io_err(&path))?;
+            segments.push(segment);
+        }
+        // Whatever the previous process left in the page cache becomes
+        // durable now, so durable_end_offset can start at the log end.
+        for segment in &segments {
+            segment
+                .file
+                .file
+                .sync_data()
+                .map_err(io_err(&segment.file.path(LOG_EXT)))?;
+        }
+        sync_dir(dir).map_err(io_err(dir))?;
+
+        let state = State {
+            segments,
+            unsynced_sealed: Vec::new(),
+            dir_dirty: false,
+        };
+        info!(
+            dir = %dir.display(),
+            log_start_offset = state.log_start(),
+            log_end_offset = state.log_end(),
+            segments = state.segments.len(),
+            "opened log"
+        );
+        Ok(Log {
+            dir: dir.to_path_buf(),
+            durable_end_offset: AtomicI64::new(state.log_end()),
+            config: RwLock::new(config),
+            append_lock: Mutex::new(()),
+            state: RwLock::new(state),
+            sync_lock: Mutex::new(()),
+            _dir_lock: dir_lock,
+        })
+    }
+
+    /// Replaces the configuration; takes effect from the next append or
+    /// retention pass (existing index entries are kept).
+    pub fn set_config(&self, config: LogConfig) {
+        *self.config.write().expect("config lock poisoned") = config;
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> LogConfig {
+        self.config.read().expect("config lock poisoned").clone()
+    }
+
+    /// The partition directory this log owns.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one batch that the caller has already validated
+    /// (`quiver_protocol::batch::validate`): assigns offsets starting at the
+    /// log end offset by writing a patched 16-byte prefix (base offset,
+    /// length, leader epoch) followed by the rest of the batch, with no copy
+    /// of the whole batch. The CRC does not cover the patched fields, so it
+    /// stays valid. The data reaches the page cache only; see
+    /// [`Log::sync_to`] for durability.
+    pub fn append(&self, batch: &[u8], leader_epoch: i32) -> Result<AppendInfo, AppendError> {
+        let header = BatchHeader::parse(batch)?;
+        if header.total_len() != batch.len() {
+            return Err(BatchError::BadLength(batch.len() as i64).into());
+        }
+        if header.last_offset_delta < 0 {
+            return Err(BatchError::Empty.into());
+        }
+        let len = batch.len() as u64;
+        let config = self.config();
+        let _append = self.append_lock.lock().expect("append lock poisoned");
+
+        let (mut file, mut position, base_offset) = self.active_end();
+        // A roll does not change the log end offset, only the file.
+        let roll = {
+            let state = self.read_state();
+            let active = state.active();
+            let bytes_max = config.segment_bytes_max.min(u64::from(u32::MAX));
+            let last_relative =
+                base_offset + i64::from(header.last_offset_delta) - active.base_offset();
+            active.size > 0
+                && (active.size + len > bytes_max || last_relative > i64::from(i32::MAX))
+        };
+        if roll {
+            self.roll_locked()?;
+            (file, position, _) = self.active_end();
+        }
+
+        let prefix = batch::patched_prefix(batch, base_offset, leader_epoch);
+        let written = file.file.write_all_at(&prefix, position).and_then(|()| {
+            file.file
+                .write_all_at(&batch[prefix.len()..], position + prefix.len() as u64)
+        });
+        if let Err(e) = written {
+            // Nothing was published; drop the partial bytes so the next
+            // append (which writes at the same position) and recovery see a
+            // clean end.
+            let _ = file.file.set_len(position);
+            return Err(e.into());
+        }
+
+        let mut stored = header;
+        stored.base_offset = base_offset;
+        stored.leader_epoch = leader_epoch;
+        let mut state = self.write_state();
+        let active = state.segments.last_mut().expect("active segment");
+        assert!(
+            Arc::ptr_eq(&active.file, &file),
+            "only appends change the active segment"
+        );
+        active.record_batch(&stored, position, config.index_interval_bytes);
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: stored.last_offset(),
+            max_timestamp: stored.max_timestamp,
+        })
+    }
+
+    /// Whole batches starting with the one that contains `offset`, up to
+    /// about `max_bytes` (at least one batch if any exists at or after
+    /// `offset`, even a larger one), excluding batches whose last offset is
+    /// `>= up_to` (e.g. the high watermark). A read never crosses a segment
+    /// boundary, so it may return less than `max_bytes` before the log end.
+    ///
+    /// Every returned batch has a valid CRC: at the first corrupt batch the
+    /// read returns the batches before it, or [`ReadError::Corrupt`] if it is
+    /// the first. The result is one buffer filled by one positional read;
+    /// batches are slices of it.
+    pub fn read(&self, offset: i64, max_bytes: usize, up_to: i64) -> Result<Bytes, ReadError> {
+        let (file, mut position, end) = {
+            let state = self.read_state();
+            let (log_start, log_end) = (state.log_start(), state.log_end());
+            if offset < log_start || offset > log_end {
+                return Err(ReadError::OffsetOutOfRange {
+                    offset,
+                    log_start,
+                    log_end,
+                });
+            }
+            if offset == log_end || offset >= up_to {
+                return Ok(Bytes::new());
+            }
+            let segment = state.segment_for(offset);
+            let position = segment.offset_index.lookup(segment.relative(offset));
+            (segment.file.clone(), position, segment.size)
+        };
+        let corrupt = |reason: String| ReadError::Corrupt { offset, reason };
+
+        // Find the batch containing `offset`, reading headers only.
+        let first_len = loop {
+            if position + BATCH_HEADER_LEN as u64 > end {
+                return Err(corrupt(format!(
+                    "offset not found before position {position} of {}",
+                    file.path(LOG_EXT).display()
+                )));
+            }
+            let raw = read_header_at(&file.file, position)?;
+            let header = BatchHeader::parse(&raw)
+                .map_err(|e| corrupt(format!("bad batch header at position {position}: {e}")))?;
+            let len = header.total_len() as u64;
+            if position + len > end {
+                return Err(corrupt(format!(
+                    "batch at position {position} extends past the segment end"
+                )));
+            }
+            if header.last_offset() >= offset {
+                if header.last_offset() >= up_to {
+                    return Ok(Bytes::new());
+                }
+                break len;
+            }
+            position += len;
+        };
+
+        let want = (max_bytes as u64).max(first_len).min(end - position) as usize;
+        let mut buf = vec![0u8; want];
+        file.file.read_exact_at(&mut buf, position)?;
+
+        // Keep the whole, valid batches below `up_to`.
+        let mut kept = 0usize;
+        let mut expected_base: Option<i64> = None;
+        while buf.len() - kept >= BATCH_HEADER_LEN {
+            let rest = &buf[kept..];
+            let problem = match BatchHeader::parse(rest) {
+                Err(e) => Some(format!("bad batch header: {e}")),
+                Ok(header) if header.total_len() > rest.len() => break, // cut by max_bytes
+                Ok(header) if header.last_offset() >= up_to => break,
+                Ok(header) if expected_base.is_some_and(|b| b != header.base_offset) => {
+                    Some(format!(
+                        "base offset {} where {} was expected",
+                        header.base_offset,
+                        expected_base.unwrap_or_default()
+                    ))
+                }
+                Ok(header) => match batch::verify_crc(&rest[..header.total_len()]) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(()) => {
+                        kept += header.total_len();
+                        expected_base = Some(header.next_offset());
+                        None
+                    }
+                },
+            };
+            if let Some(reason) = problem {
+                if kept == 0 {
+                    return Err(corrupt(reason));
+                }
+                warn!(
+                    file = %file.path(LOG_EXT).display(),
+                    position = position + kept as u64,
+                    %reason,
+                    "corrupt batch in segment; returning the batches before it"
+                );
+                break;
+            }
+        }
+        buf.truncate(kept);
+        Ok(Bytes::from(buf))
+    }
+
+    /// The first offset whose record timestamp is `>= timestamp_ms`, with
+    /// that record's timestamp; `None` if there is none. Uses segment max
+    /// timestamps and the time index to skip, then decodes the one batch
+    /// that holds the answer.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(i64, i64)>, ReadError> {
+        let candidates: Vec<(Arc<SegmentFile>, u64, u64)> = {
+            let state = self.read_state();
+            state
+                .segments
+                .iter()
+                .filter(|s| s.max_timestamp >= timestamp_ms)
+                .map(|s| {
+                    let position = s
+                        .time_index
+                        .lookup(timestamp_ms)
+                        .map_or(0, |rel| s.offset_index.lookup(rel));
+                    (s.file.clone(), position, s.size)
+                })
+                .collect()
+        };
+        for (file, mut position, end) in candidates {
+            while position + BATCH_HEADER_LEN as u64 <= end {
+                let raw = read_header_at(&file.file, position)?;
+                let header = BatchHeader::parse(&raw).map_err(|e| ReadError::Corrupt {
+                    offset: file.base_offset,
+                    reason: format!("bad batch header at position {position}: {e}"),
+                })?;
+                let len = header.total_len() as u64;
+                if header.max_timestamp >= timestamp_ms && position + len <= end {
+                    let mut buf = vec![0u8; len as usize];
+                    file.file.read_exact_at(&mut buf, position)?;
+                    let records = batch::decode_records(&Bytes::from(buf)).map_err(|e| {
+                        ReadError::Corrupt {
+                            offset: header.base_offset,
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    if let Some(r) = records.iter().find(|r| r.timestamp >= timestamp_ms) {
+                        return Ok(Some((r.offset, r.timestamp)));
+                    }
+                }
+                position += len;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first offset still stored; retention moves it forward.
+    pub fn log_start_offset(&self) -> i64 {
+        self.read_state().log_start()
+    }
+
+    /// The offset the next appended record gets.
+    pub fn log_end_offset(&self) -> i64 {
+        self.read_state().log_end()
+    }
+
+    /// Every record below this offset has been fsynced.
+    pub fn durable_end_offset(&self) -> i64 {
+        self.durable_end_offset.load(Ordering::Acquire)
+    }
+
+    /// Group commit: returns once every record below `end_offset` (at most
+    /// the log end offset at the time of the call) is fsynced. Concurrent
+    /// callers share fsyncs: whoever gets the sync lock fsyncs everything
+    /// appended so far, and the others find their records already durable.
+    /// Appends continue during the fsync.
+    pub fn sync_to(&self, end_offset: i64) -> io::Result<()> {
+        if self.durable_end_offset() >= end_offset {
+            return Ok(());
+        }
+        let _sync = self.sync_lock.lock().expect("sync lock poisoned");
+        if self.durable_end_offset() >= end_offset {
+            return Ok(());
+        }
+        let (snapshot_end, active, sealed, dir_dirty) = {
+            let mut state = self.write_state();
+            let dir_dirty = std::mem::replace(&mut state.dir_dirty, false);
+            (
+                state.log_end(),
+                state.active().file.clone(),
+                state.unsynced_sealed.clone(),
+                dir_dirty,
+            )
+        };
+        let result = (|| {
+            for file in &sealed {
+                file.file.sync_data()?;
+                // Index files after their log file: a durable index never
+                // points at data that is not.
+                for ext in [INDEX_EXT, TIME_INDEX_EXT] {
+                    match File::open(file.path(ext)) {
+                        Ok(f) => f.sync_all()?,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {} // deleted by retention
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if dir_dirty {
+                sync_dir(&self.dir)?;
+            }
+            active.file.sync_data()
+        })();
+        let mut state = self.write_state();
+        if let Err(e) = result {
+            state.dir_dirty |= dir_dirty;
+            return Err(e);
+        }
+        state
+            .unsynced_sealed
+            .retain(|f| !sealed.iter().any(|s| Arc::ptr_eq(s, f)));
+        drop(state);
+        self.durable_end_offset
+            .fetch_max(snapshot_end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Fsyncs everything appended so far.
+    pub fn flush(&self) -> io::Result<()> {
+        self.sync_to(self.log_end_offset())
+    }
+
+    /// Rolls the active segment if it is older than `segment_ms_max`, then
+    /// deletes the oldest sealed segments per `retention_ms` (largest
+    /// timestamp older than `now_ms - retention_ms`) and `retention_bytes`
+    /// (while the log is larger). Only a prefix of the log is deleted, never
+    /// the active segment. Readers holding a deleted segment keep reading
+    /// from their open file handle.
+    pub fn enforce_retention(&self, now_ms: i64) -> io::Result<RetentionReport> {
+        let config = self.config();
+        if let Some(age_max) = config.segment_ms_max {
+            let _append = self.append_lock.lock().expect("append lock poisoned");
+            let first = self.read_state().active().first_batch_timestamp;
+            if first.is_some_and(|ts| {
+                now_ms.saturating_sub(ts) > i64::try_from(age_max).unwrap_or(i64::MAX)
+            }) {
+                self.roll_locked()?;
+            }
+        }
+
+        let (removed, log_start_offset) = {
+            let mut state = self.write_state();
+            let sealed = state.segments.len() - 1;
+            let mut n = 0;
+            if let Some(retention_ms) = config.retention_ms {
+                let cutoff = now_ms.saturating_sub(i64::try_from(retention_ms).unwrap_or(i64::MAX));
+                while n < sealed && state.segments[n].max_timestamp < cutoff {
+                    n += 1;
+                }
+            }
+            if let Some(bytes_max) = config.retention_bytes {
+                let mut total: u64 = state.segments[n..].iter().map(|s| s.size).sum();
+                while n < sealed && total > bytes_max {
+                    total -= state.segments[n].size;
+                    n += 1;
+                }
+            }
+            let removed: Vec<Segment> = state.segments.drain(..n).collect();
+            if !removed.is_empty() {
+                state.dir_dirty = true;
+                state
+                    .unsynced_sealed
+                    .retain(|f| !removed.iter().any(|s| Arc::ptr_eq(&s.file, f)));
+            }
+            (removed, state.log_start())
+        };
+
+        let mut first_error = None;
+        for segment in &removed {
+            info!(
+                file = %segment.file.path(LOG_EXT).display(),
+                bytes = segment.size,
+                max_timestamp = segment.max_timestamp,
+                "deleting segment by retention"
+            );
+            if let Err(e) = delete_segment_files(&segment.file) {
+                warn!(file = %segment.file.path(LOG_EXT).display(), error = %e, "could not delete segment files");
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(RetentionReport {
+            segments_deleted: removed.len(),
+            bytes_deleted: removed.iter().map(|s| s.size).sum(),
+            log_start_offset,
+        })
+    }
+
+    /// Bytes of batches stored in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.read_state().segments.iter().map(|s| s.size).sum()
+    }
+
+    /// Number of segments, the active one included.
+    pub fn segment_count(&self) -> usize {
+        self.read_state().segments.len()
+    }
+
+    /// Closes cleanly: fsyncs everything and writes the active segment's
+    /// index files. The log stays usable (a later append simply makes those
+    /// index files stale, which is harmless: the active segment is always
+    /// rebuilt by the recovery scan).
+    pub fn close(&self) -> io::Result<()> {
+        self.flush()?;
+        let _append = self.append_lock.lock().expect("append lock poisoned");
+        self.read_state().active().write_index_files(true)?;
+        sync_dir(&self.dir)
+    }
+
+    /// File handle, end position and next offset of the active segment.
+    fn active_end(&self) -> (Arc<SegmentFile>, u64, i64) {
+        let state = self.read_state();
+        let active = state.active();
+        (active.file.clone(), active.size, active.next_offset)
+    }
+
+    /// Seals the active segment (writing its index files) and starts a new
+    /// one at the log end offset. The caller holds `append_lock`. The sealed
+    /// files are fsynced by the next [`Log::sync_to`], not here, so a roll
+    /// never stalls appends on the disk.
+    fn roll_locked(&self) -> io::Result<()> {
+        let next_offset = {
+            let state = self.read_state();
+            let active = state.active();
+            if active.size == 0 {
+                return Ok(());
+            }
+            // Index files first: once the new segment exists, the old one is
+            // sealed and its index files are trusted at the next open.
+            active.write_index_files(false)?;
+            active.next_offset
+        };
+        let file = SegmentFile::open(&self.dir, next_offset, true)?;
+        let mut state = self.write_state();
+        let sealed = state.segments.last_mut().expect("active segment");
+        sealed.time_index = sealed.sealed_time_index();
+        let sealed_file = sealed.file.clone();
+        debug!(
+            dir = %self.dir.display(),
+            sealed_base_offset = sealed_file.base_offset,
+            sealed_bytes = sealed.size,
+            new_base_offset = next_offset,
+            "rolled segment"
+        );
+        state.unsynced_sealed.push(sealed_file);
+        state.segments.push(Segment::empty(file));
+        state.dir_dirty = true;
+        Ok(())
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().expect("log state lock poisoned")
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().expect("log state lock poisoned")
+    }
+}
+
+/// Scans the active segment and truncates it at the first torn or corrupt
+/// batch: such a tail was never acknowledged as durable.
+fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32) -> io::Result<Segment> {
+    let len = file.file.metadata()?.len();
+    let mut segment = Segment::empty(file.clone());
+    let outcome = segment::scan(&file.file, len, file.base_offset, |header, position| {
+        segment.record_batch(header, position, index_interval_bytes)
+    })?;
+    if let Some(reason) = outcome.problem {
+        warn!(
+            file = %file.path(LOG_EXT).display(),
+            position = outcome.valid_len,
+            truncated_bytes = len - outcome.valid_len,
+            %reason,
+            "truncating the torn or corrupt tail of the active segment"
+        );
+        file.file.set_len(outcome.valid_len)?;
+        file.file.sync_all()?;
+    }
+    Ok(segment)
+}
+
+/// Base offsets of the `.log` files in `dir`, sorted; removes leftovers of
+/// interrupted deletions and index writes.
+fn list_segments(dir: &Path) -> io::Result<Vec<i64>> {
+    let mut bases = Vec::new();
+    let mut index_files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            debug!(file = %path.display(), "ignoring file with a non-UTF-8 name");
+            continue;
+        };
+        if name == LOCK_FILE_NAME {
+            continue;
+        }
+        if name.ends_with(DELETED_SUFFIX) || name.ends_with(TMP_SUFFIX) {
+            info!(file = %path.display(), "removing leftover file");
+            fs::remove_file(&path)?;
+            continue;
+        }
+        let parsed = name
+            .split_once('.')
+            .filter(|(stem, _)| stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|(stem, ext)| Some((stem.parse::<i64>().ok()?, ext)));
+        match parsed {
+            Some((base, LOG_EXT)) => bases.push(base),
+            Some((base, INDEX_EXT | TIME_INDEX_EXT)) => index_files.push((base, path)),
+            _ => debug!(file = %path.display(), "ignoring unknown file in log directory"),
+        }
+    }
+    for (base, path) in index_files {
+        if !bases.contains(&base) {
+            info!(file = %path.display(), "removing index file of a deleted segment");
+            fs::remove_file(&path)?;
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// Renames the `.log` away first, so a crash part way leaves no live-looking
+/// half segment; open() removes what is left.
+fn delete_segment_files(file: &SegmentFile) -> io::Result<()> {
+    let log_path = file.path(LOG_EXT);
+    let mut deleted = log_path.as_os_str().to_owned();
+    deleted.push(DELETED_SUFFIX);
+    fs::rename(&log_path, &deleted)?;
+    for ext in [INDEX_EXT, TIME_INDEX_EXT] {
+        match fs::remove_file(file.path(ext)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    fs::remove_file(deleted)
+}
+
+/// Makes file creations, renames and deletions in `dir` durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

@@ -1,0 +1,97 @@
+//! Wire error codes. Every failed request or partition result carries one of
+//! these plus a human-readable message; the list is documented in
+//! spec/protocol.md and never renumbered.
+
+use crate::wire_enum;
+
+wire_enum! {
+    pub enum ErrorCode {
+        None = 0,
+        /// An unexpected server-side failure; the message says what.
+        Internal = 1,
+        /// The frame or a record batch could not be decoded.
+        CorruptMessage = 2,
+        UnsupportedVersion = 3,
+        UnknownApi = 4,
+        UnknownTopic = 5,
+        UnknownPartition = 6,
+        TopicAlreadyExists = 7,
+        InvalidConfig = 8,
+        InvalidPartitions = 9,
+        RecordTooLarge = 10,
+        FrameTooLarge = 11,
+        OffsetOutOfRange = 12,
+        InvalidRequest = 13,
+        NotLeader = 14,
+        RequestTimedOut = 15,
+        StorageError = 16,
+        InvalidTopicName = 17,
+        BrokerShuttingDown = 18,
+        /// The batch on disk failed its CRC: the broker never serves it.
+        CorruptStoredBatch = 19,
+        NotEnoughReplicas = 20,
+    }
+}
+
+impl ErrorCode {
+    /// Whether a client may retry the same request unchanged.
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::NotLeader
+                | ErrorCode::RequestTimedOut
+                | ErrorCode::BrokerShuttingDown
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::UnknownTopic
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::None => "none",
+            ErrorCode::Internal => "internal",
+            ErrorCode::CorruptMessage => "corrupt_message",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::UnknownApi => "unknown_api",
+            ErrorCode::UnknownTopic => "unknown_topic",
+            ErrorCode::UnknownPartition => "unknown_partition",
+            ErrorCode::TopicAlreadyExists => "topic_already_exists",
+            ErrorCode::InvalidConfig => "invalid_config",
+            ErrorCode::InvalidPartitions => "invalid_partitions",
+            ErrorCode::RecordTooLarge => "record_too_large",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::OffsetOutOfRange => "offset_out_of_range",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::RequestTimedOut => "request_timed_out",
+            ErrorCode::StorageError => "storage_error",
+            ErrorCode::InvalidTopicName => "invalid_topic_name",
+            ErrorCode::BrokerShuttingDown => "broker_shutting_down",
+            ErrorCode::CorruptStoredBatch => "corrupt_stored_batch",
+            ErrorCode::NotEnoughReplicas => "not_enough_replicas",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An error code with its message, as carried in responses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Requests and responses. Each request type names its API key, its version
+//! and its response type; spec/protocol.md documents every field.
+
+use bytes::Bytes;
+
+use crate::codec::Wire;
+use crate::error::ErrorCode;
+use crate::{wire_enum, wire_struct};
+
+/// API keys as they appear in request frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiKey {
+    ApiVersions = 1,
+    Metadata = 2,
+    CreateTopic = 3,
+    DeleteTopic = 4,
+    DescribeTopics = 5,
+    Produce = 6,
+    Fetch = 7,
+    ListOffsets = 8,
+}
+
+impl ApiKey {
+    pub const ALL: [ApiKey; 8] = [
+        ApiKey::ApiVersions,
+        ApiKey::Metadata,
+        ApiKey::CreateTopic,
+        ApiKey::DeleteTopic,
+        ApiKey::DescribeTopics,
+        ApiKey::Produce,
+        ApiKey::Fetch,
+        ApiKey::ListOffsets,
+    ];
+
+    pub fn from_u16(key: u16) -> Option<ApiKey> {
+        ApiKey::ALL.into_iter().find(|k| *k as u16 == key)
+    }
+
+    /// The versions of this API this build understands (inclusive).
+    pub fn supported_versions(self) -> (u16, u16) {
+        (0, 0)
+    }
+}
+
+/// A request body with its API key, version and response type.
+pub trait Request: Wire + Send + Sync {
+    const API: ApiKey;
+    const VERSION: u16 = 0;
+    type Response: Wire + Send;
+}
+
+macro_rules! request {
+    ($req:ident => $api:ident, $resp:ident) => {
+        impl Request for $req {
+            const API: ApiKey = ApiKey::$api;
+            type Response = $resp;
+        }
+    };
+}
+
+wire_enum! {
+    /// How many replicas must have a batch before the producer is answered.
+    pub enum Acks {
+        /// The producer does not wait for an answer.
+        None = 0,
+        /// The leader appended the batch (not yet fsynced unless the flush
+        /// policy says so).
+        Leader = 1,
+        /// Every in-sync replica has the batch on disk (fsync).
+        All = 2,
+    }
+}
+
+/// `ListOffsets` timestamp meaning "the first offset still in the log".
+pub const OFFSET_EARLIEST: i64 = -2;
+/// `ListOffsets` timestamp meaning "the offset the next record will get".
+pub const OFFSET_LATEST: i64 = -1;
+
+wire_struct! {
+    pub struct ApiVersionsRequest {
+        pub client_software: String,
+    }
+}
+
+wire_struct! {
+    pub struct ApiVersionRange {
+        pub api_key: u16,
+        pub min_version: u16,
+        pub max_version: u16,
+    }
+}
+
+wire_struct! {
+    pub struct ApiVersionsResponse {
+        pub broker_software: String,
+        pub node_id: u32,
+        pub apis: Vec<ApiVersionRange>,
+    }
+}
+request!(ApiVersionsRequest => ApiVersions, ApiVersionsResponse);
+
+wire_struct! {
+    pub struct MetadataRequest {
+        /// `None` asks for every topic.
+        pub topics: Option<Vec<String>>,
+    }
+}
+
+wire_struct! {
+    pub struct BrokerInfo {
+        pub node_id: u32,
+        pub address: String,
+    }
+}
+
+wire_struct! {
+    pub struct PartitionMetadata {
+        pub partition: u32,
+        pub leader: u32,
+        pub leader_epoch: i32,
+    }
+}
+
+wire_struct! {
+    pub struct TopicMetadata {
+        pub name: String,
+        pub error: ErrorCode,
+        pub partitions: Vec<PartitionMetadata>,
+    }
+}
+
+wire_struct! {
+    pub struct MetadataResponse {
+        pub brokers: Vec<BrokerInfo>,
+        pub topics: Vec<TopicMetadata>,
+    }
+}
+request!(MetadataRequest => Metadata, MetadataResponse);
+
+wire_struct! {
+    pub struct CreateTopicRequest {
+        pub name: String,
+        pub partitions: u32,
+        pub replication_factor: u16,
+        /// Topic configs, e.g. ("retention.ms", "86400000").
+        pub configs: Vec<(String, String)>,
+    }
+}
+
+wire_struct! {
+    pub struct CreateTopicResponse {
+        /// The topic's effective configs, defaults filled in.
+        pub configs: Vec<(String, String)>,
+    }
+}
+request!(CreateTopicRequest => CreateTopic, CreateTopicResponse);
+
+wire_struct! {
+    pub struct DeleteTopicRequest {
+        pub name: String,
+    }
+}
+
+wire_struct! {
+    pub struct DeleteTopicResponse {}
+}
+request!(DeleteTopicRequest => DeleteTopic, DeleteTopicResponse);
+
+wire_struct! {
+    pub struct DescribeTopicsRequest {
+        /// `None` describes every topic; a named topic that does not exist
+        /// fails the request with `UnknownTopic`.
+        pub names: Option<Vec<String>>,
+    }
+}
+
+wire_struct! {
+    pub struct PartitionDescription {
+        pub partition: u32,
+        pub leader: u32,
+        pub log_start_offset: i64,
+        pub high_watermark: i64,
+        pub size_bytes: u64,
+        pub segments: u32,
+    }
+}
+
+wire_struct! {
+    pub struct TopicDescription {
+        pub name: String,
+        pub configs: Vec<(String, String)>,
+        pub partitions: Vec<PartitionDescription>,
+    }
+}
+
+wire_struct! {
+    pub struct DescribeTopicsResponse {
+        pub topics: Vec<TopicDescription>,
+    }
+}
+request!(DescribeTopicsRequest => DescribeTopics, DescribeTopicsResponse);
+
+wire_struct! {
+    pub struct ProducePartition {
+        pub topic: String,
+        pub partition: u32,
+        /// One complete record batch (spec/log-format.md).
+        pub records: Bytes,
+    }
+}
+
+wire_struct! {
+    pub struct ProduceRequest {
+        pub acks: Acks,
+        pub timeout_ms: u32,
+        pub partitions: Vec<ProducePartition>,
+    }
+}
+
+wire_struct! {
+    pub struct ProducePartitionResult {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub message: String,
+        /// Offset given to the first record of the batch (-1 on error).
+        pub base_offset: i64,
+        pub log_start_offset: i64,
+    }
+}
+
+wire_struct! {
+    pub struct ProduceResponse {
+        pub partitions: Vec<ProducePartitionResult>,
+    }
+}
+request!(ProduceRequest => Produce, ProduceResponse);
+
+wire_struct! {
+    pub struct FetchPartition {
+        pub topic: String,
+        pub partition: u32,
+        pub offset: i64,
+        pub max_bytes: u32,
+    }
+}
+
+wire_struct! {
+    pub struct FetchRequest {
+        /// How long the broker may hold the request waiting for `min_bytes`.
+        pub max_wait_ms: u32,
+        pub min_bytes: u32,
+        /// Bound on the whole response's records (at least one batch is
+        /// always returned when one is available, even if larger).
+        pub max_bytes: u32,
+        pub partitions: Vec<FetchPartition>,
+    }
+}
+
+wire_struct! {
+    pub struct FetchPartitionResult {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub message: String,
+        pub high_watermark: i64,
+        pub log_start_offset: i64,
+        /// Whole batches, concatenated. The first may start before the
+        /// requested offset: clients skip records below it.
+        pub records: Bytes,
+    }
+}
+
+wire_struct! {
+    pub struct FetchResponse {
+        pub partitions: Vec<FetchPartitionResult>,
+    }
+}
+request!(FetchRequest => Fetch, FetchResponse);
+
+wire_struct! {
+    pub struct ListOffsetsPartition {
+        pub topic: String,
+        pub partition: u32,
+        /// `OFFSET_EARLIEST`, `OFFSET_LATEST`, or a timestamp in ms: the
+        /// first offset whose record timestamp is at least this.
+        pub timestamp: i64,
+    }
+}
+
+wire_struct! {
+    pub struct ListOffsetsRequest {
+        pub partitions: Vec<ListOffsetsPartition>,
+    }
+}
+
+wire_struct! {
+    pub struct ListOffsetsPartitionResult {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub message: String,
+        /// For a timestamp past every record, the high watermark.
+        pub offset: i64,
+        /// Timestamp of the record found, -1 when none or not a time query.
+        pub timestamp: i64,
+    }
+}
+
+wire_struct! {
+    pub struct ListOffsetsResponse {
+        pub partitions: Vec<ListOffsetsPartitionResult>,
+    }
+}
+request!(ListOffsetsRequest => ListOffsets, ListOffsetsResponse);

@@ -1,0 +1,525 @@
+//! `quiver bench`: whole-system load generator. Measures produce and consume
+//! throughput, end-to-end latency, and a raw-QUIC baseline (the same bytes
+//! over one quinn stream with no broker) so results can be given as a ratio
+//! of what the transport can do on the same machine in the same run.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use quiver_client::{
+    Client, Compression, ConsumerConfig, ErrorCode, OffsetSpec, ProducerConfig, ProducerRecord,
+};
+use serde::Serialize;
+
+use crate::cli::{AcksArg, ConnArgs, Format, connect_local};
+use crate::node::{Node, dev_config};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: BenchMode,
+    #[command(flatten)]
+    pub opts: BenchOpts,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchMode {
+    /// Producer throughput and acknowledgement latency.
+    Produce,
+    /// Consumer catch-up throughput (records are produced first, untimed).
+    Consume,
+    /// Produce-to-consume latency at a fixed rate.
+    E2e,
+    /// Raw QUIC baseline only: bytes over one stream, no broker.
+    Quic,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchOpts {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Run against an in-process node in a temporary directory.
+    #[arg(long)]
+    pub embedded: bool,
+    /// Also measure the raw QUIC baseline in the same run and print ratios.
+    #[arg(long)]
+    pub baseline: bool,
+    #[arg(long, default_value = "quiver-bench")]
+    pub topic: String,
+    #[arg(long, default_value_t = 6)]
+    pub partitions: u32,
+    #[arg(long, default_value_t = 200_000)]
+    pub records: u64,
+    #[arg(long, default_value_t = 1024)]
+    pub record_bytes: usize,
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub batch_bytes: usize,
+    #[arg(long, default_value_t = 5)]
+    pub linger_ms: u64,
+    #[arg(long, default_value = "none")]
+    pub compression: Compression,
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    pub acks: AcksArg,
+    /// Concurrent producers, each with its own connection.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    #[arg(long, default_value_t = 5)]
+    pub in_flight: usize,
+    /// Records per second for e2e (0 = as fast as possible).
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: u64,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub mode: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub mib_per_s: f64,
+    pub records_per_s: f64,
+    pub latency_ms_p50: Option<f64>,
+    pub latency_ms_p99: Option<f64>,
+    pub latency_ms_p999: Option<f64>,
+}
+
+impl BenchResult {
+    fn new(
+        mode: &str,
+        records: u64,
+        bytes: u64,
+        elapsed: Duration,
+        latency: Option<&Histogram<u64>>,
+    ) -> Self {
+        let seconds = elapsed.as_secs_f64().max(1e-9);
+        let q = |p: f64| latency.map(|h| h.value_at_quantile(p) as f64 / 1000.0);
+        BenchResult {
+            mode: mode.into(),
+            records,
+            bytes,
+            seconds,
+            mib_per_s: bytes as f64 / seconds / (1024.0 * 1024.0),
+            records_per_s: records as f64 / seconds,
+            latency_ms_p50: q(0.50),
+            latency_ms_p99: q(0.99),
+            latency_ms_p999: q(0.999),
+        }
+    }
+
+    fn print(&self) {
+        print!(
+            "{:<16} {:>10} records {:>9.1} MiB/s {:>11.0} records/s in {:.2}s",
+            self.mode, self.records, self.mib_per_s, self.records_per_s, self.seconds
+        );
+        if let (Some(a), Some(b), Some(c)) = (
+            self.latency_ms_p50,
+            self.latency_ms_p99,
+            self.latency_ms_p999,
+        ) {
+            print!("  latency ms p50 {a:.2} p99 {b:.2} p99.9 {c:.2}");
+        }
+        println!();
+    }
+}
+
+struct Target {
+    client: Client,
+    address: SocketAddr,
+    ca_pem: Vec<u8>,
+    node: Option<(Node, tempfile::TempDir)>,
+}
+
+async fn target(opts: &BenchOpts) -> anyhow::Result<Target> {
+    if opts.embedded {
+        let dir = tempfile::tempdir()?;
+        let mut config = dev_config(dir.path(), "127.0.0.1:0".parse()?);
+        config.broker.flush_interval_ms = None;
+        let node = Node::start(config).await?;
+        let ca = node.ca_cert.clone().expect("dev certificates");
+        let client = connect_local(node.address, &ca).await?;
+        let ca_pem = std::fs::read(&ca)?;
+        return Ok(Target {
+            client,
+            address: node.address,
+            ca_pem,
+            node: Some((node, dir)),
+        });
+    }
+    let config = opts.conn.client_config()?;
+    let address = tokio::net::lookup_host(&config.brokers[0])
+        .await?
+        .next()
+        .context("broker address resolves to nothing")?;
+    let ca_pem = config.ca_pem.clone();
+    let client = Client::connect(config).await?;
+    Ok(Target {
+        client,
+        address,
+        ca_pem,
+        node: None,
+    })
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let opts = args.opts;
+    let mut results = Vec::new();
+    if args.mode == BenchMode::Quic || opts.baseline {
+        results.extend(quic_baseline(&opts).await?);
+    }
+    if args.mode != BenchMode::Quic {
+        let target = target(&opts).await?;
+        ensure_topic(&target.client, &opts).await?;
+        match args.mode {
+            BenchMode::Produce => results.push(produce(&target, &opts, &opts.topic).await?),
+            BenchMode::Consume => results.push(consume(&target, &opts).await?),
+            BenchMode::E2e => results.push(e2e(&target, &opts).await?),
+            BenchMode::Quic => unreachable!(),
+        }
+        target.client.close();
+        if let Some((node, _dir)) = target.node {
+            node.shutdown().await;
+        }
+    }
+    let ratio = |a: &str, b: &str| {
+        let x = results.iter().find(|r| r.mode == a)?;
+        let y = results.iter().find(|r| r.mode == b)?;
+        Some(x.mib_per_s / y.mib_per_s)
+    };
+    let ratios = serde_json::json!({
+        "produce_vs_quic_upload": ratio("produce", "quic-upload"),
+        "consume_vs_quic_download": ratio("consume", "quic-download"),
+    });
+    match opts.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({"results": results, "ratios": ratios})
+        ),
+        Format::Text => {
+            for r in &results {
+                r.print();
+            }
+            if let Some(r) = ratio("produce", "quic-upload") {
+                println!("produce / raw QUIC upload   = {:.1} %", r * 100.0);
+            }
+            if let Some(r) = ratio("consume", "quic-download") {
+                println!("consume / raw QUIC download = {:.1} %", r * 100.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_topic(client: &Client, opts: &BenchOpts) -> anyhow::Result<()> {
+    match client
+        .admin()
+        .create_topic(&opts.topic, opts.partitions, &[])
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(quiver_client::CallError::Broker(e)) if e.code == ErrorCode::TopicAlreadyExists => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A payload of printable characters (compresses roughly like text), with
+/// the record number in its first bytes.
+fn payload(record_bytes: usize, seed: u64) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.";
+    let mut x = seed | 1;
+    (0..record_bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % ALPHABET.len() as u64) as usize]
+        })
+        .collect()
+}
+
+fn progress(total: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+fn producer_config(opts: &BenchOpts) -> ProducerConfig {
+    ProducerConfig {
+        acks: opts.acks.into(),
+        batch_bytes_max: opts.batch_bytes,
+        linger: Duration::from_millis(opts.linger_ms),
+        compression: opts.compression,
+        in_flight_max: opts.in_flight,
+        ..ProducerConfig::default()
+    }
+}
+
+async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Result<BenchResult> {
+    let producers = opts.producers.max(1);
+    let per_producer = opts.records / producers as u64;
+    let bar = progress(per_producer * producers as u64, "produce");
+    let base = Bytes::from(payload(opts.record_bytes, 42));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..producers {
+        let client = if i == 0 {
+            target.client.clone()
+        } else {
+            let mut c =
+                quiver_client::ClientConfig::new(target.address.to_string(), target.ca_pem.clone());
+            c.server_name = None;
+            Client::connect(c).await?
+        };
+        let producer = client.producer(producer_config(opts));
+        let (topic, bar, base) = (topic.to_string(), bar.clone(), base.clone());
+        tasks.push(tokio::spawn(async move {
+            let (tx, mut rx) =
+                tokio::sync::mpsc::channel::<(Instant, quiver_client::DeliveryFuture)>(1 << 16);
+            let checker = tokio::spawn(async move {
+                let mut hist =
+                    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+                let mut errors = 0u64;
+                while let Some((sent, delivery)) = rx.recv().await {
+                    match delivery.await {
+                        Ok(_) => {
+                            let _ = hist.record(sent.elapsed().as_micros().max(1) as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (hist, errors)
+            });
+            for n in 0..per_producer {
+                let mut value = base.to_vec();
+                let stamp = 8.min(value.len());
+                value[..stamp].copy_from_slice(&n.to_be_bytes()[..stamp]);
+                let delivery = producer
+                    .send(ProducerRecord::new(topic.clone(), value))
+                    .await?;
+                tx.send((Instant::now(), delivery)).await.ok();
+                if n % 1024 == 0 {
+                    bar.inc(1024.min(per_producer - n));
+                }
+            }
+            producer.flush().await;
+            drop(tx);
+            anyhow::Ok(checker.await?)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await??;
+        hist.add(&h)?;
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    anyhow::ensure!(errors == 0, "{errors} records were not acknowledged");
+    let records = per_producer * producers as u64;
+    Ok(BenchResult::new(
+        "produce",
+        records,
+        records * opts.record_bytes as u64,
+        elapsed,
+        Some(&hist),
+    ))
+}
+
+async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
+    let end: i64 = {
+        let admin = target.client.admin();
+        let t = admin
+            .describe_topics(Some(vec![opts.topic.clone()]))
+            .await?;
+        t[0].partitions
+            .iter()
+            .map(|p| p.high_watermark - p.log_start_offset)
+            .sum()
+    };
+    if (end as u64) < opts.records {
+        produce(target, opts, &opts.topic).await?;
+    }
+    let mut consumer = target.client.consumer(ConsumerConfig::default());
+    consumer
+        .assign(&opts.topic, None, OffsetSpec::Earliest)
+        .await?;
+    let bar = progress(opts.records, "consume");
+    let started = Instant::now();
+    let (mut records, mut bytes) = (0u64, 0u64);
+    while records < opts.records {
+        let batch = consumer.poll().await?;
+        anyhow::ensure!(
+            !batch.is_empty() || started.elapsed() < Duration::from_secs(60),
+            "consumer stalled"
+        );
+        for r in &batch {
+            bytes += r.value.as_ref().map_or(0, |v| v.len() as u64);
+        }
+        records += batch.len() as u64;
+        bar.inc(batch.len() as u64);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok(BenchResult::new("consume", records, bytes, elapsed, None))
+}
+
+async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
+    let mut consumer = target.client.consumer(ConsumerConfig {
+        fetch_max_wait: Duration::from_millis(100),
+        ..ConsumerConfig::default()
+    });
+    consumer
+        .assign(&opts.topic, None, OffsetSpec::Latest)
+        .await?;
+    let origin = Instant::now();
+    let producer = target.client.producer(ProducerConfig {
+        linger: Duration::from_millis(opts.linger_ms.min(1)),
+        ..producer_config(opts)
+    });
+    let records = opts.records;
+    let (rate, topic, record_bytes) = (opts.rate, opts.topic.clone(), opts.record_bytes.max(16));
+    let sender = tokio::spawn(async move {
+        let base = payload(record_bytes, 7);
+        let mut tick = (rate > 0).then(|| {
+            let mut t = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            t
+        });
+        for _ in 0..records {
+            if let Some(t) = tick.as_mut() {
+                t.tick().await;
+            }
+            let mut value = base.clone();
+            value[..8].copy_from_slice(&(origin.elapsed().as_micros() as u64).to_be_bytes());
+            producer
+                .send(ProducerRecord::new(topic.clone(), value))
+                .await?;
+        }
+        producer.flush().await;
+        anyhow::Ok(())
+    });
+    let bar = progress(records, "e2e");
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let (mut seen, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    while seen < records {
+        let batch = consumer.poll().await?;
+        let now = origin.elapsed().as_micros() as u64;
+        if !batch.is_empty() {
+            last_progress = Instant::now();
+        }
+        anyhow::ensure!(
+            last_progress.elapsed() < Duration::from_secs(30),
+            "no records for 30 s"
+        );
+        for r in &batch {
+            let v = r.value.as_deref().unwrap_or_default();
+            let sent = u64::from_be_bytes(v[..8].try_into().context("short record")?);
+            let _ = hist.record(now.saturating_sub(sent).max(1));
+            bytes += v.len() as u64;
+        }
+        seen += batch.len() as u64;
+        bar.inc(batch.len() as u64);
+    }
+    sender.await??;
+    bar.finish_and_clear();
+    Ok(BenchResult::new(
+        "e2e",
+        seen,
+        bytes,
+        started.elapsed(),
+        Some(&hist),
+    ))
+}
+
+/// Pushes the bytes of `records` records over one QUIC stream each way to an
+/// in-process sink with no broker: the transport's ceiling on this machine.
+async fn quic_baseline(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
+    let dir = tempfile::tempdir()?;
+    let paths = crate::tls::ensure_dev_certs(dir.path(), &[])?;
+    let server_config = crate::tls::server_config(&paths.cert, &paths.key)?;
+    let endpoint = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+    let address = endpoint.local_addr()?;
+    let total = opts.records * opts.record_bytes as u64;
+    let chunk = opts.batch_bytes.max(1024);
+    let server = tokio::spawn(async move {
+        let conn = endpoint.accept().await.context("no connection")?.await?;
+        // First stream: the client uploads; second: the server sends `total` bytes.
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut buf = vec![0u8; 1 << 20];
+        while recv.read(&mut buf).await?.is_some() {}
+        send.write_all(b"k").await?;
+        send.finish()?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut want = [0u8; 8];
+        recv.read_exact(&mut want).await?;
+        let data = Bytes::from(payload(chunk, 3));
+        let mut left = u64::from_be_bytes(want);
+        while left > 0 {
+            let n = left.min(chunk as u64) as usize;
+            send.write_chunk(data.slice(..n)).await?;
+            left -= n as u64;
+        }
+        send.finish()?;
+        let _ = conn.closed().await;
+        anyhow::Ok(())
+    });
+    let mut client_config =
+        quiver_client::ClientConfig::new(address.to_string(), std::fs::read(&paths.ca_cert)?);
+    client_config.server_name = Some("localhost".into());
+    let client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let crypto = quiver_client::quic_client_config(&client_config.ca_pem)?;
+    let conn = client_endpoint
+        .connect_with(crypto, address, "localhost")?
+        .await?;
+    let data = Bytes::from(payload(chunk, 5));
+
+    let started = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk as u64) as usize;
+        send.write_chunk(data.slice(..n)).await?;
+        left -= n as u64;
+    }
+    send.finish()?;
+    let mut ack = [0u8; 1];
+    recv.read_exact(&mut ack).await?;
+    let upload = BenchResult::new("quic-upload", opts.records, total, started.elapsed(), None);
+
+    let started = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&total.to_be_bytes()).await?;
+    send.finish()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while let Some(n) = recv.read(&mut buf).await? {
+        got += n as u64;
+    }
+    anyhow::ensure!(got == total, "baseline download got {got} of {total} bytes");
+    let download = BenchResult::new(
+        "quic-download",
+        opts.records,
+        total,
+        started.elapsed(),
+        None,
+    );
+    conn.close(0u32.into(), b"done");
+    let _ = server.await;
+    Ok(vec![upload, download])
+}

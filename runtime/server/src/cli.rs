@@ -1,0 +1,660 @@
+//! Command-line interface. Every client command is built on the
+//! `quiver-client` library and nothing else.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use quiver_client::{
+    Acks, Client, ClientConfig, Compression, ConsumerConfig, Header, OffsetSpec, ProducerConfig,
+    ProducerRecord,
+};
+use quiver_protocol::messages::{ListOffsetsPartition, OFFSET_LATEST};
+
+use crate::config::FileConfig;
+use crate::node::{Node, dev_config, write_dev_discovery};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "quiver",
+    version,
+    about = "Quiver: a streaming platform over QUIC"
+)]
+pub struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a single development node: data and self-signed certificates in
+    /// --data-dir; prints how to connect.
+    Dev {
+        #[arg(long, default_value = ".quiver")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: SocketAddr,
+    },
+    /// Run a broker node from a configuration file (see docs/configuration.md).
+    Broker {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides broker.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides broker.listen.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Start an embedded node, create a topic, produce and consume, print what happened.
+    Demo {
+        #[arg(long, default_value_t = 10_000)]
+        records: u64,
+    },
+    /// Topics: create, list, describe, delete, produce, consume.
+    Topic {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Load generator: produce, consume, end-to-end latency, raw QUIC baseline.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// How client commands find the broker.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Broker address(es), comma separated. Default: $QUIVER_BROKERS, else
+    /// the address `quiver dev` wrote in the dev dir.
+    #[arg(long, env = "QUIVER_BROKERS", global = true)]
+    pub brokers: Option<String>,
+    /// CA certificate (PEM) that signed the brokers' certificates. Default:
+    /// $QUIVER_CA, else ca.pem in the dev dir.
+    #[arg(long, env = "QUIVER_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Where `quiver dev` keeps its data.
+    #[arg(long, env = "QUIVER_DEV_DIR", default_value = ".quiver", global = true)]
+    pub dev_dir: PathBuf,
+}
+
+impl ConnArgs {
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        let brokers = match &self.brokers {
+            Some(b) => b.clone(),
+            None => std::fs::read_to_string(self.dev_dir.join("address")).map_err(|_| {
+                anyhow::anyhow!(
+                    "no broker address: pass --brokers HOST:PORT, set QUIVER_BROKERS, or start `quiver dev` \
+                     (it writes {}/address)",
+                    self.dev_dir.display()
+                )
+            })?,
+        };
+        let ca_path = self
+            .ca
+            .clone()
+            .unwrap_or_else(|| self.dev_dir.join("ca.pem"));
+        let ca_pem = std::fs::read(&ca_path).with_context(|| {
+            format!(
+                "cannot read the CA certificate {}: pass --ca FILE or set QUIVER_CA",
+                ca_path.display()
+            )
+        })?;
+        let mut config = ClientConfig::new(String::new(), ca_pem);
+        config.brokers = brokers
+            .trim()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect();
+        Ok(config)
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.client_config()?).await?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(short, long, default_value_t = 1)]
+        partitions: u32,
+        /// Topic config KEY=VALUE (repeatable): retention.ms, retention.bytes,
+        /// segment.bytes, segment.ms, compression, max.message.bytes, index.interval.bytes.
+        #[arg(short, long = "config", value_parser = parse_key_value)]
+        configs: Vec<(String, String)>,
+    },
+    /// List topics.
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show a topic's partitions, offsets, sizes and configs.
+    Describe {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Delete a topic and its data.
+    Delete { name: String },
+    /// Produce one record per line of standard input.
+    Produce {
+        name: String,
+        /// Split each line at the first SEP into key and value (e.g. '\t').
+        #[arg(long)]
+        key_sep: Option<String>,
+        #[arg(long, value_enum, default_value_t = AcksArg::All)]
+        acks: AcksArg,
+        /// Fixed partition (default: by key, sticky for keyless records).
+        #[arg(short, long)]
+        partition: Option<u32>,
+        #[arg(long, default_value = "none")]
+        compression: Compression,
+        /// Header KEY=VALUE added to every record (repeatable).
+        #[arg(long = "header", value_parser = parse_key_value)]
+        headers: Vec<(String, String)>,
+        #[arg(long, default_value_t = 5)]
+        linger_ms: u64,
+        #[arg(long, default_value_t = 128 * 1024)]
+        batch_bytes: usize,
+    },
+    /// Print records: value per line, or JSON objects with --format json.
+    Consume {
+        name: String,
+        /// start | end | OFFSET | @UNIX_MS, optionally ':end' to stop at the
+        /// end offsets as of launch (e.g. start:end).
+        #[arg(short, long, default_value = "end")]
+        offset: String,
+        #[arg(short, long)]
+        partition: Option<u32>,
+        /// Stop after this many records.
+        #[arg(short = 'n', long)]
+        count: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Print key and value separated by this string (text format).
+        #[arg(long)]
+        key_sep: Option<String>,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcksArg {
+    None,
+    Leader,
+    All,
+}
+
+impl From<AcksArg> for Acks {
+    fn from(a: AcksArg) -> Acks {
+        match a {
+            AcksArg::None => Acks::None,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::All => Acks::All,
+        }
+    }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev { data_dir, listen } => {
+            let node = Node::start(dev_config(&data_dir, listen)).await?;
+            let ca = node
+                .ca_cert
+                .clone()
+                .expect("dev nodes use dev certificates");
+            write_dev_discovery(&data_dir, node.address, &ca)?;
+            println!(
+                "quiver dev node listening on {} (QUIC, TLS 1.3)",
+                node.address
+            );
+            println!("  data:  {}", data_dir.display());
+            println!("  CA:    {}", data_dir.join("ca.pem").display());
+            println!("client commands run from this directory find the node by themselves, e.g.");
+            println!("  quiver topic create orders -p 6");
+            println!("  seq 1 1000 | quiver topic produce orders");
+            println!("  quiver topic consume orders -o start:end");
+            println!(
+                "elsewhere: QUIVER_BROKERS={} QUIVER_CA={}",
+                node.address,
+                data_dir.join("ca.pem").display()
+            );
+            std::io::stdout().flush()?;
+            run_until_signal(node).await
+        }
+        Command::Broker {
+            config,
+            data_dir,
+            listen,
+        } => {
+            let mut file = FileConfig::load(config.as_deref(), std::env::vars())?;
+            if let Some(d) = data_dir {
+                file.broker.data_dir = d;
+            }
+            if let Some(l) = listen {
+                file.broker.listen = l;
+            }
+            let node = Node::start(file.validate()?).await?;
+            println!("quiver broker listening on {}", node.address);
+            if let Some(ca) = &node.ca_cert {
+                println!("development CA: {}", ca.display());
+            }
+            std::io::stdout().flush()?;
+            run_until_signal(node).await
+        }
+        Command::Demo { records } => crate::demo::run(records).await.map(|()| ExitCode::SUCCESS),
+        Command::Topic { conn, command } => topic(conn, command).await,
+        Command::Bench(args) => crate::bench::run(args).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// Serves until SIGINT or SIGTERM, then shuts down cleanly.
+async fn run_until_signal(node: Node) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    node.shutdown().await;
+    eprintln!("quiver: shut down cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode> {
+    let client = conn.connect().await?;
+    let admin = client.admin();
+    match command {
+        TopicCommand::Create {
+            name,
+            partitions,
+            configs,
+        } => {
+            admin.create_topic(&name, partitions, &configs).await?;
+            println!("created topic '{name}' with {partitions} partition(s)");
+        }
+        TopicCommand::List { format } => {
+            let topics = admin.describe_topics(None).await?;
+            match format {
+                Format::Json => {
+                    let list: Vec<_> = topics
+                        .iter()
+                        .map(|t| serde_json::json!({"name": t.name, "partitions": t.partitions.len()}))
+                        .collect();
+                    println!("{}", serde_json::to_string(&list)?);
+                }
+                Format::Text => {
+                    for t in topics {
+                        println!("{}\t{} partition(s)", t.name, t.partitions.len());
+                    }
+                }
+            }
+        }
+        TopicCommand::Describe { name, format } => {
+            let t = admin
+                .describe_topics(Some(vec![name]))
+                .await?
+                .into_iter()
+                .next()
+                .context("broker described no topic")?;
+            match format {
+                Format::Json => {
+                    let partitions: Vec<_> = t
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "partition": p.partition, "leader": p.leader,
+                                "log_start_offset": p.log_start_offset, "high_watermark": p.high_watermark,
+                                "size_bytes": p.size_bytes, "segments": p.segments,
+                            })
+                        })
+                        .collect();
+                    let configs: serde_json::Map<_, _> = t
+                        .configs
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect();
+                    let out = serde_json::json!({"name": t.name, "partitions": partitions, "configs": configs});
+                    println!("{}", serde_json::to_string(&out)?);
+                }
+                Format::Text => {
+                    println!("topic {}", t.name);
+                    println!("partition\tleader\tstart\thigh_watermark\tbytes\tsegments");
+                    for p in &t.partitions {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{}",
+                            p.partition,
+                            p.leader,
+                            p.log_start_offset,
+                            p.high_watermark,
+                            p.size_bytes,
+                            p.segments
+                        );
+                    }
+                    println!("configs:");
+                    for (k, v) in &t.configs {
+                        println!("  {k}={v}");
+                    }
+                }
+            }
+        }
+        TopicCommand::Delete { name } => {
+            admin.delete_topic(&name).await?;
+            println!("deleted topic '{name}'");
+        }
+        TopicCommand::Produce {
+            name,
+            key_sep,
+            acks,
+            partition,
+            compression,
+            headers,
+            linger_ms,
+            batch_bytes,
+        } => {
+            return produce_stdin(
+                &client,
+                name,
+                key_sep,
+                acks.into(),
+                partition,
+                compression,
+                headers,
+                linger_ms,
+                batch_bytes,
+            )
+            .await;
+        }
+        TopicCommand::Consume {
+            name,
+            offset,
+            partition,
+            count,
+            format,
+            key_sep,
+        } => {
+            return consume(
+                &client,
+                &name,
+                &offset,
+                partition,
+                count,
+                format,
+                key_sep.as_deref(),
+            )
+            .await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unescape(sep: &str) -> String {
+    sep.replace("\\t", "\t").replace("\\n", "\n")
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn produce_stdin(
+    client: &Client,
+    topic: String,
+    key_sep: Option<String>,
+    acks: Acks,
+    partition: Option<u32>,
+    compression: Compression,
+    headers: Vec<(String, String)>,
+    linger_ms: u64,
+    batch_bytes: usize,
+) -> anyhow::Result<ExitCode> {
+    let producer = client.producer(ProducerConfig {
+        acks,
+        compression,
+        linger: Duration::from_millis(linger_ms),
+        batch_bytes_max: batch_bytes,
+        ..ProducerConfig::default()
+    });
+    let key_sep = key_sep.map(|s| unescape(&s));
+    let headers: Vec<Header> = headers
+        .into_iter()
+        .map(|(k, v)| Header {
+            key: k,
+            value: Some(v.into()),
+        })
+        .collect();
+    // Delivery results are checked in send order by a separate task, so
+    // reading stdin never waits for acknowledgements.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<quiver_client::DeliveryFuture>(100_000);
+    let checker = tokio::spawn(async move {
+        let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
+        while let Some(delivery) = rx.recv().await {
+            match delivery.await {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        (ok, failed, first_error)
+    });
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(10_000);
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            if line_tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut send_error = None;
+    while let Some(line) = line_rx.recv().await {
+        let line = line.context("reading standard input")?;
+        let (key, value) = match &key_sep {
+            Some(sep) => match line.split_once(sep.as_str()) {
+                Some((k, v)) => (Some(k.to_string()), v.to_string()),
+                None => (None, line),
+            },
+            None => (None, line),
+        };
+        let mut record = ProducerRecord::new(topic.clone(), value);
+        record.key = key.map(Into::into);
+        record.partition = partition;
+        record.headers = headers.clone();
+        match producer.send(record).await {
+            Ok(delivery) => {
+                if tx.send(delivery).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                send_error = Some(e);
+                break;
+            }
+        }
+    }
+    producer.flush().await;
+    drop(tx);
+    let (ok, failed, first_error) = checker.await?;
+    if let Some(e) = send_error {
+        bail!("{e} ({ok} record(s) acknowledged before)");
+    }
+    if failed > 0 {
+        eprintln!(
+            "{failed} record(s) failed, {ok} acknowledged; first error: {}",
+            first_error.unwrap_or_default()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("produced {ok} record(s) to '{topic}'");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `-o`: start | end | OFFSET | @UNIX_MS, with an optional `:end`.
+pub fn parse_offset_arg(arg: &str) -> anyhow::Result<(OffsetSpec, bool)> {
+    let (start, stop_at_end) = match arg.rsplit_once(':') {
+        Some((s, "end")) => (s, true),
+        Some(_) => bail!("'{arg}': only ':end' may follow the start position"),
+        None => (arg, false),
+    };
+    let spec = match start {
+        "start" | "earliest" | "beginning" => OffsetSpec::Earliest,
+        "end" | "latest" => OffsetSpec::Latest,
+        s if s.starts_with('@') => OffsetSpec::Timestamp(s[1..].parse().with_context(|| {
+            format!("'{s}': expected @ followed by milliseconds since the epoch")
+        })?),
+        s => OffsetSpec::Offset(
+            s.parse()
+                .with_context(|| format!("'{s}' is not start, end, an offset or @timestamp"))?,
+        ),
+    };
+    Ok((spec, stop_at_end))
+}
+
+async fn consume(
+    client: &Client,
+    topic: &str,
+    offset: &str,
+    partition: Option<u32>,
+    count: Option<u64>,
+    format: Format,
+    key_sep: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let (spec, stop_at_end) = parse_offset_arg(offset)?;
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    consumer
+        .assign(topic, partition.map(|p| vec![p]), spec)
+        .await?;
+    // With ':end', remember each partition's end offset now and stop there.
+    let mut ends = std::collections::BTreeMap::new();
+    if stop_at_end {
+        let asks = consumer
+            .assignment()
+            .into_iter()
+            .map(|(topic, partition)| ListOffsetsPartition {
+                topic,
+                partition,
+                timestamp: OFFSET_LATEST,
+            })
+            .collect();
+        for r in client.admin().list_offsets(asks).await? {
+            ends.insert(r.partition, r.offset);
+        }
+        let positions: Vec<_> = consumer.assignment();
+        for (t, p) in positions {
+            if consumer.position(&t, p) >= ends.get(&p).copied() {
+                consumer.unassign(&t, p);
+            }
+        }
+    }
+    let sep = key_sep.map(unescape);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let limit = count.unwrap_or(u64::MAX);
+    while printed < limit && !consumer.assignment().is_empty() {
+        let records = consumer.poll().await?;
+        for r in records {
+            if stop_at_end && r.offset >= ends.get(&r.partition).copied().unwrap_or(i64::MAX) {
+                continue;
+            }
+            if printed >= limit {
+                break;
+            }
+            match format {
+                Format::Json => {
+                    serde_json::to_writer(&mut out, &record_json(&r))?;
+                    out.write_all(b"\n")?;
+                }
+                Format::Text => {
+                    if let Some(sep) = &sep {
+                        out.write_all(r.key.as_deref().unwrap_or_default())?;
+                        out.write_all(sep.as_bytes())?;
+                    }
+                    out.write_all(r.value.as_deref().unwrap_or_default())?;
+                    out.write_all(b"\n")?;
+                }
+            }
+            printed += 1;
+        }
+        out.flush()?;
+        if stop_at_end {
+            for (t, p) in consumer.assignment() {
+                if consumer.position(&t, p) >= ends.get(&p).copied() {
+                    consumer.unassign(&t, p);
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Bytes as JSON: a string when valid UTF-8, else `{"hex": "..."}`.
+fn bytes_json(b: Option<&[u8]>) -> serde_json::Value {
+    match b {
+        None => serde_json::Value::Null,
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => serde_json::Value::String(s.to_string()),
+            Err(_) => {
+                serde_json::json!({"hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>()})
+            }
+        },
+    }
+}
+
+pub fn record_json(r: &quiver_client::ConsumerRecord) -> serde_json::Value {
+    let headers: Vec<_> = r
+        .headers
+        .iter()
+        .map(|h| serde_json::json!({"key": h.key, "value": bytes_json(h.value.as_deref())}))
+        .collect();
+    serde_json::json!({
+        "partition": r.partition,
+        "offset": r.offset,
+        "timestamp": r.timestamp_ms,
+        "key": bytes_json(r.key.as_deref()),
+        "value": bytes_json(r.value.as_deref()),
+        "headers": headers,
+    })
+}
+
+/// Used by the demo and benchmarks: a client for an in-process node.
+pub async fn connect_local(address: SocketAddr, ca: &Path) -> anyhow::Result<Client> {
+    let ca_pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+    Ok(Client::connect(ClientConfig::new(address.to_string(), ca_pem)).await?)
+}

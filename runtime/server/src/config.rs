@@ -1,0 +1,238 @@
+//! Node configuration: one TOML file, `QUIVER_SECTION__KEY` environment
+//! overrides on top, CLI flags on top of that. Unknown keys are errors;
+//! [`FileConfig::validate`] turns the raw file into a typed `NodeConfig`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use quiver_broker::BrokerConfig;
+use quiver_broker::topic::TopicConfig;
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub broker: BrokerSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    /// Defaults for new topics, e.g. `"retention.ms" = "86400000"`.
+    #[serde(default)]
+    pub topic_defaults: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSection {
+    pub node_id: u32,
+    pub data_dir: PathBuf,
+    pub listen: String,
+    /// What clients are told to connect to; defaults to `listen`.
+    pub advertised_address: Option<String>,
+    pub frame_bytes_max: usize,
+    pub fetch_wait_ms_max: u32,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            node_id: 1,
+            data_dir: PathBuf::from("quiver-data"),
+            listen: "127.0.0.1:7878".into(),
+            advertised_address: None,
+            frame_bytes_max: quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
+            fetch_wait_ms_max: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// Background fsync interval; 0 leaves flushing to the OS (acks=all
+    /// still fsyncs before it answers).
+    pub flush_interval_ms: u64,
+    pub retention_check_interval_ms: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            flush_interval_ms: 1_000,
+            retention_check_interval_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain of this broker. With neither cert nor key, a
+    /// development CA and certificate are created in `<data_dir>/tls`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub broker: BrokerConfig,
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl FileConfig {
+    /// Reads `path` (if any) and applies `QUIVER_SECTION__KEY` variables.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<FileConfig> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing config {}", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("QUIVER_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            let section = section.to_ascii_lowercase();
+            let key = key.to_ascii_lowercase();
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(section_table) = entry else {
+                bail!("{name}: [{section}] is not a section");
+            };
+            section_table.insert(key, env_value(&value));
+        }
+        let config: FileConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    anyhow::anyhow!("invalid configuration: {}", e.message())
+                })?;
+        Ok(config)
+    }
+
+    pub fn validate(self) -> anyhow::Result<NodeConfig> {
+        let listen: SocketAddr = self.broker.listen.parse().with_context(|| {
+            format!(
+                "broker.listen '{}' is not an address like 127.0.0.1:7878",
+                self.broker.listen
+            )
+        })?;
+        let overrides: Vec<(String, String)> = self
+            .topic_defaults
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                )
+            })
+            .collect();
+        let topic_defaults = TopicConfig::default()
+            .with_overrides(overrides.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| anyhow::anyhow!("topic_defaults: {e}"))?;
+        let tls = match (self.tls.cert, self.tls.key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!(
+                "tls.cert and tls.key go together: give both, or neither for development certificates"
+            ),
+        };
+        if self.broker.frame_bytes_max < 1024 {
+            bail!("broker.frame_bytes_max must be at least 1024");
+        }
+        let mut broker = BrokerConfig::new(self.broker.data_dir);
+        broker.node_id = self.broker.node_id;
+        broker.advertised_address = self
+            .broker
+            .advertised_address
+            .unwrap_or_else(|| listen.to_string());
+        broker.frame_bytes_max = self.broker.frame_bytes_max;
+        broker.fetch_wait_ms_max = self.broker.fetch_wait_ms_max;
+        broker.flush_interval_ms =
+            (self.storage.flush_interval_ms > 0).then_some(self.storage.flush_interval_ms);
+        broker.retention_check_interval_ms = self.storage.retention_check_interval_ms.max(10);
+        broker.topic_defaults = topic_defaults;
+        Ok(NodeConfig {
+            broker,
+            listen,
+            tls,
+        })
+    }
+}
+
+/// Environment values are typed the way TOML would read them: integers and
+/// booleans as such, anything else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_env_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quiver.toml");
+        std::fs::write(
+            &path,
+            "[broker]\nnode_id = 3\nlisten = \"127.0.0.1:9000\"\n[topic_defaults]\n\"retention.ms\" = \"1000\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("QUIVER_BROKER__NODE_ID".to_string(), "7".to_string()),
+            (
+                "QUIVER_STORAGE__FLUSH_INTERVAL_MS".to_string(),
+                "0".to_string(),
+            ),
+            ("QUIVER_BROKERS".to_string(), "ignored".to_string()),
+        ];
+        let node = FileConfig::load(Some(&path), env)
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(node.broker.node_id, 7);
+        assert_eq!(node.broker.flush_interval_ms, None);
+        assert_eq!(node.broker.topic_defaults.retention_ms, Some(1000));
+        assert_eq!(node.listen.port(), 9000);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let env = vec![("QUIVER_BROKER__NODEID".to_string(), "7".to_string())];
+        let err = FileConfig::load(None, env).unwrap_err().to_string();
+        assert!(err.contains("nodeid"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.toml");
+        std::fs::write(&path, "[topic_defaults]\n\"retention.weeks\" = 1\n").unwrap();
+        let err = FileConfig::load(Some(&path), vec![])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.weeks"), "{err}");
+    }
+}

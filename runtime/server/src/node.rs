@@ -1,0 +1,97 @@
+//! Running a broker node: open the broker, bind the QUIC endpoint, serve,
+//! and shut down cleanly (fsync and close every log) on request.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use quiver_broker::{Broker, BrokerConfig};
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+use crate::tls::{TlsPaths, ensure_dev_certs, server_config};
+
+/// A running node.
+pub struct Node {
+    pub broker: Arc<Broker>,
+    pub address: SocketAddr,
+    /// CA that signed this node's certificate, when development
+    /// certificates are in use.
+    pub ca_cert: Option<PathBuf>,
+    shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts a node. Without TLS files, development certificates are made
+    /// (once) in `<data_dir>/tls`.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        let (cert, key, ca_cert) = match &config.tls {
+            Some((c, k)) => (c.clone(), k.clone(), None),
+            None => {
+                let hosts = vec![config.listen.ip().to_string()];
+                let paths = ensure_dev_certs(&config.broker.data_dir.join("tls"), &hosts)?;
+                (paths.cert, paths.key, Some(paths.ca_cert))
+            }
+        };
+        let server_config = server_config(&cert, &key)?;
+        let broker_config = config.broker.clone();
+        let broker = tokio::task::spawn_blocking(move || Broker::open(broker_config))
+            .await?
+            .context("opening the broker")?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .with_context(|| format!("cannot listen on {} (UDP)", config.listen))?;
+        let address = endpoint.local_addr()?;
+        broker.spawn_background();
+        let (shutdown, rx) = watch::channel(false);
+        let server = tokio::spawn(crate::net::serve(endpoint, broker.clone(), rx));
+        tracing::info!(%address, node_id = config.broker.node_id, "broker listening");
+        Ok(Node {
+            broker,
+            address,
+            ca_cert,
+            shutdown,
+            server,
+        })
+    }
+
+    /// Stops serving, then fsyncs and closes every log.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        let broker = self.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.shutdown()).await;
+    }
+}
+
+/// The files `quiver dev` leaves so that client commands find the node
+/// without flags.
+pub fn write_dev_discovery(
+    dev_dir: &Path,
+    address: SocketAddr,
+    ca_cert: &Path,
+) -> anyhow::Result<()> {
+    std::fs::write(dev_dir.join("address"), address.to_string())?;
+    let target = dev_dir.join("ca.pem");
+    if ca_cert != target {
+        std::fs::copy(ca_cert, &target)?;
+    }
+    Ok(())
+}
+
+/// A development node configuration: data in `data_dir`, listening on `listen`.
+pub fn dev_config(data_dir: &Path, listen: SocketAddr) -> NodeConfig {
+    let mut broker = BrokerConfig::new(data_dir);
+    broker.advertised_address = listen.to_string();
+    NodeConfig {
+        broker,
+        listen,
+        tls: None,
+    }
+}
+
+/// Dev TLS paths for a data dir.
+pub fn dev_tls(data_dir: &Path) -> TlsPaths {
+    TlsPaths::in_dir(&data_dir.join("tls"))
+}

@@ -1,0 +1,79 @@
+//! Topic administration.
+
+use quiver_protocol::messages::*;
+
+use crate::connection::{CallError, Client};
+
+/// Creates, deletes, lists and describes topics.
+#[derive(Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Client {
+    pub fn admin(&self) -> Admin {
+        Admin {
+            client: self.clone(),
+        }
+    }
+}
+
+impl Admin {
+    /// Creates a topic; `configs` are `key=value` topic configs. Returns the
+    /// effective configs.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, CallError> {
+        let response = self
+            .client
+            .call(&CreateTopicRequest {
+                name: name.into(),
+                partitions,
+                replication_factor: 1,
+                configs: configs.to_vec(),
+            })
+            .await?;
+        Ok(response.configs)
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), CallError> {
+        self.client
+            .call(&DeleteTopicRequest { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// Describes the named topics, or every topic with `None`.
+    pub async fn describe_topics(
+        &self,
+        names: Option<Vec<String>>,
+    ) -> Result<Vec<TopicDescription>, CallError> {
+        Ok(self
+            .client
+            .call(&DescribeTopicsRequest { names })
+            .await?
+            .topics)
+    }
+
+    pub async fn metadata(
+        &self,
+        topics: Option<Vec<String>>,
+    ) -> Result<MetadataResponse, CallError> {
+        self.client.call(&MetadataRequest { topics }).await
+    }
+
+    /// Offsets for each partition: `OFFSET_EARLIEST`, `OFFSET_LATEST` or a timestamp.
+    pub async fn list_offsets(
+        &self,
+        partitions: Vec<ListOffsetsPartition>,
+    ) -> Result<Vec<ListOffsetsPartitionResult>, CallError> {
+        Ok(self
+            .client
+            .call(&ListOffsetsRequest { partitions })
+            .await?
+            .partitions)
+    }
+}

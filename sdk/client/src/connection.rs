@@ -1,0 +1,371 @@
+//! The QUIC + TLS connection to a broker and the request/response exchange.
+//! One bidirectional QUIC stream per request: write the frame, finish the
+//! stream, read the response frame.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quiver_protocol::codec::DecodeError;
+use quiver_protocol::frame::{LENGTH_PREFIX_BYTES, decode_response, encode_request, frame_len};
+use quiver_protocol::messages::{ApiKey, ApiVersionsRequest, Request};
+use quiver_protocol::{ALPN, WireError};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::sync::Mutex;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Broker addresses (`host:port`); the first that answers is used.
+    pub brokers: Vec<String>,
+    /// PEM of the CA certificate(s) that signed the brokers' certificates.
+    pub ca_pem: Vec<u8>,
+    /// Name expected in the broker certificate; defaults to the host part of
+    /// the address.
+    pub server_name: Option<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Largest response frame accepted.
+    pub response_bytes_max: usize,
+    pub client_software: String,
+}
+
+impl ClientConfig {
+    pub fn new(broker: impl Into<String>, ca_pem: Vec<u8>) -> Self {
+        ClientConfig {
+            brokers: vec![broker.into()],
+            ca_pem,
+            server_name: None,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            response_bytes_max: 256 * 1024 * 1024,
+            client_software: concat!("quiver-client ", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the CA file holds no usable PEM certificate: {0}")]
+    BadCa(String),
+    #[error("cannot resolve broker address '{address}': {reason}")]
+    Resolve { address: String, reason: String },
+    #[error("cannot open a local UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error(
+        "TLS handshake with {address} failed: {reason}. The broker's certificate must be signed by the CA you \
+         pass (--ca or QUIVER_CA) and name the host you connect to"
+    )]
+    Tls { address: String, reason: String },
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("timed out connecting to {address} after {timeout:?}: is a broker listening there?")]
+    Timeout { address: String, timeout: Duration },
+    #[error(
+        "broker at {address} does not support {api:?} version {version} (it supports {min}..={max})"
+    )]
+    Version {
+        address: String,
+        api: ApiKey,
+        version: u16,
+        min: u16,
+        max: u16,
+    },
+    #[error("no broker given")]
+    NoBrokers,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The request may or may not have reached the broker.
+    #[error("connection lost during the request: {0}")]
+    ConnectionLost(String),
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("response of {size} bytes exceeds the limit of {limit} bytes")]
+    ResponseTooLarge { size: usize, limit: usize },
+    #[error("malformed response: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("broker refused the request: {0}")]
+    Broker(#[from] WireError),
+}
+
+impl CallError {
+    /// True when the request was certainly not applied, so that sending it
+    /// again cannot duplicate anything.
+    pub fn is_safe_to_retry(&self) -> bool {
+        match self {
+            CallError::Connect(_) => true,
+            CallError::Broker(e) => e.code.is_retriable(),
+            _ => false,
+        }
+    }
+}
+
+struct Inner {
+    config: ClientConfig,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    connection: Mutex<Option<(String, quinn::Connection)>>,
+}
+
+/// A connection to a Quiver broker. Cheap to clone; reconnects on demand
+/// after the connection is lost.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects and checks that the broker speaks every API version this
+    /// client uses.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ConnectError> {
+        let client_config = quic_client_config(&config.ca_pem)?;
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
+        let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Socket)?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                endpoint,
+                client_config,
+                connection: Mutex::new(None),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The current connection, connecting (and handshaking) if needed.
+    async fn connection(&self) -> Result<quinn::Connection, ConnectError> {
+        let mut guard = self.inner.connection.lock().await;
+        if let Some((_, conn)) = guard.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        let mut last_error = ConnectError::NoBrokers;
+        for address in &self.inner.config.brokers {
+            match self.connect_one(address).await {
+                Ok(conn) => {
+                    *guard = Some((address.clone(), conn.clone()));
+                    return Ok(conn);
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn connect_one(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
+        let config = &self.inner.config;
+        let resolve_err = |reason: String| ConnectError::Resolve {
+            address: address.to_string(),
+            reason,
+        };
+        let addr = address
+            .to_socket_addrs()
+            .map_err(|e| resolve_err(e.to_string()))?
+            .next()
+            .ok_or_else(|| resolve_err("no addresses".into()))?;
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host.to_string());
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.client_config.clone(), addr, &server_name)
+            .map_err(|e| ConnectError::Connect {
+                address: address.to_string(),
+                reason: e.to_string(),
+            })?;
+        let conn = match tokio::time::timeout(config.connect_timeout, connecting).await {
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    address: address.to_string(),
+                    timeout: config.connect_timeout,
+                });
+            }
+            Ok(Err(e)) => return Err(classify_connection_error(address, e)),
+            Ok(Ok(conn)) => conn,
+        };
+        // Version handshake: refuse early with a clear message rather than
+        // failing on the first real request.
+        let request = ApiVersionsRequest {
+            client_software: config.client_software.clone(),
+        };
+        let versions = exchange(&conn, encode_request(&request), config)
+            .await
+            .and_then(|frame| {
+                Ok(decode_response::<<ApiVersionsRequest as Request>::Response>(frame)??)
+            })
+            .map_err(|e| ConnectError::Connect {
+                address: address.to_string(),
+                reason: format!("version handshake failed: {e}"),
+            })?;
+        for api in ApiKey::ALL {
+            let version = 0u16;
+            let range = versions.apis.iter().find(|r| r.api_key == api as u16);
+            let ok = range.is_some_and(|r| r.min_version <= version && version <= r.max_version);
+            if !ok {
+                let (min, max) = range.map_or((0, 0), |r| (r.min_version, r.max_version));
+                return Err(ConnectError::Version {
+                    address: address.to_string(),
+                    api,
+                    version,
+                    min,
+                    max,
+                });
+            }
+        }
+        tracing::debug!(address, broker = %versions.broker_software, "connected");
+        Ok(conn)
+    }
+
+    /// Sends one request and waits for its response.
+    pub async fn call<R: Request>(&self, request: &R) -> Result<R::Response, CallError> {
+        let frame = encode_request(request);
+        let conn = self.connection().await?;
+        let response = exchange(&conn, frame, &self.inner.config).await?;
+        Ok(decode_response::<R::Response>(response)??)
+    }
+
+    /// Sends one request without waiting for any answer (acks=none).
+    pub async fn send_only<R: Request>(&self, request: &R) -> Result<(), CallError> {
+        let frame = encode_request(request);
+        let conn = self.connection().await?;
+        let (mut send, _recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        send.finish().map_err(|e| lost(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Closes the connection; outstanding requests fail.
+    pub fn close(&self) {
+        self.inner.endpoint.close(0u32.into(), b"client closed");
+    }
+}
+
+fn lost(reason: String) -> CallError {
+    CallError::ConnectionLost(reason)
+}
+
+async fn exchange(
+    conn: &quinn::Connection,
+    frame: Bytes,
+    config: &ClientConfig,
+) -> Result<Bytes, CallError> {
+    let work = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+            // Opening a stream sends nothing: the request was not applied.
+            CallError::Connect(ConnectError::Connect {
+                address: conn.remote_address().to_string(),
+                reason: e.to_string(),
+            })
+        })?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        send.finish().map_err(|e| lost(e.to_string()))?;
+        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+        recv.read_exact(&mut prefix)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let len = frame_len(prefix);
+        if len > config.response_bytes_max {
+            return Err(CallError::ResponseTooLarge {
+                size: len,
+                limit: config.response_bytes_max,
+            });
+        }
+        let mut body = BytesMut::zeroed(len);
+        recv.read_exact(&mut body)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(config.request_timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(CallError::Timeout(config.request_timeout)),
+    }
+}
+
+fn classify_connection_error(address: &str, e: quinn::ConnectionError) -> ConnectError {
+    let reason = e.to_string();
+    let tls = matches!(e, quinn::ConnectionError::TransportError(ref t) if t.code.to_string().contains("crypto"))
+        || reason.contains("certificate")
+        || reason.contains("crypto");
+    if tls {
+        ConnectError::Tls {
+            address: address.to_string(),
+            reason,
+        }
+    } else if matches!(e, quinn::ConnectionError::TimedOut) {
+        ConnectError::Connect {
+            address: address.to_string(),
+            reason: "no answer (is a broker listening there?)".into(),
+        }
+    } else {
+        ConnectError::Connect {
+            address: address.to_string(),
+            reason,
+        }
+    }
+}
+
+/// QUIC transport settings shared by clients: large windows so that one
+/// connection can carry a produce or fetch stream at full speed.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window((16u32 * 1024 * 1024).into());
+    t.receive_window((64u32 * 1024 * 1024).into());
+    t.send_window(64 * 1024 * 1024);
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .expect("valid idle timeout"),
+    ));
+    t
+}
+
+/// The QUIC client configuration trusting the CA certificates in `ca_pem`.
+pub fn quic_client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, ConnectError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| ConnectError::BadCa(e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| ConnectError::BadCa(e.to_string()))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(ConnectError::BadCa("no CERTIFICATE block found".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ConnectError::BadCa(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ConnectError::BadCa(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}

@@ -1,0 +1,338 @@
+//! The consumer: the caller assigns partitions and positions; `poll` returns
+//! the next records. While the caller works on one response the next fetch
+//! is already on its way (pipelining), so a consumer that keeps up is never
+//! waiting for a round trip.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::batch::{Batches, Header, decode_records};
+use quiver_protocol::messages::{
+    FetchPartition, FetchRequest, FetchResponse, ListOffsetsPartition, OFFSET_EARLIEST,
+    OFFSET_LATEST,
+};
+use quiver_protocol::{ErrorCode, WireError};
+use tokio::task::JoinHandle;
+
+use crate::connection::{CallError, Client};
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// How long the broker may hold a fetch when there is nothing new.
+    pub fetch_max_wait: Duration,
+    pub fetch_min_bytes: u32,
+    /// Bound on one fetch response (whole batches; at least one).
+    pub fetch_bytes_max: u32,
+    /// Bound per partition within one fetch.
+    pub partition_fetch_bytes_max: u32,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            fetch_max_wait: Duration::from_millis(500),
+            fetch_min_bytes: 1,
+            fetch_bytes_max: 16 * 1024 * 1024,
+            partition_fetch_bytes_max: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where to start reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetSpec {
+    Earliest,
+    Latest,
+    Offset(i64),
+    /// The first record whose timestamp is at least this (ms since epoch).
+    Timestamp(i64),
+}
+
+/// A record as the consumer returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("{topic}-{partition}: {error}")]
+    Partition {
+        topic: String,
+        partition: u32,
+        error: WireError,
+    },
+    #[error("{topic}-{partition} at offset {offset}: corrupt batch: {reason}")]
+    Corrupt {
+        topic: String,
+        partition: u32,
+        offset: i64,
+        reason: String,
+    },
+    #[error("topic '{0}' does not exist")]
+    UnknownTopic(String),
+}
+
+type Tp = (String, u32);
+
+/// Reads assigned partitions in offset order. Not `Clone`: positions are
+/// the consumer's own state.
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    positions: BTreeMap<Tp, i64>,
+    high_watermarks: BTreeMap<Tp, i64>,
+    in_flight: Option<(Vec<(Tp, i64)>, JoinHandle<Result<FetchResponse, CallError>>)>,
+    /// Rotates which partition is read first so none starves.
+    rotation: usize,
+}
+
+impl Client {
+    pub fn consumer(&self, config: ConsumerConfig) -> Consumer {
+        Consumer {
+            client: self.clone(),
+            config,
+            positions: BTreeMap::new(),
+            high_watermarks: BTreeMap::new(),
+            in_flight: None,
+            rotation: 0,
+        }
+    }
+}
+
+impl Consumer {
+    /// Adds partitions of a topic (all of them with `None`) at a start position.
+    pub async fn assign(
+        &mut self,
+        topic: &str,
+        partitions: Option<Vec<u32>>,
+        start: OffsetSpec,
+    ) -> Result<(), ConsumeError> {
+        let partitions = match partitions {
+            Some(p) => p,
+            None => {
+                let meta = self
+                    .client
+                    .admin()
+                    .metadata(Some(vec![topic.to_string()]))
+                    .await?;
+                let t = meta
+                    .topics
+                    .into_iter()
+                    .find(|t| t.name == topic && t.error == ErrorCode::None)
+                    .ok_or_else(|| ConsumeError::UnknownTopic(topic.to_string()))?;
+                t.partitions.iter().map(|p| p.partition).collect()
+            }
+        };
+        for p in partitions {
+            self.seek(topic, p, start).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a partition's position (assigning it if needed).
+    pub async fn seek(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+    ) -> Result<(), ConsumeError> {
+        let offset = match spec {
+            OffsetSpec::Offset(o) => o,
+            OffsetSpec::Earliest => self.lookup(topic, partition, OFFSET_EARLIEST).await?,
+            OffsetSpec::Latest => self.lookup(topic, partition, OFFSET_LATEST).await?,
+            OffsetSpec::Timestamp(ts) => self.lookup(topic, partition, ts.max(0)).await?,
+        };
+        self.positions
+            .insert((topic.to_string(), partition), offset);
+        Ok(())
+    }
+
+    /// Resolves an offset spec without moving any position.
+    pub async fn lookup(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<i64, ConsumeError> {
+        let results = self
+            .client
+            .admin()
+            .list_offsets(vec![ListOffsetsPartition {
+                topic: topic.to_string(),
+                partition,
+                timestamp,
+            }])
+            .await?;
+        let r = results
+            .into_iter()
+            .next()
+            .ok_or_else(|| ConsumeError::Partition {
+                topic: topic.to_string(),
+                partition,
+                error: WireError::new(ErrorCode::Internal, "empty list-offsets answer"),
+            })?;
+        if r.error != ErrorCode::None {
+            return Err(ConsumeError::Partition {
+                topic: topic.to_string(),
+                partition,
+                error: WireError::new(r.error, r.message),
+            });
+        }
+        Ok(r.offset)
+    }
+
+    pub fn position(&self, topic: &str, partition: u32) -> Option<i64> {
+        self.positions.get(&(topic.to_string(), partition)).copied()
+    }
+
+    /// High watermarks as of the last fetch (the offset after the last
+    /// readable record), per partition.
+    pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
+        self.high_watermarks
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
+
+    pub fn assignment(&self) -> Vec<(String, u32)> {
+        self.positions.keys().cloned().collect()
+    }
+
+    /// Stops reading a partition.
+    pub fn unassign(&mut self, topic: &str, partition: u32) {
+        self.positions.remove(&(topic.to_string(), partition));
+    }
+
+    fn start_fetch(&mut self) {
+        if self.positions.is_empty() {
+            return;
+        }
+        let mut wanted: Vec<(Tp, i64)> = self
+            .positions
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let n = wanted.len();
+        wanted.rotate_left(self.rotation % n);
+        self.rotation = self.rotation.wrapping_add(1);
+        let request = FetchRequest {
+            max_wait_ms: self.config.fetch_max_wait.as_millis() as u32,
+            min_bytes: self.config.fetch_min_bytes,
+            max_bytes: self.config.fetch_bytes_max,
+            partitions: wanted
+                .iter()
+                .map(|((topic, partition), offset)| FetchPartition {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    max_bytes: self.config.partition_fetch_bytes_max,
+                })
+                .collect(),
+        };
+        let client = self.client.clone();
+        let handle = tokio::spawn(async move { client.call(&request).await });
+        self.in_flight = Some((wanted, handle));
+    }
+
+    /// The next records of the assigned partitions, in offset order per
+    /// partition; empty when nothing arrived within `fetch_max_wait`.
+    pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ConsumeError> {
+        if self.in_flight.is_none() {
+            self.start_fetch();
+        }
+        let Some((asked, handle)) = self.in_flight.take() else {
+            return Ok(Vec::new());
+        };
+        let response = match handle.await {
+            Ok(r) => r?,
+            Err(e) => return Err(CallError::ConnectionLost(e.to_string()).into()),
+        };
+        // Advance positions from the batch headers alone, then pipeline the
+        // next fetch before decoding the records.
+        let mut chunks = Vec::new();
+        let mut first_error = None;
+        for (r, ((topic, partition), asked_offset)) in response.partitions.into_iter().zip(asked) {
+            let tp = (topic, partition);
+            if self.positions.get(&tp) != Some(&asked_offset) {
+                continue; // seeked or unassigned while the fetch was in flight
+            }
+            if r.error != ErrorCode::None {
+                first_error.get_or_insert(ConsumeError::Partition {
+                    topic: tp.0.clone(),
+                    partition,
+                    error: WireError::new(r.error, r.message),
+                });
+                continue;
+            }
+            self.high_watermarks.insert(tp.clone(), r.high_watermark);
+            let mut next = asked_offset;
+            for batch in Batches::new(r.records.clone()) {
+                match batch {
+                    Ok((header, _)) => next = next.max(header.next_offset()),
+                    Err(e) => {
+                        first_error.get_or_insert(ConsumeError::Corrupt {
+                            topic: tp.0.clone(),
+                            partition,
+                            offset: next,
+                            reason: e.to_string(),
+                        });
+                        break;
+                    }
+                }
+            }
+            self.positions.insert(tp.clone(), next);
+            chunks.push((tp, asked_offset, r.records));
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        self.start_fetch();
+        let mut out = Vec::new();
+        for ((topic, partition), asked_offset, records) in chunks {
+            for batch in Batches::new(records) {
+                let (header, bytes) =
+                    batch.map_err(|e| corrupt(&topic, partition, asked_offset, e))?;
+                let decoded = decode_records(&bytes)
+                    .map_err(|e| corrupt(&topic, partition, header.base_offset, e))?;
+                for r in decoded.into_iter().filter(|r| r.offset >= asked_offset) {
+                    out.push(ConsumerRecord {
+                        topic: topic.clone(),
+                        partition,
+                        offset: r.offset,
+                        timestamp_ms: r.timestamp,
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn corrupt(topic: &str, partition: u32, offset: i64, e: impl std::fmt::Display) -> ConsumeError {
+    ConsumeError::Corrupt {
+        topic: topic.to_string(),
+        partition,
+        offset,
+        reason: e.to_string(),
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.in_flight.take() {
+            handle.abort();
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Quiver's async Rust client.
+//!
+//! - [`Client`]: one QUIC + TLS connection to a broker; every request runs on
+//!   its own QUIC stream, so requests never block each other.
+//! - [`Producer`]: batching (size and linger), compression, Kafka-compatible
+//!   key partitioning (murmur2), sticky partitioning for keyless records,
+//!   per-record delivery futures, bounded buffers and in-flight requests,
+//!   retries of retriable errors.
+//! - [`Consumer`]: assign / seek / poll, with the next fetch pipelined while
+//!   the caller processes the current records.
+//! - [`Admin`]: topics.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use quiver_client::{Client, ClientConfig, ProducerRecord, OffsetSpec};
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7878", std::fs::read(".quiver/ca.pem")?)).await?;
+//! client.admin().create_topic("orders", 6, &[]).await?;
+//! let producer = client.producer(Default::default());
+//! let delivery = producer.send(ProducerRecord::new("orders", "hello").key("k1")).await?;
+//! println!("written at offset {}", delivery.await?.offset);
+//! let mut consumer = client.consumer(Default::default());
+//! consumer.assign("orders", None, OffsetSpec::Earliest).await?;
+//! for record in consumer.poll().await? { println!("{:?}", record.value); }
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod connection;
+mod consumer;
+pub mod partitioner;
+mod producer;
+
+pub use admin::Admin;
+pub use connection::{
+    CallError, Client, ClientConfig, ConnectError, quic_client_config, transport_config,
+};
+pub use consumer::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, OffsetSpec};
+pub use producer::{
+    DeliveryFuture, ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+};
+pub use quiver_protocol::batch::{Compression, Header};
+pub use quiver_protocol::messages::Acks;
+pub use quiver_protocol::{ErrorCode, WireError};

@@ -1,0 +1,611 @@
+//! The producer: records are appended to per-partition batches, which are
+//! sealed when full or when their linger time passes, then sent by one
+//! dispatcher that packs every ready batch into as few requests as possible
+//! while at most `in_flight_max` requests are outstanding.
+//!
+//! Delivery semantics (no idempotence yet): a batch is retried only when the
+//! broker certainly did not apply it (connection could not be opened, or a
+//! retriable error code). A batch whose fate is unknown (connection lost after
+//! it was sent) fails with [`ProduceError::Unknown`], so that retries never
+//! write a record twice.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quiver_protocol::batch::{
+    BATCH_HEADER_LEN, BatchBuilder, Compression, Header, record_size_upper_bound,
+};
+use quiver_protocol::messages::{Acks, ProducePartition, ProduceRequest};
+use quiver_protocol::{ErrorCode, WireError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+
+use crate::connection::Client;
+use crate::partitioner::partition_for_key;
+
+/// Producer settings. Defaults favour throughput with small latency.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    pub acks: Acks,
+    /// A batch is sent once it holds this many (uncompressed) bytes.
+    pub batch_bytes_max: usize,
+    /// A batch is sent at the latest this long after its first record.
+    pub linger: Duration,
+    pub compression: Compression,
+    /// Produce requests outstanding at once; 1 keeps strict order even when
+    /// a retry happens.
+    pub in_flight_max: usize,
+    /// Bytes of records buffered but not yet acknowledged; `send` waits
+    /// when it is reached.
+    pub buffer_bytes_max: usize,
+    /// Batches are packed into requests of at most this many bytes.
+    pub request_bytes_max: usize,
+    /// Give up on a record this long after it was sent.
+    pub delivery_timeout: Duration,
+    pub retry_backoff: Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: Acks::All,
+            batch_bytes_max: 128 * 1024,
+            linger: Duration::from_millis(5),
+            compression: Compression::None,
+            in_flight_max: 5,
+            buffer_bytes_max: 64 * 1024 * 1024,
+            request_bytes_max: 4 * 1024 * 1024,
+            delivery_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A record to send.
+#[derive(Debug, Clone)]
+pub struct ProducerRecord {
+    pub topic: String,
+    /// `None`: chosen from the key (murmur2), or sticky for keyless records.
+    pub partition: Option<u32>,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+    /// Milliseconds since the Unix epoch; `None` is "now".
+    pub timestamp_ms: Option<i64>,
+}
+
+impl ProducerRecord {
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        ProducerRecord {
+            topic: topic.into(),
+            partition: None,
+            key: None,
+            value: Some(value.into()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push(Header {
+            key: key.into(),
+            value: Some(value.into()),
+        });
+        self
+    }
+
+    pub fn timestamp(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub topic: String,
+    pub partition: u32,
+    /// -1 with acks=none: the broker does not answer.
+    pub offset: i64,
+    pub timestamp_ms: i64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProduceError {
+    #[error("topic '{0}' does not exist")]
+    UnknownTopic(String),
+    #[error("topic '{topic}' has {partitions} partitions; there is no partition {partition}")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error("record of {size} bytes does not fit in a request of at most {limit} bytes")]
+    RecordTooLarge { size: usize, limit: usize },
+    #[error("broker rejected the batch: {0}")]
+    Rejected(WireError),
+    #[error("delivery unknown, the record may or may not be written: {0}")]
+    Unknown(String),
+    #[error("not delivered within {timeout:?}; last error: {last_error}")]
+    Timeout {
+        timeout: Duration,
+        last_error: String,
+    },
+    #[error("cannot reach the broker: {0}")]
+    Connect(String),
+    #[error("the producer was closed before the record was sent")]
+    Closed,
+}
+
+/// Resolves when the broker acknowledged (or refused) the record.
+pub struct DeliveryFuture {
+    rx: oneshot::Receiver<Result<RecordMetadata, ProduceError>>,
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<RecordMetadata, ProduceError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ProduceError::Closed)))
+    }
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Result<RecordMetadata, ProduceError>>,
+    timestamp_ms: i64,
+}
+
+struct OpenBatch {
+    id: u64,
+    builder: BatchBuilder,
+    waiters: Vec<Waiter>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+struct ReadyBatch {
+    topic: String,
+    partition: u32,
+    records: Bytes,
+    waiters: Vec<Waiter>,
+    created: Instant,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<(String, u32), OpenBatch>,
+    sticky: HashMap<String, u32>,
+    partition_counts: HashMap<String, u32>,
+    next_batch_id: u64,
+    rng: u64,
+}
+
+impl State {
+    fn random(&mut self, below: u32) -> u32 {
+        // xorshift64: enough to spread keyless records, no dependency.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        (x % u64::from(below)) as u32
+    }
+}
+
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    state: Mutex<State>,
+    ready_tx: mpsc::UnboundedSender<ReadyBatch>,
+    buffer: Arc<Semaphore>,
+    /// Records sent but not yet completed; `flush` waits for zero.
+    outstanding: watch::Sender<usize>,
+}
+
+/// Sends records to a Quiver cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Producer {
+    shared: Arc<Shared>,
+}
+
+impl Client {
+    pub fn producer(&self, config: ProducerConfig) -> Producer {
+        Producer::new(self.clone(), config)
+    }
+}
+
+impl Producer {
+    pub fn new(client: Client, config: ProducerConfig) -> Producer {
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
+            | 1;
+        let shared = Arc::new(Shared {
+            client,
+            buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            config,
+            state: Mutex::new(State {
+                rng: seed,
+                ..State::default()
+            }),
+            ready_tx,
+            outstanding: watch::channel(0).0,
+        });
+        tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx));
+        Producer { shared }
+    }
+
+    /// Queues a record. Waits only for buffer space and, the first time a
+    /// topic is used, for its metadata. The returned future resolves when
+    /// the broker answers.
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture, ProduceError> {
+        let shared = &self.shared;
+        let size = record_size_upper_bound(
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &record.headers,
+        );
+        let limit = shared
+            .config
+            .request_bytes_max
+            .min(shared.config.buffer_bytes_max);
+        if size + BATCH_HEADER_LEN > limit {
+            return Err(ProduceError::RecordTooLarge { size, limit });
+        }
+        let partitions = self.partition_count(&record.topic).await?;
+        if let Some(p) = record.partition
+            && p >= partitions
+        {
+            return Err(ProduceError::UnknownPartition {
+                topic: record.topic,
+                partition: p,
+                partitions,
+            });
+        }
+        let permit = shared
+            .buffer
+            .clone()
+            .acquire_many_owned(size as u32)
+            .await
+            .map_err(|_| ProduceError::Closed)?;
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let (tx, rx) = oneshot::channel();
+        let mut sealed = Vec::new();
+        {
+            let mut state = shared.state.lock().expect("producer state");
+            let partition = match (record.partition, &record.key) {
+                (Some(p), _) => p,
+                (None, Some(key)) => partition_for_key(key, partitions),
+                (None, None) => sticky_partition(&mut state, &record.topic, partitions),
+            };
+            let key = (record.topic.clone(), partition);
+            let full = state
+                .open
+                .get(&key)
+                .is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
+            if full {
+                sealed.extend(seal(&mut state, &key, None));
+            }
+            let created = !state.open.contains_key(&key);
+            if created {
+                state.next_batch_id += 1;
+                let id = state.next_batch_id;
+                state.open.insert(
+                    key.clone(),
+                    OpenBatch {
+                        id,
+                        builder: BatchBuilder::new(shared.config.compression),
+                        waiters: Vec::new(),
+                        permit: None,
+                    },
+                );
+                let weak = Arc::downgrade(shared);
+                let linger = shared.config.linger;
+                let key = key.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    if let Some(shared) = weak.upgrade() {
+                        shared.seal_and_send(&key, Some(id));
+                    }
+                });
+            }
+            let batch = state.open.get_mut(&key).expect("batch just ensured");
+            batch.builder.append(
+                timestamp_ms,
+                record.key.as_deref(),
+                record.value.as_deref(),
+                &record.headers,
+            );
+            batch.waiters.push(Waiter { tx, timestamp_ms });
+            match &mut batch.permit {
+                Some(p) => p.merge(permit),
+                none => *none = Some(permit),
+            }
+            if batch.builder.size_bytes() >= shared.config.batch_bytes_max {
+                sealed.extend(seal(&mut state, &key, None));
+            }
+        }
+        shared.outstanding.send_modify(|n| *n += 1);
+        for batch in sealed {
+            shared.send_ready(batch);
+        }
+        Ok(DeliveryFuture { rx })
+    }
+
+    /// Sends every buffered record now and waits until each is acknowledged
+    /// or failed.
+    pub async fn flush(&self) {
+        let keys: Vec<_> = {
+            let state = self.shared.state.lock().expect("producer state");
+            state.open.keys().cloned().collect()
+        };
+        for key in keys {
+            self.shared.seal_and_send(&key, None);
+        }
+        let mut rx = self.shared.outstanding.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32, ProduceError> {
+        if let Some(n) = self
+            .shared
+            .state
+            .lock()
+            .expect("producer state")
+            .partition_counts
+            .get(topic)
+        {
+            return Ok(*n);
+        }
+        let metadata = self
+            .shared
+            .client
+            .admin()
+            .metadata(Some(vec![topic.to_string()]))
+            .await
+            .map_err(|e| ProduceError::Connect(e.to_string()))?;
+        let t = metadata
+            .topics
+            .into_iter()
+            .find(|t| t.name == topic && t.error == ErrorCode::None)
+            .ok_or_else(|| ProduceError::UnknownTopic(topic.to_string()))?;
+        let n = t.partitions.len() as u32;
+        self.shared
+            .state
+            .lock()
+            .expect("producer state")
+            .partition_counts
+            .insert(topic.to_string(), n);
+        Ok(n)
+    }
+}
+
+fn sticky_partition(state: &mut State, topic: &str, partitions: u32) -> u32 {
+    if let Some(p) = state.sticky.get(topic)
+        && *p < partitions
+    {
+        return *p;
+    }
+    let p = state.random(partitions);
+    state.sticky.insert(topic.to_string(), p);
+    p
+}
+
+/// Removes an open batch (only if its id matches, when given). Keyless
+/// records move to another partition once their sticky batch is sealed.
+fn seal(
+    state: &mut State,
+    key: &(String, u32),
+    id: Option<u64>,
+) -> Option<(String, u32, OpenBatch)> {
+    if id.is_some_and(|id| state.open.get(key).is_none_or(|b| b.id != id)) {
+        return None;
+    }
+    let batch = state.open.remove(key)?;
+    if state.sticky.get(&key.0) == Some(&key.1) {
+        let partitions = state.partition_counts.get(&key.0).copied().unwrap_or(1);
+        if partitions > 1 {
+            let mut next = state.random(partitions - 1);
+            if next >= key.1 {
+                next += 1;
+            }
+            state.sticky.insert(key.0.clone(), next);
+        }
+    }
+    Some((key.0.clone(), key.1, batch))
+}
+
+impl Shared {
+    fn seal_and_send(&self, key: &(String, u32), id: Option<u64>) {
+        let sealed = seal(&mut self.state.lock().expect("producer state"), key, id);
+        if let Some(batch) = sealed {
+            self.send_ready(batch);
+        }
+    }
+
+    /// Compresses a sealed batch (outside the state lock) and queues it.
+    fn send_ready(&self, (topic, partition, batch): (String, u32, OpenBatch)) {
+        let ready = ReadyBatch {
+            topic,
+            partition,
+            records: batch.builder.build(),
+            waiters: batch.waiters,
+            created: Instant::now(),
+            _permit: batch.permit,
+        };
+        if let Err(mpsc::error::SendError(ready)) = self.ready_tx.send(ready) {
+            self.complete(ready, Err(ProduceError::Closed));
+        }
+    }
+
+    fn complete(&self, batch: ReadyBatch, result: Result<i64, ProduceError>) {
+        let count = batch.waiters.len();
+        for (i, w) in batch.waiters.into_iter().enumerate() {
+            let r = match &result {
+                Ok(base) => Ok(RecordMetadata {
+                    topic: batch.topic.clone(),
+                    partition: batch.partition,
+                    offset: if *base < 0 { -1 } else { base + i as i64 },
+                    timestamp_ms: w.timestamp_ms,
+                }),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = w.tx.send(r);
+        }
+        self.outstanding.send_modify(|n| *n -= count);
+    }
+}
+
+/// Packs ready batches into requests, keeping at most `in_flight_max`
+/// requests outstanding. Ends when the producer is dropped.
+async fn dispatch(
+    shared: std::sync::Weak<Shared>,
+    mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>,
+) {
+    let in_flight = match shared.upgrade() {
+        Some(s) => Arc::new(Semaphore::new(s.config.in_flight_max.max(1))),
+        None => return,
+    };
+    while let Some(first) = ready_rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut size = first.records.len();
+        let mut batches = vec![first];
+        while size < shared.config.request_bytes_max {
+            match ready_rx.try_recv() {
+                Ok(b) => {
+                    size += b.records.len();
+                    batches.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(async move {
+            send_request(&shared, batches).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends batches until each is acknowledged, refused, unknown or timed out.
+async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>) {
+    let config = &shared.config;
+    loop {
+        let request = ProduceRequest {
+            acks: config.acks,
+            timeout_ms: config.delivery_timeout.as_millis() as u32,
+            partitions: pending
+                .iter()
+                .map(|b| ProducePartition {
+                    topic: b.topic.clone(),
+                    partition: b.partition,
+                    records: b.records.clone(),
+                })
+                .collect(),
+        };
+        let mut retry = Vec::new();
+        let last_error;
+        if config.acks == Acks::None {
+            match shared.client.send_only(&request).await {
+                Ok(()) => {
+                    for b in pending {
+                        shared.complete(b, Ok(-1));
+                    }
+                    return;
+                }
+                Err(e) if e.is_safe_to_retry() => {
+                    last_error = e.to_string();
+                    retry = pending;
+                }
+                Err(e) => {
+                    for b in pending {
+                        shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
+                    }
+                    return;
+                }
+            }
+        } else {
+            match shared.client.call(&request).await {
+                Ok(response) if response.partitions.len() == pending.len() => {
+                    last_error = String::new();
+                    for (b, r) in pending.into_iter().zip(response.partitions) {
+                        if r.error == ErrorCode::None {
+                            shared.complete(b, Ok(r.base_offset));
+                        } else if r.error.is_retriable() {
+                            retry.push(b);
+                        } else {
+                            shared.complete(
+                                b,
+                                Err(ProduceError::Rejected(WireError::new(r.error, r.message))),
+                            );
+                        }
+                    }
+                }
+                Ok(_) => {
+                    for b in pending {
+                        let e = "broker answered with a different number of partitions";
+                        shared.complete(b, Err(ProduceError::Unknown(e.into())));
+                    }
+                    return;
+                }
+                Err(e) if e.is_safe_to_retry() => {
+                    last_error = e.to_string();
+                    retry = pending;
+                }
+                Err(e) => {
+                    for b in pending {
+                        shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
+                    }
+                    return;
+                }
+            }
+        }
+        if retry.is_empty() {
+            return;
+        }
+        pending = Vec::new();
+        for b in retry {
+            if b.created.elapsed() >= config.delivery_timeout {
+                let error = ProduceError::Timeout {
+                    timeout: config.delivery_timeout,
+                    last_error: last_error.clone(),
+                };
+                shared.complete(b, Err(error));
+            } else {
+                pending.push(b);
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        tracing::debug!(batches = pending.len(), error = %last_error, "retrying produce");
+        tokio::time::sleep(config.retry_backoff).await;
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
