@@ -17,10 +17,7 @@ use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// A validated broker configuration (the server crate builds it from TOML,
@@ -61,18 +58,11 @@ impl BrokerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("cannot use data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error("topic metadata file {path} is unreadable: {reason}")]
     Metadata { path: PathBuf, reason: String },
     #[error("cannot open partition {topic}-{partition}: {source}")]
-    Log {
-        topic: String,
-        partition: u32,
-        source: LogOpenError,
-    },
+    Log { topic: String, partition: u32, source: LogOpenError },
 }
 
 pub(crate) struct Partition {
@@ -112,25 +102,15 @@ impl Broker {
     /// partition's log, and removes leftovers of deleted topics.
     pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, OpenError> {
         let logs_dir = config.data_dir.join(LOGS_DIR);
-        std::fs::create_dir_all(&logs_dir).map_err(|source| OpenError::DataDir {
-            path: logs_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&logs_dir).map_err(|source| OpenError::DataDir { path: logs_dir.clone(), source })?;
         remove_deleted_dirs(&logs_dir);
         let meta_path = config.data_dir.join(METADATA_FILE);
         let meta = match std::fs::read(&meta_path) {
-            Ok(raw) => {
-                serde_json::from_slice::<MetadataFile>(&raw).map_err(|e| OpenError::Metadata {
-                    path: meta_path.clone(),
-                    reason: e.to_string(),
-                })?
-            }
+            Ok(raw) => serde_json::from_slice::<MetadataFile>(&raw)
+                .map_err(|e| OpenError::Metadata { path: meta_path.clone(), reason: e.to_string() })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => MetadataFile::default(),
             Err(source) => {
-                return Err(OpenError::DataDir {
-                    path: meta_path,
-                    source,
-                });
+                return Err(OpenError::DataDir { path: meta_path, source });
             }
         };
         let mut topics = HashMap::new();
@@ -138,16 +118,8 @@ impl Broker {
             let config_t = config
                 .topic_defaults
                 .clone()
-                .with_overrides(
-                    record
-                        .overrides
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str())),
-                )
-                .map_err(|reason| OpenError::Metadata {
-                    path: meta_path.clone(),
-                    reason,
-                })?;
+                .with_overrides(record.overrides.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(|reason| OpenError::Metadata { path: meta_path.clone(), reason })?;
             let topic = open_topic(&logs_dir, record, config_t)?;
             topics.insert(topic.record.name.clone(), Arc::new(topic));
         }
@@ -169,41 +141,21 @@ impl Broker {
         self.topics.read().expect("topics lock").get(name).cloned()
     }
 
-    pub(crate) fn partition(
-        &self,
-        topic: &str,
-        partition: u32,
-    ) -> Result<(Arc<Topic>, Arc<Partition>), WireError> {
-        let t = self.topic(topic).ok_or_else(|| {
+    pub(crate) fn partition(&self, topic: &str, partition: u32) -> Result<(Arc<Topic>, Arc<Partition>), WireError> {
+        let t = self
+            .topic(topic)
+            .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
+        let p = t.partitions.get(partition as usize).cloned().ok_or_else(|| {
             WireError::new(
-                ErrorCode::UnknownTopic,
-                format!("topic '{topic}' does not exist"),
+                ErrorCode::UnknownPartition,
+                format!("topic '{topic}' has {} partitions; there is no partition {partition}", t.partitions.len()),
             )
         })?;
-        let p = t
-            .partitions
-            .get(partition as usize)
-            .cloned()
-            .ok_or_else(|| {
-                WireError::new(
-                    ErrorCode::UnknownPartition,
-                    format!(
-                        "topic '{topic}' has {} partitions; there is no partition {partition}",
-                        t.partitions.len()
-                    ),
-                )
-            })?;
         Ok((t, p))
     }
 
     pub(crate) fn sorted_topics(&self) -> Vec<Arc<Topic>> {
-        let mut all: Vec<_> = self
-            .topics
-            .read()
-            .expect("topics lock")
-            .values()
-            .cloned()
-            .collect();
+        let mut all: Vec<_> = self.topics.read().expect("topics lock").values().cloned().collect();
         all.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         all
     }
@@ -226,10 +178,7 @@ impl Broker {
         let mut seen = BTreeMap::new();
         for (k, v) in overrides {
             if seen.insert(k.clone(), v.clone()).is_some() {
-                return Err(WireError::new(
-                    ErrorCode::InvalidConfig,
-                    format!("config '{k}' given twice"),
-                ));
+                return Err(WireError::new(ErrorCode::InvalidConfig, format!("config '{k}' given twice")));
             }
         }
         let config = self
@@ -240,30 +189,15 @@ impl Broker {
             .map_err(|m| WireError::new(ErrorCode::InvalidConfig, m))?;
         let _guard = self.admin_lock.lock().await;
         if self.topic(name).is_some() {
-            return Err(WireError::new(
-                ErrorCode::TopicAlreadyExists,
-                format!("topic '{name}' already exists"),
-            ));
+            return Err(WireError::new(ErrorCode::TopicAlreadyExists, format!("topic '{name}' already exists")));
         }
-        let record = TopicRecord {
-            name: name.to_string(),
-            partitions,
-            overrides: seen,
-            created_ms: now_ms(),
-        };
+        let record = TopicRecord { name: name.to_string(), partitions, overrides: seen, created_ms: now_ms() };
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
         let topic = Arc::new(open_topic(&logs_dir, record, config).map_err(storage_error)?);
-        let mut records: Vec<TopicRecord> = self
-            .sorted_topics()
-            .iter()
-            .map(|t| t.record.clone())
-            .collect();
+        let mut records: Vec<TopicRecord> = self.sorted_topics().iter().map(|t| t.record.clone()).collect();
         records.push(topic.record.clone());
         self.write_metadata(records).map_err(storage_error)?;
-        self.topics
-            .write()
-            .expect("topics lock")
-            .insert(name.to_string(), topic.clone());
+        self.topics.write().expect("topics lock").insert(name.to_string(), topic.clone());
         tracing::info!(topic = name, partitions, "topic created");
         Ok(topic)
     }
@@ -273,18 +207,11 @@ impl Broker {
     /// holding a partition finish from their open files.
     pub(crate) async fn delete_topic(&self, name: &str) -> Result<(), WireError> {
         let _guard = self.admin_lock.lock().await;
-        let topic = self.topic(name).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::UnknownTopic,
-                format!("topic '{name}' does not exist"),
-            )
-        })?;
-        let records: Vec<TopicRecord> = self
-            .sorted_topics()
-            .iter()
-            .filter(|t| t.record.name != name)
-            .map(|t| t.record.clone())
-            .collect();
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist")))?;
+        let records: Vec<TopicRecord> =
+            self.sorted_topics().iter().filter(|t| t.record.name != name).map(|t| t.record.clone()).collect();
         self.write_metadata(records).map_err(storage_error)?;
         self.topics.write().expect("topics lock").remove(name);
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
@@ -309,8 +236,7 @@ impl Broker {
     fn write_metadata(&self, topics: Vec<TopicRecord>) -> std::io::Result<()> {
         let path = self.config.data_dir.join(METADATA_FILE);
         let tmp = path.with_extension("json.tmp");
-        let body =
-            serde_json::to_vec_pretty(&MetadataFile { topics }).expect("metadata serialises");
+        let body = serde_json::to_vec_pretty(&MetadataFile { topics }).expect("metadata serialises");
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
@@ -338,9 +264,8 @@ impl Broker {
         }
         let broker = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(
-                broker.config.retention_check_interval_ms.max(1),
-            ));
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(broker.config.retention_check_interval_ms.max(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !broker.shutting_down.load(Ordering::Relaxed) {
                 tick.tick().await;
@@ -409,30 +334,15 @@ fn partition_dir(logs_dir: &Path, topic: &str, partition: u32) -> PathBuf {
     logs_dir.join(format!("{topic}-{partition}"))
 }
 
-fn open_topic(
-    logs_dir: &Path,
-    record: TopicRecord,
-    config: TopicConfig,
-) -> Result<Topic, OpenError> {
+fn open_topic(logs_dir: &Path, record: TopicRecord, config: TopicConfig) -> Result<Topic, OpenError> {
     let partitions = (0..record.partitions)
         .map(|id| {
-            let log = Log::open(
-                &partition_dir(logs_dir, &record.name, id),
-                config.log_config(),
-            )
-            .map_err(|source| OpenError::Log {
-                topic: record.name.clone(),
-                partition: id,
-                source,
-            })?;
+            let log = Log::open(&partition_dir(logs_dir, &record.name, id), config.log_config())
+                .map_err(|source| OpenError::Log { topic: record.name.clone(), partition: id, source })?;
             Ok(Arc::new(Partition { id, log }))
         })
         .collect::<Result<_, OpenError>>()?;
-    Ok(Topic {
-        record,
-        config,
-        partitions,
-    })
+    Ok(Topic { record, config, partitions })
 }
 
 fn remove_deleted_dirs(logs_dir: &Path) {
@@ -440,11 +350,7 @@ fn remove_deleted_dirs(logs_dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .ends_with(DELETED_SUFFIX)
-        {
+        if entry.file_name().to_string_lossy().ends_with(DELETED_SUFFIX) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

@@ -14,15 +14,17 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, Partition, Topic};
+use crate::order::AppendTurn;
 use crate::topic::TopicCompression;
 
 const BROKER_SOFTWARE: &str = concat!("quiver ", env!("CARGO_PKG_VERSION"));
 
 impl Broker {
     /// Answers one request frame (without its length prefix) with one
-    /// response frame (with its length prefix).
-    pub async fn handle(&self, frame: Bytes) -> Bytes {
-        match self.dispatch(frame).await {
+    /// response frame (with its length prefix). A produce request appends
+    /// only when `turn` (its place in the connection's order) has come.
+    pub async fn handle(&self, frame: Bytes, turn: Option<AppendTurn>) -> Bytes {
+        match self.dispatch(frame, turn).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(code = %error.code, message = %error.message, "request failed");
@@ -31,14 +33,10 @@ impl Broker {
         }
     }
 
-    async fn dispatch(&self, frame: Bytes) -> Result<Bytes, WireError> {
+    async fn dispatch(&self, frame: Bytes, turn: Option<AppendTurn>) -> Result<Bytes, WireError> {
         let (header, body) = split_request(frame).map_err(corrupt)?;
-        let api = ApiKey::from_u16(header.api_key).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::UnknownApi,
-                format!("unknown API key {}", header.api_key),
-            )
-        })?;
+        let api = ApiKey::from_u16(header.api_key)
+            .ok_or_else(|| WireError::new(ErrorCode::UnknownApi, format!("unknown API key {}", header.api_key)))?;
         let (min, max) = api.supported_versions();
         if header.api_version < min || header.api_version > max {
             return Err(WireError::new(
@@ -50,25 +48,14 @@ impl Broker {
             ));
         }
         match api {
-            ApiKey::ApiVersions => {
-                self.run(body, |_: ApiVersionsRequest| async {
-                    Ok(self.api_versions())
-                })
-                .await
-            }
-            ApiKey::Metadata => {
-                self.run(body, |r| async move { Ok(self.metadata(r)) })
-                    .await
-            }
+            ApiKey::ApiVersions => self.run(body, |_: ApiVersionsRequest| async { Ok(self.api_versions()) }).await,
+            ApiKey::Metadata => self.run(body, |r| async move { Ok(self.metadata(r)) }).await,
             ApiKey::CreateTopic => self.run(body, |r| self.create_topic_request(r)).await,
             ApiKey::DeleteTopic => self.run(body, |r| self.delete_topic_request(r)).await,
             ApiKey::DescribeTopics => self.run(body, |r| async move { self.describe(r) }).await,
-            ApiKey::Produce => self.run(body, |r| self.produce(r)).await,
+            ApiKey::Produce => self.run(body, |r| self.produce(r, turn)).await,
             ApiKey::Fetch => self.run(body, |r| self.fetch(r)).await,
-            ApiKey::ListOffsets => {
-                self.run(body, |r| async move { Ok(self.list_offsets(r)) })
-                    .await
-            }
+            ApiKey::ListOffsets => self.run(body, |r| async move { Ok(self.list_offsets(r)) }).await,
         }
     }
 
@@ -91,11 +78,7 @@ impl Broker {
                 .iter()
                 .map(|api| {
                     let (min, max) = api.supported_versions();
-                    ApiVersionRange {
-                        api_key: *api as u16,
-                        min_version: min,
-                        max_version: max,
-                    }
+                    ApiVersionRange { api_key: *api as u16, min_version: min, max_version: max }
                 })
                 .collect(),
         }
@@ -108,11 +91,7 @@ impl Broker {
             partitions: t
                 .partitions
                 .iter()
-                .map(|p| PartitionMetadata {
-                    partition: p.id,
-                    leader: self.config.node_id,
-                    leader_epoch: 0,
-                })
+                .map(|p| PartitionMetadata { partition: p.id, leader: self.config.node_id, leader_epoch: 0 })
                 .collect(),
         };
         let topics = match request.topics {
@@ -121,27 +100,17 @@ impl Broker {
                 .into_iter()
                 .map(|name| match self.topic(&name) {
                     Some(t) => describe(&t),
-                    None => TopicMetadata {
-                        name,
-                        error: ErrorCode::UnknownTopic,
-                        partitions: vec![],
-                    },
+                    None => TopicMetadata { name, error: ErrorCode::UnknownTopic, partitions: vec![] },
                 })
                 .collect(),
         };
         MetadataResponse {
-            brokers: vec![BrokerInfo {
-                node_id: self.config.node_id,
-                address: self.config.advertised_address.clone(),
-            }],
+            brokers: vec![BrokerInfo { node_id: self.config.node_id, address: self.config.advertised_address.clone() }],
             topics,
         }
     }
 
-    async fn create_topic_request(
-        &self,
-        r: CreateTopicRequest,
-    ) -> Result<CreateTopicResponse, WireError> {
+    async fn create_topic_request(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, WireError> {
         if r.replication_factor > 1 {
             return Err(WireError::new(
                 ErrorCode::NotEnoughReplicas,
@@ -152,15 +121,10 @@ impl Broker {
             ));
         }
         let topic = self.create_topic(&r.name, r.partitions, &r.configs).await?;
-        Ok(CreateTopicResponse {
-            configs: topic.config.to_pairs(),
-        })
+        Ok(CreateTopicResponse { configs: topic.config.to_pairs() })
     }
 
-    async fn delete_topic_request(
-        &self,
-        r: DeleteTopicRequest,
-    ) -> Result<DeleteTopicResponse, WireError> {
+    async fn delete_topic_request(&self, r: DeleteTopicRequest) -> Result<DeleteTopicResponse, WireError> {
         self.delete_topic(&r.name).await?;
         Ok(DeleteTopicResponse {})
     }
@@ -171,12 +135,8 @@ impl Broker {
             Some(names) => names
                 .iter()
                 .map(|n| {
-                    self.topic(n).ok_or_else(|| {
-                        WireError::new(
-                            ErrorCode::UnknownTopic,
-                            format!("topic '{n}' does not exist"),
-                        )
-                    })
+                    self.topic(n)
+                        .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{n}' does not exist")))
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -203,12 +163,12 @@ impl Broker {
         })
     }
 
-    async fn produce(&self, r: ProduceRequest) -> Result<ProduceResponse, WireError> {
+    async fn produce(&self, r: ProduceRequest, turn: Option<AppendTurn>) -> Result<ProduceResponse, WireError> {
         if self.shutting_down.load(Ordering::Relaxed) {
-            return Err(WireError::new(
-                ErrorCode::BrokerShuttingDown,
-                "broker is shutting down",
-            ));
+            return Err(WireError::new(ErrorCode::BrokerShuttingDown, "broker is shutting down"));
+        }
+        if let Some(turn) = &turn {
+            turn.wait().await;
         }
         let mut results = Vec::with_capacity(r.partitions.len());
         let mut to_sync = Vec::new();
@@ -231,6 +191,9 @@ impl Broker {
                 log_start_offset,
             });
         }
+        if let Some(turn) = turn {
+            turn.release();
+        }
         if !to_sync.is_empty() {
             self.appended.send_modify(|n| *n += 1);
         }
@@ -251,28 +214,17 @@ impl Broker {
                 }
             }
         }
-        Ok(ProduceResponse {
-            partitions: results,
-        })
+        Ok(ProduceResponse { partitions: results })
     }
 
-    fn append_one(
-        &self,
-        p: &ProducePartition,
-    ) -> Result<(std::sync::Arc<Partition>, i64, i64), WireError> {
+    fn append_one(&self, p: &ProducePartition) -> Result<(std::sync::Arc<Partition>, i64, i64), WireError> {
         let (topic, partition) = self.partition(&p.topic, p.partition)?;
-        let limits = ValidationLimits {
-            record_bytes_max: topic.config.record_bytes_max,
-        };
+        let limits = ValidationLimits { record_bytes_max: topic.config.record_bytes_max };
         let header = batch::validate(&p.records, &limits).map_err(|e| match e {
-            BatchError::RecordTooLarge { .. } => WireError::new(
-                ErrorCode::RecordTooLarge,
-                format!("{e} (topic '{}' max.message.bytes)", p.topic),
-            ),
-            other => WireError::new(
-                ErrorCode::CorruptMessage,
-                format!("invalid record batch: {other}"),
-            ),
+            BatchError::RecordTooLarge { .. } => {
+                WireError::new(ErrorCode::RecordTooLarge, format!("{e} (topic '{}' max.message.bytes)", p.topic))
+            }
+            other => WireError::new(ErrorCode::CorruptMessage, format!("invalid record batch: {other}")),
         })?;
         let stored = match topic.config.compression {
             TopicCompression::Codec(codec) if header.compression().ok() != Some(codec) => {
@@ -280,16 +232,13 @@ impl Broker {
             }
             _ => p.records.clone(),
         };
-        let info = partition
-            .log
-            .append(&stored, 0)
-            .map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()))?;
+        let info =
+            partition.log.append(&stored, 0).map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()))?;
         Ok((partition, info.base_offset, info.last_offset))
     }
 
     async fn fetch(&self, r: FetchRequest) -> Result<FetchResponse, WireError> {
-        let wait =
-            Duration::from_millis(u64::from(r.max_wait_ms.min(self.config.fetch_wait_ms_max)));
+        let wait = Duration::from_millis(u64::from(r.max_wait_ms.min(self.config.fetch_wait_ms_max)));
         let deadline = tokio::time::Instant::now() + wait;
         let mut appended = self.appended.subscribe();
         loop {
@@ -300,18 +249,11 @@ impl Broker {
                 || tokio::time::Instant::now() >= deadline
                 || self.shutting_down.load(Ordering::Relaxed);
             if done {
-                return Ok(FetchResponse {
-                    partitions: results,
-                });
+                return Ok(FetchResponse { partitions: results });
             }
-            if tokio::time::timeout_at(deadline, appended.changed())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
                 let (results, _, _) = self.read_partitions(&r);
-                return Ok(FetchResponse {
-                    partitions: results,
-                });
+                return Ok(FetchResponse { partitions: results });
             }
         }
     }
@@ -370,22 +312,15 @@ impl Broker {
             .partitions
             .into_iter()
             .map(|lp| {
-                let found =
-                    self.partition(&lp.topic, lp.partition)
-                        .and_then(|(_, p)| match lp.timestamp {
-                            OFFSET_EARLIEST => Ok((p.log.log_start_offset(), -1)),
-                            OFFSET_LATEST => Ok((p.log.log_end_offset(), -1)),
-                            ts if ts >= 0 => {
-                                match p.log.offset_for_timestamp(ts).map_err(read_error)? {
-                                    Some(found) => Ok(found),
-                                    None => Ok((p.log.log_end_offset(), -1)),
-                                }
-                            }
-                            ts => Err(WireError::new(
-                                ErrorCode::InvalidRequest,
-                                format!("invalid timestamp {ts}"),
-                            )),
-                        });
+                let found = self.partition(&lp.topic, lp.partition).and_then(|(_, p)| match lp.timestamp {
+                    OFFSET_EARLIEST => Ok((p.log.log_start_offset(), -1)),
+                    OFFSET_LATEST => Ok((p.log.log_end_offset(), -1)),
+                    ts if ts >= 0 => match p.log.offset_for_timestamp(ts).map_err(read_error)? {
+                        Some(found) => Ok(found),
+                        None => Ok((p.log.log_end_offset(), -1)),
+                    },
+                    ts => Err(WireError::new(ErrorCode::InvalidRequest, format!("invalid timestamp {ts}"))),
+                });
                 let (error, message, offset, timestamp) = match found {
                     Ok((offset, ts)) => (ErrorCode::None, String::new(), offset, ts),
                     Err(e) => (e.code, e.message, -1, -1),
@@ -410,9 +345,7 @@ fn corrupt(e: impl std::fmt::Display) -> WireError {
 
 fn read_error(e: ReadError) -> WireError {
     match e {
-        ReadError::OffsetOutOfRange { .. } => {
-            WireError::new(ErrorCode::OffsetOutOfRange, e.to_string())
-        }
+        ReadError::OffsetOutOfRange { .. } => WireError::new(ErrorCode::OffsetOutOfRange, e.to_string()),
         ReadError::Corrupt { .. } => {
             tracing::error!(error = %e, "corrupt batch on disk; not served");
             WireError::new(ErrorCode::CorruptStoredBatch, e.to_string())

@@ -8,6 +8,8 @@
 
 mod broker;
 mod handlers;
+mod order;
 pub mod topic;
 
 pub use broker::{Broker, BrokerConfig, OpenError, now_ms};
+pub use order::{AppendOrder, AppendTurn};

@@ -17,17 +17,12 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         return Err("topic name is empty".into());
     }
     if name.len() > TOPIC_NAME_BYTES_MAX {
-        return Err(format!(
-            "topic name is longer than {TOPIC_NAME_BYTES_MAX} bytes"
-        ));
+        return Err(format!("topic name is longer than {TOPIC_NAME_BYTES_MAX} bytes"));
     }
     if name == "." || name == ".." {
         return Err(format!("'{name}' is not a valid topic name"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(format!(
             "topic name '{name}' contains '{c}': only ASCII letters, digits, '.', '_' and '-' are allowed"
         ));
@@ -74,51 +69,24 @@ impl Default for TopicConfig {
 /// The keys `TopicConfig` understands, with what they mean (for `--help`
 /// texts and errors).
 pub const CONFIG_KEYS: &[(&str, &str)] = &[
-    (
-        "retention.ms",
-        "delete segments older than this (ms); -1 keeps forever",
-    ),
-    (
-        "retention.bytes",
-        "delete oldest segments while the partition is larger (bytes); -1 = no limit",
-    ),
-    (
-        "segment.bytes",
-        "roll to a new segment at this size (bytes, >= 1024)",
-    ),
-    (
-        "segment.ms",
-        "roll to a new segment at this age (ms); -1 = never",
-    ),
-    (
-        "compression",
-        "producer | none | lz4 | zstd: codec batches are stored with",
-    ),
-    (
-        "max.message.bytes",
-        "largest record accepted (key + value + headers, bytes)",
-    ),
-    (
-        "index.interval.bytes",
-        "bytes between sparse offset index entries",
-    ),
+    ("retention.ms", "delete segments older than this (ms); -1 keeps forever"),
+    ("retention.bytes", "delete oldest segments while the partition is larger (bytes); -1 = no limit"),
+    ("segment.bytes", "roll to a new segment at this size (bytes, >= 1024)"),
+    ("segment.ms", "roll to a new segment at this age (ms); -1 = never"),
+    ("compression", "producer | none | lz4 | zstd: codec batches are stored with"),
+    ("max.message.bytes", "largest record accepted (key + value + headers, bytes)"),
+    ("index.interval.bytes", "bytes between sparse offset index entries"),
 ];
 
 fn optional_ms(key: &str, value: &str) -> Result<Option<u64>, String> {
     match value.parse::<i64>() {
         Ok(-1) => Ok(None),
         Ok(v) if v >= 0 => Ok(Some(v as u64)),
-        _ => Err(format!(
-            "{key}: '{value}' is not a non-negative integer or -1"
-        )),
+        _ => Err(format!("{key}: '{value}' is not a non-negative integer or -1")),
     }
 }
 
-fn positive<T: std::str::FromStr + PartialOrd + From<u16>>(
-    key: &str,
-    value: &str,
-    min: u16,
-) -> Result<T, String> {
+fn positive<T: std::str::FromStr + PartialOrd + From<u16>>(key: &str, value: &str, min: u16) -> Result<T, String> {
     match value.parse::<T>() {
         Ok(v) if v >= T::from(min) => Ok(v),
         _ => Err(format!("{key}: '{value}' is not an integer >= {min}")),
@@ -140,21 +108,14 @@ impl TopicConfig {
                 "compression" => {
                     self.compression = match value {
                         "producer" => TopicCompression::Producer,
-                        other => TopicCompression::Codec(
-                            other.parse().map_err(|e| format!("compression: {e}"))?,
-                        ),
+                        other => TopicCompression::Codec(other.parse().map_err(|e| format!("compression: {e}"))?),
                     }
                 }
-                "max.message.bytes" => {
-                    self.record_bytes_max = positive::<u32>(key, value, 1)? as usize
-                }
+                "max.message.bytes" => self.record_bytes_max = positive::<u32>(key, value, 1)? as usize,
                 "index.interval.bytes" => self.index_interval_bytes = positive(key, value, 1)?,
                 other => {
                     let known: Vec<_> = CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
-                    return Err(format!(
-                        "unknown topic config '{other}' (known: {})",
-                        known.join(", ")
-                    ));
+                    return Err(format!("unknown topic config '{other}' (known: {})", known.join(", ")));
                 }
             }
         }
@@ -172,14 +133,8 @@ impl TopicConfig {
                     TopicCompression::Codec(c) => c.to_string(),
                 },
             ),
-            (
-                "index.interval.bytes".into(),
-                self.index_interval_bytes.to_string(),
-            ),
-            (
-                "max.message.bytes".into(),
-                self.record_bytes_max.to_string(),
-            ),
+            ("index.interval.bytes".into(), self.index_interval_bytes.to_string()),
+            ("max.message.bytes".into(), self.record_bytes_max.to_string()),
             ("retention.bytes".into(), ms(self.retention_bytes)),
             ("retention.ms".into(), ms(self.retention_ms)),
             ("segment.bytes".into(), self.segment_bytes.to_string()),
@@ -225,31 +180,14 @@ mod tests {
     #[test]
     fn overrides() {
         let c = TopicConfig::default()
-            .with_overrides([
-                ("retention.ms", "-1"),
-                ("compression", "zstd"),
-                ("segment.bytes", "4096"),
-            ])
+            .with_overrides([("retention.ms", "-1"), ("compression", "zstd"), ("segment.bytes", "4096")])
             .unwrap();
         assert_eq!(c.retention_ms, None);
         assert_eq!(c.compression, TopicCompression::Codec(Compression::Zstd));
         assert_eq!(c.segment_bytes, 4096);
-        let err = TopicConfig::default()
-            .with_overrides([("retention.hours", "1")])
-            .unwrap_err();
-        assert!(
-            err.contains("unknown topic config 'retention.hours'"),
-            "{err}"
-        );
-        assert!(
-            TopicConfig::default()
-                .with_overrides([("segment.bytes", "12")])
-                .is_err()
-        );
-        assert!(
-            TopicConfig::default()
-                .with_overrides([("compression", "gzip")])
-                .is_err()
-        );
+        let err = TopicConfig::default().with_overrides([("retention.hours", "1")]).unwrap_err();
+        assert!(err.contains("unknown topic config 'retention.hours'"), "{err}");
+        assert!(TopicConfig::default().with_overrides([("segment.bytes", "12")]).is_err());
+        assert!(TopicConfig::default().with_overrides([("compression", "gzip")]).is_err());
     }
 }

@@ -16,23 +16,13 @@ fn batch() -> Bytes {
     let value: Vec<u8> = (0..RECORD_BYTES as u32).map(|i| (i % 251) as u8).collect();
     let mut b = BatchBuilder::new(Compression::None);
     for i in 0..RECORDS_PER_BATCH as u32 {
-        b.append(
-            1_700_000_000_000 + i64::from(i),
-            Some(&i.to_be_bytes()),
-            Some(&value),
-            &[],
-        );
+        b.append(1_700_000_000_000 + i64::from(i), Some(&i.to_be_bytes()), Some(&value), &[]);
     }
     b.build()
 }
 
 fn config() -> LogConfig {
-    LogConfig {
-        segment_bytes_max: 256 * 1024 * 1024,
-        retention_ms: None,
-        segment_ms_max: None,
-        ..LogConfig::default()
-    }
+    LogConfig { segment_bytes_max: 256 * 1024 * 1024, retention_ms: None, segment_ms_max: None, ..LogConfig::default() }
 }
 
 fn log_benches(c: &mut Criterion) {
@@ -42,9 +32,7 @@ fn log_benches(c: &mut Criterion) {
 
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), config()).unwrap();
-    g.bench_function("append_100x1KiB", |b| {
-        b.iter(|| log.append(black_box(&batch), 0).unwrap())
-    });
+    g.bench_function("append_100x1KiB", |b| b.iter(|| log.append(black_box(&batch), 0).unwrap()));
     drop(log);
 
     // Sequential read: 1 MiB fetches over a 64 MiB log, wrapping around.
@@ -60,10 +48,7 @@ fn log_benches(c: &mut Criterion) {
     g.bench_function("read_sequential_1MiB", |b| {
         b.iter(|| {
             let bytes = log.read(next, 1024 * 1024, end).unwrap();
-            let last = quiver_protocol::batch::Batches::new(bytes.clone())
-                .last()
-                .unwrap()
-                .unwrap();
+            let last = quiver_protocol::batch::Batches::new(bytes.clone()).last().unwrap().unwrap();
             next = last.0.next_offset();
             if next >= end {
                 next = 0;

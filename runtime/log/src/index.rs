@@ -34,14 +34,8 @@ impl OffsetIndex {
     /// the batch containing the target starts there or later. 0 when no
     /// entry qualifies (the first batch of a segment is at position 0).
     pub(crate) fn lookup(&self, relative_offset: u32) -> u64 {
-        let n = self
-            .entries
-            .partition_point(|&(rel, _)| rel <= relative_offset);
-        if n == 0 {
-            0
-        } else {
-            u64::from(self.entries[n - 1].1)
-        }
+        let n = self.entries.partition_point(|&(rel, _)| rel <= relative_offset);
+        if n == 0 { 0 } else { u64::from(self.entries[n - 1].1) }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -57,30 +51,23 @@ impl OffsetIndex {
     /// `file_len` bytes; any inconsistency is an error, so a torn or stale
     /// file leads to a rebuild instead of wrong lookups.
     pub(crate) fn decode(bytes: &[u8], offset_span: u64, file_len: u64) -> Result<Self, String> {
-        if bytes.len() % OFFSET_ENTRY_LEN != 0 {
-            return Err(format!(
-                "size {} is not a multiple of {OFFSET_ENTRY_LEN}",
-                bytes.len()
-            ));
+        if !bytes.len().is_multiple_of(OFFSET_ENTRY_LEN) {
+            return Err(format!("size {} is not a multiple of {OFFSET_ENTRY_LEN}", bytes.len()));
         }
         let mut index = OffsetIndex::default();
         for chunk in bytes.chunks_exact(OFFSET_ENTRY_LEN) {
             let rel = u32::from_be_bytes(chunk[..4].try_into().expect("4 bytes"));
             let pos = u32::from_be_bytes(chunk[4..].try_into().expect("4 bytes"));
             if u64::from(rel) >= offset_span {
-                return Err(format!(
-                    "relative offset {rel} beyond the segment's {offset_span} offsets"
-                ));
+                return Err(format!("relative offset {rel} beyond the segment's {offset_span} offsets"));
             }
             if u64::from(pos) >= file_len {
                 return Err(format!("position {pos} beyond the file's {file_len} bytes"));
             }
-            if let Some(&(last_rel, last_pos)) = index.entries.last() {
-                if rel <= last_rel || pos <= last_pos {
-                    return Err(format!(
-                        "entry ({rel}, {pos}) does not follow ({last_rel}, {last_pos})"
-                    ));
-                }
+            if let Some(&(last_rel, last_pos)) = index.entries.last()
+                && (rel <= last_rel || pos <= last_pos)
+            {
+                return Err(format!("entry ({rel}, {pos}) does not follow ({last_rel}, {last_pos})"));
             }
             index.entries.push((rel, pos));
         }
@@ -105,10 +92,7 @@ impl TimeIndex {
             if timestamp <= last_ts {
                 return;
             }
-            assert!(
-                relative_offset >= last_rel,
-                "time index offsets must not decrease"
-            );
+            assert!(relative_offset >= last_rel, "time index offsets must not decrease");
         }
         self.entries.push((timestamp, relative_offset));
     }
@@ -139,11 +123,8 @@ impl TimeIndex {
     /// Decodes a `.timeindex` file; a non-empty segment must have at least
     /// one entry (its max timestamp), or retention could not judge it.
     pub(crate) fn decode(bytes: &[u8], offset_span: u64, file_len: u64) -> Result<Self, String> {
-        if bytes.len() % TIME_ENTRY_LEN != 0 {
-            return Err(format!(
-                "size {} is not a multiple of {TIME_ENTRY_LEN}",
-                bytes.len()
-            ));
+        if !bytes.len().is_multiple_of(TIME_ENTRY_LEN) {
+            return Err(format!("size {} is not a multiple of {TIME_ENTRY_LEN}", bytes.len()));
         }
         if bytes.is_empty() && file_len > 0 {
             return Err("empty time index for a non-empty segment".into());
@@ -153,16 +134,12 @@ impl TimeIndex {
             let ts = i64::from_be_bytes(chunk[..8].try_into().expect("8 bytes"));
             let rel = u32::from_be_bytes(chunk[8..].try_into().expect("4 bytes"));
             if u64::from(rel) >= offset_span {
-                return Err(format!(
-                    "relative offset {rel} beyond the segment's {offset_span} offsets"
-                ));
+                return Err(format!("relative offset {rel} beyond the segment's {offset_span} offsets"));
             }
-            if let Some(&(last_ts, last_rel)) = index.entries.last() {
-                if ts <= last_ts || rel < last_rel {
-                    return Err(format!(
-                        "entry ({ts}, {rel}) does not follow ({last_ts}, {last_rel})"
-                    ));
-                }
+            if let Some(&(last_ts, last_rel)) = index.entries.last()
+                && (ts <= last_ts || rel < last_rel)
+            {
+                return Err(format!("entry ({ts}, {rel}) does not follow ({last_ts}, {last_rel})"));
             }
             index.entries.push((ts, rel));
         }
@@ -223,39 +200,15 @@ mod tests {
         offsets.push(3, 100);
         offsets.push(9, 5000);
         let bytes = offsets.encode();
-        assert!(
-            OffsetIndex::decode(&bytes[..12], 10, 6000).is_err(),
-            "partial entry"
-        );
-        assert!(
-            OffsetIndex::decode(&bytes, 10, 5000).is_err(),
-            "position beyond file"
-        );
-        assert!(
-            OffsetIndex::decode(&bytes, 9, 6000).is_err(),
-            "offset beyond segment"
-        );
+        assert!(OffsetIndex::decode(&bytes[..12], 10, 6000).is_err(), "partial entry");
+        assert!(OffsetIndex::decode(&bytes, 10, 5000).is_err(), "position beyond file");
+        assert!(OffsetIndex::decode(&bytes, 9, 6000).is_err(), "offset beyond segment");
         let mut swapped = bytes[8..].to_vec();
         swapped.extend_from_slice(&bytes[..8]);
-        assert!(
-            OffsetIndex::decode(&swapped, 10, 6000).is_err(),
-            "not monotonic"
-        );
-        assert!(
-            OffsetIndex::decode(&[0; 16], 10, 6000).is_err(),
-            "zeroed file"
-        );
-        assert!(
-            TimeIndex::decode(&[], 10, 6000).is_err(),
-            "empty time index"
-        );
-        assert!(
-            TimeIndex::decode(&[0; 24], 10, 6000).is_err(),
-            "zeroed time index"
-        );
-        assert!(
-            TimeIndex::decode(&[0; 13], 10, 6000).is_err(),
-            "partial entry"
-        );
+        assert!(OffsetIndex::decode(&swapped, 10, 6000).is_err(), "not monotonic");
+        assert!(OffsetIndex::decode(&[0; 16], 10, 6000).is_err(), "zeroed file");
+        assert!(TimeIndex::decode(&[], 10, 6000).is_err(), "empty time index");
+        assert!(TimeIndex::decode(&[0; 24], 10, 6000).is_err(), "zeroed time index");
+        assert!(TimeIndex::decode(&[0; 13], 10, 6000).is_err(), "partial entry");
     }
 }

@@ -116,11 +116,7 @@ pub enum ReadError {
     /// The offset is below the log start (deleted by retention) or beyond
     /// the log end; the consumer should reset its position.
     #[error("offset {offset} is out of range [{log_start}, {log_end}]")]
-    OffsetOutOfRange {
-        offset: i64,
-        log_start: i64,
-        log_end: i64,
-    },
+    OffsetOutOfRange { offset: i64, log_start: i64, log_end: i64 },
     /// The first batch at `offset` failed its CRC or framing check on disk.
     #[error("stored batch at offset {offset} is corrupt: {reason}")]
     Corrupt { offset: i64, reason: String },

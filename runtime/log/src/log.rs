@@ -23,8 +23,7 @@ use quiver_protocol::batch::{self, BATCH_HEADER_LEN, BatchError, BatchHeader};
 use tracing::{debug, info, warn};
 
 use crate::segment::{
-    self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, Segment, SegmentFile, TIME_INDEX_EXT, TMP_SUFFIX,
-    read_header_at,
+    self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, Segment, SegmentFile, TIME_INDEX_EXT, TMP_SUFFIX, read_header_at,
 };
 use crate::{AppendError, AppendInfo, LogConfig, OpenError, ReadError, RetentionReport};
 
@@ -57,9 +56,7 @@ struct State {
 
 impl State {
     fn active(&self) -> &Segment {
-        self.segments
-            .last()
-            .expect("a log always has an active segment")
+        self.segments.last().expect("a log always has an active segment")
     }
 
     fn log_start(&self) -> i64 {
@@ -123,19 +120,11 @@ impl Log {
         // Whatever the previous process left in the page cache becomes
         // durable now, so durable_end_offset can start at the log end.
         for segment in &segments {
-            segment
-                .file
-                .file
-                .sync_data()
-                .map_err(io_err(&segment.file.path(LOG_EXT)))?;
+            segment.file.file.sync_data().map_err(io_err(&segment.file.path(LOG_EXT)))?;
         }
         sync_dir(dir).map_err(io_err(dir))?;
 
-        let state = State {
-            segments,
-            unsynced_sealed: Vec::new(),
-            dir_dirty: false,
-        };
+        let state = State { segments, unsynced_sealed: Vec::new(), dir_dirty: false };
         info!(
             dir = %dir.display(),
             log_start_offset = state.log_start(),
@@ -195,10 +184,8 @@ impl Log {
             let state = self.read_state();
             let active = state.active();
             let bytes_max = config.segment_bytes_max.min(u64::from(u32::MAX));
-            let last_relative =
-                base_offset + i64::from(header.last_offset_delta) - active.base_offset();
-            active.size > 0
-                && (active.size + len > bytes_max || last_relative > i64::from(i32::MAX))
+            let last_relative = base_offset + i64::from(header.last_offset_delta) - active.base_offset();
+            active.size > 0 && (active.size + len > bytes_max || last_relative > i64::from(i32::MAX))
         };
         if roll {
             self.roll_locked()?;
@@ -206,10 +193,10 @@ impl Log {
         }
 
         let prefix = batch::patched_prefix(batch, base_offset, leader_epoch);
-        let written = file.file.write_all_at(&prefix, position).and_then(|()| {
-            file.file
-                .write_all_at(&batch[prefix.len()..], position + prefix.len() as u64)
-        });
+        let written = file
+            .file
+            .write_all_at(&prefix, position)
+            .and_then(|()| file.file.write_all_at(&batch[prefix.len()..], position + prefix.len() as u64));
         if let Err(e) = written {
             // Nothing was published; drop the partial bytes so the next
             // append (which writes at the same position) and recovery see a
@@ -223,16 +210,9 @@ impl Log {
         stored.leader_epoch = leader_epoch;
         let mut state = self.write_state();
         let active = state.segments.last_mut().expect("active segment");
-        assert!(
-            Arc::ptr_eq(&active.file, &file),
-            "only appends change the active segment"
-        );
+        assert!(Arc::ptr_eq(&active.file, &file), "only appends change the active segment");
         active.record_batch(&stored, position, config.index_interval_bytes);
-        Ok(AppendInfo {
-            base_offset,
-            last_offset: stored.last_offset(),
-            max_timestamp: stored.max_timestamp,
-        })
+        Ok(AppendInfo { base_offset, last_offset: stored.last_offset(), max_timestamp: stored.max_timestamp })
     }
 
     /// Whole batches starting with the one that contains `offset`, up to
@@ -250,11 +230,7 @@ impl Log {
             let state = self.read_state();
             let (log_start, log_end) = (state.log_start(), state.log_end());
             if offset < log_start || offset > log_end {
-                return Err(ReadError::OffsetOutOfRange {
-                    offset,
-                    log_start,
-                    log_end,
-                });
+                return Err(ReadError::OffsetOutOfRange { offset, log_start, log_end });
             }
             if offset == log_end || offset >= up_to {
                 return Ok(Bytes::new());
@@ -278,9 +254,7 @@ impl Log {
                 .map_err(|e| corrupt(format!("bad batch header at position {position}: {e}")))?;
             let len = header.total_len() as u64;
             if position + len > end {
-                return Err(corrupt(format!(
-                    "batch at position {position} extends past the segment end"
-                )));
+                return Err(corrupt(format!("batch at position {position} extends past the segment end")));
             }
             if header.last_offset() >= offset {
                 if header.last_offset() >= up_to {
@@ -304,13 +278,11 @@ impl Log {
                 Err(e) => Some(format!("bad batch header: {e}")),
                 Ok(header) if header.total_len() > rest.len() => break, // cut by max_bytes
                 Ok(header) if header.last_offset() >= up_to => break,
-                Ok(header) if expected_base.is_some_and(|b| b != header.base_offset) => {
-                    Some(format!(
-                        "base offset {} where {} was expected",
-                        header.base_offset,
-                        expected_base.unwrap_or_default()
-                    ))
-                }
+                Ok(header) if expected_base.is_some_and(|b| b != header.base_offset) => Some(format!(
+                    "base offset {} where {} was expected",
+                    header.base_offset,
+                    expected_base.unwrap_or_default()
+                )),
                 Ok(header) => match batch::verify_crc(&rest[..header.total_len()]) {
                     Err(e) => Some(e.to_string()),
                     Ok(()) => {
@@ -349,10 +321,7 @@ impl Log {
                 .iter()
                 .filter(|s| s.max_timestamp >= timestamp_ms)
                 .map(|s| {
-                    let position = s
-                        .time_index
-                        .lookup(timestamp_ms)
-                        .map_or(0, |rel| s.offset_index.lookup(rel));
+                    let position = s.time_index.lookup(timestamp_ms).map_or(0, |rel| s.offset_index.lookup(rel));
                     (s.file.clone(), position, s.size)
                 })
                 .collect()
@@ -368,12 +337,8 @@ impl Log {
                 if header.max_timestamp >= timestamp_ms && position + len <= end {
                     let mut buf = vec![0u8; len as usize];
                     file.file.read_exact_at(&mut buf, position)?;
-                    let records = batch::decode_records(&Bytes::from(buf)).map_err(|e| {
-                        ReadError::Corrupt {
-                            offset: header.base_offset,
-                            reason: e.to_string(),
-                        }
-                    })?;
+                    let records = batch::decode_records(&Bytes::from(buf))
+                        .map_err(|e| ReadError::Corrupt { offset: header.base_offset, reason: e.to_string() })?;
                     if let Some(r) = records.iter().find(|r| r.timestamp >= timestamp_ms) {
                         return Ok(Some((r.offset, r.timestamp)));
                     }
@@ -415,12 +380,7 @@ impl Log {
         let (snapshot_end, active, sealed, dir_dirty) = {
             let mut state = self.write_state();
             let dir_dirty = std::mem::replace(&mut state.dir_dirty, false);
-            (
-                state.log_end(),
-                state.active().file.clone(),
-                state.unsynced_sealed.clone(),
-                dir_dirty,
-            )
+            (state.log_end(), state.active().file.clone(), state.unsynced_sealed.clone(), dir_dirty)
         };
         let result = (|| {
             for file in &sealed {
@@ -445,12 +405,9 @@ impl Log {
             state.dir_dirty |= dir_dirty;
             return Err(e);
         }
-        state
-            .unsynced_sealed
-            .retain(|f| !sealed.iter().any(|s| Arc::ptr_eq(s, f)));
+        state.unsynced_sealed.retain(|f| !sealed.iter().any(|s| Arc::ptr_eq(s, f)));
         drop(state);
-        self.durable_end_offset
-            .fetch_max(snapshot_end, Ordering::AcqRel);
+        self.durable_end_offset.fetch_max(snapshot_end, Ordering::AcqRel);
         Ok(())
     }
 
@@ -470,9 +427,7 @@ impl Log {
         if let Some(age_max) = config.segment_ms_max {
             let _append = self.append_lock.lock().expect("append lock poisoned");
             let first = self.read_state().active().first_batch_timestamp;
-            if first.is_some_and(|ts| {
-                now_ms.saturating_sub(ts) > i64::try_from(age_max).unwrap_or(i64::MAX)
-            }) {
+            if first.is_some_and(|ts| now_ms.saturating_sub(ts) > i64::try_from(age_max).unwrap_or(i64::MAX)) {
                 self.roll_locked()?;
             }
         }
@@ -497,9 +452,7 @@ impl Log {
             let removed: Vec<Segment> = state.segments.drain(..n).collect();
             if !removed.is_empty() {
                 state.dir_dirty = true;
-                state
-                    .unsynced_sealed
-                    .retain(|f| !removed.iter().any(|s| Arc::ptr_eq(&s.file, f)));
+                state.unsynced_sealed.retain(|f| !removed.iter().any(|s| Arc::ptr_eq(&s.file, f)));
             }
             (removed, state.log_start())
         };

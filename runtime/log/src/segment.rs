@@ -45,17 +45,8 @@ impl SegmentFile {
     /// the segment starting at `base_offset`.
     pub(crate) fn open(dir: &Path, base_offset: i64, create: bool) -> io::Result<Arc<SegmentFile>> {
         let path = dir.join(file_name(base_offset, LOG_EXT));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(create)
-            .open(path)?;
-        Ok(Arc::new(SegmentFile {
-            base_offset,
-            dir: dir.to_path_buf(),
-            file,
-        }))
+        let file = OpenOptions::new().read(true).write(true).create(create).truncate(create).open(path)?;
+        Ok(Arc::new(SegmentFile { base_offset, dir: dir.to_path_buf(), file }))
     }
 
     pub(crate) fn path(&self, ext: &str) -> PathBuf {
@@ -105,23 +96,14 @@ impl Segment {
 
     pub(crate) fn relative(&self, offset: i64) -> u32 {
         let rel = offset - self.base_offset();
-        assert!(
-            (0..=i64::from(u32::MAX)).contains(&rel),
-            "offset {offset} outside segment {}",
-            self.base_offset()
-        );
+        assert!((0..=i64::from(u32::MAX)).contains(&rel), "offset {offset} outside segment {}", self.base_offset());
         rel as u32
     }
 
     /// Accounts for a batch (header as stored) written at `position`, the
     /// current end of the segment: sizes, offsets, timestamps, and an index
     /// entry every `index_interval_bytes`.
-    pub(crate) fn record_batch(
-        &mut self,
-        header: &BatchHeader,
-        position: u64,
-        index_interval_bytes: u32,
-    ) {
+    pub(crate) fn record_batch(&mut self, header: &BatchHeader, position: u64, index_interval_bytes: u32) {
         assert_eq!(position, self.size, "batches are recorded in file order");
         assert_eq!(header.base_offset, self.next_offset, "offsets continue");
         let rel = self.relative(header.base_offset);
@@ -134,8 +116,7 @@ impl Segment {
         }
         let len = header.total_len() as u64;
         self.bytes_since_index += len;
-        self.first_batch_timestamp
-            .get_or_insert(header.max_timestamp);
+        self.first_batch_timestamp.get_or_insert(header.max_timestamp);
         self.last_batch_base_offset = header.base_offset;
         self.size += len;
         self.next_offset = header.next_offset();
@@ -146,10 +127,7 @@ impl Segment {
     pub(crate) fn sealed_time_index(&self) -> TimeIndex {
         let mut index = self.time_index.clone();
         if self.size > 0 {
-            index.push(
-                self.max_timestamp,
-                self.relative(self.last_batch_base_offset),
-            );
+            index.push(self.max_timestamp, self.relative(self.last_batch_base_offset));
         }
         index
     }
@@ -158,16 +136,8 @@ impl Segment {
     /// into place, so that a crash leaves no file or a complete one. With
     /// `sync`, each is fsynced before its rename.
     pub(crate) fn write_index_files(&self, sync: bool) -> io::Result<()> {
-        write_file_atomically(
-            &self.file.path(INDEX_EXT),
-            &self.offset_index.encode(),
-            sync,
-        )?;
-        write_file_atomically(
-            &self.file.path(TIME_INDEX_EXT),
-            &self.sealed_time_index().encode(),
-            sync,
-        )
+        write_file_atomically(&self.file.path(INDEX_EXT), &self.offset_index.encode(), sync)?;
+        write_file_atomically(&self.file.path(TIME_INDEX_EXT), &self.sealed_time_index().encode(), sync)
     }
 
     /// A sealed segment as found on disk. `next_offset` is the next
@@ -277,11 +247,7 @@ pub(crate) fn scan(
     let mut position = 0u64;
     let mut expected = base_offset;
     let stop = |position: u64, next_offset: i64, problem: Option<String>| {
-        Ok(ScanOutcome {
-            valid_len: position,
-            next_offset,
-            problem,
-        })
+        Ok(ScanOutcome { valid_len: position, next_offset, problem })
     };
     loop {
         let remaining = file_len - position;
@@ -289,22 +255,9 @@ pub(crate) fn scan(
             return stop(position, expected, None);
         }
         if remaining < BATCH_HEADER_LEN as u64 {
-            return stop(
-                position,
-                expected,
-                Some(format!(
-                    "{remaining} trailing bytes, less than a batch header"
-                )),
-            );
+            return stop(position, expected, Some(format!("{remaining} trailing bytes, less than a batch header")));
         }
-        fill_window(
-            file,
-            &mut buf,
-            &mut buf_at,
-            position,
-            BATCH_HEADER_LEN as u64,
-            file_len,
-        )?;
+        fill_window(file, &mut buf, &mut buf_at, position, BATCH_HEADER_LEN as u64, file_len)?;
         let at = (position - buf_at) as usize;
         let header = match BatchHeader::parse(&buf[at..]) {
             Ok(header) => header,
@@ -312,33 +265,17 @@ pub(crate) fn scan(
         };
         let len = header.total_len() as u64;
         if len > remaining {
-            return stop(
-                position,
-                expected,
-                Some(format!(
-                    "batch of {len} bytes extends past the end of the file"
-                )),
-            );
+            return stop(position, expected, Some(format!("batch of {len} bytes extends past the end of the file")));
         }
         if header.base_offset != expected {
             return stop(
                 position,
                 expected,
-                Some(format!(
-                    "base offset {} where {expected} was expected",
-                    header.base_offset
-                )),
+                Some(format!("base offset {} where {expected} was expected", header.base_offset)),
             );
         }
         if header.last_offset_delta < 0 {
-            return stop(
-                position,
-                expected,
-                Some(format!(
-                    "negative last offset delta {}",
-                    header.last_offset_delta
-                )),
-            );
+            return stop(position, expected, Some(format!("negative last offset delta {}", header.last_offset_delta)));
         }
         fill_window(file, &mut buf, &mut buf_at, position, len, file_len)?;
         let at = (position - buf_at) as usize;

@@ -28,10 +28,7 @@ fn roll_by_size() {
     for i in 0..10 {
         let b = batch(i, 2, 0, 100);
         let info = log.append(&b, 3).unwrap();
-        assert_eq!(
-            (info.base_offset, info.last_offset),
-            (2 * i as i64, 2 * i as i64 + 1)
-        );
+        assert_eq!((info.base_offset, info.last_offset), (2 * i as i64, 2 * i as i64 + 1));
         originals.push(b);
     }
     assert_eq!(log.segment_count(), 4, "3 + 3 + 3 + 1 batches");
@@ -67,49 +64,26 @@ fn batch_larger_than_segment_goes_into_a_fresh_segment() {
 #[test]
 fn roll_by_age_then_retention_by_time() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = LogConfig {
-        segment_ms_max: Some(1_000),
-        ..config(1 << 20)
-    };
+    let cfg = LogConfig { segment_ms_max: Some(1_000), ..config(1 << 20) };
     let log = Log::open(dir.path(), cfg.clone()).unwrap();
     log.append(&batch(0, 2, 1_000, 10), 0).unwrap(); // max timestamp 1_001
     let report = log.enforce_retention(1_900).unwrap();
-    assert_eq!(
-        (report.segments_deleted, log.segment_count()),
-        (0, 1),
-        "not old enough to roll"
-    );
+    assert_eq!((report.segments_deleted, log.segment_count()), (0, 1), "not old enough to roll");
     log.enforce_retention(2_002).unwrap();
     assert_eq!(log.segment_count(), 2, "rolled by age");
     // An empty active segment is never rolled again.
     log.enforce_retention(9_000).unwrap();
     assert_eq!(log.segment_count(), 2);
 
-    log.set_config(LogConfig {
-        retention_ms: Some(500),
-        ..cfg
-    });
+    log.set_config(LogConfig { retention_ms: Some(500), ..cfg });
     let report = log.enforce_retention(1_501).unwrap();
-    assert_eq!(
-        report.segments_deleted, 0,
-        "max timestamp 1_001 is not older than 1_001"
-    );
+    assert_eq!(report.segments_deleted, 0, "max timestamp 1_001 is not older than 1_001");
     let report = log.enforce_retention(1_502).unwrap();
     assert_eq!(report.segments_deleted, 1);
     assert_eq!(report.log_start_offset, 2);
     assert_eq!((log.log_start_offset(), log.log_end_offset()), (2, 2));
-    assert!(matches!(
-        log.read(0, 100, 2),
-        Err(ReadError::OffsetOutOfRange {
-            offset: 0,
-            log_start: 2,
-            log_end: 2
-        })
-    ));
-    assert_eq!(
-        log.append(&batch(1, 1, 5_000, 10), 0).unwrap().base_offset,
-        2
-    );
+    assert!(matches!(log.read(0, 100, 2), Err(ReadError::OffsetOutOfRange { offset: 0, log_start: 2, log_end: 2 })));
+    assert_eq!(log.append(&batch(1, 1, 5_000, 10), 0).unwrap().base_offset, 2);
 }
 
 #[test]
@@ -133,22 +107,12 @@ fn read_stops_before_up_to() {
     for i in 0..5 {
         log.append(&batch(i, 10, 0, 20), 0).unwrap();
     }
-    let bases = |bytes| {
-        Batches::new(bytes)
-            .map(|b| b.unwrap().0.base_offset)
-            .collect::<Vec<_>>()
-    };
+    let bases = |bytes| Batches::new(bytes).map(|b| b.unwrap().0.base_offset).collect::<Vec<_>>();
     assert_eq!(bases(log.read(0, 1 << 20, 25).unwrap()), [0, 10]);
     assert_eq!(bases(log.read(0, 1 << 20, 30).unwrap()), [0, 10, 20]);
-    assert!(
-        log.read(22, 1 << 20, 25).unwrap().is_empty(),
-        "batch 20..=29 is not below 25"
-    );
+    assert!(log.read(22, 1 << 20, 25).unwrap().is_empty(), "batch 20..=29 is not below 25");
     assert!(log.read(0, 1 << 20, 0).unwrap().is_empty());
-    assert_eq!(
-        bases(log.read(3, 1 << 20, 50).unwrap()),
-        [0, 10, 20, 30, 40]
-    );
+    assert_eq!(bases(log.read(3, 1 << 20, 50).unwrap()), [0, 10, 20, 30, 40]);
 }
 
 #[test]
@@ -166,14 +130,8 @@ fn read_returns_at_least_one_batch_and_respects_max_bytes() {
     assert_eq!(two.len(), 2 * len, "only whole batches");
     assert_eq!(count(log.read(4, 100 * len, 24).unwrap()), 5);
     assert!(log.read(24, 100, 24).unwrap().is_empty(), "log end: empty");
-    assert!(matches!(
-        log.read(25, 100, 30),
-        Err(ReadError::OffsetOutOfRange { offset: 25, .. })
-    ));
-    assert!(matches!(
-        log.read(-1, 100, 30),
-        Err(ReadError::OffsetOutOfRange { offset: -1, .. })
-    ));
+    assert!(matches!(log.read(25, 100, 30), Err(ReadError::OffsetOutOfRange { offset: 25, .. })));
+    assert!(matches!(log.read(-1, 100, 30), Err(ReadError::OffsetOutOfRange { offset: -1, .. })));
 }
 
 #[test]
@@ -182,12 +140,7 @@ fn sparse_index_finds_every_offset() {
     let log = Log::open(dir.path(), config(64 * 1024)).unwrap();
     let mut bases = Vec::new();
     for i in 0..400u64 {
-        let info = log
-            .append(
-                &batch(i, 1 + (i % 5) as usize, 0, (i * 13 % 90) as usize),
-                0,
-            )
-            .unwrap();
+        let info = log.append(&batch(i, 1 + (i % 5) as usize, 0, (i * 13 % 90) as usize), 0).unwrap();
         bases.push((info.base_offset, info.last_offset));
     }
     assert!(log.segment_count() > 1);
@@ -211,27 +164,17 @@ fn retention_by_time_keeps_bytes_held_by_readers_valid() {
     }
     let held = log.read(0, 1 << 20, 12).unwrap();
     assert_eq!(Batches::new(held.clone()).count(), 1);
-    log.set_config(LogConfig {
-        retention_ms: Some(2_500),
-        ..cfg
-    });
+    log.set_config(LogConfig { retention_ms: Some(2_500), ..cfg });
     let report = log.enforce_retention(5_000).unwrap();
     // Max timestamps 1, 1_001, 2_001 are older than 2_500; 3_001 is not.
     assert_eq!(report.segments_deleted, 3);
     assert_eq!(report.log_start_offset, 6);
     assert_eq!(log.log_start_offset(), 6);
     assert_eq!(log_files(dir.path(), ".log").len(), 3);
-    assert_eq!(
-        log_files(dir.path(), "index").len(),
-        2 * 2,
-        "only sealed segments have index files"
-    );
+    assert_eq!(log_files(dir.path(), "index").len(), 2 * 2, "only sealed segments have index files");
     verify_crc(&held).unwrap();
     assert!(same_batch(&held, &batch(0, 2, 0, 50)));
-    assert!(matches!(
-        log.read(4, 100, 12),
-        Err(ReadError::OffsetOutOfRange { log_start: 6, .. })
-    ));
+    assert!(matches!(log.read(4, 100, 12), Err(ReadError::OffsetOutOfRange { log_start: 6, .. })));
     assert_eq!(read_all(&log).len(), 3);
     // The active segment is never deleted, however old.
     let report = log.enforce_retention(1_000_000).unwrap();
@@ -249,10 +192,7 @@ fn retention_by_bytes_deletes_oldest_sealed_segments() {
         log.append(&batch(i, 2, 0, 50), 0).unwrap();
     }
     let held = log.read(0, 1 << 20, 20).unwrap();
-    log.set_config(LogConfig {
-        retention_bytes: Some(3 * len + len / 2),
-        ..cfg
-    });
+    log.set_config(LogConfig { retention_bytes: Some(3 * len + len / 2), ..cfg });
     let report = log.enforce_retention(0).unwrap();
     assert_eq!(report.segments_deleted, 7);
     assert_eq!(report.bytes_deleted, 7 * len);
@@ -272,9 +212,7 @@ fn offset_for_timestamp_across_segments() {
     // Record n has timestamp 10 * n; batches of 7 records.
     for i in 0..30 {
         let b = {
-            let mut builder = quiver_protocol::batch::BatchBuilder::new(
-                quiver_protocol::batch::Compression::None,
-            );
+            let mut builder = quiver_protocol::batch::BatchBuilder::new(quiver_protocol::batch::Compression::None);
             for r in 0..7 {
                 builder.append(10 * (7 * i + r), None, Some(&[i as u8; 40]), &[]);
             }
@@ -286,11 +224,7 @@ fn offset_for_timestamp_across_segments() {
     let check = |log: &Log| {
         for t in [-5i64, 0, 1, 9, 10, 11, 69, 70, 71, 500, 1_234, 2_090] {
             let n = (t + 9).div_euclid(10).max(0);
-            assert_eq!(
-                log.offset_for_timestamp(t).unwrap(),
-                Some((n, 10 * n)),
-                "timestamp {t}"
-            );
+            assert_eq!(log.offset_for_timestamp(t).unwrap(), Some((n, 10 * n)), "timestamp {t}");
         }
         assert_eq!(log.offset_for_timestamp(2_091).unwrap(), None);
     };
@@ -407,21 +341,11 @@ fn corrupt_sealed_batch_is_reported_at_read_time() {
     std::fs::write(&path, &bytes).unwrap();
 
     let log = Log::open(dir.path(), config(3 * len as u64)).unwrap();
-    assert_eq!(
-        log.log_end_offset(),
-        10,
-        "sealed segments are not scanned at open"
-    );
+    assert_eq!(log.log_end_offset(), 10, "sealed segments are not scanned at open");
     let first = log.read(0, 1 << 20, 10).unwrap();
     assert_eq!(first.len(), len, "stops before the corrupt batch");
-    assert!(matches!(
-        log.read(2, 1 << 20, 10),
-        Err(ReadError::Corrupt { offset: 2, .. })
-    ));
-    assert!(matches!(
-        log.read(3, 1 << 20, 10),
-        Err(ReadError::Corrupt { offset: 3, .. })
-    ));
+    assert!(matches!(log.read(2, 1 << 20, 10), Err(ReadError::Corrupt { offset: 2, .. })));
+    assert!(matches!(log.read(3, 1 << 20, 10), Err(ReadError::Corrupt { offset: 3, .. })));
     assert_eq!(Batches::new(log.read(6, 1 << 20, 10).unwrap()).count(), 2);
 }
 
@@ -429,10 +353,7 @@ fn corrupt_sealed_batch_is_reported_at_read_time() {
 fn a_directory_is_opened_by_one_log_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), LogConfig::default()).unwrap();
-    assert!(matches!(
-        Log::open(dir.path(), LogConfig::default()),
-        Err(OpenError::Locked(_))
-    ));
+    assert!(matches!(Log::open(dir.path(), LogConfig::default()), Err(OpenError::Locked(_))));
     drop(log);
     Log::open(dir.path(), LogConfig::default()).unwrap();
 }
@@ -441,15 +362,9 @@ fn a_directory_is_opened_by_one_log_at_a_time() {
 fn append_rejects_unparseable_batches() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), LogConfig::default()).unwrap();
-    assert!(matches!(
-        log.append(&[1, 2, 3], 0),
-        Err(AppendError::Invalid(_))
-    ));
+    assert!(matches!(log.append(&[1, 2, 3], 0), Err(AppendError::Invalid(_))));
     let b = batch(0, 2, 0, 10);
-    assert!(matches!(
-        log.append(&b[..b.len() - 1], 0),
-        Err(AppendError::Invalid(_))
-    ));
+    assert!(matches!(log.append(&b[..b.len() - 1], 0), Err(AppendError::Invalid(_))));
     assert_eq!(log.log_end_offset(), 0);
     assert_eq!(log.size_bytes(), 0);
 }
@@ -471,10 +386,8 @@ fn stray_files_are_removed_or_ignored() {
     write("notes.txt");
     let log = Log::open(dir.path(), config(1)).unwrap();
     assert_eq!(read_all(&log).len(), 2);
-    let mut names: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(
         names,
@@ -506,4 +419,10 @@ fn empty_active_segment_after_a_crash_during_roll() {
     assert_eq!(log.log_end_offset(), 4);
     assert_eq!(log.append(&batch(1, 1, 0, 10), 0).unwrap().base_offset, 4);
     assert_eq!(read_all(&log).len(), 2);
+}
+
+#[test]
+fn log_is_send_and_sync() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Log>();
 }

@@ -11,15 +11,8 @@ use quiver_protocol::batch::Batches;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append {
-        records: usize,
-        value_len: usize,
-    },
-    Read {
-        at: u16,
-        max_bytes: usize,
-        up_to_extra: Option<u8>,
-    },
+    Append { records: usize, value_len: usize },
+    Read { at: u16, max_bytes: usize, up_to_extra: Option<u8> },
     Reopen,
     RetainBytes(u64),
 }
@@ -42,10 +35,7 @@ struct Model {
 }
 
 fn log_config() -> LogConfig {
-    LogConfig {
-        index_interval_bytes: 128,
-        ..config(1_500)
-    }
+    LogConfig { index_interval_bytes: 128, ..config(1_500) }
 }
 
 proptest! {

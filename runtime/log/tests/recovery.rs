@@ -45,22 +45,14 @@ fn write_log(dir: &Path, rng: &mut Rng) -> Written {
     let mut originals = Vec::new();
     let mut bases = Vec::new();
     for i in 0..20 + rng.below(30) {
-        let b = batch(
-            rng.next(),
-            1 + rng.below(5) as usize,
-            100 * i as i64,
-            rng.below(300) as usize,
-        );
+        let b = batch(rng.next(), 1 + rng.below(5) as usize, 100 * i as i64, rng.below(300) as usize);
         bases.push(log.append(&b, 1).unwrap().base_offset);
         originals.push(b);
     }
     let end = log.log_end_offset();
     drop(log);
     let active_base = *segment_bases(dir).last().unwrap();
-    let first_active = bases
-        .iter()
-        .position(|&b| b >= active_base)
-        .unwrap_or(bases.len());
+    let first_active = bases.iter().position(|&b| b >= active_base).unwrap_or(bases.len());
     let mut position = 0;
     let active_ranges = originals[first_active..]
         .iter()
@@ -91,10 +83,7 @@ fn check(dir: &Path, written: &Written, surviving: usize) {
     assert_eq!(stored.len(), surviving);
     for (i, (header, bytes)) in stored.iter().enumerate() {
         assert_eq!(header.base_offset, written.bases[i]);
-        assert!(
-            same_batch(bytes, &written.originals[i]),
-            "batch {i} differs"
-        );
+        assert!(same_batch(bytes, &written.originals[i]), "batch {i} differs");
     }
     let extra = batch(7, 3, 0, 20);
     assert_eq!(log.append(&extra, 2).unwrap().base_offset, expected_end);
@@ -108,11 +97,7 @@ fn check(dir: &Path, written: &Written, surviving: usize) {
 
 /// The batch of the active segment containing byte `position`.
 fn active_batch_at(written: &Written, position: u64) -> (usize, u64) {
-    let k = written
-        .active_ranges
-        .iter()
-        .position(|&(s, e)| s <= position && position < e)
-        .unwrap();
+    let k = written.active_ranges.iter().position(|&(s, e)| s <= position && position < e).unwrap();
     (k, position - written.active_ranges[k].0)
 }
 
@@ -124,17 +109,8 @@ fn cut_active_segment_at_random_positions() {
         let written = write_log(dir.path(), &mut rng);
         let active_len = std::fs::metadata(&written.active_path).unwrap().len();
         let cut = rng.below(active_len + 1);
-        OpenOptions::new()
-            .write(true)
-            .open(&written.active_path)
-            .unwrap()
-            .set_len(cut)
-            .unwrap();
-        let whole = written
-            .active_ranges
-            .iter()
-            .filter(|&&(_, e)| e <= cut)
-            .count();
+        OpenOptions::new().write(true).open(&written.active_path).unwrap().set_len(cut).unwrap();
+        let whole = written.active_ranges.iter().filter(|&&(_, e)| e <= cut).count();
         check(dir.path(), &written, written.first_active + whole);
     });
 }
@@ -152,11 +128,7 @@ fn flip_random_bits_in_the_active_segment() {
         let mut surviving = written.originals.len();
         for _ in 0..1 + rng.below(3) {
             // Mostly the tail, sometimes anywhere.
-            let tail = if rng.below(2) == 0 {
-                2_000
-            } else {
-                bytes.len() as u64
-            };
+            let tail = if rng.below(2) == 0 { 2_000 } else { bytes.len() as u64 };
             let position = bytes.len() as u64 - 1 - rng.below(tail.min(bytes.len() as u64));
             bytes[position as usize] ^= 1 << rng.below(8);
             let (k, within) = active_batch_at(&written, position);
@@ -216,8 +188,7 @@ fn missing_or_damaged_index_files_of_sealed_segments_are_rebuilt() {
                         f.set_len(len.saturating_sub(1 + rng.below(5))).unwrap();
                     }
                     2 => {
-                        let junk: Vec<u8> =
-                            (0..8 + rng.below(40)).map(|_| rng.next() as u8).collect();
+                        let junk: Vec<u8> = (0..8 + rng.below(40)).map(|_| rng.next() as u8).collect();
                         std::fs::write(&path, junk).unwrap();
                     }
                     _ => continue,
@@ -233,10 +204,7 @@ fn missing_or_damaged_index_files_of_sealed_segments_are_rebuilt() {
         let log = Log::open(dir.path(), config(6_000)).unwrap();
         for i in (0..written.originals.len()).step_by(3) {
             let ts = 100 * i as i64;
-            assert_eq!(
-                log.offset_for_timestamp(ts).unwrap(),
-                Some((written.bases[i], ts))
-            );
+            assert_eq!(log.offset_for_timestamp(ts).unwrap(), Some((written.bases[i], ts)));
         }
     });
 }

@@ -2,20 +2,13 @@
 //! batches with each codec.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use quiver_protocol::batch::{
-    BatchBuilder, Compression, ValidationLimits, decode_records, validate,
-};
+use quiver_protocol::batch::{BatchBuilder, Compression, ValidationLimits, decode_records, validate};
 
 fn build(compression: Compression) -> bytes::Bytes {
     let mut b = BatchBuilder::new(compression);
     let value: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
     for i in 0..100u32 {
-        b.append(
-            1_700_000_000_000 + i64::from(i),
-            Some(&i.to_be_bytes()),
-            Some(&value),
-            &[],
-        );
+        b.append(1_700_000_000_000 + i64::from(i), Some(&i.to_be_bytes()), Some(&value), &[]);
     }
     b.build()
 }
@@ -27,12 +20,8 @@ fn codec(c: &mut Criterion) {
         g.bench_function("build_100x1KiB", |b| b.iter(|| build(compression)));
         let batch = build(compression);
         let limits = ValidationLimits::default();
-        g.bench_function("validate_100x1KiB", |b| {
-            b.iter(|| validate(&batch, &limits).unwrap())
-        });
-        g.bench_function("decode_100x1KiB", |b| {
-            b.iter(|| decode_records(&batch).unwrap())
-        });
+        g.bench_function("validate_100x1KiB", |b| b.iter(|| validate(&batch, &limits).unwrap()));
+        g.bench_function("decode_100x1KiB", |b| b.iter(|| decode_records(&batch).unwrap()));
         g.finish();
     }
 }

@@ -57,11 +57,7 @@ pub enum BatchError {
     #[error("record count {declared} does not match the {found} records present")]
     CountMismatch { declared: i32, found: usize },
     #[error("record {index} is {size} bytes, over the limit of {limit} bytes")]
-    RecordTooLarge {
-        index: usize,
-        size: usize,
-        limit: usize,
-    },
+    RecordTooLarge { index: usize, size: usize, limit: usize },
     #[error("decompression failed: {0}")]
     Decompress(String),
     #[error("batch holds no records")]
@@ -118,9 +114,7 @@ impl std::str::FromStr for Compression {
             "none" => Ok(Compression::None),
             "lz4" => Ok(Compression::Lz4),
             "zstd" => Ok(Compression::Zstd),
-            other => Err(format!(
-                "unknown compression '{other}' (expected none, lz4 or zstd)"
-            )),
+            other => Err(format!("unknown compression '{other}' (expected none, lz4 or zstd)")),
         }
     }
 }
@@ -181,11 +175,13 @@ impl BatchHeader {
     }
 
     pub fn last_offset(&self) -> i64 {
-        self.base_offset + i64::from(self.last_offset_delta)
+        // Saturating: the base offset is not CRC-protected, so a hostile
+        // peer can put anything there; it must not make us panic.
+        self.base_offset.saturating_add(i64::from(self.last_offset_delta))
     }
 
     pub fn next_offset(&self) -> i64 {
-        self.last_offset() + 1
+        self.last_offset().saturating_add(1)
     }
 
     pub fn compression(&self) -> Result<Compression, BatchError> {
@@ -252,9 +248,7 @@ pub struct ValidationLimits {
 
 impl Default for ValidationLimits {
     fn default() -> Self {
-        ValidationLimits {
-            record_bytes_max: 1024 * 1024,
-        }
+        ValidationLimits { record_bytes_max: 1024 * 1024 }
     }
 }
 
@@ -274,7 +268,7 @@ pub fn validate(batch: &[u8], limits: &ValidationLimits) -> Result<BatchHeader, 
     if header.last_offset_delta != header.record_count - 1 {
         return Err(BatchError::CountMismatch {
             declared: header.record_count,
-            found: header.last_offset_delta as usize + 1,
+            found: (i64::from(header.last_offset_delta) + 1).max(0) as usize,
         });
     }
     let body = decompressed_body(&header, &batch[BATCH_HEADER_LEN..])?;
@@ -283,42 +277,28 @@ pub fn validate(batch: &[u8], limits: &ValidationLimits) -> Result<BatchHeader, 
     while !rest.is_empty() {
         let view = RecordView::decode(&mut rest, index)?;
         if view.offset_delta as usize != index {
-            return Err(bad_record(
-                index,
-                format!("offset delta {} out of sequence", view.offset_delta),
-            ));
+            return Err(bad_record(index, format!("offset delta {} out of sequence", view.offset_delta)));
         }
         if view.size > limits.record_bytes_max {
-            return Err(BatchError::RecordTooLarge {
-                index,
-                size: view.size,
-                limit: limits.record_bytes_max,
-            });
+            return Err(BatchError::RecordTooLarge { index, size: view.size, limit: limits.record_bytes_max });
         }
         index += 1;
     }
     if index != header.record_count as usize {
-        return Err(BatchError::CountMismatch {
-            declared: header.record_count,
-            found: index,
-        });
+        return Err(BatchError::CountMismatch { declared: header.record_count, found: index });
     }
     Ok(header)
 }
 
 fn bad_record(index: usize, reason: impl Into<String>) -> BatchError {
-    BatchError::BadRecord {
-        index,
-        reason: reason.into(),
-    }
+    BatchError::BadRecord { index, reason: reason.into() }
 }
 
 fn decompressed_body(header: &BatchHeader, body: &[u8]) -> Result<Bytes, BatchError> {
     match header.compression()? {
         Compression::None => Ok(Bytes::copy_from_slice(body)),
         Compression::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(body)
-                .map_err(|e| BatchError::Decompress(e.to_string()))?;
+            let decoder = zstd::stream::read::Decoder::new(body).map_err(|e| BatchError::Decompress(e.to_string()))?;
             read_bounded(decoder)
         }
         Compression::Lz4 => read_bounded(lz4_flex::frame::FrameDecoder::new(body)),
@@ -332,9 +312,7 @@ fn read_bounded(reader: impl Read) -> Result<Bytes, BatchError> {
         .read_to_end(&mut out)
         .map_err(|e| BatchError::Decompress(e.to_string()))?;
     if out.len() > DECOMPRESSED_BYTES_MAX {
-        return Err(BatchError::Decompress(format!(
-            "decompressed size exceeds {DECOMPRESSED_BYTES_MAX} bytes"
-        )));
+        return Err(BatchError::Decompress(format!("decompressed size exceeds {DECOMPRESSED_BYTES_MAX} bytes")));
     }
     Ok(Bytes::from(out))
 }
@@ -371,10 +349,7 @@ impl<'a> RecordView<'a> {
     fn decode(buf: &mut &'a [u8], index: usize) -> Result<Self, BatchError> {
         let length = get_varint(buf).map_err(|e| bad_record(index, e.to_string()))?;
         if length < 0 || length as usize > buf.len() {
-            return Err(bad_record(
-                index,
-                format!("length {length} exceeds the batch"),
-            ));
+            return Err(bad_record(index, format!("length {length} exceeds the batch")));
         }
         let (mut rec, rest) = buf.split_at(length as usize);
         *buf = rest;
@@ -389,16 +364,13 @@ impl<'a> RecordView<'a> {
         let value = take_nullable(&mut rec, index, "value")?;
         let header_count = get_varint(&mut rec).map_err(err)?;
         if header_count < 0 || header_count as usize > rec.len() {
-            return Err(bad_record(
-                index,
-                format!("header count {header_count} is invalid"),
-            ));
+            return Err(bad_record(index, format!("header count {header_count} is invalid")));
         }
         let mut headers = Vec::with_capacity(header_count as usize);
         let mut size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
         for _ in 0..header_count {
-            let hkey = take_nullable(&mut rec, index, "header key")?
-                .ok_or_else(|| bad_record(index, "header key is null"))?;
+            let hkey =
+                take_nullable(&mut rec, index, "header key")?.ok_or_else(|| bad_record(index, "header key is null"))?;
             if std::str::from_utf8(hkey).is_err() {
                 return Err(bad_record(index, "header key is not UTF-8"));
             }
@@ -409,22 +381,11 @@ impl<'a> RecordView<'a> {
         if !rec.is_empty() {
             return Err(bad_record(index, format!("{} trailing bytes", rec.len())));
         }
-        Ok(RecordView {
-            size,
-            timestamp_delta,
-            offset_delta,
-            key,
-            value,
-            headers,
-        })
+        Ok(RecordView { size, timestamp_delta, offset_delta, key, value, headers })
     }
 }
 
-fn take_nullable<'a>(
-    buf: &mut &'a [u8],
-    index: usize,
-    what: &str,
-) -> Result<Option<&'a [u8]>, BatchError> {
+fn take_nullable<'a>(buf: &mut &'a [u8], index: usize, what: &str) -> Result<Option<&'a [u8]>, BatchError> {
     let len = get_varint(buf).map_err(|e| bad_record(index, format!("{what}: {e}")))?;
     if len == -1 {
         return Ok(None);
@@ -466,11 +427,16 @@ pub fn decode_records(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
             })
             .collect();
         records.push(Record {
-            offset: header.base_offset + i64::from(view.offset_delta),
+            offset: header
+                .base_offset
+                .checked_add(i64::from(view.offset_delta))
+                .ok_or_else(|| bad_record(records.len(), "offset overflows"))?,
             timestamp: if header.is_log_append_time() {
                 header.max_timestamp
             } else {
-                header.base_timestamp + view.timestamp_delta
+                // Wrapping, like the builder's delta: the pair round-trips
+                // every i64 timestamp exactly and never panics.
+                header.base_timestamp.wrapping_add(view.timestamp_delta)
             },
             key: view.key.map(slice_of),
             value: view.value.map(slice_of),
@@ -478,10 +444,7 @@ pub fn decode_records(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
         });
     }
     if records.len() != header.record_count.max(0) as usize {
-        return Err(BatchError::CountMismatch {
-            declared: header.record_count,
-            found: records.len(),
-        });
+        return Err(BatchError::CountMismatch { declared: header.record_count, found: records.len() });
     }
     Ok(records)
 }
@@ -550,12 +513,7 @@ impl BatchBuilder {
         }
     }
 
-    pub fn with_producer(
-        mut self,
-        producer_id: i64,
-        producer_epoch: i16,
-        base_sequence: i32,
-    ) -> Self {
+    pub fn with_producer(mut self, producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Self {
         self.producer_id = producer_id;
         self.producer_epoch = producer_epoch;
         self.base_sequence = base_sequence;
@@ -575,18 +533,12 @@ impl BatchBuilder {
         BATCH_HEADER_LEN + self.body.len()
     }
 
-    pub fn append(
-        &mut self,
-        timestamp_ms: i64,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: &[Header],
-    ) {
+    pub fn append(&mut self, timestamp_ms: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) {
         if self.count == 0 {
             self.base_timestamp = timestamp_ms;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp_ms);
-        let timestamp_delta = timestamp_ms - self.base_timestamp;
+        let timestamp_delta = timestamp_ms.wrapping_sub(self.base_timestamp);
         let offset_delta = self.count;
         let nullable_len = |f: Option<&[u8]>| match f {
             None => varint_len(-1),
@@ -619,14 +571,11 @@ impl BatchBuilder {
         let body: std::borrow::Cow<'_, [u8]> = match self.compression {
             Compression::None => std::borrow::Cow::Borrowed(&self.body[..]),
             Compression::Zstd => std::borrow::Cow::Owned(
-                zstd::bulk::compress(&self.body, 3)
-                    .expect("zstd compression into memory cannot fail"),
+                zstd::bulk::compress(&self.body, 3).expect("zstd compression into memory cannot fail"),
             ),
             Compression::Lz4 => {
-                let mut enc =
-                    lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(self.body.len() / 2));
-                enc.write_all(&self.body)
-                    .expect("writing into memory cannot fail");
+                let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(self.body.len() / 2));
+                enc.write_all(&self.body).expect("writing into memory cannot fail");
                 std::borrow::Cow::Owned(enc.finish().expect("lz4 frame into memory cannot fail"))
             }
         };
@@ -658,18 +607,10 @@ impl BatchBuilder {
 pub fn recompress(batch: &Bytes, compression: Compression) -> Result<Bytes, BatchError> {
     let header = BatchHeader::parse(batch)?;
     let records = decode_records(batch)?;
-    let mut builder = BatchBuilder::new(compression).with_producer(
-        header.producer_id,
-        header.producer_epoch,
-        header.base_sequence,
-    );
+    let mut builder =
+        BatchBuilder::new(compression).with_producer(header.producer_id, header.producer_epoch, header.base_sequence);
     for r in &records {
-        builder.append(
-            r.timestamp,
-            r.key.as_deref(),
-            r.value.as_deref(),
-            &r.headers,
-        );
+        builder.append(r.timestamp, r.key.as_deref(), r.value.as_deref(), &r.headers);
     }
     Ok(builder.build())
 }
@@ -686,11 +627,7 @@ fn put_nullable(buf: &mut BytesMut, field: Option<&[u8]>) {
 
 /// Bytes one record adds to an uncompressed batch, at most (for size checks
 /// before appending).
-pub fn record_size_upper_bound(
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    headers: &[Header],
-) -> usize {
+pub fn record_size_upper_bound(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) -> usize {
     let mut size = 5 + 1 + 10 + 5 + 5 + 5 + 5;
     size += key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
     for h in headers {
@@ -707,16 +644,8 @@ mod tests {
     fn sample(compression: Compression, n: usize) -> Bytes {
         let mut b = BatchBuilder::new(compression);
         for i in 0..n {
-            let headers = [Header {
-                key: "h".into(),
-                value: Some(Bytes::from(format!("v{i}"))),
-            }];
-            b.append(
-                1_000 + i as i64,
-                Some(format!("k{i}").as_bytes()),
-                Some(&[i as u8; 100]),
-                &headers,
-            );
+            let headers = [Header { key: "h".into(), value: Some(Bytes::from(format!("v{i}"))) }];
+            b.append(1_000 + i as i64, Some(format!("k{i}").as_bytes()), Some(&[i as u8; 100]), &headers);
         }
         b.build()
     }
@@ -741,14 +670,8 @@ mod tests {
     fn recompress_keeps_records() {
         let plain = sample(Compression::None, 20);
         let packed = recompress(&plain, Compression::Zstd).unwrap();
-        assert_eq!(
-            BatchHeader::parse(&packed).unwrap().compression().unwrap(),
-            Compression::Zstd
-        );
-        assert_eq!(
-            decode_records(&packed).unwrap(),
-            decode_records(&plain).unwrap()
-        );
+        assert_eq!(BatchHeader::parse(&packed).unwrap().compression().unwrap(), Compression::Zstd);
+        assert_eq!(decode_records(&packed).unwrap(), decode_records(&plain).unwrap());
     }
 
     #[test]
@@ -766,10 +689,7 @@ mod tests {
         let header = validate(&stored, &ValidationLimits::default()).unwrap();
         assert_eq!(header.base_offset, 4242);
         assert_eq!(header.leader_epoch, 7);
-        assert_eq!(
-            decode_records(&Bytes::from(stored)).unwrap()[2].offset,
-            4244
-        );
+        assert_eq!(decode_records(&Bytes::from(stored)).unwrap()[2].offset, 4244);
     }
 
     #[test]
@@ -778,17 +698,9 @@ mod tests {
         let mut bad = batch.to_vec();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(matches!(
-            validate(&bad, &ValidationLimits::default()),
-            Err(BatchError::BadCrc { .. })
-        ));
-        let limits = ValidationLimits {
-            record_bytes_max: 50,
-        };
-        assert!(matches!(
-            validate(&batch, &limits),
-            Err(BatchError::RecordTooLarge { index: 0, .. })
-        ));
+        assert!(matches!(validate(&bad, &ValidationLimits::default()), Err(BatchError::BadCrc { .. })));
+        let limits = ValidationLimits { record_bytes_max: 50 };
+        assert!(matches!(validate(&batch, &limits), Err(BatchError::RecordTooLarge { index: 0, .. })));
     }
 
     #[test]
@@ -799,11 +711,46 @@ mod tests {
         buf.put_slice(&a);
         buf.put_slice(&b);
         buf.put_slice(&a[..30]);
-        let batches: Vec<_> = Batches::new(buf.freeze())
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let batches: Vec<_> = Batches::new(buf.freeze()).collect::<Result<_, _>>().unwrap();
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[1].0.record_count, 3);
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    /// Inputs the `batch_validate` fuzz target found (integer overflows).
+    #[test]
+    fn fuzz_regressions_do_not_panic() {
+        let limits = ValidationLimits::default();
+        for input in [
+            "000000000000000000000038ffffffff02853700e30000ffffffff00000000000000000000000000000000ffffffffffffffffffffffffffff000000010c000000010100",
+            "000000000000000000000038ffffffff02f63f39730000000000007fffffffffffffff0000000000000000ffffffffffffffffffffffffffff000000010c000200010100",
+            "7fffffffffffffff0000003fffffffff026047c08c00000000000100000000000000000000000000000000ffffffffffffffffffffffffffff000000020c0000000101000c000002010100",
+            "000000000000000000000051ffffffff02dc67ad0d00000000000100000000000000000000000000000000ffffffffffffffffffffffffffff000000021e00feffffffffffffffff01000101001e00ffffffffffffffffff0102010100",
+        ] {
+            let bytes = Bytes::from(hex(input));
+            let _ = validate(&bytes, &limits);
+            if let Ok(records) = decode_records(&bytes) {
+                let again = recompress(&bytes, Compression::Zstd).unwrap();
+                let mut expected = records.clone();
+                for (i, r) in expected.iter_mut().enumerate() {
+                    r.offset = i as i64;
+                }
+                assert_eq!(decode_records(&again).unwrap(), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_timestamps_roundtrip() {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.append(i64::MAX, None, Some(b"a"), &[]);
+        b.append(i64::MIN, None, Some(b"b"), &[]);
+        let records = decode_records(&b.build()).unwrap();
+        assert_eq!(records[0].timestamp, i64::MAX);
+        assert_eq!(records[1].timestamp, i64::MIN);
     }
 
     proptest! {

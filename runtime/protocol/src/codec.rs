@@ -41,11 +41,7 @@ pub fn encode_to_bytes<T: Wire>(value: &T) -> Bytes {
 }
 
 fn need(buf: &Bytes, n: usize, what: &'static str) -> Result<(), DecodeError> {
-    if buf.remaining() < n {
-        Err(DecodeError::Truncated(what))
-    } else {
-        Ok(())
-    }
+    if buf.remaining() < n { Err(DecodeError::Truncated(what)) } else { Ok(()) }
 }
 
 macro_rules! wire_int {
@@ -122,10 +118,7 @@ impl<T: Wire> Wire for Option<T> {
         match u8::decode(buf)? {
             0 => Ok(None),
             1 => Ok(Some(T::decode(buf)?)),
-            tag => Err(DecodeError::BadTag {
-                what: "option",
-                tag,
-            }),
+            tag => Err(DecodeError::BadTag { what: "option", tag }),
         }
     }
 }

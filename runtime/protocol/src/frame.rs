@@ -72,10 +72,7 @@ pub fn split_request(mut frame: Bytes) -> Result<(RequestHeader, Bytes), DecodeE
     if frame.len() < 4 {
         return Err(DecodeError::Truncated("request header"));
     }
-    let header = RequestHeader {
-        api_key: frame.get_u16(),
-        api_version: frame.get_u16(),
-    };
+    let header = RequestHeader { api_key: frame.get_u16(), api_version: frame.get_u16() };
     Ok((header, frame))
 }
 
@@ -126,9 +123,6 @@ mod tests {
         buf.put_u8(1); // acks
         buf.put_u32(5); // timeout
         buf.put_u32(u32::MAX); // partitions count
-        assert!(matches!(
-            decode_exact::<ProduceRequest>(buf.freeze()),
-            Err(DecodeError::BadLength(_))
-        ));
+        assert!(matches!(decode_exact::<ProduceRequest>(buf.freeze()), Err(DecodeError::BadLength(_))));
     }
 }

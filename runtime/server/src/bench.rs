@@ -11,9 +11,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use quiver_client::{
-    Client, Compression, ConsumerConfig, ErrorCode, OffsetSpec, ProducerConfig, ProducerRecord,
-};
+use quiver_client::{Client, Compression, ConsumerConfig, ErrorCode, OffsetSpec, ProducerConfig, ProducerRecord};
 use serde::Serialize;
 
 use crate::cli::{AcksArg, ConnArgs, Format, connect_local};
@@ -91,13 +89,7 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
-    fn new(
-        mode: &str,
-        records: u64,
-        bytes: u64,
-        elapsed: Duration,
-        latency: Option<&Histogram<u64>>,
-    ) -> Self {
+    fn new(mode: &str, records: u64, bytes: u64, elapsed: Duration, latency: Option<&Histogram<u64>>) -> Self {
         let seconds = elapsed.as_secs_f64().max(1e-9);
         let q = |p: f64| latency.map(|h| h.value_at_quantile(p) as f64 / 1000.0);
         BenchResult {
@@ -118,11 +110,7 @@ impl BenchResult {
             "{:<16} {:>10} records {:>9.1} MiB/s {:>11.0} records/s in {:.2}s",
             self.mode, self.records, self.mib_per_s, self.records_per_s, self.seconds
         );
-        if let (Some(a), Some(b), Some(c)) = (
-            self.latency_ms_p50,
-            self.latency_ms_p99,
-            self.latency_ms_p999,
-        ) {
+        if let (Some(a), Some(b), Some(c)) = (self.latency_ms_p50, self.latency_ms_p99, self.latency_ms_p999) {
             print!("  latency ms p50 {a:.2} p99 {b:.2} p99.9 {c:.2}");
         }
         println!();
@@ -145,26 +133,14 @@ async fn target(opts: &BenchOpts) -> anyhow::Result<Target> {
         let ca = node.ca_cert.clone().expect("dev certificates");
         let client = connect_local(node.address, &ca).await?;
         let ca_pem = std::fs::read(&ca)?;
-        return Ok(Target {
-            client,
-            address: node.address,
-            ca_pem,
-            node: Some((node, dir)),
-        });
+        return Ok(Target { client, address: node.address, ca_pem, node: Some((node, dir)) });
     }
     let config = opts.conn.client_config()?;
-    let address = tokio::net::lookup_host(&config.brokers[0])
-        .await?
-        .next()
-        .context("broker address resolves to nothing")?;
+    let address =
+        tokio::net::lookup_host(&config.brokers[0]).await?.next().context("broker address resolves to nothing")?;
     let ca_pem = config.ca_pem.clone();
     let client = Client::connect(config).await?;
-    Ok(Target {
-        client,
-        address,
-        ca_pem,
-        node: None,
-    })
+    Ok(Target { client, address, ca_pem, node: None })
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -197,10 +173,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "consume_vs_quic_download": ratio("consume", "quic-download"),
     });
     match opts.format {
-        Format::Json => println!(
-            "{}",
-            serde_json::json!({"results": results, "ratios": ratios})
-        ),
+        Format::Json => println!("{}", serde_json::json!({"results": results, "ratios": ratios})),
         Format::Text => {
             for r in &results {
                 r.print();
@@ -217,15 +190,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn ensure_topic(client: &Client, opts: &BenchOpts) -> anyhow::Result<()> {
-    match client
-        .admin()
-        .create_topic(&opts.topic, opts.partitions, &[])
-        .await
-    {
+    match client.admin().create_topic(&opts.topic, opts.partitions, &[]).await {
         Ok(_) => Ok(()),
-        Err(quiver_client::CallError::Broker(e)) if e.code == ErrorCode::TopicAlreadyExists => {
-            Ok(())
-        }
+        Err(quiver_client::CallError::Broker(e)) if e.code == ErrorCode::TopicAlreadyExists => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -278,19 +245,16 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
         let client = if i == 0 {
             target.client.clone()
         } else {
-            let mut c =
-                quiver_client::ClientConfig::new(target.address.to_string(), target.ca_pem.clone());
+            let mut c = quiver_client::ClientConfig::new(target.address.to_string(), target.ca_pem.clone());
             c.server_name = None;
             Client::connect(c).await?
         };
         let producer = client.producer(producer_config(opts));
         let (topic, bar, base) = (topic.to_string(), bar.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
-            let (tx, mut rx) =
-                tokio::sync::mpsc::channel::<(Instant, quiver_client::DeliveryFuture)>(1 << 16);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, quiver_client::DeliveryFuture)>(1 << 16);
             let checker = tokio::spawn(async move {
-                let mut hist =
-                    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
                 let mut errors = 0u64;
                 while let Some((sent, delivery)) = rx.recv().await {
                     match delivery.await {
@@ -306,9 +270,7 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
                 let mut value = base.to_vec();
                 let stamp = 8.min(value.len());
                 value[..stamp].copy_from_slice(&n.to_be_bytes()[..stamp]);
-                let delivery = producer
-                    .send(ProducerRecord::new(topic.clone(), value))
-                    .await?;
+                let delivery = producer.send(ProducerRecord::new(topic.clone(), value)).await?;
                 tx.send((Instant::now(), delivery)).await.ok();
                 if n % 1024 == 0 {
                     bar.inc(1024.min(per_producer - n));
@@ -330,42 +292,26 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
     bar.finish_and_clear();
     anyhow::ensure!(errors == 0, "{errors} records were not acknowledged");
     let records = per_producer * producers as u64;
-    Ok(BenchResult::new(
-        "produce",
-        records,
-        records * opts.record_bytes as u64,
-        elapsed,
-        Some(&hist),
-    ))
+    Ok(BenchResult::new("produce", records, records * opts.record_bytes as u64, elapsed, Some(&hist)))
 }
 
 async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
     let end: i64 = {
         let admin = target.client.admin();
-        let t = admin
-            .describe_topics(Some(vec![opts.topic.clone()]))
-            .await?;
-        t[0].partitions
-            .iter()
-            .map(|p| p.high_watermark - p.log_start_offset)
-            .sum()
+        let t = admin.describe_topics(Some(vec![opts.topic.clone()])).await?;
+        t[0].partitions.iter().map(|p| p.high_watermark - p.log_start_offset).sum()
     };
     if (end as u64) < opts.records {
         produce(target, opts, &opts.topic).await?;
     }
     let mut consumer = target.client.consumer(ConsumerConfig::default());
-    consumer
-        .assign(&opts.topic, None, OffsetSpec::Earliest)
-        .await?;
+    consumer.assign(&opts.topic, None, OffsetSpec::Earliest).await?;
     let bar = progress(opts.records, "consume");
     let started = Instant::now();
     let (mut records, mut bytes) = (0u64, 0u64);
     while records < opts.records {
         let batch = consumer.poll().await?;
-        anyhow::ensure!(
-            !batch.is_empty() || started.elapsed() < Duration::from_secs(60),
-            "consumer stalled"
-        );
+        anyhow::ensure!(!batch.is_empty() || started.elapsed() < Duration::from_secs(60), "consumer stalled");
         for r in &batch {
             bytes += r.value.as_ref().map_or(0, |v| v.len() as u64);
         }
@@ -378,18 +324,14 @@ async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResul
 }
 
 async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
-    let mut consumer = target.client.consumer(ConsumerConfig {
-        fetch_max_wait: Duration::from_millis(100),
-        ..ConsumerConfig::default()
-    });
-    consumer
-        .assign(&opts.topic, None, OffsetSpec::Latest)
-        .await?;
+    let mut consumer = target
+        .client
+        .consumer(ConsumerConfig { fetch_max_wait: Duration::from_millis(100), ..ConsumerConfig::default() });
+    consumer.assign(&opts.topic, None, OffsetSpec::Latest).await?;
     let origin = Instant::now();
-    let producer = target.client.producer(ProducerConfig {
-        linger: Duration::from_millis(opts.linger_ms.min(1)),
-        ..producer_config(opts)
-    });
+    let producer = target
+        .client
+        .producer(ProducerConfig { linger: Duration::from_millis(opts.linger_ms.min(1)), ..producer_config(opts) });
     let records = opts.records;
     let (rate, topic, record_bytes) = (opts.rate, opts.topic.clone(), opts.record_bytes.max(16));
     let sender = tokio::spawn(async move {
@@ -405,9 +347,7 @@ async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
             }
             let mut value = base.clone();
             value[..8].copy_from_slice(&(origin.elapsed().as_micros() as u64).to_be_bytes());
-            producer
-                .send(ProducerRecord::new(topic.clone(), value))
-                .await?;
+            producer.send(ProducerRecord::new(topic.clone(), value)).await?;
         }
         producer.flush().await;
         anyhow::Ok(())
@@ -423,10 +363,7 @@ async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
         if !batch.is_empty() {
             last_progress = Instant::now();
         }
-        anyhow::ensure!(
-            last_progress.elapsed() < Duration::from_secs(30),
-            "no records for 30 s"
-        );
+        anyhow::ensure!(last_progress.elapsed() < Duration::from_secs(30), "no records for 30 s");
         for r in &batch {
             let v = r.value.as_deref().unwrap_or_default();
             let sent = u64::from_be_bytes(v[..8].try_into().context("short record")?);
@@ -438,13 +375,7 @@ async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
     }
     sender.await??;
     bar.finish_and_clear();
-    Ok(BenchResult::new(
-        "e2e",
-        seen,
-        bytes,
-        started.elapsed(),
-        Some(&hist),
-    ))
+    Ok(BenchResult::new("e2e", seen, bytes, started.elapsed(), Some(&hist)))
 }
 
 /// Pushes the bytes of `records` records over one QUIC stream each way to an
@@ -479,14 +410,11 @@ async fn quic_baseline(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
         let _ = conn.closed().await;
         anyhow::Ok(())
     });
-    let mut client_config =
-        quiver_client::ClientConfig::new(address.to_string(), std::fs::read(&paths.ca_cert)?);
+    let mut client_config = quiver_client::ClientConfig::new(address.to_string(), std::fs::read(&paths.ca_cert)?);
     client_config.server_name = Some("localhost".into());
     let client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let crypto = quiver_client::quic_client_config(&client_config.ca_pem)?;
-    let conn = client_endpoint
-        .connect_with(crypto, address, "localhost")?
-        .await?;
+    let conn = client_endpoint.connect_with(crypto, address, "localhost")?.await?;
     let data = Bytes::from(payload(chunk, 5));
 
     let started = Instant::now();
@@ -512,13 +440,7 @@ async fn quic_baseline(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
         got += n as u64;
     }
     anyhow::ensure!(got == total, "baseline download got {got} of {total} bytes");
-    let download = BenchResult::new(
-        "quic-download",
-        opts.records,
-        total,
-        started.elapsed(),
-        None,
-    );
+    let download = BenchResult::new("quic-download", opts.records, total, started.elapsed(), None);
     conn.close(0u32.into(), b"done");
     let _ = server.await;
     Ok(vec![upload, download])

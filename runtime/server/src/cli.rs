@@ -10,8 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use quiver_client::{
-    Acks, Client, ClientConfig, Compression, ConsumerConfig, Header, OffsetSpec, ProducerConfig,
-    ProducerRecord,
+    Acks, Client, ClientConfig, Compression, ConsumerConfig, Header, OffsetSpec, ProducerConfig, ProducerRecord,
 };
 use quiver_protocol::messages::{ListOffsetsPartition, OFFSET_LATEST};
 
@@ -19,11 +18,7 @@ use crate::config::FileConfig;
 use crate::node::{Node, dev_config, write_dev_discovery};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "quiver",
-    version,
-    about = "Quiver: a streaming platform over QUIC"
-)]
+#[command(name = "quiver", version, about = "Quiver: a streaming platform over QUIC")]
 pub struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -97,22 +92,12 @@ impl ConnArgs {
                 )
             })?,
         };
-        let ca_path = self
-            .ca
-            .clone()
-            .unwrap_or_else(|| self.dev_dir.join("ca.pem"));
+        let ca_path = self.ca.clone().unwrap_or_else(|| self.dev_dir.join("ca.pem"));
         let ca_pem = std::fs::read(&ca_path).with_context(|| {
-            format!(
-                "cannot read the CA certificate {}: pass --ca FILE or set QUIVER_CA",
-                ca_path.display()
-            )
+            format!("cannot read the CA certificate {}: pass --ca FILE or set QUIVER_CA", ca_path.display())
         })?;
         let mut config = ClientConfig::new(String::new(), ca_pem);
-        config.brokers = brokers
-            .trim()
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .collect();
+        config.brokers = brokers.trim().split(',').map(|s| s.trim().to_string()).collect();
         Ok(config)
     }
 
@@ -211,9 +196,7 @@ impl From<AcksArg> for Acks {
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
 }
 
 pub fn init_logging(verbose: u8) {
@@ -224,44 +207,27 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Dev { data_dir, listen } => {
             let node = Node::start(dev_config(&data_dir, listen)).await?;
-            let ca = node
-                .ca_cert
-                .clone()
-                .expect("dev nodes use dev certificates");
+            let ca = node.ca_cert.clone().expect("dev nodes use dev certificates");
             write_dev_discovery(&data_dir, node.address, &ca)?;
-            println!(
-                "quiver dev node listening on {} (QUIC, TLS 1.3)",
-                node.address
-            );
+            println!("quiver dev node listening on {} (QUIC, TLS 1.3)", node.address);
             println!("  data:  {}", data_dir.display());
             println!("  CA:    {}", data_dir.join("ca.pem").display());
             println!("client commands run from this directory find the node by themselves, e.g.");
             println!("  quiver topic create orders -p 6");
             println!("  seq 1 1000 | quiver topic produce orders");
             println!("  quiver topic consume orders -o start:end");
-            println!(
-                "elsewhere: QUIVER_BROKERS={} QUIVER_CA={}",
-                node.address,
-                data_dir.join("ca.pem").display()
-            );
+            println!("elsewhere: QUIVER_BROKERS={} QUIVER_CA={}", node.address, data_dir.join("ca.pem").display());
             std::io::stdout().flush()?;
             run_until_signal(node).await
         }
-        Command::Broker {
-            config,
-            data_dir,
-            listen,
-        } => {
+        Command::Broker { config, data_dir, listen } => {
             let mut file = FileConfig::load(config.as_deref(), std::env::vars())?;
             if let Some(d) = data_dir {
                 file.broker.data_dir = d;
@@ -301,11 +267,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
     let client = conn.connect().await?;
     let admin = client.admin();
     match command {
-        TopicCommand::Create {
-            name,
-            partitions,
-            configs,
-        } => {
+        TopicCommand::Create { name, partitions, configs } => {
             admin.create_topic(&name, partitions, &configs).await?;
             println!("created topic '{name}' with {partitions} partition(s)");
         }
@@ -346,11 +308,8 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                             })
                         })
                         .collect();
-                    let configs: serde_json::Map<_, _> = t
-                        .configs
-                        .iter()
-                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                        .collect();
+                    let configs: serde_json::Map<_, _> =
+                        t.configs.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
                     let out = serde_json::json!({"name": t.name, "partitions": partitions, "configs": configs});
                     println!("{}", serde_json::to_string(&out)?);
                 }
@@ -360,12 +319,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                     for p in &t.partitions {
                         println!(
                             "{}\t{}\t{}\t{}\t{}\t{}",
-                            p.partition,
-                            p.leader,
-                            p.log_start_offset,
-                            p.high_watermark,
-                            p.size_bytes,
-                            p.segments
+                            p.partition, p.leader, p.log_start_offset, p.high_watermark, p.size_bytes, p.segments
                         );
                     }
                     println!("configs:");
@@ -379,16 +333,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             admin.delete_topic(&name).await?;
             println!("deleted topic '{name}'");
         }
-        TopicCommand::Produce {
-            name,
-            key_sep,
-            acks,
-            partition,
-            compression,
-            headers,
-            linger_ms,
-            batch_bytes,
-        } => {
+        TopicCommand::Produce { name, key_sep, acks, partition, compression, headers, linger_ms, batch_bytes } => {
             return produce_stdin(
                 &client,
                 name,
@@ -402,24 +347,8 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             )
             .await;
         }
-        TopicCommand::Consume {
-            name,
-            offset,
-            partition,
-            count,
-            format,
-            key_sep,
-        } => {
-            return consume(
-                &client,
-                &name,
-                &offset,
-                partition,
-                count,
-                format,
-                key_sep.as_deref(),
-            )
-            .await;
+        TopicCommand::Consume { name, offset, partition, count, format, key_sep } => {
+            return consume(&client, &name, &offset, partition, count, format, key_sep.as_deref()).await;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -449,13 +378,7 @@ async fn produce_stdin(
         ..ProducerConfig::default()
     });
     let key_sep = key_sep.map(|s| unescape(&s));
-    let headers: Vec<Header> = headers
-        .into_iter()
-        .map(|(k, v)| Header {
-            key: k,
-            value: Some(v.into()),
-        })
-        .collect();
+    let headers: Vec<Header> = headers.into_iter().map(|(k, v)| Header { key: k, value: Some(v.into()) }).collect();
     // Delivery results are checked in send order by a separate task, so
     // reading stdin never waits for acknowledgements.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<quiver_client::DeliveryFuture>(100_000);
@@ -514,10 +437,7 @@ async fn produce_stdin(
         bail!("{e} ({ok} record(s) acknowledged before)");
     }
     if failed > 0 {
-        eprintln!(
-            "{failed} record(s) failed, {ok} acknowledged; first error: {}",
-            first_error.unwrap_or_default()
-        );
+        eprintln!("{failed} record(s) failed, {ok} acknowledged; first error: {}", first_error.unwrap_or_default());
         return Ok(ExitCode::FAILURE);
     }
     eprintln!("produced {ok} record(s) to '{topic}'");
@@ -534,13 +454,12 @@ pub fn parse_offset_arg(arg: &str) -> anyhow::Result<(OffsetSpec, bool)> {
     let spec = match start {
         "start" | "earliest" | "beginning" => OffsetSpec::Earliest,
         "end" | "latest" => OffsetSpec::Latest,
-        s if s.starts_with('@') => OffsetSpec::Timestamp(s[1..].parse().with_context(|| {
-            format!("'{s}': expected @ followed by milliseconds since the epoch")
-        })?),
-        s => OffsetSpec::Offset(
-            s.parse()
-                .with_context(|| format!("'{s}' is not start, end, an offset or @timestamp"))?,
+        s if s.starts_with('@') => OffsetSpec::Timestamp(
+            s[1..].parse().with_context(|| format!("'{s}': expected @ followed by milliseconds since the epoch"))?,
         ),
+        s => {
+            OffsetSpec::Offset(s.parse().with_context(|| format!("'{s}' is not start, end, an offset or @timestamp"))?)
+        }
     };
     Ok((spec, stop_at_end))
 }
@@ -556,20 +475,14 @@ async fn consume(
 ) -> anyhow::Result<ExitCode> {
     let (spec, stop_at_end) = parse_offset_arg(offset)?;
     let mut consumer = client.consumer(ConsumerConfig::default());
-    consumer
-        .assign(topic, partition.map(|p| vec![p]), spec)
-        .await?;
+    consumer.assign(topic, partition.map(|p| vec![p]), spec).await?;
     // With ':end', remember each partition's end offset now and stop there.
     let mut ends = std::collections::BTreeMap::new();
     if stop_at_end {
         let asks = consumer
             .assignment()
             .into_iter()
-            .map(|(topic, partition)| ListOffsetsPartition {
-                topic,
-                partition,
-                timestamp: OFFSET_LATEST,
-            })
+            .map(|(topic, partition)| ListOffsetsPartition { topic, partition, timestamp: OFFSET_LATEST })
             .collect();
         for r in client.admin().list_offsets(asks).await? {
             ends.insert(r.partition, r.offset);
@@ -638,11 +551,8 @@ fn bytes_json(b: Option<&[u8]>) -> serde_json::Value {
 }
 
 pub fn record_json(r: &quiver_client::ConsumerRecord) -> serde_json::Value {
-    let headers: Vec<_> = r
-        .headers
-        .iter()
-        .map(|h| serde_json::json!({"key": h.key, "value": bytes_json(h.value.as_deref())}))
-        .collect();
+    let headers: Vec<_> =
+        r.headers.iter().map(|h| serde_json::json!({"key": h.key, "value": bytes_json(h.value.as_deref())})).collect();
     serde_json::json!({
         "partition": r.partition,
         "offset": r.offset,

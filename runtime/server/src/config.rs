@@ -61,10 +61,7 @@ pub struct StorageSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection {
-            flush_interval_ms: 1_000,
-            retention_check_interval_ms: 60_000,
-        }
+        StorageSection { flush_interval_ms: 1_000, retention_check_interval_ms: 60_000 }
     }
 }
 
@@ -87,16 +84,11 @@ pub struct NodeConfig {
 
 impl FileConfig {
     /// Reads `path` (if any) and applies `QUIVER_SECTION__KEY` variables.
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> anyhow::Result<FileConfig> {
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<FileConfig> {
         let mut table = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading config {}", p.display()))?;
-                text.parse::<toml::Table>()
-                    .with_context(|| format!("parsing config {}", p.display()))?
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+                text.parse::<toml::Table>().with_context(|| format!("parsing config {}", p.display()))?
             }
             None => toml::Table::new(),
         };
@@ -109,39 +101,27 @@ impl FileConfig {
             };
             let section = section.to_ascii_lowercase();
             let key = key.to_ascii_lowercase();
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             let toml::Value::Table(section_table) = entry else {
                 bail!("{name}: [{section}] is not a section");
             };
             section_table.insert(key, env_value(&value));
         }
-        let config: FileConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    anyhow::anyhow!("invalid configuration: {}", e.message())
-                })?;
+        let config: FileConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid configuration: {}", e.message()))?;
         Ok(config)
     }
 
     pub fn validate(self) -> anyhow::Result<NodeConfig> {
-        let listen: SocketAddr = self.broker.listen.parse().with_context(|| {
-            format!(
-                "broker.listen '{}' is not an address like 127.0.0.1:7878",
-                self.broker.listen
-            )
-        })?;
+        let listen: SocketAddr =
+            self.broker.listen.parse().with_context(|| {
+                format!("broker.listen '{}' is not an address like 127.0.0.1:7878", self.broker.listen)
+            })?;
         let overrides: Vec<(String, String)> = self
             .topic_defaults
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
-                )
-            })
+            .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
             .collect();
         let topic_defaults = TopicConfig::default()
             .with_overrides(overrides.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -149,30 +129,20 @@ impl FileConfig {
         let tls = match (self.tls.cert, self.tls.key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
-            _ => bail!(
-                "tls.cert and tls.key go together: give both, or neither for development certificates"
-            ),
+            _ => bail!("tls.cert and tls.key go together: give both, or neither for development certificates"),
         };
         if self.broker.frame_bytes_max < 1024 {
             bail!("broker.frame_bytes_max must be at least 1024");
         }
         let mut broker = BrokerConfig::new(self.broker.data_dir);
         broker.node_id = self.broker.node_id;
-        broker.advertised_address = self
-            .broker
-            .advertised_address
-            .unwrap_or_else(|| listen.to_string());
+        broker.advertised_address = self.broker.advertised_address.unwrap_or_else(|| listen.to_string());
         broker.frame_bytes_max = self.broker.frame_bytes_max;
         broker.fetch_wait_ms_max = self.broker.fetch_wait_ms_max;
-        broker.flush_interval_ms =
-            (self.storage.flush_interval_ms > 0).then_some(self.storage.flush_interval_ms);
+        broker.flush_interval_ms = (self.storage.flush_interval_ms > 0).then_some(self.storage.flush_interval_ms);
         broker.retention_check_interval_ms = self.storage.retention_check_interval_ms.max(10);
         broker.topic_defaults = topic_defaults;
-        Ok(NodeConfig {
-            broker,
-            listen,
-            tls,
-        })
+        Ok(NodeConfig { broker, listen, tls })
     }
 }
 
@@ -204,16 +174,10 @@ mod tests {
         .unwrap();
         let env = vec![
             ("QUIVER_BROKER__NODE_ID".to_string(), "7".to_string()),
-            (
-                "QUIVER_STORAGE__FLUSH_INTERVAL_MS".to_string(),
-                "0".to_string(),
-            ),
+            ("QUIVER_STORAGE__FLUSH_INTERVAL_MS".to_string(), "0".to_string()),
             ("QUIVER_BROKERS".to_string(), "ignored".to_string()),
         ];
-        let node = FileConfig::load(Some(&path), env)
-            .unwrap()
-            .validate()
-            .unwrap();
+        let node = FileConfig::load(Some(&path), env).unwrap().validate().unwrap();
         assert_eq!(node.broker.node_id, 7);
         assert_eq!(node.broker.flush_interval_ms, None);
         assert_eq!(node.broker.topic_defaults.retention_ms, Some(1000));
@@ -228,11 +192,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.toml");
         std::fs::write(&path, "[topic_defaults]\n\"retention.weeks\" = 1\n").unwrap();
-        let err = FileConfig::load(Some(&path), vec![])
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = FileConfig::load(Some(&path), vec![]).unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("retention.weeks"), "{err}");
     }
 }

@@ -6,18 +6,15 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use quiver_broker::Broker;
+use quiver_broker::{AppendOrder, AppendTurn, Broker};
 use quiver_protocol::frame::{LENGTH_PREFIX_BYTES, encode_error_response, frame_len};
+use quiver_protocol::messages::ApiKey;
 use quiver_protocol::{ErrorCode, WireError};
 use tokio::sync::watch;
 use tracing::Instrument;
 
 /// Serves until `shutdown` turns true, then closes the endpoint.
-pub async fn serve(
-    endpoint: quinn::Endpoint,
-    broker: Arc<Broker>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(endpoint: quinn::Endpoint, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -42,43 +39,87 @@ pub async fn serve(
 
 async fn serve_connection(conn: quinn::Connection, broker: Arc<Broker>) {
     tracing::debug!("connection open");
+    let mut order = AppendOrder::default();
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                let broker = broker.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, &broker).await {
-                        tracing::debug!(error = %e, "stream ended early");
-                    }
-                });
-            }
+        let (send, mut recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
             Err(e) => {
                 tracing::debug!(reason = %e, "connection closed");
                 return;
             }
-        }
+        };
+        // Streams are accepted in the order the client opened them. Reading
+        // the length and API key here, before the next accept, is what lets
+        // produce requests take append tickets in that order.
+        let head = tokio::time::timeout(HEAD_READ_TIMEOUT, read_head(&mut recv)).await;
+        let head = match head {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "stream ended before a frame header");
+                continue;
+            }
+            Err(_) => {
+                let _ = recv.stop(0u32.into());
+                tracing::debug!("no frame header within {HEAD_READ_TIMEOUT:?}");
+                continue;
+            }
+        };
+        let turn = (head.api_key == Some(ApiKey::Produce as u16)).then(|| order.ticket());
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(send, recv, head, turn, &broker).await {
+                tracing::debug!(error = %e, "stream ended early");
+            }
+        });
     }
+}
+
+const HEAD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+struct Head {
+    len: usize,
+    /// `None` when the frame is too short to hold one.
+    api_key: Option<u16>,
+}
+
+async fn read_head(recv: &mut quinn::RecvStream) -> anyhow::Result<Head> {
+    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+    recv.read_exact(&mut prefix).await?;
+    let len = frame_len(prefix);
+    if len < 2 {
+        return Ok(Head { len, api_key: None });
+    }
+    let mut key = [0u8; 2];
+    recv.read_exact(&mut key).await?;
+    Ok(Head { len, api_key: Some(u16::from_be_bytes(key)) })
 }
 
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    head: Head,
+    turn: Option<AppendTurn>,
     broker: &Broker,
 ) -> anyhow::Result<()> {
-    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
-    recv.read_exact(&mut prefix).await?;
-    let len = frame_len(prefix);
     let limit = broker.config().frame_bytes_max;
-    let response = if len > limit {
-        let _ = recv.stop(0u32.into());
-        encode_error_response(&WireError::new(
-            ErrorCode::FrameTooLarge,
-            format!("request of {len} bytes exceeds the broker's limit of {limit} bytes"),
-        ))
-    } else {
-        let mut body = BytesMut::zeroed(len);
-        recv.read_exact(&mut body).await?;
-        broker.handle(body.freeze()).await
+    let response = match head.api_key {
+        _ if head.len > limit => {
+            let _ = recv.stop(0u32.into());
+            encode_error_response(&WireError::new(
+                ErrorCode::FrameTooLarge,
+                format!("request of {} bytes exceeds the broker's limit of {limit} bytes", head.len),
+            ))
+        }
+        None => encode_error_response(&WireError::new(
+            ErrorCode::CorruptMessage,
+            format!("request frame of {} bytes is too short for a header", head.len),
+        )),
+        Some(key) => {
+            let mut frame = BytesMut::zeroed(head.len);
+            frame[..2].copy_from_slice(&key.to_be_bytes());
+            recv.read_exact(&mut frame[2..]).await?;
+            broker.handle(frame.freeze(), turn).await
+        }
     };
     send.write_all(&response).await?;
     send.finish()?;

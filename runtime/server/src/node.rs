@@ -37,9 +37,8 @@ impl Node {
         };
         let server_config = server_config(&cert, &key)?;
         let broker_config = config.broker.clone();
-        let broker = tokio::task::spawn_blocking(move || Broker::open(broker_config))
-            .await?
-            .context("opening the broker")?;
+        let broker =
+            tokio::task::spawn_blocking(move || Broker::open(broker_config)).await?.context("opening the broker")?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen)
             .with_context(|| format!("cannot listen on {} (UDP)", config.listen))?;
         let address = endpoint.local_addr()?;
@@ -47,13 +46,7 @@ impl Node {
         let (shutdown, rx) = watch::channel(false);
         let server = tokio::spawn(crate::net::serve(endpoint, broker.clone(), rx));
         tracing::info!(%address, node_id = config.broker.node_id, "broker listening");
-        Ok(Node {
-            broker,
-            address,
-            ca_cert,
-            shutdown,
-            server,
-        })
+        Ok(Node { broker, address, ca_cert, shutdown, server })
     }
 
     /// Stops serving, then fsyncs and closes every log.
@@ -67,11 +60,7 @@ impl Node {
 
 /// The files `quiver dev` leaves so that client commands find the node
 /// without flags.
-pub fn write_dev_discovery(
-    dev_dir: &Path,
-    address: SocketAddr,
-    ca_cert: &Path,
-) -> anyhow::Result<()> {
+pub fn write_dev_discovery(dev_dir: &Path, address: SocketAddr, ca_cert: &Path) -> anyhow::Result<()> {
     std::fs::write(dev_dir.join("address"), address.to_string())?;
     let target = dev_dir.join("ca.pem");
     if ca_cert != target {
@@ -84,11 +73,7 @@ pub fn write_dev_discovery(
 pub fn dev_config(data_dir: &Path, listen: SocketAddr) -> NodeConfig {
     let mut broker = BrokerConfig::new(data_dir);
     broker.advertised_address = listen.to_string();
-    NodeConfig {
-        broker,
-        listen,
-        tls: None,
-    }
+    NodeConfig { broker, listen, tls: None }
 }
 
 /// Dev TLS paths for a data dir.

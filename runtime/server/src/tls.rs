@@ -19,11 +19,7 @@ pub struct TlsPaths {
 
 impl TlsPaths {
     pub fn in_dir(dir: &Path) -> Self {
-        TlsPaths {
-            ca_cert: dir.join("ca.pem"),
-            cert: dir.join("broker.pem"),
-            key: dir.join("broker.key"),
-        }
+        TlsPaths { ca_cert: dir.join("ca.pem"), cert: dir.join("broker.pem"), key: dir.join("broker.key") }
     }
 }
 
@@ -38,24 +34,16 @@ pub fn ensure_dev_certs(dir: &Path, hosts: &[String]) -> anyhow::Result<TlsPaths
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "Quiver development CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "Quiver development CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
-    let mut names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     names.extend(hosts.iter().filter(|h| !h.is_empty()).cloned());
     names.sort();
     names.dedup();
     let mut params = CertificateParams::new(names)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "quiver broker");
+    params.distinguished_name.push(DnType::CommonName, "quiver broker");
     let key = KeyPair::generate()?;
     let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca_params, ca_key);
@@ -98,13 +86,7 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<quinn:
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "certificate {} does not match key {}",
-                cert_path.display(),
-                key_path.display()
-            )
-        })?;
+        .with_context(|| format!("certificate {} does not match key {}", cert_path.display(), key_path.display()))?;
     tls.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;

@@ -12,9 +12,7 @@ pub struct Admin {
 
 impl Client {
     pub fn admin(&self) -> Admin {
-        Admin {
-            client: self.clone(),
-        }
+        Admin { client: self.clone() }
     }
 }
 
@@ -40,28 +38,16 @@ impl Admin {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), CallError> {
-        self.client
-            .call(&DeleteTopicRequest { name: name.into() })
-            .await?;
+        self.client.call(&DeleteTopicRequest { name: name.into() }).await?;
         Ok(())
     }
 
     /// Describes the named topics, or every topic with `None`.
-    pub async fn describe_topics(
-        &self,
-        names: Option<Vec<String>>,
-    ) -> Result<Vec<TopicDescription>, CallError> {
-        Ok(self
-            .client
-            .call(&DescribeTopicsRequest { names })
-            .await?
-            .topics)
+    pub async fn describe_topics(&self, names: Option<Vec<String>>) -> Result<Vec<TopicDescription>, CallError> {
+        Ok(self.client.call(&DescribeTopicsRequest { names }).await?.topics)
     }
 
-    pub async fn metadata(
-        &self,
-        topics: Option<Vec<String>>,
-    ) -> Result<MetadataResponse, CallError> {
+    pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse, CallError> {
         self.client.call(&MetadataRequest { topics }).await
     }
 
@@ -70,10 +56,6 @@ impl Admin {
         &self,
         partitions: Vec<ListOffsetsPartition>,
     ) -> Result<Vec<ListOffsetsPartitionResult>, CallError> {
-        Ok(self
-            .client
-            .call(&ListOffsetsRequest { partitions })
-            .await?
-            .partitions)
+        Ok(self.client.call(&ListOffsetsRequest { partitions }).await?.partitions)
     }
 }

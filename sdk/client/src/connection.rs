@@ -63,16 +63,8 @@ pub enum ConnectError {
     Connect { address: String, reason: String },
     #[error("timed out connecting to {address} after {timeout:?}: is a broker listening there?")]
     Timeout { address: String, timeout: Duration },
-    #[error(
-        "broker at {address} does not support {api:?} version {version} (it supports {min}..={max})"
-    )]
-    Version {
-        address: String,
-        api: ApiKey,
-        version: u16,
-        min: u16,
-        max: u16,
-    },
+    #[error("broker at {address} does not support {api:?} version {version} (it supports {min}..={max})")]
+    Version { address: String, api: ApiKey, version: u16, min: u16, max: u16 },
     #[error("no broker given")]
     NoBrokers,
 }
@@ -127,14 +119,8 @@ impl Client {
         let client_config = quic_client_config(&config.ca_pem)?;
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Socket)?;
-        let client = Client {
-            inner: Arc::new(Inner {
-                config,
-                endpoint,
-                client_config,
-                connection: Mutex::new(None),
-            }),
-        };
+        let client =
+            Client { inner: Arc::new(Inner { config, endpoint, client_config, connection: Mutex::new(None) }) };
         client.connection().await?;
         Ok(client)
     }
@@ -166,10 +152,7 @@ impl Client {
 
     async fn connect_one(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
         let config = &self.inner.config;
-        let resolve_err = |reason: String| ConnectError::Resolve {
-            address: address.to_string(),
-            reason,
-        };
+        let resolve_err = |reason: String| ConnectError::Resolve { address: address.to_string(), reason };
         let addr = address
             .to_socket_addrs()
             .map_err(|e| resolve_err(e.to_string()))?
@@ -177,38 +160,29 @@ impl Client {
             .ok_or_else(|| resolve_err("no addresses".into()))?;
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let server_name = config
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host.to_string());
+        let server_name = config.server_name.clone().unwrap_or_else(|| host.to_string());
         let connecting = self
             .inner
             .endpoint
             .connect_with(self.inner.client_config.clone(), addr, &server_name)
-            .map_err(|e| ConnectError::Connect {
-                address: address.to_string(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ConnectError::Connect { address: address.to_string(), reason: e.to_string() })?;
         let conn = match tokio::time::timeout(config.connect_timeout, connecting).await {
             Err(_) => {
-                return Err(ConnectError::Timeout {
-                    address: address.to_string(),
-                    timeout: config.connect_timeout,
-                });
+                return Err(ConnectError::Timeout { address: address.to_string(), timeout: config.connect_timeout });
             }
             Ok(Err(e)) => return Err(classify_connection_error(address, e)),
             Ok(Ok(conn)) => conn,
         };
         // Version handshake: refuse early with a clear message rather than
         // failing on the first real request.
-        let request = ApiVersionsRequest {
-            client_software: config.client_software.clone(),
-        };
-        let versions = exchange(&conn, encode_request(&request), config)
+        let request = ApiVersionsRequest { client_software: config.client_software.clone() };
+        let (send, recv) = conn
+            .open_bi()
             .await
-            .and_then(|frame| {
-                Ok(decode_response::<<ApiVersionsRequest as Request>::Response>(frame)??)
-            })
+            .map_err(|e| ConnectError::Connect { address: address.to_string(), reason: e.to_string() })?;
+        let versions = exchange(send, recv, encode_request(&request), config)
+            .await
+            .and_then(|frame| Ok(decode_response::<<ApiVersionsRequest as Request>::Response>(frame)??))
             .map_err(|e| ConnectError::Connect {
                 address: address.to_string(),
                 reason: format!("version handshake failed: {e}"),
@@ -219,13 +193,7 @@ impl Client {
             let ok = range.is_some_and(|r| r.min_version <= version && version <= r.max_version);
             if !ok {
                 let (min, max) = range.map_or((0, 0), |r| (r.min_version, r.max_version));
-                return Err(ConnectError::Version {
-                    address: address.to_string(),
-                    api,
-                    version,
-                    min,
-                    max,
-                });
+                return Err(ConnectError::Version { address: address.to_string(), api, version, min, max });
             }
         }
         tracing::debug!(address, broker = %versions.broker_software, "connected");
@@ -234,22 +202,27 @@ impl Client {
 
     /// Sends one request and waits for its response.
     pub async fn call<R: Request>(&self, request: &R) -> Result<R::Response, CallError> {
-        let frame = encode_request(request);
-        let conn = self.connection().await?;
-        let response = exchange(&conn, frame, &self.inner.config).await?;
-        Ok(decode_response::<R::Response>(response)??)
+        self.open_stream().await?.call(request).await
     }
 
     /// Sends one request without waiting for any answer (acks=none).
     pub async fn send_only<R: Request>(&self, request: &R) -> Result<(), CallError> {
-        let frame = encode_request(request);
+        self.open_stream().await?.send_only(request).await
+    }
+
+    /// Opens the stream for one request. The broker appends produce
+    /// requests of a connection in the order their streams were opened, so a
+    /// caller that needs order opens streams in that order.
+    pub async fn open_stream(&self) -> Result<RequestStream, CallError> {
         let conn = self.connection().await?;
-        let (mut send, _recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-        send.write_all(&frame)
-            .await
-            .map_err(|e| lost(e.to_string()))?;
-        send.finish().map_err(|e| lost(e.to_string()))?;
-        Ok(())
+        let (send, recv) = conn.open_bi().await.map_err(|e| {
+            // Opening a stream sends nothing: the request was not applied.
+            CallError::Connect(ConnectError::Connect {
+                address: conn.remote_address().to_string(),
+                reason: e.to_string(),
+            })
+        })?;
+        Ok(RequestStream { send, recv, client: self.clone() })
     }
 
     /// Closes the connection; outstanding requests fail.
@@ -262,38 +235,44 @@ fn lost(reason: String) -> CallError {
     CallError::ConnectionLost(reason)
 }
 
+/// An opened request stream: one request, one response.
+pub struct RequestStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    client: Client,
+}
+
+impl RequestStream {
+    pub async fn call<R: Request>(self, request: &R) -> Result<R::Response, CallError> {
+        let config = self.client.inner.config.clone();
+        let response = exchange(self.send, self.recv, encode_request(request), &config).await?;
+        Ok(decode_response::<R::Response>(response)??)
+    }
+
+    pub async fn send_only<R: Request>(mut self, request: &R) -> Result<(), CallError> {
+        self.send.write_all(&encode_request(request)).await.map_err(|e| lost(e.to_string()))?;
+        self.send.finish().map_err(|e| lost(e.to_string()))?;
+        Ok(())
+    }
+}
+
 async fn exchange(
-    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
     frame: Bytes,
     config: &ClientConfig,
 ) -> Result<Bytes, CallError> {
     let work = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-            // Opening a stream sends nothing: the request was not applied.
-            CallError::Connect(ConnectError::Connect {
-                address: conn.remote_address().to_string(),
-                reason: e.to_string(),
-            })
-        })?;
-        send.write_all(&frame)
-            .await
-            .map_err(|e| lost(e.to_string()))?;
+        send.write_all(&frame).await.map_err(|e| lost(e.to_string()))?;
         send.finish().map_err(|e| lost(e.to_string()))?;
         let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
-        recv.read_exact(&mut prefix)
-            .await
-            .map_err(|e| lost(e.to_string()))?;
+        recv.read_exact(&mut prefix).await.map_err(|e| lost(e.to_string()))?;
         let len = frame_len(prefix);
         if len > config.response_bytes_max {
-            return Err(CallError::ResponseTooLarge {
-                size: len,
-                limit: config.response_bytes_max,
-            });
+            return Err(CallError::ResponseTooLarge { size: len, limit: config.response_bytes_max });
         }
         let mut body = BytesMut::zeroed(len);
-        recv.read_exact(&mut body)
-            .await
-            .map_err(|e| lost(e.to_string()))?;
+        recv.read_exact(&mut body).await.map_err(|e| lost(e.to_string()))?;
         Ok(body.freeze())
     };
     match tokio::time::timeout(config.request_timeout, work).await {
@@ -308,20 +287,14 @@ fn classify_connection_error(address: &str, e: quinn::ConnectionError) -> Connec
         || reason.contains("certificate")
         || reason.contains("crypto");
     if tls {
-        ConnectError::Tls {
-            address: address.to_string(),
-            reason,
-        }
+        ConnectError::Tls { address: address.to_string(), reason }
     } else if matches!(e, quinn::ConnectionError::TimedOut) {
         ConnectError::Connect {
             address: address.to_string(),
             reason: "no answer (is a broker listening there?)".into(),
         }
     } else {
-        ConnectError::Connect {
-            address: address.to_string(),
-            reason,
-        }
+        ConnectError::Connect { address: address.to_string(), reason }
     }
 }
 
@@ -334,11 +307,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.send_window(64 * 1024 * 1024);
     t.max_concurrent_bidi_streams(1024u32.into());
     t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(
-        Duration::from_secs(30)
-            .try_into()
-            .expect("valid idle timeout"),
-    ));
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("valid idle timeout")));
     t
 }
 
@@ -348,9 +317,7 @@ pub fn quic_client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, ConnectE
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         let cert = cert.map_err(|e| ConnectError::BadCa(e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| ConnectError::BadCa(e.to_string()))?;
+        roots.add(cert).map_err(|e| ConnectError::BadCa(e.to_string()))?;
         count += 1;
     }
     if count == 0 {
@@ -363,8 +330,8 @@ pub fn quic_client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, ConnectE
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ConnectError::BadCa(e.to_string()))?;
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ConnectError::BadCa(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config()));
     Ok(config)

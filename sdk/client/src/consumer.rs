@@ -9,8 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quiver_protocol::batch::{Batches, Header, decode_records};
 use quiver_protocol::messages::{
-    FetchPartition, FetchRequest, FetchResponse, ListOffsetsPartition, OFFSET_EARLIEST,
-    OFFSET_LATEST,
+    FetchPartition, FetchRequest, FetchResponse, ListOffsetsPartition, OFFSET_EARLIEST, OFFSET_LATEST,
 };
 use quiver_protocol::{ErrorCode, WireError};
 use tokio::task::JoinHandle;
@@ -66,18 +65,9 @@ pub enum ConsumeError {
     #[error(transparent)]
     Call(#[from] CallError),
     #[error("{topic}-{partition}: {error}")]
-    Partition {
-        topic: String,
-        partition: u32,
-        error: WireError,
-    },
+    Partition { topic: String, partition: u32, error: WireError },
     #[error("{topic}-{partition} at offset {offset}: corrupt batch: {reason}")]
-    Corrupt {
-        topic: String,
-        partition: u32,
-        offset: i64,
-        reason: String,
-    },
+    Corrupt { topic: String, partition: u32, offset: i64, reason: String },
     #[error("topic '{0}' does not exist")]
     UnknownTopic(String),
 }
@@ -120,11 +110,7 @@ impl Consumer {
         let partitions = match partitions {
             Some(p) => p,
             None => {
-                let meta = self
-                    .client
-                    .admin()
-                    .metadata(Some(vec![topic.to_string()]))
-                    .await?;
+                let meta = self.client.admin().metadata(Some(vec![topic.to_string()])).await?;
                 let t = meta
                     .topics
                     .into_iter()
@@ -140,47 +126,29 @@ impl Consumer {
     }
 
     /// Moves a partition's position (assigning it if needed).
-    pub async fn seek(
-        &mut self,
-        topic: &str,
-        partition: u32,
-        spec: OffsetSpec,
-    ) -> Result<(), ConsumeError> {
+    pub async fn seek(&mut self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<(), ConsumeError> {
         let offset = match spec {
             OffsetSpec::Offset(o) => o,
             OffsetSpec::Earliest => self.lookup(topic, partition, OFFSET_EARLIEST).await?,
             OffsetSpec::Latest => self.lookup(topic, partition, OFFSET_LATEST).await?,
             OffsetSpec::Timestamp(ts) => self.lookup(topic, partition, ts.max(0)).await?,
         };
-        self.positions
-            .insert((topic.to_string(), partition), offset);
+        self.positions.insert((topic.to_string(), partition), offset);
         Ok(())
     }
 
     /// Resolves an offset spec without moving any position.
-    pub async fn lookup(
-        &self,
-        topic: &str,
-        partition: u32,
-        timestamp: i64,
-    ) -> Result<i64, ConsumeError> {
+    pub async fn lookup(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ConsumeError> {
         let results = self
             .client
             .admin()
-            .list_offsets(vec![ListOffsetsPartition {
-                topic: topic.to_string(),
-                partition,
-                timestamp,
-            }])
+            .list_offsets(vec![ListOffsetsPartition { topic: topic.to_string(), partition, timestamp }])
             .await?;
-        let r = results
-            .into_iter()
-            .next()
-            .ok_or_else(|| ConsumeError::Partition {
-                topic: topic.to_string(),
-                partition,
-                error: WireError::new(ErrorCode::Internal, "empty list-offsets answer"),
-            })?;
+        let r = results.into_iter().next().ok_or_else(|| ConsumeError::Partition {
+            topic: topic.to_string(),
+            partition,
+            error: WireError::new(ErrorCode::Internal, "empty list-offsets answer"),
+        })?;
         if r.error != ErrorCode::None {
             return Err(ConsumeError::Partition {
                 topic: topic.to_string(),
@@ -198,9 +166,7 @@ impl Consumer {
     /// High watermarks as of the last fetch (the offset after the last
     /// readable record), per partition.
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
-        self.high_watermarks
-            .get(&(topic.to_string(), partition))
-            .copied()
+        self.high_watermarks.get(&(topic.to_string(), partition)).copied()
     }
 
     pub fn assignment(&self) -> Vec<(String, u32)> {
@@ -216,11 +182,7 @@ impl Consumer {
         if self.positions.is_empty() {
             return;
         }
-        let mut wanted: Vec<(Tp, i64)> = self
-            .positions
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        let mut wanted: Vec<(Tp, i64)> = self.positions.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let n = wanted.len();
         wanted.rotate_left(self.rotation % n);
         self.rotation = self.rotation.wrapping_add(1);
@@ -299,10 +261,8 @@ impl Consumer {
         let mut out = Vec::new();
         for ((topic, partition), asked_offset, records) in chunks {
             for batch in Batches::new(records) {
-                let (header, bytes) =
-                    batch.map_err(|e| corrupt(&topic, partition, asked_offset, e))?;
-                let decoded = decode_records(&bytes)
-                    .map_err(|e| corrupt(&topic, partition, header.base_offset, e))?;
+                let (header, bytes) = batch.map_err(|e| corrupt(&topic, partition, asked_offset, e))?;
+                let decoded = decode_records(&bytes).map_err(|e| corrupt(&topic, partition, header.base_offset, e))?;
                 for r in decoded.into_iter().filter(|r| r.offset >= asked_offset) {
                     out.push(ConsumerRecord {
                         topic: topic.clone(),
@@ -321,12 +281,7 @@ impl Consumer {
 }
 
 fn corrupt(topic: &str, partition: u32, offset: i64, e: impl std::fmt::Display) -> ConsumeError {
-    ConsumeError::Corrupt {
-        topic: topic.to_string(),
-        partition,
-        offset,
-        reason: e.to_string(),
-    }
+    ConsumeError::Corrupt { topic: topic.to_string(), partition, offset, reason: e.to_string() }
 }
 
 impl Drop for Consumer {

@@ -17,14 +17,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quiver_protocol::batch::{
-    BATCH_HEADER_LEN, BatchBuilder, Compression, Header, record_size_upper_bound,
-};
+use quiver_protocol::batch::{BATCH_HEADER_LEN, BatchBuilder, Compression, Header, record_size_upper_bound};
 use quiver_protocol::messages::{Acks, ProducePartition, ProduceRequest};
 use quiver_protocol::{ErrorCode, WireError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use crate::connection::Client;
+use crate::connection::{Client, RequestStream};
 use crate::partitioner::partition_for_key;
 
 /// Producer settings. Defaults favour throughput with small latency.
@@ -101,10 +99,7 @@ impl ProducerRecord {
     }
 
     pub fn header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
-        self.headers.push(Header {
-            key: key.into(),
-            value: Some(value.into()),
-        });
+        self.headers.push(Header { key: key.into(), value: Some(value.into()) });
         self
     }
 
@@ -129,11 +124,7 @@ pub enum ProduceError {
     #[error("topic '{0}' does not exist")]
     UnknownTopic(String),
     #[error("topic '{topic}' has {partitions} partitions; there is no partition {partition}")]
-    UnknownPartition {
-        topic: String,
-        partition: u32,
-        partitions: u32,
-    },
+    UnknownPartition { topic: String, partition: u32, partitions: u32 },
     #[error("record of {size} bytes does not fit in a request of at most {limit} bytes")]
     RecordTooLarge { size: usize, limit: usize },
     #[error("broker rejected the batch: {0}")]
@@ -141,10 +132,7 @@ pub enum ProduceError {
     #[error("delivery unknown, the record may or may not be written: {0}")]
     Unknown(String),
     #[error("not delivered within {timeout:?}; last error: {last_error}")]
-    Timeout {
-        timeout: Duration,
-        last_error: String,
-    },
+    Timeout { timeout: Duration, last_error: String },
     #[error("cannot reach the broker: {0}")]
     Connect(String),
     #[error("the producer was closed before the record was sent")]
@@ -159,9 +147,7 @@ pub struct DeliveryFuture {
 impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata, ProduceError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(ProduceError::Closed)))
+        Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(ProduceError::Closed)))
     }
 }
 
@@ -240,10 +226,7 @@ impl Producer {
             client,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             config,
-            state: Mutex::new(State {
-                rng: seed,
-                ..State::default()
-            }),
+            state: Mutex::new(State { rng: seed, ..State::default() }),
             ready_tx,
             outstanding: watch::channel(0).0,
         });
@@ -256,15 +239,8 @@ impl Producer {
     /// the broker answers.
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture, ProduceError> {
         let shared = &self.shared;
-        let size = record_size_upper_bound(
-            record.key.as_deref(),
-            record.value.as_deref(),
-            &record.headers,
-        );
-        let limit = shared
-            .config
-            .request_bytes_max
-            .min(shared.config.buffer_bytes_max);
+        let size = record_size_upper_bound(record.key.as_deref(), record.value.as_deref(), &record.headers);
+        let limit = shared.config.request_bytes_max.min(shared.config.buffer_bytes_max);
         if size + BATCH_HEADER_LEN > limit {
             return Err(ProduceError::RecordTooLarge { size, limit });
         }
@@ -272,18 +248,9 @@ impl Producer {
         if let Some(p) = record.partition
             && p >= partitions
         {
-            return Err(ProduceError::UnknownPartition {
-                topic: record.topic,
-                partition: p,
-                partitions,
-            });
+            return Err(ProduceError::UnknownPartition { topic: record.topic, partition: p, partitions });
         }
-        let permit = shared
-            .buffer
-            .clone()
-            .acquire_many_owned(size as u32)
-            .await
-            .map_err(|_| ProduceError::Closed)?;
+        let permit = shared.buffer.clone().acquire_many_owned(size as u32).await.map_err(|_| ProduceError::Closed)?;
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let (tx, rx) = oneshot::channel();
         let mut sealed = Vec::new();
@@ -295,10 +262,8 @@ impl Producer {
                 (None, None) => sticky_partition(&mut state, &record.topic, partitions),
             };
             let key = (record.topic.clone(), partition);
-            let full = state
-                .open
-                .get(&key)
-                .is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
+            let full =
+                state.open.get(&key).is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
             if full {
                 sealed.extend(seal(&mut state, &key, None));
             }
@@ -326,12 +291,7 @@ impl Producer {
                 });
             }
             let batch = state.open.get_mut(&key).expect("batch just ensured");
-            batch.builder.append(
-                timestamp_ms,
-                record.key.as_deref(),
-                record.value.as_deref(),
-                &record.headers,
-            );
+            batch.builder.append(timestamp_ms, record.key.as_deref(), record.value.as_deref(), &record.headers);
             batch.waiters.push(Waiter { tx, timestamp_ms });
             match &mut batch.permit {
                 Some(p) => p.merge(permit),
@@ -363,14 +323,7 @@ impl Producer {
     }
 
     async fn partition_count(&self, topic: &str) -> Result<u32, ProduceError> {
-        if let Some(n) = self
-            .shared
-            .state
-            .lock()
-            .expect("producer state")
-            .partition_counts
-            .get(topic)
-        {
+        if let Some(n) = self.shared.state.lock().expect("producer state").partition_counts.get(topic) {
             return Ok(*n);
         }
         let metadata = self
@@ -386,12 +339,7 @@ impl Producer {
             .find(|t| t.name == topic && t.error == ErrorCode::None)
             .ok_or_else(|| ProduceError::UnknownTopic(topic.to_string()))?;
         let n = t.partitions.len() as u32;
-        self.shared
-            .state
-            .lock()
-            .expect("producer state")
-            .partition_counts
-            .insert(topic.to_string(), n);
+        self.shared.state.lock().expect("producer state").partition_counts.insert(topic.to_string(), n);
         Ok(n)
     }
 }
@@ -409,11 +357,7 @@ fn sticky_partition(state: &mut State, topic: &str, partitions: u32) -> u32 {
 
 /// Removes an open batch (only if its id matches, when given). Keyless
 /// records move to another partition once their sticky batch is sealed.
-fn seal(
-    state: &mut State,
-    key: &(String, u32),
-    id: Option<u64>,
-) -> Option<(String, u32, OpenBatch)> {
+fn seal(state: &mut State, key: &(String, u32), id: Option<u64>) -> Option<(String, u32, OpenBatch)> {
     if id.is_some_and(|id| state.open.get(key).is_none_or(|b| b.id != id)) {
         return None;
     }
@@ -474,10 +418,7 @@ impl Shared {
 
 /// Packs ready batches into requests, keeping at most `in_flight_max`
 /// requests outstanding. Ends when the producer is dropped.
-async fn dispatch(
-    shared: std::sync::Weak<Shared>,
-    mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>,
-) {
+async fn dispatch(shared: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>) {
     let in_flight = match shared.upgrade() {
         Some(s) => Arc::new(Semaphore::new(s.config.in_flight_max.max(1))),
         None => return,
@@ -500,15 +441,19 @@ async fn dispatch(
                 Err(_) => break,
             }
         }
+        // Open the stream here, in dispatch order: the broker appends a
+        // connection's produce requests in stream order.
+        let stream = shared.client.open_stream().await;
         tokio::spawn(async move {
-            send_request(&shared, batches).await;
+            send_request(&shared, batches, stream.ok()).await;
             drop(permit);
         });
     }
 }
 
 /// Sends batches until each is acknowledged, refused, unknown or timed out.
-async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>) {
+/// The first attempt uses the stream the dispatcher opened in order.
+async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>, mut stream: Option<RequestStream>) {
     let config = &shared.config;
     loop {
         let request = ProduceRequest {
@@ -523,73 +468,59 @@ async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>) {
                 })
                 .collect(),
         };
+        let opened = match stream.take() {
+            Some(s) => Ok(s),
+            None => shared.client.open_stream().await,
+        };
+        let outcome = match opened {
+            Err(e) => Err(e),
+            Ok(s) if config.acks == Acks::None => s.send_only(&request).await.map(|()| None),
+            Ok(s) => s.call(&request).await.map(Some),
+        };
         let mut retry = Vec::new();
-        let last_error;
-        if config.acks == Acks::None {
-            match shared.client.send_only(&request).await {
-                Ok(()) => {
-                    for b in pending {
-                        shared.complete(b, Ok(-1));
-                    }
-                    return;
+        let last_error = match outcome {
+            Ok(None) => {
+                for b in pending {
+                    shared.complete(b, Ok(-1));
                 }
-                Err(e) if e.is_safe_to_retry() => {
-                    last_error = e.to_string();
-                    retry = pending;
-                }
-                Err(e) => {
-                    for b in pending {
-                        shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
-                    }
-                    return;
-                }
+                return;
             }
-        } else {
-            match shared.client.call(&request).await {
-                Ok(response) if response.partitions.len() == pending.len() => {
-                    last_error = String::new();
-                    for (b, r) in pending.into_iter().zip(response.partitions) {
-                        if r.error == ErrorCode::None {
-                            shared.complete(b, Ok(r.base_offset));
-                        } else if r.error.is_retriable() {
-                            retry.push(b);
-                        } else {
-                            shared.complete(
-                                b,
-                                Err(ProduceError::Rejected(WireError::new(r.error, r.message))),
-                            );
-                        }
+            Ok(Some(response)) if response.partitions.len() == pending.len() => {
+                let mut last_error = String::new();
+                for (b, r) in pending.into_iter().zip(response.partitions) {
+                    if r.error == ErrorCode::None {
+                        shared.complete(b, Ok(r.base_offset));
+                    } else if r.error.is_retriable() {
+                        last_error = format!("{}: {}", r.error, r.message);
+                        retry.push(b);
+                    } else {
+                        shared.complete(b, Err(ProduceError::Rejected(WireError::new(r.error, r.message))));
                     }
                 }
-                Ok(_) => {
-                    for b in pending {
-                        let e = "broker answered with a different number of partitions";
-                        shared.complete(b, Err(ProduceError::Unknown(e.into())));
-                    }
-                    return;
-                }
-                Err(e) if e.is_safe_to_retry() => {
-                    last_error = e.to_string();
-                    retry = pending;
-                }
-                Err(e) => {
-                    for b in pending {
-                        shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
-                    }
-                    return;
-                }
+                last_error
             }
-        }
-        if retry.is_empty() {
-            return;
-        }
+            Ok(Some(_)) => {
+                for b in pending {
+                    let e = "broker answered with a different number of partitions";
+                    shared.complete(b, Err(ProduceError::Unknown(e.into())));
+                }
+                return;
+            }
+            Err(e) if e.is_safe_to_retry() => {
+                retry = pending;
+                e.to_string()
+            }
+            Err(e) => {
+                for b in pending {
+                    shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
+                }
+                return;
+            }
+        };
         pending = Vec::new();
         for b in retry {
             if b.created.elapsed() >= config.delivery_timeout {
-                let error = ProduceError::Timeout {
-                    timeout: config.delivery_timeout,
-                    last_error: last_error.clone(),
-                };
+                let error = ProduceError::Timeout { timeout: config.delivery_timeout, last_error: last_error.clone() };
                 shared.complete(b, Err(error));
             } else {
                 pending.push(b);
@@ -604,8 +535,5 @@ async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>) {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

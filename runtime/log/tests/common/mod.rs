@@ -13,12 +13,7 @@ pub fn batch(tag: u64, records: usize, ts: i64, value_len: usize) -> Bytes {
     for i in 0..records {
         let mut value = tag.to_be_bytes().to_vec();
         value.extend((0..value_len).map(|j| (tag as usize + i * 7 + j) as u8));
-        b.append(
-            ts + i as i64,
-            Some(&(i as u32).to_be_bytes()),
-            Some(&value),
-            &[],
-        );
+        b.append(ts + i as i64, Some(&(i as u32).to_be_bytes()), Some(&value), &[]);
     }
     b.build()
 }

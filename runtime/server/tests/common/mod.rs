@@ -1,0 +1,155 @@
+//! Test harness: runs the real `quiver` binary as a child process.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_quiver");
+
+/// A `quiver dev` node in a temporary directory.
+pub struct DevNode {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+/// A UDP port that is free right now on loopback.
+pub fn free_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+impl DevNode {
+    pub fn start() -> DevNode {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = DevNode { dir, port: free_port(), child: None };
+        node.spawn();
+        node
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.data_dir().join("ca.pem")
+    }
+
+    /// Starts (or restarts) the node process and waits until it answers.
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.data_dir().join("address"));
+        let child = Command::new(BIN)
+            .args(["dev", "--data-dir"])
+            .arg(self.data_dir())
+            .args(["--listen", &self.address()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn quiver dev");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.data_dir().join("address").exists() && self.quiver(&["topic", "list"]).status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "quiver dev did not come up");
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("quiver dev exited early: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).env("QUIVER_DEV_DIR", self.data_dir()).env_remove("QUIVER_BROKERS").env_remove("QUIVER_CA");
+        c
+    }
+
+    pub fn quiver(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.quiver(args);
+        assert!(
+            out.status.success(),
+            "quiver {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.quiver(args);
+        assert!(!out.status.success(), "quiver {args:?} unexpectedly succeeded");
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// Pipes `input` into `quiver topic produce ...`.
+    pub fn produce(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child =
+            self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        out
+    }
+
+    pub fn client_config(&self) -> quiver_client::ClientConfig {
+        quiver_client::ClientConfig::new(self.address(), std::fs::read(self.ca()).unwrap())
+    }
+
+    /// Segment files of one partition, sorted.
+    pub fn segments(&self, topic: &str, partition: u32) -> Vec<PathBuf> {
+        let dir = self.data_dir().join("logs").join(format!("{topic}-{partition}"));
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        files.sort();
+        files
+    }
+}
+
+impl Drop for DevNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+pub fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
