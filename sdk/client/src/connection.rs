@@ -306,8 +306,8 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.receive_window((64u32 * 1024 * 1024).into());
     t.send_window(64 * 1024 * 1024);
     t.max_concurrent_bidi_streams(1024u32.into());
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("valid idle timeout")));
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("valid idle timeout")));
     t
 }
 
