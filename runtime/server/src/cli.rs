@@ -37,7 +37,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:7878")]
         listen: SocketAddr,
     },
-    /// Run a broker node from a configuration file (see docs/configuration.md).
+    /// Run a broker node from a configuration file (keys: README.md, "Running a broker").
     Broker {
         #[arg(long)]
         config: Option<PathBuf>,

@@ -254,6 +254,10 @@ impl Producer {
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let (tx, rx) = oneshot::channel();
         let mut sealed = Vec::new();
+        // Counted before the record becomes visible to other threads: once it
+        // is in a batch, a linger timer or another sender may seal, send and
+        // complete it before this thread runs again.
+        shared.outstanding.send_modify(|n| *n += 1);
         {
             let mut state = shared.state.lock().expect("producer state");
             let partition = match (record.partition, &record.key) {
@@ -301,7 +305,6 @@ impl Producer {
                 sealed.extend(seal(&mut state, &key, None));
             }
         }
-        shared.outstanding.send_modify(|n| *n += 1);
         for batch in sealed {
             shared.send_ready(batch);
         }
