@@ -167,13 +167,22 @@ impl Broker {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(WireError::new(ErrorCode::BrokerShuttingDown, "broker is shutting down"));
         }
+        // Validate (and re-encode) before taking the turn: the CPU work of
+        // concurrent requests overlaps; only the appends are ordered.
+        let prepared: Vec<_> = r.partitions.iter().map(|p| self.prepare(p)).collect();
         if let Some(turn) = &turn {
             turn.wait().await;
         }
         let mut results = Vec::with_capacity(r.partitions.len());
         let mut to_sync = Vec::new();
-        for p in &r.partitions {
-            let outcome = self.append_one(p);
+        for (p, prepared) in r.partitions.iter().zip(prepared) {
+            let outcome = prepared.and_then(|(partition, stored)| {
+                let info = partition
+                    .log
+                    .append(&stored, 0)
+                    .map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()))?;
+                Ok((partition, info.base_offset, info.last_offset))
+            });
             let (error, message, base_offset, log_start_offset) = match outcome {
                 Ok((partition, base, last)) => {
                     let start = partition.log.log_start_offset();
@@ -217,7 +226,9 @@ impl Broker {
         Ok(ProduceResponse { partitions: results })
     }
 
-    fn append_one(&self, p: &ProducePartition) -> Result<(std::sync::Arc<Partition>, i64, i64), WireError> {
+    /// Everything a batch needs before it may be appended: its partition,
+    /// full validation, and re-encoding if the topic fixes a codec.
+    fn prepare(&self, p: &ProducePartition) -> Result<(std::sync::Arc<Partition>, Bytes), WireError> {
         let (topic, partition) = self.partition(&p.topic, p.partition)?;
         let limits = ValidationLimits { record_bytes_max: topic.config.record_bytes_max };
         let header = batch::validate(&p.records, &limits).map_err(|e| match e {
@@ -232,9 +243,7 @@ impl Broker {
             }
             _ => p.records.clone(),
         };
-        let info =
-            partition.log.append(&stored, 0).map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()))?;
-        Ok((partition, info.base_offset, info.last_offset))
+        Ok((partition, stored))
     }
 
     async fn fetch(&self, r: FetchRequest) -> Result<FetchResponse, WireError> {

@@ -501,9 +501,19 @@ pub struct BatchBuilder {
 
 impl BatchBuilder {
     pub fn new(compression: Compression) -> Self {
+        Self::with_capacity(compression, 0)
+    }
+
+    /// A builder whose buffer holds `bytes` without growing (producers pass
+    /// their batch size, so records are copied once).
+    pub fn with_capacity(compression: Compression, bytes: usize) -> Self {
+        // The header's space is reserved up front: an uncompressed batch is
+        // finished in place, without copying its records again.
+        let mut body = BytesMut::with_capacity(bytes.max(BATCH_HEADER_LEN));
+        body.resize(BATCH_HEADER_LEN, 0);
         BatchBuilder {
             compression,
-            body: BytesMut::new(),
+            body,
             count: 0,
             base_timestamp: 0,
             max_timestamp: i64::MIN,
@@ -530,7 +540,7 @@ impl BatchBuilder {
 
     /// Uncompressed size of the batch so far, header included.
     pub fn size_bytes(&self) -> usize {
-        BATCH_HEADER_LEN + self.body.len()
+        self.body.len()
     }
 
     pub fn append(&mut self, timestamp_ms: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) {
@@ -568,33 +578,43 @@ impl BatchBuilder {
     /// Finishes the batch: compresses the records and writes the header and CRC.
     pub fn build(self) -> Bytes {
         assert!(self.count > 0, "a batch needs at least one record");
-        let body: std::borrow::Cow<'_, [u8]> = match self.compression {
-            Compression::None => std::borrow::Cow::Borrowed(&self.body[..]),
-            Compression::Zstd => std::borrow::Cow::Owned(
-                zstd::bulk::compress(&self.body, 3).expect("zstd compression into memory cannot fail"),
-            ),
+        let records = &self.body[BATCH_HEADER_LEN..];
+        let compressed = match self.compression {
+            Compression::None => None,
+            Compression::Zstd => {
+                Some(zstd::bulk::compress(records, 3).expect("zstd compression into memory cannot fail"))
+            }
             Compression::Lz4 => {
-                let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(self.body.len() / 2));
-                enc.write_all(&self.body).expect("writing into memory cannot fail");
-                std::borrow::Cow::Owned(enc.finish().expect("lz4 frame into memory cannot fail"))
+                let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(records.len() / 2));
+                enc.write_all(records).expect("writing into memory cannot fail");
+                Some(enc.finish().expect("lz4 frame into memory cannot fail"))
             }
         };
-        let total = BATCH_HEADER_LEN + body.len();
-        let mut out = BytesMut::with_capacity(total);
-        out.put_i64(0);
-        out.put_i32((total - LOG_OVERHEAD) as i32);
-        out.put_i32(-1); // leader epoch: set by the broker
-        out.put_i8(MAGIC);
-        out.put_u32(0); // CRC, filled below
-        out.put_i16(self.compression.id());
-        out.put_i32(self.count - 1);
-        out.put_i64(self.base_timestamp);
-        out.put_i64(self.max_timestamp);
-        out.put_i64(self.producer_id);
-        out.put_i16(self.producer_epoch);
-        out.put_i32(self.base_sequence);
-        out.put_i32(self.count);
-        out.put_slice(&body);
+        let mut out = match compressed {
+            None => self.body,
+            Some(c) => {
+                let mut out = BytesMut::with_capacity(BATCH_HEADER_LEN + c.len());
+                out.resize(BATCH_HEADER_LEN, 0);
+                out.put_slice(&c);
+                out
+            }
+        };
+        let total = out.len();
+        let mut header = &mut out[..BATCH_HEADER_LEN];
+        header.put_i64(0);
+        header.put_i32((total - LOG_OVERHEAD) as i32);
+        header.put_i32(-1); // leader epoch: set by the broker
+        header.put_i8(MAGIC);
+        header.put_u32(0); // CRC, filled below
+        header.put_i16(self.compression.id());
+        header.put_i32(self.count - 1);
+        header.put_i64(self.base_timestamp);
+        header.put_i64(self.max_timestamp);
+        header.put_i64(self.producer_id);
+        header.put_i16(self.producer_epoch);
+        header.put_i32(self.base_sequence);
+        header.put_i32(self.count);
+        debug_assert!(header.is_empty());
         let crc = compute_crc(&out);
         out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
         out.freeze()

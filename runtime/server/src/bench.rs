@@ -42,36 +42,36 @@ pub struct BenchOpts {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Run against an in-process node in a temporary directory.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub embedded: bool,
     /// Also measure the raw QUIC baseline in the same run and print ratios.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub baseline: bool,
-    #[arg(long, default_value = "quiver-bench")]
+    #[arg(long, global = true, default_value = "quiver-bench")]
     pub topic: String,
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, global = true, default_value_t = 6)]
     pub partitions: u32,
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, global = true, default_value_t = 200_000)]
     pub records: u64,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, global = true, default_value_t = 1024)]
     pub record_bytes: usize,
-    #[arg(long, default_value_t = 256 * 1024)]
+    #[arg(long, global = true, default_value_t = 256 * 1024)]
     pub batch_bytes: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, global = true, default_value_t = 5)]
     pub linger_ms: u64,
-    #[arg(long, default_value = "none")]
+    #[arg(long, global = true, default_value = "none")]
     pub compression: Compression,
-    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    #[arg(long, global = true, value_enum, default_value_t = AcksArg::Leader)]
     pub acks: AcksArg,
     /// Concurrent producers, each with its own connection.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, global = true, default_value_t = 1)]
     pub producers: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, global = true, default_value_t = 5)]
     pub in_flight: usize,
     /// Records per second for e2e (0 = as fast as possible).
-    #[arg(long, default_value_t = 2_000)]
+    #[arg(long, global = true, default_value_t = 2_000)]
     pub rate: u64,
-    #[arg(long, value_enum, default_value_t = Format::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 }
 
@@ -267,10 +267,9 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
                 (hist, errors)
             });
             for n in 0..per_producer {
-                let mut value = base.to_vec();
-                let stamp = 8.min(value.len());
-                value[..stamp].copy_from_slice(&n.to_be_bytes()[..stamp]);
-                let delivery = producer.send(ProducerRecord::new(topic.clone(), value)).await?;
+                // The same bytes each time (a cheap `Bytes` clone): the load
+                // generator should cost as little as a real application.
+                let delivery = producer.send(ProducerRecord::new(topic.clone(), base.clone())).await?;
                 tx.send((Instant::now(), delivery)).await.ok();
                 if n % 1024 == 0 {
                     bar.inc(1024.min(per_producer - n));

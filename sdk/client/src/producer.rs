@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use quiver_protocol::batch::{BATCH_HEADER_LEN, BatchBuilder, Compression, Header, record_size_upper_bound};
 use quiver_protocol::messages::{Acks, ProducePartition, ProduceRequest};
 use quiver_protocol::{ErrorCode, WireError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::connection::{Client, RequestStream};
 use crate::partitioner::partition_for_key;
@@ -200,7 +201,9 @@ struct Shared {
     ready_tx: mpsc::UnboundedSender<ReadyBatch>,
     buffer: Arc<Semaphore>,
     /// Records sent but not yet completed; `flush` waits for zero.
-    outstanding: watch::Sender<usize>,
+    outstanding: AtomicUsize,
+    /// Woken when `outstanding` drops to zero.
+    drained: Notify,
 }
 
 /// Sends records to a Quiver cluster. Cheap to clone.
@@ -228,7 +231,8 @@ impl Producer {
             config,
             state: Mutex::new(State { rng: seed, ..State::default() }),
             ready_tx,
-            outstanding: watch::channel(0).0,
+            outstanding: AtomicUsize::new(0),
+            drained: Notify::new(),
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx));
         Producer { shared }
@@ -257,7 +261,7 @@ impl Producer {
         // Counted before the record becomes visible to other threads: once it
         // is in a batch, a linger timer or another sender may seal, send and
         // complete it before this thread runs again.
-        shared.outstanding.send_modify(|n| *n += 1);
+        shared.outstanding.fetch_add(1, Ordering::SeqCst);
         {
             let mut state = shared.state.lock().expect("producer state");
             let partition = match (record.partition, &record.key) {
@@ -279,7 +283,12 @@ impl Producer {
                     key.clone(),
                     OpenBatch {
                         id,
-                        builder: BatchBuilder::new(shared.config.compression),
+                        builder: BatchBuilder::with_capacity(
+                            shared.config.compression,
+                            // Bounded so that many partitions do not each reserve a
+                            // whole batch; larger batches grow (amortised).
+                            shared.config.batch_bytes_max.min(64 * 1024).max(size + BATCH_HEADER_LEN),
+                        ),
                         waiters: Vec::new(),
                         permit: None,
                     },
@@ -321,8 +330,13 @@ impl Producer {
         for key in keys {
             self.shared.seal_and_send(&key, None);
         }
-        let mut rx = self.shared.outstanding.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
+        loop {
+            let drained = self.shared.drained.notified();
+            if self.shared.outstanding.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            drained.await;
+        }
     }
 
     async fn partition_count(&self, topic: &str) -> Result<u32, ProduceError> {
@@ -415,7 +429,11 @@ impl Shared {
             };
             let _ = w.tx.send(r);
         }
-        self.outstanding.send_modify(|n| *n -= count);
+        let before = self.outstanding.fetch_sub(count, Ordering::SeqCst);
+        debug_assert!(before >= count, "completed more records than were sent");
+        if before == count {
+            self.drained.notify_waiters();
+        }
     }
 }
 
