@@ -5,11 +5,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Buf;
 use bytes::Bytes;
 use quiver_log::ReadError;
 use quiver_protocol::batch::{self, BatchError, ValidationLimits};
 use quiver_protocol::codec::{Wire, decode_exact};
-use quiver_protocol::frame::{encode_error_response, encode_response, split_request};
+use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_response, split_request};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -23,7 +24,7 @@ impl Broker {
     /// Answers one request frame (without its length prefix) with one
     /// response frame (with its length prefix). A produce request appends
     /// only when `turn` (its place in the connection's order) has come.
-    pub async fn handle(&self, frame: Bytes, turn: Option<AppendTurn>) -> Bytes {
+    pub async fn handle(&self, frame: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
         match self.dispatch(frame, turn).await {
             Ok(response) => response,
             Err(error) => {
@@ -33,8 +34,30 @@ impl Broker {
         }
     }
 
-    async fn dispatch(&self, frame: Bytes, turn: Option<AppendTurn>) -> Result<Bytes, WireError> {
+    /// Like [`Broker::handle`], for a transport that already read the API
+    /// key (to order produce requests): `rest` is the frame after it.
+    pub async fn handle_after_key(&self, api_key: u16, mut rest: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
+        if rest.len() < 2 {
+            return encode_error_response(&corrupt("request frame ends inside its header"));
+        }
+        let api_version = rest.get_u16();
+        match self.dispatch_request(RequestHeader { api_key, api_version }, rest, turn).await {
+            Ok(response) => response,
+            Err(error) => encode_error_response(&error),
+        }
+    }
+
+    async fn dispatch(&self, frame: Bytes, turn: Option<AppendTurn>) -> Result<Vec<Bytes>, WireError> {
         let (header, body) = split_request(frame).map_err(corrupt)?;
+        self.dispatch_request(header, body, turn).await
+    }
+
+    async fn dispatch_request(
+        &self,
+        header: RequestHeader,
+        body: Bytes,
+        turn: Option<AppendTurn>,
+    ) -> Result<Vec<Bytes>, WireError> {
         let api = ApiKey::from_u16(header.api_key)
             .ok_or_else(|| WireError::new(ErrorCode::UnknownApi, format!("unknown API key {}", header.api_key)))?;
         let (min, max) = api.supported_versions();
@@ -59,7 +82,7 @@ impl Broker {
         }
     }
 
-    async fn run<Req, Resp, F, Fut>(&self, body: Bytes, f: F) -> Result<Bytes, WireError>
+    async fn run<Req, Resp, F, Fut>(&self, body: Bytes, f: F) -> Result<Vec<Bytes>, WireError>
     where
         Req: Wire,
         Resp: Wire,

@@ -19,9 +19,85 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
+/// Where message bodies are encoded: a growing buffer for small fields, and
+/// large byte fields (record batches) kept as their own `Bytes` chunks, so a
+/// fetch response or a produce request is sent without copying its records.
+#[derive(Debug, Default)]
+pub struct FrameBuf {
+    head: BytesMut,
+    chunks: Vec<Bytes>,
+}
+
+/// Byte fields at least this large travel as their own chunk.
+const SHARED_CHUNK_BYTES_MIN: usize = 4096;
+
+impl FrameBuf {
+    pub fn new() -> Self {
+        FrameBuf::default()
+    }
+
+    /// Appends `bytes` by reference when it is large, by copy otherwise.
+    pub fn put_shared(&mut self, bytes: &Bytes) {
+        if bytes.len() >= SHARED_CHUNK_BYTES_MIN {
+            if !self.head.is_empty() {
+                self.chunks.push(self.head.split().freeze());
+            }
+            self.chunks.push(bytes.clone());
+        } else {
+            self.head.put_slice(bytes);
+        }
+    }
+
+    /// Bytes encoded so far.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The encoded bytes, as chunks to be written in order.
+    pub fn into_chunks(mut self) -> Vec<Bytes> {
+        if !self.head.is_empty() {
+            self.chunks.push(self.head.freeze());
+        }
+        self.chunks
+    }
+}
+
+// SAFETY: every method delegates to the inner `BytesMut`, which upholds the
+// `BufMut` contract itself.
+unsafe impl BufMut for FrameBuf {
+    fn remaining_mut(&self) -> usize {
+        self.head.remaining_mut()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller's guarantee is forwarded unchanged.
+        unsafe { self.head.advance_mut(cnt) }
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        self.head.chunk_mut()
+    }
+}
+
+/// Concatenates chunks (tests, fuzzing, and anything that wants one buffer).
+pub fn concat(chunks: &[Bytes]) -> Bytes {
+    if let [single] = chunks {
+        return single.clone();
+    }
+    let mut out = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for c in chunks {
+        out.put_slice(c);
+    }
+    out.freeze()
+}
+
 /// A value with a binary encoding.
 pub trait Wire: Sized {
-    fn encode(&self, buf: &mut BytesMut);
+    fn encode(&self, buf: &mut FrameBuf);
     fn decode(buf: &mut Bytes) -> Result<Self, DecodeError>;
 }
 
@@ -35,9 +111,9 @@ pub fn decode_exact<T: Wire>(mut buf: Bytes) -> Result<T, DecodeError> {
 }
 
 pub fn encode_to_bytes<T: Wire>(value: &T) -> Bytes {
-    let mut buf = BytesMut::new();
+    let mut buf = FrameBuf::new();
     value.encode(&mut buf);
-    buf.freeze()
+    concat(&buf.into_chunks())
 }
 
 fn need(buf: &Bytes, n: usize, what: &'static str) -> Result<(), DecodeError> {
@@ -47,7 +123,7 @@ fn need(buf: &Bytes, n: usize, what: &'static str) -> Result<(), DecodeError> {
 macro_rules! wire_int {
     ($($t:ty => $put:ident, $get:ident;)*) => {$(
         impl Wire for $t {
-            fn encode(&self, buf: &mut BytesMut) {
+            fn encode(&self, buf: &mut FrameBuf) {
                 buf.$put(*self);
             }
             fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
@@ -69,7 +145,7 @@ wire_int! {
 }
 
 impl Wire for bool {
-    fn encode(&self, buf: &mut BytesMut) {
+    fn encode(&self, buf: &mut FrameBuf) {
         buf.put_u8(u8::from(*self));
     }
     fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
@@ -82,9 +158,9 @@ impl Wire for bool {
 }
 
 impl Wire for Bytes {
-    fn encode(&self, buf: &mut BytesMut) {
+    fn encode(&self, buf: &mut FrameBuf) {
         buf.put_u32(self.len() as u32);
-        buf.put_slice(self);
+        buf.put_shared(self);
     }
     fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
         let len = u32::decode(buf)? as usize;
@@ -94,7 +170,7 @@ impl Wire for Bytes {
 }
 
 impl Wire for String {
-    fn encode(&self, buf: &mut BytesMut) {
+    fn encode(&self, buf: &mut FrameBuf) {
         buf.put_u32(self.len() as u32);
         buf.put_slice(self.as_bytes());
     }
@@ -105,7 +181,7 @@ impl Wire for String {
 }
 
 impl<T: Wire> Wire for Option<T> {
-    fn encode(&self, buf: &mut BytesMut) {
+    fn encode(&self, buf: &mut FrameBuf) {
         match self {
             None => buf.put_u8(0),
             Some(v) => {
@@ -124,7 +200,7 @@ impl<T: Wire> Wire for Option<T> {
 }
 
 impl<T: Wire> Wire for Vec<T> {
-    fn encode(&self, buf: &mut BytesMut) {
+    fn encode(&self, buf: &mut FrameBuf) {
         buf.put_u32(self.len() as u32);
         for item in self {
             item.encode(buf);
@@ -146,7 +222,7 @@ impl<T: Wire> Wire for Vec<T> {
 }
 
 impl<A: Wire, B: Wire> Wire for (A, B) {
-    fn encode(&self, buf: &mut BytesMut) {
+    fn encode(&self, buf: &mut FrameBuf) {
         self.0.encode(buf);
         self.1.encode(buf);
     }
@@ -165,7 +241,7 @@ macro_rules! wire_struct {
 
         impl $crate::codec::Wire for $name {
             #[allow(unused_variables)]
-            fn encode(&self, buf: &mut ::bytes::BytesMut) {
+            fn encode(&self, buf: &mut $crate::codec::FrameBuf) {
                 $($crate::codec::Wire::encode(&self.$field, buf);)*
             }
             #[allow(unused_variables)]
@@ -186,7 +262,7 @@ macro_rules! wire_enum {
         pub enum $name { $($(#[$vmeta])* $variant = $tag),* }
 
         impl $crate::codec::Wire for $name {
-            fn encode(&self, buf: &mut ::bytes::BytesMut) {
+            fn encode(&self, buf: &mut $crate::codec::FrameBuf) {
                 ::bytes::BufMut::put_u8(buf, *self as u8);
             }
             fn decode(buf: &mut ::bytes::Bytes) -> Result<Self, $crate::codec::DecodeError> {

@@ -9,9 +9,9 @@
 //! no correlation id. The reading side checks the length against its limit
 //! before it reads the rest.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
 
-use crate::codec::{DecodeError, Wire, decode_exact};
+use crate::codec::{DecodeError, FrameBuf, Wire, decode_exact};
 use crate::error::{ErrorCode, WireError};
 use crate::messages::Request;
 
@@ -20,10 +20,9 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// Default upper bound on a request frame; brokers make it configurable.
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
 
-/// A request frame, length prefix included.
-pub fn encode_request<R: Request>(request: &R) -> Bytes {
-    let mut buf = BytesMut::with_capacity(64);
-    buf.put_u32(0);
+/// A request frame, length prefix included, as chunks to write in order.
+pub fn encode_request<R: Request>(request: &R) -> Vec<Bytes> {
+    let mut buf = FrameBuf::new();
     buf.put_u16(R::API as u16);
     buf.put_u16(R::VERSION);
     request.encode(&mut buf);
@@ -31,9 +30,8 @@ pub fn encode_request<R: Request>(request: &R) -> Bytes {
 }
 
 /// The frame of a successful response.
-pub fn encode_response<T: Wire>(body: &T) -> Bytes {
-    let mut buf = BytesMut::with_capacity(64);
-    buf.put_u32(0);
+pub fn encode_response<T: Wire>(body: &T) -> Vec<Bytes> {
+    let mut buf = FrameBuf::new();
     ErrorCode::None.encode(&mut buf);
     String::new().encode(&mut buf);
     body.encode(&mut buf);
@@ -41,18 +39,19 @@ pub fn encode_response<T: Wire>(body: &T) -> Bytes {
 }
 
 /// The frame of a failed request.
-pub fn encode_error_response(error: &WireError) -> Bytes {
-    let mut buf = BytesMut::with_capacity(64 + error.message.len());
-    buf.put_u32(0);
+pub fn encode_error_response(error: &WireError) -> Vec<Bytes> {
+    let mut buf = FrameBuf::new();
     error.code.encode(&mut buf);
     error.message.encode(&mut buf);
     finish(buf)
 }
 
-fn finish(mut buf: BytesMut) -> Bytes {
-    let len = (buf.len() - LENGTH_PREFIX_BYTES) as u32;
-    buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
+fn finish(buf: FrameBuf) -> Vec<Bytes> {
+    let len = buf.len() as u32;
+    let mut chunks = Vec::with_capacity(4);
+    chunks.push(Bytes::copy_from_slice(&len.to_be_bytes()));
+    chunks.extend(buf.into_chunks());
+    chunks
 }
 
 /// Reads the length prefix of a frame.
@@ -102,7 +101,7 @@ mod tests {
                 records: Bytes::from_static(b"batch"),
             }],
         };
-        let frame = encode_request(&req);
+        let frame = crate::codec::concat(&encode_request(&req));
         let len = frame_len(frame[..4].try_into().unwrap());
         assert_eq!(len, frame.len() - 4);
         let (header, body) = split_request(frame.slice(4..)).unwrap();
@@ -111,15 +110,31 @@ mod tests {
     }
 
     #[test]
+    fn large_byte_fields_are_sent_by_reference() {
+        let batch = Bytes::from(vec![7u8; 10_000]);
+        let req = ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 1,
+            partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records: batch.clone() }],
+        };
+        let chunks = encode_request(&req);
+        assert!(chunks.iter().any(|c| c.as_ptr() == batch.as_ptr()), "the batch is not copied");
+        let frame = crate::codec::concat(&chunks);
+        let (_, body) = split_request(frame.slice(4..)).unwrap();
+        assert_eq!(decode_exact::<ProduceRequest>(body).unwrap(), req);
+    }
+
+    #[test]
     fn error_response_roundtrip() {
-        let frame = encode_error_response(&WireError::new(ErrorCode::UnknownTopic, "no topic 'x'"));
+        let frame =
+            crate::codec::concat(&encode_error_response(&WireError::new(ErrorCode::UnknownTopic, "no topic 'x'")));
         let got = decode_response::<MetadataResponse>(frame.slice(4..)).unwrap();
         assert_eq!(got.unwrap_err().code, ErrorCode::UnknownTopic);
     }
 
     #[test]
     fn hostile_list_length_is_rejected_without_allocating() {
-        let mut buf = BytesMut::new();
+        let mut buf = bytes::BytesMut::new();
         buf.put_u8(1); // acks
         buf.put_u32(5); // timeout
         buf.put_u32(u32::MAX); // partitions count

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use quiver_broker::{AppendOrder, AppendTurn, Broker};
 use quiver_protocol::frame::{LENGTH_PREFIX_BYTES, encode_error_response, frame_len};
 use quiver_protocol::messages::ApiKey;
@@ -115,13 +114,13 @@ async fn serve_stream(
             format!("request frame of {} bytes is too short for a header", head.len),
         )),
         Some(key) => {
-            let mut frame = BytesMut::zeroed(head.len);
-            frame[..2].copy_from_slice(&key.to_be_bytes());
-            recv.read_exact(&mut frame[2..]).await?;
-            broker.handle(frame.freeze(), turn).await
+            // The API key was read already; the rest goes to the broker as is.
+            let rest = quiver_client::read_body(&mut recv, head.len - 2).await?;
+            broker.handle_after_key(key, rest, turn).await
         }
     };
-    send.write_all(&response).await?;
+    let mut response = response;
+    send.write_all_chunks(&mut response).await?;
     send.finish()?;
     Ok(())
 }

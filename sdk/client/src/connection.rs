@@ -235,6 +235,36 @@ fn lost(reason: String) -> CallError {
     CallError::ConnectionLost(reason)
 }
 
+/// Reads exactly `len` bytes of a frame body: without zero-filling a buffer
+/// first, and without any copy when the body arrives as one QUIC chunk.
+pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, std::io::Error> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut got = 0;
+    while got < len {
+        match recv.read_chunk(len - got, true).await {
+            Ok(Some(chunk)) => {
+                got += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+            }
+            Ok(None) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("stream ended after {got} of {len} frame bytes"),
+                ));
+            }
+            Err(e) => return Err(std::io::Error::other(e)),
+        }
+    }
+    if chunks.len() == 1 {
+        return Ok(chunks.pop().expect("one chunk"));
+    }
+    let mut body = BytesMut::with_capacity(len);
+    for c in &chunks {
+        body.extend_from_slice(c);
+    }
+    Ok(body.freeze())
+}
+
 /// An opened request stream: one request, one response.
 pub struct RequestStream {
     send: quinn::SendStream,
@@ -250,7 +280,8 @@ impl RequestStream {
     }
 
     pub async fn send_only<R: Request>(mut self, request: &R) -> Result<(), CallError> {
-        self.send.write_all(&encode_request(request)).await.map_err(|e| lost(e.to_string()))?;
+        let mut frame = encode_request(request);
+        self.send.write_all_chunks(&mut frame).await.map_err(|e| lost(e.to_string()))?;
         self.send.finish().map_err(|e| lost(e.to_string()))?;
         Ok(())
     }
@@ -259,11 +290,11 @@ impl RequestStream {
 async fn exchange(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    frame: Bytes,
+    mut frame: Vec<Bytes>,
     config: &ClientConfig,
 ) -> Result<Bytes, CallError> {
     let work = async {
-        send.write_all(&frame).await.map_err(|e| lost(e.to_string()))?;
+        send.write_all_chunks(&mut frame).await.map_err(|e| lost(e.to_string()))?;
         send.finish().map_err(|e| lost(e.to_string()))?;
         let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
         recv.read_exact(&mut prefix).await.map_err(|e| lost(e.to_string()))?;
@@ -271,9 +302,7 @@ async fn exchange(
         if len > config.response_bytes_max {
             return Err(CallError::ResponseTooLarge { size: len, limit: config.response_bytes_max });
         }
-        let mut body = BytesMut::zeroed(len);
-        recv.read_exact(&mut body).await.map_err(|e| lost(e.to_string()))?;
-        Ok(body.freeze())
+        read_body(&mut recv, len).await.map_err(|e| lost(e.to_string()))
     };
     match tokio::time::timeout(config.request_timeout, work).await {
         Ok(result) => result,

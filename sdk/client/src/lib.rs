@@ -31,7 +31,9 @@ pub mod partitioner;
 mod producer;
 
 pub use admin::Admin;
-pub use connection::{CallError, Client, ClientConfig, ConnectError, quic_client_config, transport_config};
+pub use connection::{
+    CallError, Client, ClientConfig, ConnectError, RequestStream, quic_client_config, read_body, transport_config,
+};
 pub use consumer::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, OffsetSpec};
 pub use producer::{DeliveryFuture, ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::batch::{Compression, Header};

@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use quiver_protocol::ErrorCode;
-use quiver_protocol::codec::Wire;
+use quiver_protocol::codec::{Wire, concat};
 use quiver_protocol::frame::{LENGTH_PREFIX_BYTES, decode_response, encode_response};
 use quiver_protocol::messages::*;
 
@@ -19,7 +19,7 @@ fn check<T: Wire + PartialEq + Debug>(frame: &Bytes) {
         Err(_) => {}
         Ok(Err(error)) => assert_ne!(error.code, ErrorCode::None),
         Ok(Ok(value)) => {
-            let again = encode_response(&value).slice(LENGTH_PREFIX_BYTES..);
+            let again = concat(&encode_response(&value)).slice(LENGTH_PREFIX_BYTES..);
             assert_eq!(decode_response::<T>(again), Ok(Ok(value)));
         }
     }
