@@ -164,10 +164,16 @@ struct OpenBatch {
     permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A sealed batch. It is queued while the state lock is held, so the queue
+/// order is the seal order; it is compressed later, by the task that sends
+/// it, after its request stream was opened in queue order.
 struct ReadyBatch {
     topic: String,
     partition: u32,
+    builder: Option<BatchBuilder>,
     records: Bytes,
+    /// Uncompressed size, for packing requests before compression.
+    size_bytes: usize,
     waiters: Vec<Waiter>,
     created: Instant,
     _permit: Option<OwnedSemaphorePermit>,
@@ -257,7 +263,6 @@ impl Producer {
         let permit = shared.buffer.clone().acquire_many_owned(size as u32).await.map_err(|_| ProduceError::Closed)?;
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let (tx, rx) = oneshot::channel();
-        let mut sealed = Vec::new();
         // Counted before the record becomes visible to other threads: once it
         // is in a batch, a linger timer or another sender may seal, send and
         // complete it before this thread runs again.
@@ -273,7 +278,9 @@ impl Producer {
             let full =
                 state.open.get(&key).is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
             if full {
-                sealed.extend(seal(&mut state, &key, None));
+                if let Some(batch) = seal(&mut state, &key, None) {
+                    shared.send_ready(batch);
+                }
             }
             let created = !state.open.contains_key(&key);
             if created {
@@ -311,11 +318,10 @@ impl Producer {
                 none => *none = Some(permit),
             }
             if batch.builder.size_bytes() >= shared.config.batch_bytes_max {
-                sealed.extend(seal(&mut state, &key, None));
+                if let Some(batch) = seal(&mut state, &key, None) {
+                    shared.send_ready(batch);
+                }
             }
-        }
-        for batch in sealed {
-            shared.send_ready(batch);
         }
         Ok(DeliveryFuture { rx })
     }
@@ -392,20 +398,33 @@ fn seal(state: &mut State, key: &(String, u32), id: Option<u64>) -> Option<(Stri
     Some((key.0.clone(), key.1, batch))
 }
 
+impl ReadyBatch {
+    /// The finished batch, compressed on first use.
+    fn records(&mut self) -> Bytes {
+        if let Some(builder) = self.builder.take() {
+            self.records = builder.build();
+        }
+        self.records.clone()
+    }
+}
+
 impl Shared {
     fn seal_and_send(&self, key: &(String, u32), id: Option<u64>) {
-        let sealed = seal(&mut self.state.lock().expect("producer state"), key, id);
-        if let Some(batch) = sealed {
+        let mut state = self.state.lock().expect("producer state");
+        if let Some(batch) = seal(&mut state, key, id) {
             self.send_ready(batch);
         }
     }
 
-    /// Compresses a sealed batch (outside the state lock) and queues it.
+    /// Queues a sealed batch. Called with the state lock held: batches of a
+    /// partition must enter the queue in the order they were sealed.
     fn send_ready(&self, (topic, partition, batch): (String, u32, OpenBatch)) {
         let ready = ReadyBatch {
             topic,
             partition,
-            records: batch.builder.build(),
+            size_bytes: batch.builder.size_bytes(),
+            builder: Some(batch.builder),
+            records: Bytes::new(),
             waiters: batch.waiters,
             created: Instant::now(),
             _permit: batch.permit,
@@ -451,12 +470,12 @@ async fn dispatch(shared: std::sync::Weak<Shared>, mut ready_rx: mpsc::Unbounded
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let mut size = first.records.len();
+        let mut size = first.size_bytes;
         let mut batches = vec![first];
         while size < shared.config.request_bytes_max {
             match ready_rx.try_recv() {
                 Ok(b) => {
-                    size += b.records.len();
+                    size += b.size_bytes;
                     batches.push(b);
                 }
                 Err(_) => break,
@@ -481,12 +500,8 @@ async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>, mut stream:
             acks: config.acks,
             timeout_ms: config.delivery_timeout.as_millis() as u32,
             partitions: pending
-                .iter()
-                .map(|b| ProducePartition {
-                    topic: b.topic.clone(),
-                    partition: b.partition,
-                    records: b.records.clone(),
-                })
+                .iter_mut()
+                .map(|b| ProducePartition { topic: b.topic.clone(), partition: b.partition, records: b.records() })
                 .collect(),
         };
         let opened = match stream.take() {
