@@ -271,8 +271,15 @@ pub fn validate(batch: &[u8], limits: &ValidationLimits) -> Result<BatchHeader, 
             found: (i64::from(header.last_offset_delta) + 1).max(0) as usize,
         });
     }
-    let body = decompressed_body(&header, &batch[BATCH_HEADER_LEN..])?;
-    let mut rest: &[u8] = &body;
+    let compressed;
+    let mut rest: &[u8] = match header.compression()? {
+        // Uncompressed records are walked where they are: no copy.
+        Compression::None => &batch[BATCH_HEADER_LEN..],
+        _ => {
+            compressed = decompressed_body(&header, &batch[BATCH_HEADER_LEN..])?;
+            &compressed
+        }
+    };
     let mut index = 0usize;
     while !rest.is_empty() {
         let view = RecordView::decode(&mut rest, index)?;
