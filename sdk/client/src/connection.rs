@@ -235,32 +235,22 @@ fn lost(reason: String) -> CallError {
     CallError::ConnectionLost(reason)
 }
 
-/// Reads exactly `len` bytes of a frame body: without zero-filling a buffer
-/// first, and without any copy when the body arrives as one QUIC chunk.
+/// Reads exactly `len` bytes of a frame body into one buffer, without
+/// zero-filling it first (QUIC hands data over in packet-sized chunks, so
+/// copying them once into place is cheaper than keeping them apart).
 pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, std::io::Error> {
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut got = 0;
-    while got < len {
-        match recv.read_chunk(len - got, true).await {
-            Ok(Some(chunk)) => {
-                got += chunk.bytes.len();
-                chunks.push(chunk.bytes);
-            }
-            Ok(None) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("stream ended after {got} of {len} frame bytes"),
-                ));
-            }
-            Err(e) => return Err(std::io::Error::other(e)),
-        }
-    }
-    if chunks.len() == 1 {
-        return Ok(chunks.pop().expect("one chunk"));
-    }
+    use bytes::BufMut;
+    use tokio::io::AsyncReadExt;
     let mut body = BytesMut::with_capacity(len);
-    for c in &chunks {
-        body.extend_from_slice(c);
+    while body.len() < len {
+        let want = len - body.len();
+        let n = recv.read_buf(&mut (&mut body).limit(want)).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("stream ended after {} of {len} frame bytes", body.len()),
+            ));
+        }
     }
     Ok(body.freeze())
 }

@@ -113,7 +113,7 @@ impl ProducerRecord {
 /// Where a record was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMetadata {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: u32,
     /// -1 with acks=none: the broker does not answer.
     pub offset: i64,
@@ -168,7 +168,7 @@ struct OpenBatch {
 /// order is the seal order; it is compressed later, by the task that sends
 /// it, after its request stream was opened in queue order.
 struct ReadyBatch {
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     builder: Option<BatchBuilder>,
     records: Bytes,
@@ -179,25 +179,62 @@ struct ReadyBatch {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-#[derive(Default)]
+/// What the producer keeps per topic: looked up by `&str`, so the hot path
+/// allocates nothing per record.
+struct TopicState {
+    name: Arc<str>,
+    partitions: u32,
+    /// Where keyless records go until that partition's batch is sealed.
+    sticky: Option<u32>,
+    open: HashMap<u32, OpenBatch>,
+}
+
+type SealedBatch = (Arc<str>, u32, OpenBatch);
+
+impl TopicState {
+    fn sticky_partition(&mut self, rng: &mut u64) -> u32 {
+        match self.sticky {
+            Some(p) if p < self.partitions => p,
+            _ => {
+                let p = random(rng, self.partitions);
+                self.sticky = Some(p);
+                p
+            }
+        }
+    }
+
+    /// Removes an open batch (only if its id matches, when given). Keyless
+    /// records move to another partition once their sticky batch is sealed.
+    fn seal(&mut self, partition: u32, id: Option<u64>, rng: &mut u64) -> Option<SealedBatch> {
+        if id.is_some_and(|id| self.open.get(&partition).is_none_or(|b| b.id != id)) {
+            return None;
+        }
+        let batch = self.open.remove(&partition)?;
+        if self.sticky == Some(partition) && self.partitions > 1 {
+            let mut next = random(rng, self.partitions - 1);
+            if next >= partition {
+                next += 1;
+            }
+            self.sticky = Some(next);
+        }
+        Some((self.name.clone(), partition, batch))
+    }
+}
+
 struct State {
-    open: HashMap<(String, u32), OpenBatch>,
-    sticky: HashMap<String, u32>,
-    partition_counts: HashMap<String, u32>,
+    topics: HashMap<String, TopicState>,
     next_batch_id: u64,
     rng: u64,
 }
 
-impl State {
-    fn random(&mut self, below: u32) -> u32 {
-        // xorshift64: enough to spread keyless records, no dependency.
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        (x % u64::from(below)) as u32
-    }
+/// xorshift64: enough to spread keyless records, no dependency.
+fn random(rng: &mut u64, below: u32) -> u32 {
+    let mut x = *rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *rng = x;
+    (x % u64::from(below)) as u32
 }
 
 struct Shared {
@@ -235,7 +272,7 @@ impl Producer {
             client,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             config,
-            state: Mutex::new(State { rng: seed, ..State::default() }),
+            state: Mutex::new(State { topics: HashMap::new(), next_batch_id: 0, rng: seed }),
             ready_tx,
             outstanding: AtomicUsize::new(0),
             drained: Notify::new(),
@@ -268,59 +305,54 @@ impl Producer {
         // complete it before this thread runs again.
         shared.outstanding.fetch_add(1, Ordering::SeqCst);
         {
-            let mut state = shared.state.lock().expect("producer state");
+            let mut guard = shared.state.lock().expect("producer state");
+            let State { topics, next_batch_id, rng } = &mut *guard;
+            let topic = topics.get_mut(record.topic.as_str()).expect("partition_count registered the topic");
             let partition = match (record.partition, &record.key) {
                 (Some(p), _) => p,
                 (None, Some(key)) => partition_for_key(key, partitions),
-                (None, None) => sticky_partition(&mut state, &record.topic, partitions),
+                (None, None) => topic.sticky_partition(rng),
             };
-            let key = (record.topic.clone(), partition);
-            let full =
-                state.open.get(&key).is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
-            if full {
-                if let Some(batch) = seal(&mut state, &key, None) {
-                    shared.send_ready(batch);
-                }
+            let full = topic
+                .open
+                .get(&partition)
+                .is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
+            if full && let Some(batch) = topic.seal(partition, None, rng) {
+                shared.send_ready(batch);
             }
-            let created = !state.open.contains_key(&key);
-            if created {
-                state.next_batch_id += 1;
-                let id = state.next_batch_id;
-                state.open.insert(
-                    key.clone(),
-                    OpenBatch {
-                        id,
-                        builder: BatchBuilder::with_capacity(
-                            shared.config.compression,
-                            // Bounded so that many partitions do not each reserve a
-                            // whole batch; larger batches grow (amortised).
-                            shared.config.batch_bytes_max.min(64 * 1024).max(size + BATCH_HEADER_LEN),
-                        ),
-                        waiters: Vec::new(),
-                        permit: None,
-                    },
-                );
+            let batch = topic.open.entry(partition).or_insert_with(|| {
+                *next_batch_id += 1;
+                let id = *next_batch_id;
                 let weak = Arc::downgrade(shared);
-                let linger = shared.config.linger;
-                let key = key.clone();
+                let (linger, name) = (shared.config.linger, topic.name.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(linger).await;
                     if let Some(shared) = weak.upgrade() {
-                        shared.seal_and_send(&key, Some(id));
+                        shared.seal_and_send(&name, partition, Some(id));
                     }
                 });
-            }
-            let batch = state.open.get_mut(&key).expect("batch just ensured");
+                OpenBatch {
+                    id,
+                    builder: BatchBuilder::with_capacity(
+                        shared.config.compression,
+                        // Bounded so that many partitions do not each reserve a
+                        // whole batch; larger batches grow (amortised).
+                        shared.config.batch_bytes_max.min(64 * 1024).max(size + BATCH_HEADER_LEN),
+                    ),
+                    waiters: Vec::new(),
+                    permit: None,
+                }
+            });
             batch.builder.append(timestamp_ms, record.key.as_deref(), record.value.as_deref(), &record.headers);
             batch.waiters.push(Waiter { tx, timestamp_ms });
             match &mut batch.permit {
                 Some(p) => p.merge(permit),
                 none => *none = Some(permit),
             }
-            if batch.builder.size_bytes() >= shared.config.batch_bytes_max {
-                if let Some(batch) = seal(&mut state, &key, None) {
-                    shared.send_ready(batch);
-                }
+            if batch.builder.size_bytes() >= shared.config.batch_bytes_max
+                && let Some(batch) = topic.seal(partition, None, rng)
+            {
+                shared.send_ready(batch);
             }
         }
         Ok(DeliveryFuture { rx })
@@ -329,12 +361,12 @@ impl Producer {
     /// Sends every buffered record now and waits until each is acknowledged
     /// or failed.
     pub async fn flush(&self) {
-        let keys: Vec<_> = {
+        let open: Vec<(Arc<str>, u32)> = {
             let state = self.shared.state.lock().expect("producer state");
-            state.open.keys().cloned().collect()
+            state.topics.values().flat_map(|t| t.open.keys().map(|p| (t.name.clone(), *p))).collect()
         };
-        for key in keys {
-            self.shared.seal_and_send(&key, None);
+        for (topic, partition) in open {
+            self.shared.seal_and_send(&topic, partition, None);
         }
         loop {
             let drained = self.shared.drained.notified();
@@ -346,8 +378,8 @@ impl Producer {
     }
 
     async fn partition_count(&self, topic: &str) -> Result<u32, ProduceError> {
-        if let Some(n) = self.shared.state.lock().expect("producer state").partition_counts.get(topic) {
-            return Ok(*n);
+        if let Some(t) = self.shared.state.lock().expect("producer state").topics.get(topic) {
+            return Ok(t.partitions);
         }
         let metadata = self
             .shared
@@ -361,41 +393,16 @@ impl Producer {
             .into_iter()
             .find(|t| t.name == topic && t.error == ErrorCode::None)
             .ok_or_else(|| ProduceError::UnknownTopic(topic.to_string()))?;
-        let n = t.partitions.len() as u32;
-        self.shared.state.lock().expect("producer state").partition_counts.insert(topic.to_string(), n);
-        Ok(n)
+        let partitions = t.partitions.len() as u32;
+        let mut state = self.shared.state.lock().expect("producer state");
+        let entry = state.topics.entry(topic.to_string()).or_insert_with(|| TopicState {
+            name: Arc::from(topic),
+            partitions,
+            sticky: None,
+            open: HashMap::new(),
+        });
+        Ok(entry.partitions)
     }
-}
-
-fn sticky_partition(state: &mut State, topic: &str, partitions: u32) -> u32 {
-    if let Some(p) = state.sticky.get(topic)
-        && *p < partitions
-    {
-        return *p;
-    }
-    let p = state.random(partitions);
-    state.sticky.insert(topic.to_string(), p);
-    p
-}
-
-/// Removes an open batch (only if its id matches, when given). Keyless
-/// records move to another partition once their sticky batch is sealed.
-fn seal(state: &mut State, key: &(String, u32), id: Option<u64>) -> Option<(String, u32, OpenBatch)> {
-    if id.is_some_and(|id| state.open.get(key).is_none_or(|b| b.id != id)) {
-        return None;
-    }
-    let batch = state.open.remove(key)?;
-    if state.sticky.get(&key.0) == Some(&key.1) {
-        let partitions = state.partition_counts.get(&key.0).copied().unwrap_or(1);
-        if partitions > 1 {
-            let mut next = state.random(partitions - 1);
-            if next >= key.1 {
-                next += 1;
-            }
-            state.sticky.insert(key.0.clone(), next);
-        }
-    }
-    Some((key.0.clone(), key.1, batch))
 }
 
 impl ReadyBatch {
@@ -409,16 +416,17 @@ impl ReadyBatch {
 }
 
 impl Shared {
-    fn seal_and_send(&self, key: &(String, u32), id: Option<u64>) {
-        let mut state = self.state.lock().expect("producer state");
-        if let Some(batch) = seal(&mut state, key, id) {
+    fn seal_and_send(&self, topic: &str, partition: u32, id: Option<u64>) {
+        let mut guard = self.state.lock().expect("producer state");
+        let State { topics, rng, .. } = &mut *guard;
+        if let Some(batch) = topics.get_mut(topic).and_then(|t| t.seal(partition, id, rng)) {
             self.send_ready(batch);
         }
     }
 
     /// Queues a sealed batch. Called with the state lock held: batches of a
     /// partition must enter the queue in the order they were sealed.
-    fn send_ready(&self, (topic, partition, batch): (String, u32, OpenBatch)) {
+    fn send_ready(&self, (topic, partition, batch): SealedBatch) {
         let ready = ReadyBatch {
             topic,
             partition,
@@ -501,7 +509,7 @@ async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>, mut stream:
             timeout_ms: config.delivery_timeout.as_millis() as u32,
             partitions: pending
                 .iter_mut()
-                .map(|b| ProducePartition { topic: b.topic.clone(), partition: b.partition, records: b.records() })
+                .map(|b| ProducePartition { topic: b.topic.to_string(), partition: b.partition, records: b.records() })
                 .collect(),
         };
         let opened = match stream.take() {
