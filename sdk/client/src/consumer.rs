@@ -51,7 +51,8 @@ pub enum OffsetSpec {
 /// A record as the consumer returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
-    pub topic: String,
+    /// Shared by every record of the topic: no allocation per record.
+    pub topic: std::sync::Arc<str>,
     pub partition: u32,
     pub offset: i64,
     pub timestamp_ms: i64,
@@ -222,6 +223,7 @@ impl Consumer {
         // next fetch before decoding the records.
         let mut chunks = Vec::new();
         let mut first_error = None;
+        let mut records_hint = 0usize;
         for (r, ((topic, partition), asked_offset)) in response.partitions.into_iter().zip(asked) {
             let tp = (topic, partition);
             if self.positions.get(&tp) != Some(&asked_offset) {
@@ -239,7 +241,10 @@ impl Consumer {
             let mut next = asked_offset;
             for batch in Batches::new(r.records.clone()) {
                 match batch {
-                    Ok((header, _)) => next = next.max(header.next_offset()),
+                    Ok((header, _)) => {
+                        next = next.max(header.next_offset());
+                        records_hint += header.record_count.clamp(0, 1 << 16) as usize;
+                    }
                     Err(e) => {
                         first_error.get_or_insert(ConsumeError::Corrupt {
                             topic: tp.0.clone(),
@@ -258,14 +263,15 @@ impl Consumer {
             return Err(e);
         }
         self.start_fetch();
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(records_hint);
         for ((topic, partition), asked_offset, records) in chunks {
+            let shared_topic: std::sync::Arc<str> = topic.as_str().into();
             for batch in Batches::new(records) {
                 let (header, bytes) = batch.map_err(|e| corrupt(&topic, partition, asked_offset, e))?;
                 let decoded = decode_records(&bytes).map_err(|e| corrupt(&topic, partition, header.base_offset, e))?;
                 for r in decoded.into_iter().filter(|r| r.offset >= asked_offset) {
                     out.push(ConsumerRecord {
-                        topic: topic.clone(),
+                        topic: shared_topic.clone(),
                         partition,
                         offset: r.offset,
                         timestamp_ms: r.timestamp,
