@@ -1,0 +1,53 @@
+//! `quiver bench` through the real binary, against a dev node and embedded,
+//! with the raw QUIC baseline: every mode runs and reports sane numbers.
+
+mod common;
+
+use common::DevNode;
+
+fn run_json(node: &DevNode, args: &[&str]) -> serde_json::Value {
+    let stdout = node.ok(args);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn result<'a>(report: &'a serde_json::Value, mode: &str) -> &'a serde_json::Value {
+    report["results"].as_array().unwrap().iter().find(|r| r["mode"] == mode).unwrap_or_else(|| panic!("no {mode}"))
+}
+
+#[test]
+fn bench_modes_report_throughput_latency_and_ratios() {
+    let node = DevNode::start();
+    let small = ["--records", "3000", "--record-bytes", "512", "--format", "json"];
+
+    let mut args = vec!["bench", "produce", "--baseline", "--acks", "all"];
+    args.extend_from_slice(&small);
+    let report = run_json(&node, &args);
+    let produce = result(&report, "produce");
+    assert_eq!(produce["records"], 3000);
+    assert_eq!(produce["bytes"], 3000 * 512);
+    assert!(produce["mib_per_s"].as_f64().unwrap() > 0.0);
+    assert!(produce["latency_ms_p99"].as_f64().unwrap() >= produce["latency_ms_p50"].as_f64().unwrap());
+    assert!(report["ratios"]["produce_vs_quic_upload"].as_f64().unwrap() > 0.0);
+    assert_eq!(result(&report, "quic-upload")["bytes"], 3000 * 512);
+
+    // The records produced above are there for the consumer.
+    let mut args = vec!["bench", "consume"];
+    args.extend_from_slice(&small);
+    let report = run_json(&node, &args);
+    assert_eq!(result(&report, "consume")["records"], 3000);
+    let d: serde_json::Value =
+        serde_json::from_str(&node.ok(&["topic", "describe", "quiver-bench", "--format", "json"])).unwrap();
+    let total: i64 = d["partitions"].as_array().unwrap().iter().map(|p| p["high_watermark"].as_i64().unwrap()).sum();
+    assert_eq!(total, 3000, "consume reused the produced records");
+
+    let report = run_json(&node, &["bench", "e2e", "--records", "500", "--rate", "1000", "--format", "json"]);
+    let e2e = result(&report, "e2e");
+    assert_eq!(e2e["records"], 500);
+    assert!(e2e["latency_ms_p50"].as_f64().unwrap() > 0.0);
+
+    let report = run_json(&node, &["bench", "quic", "--records", "1000", "--format", "json"]);
+    assert_eq!(result(&report, "quic-download")["bytes"], 1000 * 1024);
+
+    let report = run_json(&node, &["bench", "produce", "--embedded", "--records", "1000", "--format", "json"]);
+    assert_eq!(result(&report, "produce")["records"], 1000);
+}
