@@ -10,7 +10,7 @@ use bytes::Bytes;
 use quiver_log::ReadError;
 use quiver_protocol::batch::{self, BatchError, ValidationLimits};
 use quiver_protocol::codec::{Wire, decode_exact};
-use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_response, split_request};
+use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_response};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -24,32 +24,29 @@ impl Broker {
     /// Answers one request frame (without its length prefix) with one
     /// response frame (with its length prefix). A produce request appends
     /// only when `turn` (its place in the connection's order) has come.
-    pub async fn handle(&self, frame: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
-        match self.dispatch(frame, turn).await {
-            Ok(response) => response,
-            Err(error) => {
-                tracing::debug!(code = %error.code, message = %error.message, "request failed");
-                encode_error_response(&error)
-            }
+    pub async fn handle(&self, mut frame: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
+        if frame.len() < 2 {
+            return self.respond(Err(corrupt("request frame ends inside its header")));
         }
+        let api_key = frame.get_u16();
+        self.handle_after_key(api_key, frame, turn).await
     }
 
     /// Like [`Broker::handle`], for a transport that already read the API
     /// key (to order produce requests): `rest` is the frame after it.
     pub async fn handle_after_key(&self, api_key: u16, mut rest: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
         if rest.len() < 2 {
-            return encode_error_response(&corrupt("request frame ends inside its header"));
+            return self.respond(Err(corrupt("request frame ends inside its header")));
         }
         let api_version = rest.get_u16();
-        match self.dispatch_request(RequestHeader { api_key, api_version }, rest, turn).await {
-            Ok(response) => response,
-            Err(error) => encode_error_response(&error),
-        }
+        self.respond(self.dispatch_request(RequestHeader { api_key, api_version }, rest, turn).await)
     }
 
-    async fn dispatch(&self, frame: Bytes, turn: Option<AppendTurn>) -> Result<Vec<Bytes>, WireError> {
-        let (header, body) = split_request(frame).map_err(corrupt)?;
-        self.dispatch_request(header, body, turn).await
+    fn respond(&self, result: Result<Vec<Bytes>, WireError>) -> Vec<Bytes> {
+        result.unwrap_or_else(|error| {
+            tracing::debug!(code = %error.code, message = %error.message, "request failed");
+            encode_error_response(&error)
+        })
     }
 
     async fn dispatch_request(

@@ -245,9 +245,7 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
         let client = if i == 0 {
             target.client.clone()
         } else {
-            let mut c = quiver_client::ClientConfig::new(target.address.to_string(), target.ca_pem.clone());
-            c.server_name = None;
-            Client::connect(c).await?
+            Client::connect(quiver_client::ClientConfig::new(target.address.to_string(), target.ca_pem.clone())).await?
         };
         let producer = client.producer(producer_config(opts));
         let (topic, bar, base) = (topic.to_string(), bar.clone(), base.clone());
@@ -409,10 +407,8 @@ async fn quic_baseline(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
         let _ = conn.closed().await;
         anyhow::Ok(())
     });
-    let mut client_config = quiver_client::ClientConfig::new(address.to_string(), std::fs::read(&paths.ca_cert)?);
-    client_config.server_name = Some("localhost".into());
     let client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let crypto = quiver_client::quic_client_config(&client_config.ca_pem)?;
+    let crypto = quiver_client::quic_client_config(&std::fs::read(&paths.ca_cert)?)?;
     let conn = client_endpoint.connect_with(crypto, address, "localhost")?.await?;
     let data = Bytes::from(payload(chunk, 5));
 
