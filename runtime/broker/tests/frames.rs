@@ -24,6 +24,24 @@ fn batch(values: &[&str]) -> Bytes {
     b.build()
 }
 
+/// Fetches partition t-0 from `offset`: the high watermark and the values
+/// of the records at or after `offset`.
+async fn fetch_values(broker: &Broker, offset: i64) -> (i64, Vec<Bytes>) {
+    let fetch = FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+        partitions: vec![FetchPartition { topic: "t".into(), partition: 0, offset, max_bytes: 1 << 20 }],
+    };
+    let f = call(broker, &fetch).await.unwrap();
+    let values = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
+        .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
+        .filter(|r| r.offset >= offset)
+        .map(|r| r.value.unwrap())
+        .collect();
+    (f.partitions[0].high_watermark, values)
+}
+
 fn produce(records: Bytes) -> ProduceRequest {
     ProduceRequest {
         acks: Acks::All,
@@ -51,19 +69,8 @@ async fn produce_fetch_and_offsets_through_frames() {
     let r = call(&broker, &produce(batch(&["c"]))).await.unwrap();
     assert_eq!(r.partitions[0].base_offset, 2, "the corrupt batch took no offsets");
 
-    let fetch = FetchRequest {
-        max_wait_ms: 0,
-        min_bytes: 1,
-        max_bytes: 1 << 20,
-        partitions: vec![FetchPartition { topic: "t".into(), partition: 0, offset: 1, max_bytes: 1 << 20 }],
-    };
-    let f = call(&broker, &fetch).await.unwrap();
-    assert_eq!(f.partitions[0].high_watermark, 3);
-    let values: Vec<_> = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
-        .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
-        .filter(|r| r.offset >= 1)
-        .map(|r| r.value.unwrap())
-        .collect();
+    let (high_watermark, values) = fetch_values(&broker, 1).await;
+    assert_eq!(high_watermark, 3);
     assert_eq!(values, vec![Bytes::from("b"), Bytes::from("c")]);
 
     let latest = ListOffsetsRequest {
@@ -94,17 +101,8 @@ async fn produce_requests_append_in_ticket_order() {
         let r = decode_response::<ProduceResponse>(response.slice(4..)).unwrap().unwrap();
         assert_eq!(r.partitions[0].error, ErrorCode::None);
     }
-    let fetch = FetchRequest {
-        max_wait_ms: 0,
-        min_bytes: 1,
-        max_bytes: 1 << 20,
-        partitions: vec![FetchPartition { topic: "t".into(), partition: 0, offset: 0, max_bytes: 1 << 20 }],
-    };
-    let f = call(&broker, &fetch).await.unwrap();
-    let values: Vec<String> = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
-        .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
-        .map(|r| String::from_utf8(r.value.unwrap().to_vec()).unwrap())
-        .collect();
+    let (_, values) = fetch_values(&broker, 0).await;
+    let values: Vec<String> = values.iter().map(|v| String::from_utf8(v.to_vec()).unwrap()).collect();
     let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
     assert_eq!(values, expected);
     broker.shutdown();
