@@ -38,6 +38,8 @@ pub struct BrokerConfig {
     pub retention_check_interval_ms: u64,
     /// Defaults for topics created without overrides.
     pub topic_defaults: TopicConfig,
+    /// Limits of plugin instances (memory, deadline, count).
+    pub plugins: quiver_plugin_host::HostConfig,
 }
 
 impl BrokerConfig {
@@ -51,6 +53,7 @@ impl BrokerConfig {
             flush_interval_ms: Some(1_000),
             retention_check_interval_ms: 60_000,
             topic_defaults: TopicConfig::default(),
+            plugins: quiver_plugin_host::HostConfig::default(),
         }
     }
 }
@@ -61,6 +64,8 @@ pub enum OpenError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("topic metadata file {path} is unreadable: {reason}")]
     Metadata { path: PathBuf, reason: String },
+    #[error("cannot open the plugin registry: {0}")]
+    Plugins(String),
     #[error("cannot open partition {topic}-{partition}: {source}")]
     Log { topic: String, partition: u32, source: LogOpenError },
 }
@@ -95,6 +100,7 @@ pub struct Broker {
     /// Bumped after every append: long-polling fetches wait on it.
     pub(crate) appended: watch::Sender<u64>,
     pub(crate) shutting_down: AtomicBool,
+    pub(crate) plugins: crate::plugins::Plugins,
 }
 
 impl Broker {
@@ -123,6 +129,8 @@ impl Broker {
             let topic = open_topic(&logs_dir, record, config_t)?;
             topics.insert(topic.record.name.clone(), Arc::new(topic));
         }
+        let plugins =
+            crate::plugins::Plugins::open(&config.data_dir, config.plugins.clone()).map_err(OpenError::Plugins)?;
         tracing::info!(topics = topics.len(), dir = %config.data_dir.display(), "broker opened");
         Ok(Arc::new(Broker {
             config,
@@ -130,6 +138,7 @@ impl Broker {
             admin_lock: tokio::sync::Mutex::new(()),
             appended: watch::channel(0).0,
             shutting_down: AtomicBool::new(false),
+            plugins,
         }))
     }
 
@@ -187,6 +196,9 @@ impl Broker {
             .clone()
             .with_overrides(seen.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|m| WireError::new(ErrorCode::InvalidConfig, m))?;
+        if let Some(plugin) = &config.value_serializer {
+            self.check_serializer(plugin)?;
+        }
         let _guard = self.admin_lock.lock().await;
         if self.topic(name).is_some() {
             return Err(WireError::new(ErrorCode::TopicAlreadyExists, format!("topic '{name}' already exists")));
@@ -250,6 +262,7 @@ impl Broker {
     /// Starts the background flush and retention loops; they stop when
     /// [`Broker::shutdown`] is called.
     pub fn spawn_background(self: &Arc<Self>) {
+        self.start_plugins();
         if let Some(interval_ms) = self.config.flush_interval_ms {
             let broker = self.clone();
             tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! Every failure becomes a typed wire error with a message; no input makes
 //! the broker panic.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, Partition, Topic};
 use crate::order::AppendTurn;
+use crate::plugins::BatchMode;
 use crate::topic::TopicCompression;
 
 const BROKER_SOFTWARE: &str = concat!("quiver ", env!("CARGO_PKG_VERSION"));
@@ -24,7 +26,7 @@ impl Broker {
     /// Answers one request frame (without its length prefix) with one
     /// response frame (with its length prefix). A produce request appends
     /// only when `turn` (its place in the connection's order) has come.
-    pub async fn handle(&self, mut frame: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
+    pub async fn handle(self: &Arc<Self>, mut frame: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
         if frame.len() < 2 {
             return self.respond(Err(corrupt("request frame ends inside its header")));
         }
@@ -34,7 +36,12 @@ impl Broker {
 
     /// Like [`Broker::handle`], for a transport that already read the API
     /// key (to order produce requests): `rest` is the frame after it.
-    pub async fn handle_after_key(&self, api_key: u16, mut rest: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
+    pub async fn handle_after_key(
+        self: &Arc<Self>,
+        api_key: u16,
+        mut rest: Bytes,
+        turn: Option<AppendTurn>,
+    ) -> Vec<Bytes> {
         if rest.len() < 2 {
             return self.respond(Err(corrupt("request frame ends inside its header")));
         }
@@ -50,7 +57,7 @@ impl Broker {
     }
 
     async fn dispatch_request(
-        &self,
+        self: &Arc<Self>,
         header: RequestHeader,
         body: Bytes,
         turn: Option<AppendTurn>,
@@ -76,6 +83,29 @@ impl Broker {
             ApiKey::Produce => self.run(body, |r| self.produce(r, turn)).await,
             ApiKey::Fetch => self.run(body, |r| self.fetch(r)).await,
             ApiKey::ListOffsets => self.run(body, |r| async move { Ok(self.list_offsets(r)) }).await,
+            ApiKey::PluginDeploy => {
+                self.run(body, |r| async move {
+                    let (version, sha256, abi_version) = self.deploy_plugin(r).await?;
+                    Ok(PluginDeployResponse { version, sha256, abi_version })
+                })
+                .await
+            }
+            ApiKey::PluginList => {
+                self.run(body, |r: PluginListRequest| async move { self.list_plugins(r.names) }).await
+            }
+            ApiKey::PluginControl => {
+                self.run(body, |r: PluginControlRequest| async move {
+                    self.control_plugin(&r.name, r.action).await?;
+                    Ok(PluginControlResponse {})
+                })
+                .await
+            }
+            ApiKey::PluginLogs => {
+                self.run(body, |r: PluginLogsRequest| async move {
+                    Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
+                })
+                .await
+            }
         }
     }
 
@@ -183,13 +213,32 @@ impl Broker {
         })
     }
 
-    async fn produce(&self, r: ProduceRequest, turn: Option<AppendTurn>) -> Result<ProduceResponse, WireError> {
+    async fn produce(
+        self: &Arc<Self>,
+        r: ProduceRequest,
+        turn: Option<AppendTurn>,
+    ) -> Result<ProduceResponse, WireError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(WireError::new(ErrorCode::BrokerShuttingDown, "broker is shutting down"));
         }
         // Validate (and re-encode) before taking the turn: the CPU work of
         // concurrent requests overlaps; only the appends are ordered.
-        let prepared: Vec<_> = r.partitions.iter().map(|p| self.prepare(p)).collect();
+        let mut prepared: Vec<_> = r.partitions.iter().map(|p| self.prepare(p)).collect();
+        // Serializers run here too, before the turn: a refused record
+        // rejects its batch and nothing of it is appended.
+        for (p, prep) in r.partitions.iter().zip(prepared.iter_mut()) {
+            let serializer = self.topic(&p.topic).and_then(|t| t.config.value_serializer.clone());
+            if let (Some(name), Ok((_, stored))) = (serializer, &*prep) {
+                let (broker, batch) = (self.clone(), stored.clone());
+                let encoded =
+                    tokio::task::spawn_blocking(move || broker.apply_plugin(&name, None, BatchMode::Encode, &batch))
+                        .await
+                        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
+                        .and_then(|r| r);
+                *prep = std::mem::replace(prep, Err(WireError::new(ErrorCode::Internal, "")))
+                    .and_then(|(partition, _)| encoded.map(|b| (partition, b)));
+            }
+        }
         if let Some(turn) = &turn {
             turn.wait().await;
         }
@@ -266,7 +315,7 @@ impl Broker {
         Ok((partition, stored))
     }
 
-    async fn fetch(&self, r: FetchRequest) -> Result<FetchResponse, WireError> {
+    async fn fetch(self: &Arc<Self>, r: FetchRequest) -> Result<FetchResponse, WireError> {
         let wait = Duration::from_millis(u64::from(r.max_wait_ms.min(self.config.fetch_wait_ms_max)));
         let deadline = tokio::time::Instant::now() + wait;
         let mut appended = self.appended.subscribe();
@@ -278,13 +327,51 @@ impl Broker {
                 || tokio::time::Instant::now() >= deadline
                 || self.shutting_down.load(Ordering::Relaxed);
             if done {
-                return Ok(FetchResponse { partitions: results });
+                return self.fetch_plugins(&r, results).await;
             }
             if tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
                 let (results, _, _) = self.read_partitions(&r);
-                return Ok(FetchResponse { partitions: results });
+                return self.fetch_plugins(&r, results).await;
             }
         }
+    }
+
+    /// Runs the fetch's filter and the topics' value decoders over what was
+    /// read, batch by batch, off the async runtime.
+    async fn fetch_plugins(
+        self: &Arc<Self>,
+        r: &FetchRequest,
+        mut results: Vec<FetchPartitionResult>,
+    ) -> Result<FetchResponse, WireError> {
+        if r.filter.is_empty() && !r.decode_values {
+            return Ok(FetchResponse { partitions: results });
+        }
+        let (filter, params, decode) = (r.filter.clone(), r.filter_params.clone(), r.decode_values);
+        let broker = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for result in results.iter_mut().filter(|p| !p.records.is_empty()) {
+                let serializer = if decode {
+                    broker.topic(&result.topic).and_then(|t| t.config.value_serializer.clone())
+                } else {
+                    None
+                };
+                let mut out = Vec::new();
+                for item in batch::Batches::new(result.records.clone()) {
+                    let (_, mut stored) = item.map_err(corrupt)?;
+                    if let Some(name) = &serializer {
+                        stored = broker.apply_plugin(name, None, BatchMode::Decode, &stored)?;
+                    }
+                    if !filter.is_empty() {
+                        stored = broker.apply_plugin(&filter, Some(&params), BatchMode::Filter, &stored)?;
+                    }
+                    out.push(stored);
+                }
+                result.records = quiver_protocol::codec::concat(&out);
+            }
+            Ok(FetchResponse { partitions: results })
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
     }
 
     /// Reads every requested partition once; returns the results, the bytes

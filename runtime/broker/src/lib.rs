@@ -9,7 +9,10 @@
 mod broker;
 mod handlers;
 mod order;
+mod plugins;
 pub mod topic;
 
 pub use broker::{Broker, BrokerConfig, OpenError, now_ms};
 pub use order::{AppendOrder, AppendTurn};
+pub use plugins::{Deployment, OnError, StartAt};
+pub use quiver_plugin_host::HostConfig as PluginHostConfig;

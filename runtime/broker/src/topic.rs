@@ -50,6 +50,9 @@ pub struct TopicConfig {
     pub compression: TopicCompression,
     pub record_bytes_max: usize,
     pub index_interval_bytes: u32,
+    /// A deployed serializer plugin that checks and encodes values on
+    /// produce (and decodes them for consumers that ask).
+    pub value_serializer: Option<String>,
 }
 
 impl Default for TopicConfig {
@@ -62,6 +65,7 @@ impl Default for TopicConfig {
             compression: TopicCompression::Producer,
             record_bytes_max: 1024 * 1024,
             index_interval_bytes: 4096,
+            value_serializer: None,
         }
     }
 }
@@ -76,6 +80,7 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("compression", "producer | none | lz4 | zstd: codec batches are stored with"),
     ("max.message.bytes", "largest record accepted (key + value + headers, bytes)"),
     ("index.interval.bytes", "bytes between sparse offset index entries"),
+    ("value.serializer", "a deployed serializer plugin run on every produced batch; empty = none"),
 ];
 
 fn optional_ms(key: &str, value: &str) -> Result<Option<u64>, String> {
@@ -113,6 +118,7 @@ impl TopicConfig {
                 }
                 "max.message.bytes" => self.record_bytes_max = positive::<u32>(key, value, 1)? as usize,
                 "index.interval.bytes" => self.index_interval_bytes = positive(key, value, 1)?,
+                "value.serializer" => self.value_serializer = Some(value.to_owned()).filter(|v| !v.is_empty()),
                 other => {
                     let known: Vec<_> = CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
                     return Err(format!("unknown topic config '{other}' (known: {})", known.join(", ")));
@@ -139,6 +145,7 @@ impl TopicConfig {
             ("retention.ms".into(), ms(self.retention_ms)),
             ("segment.bytes".into(), self.segment_bytes.to_string()),
             ("segment.ms".into(), ms(self.segment_ms)),
+            ("value.serializer".into(), self.value_serializer.clone().unwrap_or_default()),
         ]
     }
 

@@ -10,7 +10,7 @@ use quiver_protocol::frame::{decode_response, encode_request};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
-async fn call<R: Request>(broker: &Broker, request: &R) -> Result<R::Response, WireError> {
+async fn call<R: Request>(broker: &std::sync::Arc<Broker>, request: &R) -> Result<R::Response, WireError> {
     let frame = concat(&encode_request(request)).slice(4..);
     let response = concat(&broker.handle(frame, None).await);
     decode_response::<R::Response>(response.slice(4..)).unwrap()
@@ -26,12 +26,15 @@ fn batch(values: &[&str]) -> Bytes {
 
 /// Fetches partition t-0 from `offset`: the high watermark and the values
 /// of the records at or after `offset`.
-async fn fetch_values(broker: &Broker, offset: i64) -> (i64, Vec<Bytes>) {
+async fn fetch_values(broker: &std::sync::Arc<Broker>, offset: i64) -> (i64, Vec<Bytes>) {
     let fetch = FetchRequest {
         max_wait_ms: 0,
         min_bytes: 1,
         max_bytes: 1 << 20,
         partitions: vec![FetchPartition { topic: "t".into(), partition: 0, offset, max_bytes: 1 << 20 }],
+        filter: String::new(),
+        filter_params: vec![],
+        decode_values: false,
     };
     let f = call(broker, &fetch).await.unwrap();
     let values = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())

@@ -580,7 +580,7 @@ impl Instance {
 
     /// Counts output records (the caller knows them once decoded).
     pub fn count_output(&self, records: usize) {
-        self.monitor.record_call(0, records, Duration::ZERO);
+        self.monitor.record_output(records);
     }
 }
 

@@ -66,6 +66,11 @@ impl Monitor {
         self.busy_ns.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
     }
 
+    /// Counts output records (known once the caller decoded them).
+    pub fn record_output(&self, records: usize) {
+        self.records_out.fetch_add(records as u64, Ordering::Relaxed);
+    }
+
     pub fn record_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }

@@ -409,16 +409,7 @@ fn take_nullable<'a>(buf: &mut &'a [u8], index: usize, what: &str) -> Result<Opt
 /// values are slices of `batch` (uncompressed) or of one decompressed buffer:
 /// no copy per record.
 pub fn decode_records(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
-    let header = BatchHeader::parse(batch)?;
-    if header.total_len() > batch.len() {
-        return Err(BatchError::Truncated);
-    }
-    let batch = batch.slice(..header.total_len());
-    verify_crc(&batch)?;
-    let body = match header.compression()? {
-        Compression::None => batch.slice(BATCH_HEADER_LEN..),
-        _ => decompressed_body(&header, &batch[BATCH_HEADER_LEN..])?,
-    };
+    let (header, body) = records_section(batch)?;
     let mut records = Vec::with_capacity(header.record_count.clamp(0, 1 << 16) as usize);
     let mut rest: &[u8] = &body;
     let slice_of = |part: &[u8]| body.slice_ref(part);
@@ -454,6 +445,34 @@ pub fn decode_records(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
         return Err(BatchError::CountMismatch { declared: header.record_count, found: records.len() });
     }
     Ok(records)
+}
+
+/// A complete batch's header and its records section, uncompressed (what
+/// plugins receive). Checks the CRC first.
+pub fn records_section(batch: &Bytes) -> Result<(BatchHeader, Bytes), BatchError> {
+    let header = BatchHeader::parse(batch)?;
+    if header.total_len() > batch.len() {
+        return Err(BatchError::Truncated);
+    }
+    let batch = batch.slice(..header.total_len());
+    verify_crc(&batch)?;
+    let body = match header.compression()? {
+        Compression::None => batch.slice(BATCH_HEADER_LEN..),
+        _ => decompressed_body(&header, &batch[BATCH_HEADER_LEN..])?,
+    };
+    Ok((header, body))
+}
+
+/// Byte ranges of each record within a records section, in order.
+pub fn record_spans(body: &[u8]) -> Result<Vec<std::ops::Range<usize>>, BatchError> {
+    let mut spans = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let start = body.len() - rest.len();
+        RecordView::decode(&mut rest, spans.len())?;
+        spans.push(start..body.len() - rest.len());
+    }
+    Ok(spans)
 }
 
 /// Splits a buffer of concatenated batches (a fetch response, a segment
@@ -504,6 +523,11 @@ pub struct BatchBuilder {
     producer_id: i64,
     producer_epoch: i16,
     base_sequence: i32,
+    /// Offset delta of the next record (count, unless records were skipped).
+    next_delta: i32,
+    /// Set when rebuilding a stored batch: its own last offset delta, so a
+    /// filtered batch still covers the same offsets.
+    last_offset_delta: Option<i32>,
 }
 
 impl BatchBuilder {
@@ -527,6 +551,40 @@ impl BatchBuilder {
             producer_id: NO_PRODUCER_ID,
             producer_epoch: NO_PRODUCER_EPOCH,
             base_sequence: NO_SEQUENCE,
+            next_delta: 0,
+            last_offset_delta: None,
+        }
+    }
+
+    /// A builder that rewrites a stored batch keeping its offsets: records
+    /// are appended with [`BatchBuilder::append_at`], gaps are allowed, and
+    /// the result may hold no record at all (it still covers its offsets, so
+    /// a consumer moves past them).
+    pub fn rebuild_of(header: &BatchHeader, compression: Compression) -> Self {
+        let mut b =
+            Self::new(compression).with_producer(header.producer_id, header.producer_epoch, header.base_sequence);
+        b.base_timestamp = header.base_timestamp;
+        b.max_timestamp = header.max_timestamp;
+        b.last_offset_delta = Some(header.last_offset_delta);
+        b
+    }
+
+    /// Appends a record at this offset delta (rebuilt batches only; deltas
+    /// must increase).
+    pub fn append_at(
+        &mut self,
+        offset_delta: i32,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[Header],
+    ) {
+        debug_assert!(offset_delta >= self.next_delta, "offset deltas must increase");
+        self.next_delta = offset_delta;
+        let keep_base = self.base_timestamp;
+        self.append(timestamp_ms, key, value, headers);
+        if self.last_offset_delta.is_some() {
+            self.base_timestamp = keep_base;
         }
     }
 
@@ -551,12 +609,12 @@ impl BatchBuilder {
     }
 
     pub fn append(&mut self, timestamp_ms: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) {
-        if self.count == 0 {
+        if self.count == 0 && self.last_offset_delta.is_none() {
             self.base_timestamp = timestamp_ms;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp_ms);
         let timestamp_delta = timestamp_ms.wrapping_sub(self.base_timestamp);
-        let offset_delta = self.count;
+        let offset_delta = self.next_delta;
         let nullable_len = |f: Option<&[u8]>| match f {
             None => varint_len(-1),
             Some(b) => varint_len(b.len() as i32) + b.len(),
@@ -580,11 +638,12 @@ impl BatchBuilder {
             put_nullable(body, h.value.as_deref());
         }
         self.count += 1;
+        self.next_delta += 1;
     }
 
     /// Finishes the batch: compresses the records and writes the header and CRC.
     pub fn build(self) -> Bytes {
-        assert!(self.count > 0, "a batch needs at least one record");
+        assert!(self.count > 0 || self.last_offset_delta.is_some(), "a batch needs at least one record");
         let records = &self.body[BATCH_HEADER_LEN..];
         let compressed = match self.compression {
             Compression::None => None,
@@ -614,7 +673,7 @@ impl BatchBuilder {
         header.put_i8(MAGIC);
         header.put_u32(0); // CRC, filled below
         header.put_i16(self.compression.id());
-        header.put_i32(self.count - 1);
+        header.put_i32(self.last_offset_delta.unwrap_or(self.count - 1));
         header.put_i64(self.base_timestamp);
         header.put_i64(self.max_timestamp);
         header.put_i64(self.producer_id);

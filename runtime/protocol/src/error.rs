@@ -30,6 +30,15 @@ wire_enum! {
         /// The batch on disk failed its CRC: the broker never serves it.
         CorruptStoredBatch = 19,
         NotEnoughReplicas = 20,
+        /// A plugin was refused at deploy: not a component, wrong ABI
+        /// version or kind, bad parameters.
+        InvalidPlugin = 21,
+        UnknownPlugin = 22,
+        /// A serializer refused a record: the whole batch is not appended.
+        RecordRejected = 23,
+        /// A plugin trapped, ran past its deadline or its memory cap while
+        /// serving this request.
+        PluginFailed = 24,
     }
 }
 
@@ -57,6 +66,10 @@ impl ErrorCode {
             ErrorCode::UnknownPartition => "unknown_partition",
             ErrorCode::TopicAlreadyExists => "topic_already_exists",
             ErrorCode::InvalidConfig => "invalid_config",
+            ErrorCode::InvalidPlugin => "invalid_plugin",
+            ErrorCode::UnknownPlugin => "unknown_plugin",
+            ErrorCode::RecordRejected => "record_rejected",
+            ErrorCode::PluginFailed => "plugin_failed",
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::RecordTooLarge => "record_too_large",
             ErrorCode::FrameTooLarge => "frame_too_large",

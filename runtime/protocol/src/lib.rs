@@ -14,6 +14,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod messages;
+pub mod partitioner;
 pub mod varint;
 
 pub use error::{ErrorCode, WireError};

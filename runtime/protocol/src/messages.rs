@@ -18,10 +18,14 @@ pub enum ApiKey {
     Produce = 6,
     Fetch = 7,
     ListOffsets = 8,
+    PluginDeploy = 9,
+    PluginList = 10,
+    PluginControl = 11,
+    PluginLogs = 12,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 8] = [
+    pub const ALL: [ApiKey; 12] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -30,6 +34,10 @@ impl ApiKey {
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
+        ApiKey::PluginDeploy,
+        ApiKey::PluginList,
+        ApiKey::PluginControl,
+        ApiKey::PluginLogs,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -38,7 +46,11 @@ impl ApiKey {
 
     /// The versions of this API this build understands (inclusive).
     pub fn supported_versions(self) -> (u16, u16) {
-        (0, 0)
+        match self {
+            // v1 added the read-side filter and value decoding.
+            ApiKey::Fetch => (1, 1),
+            _ => (0, 0),
+        }
     }
 }
 
@@ -56,6 +68,13 @@ macro_rules! request {
             type Response = $resp;
         }
     };
+    ($req:ident => $api:ident version $version:literal, $resp:ident) => {
+        impl Request for $req {
+            const API: ApiKey = ApiKey::$api;
+            const VERSION: u16 = $version;
+            type Response = $resp;
+        }
+    };
 }
 
 wire_enum! {
@@ -70,6 +89,10 @@ wire_enum! {
         All = 2,
     }
 }
+
+/// `Produce` partition meaning "the broker chooses, with the topic's
+/// partitioner plugin".
+pub const PARTITION_ANY: u32 = u32::MAX;
 
 /// `ListOffsets` timestamp meaning "the first offset still in the log".
 pub const OFFSET_EARLIEST: i64 = -2;
@@ -203,6 +226,8 @@ request!(DescribeTopicsRequest => DescribeTopics, DescribeTopicsResponse);
 wire_struct! {
     pub struct ProducePartition {
         pub topic: String,
+        /// `PARTITION_ANY`: the broker picks each record's partition with the
+        /// topic's partitioner plugin.
         pub partition: u32,
         /// One complete record batch (spec/log-format.md).
         pub records: Bytes,
@@ -254,6 +279,12 @@ wire_struct! {
         /// always returned when one is available, even if larger).
         pub max_bytes: u32,
         pub partitions: Vec<FetchPartition>,
+        /// A deployed filter plugin to run on every batch before it is sent
+        /// (empty: none), with its parameters.
+        pub filter: String,
+        pub filter_params: Vec<(String, String)>,
+        /// Run each topic's value serializer's decode on the records.
+        pub decode_values: bool,
     }
 }
 
@@ -276,7 +307,7 @@ wire_struct! {
         pub partitions: Vec<FetchPartitionResult>,
     }
 }
-request!(FetchRequest => Fetch, FetchResponse);
+request!(FetchRequest => Fetch version 1, FetchResponse);
 
 wire_struct! {
     pub struct ListOffsetsPartition {
@@ -313,3 +344,126 @@ wire_struct! {
     }
 }
 request!(ListOffsetsRequest => ListOffsets, ListOffsetsResponse);
+
+wire_struct! {
+    /// Deploys a plugin, or a new version of one (same name: replaced
+    /// atomically; a transform resumes from its stored progress).
+    pub struct PluginDeployRequest {
+        pub name: String,
+        /// transform | filter | serializer | partitioner: must match the
+        /// component's own declaration.
+        pub kind: String,
+        /// The component (wasm32-wasip2).
+        pub wasm: Bytes,
+        pub params: Vec<(String, String)>,
+        /// Transforms: the input topic, the output topics, the poison-record
+        /// policy (fail | skip | dead-letter=TOPIC) and where a first deploy
+        /// starts (start | end | offset:N | @unix-ms).
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub on_error: String,
+        pub start: String,
+    }
+}
+
+wire_struct! {
+    pub struct PluginDeployResponse {
+        pub version: u32,
+        pub sha256: String,
+        pub abi_version: String,
+    }
+}
+request!(PluginDeployRequest => PluginDeploy, PluginDeployResponse);
+
+wire_struct! {
+    pub struct PluginListRequest {
+        /// None: every plugin.
+        pub names: Option<Vec<String>>,
+    }
+}
+
+wire_struct! {
+    pub struct PluginPartitionProgress {
+        pub partition: u32,
+        /// Next input offset the transform will process.
+        pub next_offset: i64,
+        pub high_watermark: i64,
+    }
+}
+
+wire_struct! {
+    pub struct PluginInfo {
+        pub name: String,
+        pub version: u32,
+        pub kind: String,
+        pub sha256: String,
+        pub abi_version: String,
+        pub size_bytes: u64,
+        pub deployed_ms: i64,
+        pub params: Vec<(String, String)>,
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub on_error: String,
+        /// running | paused | failed
+        pub state: String,
+        /// Why it is paused or failed (empty otherwise).
+        pub reason: String,
+        pub progress: Vec<PluginPartitionProgress>,
+        pub calls: u64,
+        pub records_in: u64,
+        pub records_out: u64,
+        pub errors: u64,
+        pub busy_ns: u64,
+    }
+}
+
+wire_struct! {
+    pub struct PluginListResponse {
+        pub plugins: Vec<PluginInfo>,
+    }
+}
+request!(PluginListRequest => PluginList, PluginListResponse);
+
+wire_enum! {
+    pub enum PluginAction {
+        Pause = 0,
+        Resume = 1,
+        Remove = 2,
+    }
+}
+
+wire_struct! {
+    pub struct PluginControlRequest {
+        pub name: String,
+        pub action: PluginAction,
+    }
+}
+
+wire_struct! {
+    pub struct PluginControlResponse {}
+}
+request!(PluginControlRequest => PluginControl, PluginControlResponse);
+
+wire_struct! {
+    pub struct PluginLogsRequest {
+        pub name: String,
+        /// Lines with a sequence number at least this.
+        pub since: u64,
+    }
+}
+
+wire_struct! {
+    pub struct PluginLogLine {
+        pub seq: u64,
+        pub timestamp_ms: i64,
+        pub level: String,
+        pub message: String,
+    }
+}
+
+wire_struct! {
+    pub struct PluginLogsResponse {
+        pub lines: Vec<PluginLogLine>,
+    }
+}
+request!(PluginLogsRequest => PluginLogs, PluginLogsResponse);

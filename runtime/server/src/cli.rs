@@ -60,6 +60,13 @@ pub enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
+    /// WebAssembly plugins: init, build, test, deploy, list, describe, pause, resume, remove, logs.
+    Plugin {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: crate::plugin_cli::PluginCommand,
+    },
     /// Load generator: produce, consume, end-to-end latency, raw QUIC baseline.
     Bench(crate::bench::BenchArgs),
 }
@@ -169,6 +176,14 @@ pub enum TopicCommand {
         /// Print key and value separated by this string (text format).
         #[arg(long)]
         key_sep: Option<String>,
+        /// A deployed filter plugin the broker runs before sending.
+        #[arg(long)]
+        filter: Option<String>,
+        #[arg(long = "filter-param", value_parser = parse_key_value)]
+        filter_params: Vec<(String, String)>,
+        /// Decode values with the topic's value serializer.
+        #[arg(long)]
+        decode: bool,
     },
 }
 
@@ -195,7 +210,7 @@ impl From<AcksArg> for Acks {
     }
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
 }
 
@@ -245,6 +260,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { records } => crate::demo::run(records).await.map(|()| ExitCode::SUCCESS),
         Command::Topic { conn, command } => topic(conn, command).await,
+        Command::Plugin { conn, command } => crate::plugin_cli::run(conn, command).await,
         Command::Bench(args) => crate::bench::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
@@ -347,8 +363,9 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             )
             .await;
         }
-        TopicCommand::Consume { name, offset, partition, count, format, key_sep } => {
-            return consume(&client, &name, &offset, partition, count, format, key_sep.as_deref()).await;
+        TopicCommand::Consume { name, offset, partition, count, format, key_sep, filter, filter_params, decode } => {
+            let fetch = ConsumerConfig { filter, filter_params, decode_values: decode, ..ConsumerConfig::default() };
+            return consume(&client, &name, &offset, partition, count, format, key_sep.as_deref(), fetch).await;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -472,9 +489,10 @@ async fn consume(
     count: Option<u64>,
     format: Format,
     key_sep: Option<&str>,
+    fetch: ConsumerConfig,
 ) -> anyhow::Result<ExitCode> {
     let (spec, stop_at_end) = parse_offset_arg(offset)?;
-    let mut consumer = client.consumer(ConsumerConfig::default());
+    let mut consumer = client.consumer(fetch);
     consumer.assign(topic, partition.map(|p| vec![p]), spec).await?;
     // With ':end', remember each partition's end offset now and stop there.
     let mut ends = std::collections::BTreeMap::new();
@@ -538,7 +556,7 @@ async fn consume(
 }
 
 /// Bytes as JSON: a string when valid UTF-8, else `{"hex": "..."}`.
-fn bytes_json(b: Option<&[u8]>) -> serde_json::Value {
+pub fn bytes_json(b: Option<&[u8]>) -> serde_json::Value {
     match b {
         None => serde_json::Value::Null,
         Some(b) => match std::str::from_utf8(b) {

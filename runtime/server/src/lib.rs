@@ -8,4 +8,5 @@ pub mod config;
 pub mod demo;
 pub mod net;
 pub mod node;
+pub mod plugin_cli;
 pub mod tls;

@@ -98,7 +98,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     head: Head,
     turn: Option<AppendTurn>,
-    broker: &Broker,
+    broker: &Arc<Broker>,
 ) -> anyhow::Result<()> {
     let limit = broker.config().frame_bytes_max;
     let response = match head.api_key {

@@ -1,4 +1,4 @@
-//! Topic administration.
+//! Topic and plugin administration.
 
 use quiver_protocol::messages::*;
 
@@ -57,5 +57,25 @@ impl Admin {
         partitions: Vec<ListOffsetsPartition>,
     ) -> Result<Vec<ListOffsetsPartitionResult>, CallError> {
         Ok(self.client.call(&ListOffsetsRequest { partitions }).await?.partitions)
+    }
+
+    /// Deploys a plugin (or a new version of one with the same name).
+    pub async fn deploy_plugin(&self, request: PluginDeployRequest) -> Result<PluginDeployResponse, CallError> {
+        self.client.call(&request).await
+    }
+
+    /// The named plugins, or every plugin with `None`.
+    pub async fn list_plugins(&self, names: Option<Vec<String>>) -> Result<Vec<PluginInfo>, CallError> {
+        Ok(self.client.call(&PluginListRequest { names }).await?.plugins)
+    }
+
+    pub async fn control_plugin(&self, name: &str, action: PluginAction) -> Result<(), CallError> {
+        self.client.call(&PluginControlRequest { name: name.into(), action }).await?;
+        Ok(())
+    }
+
+    /// Log lines of a plugin with a sequence number of at least `since`.
+    pub async fn plugin_logs(&self, name: &str, since: u64) -> Result<Vec<PluginLogLine>, CallError> {
+        Ok(self.client.call(&PluginLogsRequest { name: name.into(), since }).await?.lines)
     }
 }

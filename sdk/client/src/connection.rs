@@ -188,7 +188,7 @@ impl Client {
                 reason: format!("version handshake failed: {e}"),
             })?;
         for api in ApiKey::ALL {
-            let version = 0u16;
+            let version = api.supported_versions().1; // what this build sends
             let range = versions.apis.iter().find(|r| r.api_key == api as u16);
             let ok = range.is_some_and(|r| r.min_version <= version && version <= r.max_version);
             if !ok {

@@ -25,6 +25,12 @@ pub struct ConsumerConfig {
     pub fetch_bytes_max: u32,
     /// Bound per partition within one fetch.
     pub partition_fetch_bytes_max: u32,
+    /// A deployed read-side filter plugin the broker runs before sending
+    /// (only matching records leave it), with its parameters.
+    pub filter: Option<String>,
+    pub filter_params: Vec<(String, String)>,
+    /// Ask the broker to decode values with each topic's value serializer.
+    pub decode_values: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -34,6 +40,9 @@ impl Default for ConsumerConfig {
             fetch_min_bytes: 1,
             fetch_bytes_max: 16 * 1024 * 1024,
             partition_fetch_bytes_max: 4 * 1024 * 1024,
+            filter: None,
+            filter_params: Vec::new(),
+            decode_values: false,
         }
     }
 }
@@ -188,6 +197,9 @@ impl Consumer {
         wanted.rotate_left(self.rotation % n);
         self.rotation = self.rotation.wrapping_add(1);
         let request = FetchRequest {
+            filter: self.config.filter.clone().unwrap_or_default(),
+            filter_params: self.config.filter_params.clone(),
+            decode_values: self.config.decode_values,
             max_wait_ms: self.config.fetch_max_wait.as_millis() as u32,
             min_bytes: self.config.fetch_min_bytes,
             max_bytes: self.config.fetch_bytes_max,

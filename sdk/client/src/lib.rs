@@ -27,7 +27,7 @@
 mod admin;
 mod connection;
 mod consumer;
-pub mod partitioner;
+pub use quiver_protocol::partitioner;
 mod producer;
 
 pub use admin::Admin;

@@ -24,7 +24,7 @@ use quiver_protocol::{ErrorCode, WireError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::connection::{Client, RequestStream};
-use crate::partitioner::partition_for_key;
+use quiver_protocol::partitioner::partition_for_key;
 
 /// Producer settings. Defaults favour throughput with small latency.
 #[derive(Debug, Clone)]

@@ -1,0 +1,270 @@
+//! Plugins through the real `quiver` binary: a transform with a
+//! dead-letter policy surviving kill -9, a serializer rejecting a batch
+//! whole, a read-side filter, `plugin test`, and deploy-time errors.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{DevNode, json_lines};
+use quiver_plugin_host::builder::first_party;
+
+fn plugin(name: &str) -> String {
+    first_party(name).expect("build plugin").display().to_string()
+}
+
+fn values(node: &DevNode, topic: &str) -> Vec<serde_json::Value> {
+    json_lines(&node.ok(&["topic", "consume", topic, "-o", "start:end", "--format", "json"]))
+}
+
+/// Waits until the transform has processed everything in its input.
+fn caught_up(node: &DevNode, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = &json_lines(&node.ok(&["plugin", "describe", name, "--format", "json"]))[0];
+        let progress = d["progress"].as_array().cloned().unwrap_or_default();
+        if !progress.is_empty() && progress.iter().all(|p| p["lag"] == 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "transform did not catch up: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn transform_filters_dead_letters_and_resumes_after_kill9() {
+    let mut node = DevNode::start();
+    for (t, p) in [("orders", "3"), ("big", "2"), ("dlq", "1")] {
+        node.ok(&["topic", "create", t, "-p", p]);
+    }
+    let wasm = plugin("json-filter");
+    let out = node.ok(&[
+        "plugin",
+        "deploy",
+        "big-orders",
+        &wasm,
+        "--kind",
+        "transform",
+        "--input",
+        "orders",
+        "--output",
+        "big",
+        "--param",
+        "field=amount",
+        "--param",
+        "op=gt",
+        "--param",
+        "value=100",
+        "--on-error",
+        "dead-letter=dlq",
+    ]);
+    assert!(out.contains("version 1"), "{out}");
+
+    let mut input = String::new();
+    for i in 0..300 {
+        input.push_str(&format!("k{i}\t{{\"id\":{i},\"amount\":{}}}\n", i % 200));
+    }
+    input.push_str("kbad\tnot json\n");
+    assert!(node.produce(&["topic", "produce", "orders", "--key-sep", "\\t"], input.as_bytes()).status.success());
+    caught_up(&node, "big-orders");
+    let ids = |node: &DevNode| -> Vec<i64> {
+        let mut ids: Vec<i64> = values(node, "big")
+            .iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(r["value"].as_str().unwrap()).unwrap()["id"].as_i64().unwrap()
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let expected: Vec<i64> = (0..300).filter(|i| i % 200 > 100).collect();
+    assert_eq!(ids(&node), expected);
+    let dlq = values(&node, "dlq");
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["value"], "not json");
+    let header = |name: &str| dlq[0]["headers"].as_array().unwrap().iter().find(|h| h["key"] == name).cloned();
+    assert!(header("quiver.error").unwrap()["value"].as_str().unwrap().contains("value is not JSON"), "{}", dlq[0]);
+    assert!(header("quiver.source").unwrap()["value"].as_str().unwrap().starts_with("orders/"), "{}", dlq[0]);
+    let logs = node.ok(&["plugin", "logs", "big-orders"]);
+    assert!(logs.contains("dead-lettered record orders-"), "{logs}");
+
+    // kill -9, more input while down, restart: the transform resumes from
+    // its stored progress and loses nothing.
+    node.kill9();
+    node.spawn();
+    let mut more = String::new();
+    for i in 300..400 {
+        more.push_str(&format!("k{i}\t{{\"id\":{i},\"amount\":500}}\n"));
+    }
+    assert!(node.produce(&["topic", "produce", "orders", "--key-sep", "\\t"], more.as_bytes()).status.success());
+    caught_up(&node, "big-orders");
+    let expected: Vec<i64> = (0..400).filter(|i| *i >= 300 || i % 200 > 100).collect();
+    assert_eq!(ids(&node), expected);
+
+    // Pause, resume, remove.
+    node.ok(&["plugin", "pause", "big-orders"]);
+    let d = &json_lines(&node.ok(&["plugin", "describe", "big-orders", "--format", "json"]))[0];
+    assert_eq!(d["state"], "paused");
+    node.ok(&["plugin", "resume", "big-orders"]);
+    node.ok(&["plugin", "remove", "big-orders"]);
+    assert!(node.fails(&["plugin", "describe", "big-orders"]).contains("not deployed"));
+}
+
+#[test]
+fn a_trapping_transform_never_takes_the_broker_down() {
+    let node = DevNode::start();
+    node.ok(&["topic", "create", "in", "-p", "1"]);
+    node.ok(&["topic", "create", "out", "-p", "1"]);
+    let wasm = plugin("misbehave");
+    node.ok(&[
+        "plugin",
+        "deploy",
+        "bad",
+        &wasm,
+        "--kind",
+        "transform",
+        "--input",
+        "in",
+        "--output",
+        "out",
+        "--on-error",
+        "fail",
+    ]);
+    // One batch per produce call: the fine records, then the trap.
+    assert!(node.produce(&["topic", "produce", "in"], b"a\nb\n").status.success());
+    assert!(node.produce(&["topic", "produce", "in"], b"trap\n").status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = &json_lines(&node.ok(&["plugin", "describe", "bad", "--format", "json"]))[0];
+        if d["state"] == "failed" {
+            assert!(d["reason"].as_str().unwrap().contains("trapped"), "{d}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the policy did not pause the transform: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(values(&node, "out").len(), 2, "records before the trap were transformed");
+    // The broker still serves.
+    assert!(node.produce(&["topic", "produce", "in"], b"c\n").status.success());
+    assert_eq!(values(&node, "in").len(), 4);
+}
+
+#[test]
+fn a_serializer_rejects_a_bad_batch_whole_and_a_filter_runs_in_the_fetch() {
+    let node = DevNode::start();
+    let schema = r#"schema={"type":"object","required":["id"],"properties":{"id":{"type":"integer","minimum":1}}}"#;
+    node.ok(&["plugin", "deploy", "ids", &plugin("json-schema"), "--kind", "serializer", "--param", schema]);
+    node.ok(&["topic", "create", "users", "-p", "1", "-c", "value.serializer=ids"]);
+    assert!(
+        node.produce(&["topic", "produce", "users"], b"{\"id\": 1, \"c\":\"fr\"}\n{\"id\":2,\"c\":\"de\"}\n")
+            .status
+            .success()
+    );
+    let out = node.produce(&["topic", "produce", "users"], b"{\"id\":3}\n{\"id\":0}\n{\"id\":4}\n");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("record 1 rejected by serializer 'ids': at '/id': 0 is below the minimum 1"), "{stderr}");
+    let stored = values(&node, "users");
+    assert_eq!(stored.len(), 2, "nothing of the rejected batch was appended");
+    assert_eq!(stored[0]["value"], r#"{"id":1,"c":"fr"}"#, "stored compact");
+
+    // A topic cannot name a plugin of another kind.
+    node.ok(&[
+        "plugin",
+        "deploy",
+        "country",
+        &plugin("json-match"),
+        "--kind",
+        "filter",
+        "--param",
+        "field=c",
+        "--param",
+        "value=x",
+    ]);
+    let err = node.fails(&["topic", "create", "t2", "-c", "value.serializer=country"]);
+    assert!(err.contains("the plugin is a filter, not a serializer"), "{err}");
+
+    let filtered = json_lines(&node.ok(&[
+        "topic",
+        "consume",
+        "users",
+        "-o",
+        "start:end",
+        "--format",
+        "json",
+        "--filter",
+        "country",
+        "--filter-param",
+        "field=c",
+        "--filter-param",
+        "value=de",
+    ]));
+    assert_eq!(filtered.len(), 1);
+    assert_eq!(filtered[0]["offset"], 1);
+}
+
+#[test]
+fn deploy_errors_are_clear() {
+    let node = DevNode::start();
+    node.ok(&["topic", "create", "in"]);
+    node.ok(&["topic", "create", "out"]);
+    let wasm = plugin("json-filter");
+    let err = node.fails(&["plugin", "deploy", "f", &wasm, "--kind", "transform", "--input", "in", "--output", "out"]);
+    assert!(err.contains("the plugin refused its parameters: missing parameter 'field'"), "{err}");
+    let err = node.fails(&["plugin", "deploy", "f", &wasm, "--kind", "serializer", "--param", "field=a"]);
+    assert!(err.contains("the plugin is a transform, not a serializer"), "{err}");
+    let err = node.fails(&[
+        "plugin",
+        "deploy",
+        "f",
+        &wasm,
+        "--kind",
+        "transform",
+        "--input",
+        "nope",
+        "--output",
+        "out",
+        "--param",
+        "field=a",
+        "--param",
+        "value=1",
+    ]);
+    assert!(err.contains("topic 'nope' does not exist"), "{err}");
+
+    // The same component claiming another ABI version.
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    let needle = b"quiver:plugin/transform@0.1.0";
+    let spots: Vec<usize> =
+        bytes.windows(needle.len()).enumerate().filter(|(_, w)| w == needle).map(|(i, _)| i).collect();
+    assert!(!spots.is_empty());
+    for at in spots {
+        bytes[at + needle.len() - 5..at + needle.len()].copy_from_slice(b"9.9.9");
+    }
+    let patched: PathBuf = node.data_dir().join("patched.wasm");
+    std::fs::write(&patched, bytes).unwrap();
+    let err = node.fails(&["plugin", "deploy", "f", patched.to_str().unwrap(), "--kind", "transform"]);
+    assert!(err.contains("built for Quiver plugin ABI 9.9.9; this broker supports 0.1.0"), "{err}");
+    assert_eq!(node.ok(&["plugin", "list"]), "", "nothing was deployed");
+}
+
+#[test]
+fn plugin_test_runs_a_component_on_sample_records_without_a_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = dir.path().join("sample.jsonl");
+    std::fs::write(&sample, "{\"key\":\"k\",\"value\":{\"card\":\"4111\",\"n\":1}}\n{\"value\":\"oops\"}\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(["plugin", "test", &plugin("redact"), "--input"])
+        .arg(&sample)
+        .args(["--param", "fields=card"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a refused record fails the command: {stderr}");
+    let lines = json_lines(&stdout);
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert_eq!(lines[0]["value"], r#"{"card":"***","n":1}"#);
+    assert!(stderr.contains("record 1 refused: value is not JSON"), "{stderr}");
+}
