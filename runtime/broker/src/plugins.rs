@@ -615,8 +615,8 @@ impl Broker {
         instance: &mut Option<Instance>,
         touched: &mut Vec<Arc<crate::broker::Partition>>,
     ) -> Result<i64, String> {
-        let records = batch::decode_records(stored).map_err(|e| e.to_string())?;
         let (header, body) = batch::records_section(stored).map_err(|e| e.to_string())?;
+        let records = batch::decode_section(&header, &body).map_err(|e| e.to_string())?;
         let spans = batch::record_spans(&body).map_err(|e| e.to_string())?;
         let mut first = records.iter().position(|r| r.offset >= from).unwrap_or(records.len());
         while first < records.len() {
@@ -829,8 +829,8 @@ impl Broker {
         let d = self.plugins.get(name).ok_or_else(|| unknown(name))?;
         let want = if mode == BatchMode::Filter { Kind::Filter } else { Kind::Serializer };
         d.plugin.expect_kind(want).map_err(invalid)?;
-        let records = batch::decode_records(stored).map_err(corrupt)?;
         let (header, body) = batch::records_section(stored).map_err(corrupt)?;
+        let records = batch::decode_section(&header, &body).map_err(corrupt)?;
         let input = Input {
             base_offset: header.base_offset,
             base_timestamp: header.base_timestamp,

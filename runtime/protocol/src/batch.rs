@@ -410,6 +410,12 @@ fn take_nullable<'a>(buf: &mut &'a [u8], index: usize, what: &str) -> Result<Opt
 /// no copy per record.
 pub fn decode_records(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
     let (header, body) = records_section(batch)?;
+    decode_section(&header, &body)
+}
+
+/// Decodes the records of a section returned by [`records_section`] (for
+/// callers that need both, without decompressing twice).
+pub fn decode_section(header: &BatchHeader, body: &Bytes) -> Result<Vec<Record>, BatchError> {
     let mut records = Vec::with_capacity(header.record_count.clamp(0, 1 << 16) as usize);
     let mut rest: &[u8] = &body;
     let slice_of = |part: &[u8]| body.slice_ref(part);

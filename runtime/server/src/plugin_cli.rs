@@ -300,8 +300,8 @@ fn test(
     let outputs: Vec<String> = if plugin.kind() == Kind::Transform { outputs.to_vec() } else { Vec::new() };
     let mut inst = plugin.instantiate(params, &outputs, monitor.clone())?;
     let stored = read_samples(input)?;
-    let records = quiver_protocol::batch::decode_records(&stored)?;
-    let (_, body) = quiver_protocol::batch::records_section(&stored)?;
+    let (header, body) = quiver_protocol::batch::records_section(&stored)?;
+    let records = quiver_protocol::batch::decode_section(&header, &body)?;
     let count = records.len() as u32;
     let batch = Input { base_offset: 0, base_timestamp: 0, count, records: &body };
     let stdout = std::io::stdout();
