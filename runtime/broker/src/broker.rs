@@ -246,17 +246,8 @@ impl Broker {
     }
 
     fn write_metadata(&self, topics: Vec<TopicRecord>) -> std::io::Result<()> {
-        let path = self.config.data_dir.join(METADATA_FILE);
-        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&MetadataFile { topics }).expect("metadata serialises");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.config.data_dir)?.sync_all()
+        write_atomic(&self.config.data_dir.join(METADATA_FILE), &body)
     }
 
     /// Starts the background flush and retention loops; they stop when
@@ -337,6 +328,18 @@ impl Broker {
         }
         tracing::info!("broker shut down cleanly");
     }
+}
+
+/// Replaces `path` with `body` durably: a temporary file, fsync, rename,
+/// fsync of the directory. A crash leaves the old or the new content.
+pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().expect("a file has a directory"))?.sync_all()
 }
 
 fn storage_error(e: impl std::fmt::Display) -> WireError {

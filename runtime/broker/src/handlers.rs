@@ -228,15 +228,20 @@ impl Broker {
         // rejects its batch and nothing of it is appended.
         for (p, prep) in r.partitions.iter().zip(prepared.iter_mut()) {
             let serializer = self.topic(&p.topic).and_then(|t| t.config.value_serializer.clone());
-            if let (Some(name), Ok((_, stored))) = (serializer, &*prep) {
-                let (broker, batch) = (self.clone(), stored.clone());
-                let encoded =
-                    tokio::task::spawn_blocking(move || broker.apply_plugin(&name, None, BatchMode::Encode, &batch))
-                        .await
-                        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
-                        .and_then(|r| r);
-                *prep = std::mem::replace(prep, Err(WireError::new(ErrorCode::Internal, "")))
-                    .and_then(|(partition, _)| encoded.map(|b| (partition, b)));
+            let (Some(name), Ok((_, stored))) = (serializer, &*prep) else { continue };
+            let (broker, batch) = (self.clone(), stored.clone());
+            let encoded =
+                tokio::task::spawn_blocking(move || broker.apply_plugin(&name, None, BatchMode::Encode, &batch))
+                    .await
+                    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
+                    .and_then(|r| r);
+            match encoded {
+                Ok(encoded) => {
+                    if let Ok((_, stored)) = prep {
+                        *stored = encoded;
+                    }
+                }
+                Err(e) => *prep = Err(e),
             }
         }
         if let Some(turn) = &turn {

@@ -27,7 +27,7 @@ use quiver_protocol::{ErrorCode, WireError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::broker::{Broker, now_ms};
+use crate::broker::{Broker, now_ms, write_atomic};
 use crate::topic::TopicCompression;
 
 const REGISTRY_FILE: &str = "registry.json";
@@ -177,16 +177,6 @@ fn storage(e: impl std::fmt::Display) -> WireError {
 
 fn unknown(name: &str) -> WireError {
     WireError::new(ErrorCode::UnknownPlugin, format!("plugin '{name}' is not deployed"))
-}
-
-fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().expect("a file has a directory"))?.sync_all()
 }
 
 impl Plugins {
