@@ -79,6 +79,9 @@ pub(crate) struct Topic {
     pub(crate) record: TopicRecord,
     pub(crate) config: TopicConfig,
     pub(crate) partitions: Vec<Arc<Partition>>,
+    /// Where the keyless records of the next `PARTITION_ANY` batch go
+    /// (round robin, one partition per batch).
+    pub(crate) keyless_next: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -196,9 +199,7 @@ impl Broker {
             .clone()
             .with_overrides(seen.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|m| WireError::new(ErrorCode::InvalidConfig, m))?;
-        if let Some(plugin) = &config.value_serializer {
-            self.check_serializer(plugin)?;
-        }
+        self.check_topic_plugins(&config)?;
         let _guard = self.admin_lock.lock().await;
         if self.topic(name).is_some() {
             return Err(WireError::new(ErrorCode::TopicAlreadyExists, format!("topic '{name}' already exists")));
@@ -358,7 +359,7 @@ fn open_topic(logs_dir: &Path, record: TopicRecord, config: TopicConfig) -> Resu
             Ok(Arc::new(Partition { id, log }))
         })
         .collect::<Result<_, OpenError>>()?;
-    Ok(Topic { record, config, partitions })
+    Ok(Topic { record, config, partitions, keyless_next: Default::default() })
 }
 
 fn remove_deleted_dirs(logs_dir: &Path) {

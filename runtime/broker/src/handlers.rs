@@ -15,8 +15,9 @@ use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_respon
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
-use crate::broker::{Broker, Partition, Topic};
+use crate::broker::{Broker, Topic};
 use crate::order::AppendTurn;
+use crate::placement::Placed;
 use crate::plugins::BatchMode;
 use crate::topic::TopicCompression;
 
@@ -100,6 +101,9 @@ impl Broker {
                 })
                 .await
             }
+            ApiKey::PluginFetch => {
+                self.run(body, |r: PluginFetchRequest| async move { self.fetch_plugin(&r.name) }).await
+            }
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
@@ -143,6 +147,13 @@ impl Broker {
                 .iter()
                 .map(|p| PartitionMetadata { partition: p.id, leader: self.config.node_id, leader_epoch: 0 })
                 .collect(),
+            partitioner: t.config.partitioner.clone().unwrap_or_default(),
+            partitioner_version: t
+                .config
+                .partitioner
+                .as_deref()
+                .and_then(|n| self.plugins.get(n))
+                .map_or(0, |d| d.deployment.read().expect("deployment lock").version),
         };
         let topics = match request.topics {
             None => self.sorted_topics().iter().map(|t| describe(t)).collect(),
@@ -150,7 +161,13 @@ impl Broker {
                 .into_iter()
                 .map(|name| match self.topic(&name) {
                     Some(t) => describe(&t),
-                    None => TopicMetadata { name, error: ErrorCode::UnknownTopic, partitions: vec![] },
+                    None => TopicMetadata {
+                        name,
+                        error: ErrorCode::UnknownTopic,
+                        partitions: vec![],
+                        partitioner: String::new(),
+                        partitioner_version: 0,
+                    },
                 })
                 .collect(),
         };
@@ -221,28 +238,13 @@ impl Broker {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(WireError::new(ErrorCode::BrokerShuttingDown, "broker is shutting down"));
         }
-        // Validate (and re-encode) before taking the turn: the CPU work of
-        // concurrent requests overlaps; only the appends are ordered.
-        let mut prepared: Vec<_> = r.partitions.iter().map(|p| self.prepare(p)).collect();
-        // Serializers run here too, before the turn: a refused record
-        // rejects its batch and nothing of it is appended.
-        for (p, prep) in r.partitions.iter().zip(prepared.iter_mut()) {
-            let serializer = self.topic(&p.topic).and_then(|t| t.config.value_serializer.clone());
-            let (Some(name), Ok((_, stored))) = (serializer, &*prep) else { continue };
-            let (broker, batch) = (self.clone(), stored.clone());
-            let encoded =
-                tokio::task::spawn_blocking(move || broker.apply_plugin(&name, None, BatchMode::Encode, &batch))
-                    .await
-                    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))
-                    .and_then(|r| r);
-            match encoded {
-                Ok(encoded) => {
-                    if let Ok((_, stored)) = prep {
-                        *stored = encoded;
-                    }
-                }
-                Err(e) => *prep = Err(e),
-            }
+        // Validate, run serializers and partitioners, and re-encode before
+        // taking the turn: the CPU work of concurrent requests overlaps; only
+        // the appends are ordered. A refused record rejects its whole batch
+        // and nothing of it is appended.
+        let mut prepared = Vec::with_capacity(r.partitions.len());
+        for p in &r.partitions {
+            prepared.push(self.prepare(p).await);
         }
         if let Some(turn) = &turn {
             turn.wait().await;
@@ -250,29 +252,41 @@ impl Broker {
         let mut results = Vec::with_capacity(r.partitions.len());
         let mut to_sync = Vec::new();
         for (p, prepared) in r.partitions.iter().zip(prepared) {
-            let outcome = prepared.and_then(|(partition, stored)| {
-                let info = partition
-                    .log
-                    .append(&stored, 0)
-                    .map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()))?;
-                Ok((partition, info.base_offset, info.last_offset))
-            });
-            let (error, message, base_offset, log_start_offset) = match outcome {
-                Ok((partition, base, last)) => {
-                    let start = partition.log.log_start_offset();
-                    to_sync.push((results.len(), partition, last + 1));
-                    (ErrorCode::None, String::new(), base, start)
-                }
-                Err(e) => (e.code, e.message, -1, -1),
-            };
-            results.push(ProducePartitionResult {
+            let mut result = ProducePartitionResult {
                 topic: p.topic.clone(),
                 partition: p.partition,
-                error,
-                message,
-                base_offset,
-                log_start_offset,
+                error: ErrorCode::None,
+                message: String::new(),
+                base_offset: -1,
+                log_start_offset: -1,
+                placements: Vec::new(),
+            };
+            let appended = prepared.and_then(|targets| {
+                let any = p.partition == PARTITION_ANY;
+                if any {
+                    let count = targets.iter().map(|t| t.indices.len()).sum();
+                    result.placements = vec![RecordPlacement { partition: PARTITION_ANY, offset: -1 }; count];
+                }
+                for (i, target) in targets.into_iter().enumerate() {
+                    let info = target.partition.log.append(&target.batch, 0).map_err(|e| {
+                        let already =
+                            if i > 0 { " (the records placed in other partitions were appended)" } else { "" };
+                        WireError::new(ErrorCode::StorageError, format!("{e}{already}"))
+                    })?;
+                    result.log_start_offset = target.partition.log.log_start_offset();
+                    if any {
+                        place(&mut result.placements, target.partition.id, info.base_offset, &target.indices);
+                    } else {
+                        result.base_offset = info.base_offset;
+                    }
+                    to_sync.push((results.len(), target.partition, info.last_offset + 1));
+                }
+                Ok(())
             });
+            if let Err(e) = appended {
+                (result.error, result.message, result.base_offset) = (e.code, e.message, -1);
+            }
+            results.push(result);
         }
         if let Some(turn) = turn {
             turn.release();
@@ -300,10 +314,21 @@ impl Broker {
         Ok(ProduceResponse { partitions: results })
     }
 
-    /// Everything a batch needs before it may be appended: its partition,
-    /// full validation, and re-encoding if the topic fixes a codec.
-    fn prepare(&self, p: &ProducePartition) -> Result<(std::sync::Arc<Partition>, Bytes), WireError> {
-        let (topic, partition) = self.partition(&p.topic, p.partition)?;
+    /// Everything a batch needs before it may be appended: full validation,
+    /// the topic's value serializer, its partition(s) (split by the topic's
+    /// partitioner for `PARTITION_ANY`), and re-encoding if the topic fixes
+    /// a codec.
+    async fn prepare(self: &Arc<Self>, p: &ProducePartition) -> Result<Vec<Placed>, WireError> {
+        let any = p.partition == PARTITION_ANY;
+        let (topic, partition) = if any {
+            let topic = self.topic(&p.topic).ok_or_else(|| {
+                WireError::new(ErrorCode::UnknownTopic, format!("topic '{}' does not exist", p.topic))
+            })?;
+            (topic, None)
+        } else {
+            let (topic, partition) = self.partition(&p.topic, p.partition)?;
+            (topic, Some(partition))
+        };
         let limits = ValidationLimits { record_bytes_max: topic.config.record_bytes_max };
         let header = batch::validate(&p.records, &limits).map_err(|e| match e {
             BatchError::RecordTooLarge { .. } => {
@@ -311,13 +336,23 @@ impl Broker {
             }
             other => WireError::new(ErrorCode::CorruptMessage, format!("invalid record batch: {other}")),
         })?;
-        let stored = match topic.config.compression {
-            TopicCompression::Codec(codec) if header.compression().ok() != Some(codec) => {
+        let mut stored = match topic.config.compression {
+            TopicCompression::Codec(codec) if !any && header.compression().ok() != Some(codec) => {
                 batch::recompress(&p.records, codec).map_err(corrupt)?
             }
             _ => p.records.clone(),
         };
-        Ok((partition, stored))
+        if let Some(name) = topic.config.value_serializer.clone() {
+            let broker = self.clone();
+            stored = blocking(move || broker.apply_plugin(&name, None, BatchMode::Encode, &stored)).await?;
+        }
+        match partition {
+            Some(partition) => Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }]),
+            None => {
+                let broker = self.clone();
+                blocking(move || broker.place(&topic, &stored)).await
+            }
+        }
     }
 
     async fn fetch(self: &Arc<Self>, r: FetchRequest) -> Result<FetchResponse, WireError> {
@@ -457,6 +492,20 @@ impl Broker {
             })
             .collect();
         ListOffsetsResponse { partitions }
+    }
+}
+
+/// Runs plugin work (wasm calls, batch rebuilding) off the runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WireError> + Send + 'static,
+) -> Result<T, WireError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+}
+
+/// Records where the records at `indices` of a `PARTITION_ANY` batch went.
+fn place(placements: &mut [RecordPlacement], partition: u32, base_offset: i64, indices: &[u32]) {
+    for (n, &i) in indices.iter().enumerate() {
+        placements[i as usize] = RecordPlacement { partition, offset: base_offset + n as i64 };
     }
 }
 

@@ -9,6 +9,7 @@
 mod broker;
 mod handlers;
 mod order;
+mod placement;
 mod plugins;
 pub mod topic;
 

@@ -17,10 +17,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quiver_plugin_host::{CallError, Entry, HostConfig, Input, Instance, Kind, Monitor, Plugin, PluginHost};
+use quiver_plugin_host::{
+    BUILTIN_PREFIX, CallError, Entry, HostConfig, Input, Instance, Kind, Monitor, Plugin, PluginHost,
+};
 use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record};
 use quiver_protocol::messages::{
-    PluginDeployRequest, PluginInfo, PluginListResponse, PluginLogLine, PluginPartitionProgress,
+    PluginDeployRequest, PluginFetchResponse, PluginInfo, PluginListResponse, PluginLogLine, PluginPartitionProgress,
 };
 use quiver_protocol::partitioner::partition_for_key;
 use quiver_protocol::{ErrorCode, WireError};
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::broker::{Broker, now_ms, write_atomic};
-use crate::topic::TopicCompression;
+use crate::topic::{TopicCompression, TopicConfig};
 
 const REGISTRY_FILE: &str = "registry.json";
 /// Input read per transform step, at most.
@@ -197,9 +199,15 @@ impl Plugins {
             Err(e) => return Err(format!("{}: {e}", registry_path.display())),
         };
         for deployment in registry.plugins {
-            let wasm = std::fs::read(plugins.blob_path(&deployment.sha256))
-                .map_err(|e| format!("plugin '{}': its component is missing: {e}", deployment.name))?;
-            let plugin = plugins.host.load(&wasm).map_err(|e| format!("plugin '{}': {e}", deployment.name))?;
+            let plugin = match deployment.sha256.strip_prefix(BUILTIN_PREFIX) {
+                Some(builtin) => plugins.host.builtin(builtin),
+                None => {
+                    let wasm = std::fs::read(plugins.blob_path(&deployment.sha256))
+                        .map_err(|e| format!("plugin '{}': its component is missing: {e}", deployment.name))?;
+                    plugins.host.load(&wasm)
+                }
+            };
+            let plugin = plugin.map_err(|e| format!("plugin '{}': {e}", deployment.name))?;
             let progress = plugins.read_progress(&deployment.name);
             let name = deployment.name.clone();
             let deployed = Self::deployed(deployment, plugin, Arc::new(Monitor::default()), progress);
@@ -304,12 +312,29 @@ impl Broker {
         let on_error = OnError::parse(&r.on_error).map_err(invalid)?;
         let start = StartAt::parse(&r.start).map_err(invalid)?;
         let plugins = &self.plugins;
-        let (broker, wasm) = (self.clone(), r.wasm.clone());
-        let plugin = tokio::task::spawn_blocking(move || broker.plugins.host.load(&wasm))
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
-            .map_err(invalid)?;
+        let (broker, wasm, builtin) = (self.clone(), r.wasm.clone(), r.builtin.clone());
+        let plugin = tokio::task::spawn_blocking(move || match builtin.as_str() {
+            "" => broker.plugins.host.load(&wasm).map_err(invalid),
+            name if wasm.is_empty() => broker
+                .plugins
+                .host
+                .builtin(name)
+                .map_err(|_| invalid(format!("there is no built-in plugin '{name}' (built in: identity)"))),
+            _ => Err(invalid("give either a component or a built-in plugin name, not both")),
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))??;
         plugin.expect_kind(kind).map_err(invalid)?;
+        let previous_kind = plugins.get(&r.name).map(|d| d.deployment.read().expect("deployment lock").kind);
+        let users = self.topics_using(&r.name);
+        if previous_kind.is_some_and(|k| k != kind) && !users.is_empty() {
+            return Err(invalid(format!(
+                "plugin '{}' is named by the config of topic(s) {}; a new version must stay a {}",
+                r.name,
+                users.join(", "),
+                previous_kind.expect("checked")
+            )));
+        }
         if kind == Kind::Transform {
             self.check_transform_topics(&r.input, &r.outputs, &on_error)?;
         } else if !r.input.is_empty() || !r.outputs.is_empty() {
@@ -325,7 +350,7 @@ impl Broker {
 
         let _guard = plugins.admin.lock().await;
         let blob = plugins.blob_path(plugin.sha256());
-        if !blob.exists() {
+        if r.builtin.is_empty() && !blob.exists() {
             write_atomic(&blob, &r.wasm).map_err(storage)?;
         }
         let previous = plugins.get(&r.name);
@@ -415,6 +440,13 @@ impl Broker {
                 d.monitor.log("info", if pause { "paused" } else { "resumed" });
             }
             PluginAction::Remove => {
+                let users = self.topics_using(name);
+                if !users.is_empty() {
+                    return Err(invalid(format!(
+                        "plugin '{name}' is named by the config of topic(s) {}; delete those topics first",
+                        users.join(", ")
+                    )));
+                }
                 self.stop_transform(&d).await;
                 plugins.deployed.write().expect("deployed lock").remove(name);
                 plugins.write_registry().map_err(storage)?;
@@ -491,6 +523,25 @@ impl Broker {
             })
             .collect();
         Ok(PluginListResponse { plugins })
+    }
+
+    /// A deployed plugin's component and deployment, for a client that runs
+    /// it locally (a topic's partitioner).
+    pub(crate) fn fetch_plugin(&self, name: &str) -> Result<PluginFetchResponse, WireError> {
+        let d = self.plugins.get(name).ok_or_else(|| unknown(name))?;
+        let deployment = d.deployment.read().expect("deployment lock").clone();
+        if deployment.sha256.starts_with(BUILTIN_PREFIX) {
+            return Err(invalid(format!("plugin '{name}' is built into the broker; it has no component")));
+        }
+        let wasm = std::fs::read(self.plugins.blob_path(&deployment.sha256)).map_err(storage)?;
+        Ok(PluginFetchResponse {
+            name: deployment.name,
+            version: deployment.version,
+            kind: deployment.kind.name().to_string(),
+            sha256: deployment.sha256,
+            params: deployment.params,
+            wasm: Bytes::from(wasm),
+        })
     }
 
     pub(crate) fn plugin_logs(&self, name: &str, since: u64) -> Result<Vec<PluginLogLine>, WireError> {
@@ -797,14 +848,34 @@ pub(crate) enum BatchMode {
 }
 
 impl Broker {
-    /// A topic may name only a deployed serializer as its value serializer.
-    pub(crate) fn check_serializer(&self, name: &str) -> Result<(), WireError> {
-        let d = self.plugins.get(name).ok_or_else(|| {
-            WireError::new(ErrorCode::InvalidConfig, format!("value.serializer: plugin '{name}' is not deployed"))
-        })?;
-        d.plugin
-            .expect_kind(Kind::Serializer)
-            .map_err(|e| WireError::new(ErrorCode::InvalidConfig, format!("value.serializer: {e}")))
+    /// A topic may name only a deployed serializer as its value serializer
+    /// and only a deployed partitioner as its partitioner.
+    pub(crate) fn check_topic_plugins(&self, config: &TopicConfig) -> Result<(), WireError> {
+        let named = [
+            ("value.serializer", &config.value_serializer, Kind::Serializer),
+            ("partitioner", &config.partitioner, Kind::Partitioner),
+        ];
+        for (key, name, kind) in named {
+            let Some(name) = name else { continue };
+            let d = self.plugins.get(name).ok_or_else(|| {
+                WireError::new(ErrorCode::InvalidConfig, format!("{key}: plugin '{name}' is not deployed"))
+            })?;
+            d.plugin.expect_kind(kind).map_err(|e| WireError::new(ErrorCode::InvalidConfig, format!("{key}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The topics whose configs name plugin `name` (it cannot be removed
+    /// while one does).
+    fn topics_using(&self, name: &str) -> Vec<String> {
+        self.sorted_topics()
+            .iter()
+            .filter(|t| {
+                let c = &t.config;
+                c.value_serializer.as_deref() == Some(name) || c.partitioner.as_deref() == Some(name)
+            })
+            .map(|t| t.record.name.clone())
+            .collect()
     }
 
     /// Runs a serializer or filter over one stored (or produced) batch and

@@ -53,6 +53,9 @@ pub struct TopicConfig {
     /// A deployed serializer plugin that checks and encodes values on
     /// produce (and decodes them for consumers that ask).
     pub value_serializer: Option<String>,
+    /// A deployed partitioner plugin that places records produced without
+    /// a partition (run by clients that can, by the broker otherwise).
+    pub partitioner: Option<String>,
 }
 
 impl Default for TopicConfig {
@@ -66,6 +69,7 @@ impl Default for TopicConfig {
             record_bytes_max: 1024 * 1024,
             index_interval_bytes: 4096,
             value_serializer: None,
+            partitioner: None,
         }
     }
 }
@@ -81,6 +85,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("max.message.bytes", "largest record accepted (key + value + headers, bytes)"),
     ("index.interval.bytes", "bytes between sparse offset index entries"),
     ("value.serializer", "a deployed serializer plugin run on every produced batch; empty = none"),
+    (
+        "partitioner",
+        "a deployed partitioner plugin placing records sent without a partition; empty = murmur2 of the key",
+    ),
 ];
 
 fn optional_ms(key: &str, value: &str) -> Result<Option<u64>, String> {
@@ -119,6 +127,7 @@ impl TopicConfig {
                 "max.message.bytes" => self.record_bytes_max = positive::<u32>(key, value, 1)? as usize,
                 "index.interval.bytes" => self.index_interval_bytes = positive(key, value, 1)?,
                 "value.serializer" => self.value_serializer = Some(value.to_owned()).filter(|v| !v.is_empty()),
+                "partitioner" => self.partitioner = Some(value.to_owned()).filter(|v| !v.is_empty()),
                 other => {
                     let known: Vec<_> = CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
                     return Err(format!("unknown topic config '{other}' (known: {})", known.join(", ")));
@@ -141,6 +150,7 @@ impl TopicConfig {
             ),
             ("index.interval.bytes".into(), self.index_interval_bytes.to_string()),
             ("max.message.bytes".into(), self.record_bytes_max.to_string()),
+            ("partitioner".into(), self.partitioner.clone().unwrap_or_default()),
             ("retention.bytes".into(), ms(self.retention_bytes)),
             ("retention.ms".into(), ms(self.retention_ms)),
             ("segment.bytes".into(), self.segment_bytes.to_string()),

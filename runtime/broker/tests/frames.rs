@@ -110,3 +110,59 @@ async fn produce_requests_append_in_ticket_order() {
     assert_eq!(values, expected);
     broker.shutdown();
 }
+
+/// `PARTITION_ANY` on a topic without a partitioner plugin: keyed records go
+/// where murmur2 puts them (as a client would), the keyless records of one
+/// batch stay together, and the answer says where each record went.
+#[tokio::test]
+async fn partition_any_places_keyed_records_by_murmur2() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let create = CreateTopicRequest { name: "t".into(), partitions: 4, replication_factor: 1, configs: vec![] };
+    call(&broker, &create).await.unwrap();
+    let mut b = BatchBuilder::new(Compression::Lz4);
+    for i in 0..40 {
+        let key = format!("key-{i}");
+        b.append(1_000 + i, (i % 5 != 0).then_some(key.as_bytes()), Some(format!("v{i}").as_bytes()), &[]);
+    }
+    let mut request = produce(b.build());
+    request.partitions[0].partition = PARTITION_ANY;
+    let r = call(&broker, &request).await.unwrap();
+    let result = &r.partitions[0];
+    assert_eq!((result.error, result.partition, result.placements.len()), (ErrorCode::None, PARTITION_ANY, 40));
+    let keyless: Vec<u32> = (0..40).step_by(5).map(|i| result.placements[i].partition).collect();
+    assert!(keyless.iter().all(|p| *p == keyless[0]), "keyless records of one batch stay together: {keyless:?}");
+    for (i, placement) in result.placements.iter().enumerate() {
+        if i % 5 != 0 {
+            let expected = quiver_protocol::partitioner::partition_for_key(format!("key-{i}").as_bytes(), 4);
+            assert_eq!(placement.partition, expected, "record {i}");
+        }
+        // The record is where the answer says, with its value.
+        let fetch = FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            partitions: vec![FetchPartition {
+                topic: "t".into(),
+                partition: placement.partition,
+                offset: placement.offset,
+                max_bytes: 1 << 20,
+            }],
+            filter: String::new(),
+            filter_params: vec![],
+            decode_values: false,
+        };
+        let f = call(&broker, &fetch).await.unwrap();
+        let found = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
+            .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
+            .find(|r| r.offset == placement.offset)
+            .unwrap();
+        assert_eq!(found.value.unwrap(), Bytes::from(format!("v{i}")));
+        assert_eq!(found.timestamp, 1_000 + i as i64);
+    }
+    // A topic that does not exist is refused for PARTITION_ANY too.
+    request.partitions[0].topic = "nope".into();
+    let r = call(&broker, &request).await.unwrap();
+    assert_eq!(r.partitions[0].error, ErrorCode::UnknownTopic);
+    broker.shutdown();
+}

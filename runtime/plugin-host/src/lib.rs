@@ -33,6 +33,9 @@ pub use monitor::{LOG_LINES_MAX, LogLine, Monitor, Stats};
 
 /// The ABI versions (WIT package versions) this host runs.
 pub const ABI_VERSIONS: &[&str] = &["0.1.0"];
+
+/// How a built-in plugin's identity starts (in place of a SHA-256).
+pub const BUILTIN_PREFIX: &str = "builtin:";
 const WIT_PACKAGE: &str = "quiver:plugin";
 
 /// How often the epoch advances: the resolution of call deadlines.
@@ -218,6 +221,25 @@ impl PluginHost {
         Ok(Arc::new(Plugin { sha256, kind, abi, pre, from_cache, config: self.config.clone(), engine }))
     }
 
+    /// A transform built into the host, not a component: `identity`, a
+    /// native pass-through that forwards every record to the first output.
+    /// It runs through exactly the same pipeline as a Wasm transform, which
+    /// makes it the baseline Wasm transforms are benchmarked against.
+    pub fn builtin(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        if name != "identity" {
+            return Err(PluginError::NotAPlugin);
+        }
+        Ok(Arc::new(Plugin {
+            sha256: format!("{BUILTIN_PREFIX}{name}"),
+            kind: Kind::Transform,
+            abi: ABI_VERSIONS[ABI_VERSIONS.len() - 1].to_owned(),
+            pre: Pre::NativeIdentity,
+            from_cache: false,
+            config: self.config.clone(),
+            engine: self.engine.clone(),
+        }))
+    }
+
     fn compile(&self, wasm: &[u8], sha256: &str) -> Result<(Component, bool), PluginError> {
         if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
             return Err(PluginError::NotAComponent("the file does not start with the WebAssembly magic".into()));
@@ -296,6 +318,8 @@ enum Pre {
     Filter(filter::FilterPluginPre<HostState>),
     Serializer(serializer::SerializerPluginPre<HostState>),
     Partitioner(partitioner::PartitionerPluginPre<HostState>),
+    /// [`PluginHost::builtin`] `identity`.
+    NativeIdentity,
 }
 
 impl Plugin {
@@ -359,6 +383,10 @@ impl Plugin {
             Pre::Filter(pre) => pre.instantiate(store).map(|p| Exports::Filter(Box::new(p))),
             Pre::Serializer(pre) => pre.instantiate(store).map(|p| Exports::Serializer(Box::new(p))),
             Pre::Partitioner(pre) => pre.instantiate(store).map(|p| Exports::Partitioner(Box::new(p))),
+            Pre::NativeIdentity => {
+                instance.exports = Exports::NativeIdentity;
+                return Ok(instance);
+            }
         };
         instance.exports = exports.map_err(|e| PluginError::Call(instance.classify(e)))?;
         let (store, params, outputs) = (&mut instance.store, params.to_vec(), outputs.to_vec());
@@ -367,7 +395,7 @@ impl Plugin {
             Exports::Filter(p) => p.quiver_plugin_filter().call_init(store, &params),
             Exports::Serializer(p) => p.quiver_plugin_serializer().call_init(store, &params),
             Exports::Partitioner(p) => p.quiver_plugin_partitioner().call_init(store, &params),
-            Exports::Poisoned => unreachable!("set above"),
+            Exports::Poisoned | Exports::NativeIdentity => unreachable!("set above"),
         };
         match started {
             Ok(Ok(())) => Ok(instance),
@@ -416,6 +444,7 @@ enum Exports {
     Partitioner(Box<partitioner::PartitionerPlugin>),
     /// A call trapped, hit its deadline or its cap: this instance is done.
     Poisoned,
+    NativeIdentity,
 }
 
 /// One live instance. Not shared: the owner (a partition's task) calls it
@@ -461,6 +490,17 @@ impl Instance {
     }
 
     pub fn transform(&mut self, input: &Input<'_>) -> Result<Output, CallError> {
+        if matches!(self.exports, Exports::NativeIdentity) {
+            let started = Instant::now();
+            let mut entries = Vec::with_capacity(input.count as usize * 4);
+            for i in 0..input.count {
+                entries.push(0);
+                quiver_protocol::varint::put_varlong(&mut entries, i64::from(i));
+                entries.push(0);
+            }
+            self.monitor.record_call(input.count as usize, 0, started.elapsed());
+            return Ok(Output { entries, refusal: None });
+        }
         self.call(input, |exports, store, batch| match exports {
             Exports::Transform(p) => Some(p.quiver_plugin_transform().call_transform(store, &batch)),
             _ => None,

@@ -22,10 +22,11 @@ pub enum ApiKey {
     PluginList = 10,
     PluginControl = 11,
     PluginLogs = 12,
+    PluginFetch = 13,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 12] = [
+    pub const ALL: [ApiKey; 13] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -38,6 +39,7 @@ impl ApiKey {
         ApiKey::PluginList,
         ApiKey::PluginControl,
         ApiKey::PluginLogs,
+        ApiKey::PluginFetch,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -49,6 +51,12 @@ impl ApiKey {
         match self {
             // v1 added the read-side filter and value decoding.
             ApiKey::Fetch => (1, 1),
+            // v1 added each topic's partitioner.
+            ApiKey::Metadata => (1, 1),
+            // v1 added per-record placements for `PARTITION_ANY`.
+            ApiKey::Produce => (1, 1),
+            // v1 added built-in plugins.
+            ApiKey::PluginDeploy => (1, 1),
             _ => (0, 0),
         }
     }
@@ -149,6 +157,11 @@ wire_struct! {
         pub name: String,
         pub error: ErrorCode,
         pub partitions: Vec<PartitionMetadata>,
+        /// The topic's partitioner plugin (empty: murmur2 of the key, as
+        /// Kafka) and its deployed version, so that a client can run the
+        /// same module locally (`PluginFetch`).
+        pub partitioner: String,
+        pub partitioner_version: u32,
     }
 }
 
@@ -158,7 +171,7 @@ wire_struct! {
         pub topics: Vec<TopicMetadata>,
     }
 }
-request!(MetadataRequest => Metadata, MetadataResponse);
+request!(MetadataRequest => Metadata version 1, MetadataResponse);
 
 wire_struct! {
     pub struct CreateTopicRequest {
@@ -248,9 +261,20 @@ wire_struct! {
         pub partition: u32,
         pub error: ErrorCode,
         pub message: String,
-        /// Offset given to the first record of the batch (-1 on error).
+        /// Offset given to the first record of the batch (-1 on error, and
+        /// for `PARTITION_ANY`, whose records land in several partitions).
         pub base_offset: i64,
         pub log_start_offset: i64,
+        /// `PARTITION_ANY` only: where each record of the batch went, in
+        /// batch order.
+        pub placements: Vec<RecordPlacement>,
+    }
+}
+
+wire_struct! {
+    pub struct RecordPlacement {
+        pub partition: u32,
+        pub offset: i64,
     }
 }
 
@@ -259,7 +283,7 @@ wire_struct! {
         pub partitions: Vec<ProducePartitionResult>,
     }
 }
-request!(ProduceRequest => Produce, ProduceResponse);
+request!(ProduceRequest => Produce version 1, ProduceResponse);
 
 wire_struct! {
     pub struct FetchPartition {
@@ -353,8 +377,11 @@ wire_struct! {
         /// transform | filter | serializer | partitioner: must match the
         /// component's own declaration.
         pub kind: String,
-        /// The component (wasm32-wasip2).
+        /// The component (wasm32-wasip2); empty with `builtin`.
         pub wasm: Bytes,
+        /// A plugin built into the broker instead of a component: `identity`
+        /// (a native pass-through transform, the baseline of benchmarks).
+        pub builtin: String,
         pub params: Vec<(String, String)>,
         /// Transforms: the input topic, the output topics, the poison-record
         /// policy (fail | skip | dead-letter=TOPIC) and where a first deploy
@@ -373,7 +400,7 @@ wire_struct! {
         pub abi_version: String,
     }
 }
-request!(PluginDeployRequest => PluginDeploy, PluginDeployResponse);
+request!(PluginDeployRequest => PluginDeploy version 1, PluginDeployResponse);
 
 wire_struct! {
     pub struct PluginListRequest {
@@ -467,3 +494,23 @@ wire_struct! {
     }
 }
 request!(PluginLogsRequest => PluginLogs, PluginLogsResponse);
+
+wire_struct! {
+    /// Downloads a deployed plugin's component, e.g. a topic's partitioner
+    /// for a client to run locally.
+    pub struct PluginFetchRequest {
+        pub name: String,
+    }
+}
+
+wire_struct! {
+    pub struct PluginFetchResponse {
+        pub name: String,
+        pub version: u32,
+        pub kind: String,
+        pub sha256: String,
+        pub params: Vec<(String, String)>,
+        pub wasm: Bytes,
+    }
+}
+request!(PluginFetchRequest => PluginFetch, PluginFetchResponse);

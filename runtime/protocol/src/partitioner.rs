@@ -65,3 +65,72 @@ mod tests {
         }
     }
 }
+
+/// Records of one batch regrouped by the partition chosen for each: one
+/// builder per partition (in partition order), with the index in the
+/// original batch of every record it holds, in original order. Used by a
+/// client that partitions a batch locally and by a broker that partitions a
+/// batch sent with `PARTITION_ANY`, so both split the same way.
+pub struct Split {
+    pub partition: u32,
+    pub builder: crate::batch::BatchBuilder,
+    pub indices: Vec<u32>,
+}
+
+/// Splits `records` by `partitions` (one entry per record).
+pub fn split_by_partition(
+    records: &[crate::batch::Record],
+    partitions: &[u32],
+    compression: crate::batch::Compression,
+) -> Vec<Split> {
+    assert_eq!(records.len(), partitions.len(), "one partition per record");
+    let mut splits: std::collections::BTreeMap<u32, Split> = std::collections::BTreeMap::new();
+    for (i, (record, &partition)) in records.iter().zip(partitions).enumerate() {
+        let split = splits.entry(partition).or_insert_with(|| Split {
+            partition,
+            builder: crate::batch::BatchBuilder::new(compression),
+            indices: Vec::new(),
+        });
+        split.builder.append(record.timestamp, record.key.as_deref(), record.value.as_deref(), &record.headers);
+        split.indices.push(i as u32);
+    }
+    splits.into_values().collect()
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, Compression, Header, decode_records};
+
+    #[test]
+    fn split_keeps_every_record_once_in_order_per_partition() {
+        let records: Vec<_> = {
+            let mut b = BatchBuilder::new(Compression::None);
+            for i in 0..20i64 {
+                let key = format!("k{i}");
+                let headers = [Header { key: "i".into(), value: Some(bytes::Bytes::from(i.to_string())) }];
+                b.append(1000 + i, Some(key.as_bytes()), Some(format!("v{i}").as_bytes()), &headers);
+            }
+            decode_records(&b.build()).unwrap()
+        };
+        let partitions: Vec<u32> = (0..20).map(|i| (i * 7 % 3) as u32).collect();
+        let splits = split_by_partition(&records, &partitions, Compression::Lz4);
+        assert_eq!(splits.iter().map(|s| s.partition).collect::<Vec<_>>(), vec![0, 1, 2]);
+        let mut seen = 0;
+        for s in splits {
+            let decoded = decode_records(&s.builder.build()).unwrap();
+            assert_eq!(decoded.len(), s.indices.len());
+            assert!(s.indices.windows(2).all(|w| w[0] < w[1]), "original order kept");
+            for (r, &i) in decoded.iter().zip(&s.indices) {
+                let original = &records[i as usize];
+                assert_eq!(partitions[i as usize], s.partition);
+                assert_eq!(
+                    (r.timestamp, &r.key, &r.value, &r.headers),
+                    (original.timestamp, &original.key, &original.value, &original.headers)
+                );
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 20);
+    }
+}

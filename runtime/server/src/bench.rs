@@ -35,6 +35,11 @@ pub enum BenchMode {
     E2e,
     /// Raw QUIC baseline only: bytes over one stream, no broker.
     Quic,
+    /// In-stream transform throughput through the broker (input topic to
+    /// output topic): a Wasm identity transform against the built-in native
+    /// pass-through over the same records, and the time from deploy to the
+    /// first output record.
+    Transform,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,6 +78,10 @@ pub struct BenchOpts {
     pub rate: u64,
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Transform bench: the identity component to deploy (default: build
+    /// plugins/identity from this source tree).
+    #[arg(long, global = true)]
+    pub wasm: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,6 +95,8 @@ pub struct BenchResult {
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p99: Option<f64>,
     pub latency_ms_p999: Option<f64>,
+    /// Transforms: from the deploy request to the first output record.
+    pub first_output_ms: Option<f64>,
 }
 
 impl BenchResult {
@@ -102,6 +113,7 @@ impl BenchResult {
             latency_ms_p50: q(0.50),
             latency_ms_p99: q(0.99),
             latency_ms_p999: q(0.999),
+            first_output_ms: None,
         }
     }
 
@@ -112,6 +124,9 @@ impl BenchResult {
         );
         if let (Some(a), Some(b), Some(c)) = (self.latency_ms_p50, self.latency_ms_p99, self.latency_ms_p999) {
             print!("  latency ms p50 {a:.2} p99 {b:.2} p99.9 {c:.2}");
+        }
+        if let Some(ms) = self.first_output_ms {
+            print!("  deploy to first output {ms:.0} ms");
         }
         println!();
     }
@@ -156,6 +171,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             BenchMode::Produce => results.push(produce(&target, &opts, &opts.topic).await?),
             BenchMode::Consume => results.push(consume(&target, &opts).await?),
             BenchMode::E2e => results.push(e2e(&target, &opts).await?),
+            BenchMode::Transform => results.extend(transform(&target, &opts).await?),
             BenchMode::Quic => unreachable!(),
         }
         target.client.close();
@@ -171,6 +187,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let ratios = serde_json::json!({
         "produce_vs_quic_upload": ratio("produce", "quic-upload"),
         "consume_vs_quic_download": ratio("consume", "quic-download"),
+        "wasm_vs_native_transform": ratio("transform-wasm", "transform-native"),
     });
     match opts.format {
         Format::Json => println!("{}", serde_json::json!({"results": results, "ratios": ratios})),
@@ -183,6 +200,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             if let Some(r) = ratio("consume", "quic-download") {
                 println!("consume / raw QUIC download = {:.1} %", r * 100.0);
+            }
+            if let Some(r) = ratio("transform-wasm", "transform-native") {
+                println!("Wasm identity / native pass-through = {:.1} %", r * 100.0);
             }
         }
     }
@@ -373,6 +393,81 @@ async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
     sender.await??;
     bar.finish_and_clear();
     Ok(BenchResult::new("e2e", seen, bytes, started.elapsed(), Some(&hist)))
+}
+
+/// Sum of the high watermarks of a topic's partitions.
+async fn records_in(client: &Client, topic: &str) -> anyhow::Result<i64> {
+    let described = client.admin().describe_topics(Some(vec![topic.to_string()])).await?;
+    Ok(described.iter().flat_map(|t| &t.partitions).map(|p| p.high_watermark - p.log_start_offset).sum())
+}
+
+/// Runs the native pass-through, then the Wasm identity transform, each
+/// from the start of the same input topic into its own new output topic.
+/// Throughput counts from the first output record to the last, so the
+/// component's compilation shows in `first_output_ms`, not in MiB/s.
+async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
+    use quiver_client::CallError;
+    use quiver_protocol::messages::{PluginAction, PluginDeployRequest};
+    let admin = target.client.admin();
+    if (records_in(&target.client, &opts.topic).await? as u64) < opts.records {
+        produce(target, opts, &opts.topic).await?;
+    }
+    let total = records_in(&target.client, &opts.topic).await?;
+    let wasm = match &opts.wasm {
+        Some(file) => std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?,
+        None => {
+            let built = tokio::task::spawn_blocking(|| quiver_plugin_host::builder::first_party("identity")).await?;
+            std::fs::read(built.map_err(anyhow::Error::msg)?)?
+        }
+    };
+    let mut results = Vec::new();
+    for (label, builtin, wasm) in [("transform-native", "identity", Vec::new()), ("transform-wasm", "", wasm)] {
+        let (name, output) = (format!("bench-{label}"), format!("{}-{label}", opts.topic));
+        match admin.control_plugin(&name, PluginAction::Remove).await {
+            Ok(()) => {}
+            Err(CallError::Broker(e)) if e.code == ErrorCode::UnknownPlugin => {}
+            Err(e) => return Err(e.into()),
+        }
+        match admin.delete_topic(&output).await {
+            Ok(()) => {}
+            Err(CallError::Broker(e)) if e.code == ErrorCode::UnknownTopic => {}
+            Err(e) => return Err(e.into()),
+        }
+        admin.create_topic(&output, opts.partitions, &[]).await?;
+        let bar = progress(total as u64, label);
+        let deployed = Instant::now();
+        admin
+            .deploy_plugin(PluginDeployRequest {
+                name: name.clone(),
+                kind: "transform".into(),
+                wasm: wasm.into(),
+                builtin: builtin.into(),
+                params: vec![],
+                input: opts.topic.clone(),
+                outputs: vec![output.clone()],
+                on_error: "fail".into(),
+                start: "start".into(),
+            })
+            .await?;
+        let (mut first, mut done) = (None, 0);
+        while done < total {
+            tokio::time::sleep(Duration::from_millis(if first.is_none() { 1 } else { 10 })).await;
+            done = records_in(&target.client, &output).await?;
+            if done > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            bar.set_position(done as u64);
+            anyhow::ensure!(deployed.elapsed() < Duration::from_secs(600), "{label}: {done} of {total} after 10 min");
+        }
+        bar.finish_and_clear();
+        let first = first.expect("done > 0");
+        let bytes = total as u64 * opts.record_bytes as u64;
+        let mut result = BenchResult::new(label, total as u64, bytes, first.elapsed(), None);
+        result.first_output_ms = Some(first.duration_since(deployed).as_secs_f64() * 1000.0);
+        results.push(result);
+        admin.control_plugin(&name, PluginAction::Remove).await?;
+    }
+    Ok(results)
 }
 
 /// Pushes the bytes of `records` records over one QUIC stream each way to an

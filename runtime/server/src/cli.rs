@@ -146,7 +146,8 @@ pub enum TopicCommand {
         key_sep: Option<String>,
         #[arg(long, value_enum, default_value_t = AcksArg::All)]
         acks: AcksArg,
-        /// Fixed partition (default: by key, sticky for keyless records).
+        /// Fixed partition (default: the topic's partitioner plugin if it
+        /// names one, else by key, sticky for keyless records).
         #[arg(short, long)]
         partition: Option<u32>,
         #[arg(long, default_value = "none")]
@@ -158,6 +159,10 @@ pub enum TopicCommand {
         linger_ms: u64,
         #[arg(long, default_value_t = 128 * 1024)]
         batch_bytes: usize,
+        /// Let the broker run the topic's partitioner plugin instead of
+        /// running it here.
+        #[arg(long)]
+        broker_partitioning: bool,
     },
     /// Print records: value per line, or JSON objects with --format json.
     Consume {
@@ -349,19 +354,26 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             admin.delete_topic(&name).await?;
             println!("deleted topic '{name}'");
         }
-        TopicCommand::Produce { name, key_sep, acks, partition, compression, headers, linger_ms, batch_bytes } => {
-            return produce_stdin(
-                &client,
-                name,
-                key_sep,
-                acks.into(),
-                partition,
+        TopicCommand::Produce {
+            name,
+            key_sep,
+            acks,
+            partition,
+            compression,
+            headers,
+            linger_ms,
+            batch_bytes,
+            broker_partitioning,
+        } => {
+            let config = ProducerConfig {
+                acks: acks.into(),
                 compression,
-                headers,
-                linger_ms,
-                batch_bytes,
-            )
-            .await;
+                linger: Duration::from_millis(linger_ms),
+                batch_bytes_max: batch_bytes,
+                partition_locally: !broker_partitioning,
+                ..ProducerConfig::default()
+            };
+            return produce_stdin(&client, name, key_sep, partition, headers, config).await;
         }
         TopicCommand::Consume { name, offset, partition, count, format, key_sep, filter, filter_params, decode } => {
             let fetch = ConsumerConfig { filter, filter_params, decode_values: decode, ..ConsumerConfig::default() };
@@ -380,20 +392,11 @@ async fn produce_stdin(
     client: &Client,
     topic: String,
     key_sep: Option<String>,
-    acks: Acks,
     partition: Option<u32>,
-    compression: Compression,
     headers: Vec<(String, String)>,
-    linger_ms: u64,
-    batch_bytes: usize,
+    config: ProducerConfig,
 ) -> anyhow::Result<ExitCode> {
-    let producer = client.producer(ProducerConfig {
-        acks,
-        compression,
-        linger: Duration::from_millis(linger_ms),
-        batch_bytes_max: batch_bytes,
-        ..ProducerConfig::default()
-    });
+    let producer = client.producer(config);
     let key_sep = key_sep.map(|s| unescape(&s));
     let headers: Vec<Header> = headers.into_iter().map(|(k, v)| Header { key: k, value: Some(v.into()) }).collect();
     // Delivery results are checked in send order by a separate task, so

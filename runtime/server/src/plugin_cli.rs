@@ -46,7 +46,12 @@ pub enum PluginCommand {
     /// Deploy a component (a new version if NAME exists).
     Deploy {
         name: String,
-        file: PathBuf,
+        #[arg(required_unless_present = "builtin")]
+        file: Option<PathBuf>,
+        /// Deploy a plugin built into the broker instead of a component:
+        /// `identity` (a native pass-through transform).
+        #[arg(long, conflicts_with = "file")]
+        builtin: Option<String>,
         #[arg(long)]
         kind: String,
         #[arg(long, default_value = "")]
@@ -95,13 +100,17 @@ pub async fn run(conn: ConnArgs, command: PluginCommand) -> anyhow::Result<ExitC
         PluginCommand::Test { file, input, params, outputs, partitions, decode } => {
             test(&file, &input, &params, &outputs, partitions, decode)
         }
-        PluginCommand::Deploy { name, file, kind, input, outputs, params, on_error, start } => {
-            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        PluginCommand::Deploy { name, file, builtin, kind, input, outputs, params, on_error, start } => {
+            let wasm = match &file {
+                Some(file) => std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?,
+                None => Vec::new(),
+            };
             let client = conn.connect().await?;
             let request = PluginDeployRequest {
                 name: name.clone(),
                 kind,
                 wasm: wasm.into(),
+                builtin: builtin.unwrap_or_default(),
                 params,
                 input,
                 outputs,

@@ -268,3 +268,78 @@ fn plugin_test_runs_a_component_on_sample_records_without_a_broker() {
     assert_eq!(lines[0]["value"], r#"{"card":"***","n":1}"#);
     assert!(stderr.contains("record 1 refused: value is not JSON"), "{stderr}");
 }
+
+/// A topic naming a partitioner plugin: the client library runs the module
+/// locally, the broker runs it for `PARTITION_ANY` batches, and every record
+/// lands in the same partition either way (and where Kafka's murmur2 of the
+/// field would put it, which is what this plugin promises). A record the
+/// partitioner refuses fails its batch, with nothing appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioner_runs_the_same_in_client_and_broker() {
+    use quiver_client::{Client, PARTITION_ANY, ProducerConfig, ProducerRecord};
+    let node = DevNode::start();
+    let wasm = plugin("json-field-partitioner");
+    let out =
+        node.ok(&["plugin", "deploy", "by-customer", &wasm, "--kind", "partitioner", "--param", "field=customer.id"]);
+    assert!(out.contains("version 1"), "{out}");
+    let err = node.fails(&["topic", "create", "bad", "-c", "partitioner=nope"]);
+    assert!(err.contains("partitioner: plugin 'nope' is not deployed"), "{err}");
+    node.ok(&["topic", "create", "payments", "-p", "5", "-c", "partitioner=by-customer"]);
+    let described = node.ok(&["topic", "describe", "payments"]);
+    assert!(described.contains("by-customer"), "{described}");
+    let err = node.fails(&["plugin", "remove", "by-customer"]);
+    assert!(err.contains("named by the config of topic(s) payments"), "{err}");
+
+    let client = Client::connect(node.client_config()).await.unwrap();
+    let value = |i: u32| format!(r#"{{"customer":{{"id":"c{}"}},"n":{i}}}"#, i % 37);
+    let mut placed = Vec::new();
+    for locally in [true, false] {
+        let producer = client.producer(ProducerConfig { partition_locally: locally, ..ProducerConfig::default() });
+        let mut deliveries = Vec::new();
+        for i in 0..500u32 {
+            // Keys differ from the field: murmur2 of the key would disagree.
+            let record = ProducerRecord::new("payments", value(i)).key(format!("key-{i}"));
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+        let mut partitions = Vec::new();
+        for d in deliveries {
+            let meta = d.await.unwrap();
+            assert_ne!(meta.partition, PARTITION_ANY);
+            partitions.push(meta.partition);
+        }
+        placed.push(partitions);
+        // Who ran it: the broker's instance saw records only in the second round.
+        let d = &json_lines(&node.ok(&["plugin", "describe", "by-customer", "--format", "json"]))[0];
+        assert_eq!(d["stats"]["records_in"], if locally { 0 } else { 500 }, "locally={locally}: {d}");
+    }
+    assert_eq!(placed[0], placed[1], "client-side and broker-side partitioning agree");
+    for (i, p) in placed[0].iter().enumerate() {
+        let field = format!("c{}", i % 37);
+        assert_eq!(*p, quiver_client::partitioner::partition_for_key(field.as_bytes(), 5), "record {i}");
+    }
+
+    // What was acknowledged is what is stored, in both paths.
+    let stored = values(&node, "payments");
+    assert_eq!(stored.len(), 1000);
+    for r in &stored {
+        let v: serde_json::Value = serde_json::from_str(r["value"].as_str().unwrap()).unwrap();
+        let n = v["n"].as_u64().unwrap() as usize;
+        assert_eq!(r["partition"].as_u64().unwrap() as u32, placed[0][n], "{r}");
+    }
+
+    // A value without the field: refused whole, locally and by the broker.
+    for flag in [None, Some("--broker-partitioning")] {
+        let mut args = vec!["topic", "produce", "payments"];
+        args.extend(flag);
+        let out = node.produce(&args, b"{\"customer\":{}}\n");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag:?}");
+        assert!(
+            stderr.contains("record 0 rejected by partitioner 'by-customer': the field is missing or not a scalar"),
+            "{flag:?}: {stderr}"
+        );
+    }
+    assert_eq!(values(&node, "payments").len(), 1000, "nothing of a refused batch was appended");
+    let listed = node.ok(&["plugin", "list"]);
+    assert!(listed.contains("by-customer"), "{listed}");
+}

@@ -74,6 +74,11 @@ impl Admin {
         Ok(())
     }
 
+    /// A deployed plugin's component with its version and parameters.
+    pub async fn fetch_plugin(&self, name: &str) -> Result<PluginFetchResponse, CallError> {
+        self.client.call(&PluginFetchRequest { name: name.into() }).await
+    }
+
     /// Log lines of a plugin with a sequence number of at least `since`.
     pub async fn plugin_logs(&self, name: &str, since: u64) -> Result<Vec<PluginLogLine>, CallError> {
         Ok(self.client.call(&PluginLogsRequest { name: name.into(), since }).await?.lines)

@@ -27,6 +27,7 @@
 mod admin;
 mod connection;
 mod consumer;
+mod partitioning;
 pub use quiver_protocol::partitioner;
 mod producer;
 
@@ -37,5 +38,5 @@ pub use connection::{
 pub use consumer::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, OffsetSpec};
 pub use producer::{DeliveryFuture, ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::batch::{Compression, Header};
-pub use quiver_protocol::messages::Acks;
+pub use quiver_protocol::messages::{Acks, PARTITION_ANY};
 pub use quiver_protocol::{ErrorCode, WireError};

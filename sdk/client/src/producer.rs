@@ -9,7 +9,7 @@
 //! it was sent) fails with [`ProduceError::Unknown`], so that retries never
 //! write a record twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,12 +19,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_protocol::batch::{BATCH_HEADER_LEN, BatchBuilder, Compression, Header, record_size_upper_bound};
-use quiver_protocol::messages::{Acks, ProducePartition, ProduceRequest};
+use quiver_protocol::messages::{Acks, PARTITION_ANY, ProducePartition, ProduceRequest, RecordPlacement};
 use quiver_protocol::{ErrorCode, WireError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::connection::{Client, RequestStream};
+#[cfg(feature = "plugins")]
+use crate::partitioning::LocalPartitioner;
+use crate::partitioning::Placement;
 use quiver_protocol::partitioner::partition_for_key;
+#[cfg(feature = "plugins")]
+use quiver_protocol::partitioner::split_by_partition;
 
 /// Producer settings. Defaults favour throughput with small latency.
 #[derive(Debug, Clone)]
@@ -46,6 +51,11 @@ pub struct ProducerConfig {
     /// Give up on a record this long after it was sent.
     pub delivery_timeout: Duration,
     pub retry_backoff: Duration,
+    /// For topics that name a partitioner plugin: run it in this process
+    /// (cargo feature `plugins`). When false, without the feature, or when
+    /// the plugin cannot be loaded here, records are sent with
+    /// `PARTITION_ANY` and the broker runs the same module.
+    pub partition_locally: bool,
 }
 
 impl Default for ProducerConfig {
@@ -60,6 +70,7 @@ impl Default for ProducerConfig {
             request_bytes_max: 4 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
+            partition_locally: true,
         }
     }
 }
@@ -68,7 +79,8 @@ impl Default for ProducerConfig {
 #[derive(Debug, Clone)]
 pub struct ProducerRecord {
     pub topic: String,
-    /// `None`: chosen from the key (murmur2), or sticky for keyless records.
+    /// `None`: chosen by the topic's partitioner plugin if it names one,
+    /// else from the key (murmur2), or sticky for keyless records.
     pub partition: Option<u32>,
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
@@ -114,6 +126,7 @@ impl ProducerRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMetadata {
     pub topic: Arc<str>,
+    /// `PARTITION_ANY` with acks=none for a record the broker placed.
     pub partition: u32,
     /// -1 with acks=none: the broker does not answer.
     pub offset: i64,
@@ -136,6 +149,8 @@ pub enum ProduceError {
     Timeout { timeout: Duration, last_error: String },
     #[error("cannot reach the broker: {0}")]
     Connect(String),
+    #[error("{0}")]
+    Partitioner(String),
     #[error("the producer was closed before the record was sent")]
     Closed,
 }
@@ -176,7 +191,11 @@ struct ReadyBatch {
     size_bytes: usize,
     waiters: Vec<Waiter>,
     created: Instant,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// Shared by the batches a locally partitioned batch was split into.
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+    /// `PARTITION_ANY` batches to split here before sending.
+    #[cfg(feature = "plugins")]
+    split: Option<(Arc<LocalPartitioner>, u32)>,
 }
 
 /// What the producer keeps per topic: looked up by `&str`, so the hot path
@@ -184,12 +203,15 @@ struct ReadyBatch {
 struct TopicState {
     name: Arc<str>,
     partitions: u32,
+    placement: Placement,
     /// Where keyless records go until that partition's batch is sealed.
     sticky: Option<u32>,
     open: HashMap<u32, OpenBatch>,
 }
 
-type SealedBatch = (Arc<str>, u32, OpenBatch);
+/// A sealed batch with its topic, partition, and how the topic places
+/// records (with its partition count).
+type SealedBatch = (Arc<str>, u32, OpenBatch, (Placement, u32));
 
 impl TopicState {
     fn sticky_partition(&mut self, rng: &mut u64) -> u32 {
@@ -217,7 +239,7 @@ impl TopicState {
             }
             self.sticky = Some(next);
         }
-        Some((self.name.clone(), partition, batch))
+        Some((self.name.clone(), partition, batch, (self.placement.clone(), self.partitions)))
     }
 }
 
@@ -235,6 +257,14 @@ fn random(rng: &mut u64, below: u32) -> u32 {
     x ^= x << 17;
     *rng = x;
     (x % u64::from(below)) as u32
+}
+
+/// What the broker said about a batch it appended.
+enum Acked {
+    /// Its records got consecutive offsets from this one (-1: acks=none).
+    Base(i64),
+    /// `PARTITION_ANY`: where each record went, in batch order.
+    Placed(Vec<RecordPlacement>),
 }
 
 struct Shared {
@@ -308,10 +338,11 @@ impl Producer {
             let mut guard = shared.state.lock().expect("producer state");
             let State { topics, next_batch_id, rng } = &mut *guard;
             let topic = topics.get_mut(record.topic.as_str()).expect("partition_count registered the topic");
-            let partition = match (record.partition, &record.key) {
-                (Some(p), _) => p,
-                (None, Some(key)) => partition_for_key(key, partitions),
-                (None, None) => topic.sticky_partition(rng),
+            let partition = match (record.partition, &topic.placement, &record.key) {
+                (Some(p), _, _) => p,
+                (None, Placement::Murmur2, Some(key)) => partition_for_key(key, partitions),
+                (None, Placement::Murmur2, None) => topic.sticky_partition(rng),
+                (None, _, _) => PARTITION_ANY,
             };
             let full = topic
                 .open
@@ -331,10 +362,19 @@ impl Producer {
                         shared.seal_and_send(&name, partition, Some(id));
                     }
                 });
+                // A batch split here is re-encoded per partition: keep the
+                // collected one uncompressed.
+                #[cfg(feature = "plugins")]
+                let compression = match (&topic.placement, partition) {
+                    (Placement::Local(_), PARTITION_ANY) => Compression::None,
+                    _ => shared.config.compression,
+                };
+                #[cfg(not(feature = "plugins"))]
+                let compression = shared.config.compression;
                 OpenBatch {
                     id,
                     builder: BatchBuilder::with_capacity(
-                        shared.config.compression,
+                        compression,
                         // Bounded so that many partitions do not each reserve a
                         // whole batch; larger batches grow (amortised).
                         shared.config.batch_bytes_max.min(64 * 1024).max(size + BATCH_HEADER_LEN),
@@ -394,14 +434,36 @@ impl Producer {
             .find(|t| t.name == topic && t.error == ErrorCode::None)
             .ok_or_else(|| ProduceError::UnknownTopic(topic.to_string()))?;
         let partitions = t.partitions.len() as u32;
+        let placement = self.placement(&t.partitioner).await;
         let mut state = self.shared.state.lock().expect("producer state");
         let entry = state.topics.entry(topic.to_string()).or_insert_with(|| TopicState {
             name: Arc::from(topic),
             partitions,
+            placement,
             sticky: None,
             open: HashMap::new(),
         });
         Ok(entry.partitions)
+    }
+}
+
+impl Producer {
+    /// How records without a partition are placed for a topic whose
+    /// partitioner is `partitioner` (empty: none).
+    async fn placement(&self, partitioner: &str) -> Placement {
+        if partitioner.is_empty() {
+            return Placement::Murmur2;
+        }
+        #[cfg(feature = "plugins")]
+        if self.shared.config.partition_locally {
+            match LocalPartitioner::fetch(&self.shared.client, partitioner).await {
+                Ok(local) => return Placement::Local(Arc::new(local)),
+                Err(e) => {
+                    tracing::warn!(partitioner, error = %e, "cannot run the partitioner here; the broker will")
+                }
+            }
+        }
+        Placement::Broker
     }
 }
 
@@ -426,7 +488,7 @@ impl Shared {
 
     /// Queues a sealed batch. Called with the state lock held: batches of a
     /// partition must enter the queue in the order they were sealed.
-    fn send_ready(&self, (topic, partition, batch): SealedBatch) {
+    fn send_ready(&self, (topic, partition, batch, placement): SealedBatch) {
         let ready = ReadyBatch {
             topic,
             partition,
@@ -435,23 +497,73 @@ impl Shared {
             records: Bytes::new(),
             waiters: batch.waiters,
             created: Instant::now(),
-            _permit: batch.permit,
+            _permit: batch.permit.map(Arc::new),
+            #[cfg(feature = "plugins")]
+            split: match placement {
+                (Placement::Local(p), partitions) if partition == PARTITION_ANY => Some((p, partitions)),
+                _ => None,
+            },
         };
+        #[cfg(not(feature = "plugins"))]
+        let _ = placement;
         if let Err(mpsc::error::SendError(ready)) = self.ready_tx.send(ready) {
             self.complete(ready, Err(ProduceError::Closed));
         }
     }
 
-    fn complete(&self, batch: ReadyBatch, result: Result<i64, ProduceError>) {
+    /// A `PARTITION_ANY` batch of a topic whose partitioner runs here becomes
+    /// one batch per partition (one plugin call for the whole batch); other
+    /// batches pass through. A partitioner failure fails the batch's records.
+    fn split(&self, batch: ReadyBatch) -> Vec<ReadyBatch> {
+        #[cfg(feature = "plugins")]
+        {
+            let mut batch = batch;
+            let Some((partitioner, partitions)) = batch.split.take() else {
+                return vec![batch];
+            };
+            let (records, chosen) = match partitioner.partition(&batch.records(), partitions) {
+                Ok(placed) => placed,
+                Err(e) => {
+                    self.complete(batch, Err(ProduceError::Partitioner(e)));
+                    return Vec::new();
+                }
+            };
+            let mut waiters: Vec<Option<Waiter>> = std::mem::take(&mut batch.waiters).into_iter().map(Some).collect();
+            split_by_partition(&records, &chosen, self.config.compression)
+                .into_iter()
+                .map(|s| ReadyBatch {
+                    topic: batch.topic.clone(),
+                    partition: s.partition,
+                    size_bytes: s.builder.size_bytes(),
+                    builder: Some(s.builder),
+                    records: Bytes::new(),
+                    waiters: s
+                        .indices
+                        .iter()
+                        .map(|&i| waiters[i as usize].take().expect("one split per record"))
+                        .collect(),
+                    created: batch.created,
+                    _permit: batch._permit.clone(),
+                    split: None,
+                })
+                .collect()
+        }
+        #[cfg(not(feature = "plugins"))]
+        vec![batch]
+    }
+
+    fn complete(&self, batch: ReadyBatch, result: Result<Acked, ProduceError>) {
         let count = batch.waiters.len();
         for (i, w) in batch.waiters.into_iter().enumerate() {
+            let (partition, offset) = match &result {
+                Ok(Acked::Base(base)) => (batch.partition, if *base < 0 { -1 } else { base + i as i64 }),
+                Ok(Acked::Placed(placements)) => (placements[i].partition, placements[i].offset),
+                Err(_) => (0, -1),
+            };
             let r = match &result {
-                Ok(base) => Ok(RecordMetadata {
-                    topic: batch.topic.clone(),
-                    partition: batch.partition,
-                    offset: if *base < 0 { -1 } else { base + i as i64 },
-                    timestamp_ms: w.timestamp_ms,
-                }),
+                Ok(_) => {
+                    Ok(RecordMetadata { topic: batch.topic.clone(), partition, offset, timestamp_ms: w.timestamp_ms })
+                }
                 Err(e) => Err(e.clone()),
             };
             let _ = w.tx.send(r);
@@ -466,28 +578,46 @@ impl Shared {
 
 /// Packs ready batches into requests, keeping at most `in_flight_max`
 /// requests outstanding. Ends when the producer is dropped.
-async fn dispatch(shared: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>) {
-    let in_flight = match shared.upgrade() {
+async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>) {
+    let in_flight = match weak.upgrade() {
         Some(s) => Arc::new(Semaphore::new(s.config.in_flight_max.max(1))),
         None => return,
     };
-    while let Some(first) = ready_rx.recv().await {
+    // Sealed batches, split per partition where the partitioner runs here.
+    let mut queued: VecDeque<ReadyBatch> = VecDeque::new();
+    loop {
+        if queued.is_empty() {
+            let Some(first) = ready_rx.recv().await else {
+                return;
+            };
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            queued.extend(shared.split(first));
+            continue;
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let Some(shared) = shared.upgrade() else {
+        let Some(shared) = weak.upgrade() else {
             return;
         };
-        let mut size = first.size_bytes;
-        let mut batches = vec![first];
+        let mut size = 0;
+        let mut batches = Vec::new();
         while size < shared.config.request_bytes_max {
-            match ready_rx.try_recv() {
-                Ok(b) => {
+            match queued.pop_front() {
+                Some(b) => {
                     size += b.size_bytes;
                     batches.push(b);
                 }
-                Err(_) => break,
+                None => match ready_rx.try_recv() {
+                    Ok(b) => queued.extend(shared.split(b)),
+                    Err(_) => break,
+                },
             }
+        }
+        if batches.is_empty() {
+            continue;
         }
         // Open the stream here, in dispatch order: the broker appends a
         // connection's produce requests in stream order.
@@ -525,15 +655,23 @@ async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>, mut stream:
         let last_error = match outcome {
             Ok(None) => {
                 for b in pending {
-                    shared.complete(b, Ok(-1));
+                    shared.complete(b, Ok(Acked::Base(-1)));
                 }
                 return;
             }
             Ok(Some(response)) if response.partitions.len() == pending.len() => {
                 let mut last_error = String::new();
                 for (b, r) in pending.into_iter().zip(response.partitions) {
-                    if r.error == ErrorCode::None {
-                        shared.complete(b, Ok(r.base_offset));
+                    if r.error == ErrorCode::None && b.partition == PARTITION_ANY {
+                        let acked = if r.placements.len() == b.waiters.len() {
+                            Ok(Acked::Placed(r.placements))
+                        } else {
+                            let e = format!("broker placed {} records of {}", r.placements.len(), b.waiters.len());
+                            Err(ProduceError::Unknown(e))
+                        };
+                        shared.complete(b, acked);
+                    } else if r.error == ErrorCode::None {
+                        shared.complete(b, Ok(Acked::Base(r.base_offset)));
                     } else if r.error.is_retriable() {
                         last_error = format!("{}: {}", r.error, r.message);
                         retry.push(b);
