@@ -29,13 +29,27 @@ port=$((20000 + RANDOM % 20000))
 export QUIVER_DEV_DIR="$data"
 q dev --data-dir "$data" --listen "127.0.0.1:$port" >"$data/node.log" 2>&1 &
 node=$!
-trap 'kill $node 2>/dev/null; wait $node 2>/dev/null; rm -rf "$data"' EXIT
+cleanup() {
+    local status=$?
+    if [[ $status -ne 0 ]]; then q plugin list 2>/dev/null; q plugin logs by-country 2>/dev/null | tail -n 5; fi
+    kill "$node" 2>/dev/null || true
+    wait "$node" 2>/dev/null || true
+    rm -rf "$data"
+    exit "$status"
+}
+trap cleanup EXIT
 for _ in $(seq 100); do [[ -s "$data/address" ]] && break; sleep 0.1; done
 [[ -s "$data/address" ]] || { cat "$data/node.log"; echo "the node did not start" >&2; exit 1; }
 echo "== node on 127.0.0.1:$port (data in $data)"
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
-build() { q plugin build "$root/plugins/$1" 2>/dev/null | tail -n 1 | awk '{print $NF}'; }
+# `quiver plugin build` prints the component's path first; cargo's output
+# goes to a log shown only if a build fails.
+build() {
+    local out
+    out=$(q plugin build "$root/plugins/$1" 2>>"$data/build.log") || { cat "$data/build.log" >&2; exit 1; }
+    echo "$out" | head -n 1
+}
 partitioner="$(build json-field-partitioner)"
 serializer="$(build json-schema)"
 transform="$(build route)"

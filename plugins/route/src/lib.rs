@@ -1,8 +1,8 @@
 //! Transform: fans records out to output topics by a field's value. The
-//! output topic is `prefix` + the field's value; a record whose value names
-//! no deployed output goes to `default` (a deployed output) or, without
-//! `default`, is a poison record. Parameters: `field`, `prefix` (optional),
-//! `default` (optional).
+//! output topic is `prefix` + the field's value; a record whose field is
+//! missing or names no deployed output goes to `default` (a deployed output)
+//! or, without `default`, is a poison record. Parameters: `field`, `prefix`
+//! (optional), `default` (optional).
 
 use plugin_util::{FieldPath, parse, scalar_text};
 use quiver_plugin::{Error, Output, Params, Record, Transform};
@@ -11,6 +11,7 @@ pub struct Route {
     field: FieldPath,
     prefix: String,
     default: Option<String>,
+    outputs: Vec<String>,
 }
 
 impl Transform for Route {
@@ -19,6 +20,7 @@ impl Transform for Route {
             field: FieldPath::parse(params.require("field")?)?,
             prefix: params.get("prefix").unwrap_or("").to_owned(),
             default: params.get("default").map(str::to_owned),
+            outputs: params.outputs().to_vec(),
         })
     }
 
@@ -27,6 +29,7 @@ impl Transform for Route {
         let topic = self.field.get(&doc).and_then(scalar_text).map(|v| format!("{}{v}", self.prefix));
         let output = Output::forward();
         Ok(Some(match (topic, &self.default) {
+            (Some(topic), Some(default)) if !self.outputs.contains(&topic) => output.topic(default.clone()),
             (Some(topic), _) => output.topic(topic),
             (None, Some(default)) => output.topic(default.clone()),
             (None, None) => return Err(Error::new("the routing field is missing or not a scalar")),
@@ -57,5 +60,7 @@ mod tests {
         assert!(err.1.contains("'mars' is not one of"), "{}", err.1);
         let out = transform::<Route>(&[("field", "x"), ("default", "other")], &["eu", "other"], &input).unwrap();
         assert_eq!(out[0].topic, "other");
+        let out = transform::<Route>(&[("field", "region"), ("default", "other")], &["eu", "other"], &input).unwrap();
+        assert_eq!(out[0].topic, "other", "a value naming no output goes to the default");
     }
 }

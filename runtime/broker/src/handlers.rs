@@ -342,15 +342,29 @@ impl Broker {
             }
             _ => p.records.clone(),
         };
-        if let Some(name) = topic.config.value_serializer.clone() {
+        // The partitioner sees the records as produced, as it would in a
+        // client that partitions locally: before the serializer.
+        let chosen = if any {
+            let (broker, topic, produced) = (self.clone(), topic.clone(), stored.clone());
+            Some(blocking(move || broker.choose_partitions(&topic, &produced)).await?)
+        } else {
+            None
+        };
+        let serializers = [
+            (&topic.config.key_serializer, BatchMode::EncodeKeys),
+            (&topic.config.value_serializer, BatchMode::Encode),
+        ];
+        for (name, mode) in serializers {
+            let Some(name) = name.clone() else { continue };
             let broker = self.clone();
-            stored = blocking(move || broker.apply_plugin(&name, None, BatchMode::Encode, &stored)).await?;
+            stored = blocking(move || broker.apply_plugin(&name, None, mode, &stored)).await?;
         }
-        match partition {
-            Some(partition) => Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }]),
-            None => {
+        match (partition, chosen) {
+            (Some(partition), _) => Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }]),
+            (None, chosen) => {
+                let chosen = chosen.expect("chosen for PARTITION_ANY");
                 let broker = self.clone();
-                blocking(move || broker.place(&topic, &stored)).await
+                blocking(move || broker.split(&topic, &stored, &chosen)).await
             }
         }
     }
@@ -390,16 +404,16 @@ impl Broker {
         let broker = self.clone();
         tokio::task::spawn_blocking(move || {
             for result in results.iter_mut().filter(|p| !p.records.is_empty()) {
-                let serializer = if decode {
-                    broker.topic(&result.topic).and_then(|t| t.config.value_serializer.clone())
-                } else {
-                    None
-                };
+                let mut serializers = Vec::new();
+                if let Some(t) = broker.topic(&result.topic).filter(|_| decode) {
+                    serializers.extend(t.config.key_serializer.clone().map(|n| (n, BatchMode::DecodeKeys)));
+                    serializers.extend(t.config.value_serializer.clone().map(|n| (n, BatchMode::Decode)));
+                }
                 let mut out = Vec::new();
                 for item in batch::Batches::new(result.records.clone()) {
                     let (_, mut stored) = item.map_err(corrupt)?;
-                    if let Some(name) = &serializer {
-                        stored = broker.apply_plugin(name, None, BatchMode::Decode, &stored)?;
+                    for (name, mode) in &serializers {
+                        stored = broker.apply_plugin(name, None, *mode, &stored)?;
                     }
                     if !filter.is_empty() {
                         stored = broker.apply_plugin(&filter, Some(&params), BatchMode::Filter, &stored)?;

@@ -24,26 +24,39 @@ pub(crate) struct Placed {
     pub(crate) indices: Vec<u32>,
 }
 
+fn corrupt(e: batch::BatchError) -> WireError {
+    WireError::new(ErrorCode::CorruptMessage, e.to_string())
+}
+
 impl Broker {
-    /// Splits a validated batch by partition. Blocking when the topic has a
-    /// partitioner plugin: call off the runtime.
-    pub(crate) fn place(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<Placed>, WireError> {
-        let corrupt = |e: batch::BatchError| WireError::new(ErrorCode::CorruptMessage, e.to_string());
+    /// The partition of each record of a validated batch, as produced (before
+    /// any value serializer, as a client partitioning locally sees it).
+    /// Blocking when the topic has a partitioner plugin: call off the runtime.
+    pub(crate) fn choose_partitions(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<u32>, WireError> {
         let (header, body) = batch::records_section(produced).map_err(corrupt)?;
         let records = batch::decode_section(&header, &body).map_err(corrupt)?;
         let count = topic.partitions.len() as u32;
-        let chosen = match &topic.config.partitioner {
-            Some(name) => self.run_partitioner(name, &header, &body, records.len() as u32, count)?,
+        match &topic.config.partitioner {
+            Some(name) => self.run_partitioner(name, &header, &body, records.len() as u32, count),
             None => {
                 let keyless = topic.keyless_next.fetch_add(1, Ordering::Relaxed) % count;
-                records.iter().map(|r| r.key.as_deref().map_or(keyless, |k| partition_for_key(k, count))).collect()
+                Ok(records.iter().map(|r| r.key.as_deref().map_or(keyless, |k| partition_for_key(k, count))).collect())
             }
-        };
+        }
+    }
+
+    /// Splits a batch by the partitions chosen for its records.
+    pub(crate) fn split(&self, topic: &Topic, stored: &Bytes, chosen: &[u32]) -> Result<Vec<Placed>, WireError> {
+        let (header, body) = batch::records_section(stored).map_err(corrupt)?;
+        let records = batch::decode_section(&header, &body).map_err(corrupt)?;
+        if records.len() != chosen.len() {
+            return Err(WireError::new(ErrorCode::Internal, "the serializer changed the record count"));
+        }
         let codec = match topic.config.compression {
             TopicCompression::Codec(codec) => codec,
             TopicCompression::Producer => header.compression().unwrap_or(Compression::None),
         };
-        Ok(split_by_partition(&records, &chosen, codec)
+        Ok(split_by_partition(&records, chosen, codec)
             .into_iter()
             .map(|s| Placed {
                 partition: topic.partitions[s.partition as usize].clone(),

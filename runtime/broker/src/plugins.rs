@@ -839,12 +839,32 @@ impl Broker {
 /// What a request-path plugin does to a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchMode {
-    /// Serializer on produce: one output per record; a refusal rejects all.
+    /// Value serializer on produce: one output per record; a refusal
+    /// rejects all.
     Encode,
-    /// Serializer on fetch.
+    /// Value serializer on fetch.
     Decode,
+    /// Key serializer on produce: the plugin sees each record's key as its
+    /// value (same ABI), and its output value becomes the key.
+    EncodeKeys,
+    /// Key serializer on fetch.
+    DecodeKeys,
     /// Read-side filter: at most one output per record.
     Filter,
+}
+
+impl BatchMode {
+    fn on_keys(self) -> bool {
+        matches!(self, BatchMode::EncodeKeys | BatchMode::DecodeKeys)
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            BatchMode::Filter => "filter",
+            BatchMode::EncodeKeys | BatchMode::DecodeKeys => "key serializer",
+            BatchMode::Encode | BatchMode::Decode => "serializer",
+        }
+    }
 }
 
 impl Broker {
@@ -853,6 +873,7 @@ impl Broker {
     pub(crate) fn check_topic_plugins(&self, config: &TopicConfig) -> Result<(), WireError> {
         let named = [
             ("value.serializer", &config.value_serializer, Kind::Serializer),
+            ("key.serializer", &config.key_serializer, Kind::Serializer),
             ("partitioner", &config.partitioner, Kind::Partitioner),
         ];
         for (key, name, kind) in named {
@@ -872,7 +893,7 @@ impl Broker {
             .iter()
             .filter(|t| {
                 let c = &t.config;
-                c.value_serializer.as_deref() == Some(name) || c.partitioner.as_deref() == Some(name)
+                [&c.value_serializer, &c.key_serializer, &c.partitioner].iter().any(|n| n.as_deref() == Some(name))
             })
             .map(|t| t.record.name.clone())
             .collect()
@@ -892,28 +913,33 @@ impl Broker {
         d.plugin.expect_kind(want).map_err(invalid)?;
         let (header, body) = batch::records_section(stored).map_err(corrupt)?;
         let records = batch::decode_section(&header, &body).map_err(corrupt)?;
+        let swapped;
         let input = Input {
             base_offset: header.base_offset,
             base_timestamp: header.base_timestamp,
             count: records.len() as u32,
-            records: &body,
+            records: if mode.on_keys() {
+                swapped = keys_as_values(&header, &records)?;
+                &swapped
+            } else {
+                &body
+            },
         };
         let deployed_params = d.deployment.read().expect("deployment lock").params.clone();
         let params = params.unwrap_or(&deployed_params);
         let called = d
             .with_instance(params, |inst| match mode {
-                BatchMode::Encode => inst.serialize(&input, true),
-                BatchMode::Decode => inst.serialize(&input, false),
+                BatchMode::Encode | BatchMode::EncodeKeys => inst.serialize(&input, true),
+                BatchMode::Decode | BatchMode::DecodeKeys => inst.serialize(&input, false),
                 BatchMode::Filter => inst.filter(&input),
             })
             .map_err(|e| WireError::new(ErrorCode::PluginFailed, format!("plugin '{name}': {e}")))?;
         let failed = |e: CallError| WireError::new(ErrorCode::PluginFailed, format!("plugin '{name}' {e}"));
         let out = called.map_err(failed)?;
         if let Some(r) = &out.refusal {
-            let what = if mode == BatchMode::Filter { "filter" } else { "serializer" };
             return Err(WireError::new(
                 ErrorCode::RecordRejected,
-                format!("record {} rejected by {what} '{name}': {}", r.index, r.message),
+                format!("record {} rejected by {} '{name}': {}", r.index, mode.what(), r.message),
             ));
         }
         let entries = out.decode(input.count, 1).map_err(failed)?;
@@ -939,6 +965,9 @@ impl Broker {
                 Entry::Forward { .. } => {
                     b.append_at(delta, src.timestamp, src.key.as_deref(), src.value.as_deref(), &src.headers)
                 }
+                Entry::New { value, .. } if mode.on_keys() => {
+                    b.append_at(delta, src.timestamp, *value, src.value.as_deref(), &src.headers)
+                }
                 Entry::New { key, value, headers, .. } => {
                     let headers: Vec<Header> = headers
                         .iter()
@@ -959,6 +988,16 @@ impl Broker {
 
 fn corrupt(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::CorruptMessage, e.to_string())
+}
+
+/// The records section of `records` with each key in the value's place (no
+/// key), for a key serializer: the serializer ABI is about values.
+fn keys_as_values(header: &batch::BatchHeader, records: &[Record]) -> Result<Bytes, WireError> {
+    let mut b = BatchBuilder::rebuild_of(header, Compression::None);
+    for r in records {
+        b.append_at((r.offset - header.base_offset) as i32, r.timestamp, None, r.key.as_deref(), &r.headers);
+    }
+    Ok(batch::records_section(&b.build()).map_err(corrupt)?.1)
 }
 
 fn plugin_failure(e: &CallError) -> String {

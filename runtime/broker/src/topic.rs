@@ -53,6 +53,8 @@ pub struct TopicConfig {
     /// A deployed serializer plugin that checks and encodes values on
     /// produce (and decodes them for consumers that ask).
     pub value_serializer: Option<String>,
+    /// The same for keys: the serializer sees each key as a value.
+    pub key_serializer: Option<String>,
     /// A deployed partitioner plugin that places records produced without
     /// a partition (run by clients that can, by the broker otherwise).
     pub partitioner: Option<String>,
@@ -69,6 +71,7 @@ impl Default for TopicConfig {
             record_bytes_max: 1024 * 1024,
             index_interval_bytes: 4096,
             value_serializer: None,
+            key_serializer: None,
             partitioner: None,
         }
     }
@@ -85,6 +88,7 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("max.message.bytes", "largest record accepted (key + value + headers, bytes)"),
     ("index.interval.bytes", "bytes between sparse offset index entries"),
     ("value.serializer", "a deployed serializer plugin run on every produced batch; empty = none"),
+    ("key.serializer", "a deployed serializer plugin run on the keys of every produced batch; empty = none"),
     (
         "partitioner",
         "a deployed partitioner plugin placing records sent without a partition; empty = murmur2 of the key",
@@ -127,6 +131,7 @@ impl TopicConfig {
                 "max.message.bytes" => self.record_bytes_max = positive::<u32>(key, value, 1)? as usize,
                 "index.interval.bytes" => self.index_interval_bytes = positive(key, value, 1)?,
                 "value.serializer" => self.value_serializer = Some(value.to_owned()).filter(|v| !v.is_empty()),
+                "key.serializer" => self.key_serializer = Some(value.to_owned()).filter(|v| !v.is_empty()),
                 "partitioner" => self.partitioner = Some(value.to_owned()).filter(|v| !v.is_empty()),
                 other => {
                     let known: Vec<_> = CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
@@ -149,6 +154,7 @@ impl TopicConfig {
                 },
             ),
             ("index.interval.bytes".into(), self.index_interval_bytes.to_string()),
+            ("key.serializer".into(), self.key_serializer.clone().unwrap_or_default()),
             ("max.message.bytes".into(), self.record_bytes_max.to_string()),
             ("partitioner".into(), self.partitioner.clone().unwrap_or_default()),
             ("retention.bytes".into(), ms(self.retention_bytes)),

@@ -307,7 +307,7 @@ wire_struct! {
         /// (empty: none), with its parameters.
         pub filter: String,
         pub filter_params: Vec<(String, String)>,
-        /// Run each topic's value serializer's decode on the records.
+        /// Run each topic's key and value serializers' decode on the records.
         pub decode_values: bool,
     }
 }

@@ -343,3 +343,94 @@ async fn partitioner_runs_the_same_in_client_and_broker() {
     let listed = node.ok(&["plugin", "list"]);
     assert!(listed.contains("by-customer"), "{listed}");
 }
+
+/// The first-party plugins not covered above, through the broker: msgpack as
+/// key and value serializer (stored binary, decoded on request, a bad key
+/// refused), the murmur2 partitioner (same partitions as Kafka's default),
+/// the explode and redact transforms, and the Wasm identity transform next
+/// to the built-in native one.
+#[test]
+fn first_party_plugins_through_the_broker() {
+    let node = DevNode::start();
+    // msgpack on keys and values.
+    node.ok(&["plugin", "deploy", "mp", &plugin("msgpack"), "--kind", "serializer"]);
+    node.ok(&["topic", "create", "packed", "-p", "1", "-c", "key.serializer=mp", "-c", "value.serializer=mp"]);
+    let input = b"{\"user\":1}\t{\"name\":\"ada\",\"tags\":[1,2]}\n{\"user\":2}\t{\"name\":\"bob\"}\n";
+    assert!(node.produce(&["topic", "produce", "packed", "--key-sep", "\\t"], input).status.success());
+    let raw = values(&node, "packed");
+    assert_eq!(raw.len(), 2);
+    assert!(raw[0]["key"]["hex"].is_string() && raw[0]["value"]["hex"].is_string(), "stored as MessagePack: {raw:?}");
+    let decoded =
+        json_lines(&node.ok(&["topic", "consume", "packed", "-o", "start:end", "--format", "json", "--decode"]));
+    assert_eq!(decoded[0]["key"], r#"{"user":1}"#);
+    assert_eq!(decoded[0]["value"], r#"{"name":"ada","tags":[1,2]}"#);
+    assert_eq!(decoded[1]["key"], r#"{"user":2}"#);
+    let out = node.produce(&["topic", "produce", "packed", "--key-sep", "\\t"], b"not-json\t{\"name\":\"eve\"}\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("record 0 rejected by key serializer 'mp': value is not JSON"), "{stderr}");
+    assert_eq!(values(&node, "packed").len(), 2, "nothing of the refused batch was appended");
+
+    // murmur2: the partitions Kafka's default partitioner would choose.
+    node.ok(&["plugin", "deploy", "m2", &plugin("murmur2"), "--kind", "partitioner"]);
+    node.ok(&["topic", "create", "keyed", "-p", "7", "-c", "partitioner=m2"]);
+    let input: String = (0..200).map(|i| format!("user-{i}\tv{i}\n")).collect();
+    for flag in [None, Some("--broker-partitioning")] {
+        let mut args = vec!["topic", "produce", "keyed", "--key-sep", "\\t"];
+        args.extend(flag);
+        assert!(node.produce(&args, input.as_bytes()).status.success(), "{flag:?}");
+    }
+    let keyed = values(&node, "keyed");
+    assert_eq!(keyed.len(), 400);
+    for r in &keyed {
+        let key = r["key"].as_str().unwrap();
+        let expected = quiver_client::partitioner::partition_for_key(key.as_bytes(), 7);
+        assert_eq!(r["partition"].as_u64().unwrap() as u32, expected, "{r}");
+    }
+
+    // explode and redact, chained: orders -> items -> masked.
+    for t in ["orders", "items", "masked"] {
+        node.ok(&["topic", "create", t, "-p", "2"]);
+    }
+    let explode = ["--kind", "transform", "--input", "orders", "--output", "items", "--param", "field=items"];
+    node.ok(
+        &[&["plugin", "deploy", "explode", &plugin("explode")][..], &explode[..], &["--param", "keep=true"]].concat()
+    );
+    let redact = ["--kind", "transform", "--input", "items", "--output", "masked", "--param", "fields=items.card"];
+    node.ok(&[&["plugin", "deploy", "redact", &plugin("redact")][..], &redact[..]].concat());
+    let order = "o1\t{\"id\":1,\"items\":[{\"sku\":\"a\",\"card\":\"4111\"},{\"sku\":\"b\",\"card\":\"5500\"}]}\n";
+    assert!(node.produce(&["topic", "produce", "orders", "--key-sep", "\\t"], order.as_bytes()).status.success());
+    caught_up(&node, "explode");
+    caught_up(&node, "redact");
+    let mut masked: Vec<String> =
+        values(&node, "masked").iter().map(|r| r["value"].as_str().unwrap().to_string()).collect();
+    masked.sort();
+    assert_eq!(
+        masked,
+        [r#"{"id":1,"items":{"sku":"a","card":"***"}}"#, r#"{"id":1,"items":{"sku":"b","card":"***"}}"#],
+    );
+
+    // The Wasm identity and the built-in native identity copy the same records.
+    for t in ["wasm-copy", "native-copy"] {
+        node.ok(&["topic", "create", t, "-p", "2"]);
+    }
+    let wasm = ["--kind", "transform", "--input", "keyed", "--output", "wasm-copy"];
+    node.ok(&[&["plugin", "deploy", "copy-wasm", &plugin("identity")][..], &wasm[..]].concat());
+    let native = ["--builtin", "identity", "--kind", "transform", "--input", "keyed", "--output", "native-copy"];
+    node.ok(&[&["plugin", "deploy", "copy-native"][..], &native[..]].concat());
+    caught_up(&node, "copy-wasm");
+    caught_up(&node, "copy-native");
+    let copy = |t: &str| {
+        let mut v: Vec<(String, String)> = values(&node, t)
+            .iter()
+            .map(|r| (r["key"].as_str().unwrap().to_string(), r["value"].as_str().unwrap().to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let (wasm_copy, native_copy) = (copy("wasm-copy"), copy("native-copy"));
+    assert_eq!(wasm_copy.len(), 400);
+    assert_eq!(wasm_copy, native_copy);
+    let err = node.fails(&["plugin", "deploy", "x", "--builtin", "nope", "--kind", "transform"]);
+    assert!(err.contains("there is no built-in plugin 'nope' (built in: identity)"), "{err}");
+}

@@ -31,7 +31,7 @@ pub fn init_transform<T: Transform>(params: Vec<(String, String)>, outputs: Vec<
     if outputs.is_empty() {
         return Err("a transform needs at least one output topic".into());
     }
-    let plugin = T::init(&Params::new(params)).map_err(|e| e.to_string())?;
+    let plugin = T::init(&Params::new(params).with_outputs(outputs.clone())).map_err(|e| e.to_string())?;
     STATE.with(|s| *s.borrow_mut() = Some(State { plugin: Box::new(plugin), outputs }));
     Ok(())
 }

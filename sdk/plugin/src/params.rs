@@ -2,18 +2,33 @@
 
 use crate::Error;
 
-/// The plugin's parameters, in the order given.
+/// The plugin's parameters, in the order given (and, for a transform, its
+/// output topics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(Vec<(String, String)>);
+pub struct Params {
+    pairs: Vec<(String, String)>,
+    outputs: Vec<String>,
+}
 
 impl Params {
     pub fn new(pairs: Vec<(String, String)>) -> Self {
-        Params(pairs)
+        Params { pairs, outputs: Vec::new() }
+    }
+
+    /// These parameters for a transform deployed with `outputs`.
+    pub fn with_outputs(mut self, outputs: Vec<String>) -> Self {
+        self.outputs = outputs;
+        self
+    }
+
+    /// A transform's output topics, in deploy order (empty for other kinds).
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
     }
 
     /// The last value given for `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// The value of a parameter the plugin cannot run without.
@@ -38,6 +53,6 @@ impl Params {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
