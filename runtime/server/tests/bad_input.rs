@@ -63,7 +63,7 @@ async fn malformed_frames_get_clear_errors_and_the_broker_stays_up() {
     node.ok(&["topic", "create", "t", "-p", "1"]);
     let conn = raw_connection(&node).await;
 
-    let (code, msg) = error_of(raw_request(&conn, &frame(6, 0, b"\x02garbage")).await.unwrap());
+    let (code, msg) = error_of(raw_request(&conn, &frame(6, 1, b"\x02garbage")).await.unwrap());
     assert_eq!(code, ErrorCode::CorruptMessage, "{msg}");
 
     let (code, msg) = error_of(raw_request(&conn, &frame(99, 0, b"")).await.unwrap());
@@ -72,7 +72,7 @@ async fn malformed_frames_get_clear_errors_and_the_broker_stays_up() {
 
     let (code, msg) = error_of(raw_request(&conn, &frame(2, 7, b"\x00")).await.unwrap());
     assert_eq!(code, ErrorCode::UnsupportedVersion);
-    assert!(msg.contains("version 7") && msg.contains("0 to 0"), "{msg}");
+    assert!(msg.contains("version 7") && msg.contains("1 to 1"), "{msg}");
 
     let mut huge = (1u32 << 30).to_be_bytes().to_vec();
     huge.extend_from_slice(&[0, 6, 0, 0]);
@@ -90,18 +90,18 @@ async fn malformed_frames_get_clear_errors_and_the_broker_stays_up() {
     body.put_u32(0);
     body.put_u32(70);
     body.put_slice(&[0xAB; 70]);
-    let response = raw_request(&conn, &frame(6, 0, &body)).await.unwrap();
+    let response = raw_request(&conn, &frame(6, 1, &body)).await.unwrap();
     let produce = decode_response::<quiver_protocol::messages::ProduceResponse>(response).unwrap().unwrap();
     assert_eq!(produce.partitions[0].error, ErrorCode::CorruptMessage);
     assert!(produce.partitions[0].message.contains("invalid record batch"), "{}", produce.partitions[0].message);
 
     // A frame shorter than its length prefix says: the stream just ends.
-    let mut short = frame(2, 0, b"\x00");
+    let mut short = frame(2, 1, b"\x00");
     short[3] += 100;
     assert!(raw_request(&conn, &short).await.is_none());
 
     // Same connection and other clients still work; nothing was appended.
-    let ok = raw_request(&conn, &frame(2, 0, b"\x00")).await.unwrap();
+    let ok = raw_request(&conn, &frame(2, 1, b"\x00")).await.unwrap();
     assert!(decode_response::<MetadataResponse>(ok).unwrap().is_ok());
     let described = node.ok(&["topic", "describe", "t", "--format", "json"]);
     let d: serde_json::Value = serde_json::from_str(&described).unwrap();
