@@ -501,6 +501,64 @@ impl Log {
         sync_dir(&self.dir)
     }
 
+    /// Removes every batch whose last offset is at or after `end`, for a
+    /// follower reconciling its log with a new leader (a batch that holds
+    /// `end` goes whole, so the new log end may be below `end`). Later
+    /// segments are deleted; the segment that holds the cut becomes the
+    /// active one (its index files are dropped and rebuilt by a scan). The
+    /// cut is durable when this returns. `end` at or past the log end
+    /// changes nothing; `end` at or before the log start empties the log and
+    /// keeps its start. Returns the new log end offset.
+    ///
+    /// Readers that took a byte range before the cut may still read it;
+    /// replication truncates only above the high watermark, which consumers
+    /// never read past.
+    pub fn truncate_to(&self, end: i64) -> io::Result<i64> {
+        let config = self.config();
+        let _append = self.append_lock.lock().expect("append lock poisoned");
+        let (keep, file, cut) = {
+            let state = self.read_state();
+            if end >= state.log_end() {
+                return Ok(state.log_end());
+            }
+            let end = end.max(state.log_start());
+            // The last segment starting below `end` (or the first one).
+            let keep = state.segments.partition_point(|s| s.base_offset() < end).max(1) - 1;
+            let segment = &state.segments[keep];
+            let mut position = segment.offset_index.lookup(segment.relative(end));
+            while position < segment.size {
+                let header = BatchHeader::parse(&read_header_at(&segment.file.file, position)?)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                if header.last_offset() >= end {
+                    break;
+                }
+                position += header.total_len() as u64;
+            }
+            (keep, segment.file.clone(), position)
+        };
+        let mut state = self.write_state();
+        for removed in state.segments.drain(keep + 1..) {
+            delete_segment_files(&removed.file)?;
+        }
+        for ext in [INDEX_EXT, TIME_INDEX_EXT] {
+            match fs::remove_file(file.path(ext)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        file.file.set_len(cut)?;
+        file.file.sync_all()?;
+        let rebuilt = recover_active(file.clone(), config.index_interval_bytes)?;
+        state.segments[keep] = rebuilt;
+        let kept: Vec<_> = state.segments.iter().map(|s| s.file.clone()).collect();
+        state.unsynced_sealed.retain(|f| kept[..keep].iter().any(|k| Arc::ptr_eq(k, f)));
+        sync_dir(&self.dir)?;
+        let new_end = state.log_end();
+        self.durable_end_offset.fetch_min(new_end, Ordering::SeqCst);
+        info!(dir = %self.dir.display(), requested = end, log_end_offset = new_end, "truncated log");
+        Ok(new_end)
+    }
+
     /// File handle, end position and next offset of the active segment.
     fn active_end(&self) -> (Arc<SegmentFile>, u64, i64) {
         let state = self.read_state();

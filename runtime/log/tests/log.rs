@@ -426,3 +426,39 @@ fn log_is_send_and_sync() {
     fn shareable<T: Send + Sync>() {}
     shareable::<Log>();
 }
+
+/// Truncation for a follower: batches from the cut on disappear (a batch
+/// holding the cut goes whole), later segments are deleted, appends continue
+/// at the new end with the leader epoch given, and a reopen sees the same.
+#[test]
+fn truncate_to_cuts_whole_batches_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), config(2_000)).unwrap();
+    for i in 0..30u64 {
+        log.append(&batch(i, 4, i as i64 * 10, 100), 1).unwrap();
+    }
+    assert!(log.segment_count() > 3, "several segments");
+    assert_eq!(log.log_end_offset(), 120);
+    // Offset 50 is inside the batch 48..=51: that batch goes too.
+    assert_eq!(log.truncate_to(50).unwrap(), 48);
+    assert_eq!(log.log_end_offset(), 48);
+    assert!(log.durable_end_offset() <= 48);
+    let segments = log.segment_count();
+    assert!(log_files(dir.path(), "log").len() == segments, "later segment files are gone");
+    let info = log.append(&batch(99, 2, 5_000, 10), 2).unwrap();
+    assert_eq!(info.base_offset, 48);
+    let all = read_all(&log);
+    assert_eq!(all.len(), 13);
+    assert_eq!((all[12].0.base_offset, all[12].0.leader_epoch), (48, 2));
+    assert!(all[..12].iter().all(|(h, _)| h.leader_epoch == 1));
+    // Past the end: nothing changes.
+    assert_eq!(log.truncate_to(1_000).unwrap(), 50);
+    drop(log);
+    let log = Log::open(dir.path(), config(2_000)).unwrap();
+    assert_eq!(log.log_end_offset(), 50);
+    assert_eq!(read_all(&log).len(), 13);
+    // To the start: empty, same start.
+    assert_eq!(log.truncate_to(0).unwrap(), 0);
+    assert_eq!((log.log_start_offset(), log.log_end_offset(), log.segment_count()), (0, 0, 1));
+    assert_eq!(log.append(&batch(7, 1, 0, 10), 3).unwrap().base_offset, 0);
+}

@@ -1,5 +1,6 @@
 //! The log against a simple in-memory model (a Vec of batches): random
-//! sequences of append, read, reopen and retention by bytes must agree.
+//! sequences of append, read, reopen, retention by bytes and truncation
+//! must agree.
 
 mod common;
 
@@ -11,10 +12,19 @@ use quiver_protocol::batch::Batches;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { records: usize, value_len: usize },
-    Read { at: u16, max_bytes: usize, up_to_extra: Option<u8> },
+    Append {
+        records: usize,
+        value_len: usize,
+    },
+    Read {
+        at: u16,
+        max_bytes: usize,
+        up_to_extra: Option<u8>,
+    },
     Reopen,
     RetainBytes(u64),
+    /// Truncate to `start + at % (end - start + 1)`.
+    TruncateTo(u16),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -24,6 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(at, max_bytes, up_to_extra)| Op::Read { at, max_bytes, up_to_extra }),
         1 => Just(Op::Reopen),
         1 => (0u64..8_000).prop_map(Op::RetainBytes),
+        1 => any::<u16>().prop_map(Op::TruncateTo),
     ]
 }
 
@@ -108,6 +119,20 @@ proptest! {
                     model.batches.drain(..removed);
                     model.start = new_start;
                     prop_assert!(log.size_bytes() <= bytes_max || log.segment_count() == 1);
+                }
+                Op::TruncateTo(at) => {
+                    let end = model.start + i64::from(at) % (model.end - model.start + 1);
+                    let new_end = log.truncate_to(end).unwrap();
+                    // Whole batches: everything whose last offset is below `end` stays.
+                    let keep = model.batches.iter().take_while(|(base, b)| {
+                        base + i64::from(quiver_protocol::batch::BatchHeader::parse(b).unwrap().last_offset_delta) < end
+                    }).count();
+                    model.batches.truncate(keep);
+                    model.end = model.batches.last().map_or(model.start, |(base, b)| {
+                        base + i64::from(quiver_protocol::batch::BatchHeader::parse(b).unwrap().last_offset_delta) + 1
+                    });
+                    prop_assert_eq!(new_end, model.end);
+                    prop_assert!(log.durable_end_offset() <= model.end);
                 }
             }
             prop_assert_eq!(log.log_start_offset(), model.start);
