@@ -33,10 +33,10 @@ pub fn build(dir: &Path, package: Option<&str>) -> Result<PathBuf, String> {
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
-        if let Some(p) = package {
-            if msg["target"]["name"].as_str().map(|n| n.replace('_', "-")) != Some(p.replace('_', "-")) {
-                continue;
-            }
+        if let Some(p) = package
+            && msg["target"]["name"].as_str().map(|n| n.replace('_', "-")) != Some(p.replace('_', "-"))
+        {
+            continue;
         }
         for f in msg["filenames"].as_array().into_iter().flatten().filter_map(|f| f.as_str()) {
             if f.ends_with(".wasm") {

@@ -417,7 +417,7 @@ pub fn decode_records(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
 /// callers that need both, without decompressing twice).
 pub fn decode_section(header: &BatchHeader, body: &Bytes) -> Result<Vec<Record>, BatchError> {
     let mut records = Vec::with_capacity(header.record_count.clamp(0, 1 << 16) as usize);
-    let mut rest: &[u8] = &body;
+    let mut rest: &[u8] = body;
     let slice_of = |part: &[u8]| body.slice_ref(part);
     while !rest.is_empty() {
         let view = RecordView::decode(&mut rest, records.len())?;

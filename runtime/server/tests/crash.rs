@@ -81,10 +81,10 @@ async fn kill_9_during_acks_all_produce_loses_no_acknowledged_record() {
                 Err(e) => panic!("send refused before any failure: {e}"),
             }
             sent += 1;
-            if killed && sent % 1000 == 0 {
+            if killed && sent.is_multiple_of(1000) {
                 break;
             }
-            if sent % 256 == 0 {
+            if sent.is_multiple_of(256) {
                 tokio::task::yield_now().await;
             }
         }

@@ -8,7 +8,7 @@
 //!   retries of retriable errors.
 //! - [`Consumer`]: assign / seek / poll, with the next fetch pipelined while
 //!   the caller processes the current records.
-//! - [`Admin`]: topics.
+//! - [`Admin`] for topics and plugins.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
