@@ -28,6 +28,25 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create the cluster CA in DIR (or reuse the one there) and a
+    /// certificate for each node that has none: DIR/node-ID/broker.{pem,key},
+    /// valid for localhost, node-ID and the --host names, for serving and
+    /// for connecting to other brokers. Private keys are readable by the
+    /// owner only; keep DIR/ca.key away from the nodes.
+    Init {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Node ids, e.g. 1,2,3 (run again with new ids to add nodes).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u32>,
+        /// ID=HOST: an extra name or address for node ID's certificate (repeatable).
+        #[arg(long = "host", value_parser = parse_key_value)]
+        hosts: Vec<(String, String)>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a single development node: data and self-signed certificates in
     /// --data-dir; prints how to connect.
@@ -47,6 +66,11 @@ pub enum Command {
         /// Overrides broker.listen.
         #[arg(long)]
         listen: Option<String>,
+    },
+    /// Certificates for a cluster: a CA and one certificate per node.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Start an embedded node, create a topic, produce and consume, print what happened.
     Demo {
@@ -262,6 +286,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             std::io::stdout().flush()?;
             run_until_signal(node).await
+        }
+        Command::Certs { command: CertsCommand::Init { dir, nodes, hosts } } => {
+            let mut per_node: Vec<(u32, Vec<String>)> = nodes.iter().map(|n| (*n, Vec::new())).collect();
+            for (id, host) in hosts {
+                let id: u32 = id.parse().with_context(|| format!("--host {id}={host}: '{id}' is not a node id"))?;
+                match per_node.iter_mut().find(|(n, _)| *n == id) {
+                    Some((_, h)) => h.push(host),
+                    None => bail!("--host {id}={host}: node {id} is not in --nodes"),
+                }
+            }
+            let done = crate::tls::init_cluster_certs(&dir, &per_node)?;
+            let ca = dir.join("ca.pem");
+            println!("{} CA {}", if done.created_ca { "created" } else { "kept the existing" }, ca.display());
+            for (id, _) in &per_node {
+                let what = if done.issued.contains(id) { "issued" } else { "kept" };
+                println!("node {id}: {what} {}", dir.join(format!("node-{id}")).join("broker.pem").display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo { records } => crate::demo::run(records).await.map(|()| ExitCode::SUCCESS),
         Command::Topic { conn, command } => topic(conn, command).await,

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -32,27 +34,94 @@ pub fn ensure_dev_certs(dir: &Path, hosts: &[String]) -> anyhow::Result<TlsPaths
         return Ok(paths);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "Quiver development CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = create_ca(dir, "Quiver development CA")?;
+    issue(&issuer, dir, "quiver broker", hosts)?;
+    Ok(paths)
+}
+
+/// The parameters of a Quiver CA named `name`. Re-creating them with the
+/// CA's key gives an issuer whose certificates chain to the CA certificate
+/// written earlier (same subject, same key).
+fn ca_params(name: &str) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+/// Writes a new CA (`ca.pem`, and `ca.key` readable by the owner only).
+fn create_ca(dir: &Path, name: &str) -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let params = ca_params(name)?;
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    write_private(&dir.join("ca.key"), key.serialize_pem().as_bytes())?;
+    std::fs::write(dir.join("ca.pem"), cert.pem())?;
+    Ok(Issuer::new(params, key))
+}
+
+/// Writes `broker.pem` and `broker.key` in `dir`, signed by `issuer`, valid
+/// for localhost and `hosts`, for both ends of TLS (brokers also connect to
+/// each other).
+fn issue(issuer: &Issuer<'static, KeyPair>, dir: &Path, name: &str, hosts: &[String]) -> anyhow::Result<()> {
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     names.extend(hosts.iter().filter(|h| !h.is_empty()).cloned());
     names.sort();
     names.dedup();
     let mut params = CertificateParams::new(names)?;
-    params.distinguished_name.push(DnType::CommonName, "quiver broker");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate()?;
-    let ca_key_pem = ca_key.serialize_pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let cert = params.signed_by(&key, &issuer)?;
-    write_private(&dir.join("ca.key"), ca_key_pem.as_bytes())?;
+    let cert = params.signed_by(&key, issuer)?;
+    let paths = TlsPaths::in_dir(dir);
     write_private(&paths.key, key.serialize_pem().as_bytes())?;
     std::fs::write(&paths.cert, cert.pem())?;
-    std::fs::write(&paths.ca_cert, ca_cert.pem())?;
-    Ok(paths)
+    Ok(())
+}
+
+/// What `quiver certs init` did.
+#[derive(Debug)]
+pub struct ClusterCerts {
+    pub created_ca: bool,
+    /// Node ids that got a new certificate (existing ones are kept).
+    pub issued: Vec<u32>,
+}
+
+/// `quiver certs init`: a cluster CA in `dir` (created once, reused after,
+/// so nodes added later chain to the same CA) and, for each node without
+/// one, `dir/node-<id>/broker.{pem,key}` valid for localhost, `node-<id>` and
+/// the node's extra host names.
+pub fn init_cluster_certs(dir: &Path, nodes: &[(u32, Vec<String>)]) -> anyhow::Result<ClusterCerts> {
+    const CA_NAME: &str = "Quiver cluster CA";
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (issuer, created_ca) = match (ca_cert.exists(), ca_key.exists()) {
+        (true, true) => {
+            let pem = std::fs::read_to_string(&ca_key).with_context(|| format!("reading {}", ca_key.display()))?;
+            let key = KeyPair::from_pem(&pem).with_context(|| format!("{} is not a private key", ca_key.display()))?;
+            (Issuer::new(ca_params(CA_NAME)?, key), false)
+        }
+        (false, false) => (create_ca(dir, CA_NAME)?, true),
+        (true, false) => {
+            bail!("{} exists without its key {}: cannot issue certificates", ca_cert.display(), ca_key.display())
+        }
+        (false, true) => {
+            bail!("{} exists without {}: remove it or restore the CA certificate", ca_key.display(), ca_cert.display())
+        }
+    };
+    let mut issued = Vec::new();
+    for (id, hosts) in nodes {
+        let node_dir = dir.join(format!("node-{id}"));
+        if TlsPaths::in_dir(&node_dir).cert.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(&node_dir).with_context(|| format!("creating {}", node_dir.display()))?;
+        let mut names = vec![format!("node-{id}")];
+        names.extend(hosts.iter().cloned());
+        issue(&issuer, &node_dir, &format!("quiver node {id}"), &names)?;
+        issued.push(*id);
+    }
+    Ok(ClusterCerts { created_ca, issued })
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {

@@ -206,3 +206,80 @@ fn retention_deletes_old_segments_while_reading() {
     broker.kill().unwrap();
     broker.wait().unwrap();
 }
+
+/// `quiver certs init` makes a cluster CA and node certificates; running it
+/// again with a new node keeps the CA, so the new node's certificate chains
+/// to it; a broker serves with a node certificate and clients trust it with
+/// the CA; another CA is refused with a clear error.
+#[test]
+fn certs_init_issues_node_certificates_that_brokers_serve_with() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let certs_arg = certs.to_str().unwrap();
+    let (ok, out, err) = run(&["certs", "init", "--dir", certs_arg, "--nodes", "1,2"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("created CA") && out.contains("node 1: issued") && out.contains("node 2: issued"), "{out}");
+    let ca_before = std::fs::read(certs.join("ca.pem")).unwrap();
+    for key in [certs.join("ca.key"), certs.join("node-1/broker.key")] {
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "{}", key.display());
+    }
+    let (ok, out, err) = run(&["certs", "init", "--dir", certs_arg, "--nodes", "1,2,3", "--host", "3=broker3.test"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("kept the existing CA") && out.contains("node 1: kept") && out.contains("node 3: issued"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(certs.join("ca.pem")).unwrap(), ca_before, "the CA is reused");
+    let (ok, _, err) = run(&["certs", "init", "--dir", certs_arg, "--nodes", "1", "--host", "9=x.test"]);
+    assert!(!ok && err.contains("node 9 is not in --nodes"), "{err}");
+
+    // Node 3 (added later) serves with its certificate.
+    let address = format!("127.0.0.1:{}", common::free_port());
+    let config = dir.path().join("node-3.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nnode_id = 3\ndata_dir = \"{}\"\nlisten = \"{address}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            dir.path().join("data-3").display(),
+            certs.join("node-3/broker.pem").display(),
+            certs.join("node-3/broker.key").display(),
+        ),
+    )
+    .unwrap();
+    let mut broker = std::process::Command::new(common::BIN)
+        .args(["broker", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ca = certs.join("ca.pem");
+    let ca_arg = ca.to_str().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (ok, _, err) = run(&["topic", "create", "t", "--brokers", &address, "--ca", ca_arg]);
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the broker never served: {err}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (ok, out, err) = run(&["topic", "list", "--brokers", &address, "--ca", ca_arg]);
+    assert!(ok && out.contains('t'), "{out}{err}");
+    // A client trusting another cluster's CA is refused.
+    let other = dir.path().join("other");
+    assert!(run(&["certs", "init", "--dir", other.to_str().unwrap(), "--nodes", "1"]).0);
+    let other_ca = other.join("ca.pem");
+    let (ok, _, err) = run(&["topic", "list", "--brokers", &address, "--ca", other_ca.to_str().unwrap()]);
+    assert!(!ok && err.contains("TLS handshake") && err.contains("CA"), "{err}");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
