@@ -3,7 +3,7 @@
 //! without setting keys. Parameter: `field`. A record without the field is
 //! refused with its index.
 
-use plugin_util::{FieldPath, kafka_partition, parse, scalar_text};
+use plugin_util::{FieldPath, kafka_partition, scalar_text};
 use quiver_plugin::{Error, Params, Partitioner, Record};
 
 pub struct JsonFieldPartitioner(FieldPath);
@@ -14,9 +14,9 @@ impl Partitioner for JsonFieldPartitioner {
     }
 
     fn partition(&mut self, record: &Record<'_>, partitions: u32) -> Result<u32, Error> {
-        let doc = parse(record)?;
+        let found = self.0.extract_from(record)?;
         let text =
-            self.0.get(&doc).and_then(scalar_text).ok_or_else(|| Error::new("the field is missing or not a scalar"))?;
+            found.as_ref().and_then(scalar_text).ok_or_else(|| Error::new("the field is missing or not a scalar"))?;
         Ok(kafka_partition(text.as_bytes(), partitions))
     }
 }

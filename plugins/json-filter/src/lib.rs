@@ -3,7 +3,7 @@
 //! missing, contains; default eq), `value`; `on-invalid` = skip | error
 //! (default error: a value that is not JSON is a poison record).
 
-use plugin_util::{Predicate, parse};
+use plugin_util::Predicate;
 use quiver_plugin::{Error, Output, Params, Record, Transform};
 
 pub struct JsonFilter {
@@ -22,12 +22,11 @@ impl Transform for JsonFilter {
     }
 
     fn transform(&mut self, record: &Record<'_>) -> Result<impl IntoIterator<Item = Output>, Error> {
-        let doc = match parse(record) {
-            Ok(doc) => doc,
-            Err(_) if self.skip_invalid => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        Ok(self.predicate.matches(&doc).then(Output::forward))
+        match self.predicate.matches_record(record) {
+            Ok(keep) => Ok(keep.then(Output::forward)),
+            Err(_) if self.skip_invalid => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -31,12 +31,138 @@ impl FieldPath {
         })
     }
 
+    /// The value at this path in the JSON text `json`, found in one pass
+    /// without building the rest of the document: other fields are checked
+    /// for syntax and skipped, not allocated. `Ok(None)` when the path is
+    /// absent; an error when `json` is not JSON. A key given twice counts
+    /// once, the last time, as in a parsed document.
+    pub fn extract(&self, json: &[u8]) -> Result<Option<Value>, Error> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let found = serde::de::DeserializeSeed::deserialize(extract::At(&self.0), &mut de)
+            .and_then(|found| de.end().map(|()| found))
+            .map_err(|e| Error::new(format!("value is not JSON: {e}")))?;
+        Ok(found)
+    }
+
+    /// [`FieldPath::extract`] on a record's value.
+    pub fn extract_from(&self, record: &Record<'_>) -> Result<Option<Value>, Error> {
+        self.extract(record.value().ok_or_else(|| Error::new("value is null, expected JSON"))?)
+    }
+
     pub fn get_mut<'v>(&self, doc: &'v mut Value) -> Option<&'v mut Value> {
         self.0.iter().try_fold(doc, |v, part| match v {
             Value::Object(m) => m.get_mut(part),
             Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
             _ => None,
         })
+    }
+}
+
+mod extract {
+    //! A serde seed that walks a field path through JSON, skipping the rest.
+
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde_json::Value;
+
+    /// Finds the value at the path `.0` in whatever is deserialized.
+    pub(crate) struct At<'p>(pub(crate) &'p [String]);
+
+    impl<'de> DeserializeSeed<'de> for At<'_> {
+        type Value = Option<Value>;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<Value>, D::Error> {
+            if self.0.is_empty() {
+                return Value::deserialize(d).map(Some);
+            }
+            d.deserialize_any(self)
+        }
+    }
+
+    use serde::Deserialize;
+
+    /// Whether a map key equals the wanted one, without allocating it.
+    struct KeyIs<'k>(&'k str);
+
+    impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+        type Value = bool;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KeyIs<'_> {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a key")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            Ok(v == self.0)
+        }
+    }
+
+    impl<'de> Visitor<'de> for At<'_> {
+        type Value = Option<Value>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("JSON")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Value>, A::Error> {
+            let (part, rest) = self.0.split_first().expect("a non-empty path");
+            let mut found = None;
+            while let Some(hit) = map.next_key_seed(KeyIs(part))? {
+                if hit {
+                    found = map.next_value_seed(At(rest))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Value>, A::Error> {
+            let (part, rest) = self.0.split_first().expect("a non-empty path");
+            let index = part.parse::<usize>().ok();
+            let mut found = None;
+            let mut i = 0;
+            loop {
+                if Some(i) == index {
+                    match seq.next_element_seed(At(rest))? {
+                        Some(v) => found = v,
+                        None => break,
+                    }
+                } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                    break;
+                }
+                i += 1;
+            }
+            Ok(found)
+        }
+
+        // A path that continues into a scalar finds nothing.
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<Value>, E> {
+            Ok(None)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<Value>, E> {
+            Ok(None)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Option<Value>, E> {
+            Ok(None)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<Value>, E> {
+            Ok(None)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Option<Value>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Option<Value>, E> {
+            Ok(None)
+        }
     }
 }
 
@@ -104,7 +230,16 @@ impl Predicate {
     }
 
     pub fn matches(&self, doc: &Value) -> bool {
-        let found = self.field.get(doc);
+        self.matches_found(self.field.get(doc))
+    }
+
+    /// Whether a record's JSON value matches, reading only the field (see
+    /// [`FieldPath::extract`]). An error when the value is not JSON.
+    pub fn matches_record(&self, record: &Record<'_>) -> Result<bool, Error> {
+        Ok(self.matches_found(self.field.extract_from(record)?.as_ref()))
+    }
+
+    fn matches_found(&self, found: Option<&Value>) -> bool {
         let num = |v: &Value| v.as_f64();
         match (self.op, found) {
             (Op::Exists, f) => f.is_some(),
@@ -132,6 +267,47 @@ impl Predicate {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Reading only the field gives what parsing the whole document does.
+    #[test]
+    fn extract_agrees_with_parsing_the_document() {
+        let docs = [
+            r#"{"a":1,"b":{"c":[10,{"d":"x"},null],"e":true},"a":2}"#,
+            r#"{"b":{"c":"not an array"},"f":[[1,2],[3,4]]}"#,
+            r#"[{"a":1},{"a":2}]"#,
+            r#""scalar""#,
+            r#"{"weird key":{"":0},"b":{}}"#,
+            r#"{"n": -1.5e3 , "s": "q\"uote", "u": "\u00e9"}"#,
+        ];
+        let paths = [
+            "a",
+            "b",
+            "b.c",
+            "b.c.0",
+            "b.c.1.d",
+            "b.c.5",
+            "b.e",
+            "f.1.0",
+            "0.a",
+            "1.a",
+            "weird key",
+            "n",
+            "s",
+            "u",
+            "zz",
+        ];
+        for doc in docs {
+            let parsed: Value = serde_json::from_str(doc).unwrap();
+            for path in paths {
+                let field = FieldPath::parse(path).unwrap();
+                let got = field.extract(doc.as_bytes()).unwrap_or_else(|e| panic!("{path} in {doc}: {e}"));
+                assert_eq!(got, field.get(&parsed).cloned(), "{path} in {doc}");
+            }
+        }
+        for bad in [r#"{"a":1"#, r#"{"a":1} x"#, r#"{"a":[1,}"#, "nope", r#"{"x":tru,"a":1}"#] {
+            assert!(FieldPath::parse("a").unwrap().extract(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
 
     fn pred(pairs: &[(&str, &str)]) -> Result<Predicate, Error> {
         Predicate::from_params(&Params::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))

@@ -4,7 +4,7 @@
 //! or, without `default`, is a poison record. Parameters: `field`, `prefix`
 //! (optional), `default` (optional).
 
-use plugin_util::{FieldPath, parse, scalar_text};
+use plugin_util::{FieldPath, scalar_text};
 use quiver_plugin::{Error, Output, Params, Record, Transform};
 
 pub struct Route {
@@ -25,8 +25,8 @@ impl Transform for Route {
     }
 
     fn transform(&mut self, record: &Record<'_>) -> Result<impl IntoIterator<Item = Output>, Error> {
-        let doc = parse(record)?;
-        let topic = self.field.get(&doc).and_then(scalar_text).map(|v| format!("{}{v}", self.prefix));
+        let found = self.field.extract_from(record)?;
+        let topic = found.as_ref().and_then(scalar_text).map(|v| format!("{}{v}", self.prefix));
         let output = Output::forward();
         Ok(Some(match (topic, &self.default) {
             (Some(topic), Some(default)) if !self.outputs.contains(&topic) => output.topic(default.clone()),
