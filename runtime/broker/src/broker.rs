@@ -343,8 +343,12 @@ pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(path.parent().expect("a file has a directory"))?.sync_all()
 }
 
-fn storage_error(e: impl std::fmt::Display) -> WireError {
+pub(crate) fn storage_error(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::StorageError, e.to_string())
+}
+
+pub(crate) fn corrupt(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::CorruptMessage, e.to_string())
 }
 
 fn partition_dir(logs_dir: &Path, topic: &str, partition: u32) -> PathBuf {

@@ -15,10 +15,10 @@ use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_respon
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
-use crate::broker::{Broker, Topic};
+use crate::broker::{Broker, Topic, corrupt};
 use crate::order::AppendTurn;
 use crate::placement::Placed;
-use crate::plugins::BatchMode;
+use crate::plugins::{BatchMode, serializers};
 use crate::topic::TopicCompression;
 
 const BROKER_SOFTWARE: &str = concat!("quiver ", env!("CARGO_PKG_VERSION"));
@@ -336,35 +336,22 @@ impl Broker {
             }
             other => WireError::new(ErrorCode::CorruptMessage, format!("invalid record batch: {other}")),
         })?;
-        let mut stored = match topic.config.compression {
+        let stored = match topic.config.compression {
             TopicCompression::Codec(codec) if !any && header.compression().ok() != Some(codec) => {
                 batch::recompress(&p.records, codec).map_err(corrupt)?
             }
             _ => p.records.clone(),
         };
-        // The partitioner sees the records as produced, as it would in a
-        // client that partitions locally: before the serializer.
-        let chosen = if any {
-            let (broker, topic, produced) = (self.clone(), topic.clone(), stored.clone());
-            Some(blocking(move || broker.choose_partitions(&topic, &produced)).await?)
-        } else {
-            None
-        };
-        let serializers = [
-            (&topic.config.key_serializer, BatchMode::EncodeKeys),
-            (&topic.config.value_serializer, BatchMode::Encode),
-        ];
-        for (name, mode) in serializers {
-            let Some(name) = name.clone() else { continue };
-            let broker = self.clone();
-            stored = blocking(move || broker.apply_plugin(&name, None, mode, &stored)).await?;
-        }
-        match (partition, chosen) {
-            (Some(partition), _) => Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }]),
-            (None, chosen) => {
-                let chosen = chosen.expect("chosen for PARTITION_ANY");
-                let broker = self.clone();
-                blocking(move || broker.split(&topic, &stored, &chosen)).await
+        let broker = self.clone();
+        match partition {
+            None => blocking(move || broker.place(&topic, &stored)).await,
+            // Without serializers, nothing here needs a blocking thread.
+            Some(partition) if serializers(&topic.config, true).is_empty() => {
+                Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }])
+            }
+            Some(partition) => {
+                let stored = blocking(move || Ok(broker.encode_for_topic(&topic, &stored)?.unwrap_or(stored))).await?;
+                Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }])
             }
         }
     }
@@ -404,15 +391,12 @@ impl Broker {
         let broker = self.clone();
         tokio::task::spawn_blocking(move || {
             for result in results.iter_mut().filter(|p| !p.records.is_empty()) {
-                let mut serializers = Vec::new();
-                if let Some(t) = broker.topic(&result.topic).filter(|_| decode) {
-                    serializers.extend(t.config.key_serializer.clone().map(|n| (n, BatchMode::DecodeKeys)));
-                    serializers.extend(t.config.value_serializer.clone().map(|n| (n, BatchMode::Decode)));
-                }
+                let topic = broker.topic(&result.topic).filter(|_| decode);
+                let decoders = topic.as_ref().map(|t| serializers(&t.config, false)).unwrap_or_default();
                 let mut out = Vec::new();
                 for item in batch::Batches::new(result.records.clone()) {
                     let (_, mut stored) = item.map_err(corrupt)?;
-                    for (name, mode) in &serializers {
+                    for (name, mode) in &decoders {
                         stored = broker.apply_plugin(name, None, *mode, &stored)?;
                     }
                     if !filter.is_empty() {
@@ -521,10 +505,6 @@ fn place(placements: &mut [RecordPlacement], partition: u32, base_offset: i64, i
     for (n, &i) in indices.iter().enumerate() {
         placements[i as usize] = RecordPlacement { partition, offset: base_offset + n as i64 };
     }
-}
-
-fn corrupt(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::CorruptMessage, e.to_string())
 }
 
 fn read_error(e: ReadError) -> WireError {

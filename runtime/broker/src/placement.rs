@@ -13,7 +13,7 @@ use quiver_protocol::batch::{self, Compression};
 use quiver_protocol::partitioner::{partition_for_key, split_by_partition};
 use quiver_protocol::{ErrorCode, WireError};
 
-use crate::broker::{Broker, Partition, Topic};
+use crate::broker::{Broker, Partition, Topic, corrupt};
 use crate::topic::TopicCompression;
 
 /// One partition's share of a `PARTITION_ANY` batch.
@@ -24,39 +24,34 @@ pub(crate) struct Placed {
     pub(crate) indices: Vec<u32>,
 }
 
-fn corrupt(e: batch::BatchError) -> WireError {
-    WireError::new(ErrorCode::CorruptMessage, e.to_string())
-}
-
 impl Broker {
-    /// The partition of each record of a validated batch, as produced (before
-    /// any value serializer, as a client partitioning locally sees it).
-    /// Blocking when the topic has a partitioner plugin: call off the runtime.
-    pub(crate) fn choose_partitions(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<u32>, WireError> {
+    /// Places the records of a validated batch produced with
+    /// `PARTITION_ANY`: chooses each record's partition from the records as
+    /// produced (before any serializer, as a client partitioning locally sees
+    /// them), runs the topic's serializers on the whole batch, and splits the
+    /// result by partition. Blocking: call off the runtime.
+    pub(crate) fn place(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<Placed>, WireError> {
         let (header, body) = batch::records_section(produced).map_err(corrupt)?;
-        let records = batch::decode_section(&header, &body).map_err(corrupt)?;
+        let mut records = batch::decode_section(&header, &body).map_err(corrupt)?;
         let count = topic.partitions.len() as u32;
-        match &topic.config.partitioner {
-            Some(name) => self.run_partitioner(name, &header, &body, records.len() as u32, count),
+        let chosen = match &topic.config.partitioner {
+            Some(name) => self.run_partitioner(name, &header, &body, records.len() as u32, count)?,
             None => {
                 let keyless = topic.keyless_next.fetch_add(1, Ordering::Relaxed) % count;
-                Ok(records.iter().map(|r| r.key.as_deref().map_or(keyless, |k| partition_for_key(k, count))).collect())
+                records.iter().map(|r| r.key.as_deref().map_or(keyless, |k| partition_for_key(k, count))).collect()
             }
-        }
-    }
-
-    /// Splits a batch by the partitions chosen for its records.
-    pub(crate) fn split(&self, topic: &Topic, stored: &Bytes, chosen: &[u32]) -> Result<Vec<Placed>, WireError> {
-        let (header, body) = batch::records_section(stored).map_err(corrupt)?;
-        let records = batch::decode_section(&header, &body).map_err(corrupt)?;
-        if records.len() != chosen.len() {
-            return Err(WireError::new(ErrorCode::Internal, "the serializer changed the record count"));
+        };
+        if let Some(encoded) = self.encode_for_topic(topic, produced)? {
+            records = batch::decode_records(&encoded).map_err(corrupt)?;
+            if records.len() != chosen.len() {
+                return Err(WireError::new(ErrorCode::Internal, "the serializer changed the record count"));
+            }
         }
         let codec = match topic.config.compression {
             TopicCompression::Codec(codec) => codec,
             TopicCompression::Producer => header.compression().unwrap_or(Compression::None),
         };
-        Ok(split_by_partition(&records, chosen, codec)
+        Ok(split_by_partition(&records, &chosen, codec)
             .into_iter()
             .map(|s| Placed {
                 partition: topic.partitions[s.partition as usize].clone(),

@@ -29,7 +29,7 @@ use quiver_protocol::{ErrorCode, WireError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::broker::{Broker, now_ms, write_atomic};
+use crate::broker::{Broker, Topic, corrupt, now_ms, storage_error, write_atomic};
 use crate::topic::{TopicCompression, TopicConfig};
 
 const REGISTRY_FILE: &str = "registry.json";
@@ -171,10 +171,6 @@ pub(crate) struct Plugins {
 
 fn invalid(message: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::InvalidPlugin, message.to_string())
-}
-
-fn storage(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::StorageError, e.to_string())
 }
 
 fn unknown(name: &str) -> WireError {
@@ -351,7 +347,7 @@ impl Broker {
         let _guard = plugins.admin.lock().await;
         let blob = plugins.blob_path(plugin.sha256());
         if r.builtin.is_empty() && !blob.exists() {
-            write_atomic(&blob, &r.wasm).map_err(storage)?;
+            write_atomic(&blob, &r.wasm).map_err(storage_error)?;
         }
         let previous = plugins.get(&r.name);
         let (version, progress) = match &previous {
@@ -392,7 +388,7 @@ impl Broker {
                 Some(prev) => plugins.deployed.write().expect("deployed lock").insert(r.name.clone(), prev),
                 None => plugins.deployed.write().expect("deployed lock").remove(&r.name),
             };
-            return Err(storage(e));
+            return Err(storage_error(e));
         }
         deployed.monitor.log("info", format!("version {version} deployed ({sha})"));
         self.start_transform(&deployed);
@@ -435,7 +431,7 @@ impl Broker {
             PluginAction::Pause | PluginAction::Resume => {
                 let pause = action == PluginAction::Pause;
                 d.deployment.write().expect("deployment lock").paused = pause.then(|| "paused by a user".to_owned());
-                plugins.write_registry().map_err(storage)?;
+                plugins.write_registry().map_err(storage_error)?;
                 d.run.send_replace(!pause);
                 d.monitor.log("info", if pause { "paused" } else { "resumed" });
             }
@@ -449,7 +445,7 @@ impl Broker {
                 }
                 self.stop_transform(&d).await;
                 plugins.deployed.write().expect("deployed lock").remove(name);
-                plugins.write_registry().map_err(storage)?;
+                plugins.write_registry().map_err(storage_error)?;
                 let _ = std::fs::remove_file(plugins.progress_path(name));
                 let sha = d.deployment.read().expect("deployment lock").sha256.clone();
                 let still_used = plugins
@@ -533,7 +529,7 @@ impl Broker {
         if deployment.sha256.starts_with(BUILTIN_PREFIX) {
             return Err(invalid(format!("plugin '{name}' is built into the broker; it has no component")));
         }
-        let wasm = std::fs::read(self.plugins.blob_path(&deployment.sha256)).map_err(storage)?;
+        let wasm = std::fs::read(self.plugins.blob_path(&deployment.sha256)).map_err(storage_error)?;
         Ok(PluginFetchResponse {
             name: deployment.name,
             version: deployment.version,
@@ -853,6 +849,17 @@ pub(crate) enum BatchMode {
     Filter,
 }
 
+/// A topic's serializers in the order they run, keys first, with the mode
+/// for produce (`encode`) or fetch.
+pub(crate) fn serializers(config: &TopicConfig, encode: bool) -> Vec<(&str, BatchMode)> {
+    let (keys, values) =
+        if encode { (BatchMode::EncodeKeys, BatchMode::Encode) } else { (BatchMode::DecodeKeys, BatchMode::Decode) };
+    [(config.key_serializer.as_deref(), keys), (config.value_serializer.as_deref(), values)]
+        .into_iter()
+        .filter_map(|(name, mode)| Some((name?, mode)))
+        .collect()
+}
+
 impl BatchMode {
     fn on_keys(self) -> bool {
         matches!(self, BatchMode::EncodeKeys | BatchMode::DecodeKeys)
@@ -868,16 +875,11 @@ impl BatchMode {
 }
 
 impl Broker {
-    /// A topic may name only a deployed serializer as its value serializer
-    /// and only a deployed partitioner as its partitioner.
+    /// A topic may name only deployed serializers as its key and value
+    /// serializers and only a deployed partitioner as its partitioner.
     pub(crate) fn check_topic_plugins(&self, config: &TopicConfig) -> Result<(), WireError> {
-        let named = [
-            ("value.serializer", &config.value_serializer, Kind::Serializer),
-            ("key.serializer", &config.key_serializer, Kind::Serializer),
-            ("partitioner", &config.partitioner, Kind::Partitioner),
-        ];
-        for (key, name, kind) in named {
-            let Some(name) = name else { continue };
+        for (key, name) in config.plugins() {
+            let kind = if key == "partitioner" { Kind::Partitioner } else { Kind::Serializer };
             let d = self.plugins.get(name).ok_or_else(|| {
                 WireError::new(ErrorCode::InvalidConfig, format!("{key}: plugin '{name}' is not deployed"))
             })?;
@@ -891,12 +893,19 @@ impl Broker {
     fn topics_using(&self, name: &str) -> Vec<String> {
         self.sorted_topics()
             .iter()
-            .filter(|t| {
-                let c = &t.config;
-                [&c.value_serializer, &c.key_serializer, &c.partitioner].iter().any(|n| n.as_deref() == Some(name))
-            })
+            .filter(|t| t.config.plugins().any(|(_, n)| n == name))
             .map(|t| t.record.name.clone())
             .collect()
+    }
+
+    /// Runs the topic's serializers' encode on a produced batch: keys, then
+    /// values. `None` when it names none. Blocking: call off the runtime.
+    pub(crate) fn encode_for_topic(&self, topic: &Topic, produced: &Bytes) -> Result<Option<Bytes>, WireError> {
+        let mut encoded = None;
+        for (name, mode) in serializers(&topic.config, true) {
+            encoded = Some(self.apply_plugin(name, None, mode, encoded.as_ref().unwrap_or(produced))?);
+        }
+        Ok(encoded)
     }
 
     /// Runs a serializer or filter over one stored (or produced) batch and
@@ -984,10 +993,6 @@ impl Broker {
         out[..16].copy_from_slice(&batch::patched_prefix(&rebuilt, header.base_offset, header.leader_epoch));
         Ok(out.freeze())
     }
-}
-
-fn corrupt(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::CorruptMessage, e.to_string())
 }
 
 /// The records section of `records` with each key in the value's place (no

@@ -142,6 +142,17 @@ impl TopicConfig {
         Ok(self)
     }
 
+    /// The plugins this config names, each with its config key.
+    pub fn plugins(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("value.serializer", &self.value_serializer),
+            ("key.serializer", &self.key_serializer),
+            ("partitioner", &self.partitioner),
+        ]
+        .into_iter()
+        .filter_map(|(key, name)| Some((key, name.as_deref()?)))
+    }
+
     /// Every key with its effective value, as `describe` shows them.
     pub fn to_pairs(&self) -> Vec<(String, String)> {
         let ms = |v: Option<u64>| v.map_or("-1".to_string(), |v| v.to_string());

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use quiver_broker::{AppendOrder, Broker, BrokerConfig};
-use quiver_protocol::batch::{BatchBuilder, Compression, decode_records};
+use quiver_protocol::batch::{BatchBuilder, Compression, Record, decode_records};
 use quiver_protocol::codec::concat;
 use quiver_protocol::frame::{decode_response, encode_request};
 use quiver_protocol::messages::*;
@@ -24,25 +24,30 @@ fn batch(values: &[&str]) -> Bytes {
     b.build()
 }
 
-/// Fetches partition t-0 from `offset`: the high watermark and the values
-/// of the records at or after `offset`.
-async fn fetch_values(broker: &std::sync::Arc<Broker>, offset: i64) -> (i64, Vec<Bytes>) {
+/// Fetches partition t-`partition` from `offset`: the high watermark and
+/// the records at or after `offset`.
+async fn fetch_records(broker: &std::sync::Arc<Broker>, partition: u32, offset: i64) -> (i64, Vec<Record>) {
     let fetch = FetchRequest {
         max_wait_ms: 0,
         min_bytes: 1,
         max_bytes: 1 << 20,
-        partitions: vec![FetchPartition { topic: "t".into(), partition: 0, offset, max_bytes: 1 << 20 }],
+        partitions: vec![FetchPartition { topic: "t".into(), partition, offset, max_bytes: 1 << 20 }],
         filter: String::new(),
         filter_params: vec![],
         decode_values: false,
     };
     let f = call(broker, &fetch).await.unwrap();
-    let values = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
+    let records = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
         .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
         .filter(|r| r.offset >= offset)
-        .map(|r| r.value.unwrap())
         .collect();
-    (f.partitions[0].high_watermark, values)
+    (f.partitions[0].high_watermark, records)
+}
+
+/// The values of partition t-0 from `offset`, with the high watermark.
+async fn fetch_values(broker: &std::sync::Arc<Broker>, offset: i64) -> (i64, Vec<Bytes>) {
+    let (high_watermark, records) = fetch_records(broker, 0, offset).await;
+    (high_watermark, records.into_iter().map(|r| r.value.unwrap()).collect())
 }
 
 fn produce(records: Bytes) -> ProduceRequest {
@@ -138,25 +143,8 @@ async fn partition_any_places_keyed_records_by_murmur2() {
             assert_eq!(placement.partition, expected, "record {i}");
         }
         // The record is where the answer says, with its value.
-        let fetch = FetchRequest {
-            max_wait_ms: 0,
-            min_bytes: 1,
-            max_bytes: 1 << 20,
-            partitions: vec![FetchPartition {
-                topic: "t".into(),
-                partition: placement.partition,
-                offset: placement.offset,
-                max_bytes: 1 << 20,
-            }],
-            filter: String::new(),
-            filter_params: vec![],
-            decode_values: false,
-        };
-        let f = call(&broker, &fetch).await.unwrap();
-        let found = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
-            .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
-            .find(|r| r.offset == placement.offset)
-            .unwrap();
+        let (_, records) = fetch_records(&broker, placement.partition, placement.offset).await;
+        let found = records.into_iter().find(|r| r.offset == placement.offset).unwrap();
         assert_eq!(found.value.unwrap(), Bytes::from(format!("v{i}")));
         assert_eq!(found.timestamp, 1_000 + i as i64);
     }

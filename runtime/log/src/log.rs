@@ -540,12 +540,7 @@ impl Log {
         for removed in state.segments.drain(keep + 1..) {
             delete_segment_files(&removed.file)?;
         }
-        for ext in [INDEX_EXT, TIME_INDEX_EXT] {
-            match fs::remove_file(file.path(ext)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
+        remove_index_files(&file)?;
         file.file.set_len(cut)?;
         file.file.sync_all()?;
         let rebuilt = recover_active(file.clone(), config.index_interval_bytes)?;
@@ -678,13 +673,19 @@ fn delete_segment_files(file: &SegmentFile) -> io::Result<()> {
     let mut deleted = log_path.as_os_str().to_owned();
     deleted.push(DELETED_SUFFIX);
     fs::rename(&log_path, &deleted)?;
+    remove_index_files(file)?;
+    fs::remove_file(deleted)
+}
+
+/// Removes a segment's index files, if it has any.
+fn remove_index_files(file: &SegmentFile) -> io::Result<()> {
     for ext in [INDEX_EXT, TIME_INDEX_EXT] {
         match fs::remove_file(file.path(ext)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
     }
-    fs::remove_file(deleted)
+    Ok(())
 }
 
 /// Makes file creations, renames and deletions in `dir` durable.

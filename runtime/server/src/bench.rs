@@ -210,10 +210,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn ensure_topic(client: &Client, opts: &BenchOpts) -> anyhow::Result<()> {
-    match client.admin().create_topic(&opts.topic, opts.partitions, &[]).await {
-        Ok(_) => Ok(()),
-        Err(quiver_client::CallError::Broker(e)) if e.code == ErrorCode::TopicAlreadyExists => Ok(()),
-        Err(e) => Err(e.into()),
+    let created = client.admin().create_topic(&opts.topic, opts.partitions, &[]).await;
+    unless(ErrorCode::TopicAlreadyExists, created.map(drop))
+}
+
+/// Success, or the broker's `code` (the state wanted was there already).
+fn unless(code: ErrorCode, result: Result<(), quiver_client::CallError>) -> anyhow::Result<()> {
+    match result {
+        Err(quiver_client::CallError::Broker(e)) if e.code == code => Ok(()),
+        other => Ok(other?),
     }
 }
 
@@ -406,7 +411,6 @@ async fn records_in(client: &Client, topic: &str) -> anyhow::Result<i64> {
 /// Throughput counts from the first output record to the last, so the
 /// component's compilation shows in `first_output_ms`, not in MiB/s.
 async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
-    use quiver_client::CallError;
     use quiver_protocol::messages::{PluginAction, PluginDeployRequest};
     let admin = target.client.admin();
     if (records_in(&target.client, &opts.topic).await? as u64) < opts.records {
@@ -423,16 +427,8 @@ async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<Benc
     let mut results = Vec::new();
     for (label, builtin, wasm) in [("transform-native", "identity", Vec::new()), ("transform-wasm", "", wasm)] {
         let (name, output) = (format!("bench-{label}"), format!("{}-{label}", opts.topic));
-        match admin.control_plugin(&name, PluginAction::Remove).await {
-            Ok(()) => {}
-            Err(CallError::Broker(e)) if e.code == ErrorCode::UnknownPlugin => {}
-            Err(e) => return Err(e.into()),
-        }
-        match admin.delete_topic(&output).await {
-            Ok(()) => {}
-            Err(CallError::Broker(e)) if e.code == ErrorCode::UnknownTopic => {}
-            Err(e) => return Err(e.into()),
-        }
+        unless(ErrorCode::UnknownPlugin, admin.control_plugin(&name, PluginAction::Remove).await)?;
+        unless(ErrorCode::UnknownTopic, admin.delete_topic(&output).await)?;
         admin.create_topic(&output, opts.partitions, &[]).await?;
         let bar = progress(total as u64, label);
         let deployed = Instant::now();
