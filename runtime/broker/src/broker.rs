@@ -13,6 +13,7 @@ use quiver_protocol::WireError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::replica::Replica;
 use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name};
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -40,6 +41,9 @@ pub struct BrokerConfig {
     pub topic_defaults: TopicConfig,
     /// Limits of plugin instances (memory, deadline, count).
     pub plugins: quiver_plugin_host::HostConfig,
+    /// In a cluster: a follower that has not caught up with its leader for
+    /// this long leaves the ISR (`replica.lag.time.max.ms`).
+    pub replica_lag_time_max_ms: u64,
 }
 
 impl BrokerConfig {
@@ -54,6 +58,7 @@ impl BrokerConfig {
             retention_check_interval_ms: 60_000,
             topic_defaults: TopicConfig::default(),
             plugins: quiver_plugin_host::HostConfig::default(),
+            replica_lag_time_max_ms: 10_000,
         }
     }
 }
@@ -73,15 +78,33 @@ pub enum OpenError {
 pub(crate) struct Partition {
     pub(crate) id: u32,
     pub(crate) log: Log,
+    /// Role, epoch history and high watermark.
+    pub(crate) replica: crate::replica::Replica,
 }
 
 pub(crate) struct Topic {
     pub(crate) record: TopicRecord,
     pub(crate) config: TopicConfig,
-    pub(crate) partitions: Vec<Arc<Partition>>,
+    /// By partition id; `None` where this broker holds no replica.
+    pub(crate) partitions: Vec<Option<Arc<Partition>>>,
     /// Where the keyless records of the next `PARTITION_ANY` batch go
     /// (round robin, one partition per batch).
     pub(crate) keyless_next: std::sync::atomic::AtomicU32,
+}
+
+impl Topic {
+    pub(crate) fn count(&self) -> u32 {
+        self.record.partitions
+    }
+
+    /// The partitions this broker holds a replica of.
+    pub(crate) fn local(&self) -> impl Iterator<Item = &Arc<Partition>> {
+        self.partitions.iter().flatten()
+    }
+
+    pub(crate) fn held(&self, partition: u32) -> Option<Arc<Partition>> {
+        self.partitions.get(partition as usize).cloned().flatten()
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -104,6 +127,10 @@ pub struct Broker {
     pub(crate) appended: watch::Sender<u64>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) plugins: crate::plugins::Plugins,
+    /// Set once when the node runs in a cluster.
+    pub(crate) cluster: std::sync::OnceLock<Arc<quiver_controller::Controller>>,
+    /// Set with `cluster`: how followers reach leaders.
+    pub(crate) replica_link: std::sync::OnceLock<Arc<dyn crate::replica::ReplicaLink>>,
 }
 
 impl Broker {
@@ -142,6 +169,8 @@ impl Broker {
             appended: watch::channel(0).0,
             shutting_down: AtomicBool::new(false),
             plugins,
+            cluster: std::sync::OnceLock::new(),
+            replica_link: std::sync::OnceLock::new(),
         }))
     }
 
@@ -153,17 +182,32 @@ impl Broker {
         self.topics.read().expect("topics lock").get(name).cloned()
     }
 
+    /// A partition this broker leads (on a single node: any partition).
     pub(crate) fn partition(&self, topic: &str, partition: u32) -> Result<(Arc<Topic>, Arc<Partition>), WireError> {
+        if let Some(controller) = self.cluster.get() {
+            crate::cluster::check_leader(self.config.node_id, &controller.image().borrow(), topic, partition)?;
+        }
         let t = self
             .topic(topic)
             .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
-        let p = t.partitions.get(partition as usize).cloned().ok_or_else(|| {
-            WireError::new(
-                ErrorCode::UnknownPartition,
-                format!("topic '{topic}' has {} partitions; there is no partition {partition}", t.partitions.len()),
-            )
-        })?;
+        let p = self.leader_partition(&t, partition)?;
         Ok((t, p))
+    }
+
+    /// Partition `partition` of a topic this broker holds, as leader.
+    pub(crate) fn leader_partition(&self, t: &Topic, partition: u32) -> Result<Arc<Partition>, WireError> {
+        if partition >= t.count() {
+            return Err(WireError::new(
+                ErrorCode::UnknownPartition,
+                format!("topic '{}' has {} partitions; there is no partition {partition}", t.record.name, t.count()),
+            ));
+        }
+        t.held(partition).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::NotLeader,
+                format!("broker {} holds no replica of {}-{partition} yet", self.config.node_id, t.record.name),
+            )
+        })
     }
 
     pub(crate) fn sorted_topics(&self) -> Vec<Arc<Topic>> {
@@ -172,14 +216,14 @@ impl Broker {
         all
     }
 
-    /// Creates a topic durably: partition directories first, then the
-    /// metadata file (atomically replaced), then it becomes visible.
-    pub(crate) async fn create_topic(
+    /// Checks a new topic's name, partition count and configs; returns the
+    /// overrides and the effective config.
+    pub(crate) fn validate_new_topic(
         &self,
         name: &str,
         partitions: u32,
         overrides: &[(String, String)],
-    ) -> Result<Arc<Topic>, WireError> {
+    ) -> Result<(BTreeMap<String, String>, TopicConfig), WireError> {
         validate_topic_name(name).map_err(|m| WireError::new(ErrorCode::InvalidTopicName, m))?;
         if partitions == 0 || partitions > PARTITIONS_MAX {
             return Err(WireError::new(
@@ -200,17 +244,47 @@ impl Broker {
             .with_overrides(seen.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|m| WireError::new(ErrorCode::InvalidConfig, m))?;
         self.check_topic_plugins(&config)?;
+        Ok((seen, config))
+    }
+
+    /// Creates a topic durably: partition directories first, then the
+    /// metadata file (atomically replaced), then it becomes visible.
+    pub(crate) async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &[(String, String)],
+    ) -> Result<Arc<Topic>, WireError> {
+        let (seen, config) = self.validate_new_topic(name, partitions, overrides)?;
+        let record = TopicRecord {
+            name: name.to_string(),
+            partitions,
+            overrides: seen,
+            created_ms: now_ms(),
+            cluster_id: None,
+            held: None,
+        };
+        self.create_local_topic(record, config).await
+    }
+
+    /// Opens a new topic's logs and records it in the metadata file.
+    pub(crate) async fn create_local_topic(
+        &self,
+        record: TopicRecord,
+        config: TopicConfig,
+    ) -> Result<Arc<Topic>, WireError> {
+        let name = record.name.clone();
+        let partitions = record.partitions;
         let _guard = self.admin_lock.lock().await;
-        if self.topic(name).is_some() {
+        if self.topic(&name).is_some() {
             return Err(WireError::new(ErrorCode::TopicAlreadyExists, format!("topic '{name}' already exists")));
         }
-        let record = TopicRecord { name: name.to_string(), partitions, overrides: seen, created_ms: now_ms() };
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
         let topic = Arc::new(open_topic(&logs_dir, record, config).map_err(storage_error)?);
         let mut records: Vec<TopicRecord> = self.sorted_topics().iter().map(|t| t.record.clone()).collect();
         records.push(topic.record.clone());
         self.write_metadata(records).map_err(storage_error)?;
-        self.topics.write().expect("topics lock").insert(name.to_string(), topic.clone());
+        self.topics.write().expect("topics lock").insert(name.clone(), topic.clone());
         tracing::info!(topic = name, partitions, "topic created");
         Ok(topic)
     }
@@ -229,7 +303,7 @@ impl Broker {
         self.topics.write().expect("topics lock").remove(name);
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
         let stamp = now_ms();
-        for p in &topic.partitions {
+        for p in topic.local() {
             let dir = partition_dir(&logs_dir, name, p.id);
             let gone = logs_dir.join(format!("{name}-{}.{stamp}{DELETED_SUFFIX}", p.id));
             if let Err(e) = std::fs::rename(&dir, &gone) {
@@ -282,7 +356,7 @@ impl Broker {
 
     fn flush_all(&self) {
         for topic in self.sorted_topics() {
-            for p in &topic.partitions {
+            for p in topic.local() {
                 if p.log.durable_end_offset() < p.log.log_end_offset()
                     && let Err(e) = p.log.flush()
                 {
@@ -296,7 +370,7 @@ impl Broker {
     pub fn enforce_retention(&self) {
         let now = now_ms();
         for topic in self.sorted_topics() {
-            for p in &topic.partitions {
+            for p in topic.local() {
                 match p.log.enforce_retention(now) {
                     Ok(report) if report.segments_deleted > 0 => tracing::info!(
                         topic = %topic.record.name,
@@ -321,7 +395,7 @@ impl Broker {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.appended.send_modify(|n| *n += 1); // wake long polls so they return
         for topic in self.sorted_topics() {
-            for p in &topic.partitions {
+            for p in topic.local() {
                 if let Err(e) = p.log.close() {
                     tracing::error!(topic = %topic.record.name, partition = p.id, error = %e, "close failed");
                 }
@@ -358,9 +432,18 @@ fn partition_dir(logs_dir: &Path, topic: &str, partition: u32) -> PathBuf {
 fn open_topic(logs_dir: &Path, record: TopicRecord, config: TopicConfig) -> Result<Topic, OpenError> {
     let partitions = (0..record.partitions)
         .map(|id| {
-            let log = Log::open(&partition_dir(logs_dir, &record.name, id), config.log_config())
-                .map_err(|source| OpenError::Log { topic: record.name.clone(), partition: id, source })?;
-            Ok(Arc::new(Partition { id, log }))
+            if record.held.as_ref().is_some_and(|held| !held.contains(&id)) {
+                return Ok(None);
+            }
+            let dir = partition_dir(logs_dir, &record.name, id);
+            let failed = |source| OpenError::Log { topic: record.name.clone(), partition: id, source };
+            let log = Log::open(&dir, config.log_config()).map_err(failed)?;
+            let replica = match record.cluster_id {
+                None => Replica::single(),
+                Some(_) => Replica::clustered(&dir, log.log_end_offset())
+                    .map_err(|source| failed(LogOpenError::Io { path: dir.join("leader-epochs"), source }))?,
+            };
+            Ok(Some(Arc::new(Partition { id, log, replica })))
         })
         .collect::<Result<_, OpenError>>()?;
     Ok(Topic { record, config, partitions, keyless_next: Default::default() })

@@ -15,11 +15,14 @@ use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_respon
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
-use crate::broker::{Broker, Topic, corrupt};
+use crate::broker::{Broker, Partition, Topic, corrupt};
 use crate::order::AppendTurn;
 use crate::placement::Placed;
 use crate::plugins::{BatchMode, serializers};
 use crate::topic::TopicCompression;
+
+/// How long an `acks=all` write waits for the in-sync replicas.
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 const BROKER_SOFTWARE: &str = concat!("quiver ", env!("CARGO_PKG_VERSION"));
 
@@ -104,6 +107,9 @@ impl Broker {
             ApiKey::PluginFetch => {
                 self.run(body, |r: PluginFetchRequest| async move { self.fetch_plugin(&r.name) }).await
             }
+            ApiKey::Controller => self.run(body, |r| self.controller_call(r)).await,
+            ApiKey::ClusterInfo => self.run(body, |_: ClusterInfoRequest| async { Ok(self.cluster_info()) }).await,
+            ApiKey::ReplicaFetch => self.run(body, |r| self.replica_fetch(r)).await,
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
@@ -138,22 +144,23 @@ impl Broker {
         }
     }
 
+    /// The deployed version of plugin `name` (0 for none).
+    pub(crate) fn plugin_version(&self, name: &str) -> u32 {
+        self.plugins.get(name).map_or(0, |d| d.deployment.read().expect("deployment lock").version)
+    }
+
     fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
+        if let Some(controller) = self.controller() {
+            return self.cluster_metadata(&controller.image().borrow(), request);
+        }
         let describe = |t: &Topic| TopicMetadata {
             name: t.record.name.clone(),
             error: ErrorCode::None,
-            partitions: t
-                .partitions
-                .iter()
-                .map(|p| PartitionMetadata { partition: p.id, leader: self.config.node_id, leader_epoch: 0 })
+            partitions: (0..t.count())
+                .map(|p| PartitionMetadata { partition: p, leader: self.config.node_id, leader_epoch: 0 })
                 .collect(),
             partitioner: t.config.partitioner.clone().unwrap_or_default(),
-            partitioner_version: t
-                .config
-                .partitioner
-                .as_deref()
-                .and_then(|n| self.plugins.get(n))
-                .map_or(0, |d| d.deployment.read().expect("deployment lock").version),
+            partitioner_version: t.config.partitioner.as_deref().map_or(0, |n| self.plugin_version(n)),
         };
         let topics = match request.topics {
             None => self.sorted_topics().iter().map(|t| describe(t)).collect(),
@@ -178,6 +185,9 @@ impl Broker {
     }
 
     async fn create_topic_request(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, WireError> {
+        if let Some(controller) = self.controller() {
+            return self.create_topic_in_cluster(controller, r).await;
+        }
         if r.replication_factor > 1 {
             return Err(WireError::new(
                 ErrorCode::NotEnoughReplicas,
@@ -192,11 +202,17 @@ impl Broker {
     }
 
     async fn delete_topic_request(&self, r: DeleteTopicRequest) -> Result<DeleteTopicResponse, WireError> {
-        self.delete_topic(&r.name).await?;
+        match self.controller() {
+            Some(controller) => self.delete_topic_in_cluster(controller, &r.name).await?,
+            None => self.delete_topic(&r.name).await?,
+        }
         Ok(DeleteTopicResponse {})
     }
 
     fn describe(&self, r: DescribeTopicsRequest) -> Result<DescribeTopicsResponse, WireError> {
+        if let Some(controller) = self.controller() {
+            return self.cluster_describe(&controller.image().borrow(), r.names);
+        }
         let topics = match r.names {
             None => self.sorted_topics(),
             Some(names) => names
@@ -214,11 +230,13 @@ impl Broker {
                     name: t.record.name.clone(),
                     configs: t.config.to_pairs(),
                     partitions: t
-                        .partitions
-                        .iter()
+                        .local()
                         .map(|p| PartitionDescription {
                             partition: p.id,
                             leader: self.config.node_id,
+                            leader_epoch: 0,
+                            replicas: vec![self.config.node_id],
+                            isr: vec![self.config.node_id],
                             log_start_offset: p.log.log_start_offset(),
                             high_watermark: p.log.log_end_offset(),
                             size_bytes: p.log.size_bytes(),
@@ -268,18 +286,24 @@ impl Broker {
                     result.placements = vec![RecordPlacement { partition: PARTITION_ANY, offset: -1 }; count];
                 }
                 for (i, target) in targets.into_iter().enumerate() {
-                    let info = target.partition.log.append(&target.batch, 0).map_err(|e| {
-                        let already =
-                            if i > 0 { " (the records placed in other partitions were appended)" } else { "" };
-                        WireError::new(ErrorCode::StorageError, format!("{e}{already}"))
-                    })?;
+                    let already = if i > 0 { " (the records placed in other partitions were appended)" } else { "" };
+                    let epoch = target
+                        .partition
+                        .epoch_for_append(&p.topic, r.acks == Acks::All)
+                        .map_err(|e| WireError::new(e.code, format!("{}{already}", e.message)))?;
+                    let info = target
+                        .partition
+                        .log
+                        .append(&target.batch, epoch)
+                        .map_err(|e| WireError::new(ErrorCode::StorageError, format!("{e}{already}")))?;
+                    target.partition.appended(info.last_offset + 1);
                     result.log_start_offset = target.partition.log.log_start_offset();
                     if any {
                         place(&mut result.placements, target.partition.id, info.base_offset, &target.indices);
                     } else {
                         result.base_offset = info.base_offset;
                     }
-                    to_sync.push((results.len(), target.partition, info.last_offset + 1));
+                    to_sync.push((results.len(), target.partition, info.last_offset + 1, epoch));
                 }
                 Ok(())
             });
@@ -297,21 +321,51 @@ impl Broker {
         if r.acks == Acks::All {
             // Group commit: concurrent requests on the same partition share
             // the fsync inside `Log::sync_to`.
-            for (index, partition, end) in to_sync {
-                let synced = tokio::task::spawn_blocking(move || partition.log.sync_to(end)).await;
-                let failure = match synced {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(e) => Some(e.to_string()),
+            for (index, partition, end, epoch) in to_sync {
+                let synced = {
+                    let partition = partition.clone();
+                    tokio::task::spawn_blocking(move || partition.log.sync_to(end)).await
                 };
-                if let Some(reason) = failure {
+                let failure = match synced {
+                    Ok(Ok(())) => self.replicated(&partition, end, epoch).await.err(),
+                    Ok(Err(e)) => Some(WireError::new(ErrorCode::StorageError, format!("fsync failed: {e}"))),
+                    Err(e) => Some(WireError::new(ErrorCode::StorageError, format!("fsync failed: {e}"))),
+                };
+                if let Some(e) = failure {
                     let result = &mut results[index];
-                    result.error = ErrorCode::StorageError;
-                    result.message = format!("fsync failed: {reason}");
+                    (result.error, result.message) = (e.code, e.message);
                 }
             }
         }
         Ok(ProduceResponse { partitions: results })
+    }
+
+    /// Waits until every in-sync replica holds the records below `end`
+    /// (immediate on a single node): the high watermark passed them.
+    async fn replicated(&self, partition: &Partition, end: i64, epoch: i32) -> Result<(), WireError> {
+        let deadline = tokio::time::Instant::now() + REPLICATION_TIMEOUT;
+        let mut appended = self.appended.subscribe();
+        loop {
+            appended.borrow_and_update();
+            if partition.high_watermark() >= end {
+                return Ok(());
+            }
+            if !partition.leads_in(epoch) {
+                return Err(WireError::new(
+                    ErrorCode::NotReplicated,
+                    "leadership moved before the in-sync replicas confirmed the write: it may or may not be kept",
+                ));
+            }
+            if tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
+                return Err(WireError::new(
+                    ErrorCode::NotReplicated,
+                    format!(
+                        "the in-sync replicas did not confirm the write within {REPLICATION_TIMEOUT:?}: it may or may \
+                         not be kept"
+                    ),
+                ));
+            }
+        }
     }
 
     /// Everything a batch needs before it may be appended: full validation,
@@ -432,7 +486,7 @@ impl Broker {
                     records: Bytes::new(),
                 };
                 let read = self.partition(&fp.topic, fp.partition).and_then(|(_, p)| {
-                    let hw = p.log.log_end_offset();
+                    let hw = p.high_watermark();
                     result.high_watermark = hw;
                     result.log_start_offset = p.log.log_start_offset();
                     if fp.offset == hw || remaining == 0 {
@@ -468,10 +522,11 @@ impl Broker {
             .map(|lp| {
                 let found = self.partition(&lp.topic, lp.partition).and_then(|(_, p)| match lp.timestamp {
                     OFFSET_EARLIEST => Ok((p.log.log_start_offset(), -1)),
-                    OFFSET_LATEST => Ok((p.log.log_end_offset(), -1)),
+                    OFFSET_LATEST => Ok((p.high_watermark(), -1)),
                     ts if ts >= 0 => match p.log.offset_for_timestamp(ts).map_err(read_error)? {
+                        Some((offset, _)) if offset >= p.high_watermark() => Ok((p.high_watermark(), -1)),
                         Some(found) => Ok(found),
-                        None => Ok((p.log.log_end_offset(), -1)),
+                        None => Ok((p.high_watermark(), -1)),
                     },
                     ts => Err(WireError::new(ErrorCode::InvalidRequest, format!("invalid timestamp {ts}"))),
                 });
@@ -507,7 +562,7 @@ fn place(placements: &mut [RecordPlacement], partition: u32, base_offset: i64, i
     }
 }
 
-fn read_error(e: ReadError) -> WireError {
+pub(crate) fn read_error(e: ReadError) -> WireError {
     match e {
         ReadError::OffsetOutOfRange { .. } => WireError::new(ErrorCode::OffsetOutOfRange, e.to_string()),
         ReadError::Corrupt { .. } => {

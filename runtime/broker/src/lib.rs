@@ -7,13 +7,16 @@
 //! request path testable with plain byte frames.
 
 mod broker;
+mod cluster;
 mod handlers;
 mod order;
 mod placement;
 mod plugins;
+mod replica;
 pub mod topic;
 
 pub use broker::{Broker, BrokerConfig, OpenError, now_ms};
 pub use order::{AppendOrder, AppendTurn};
 pub use plugins::{Deployment, OnError, StartAt};
 pub use quiver_plugin_host::HostConfig as PluginHostConfig;
+pub use replica::ReplicaLink;

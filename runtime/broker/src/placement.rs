@@ -33,7 +33,7 @@ impl Broker {
     pub(crate) fn place(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<Placed>, WireError> {
         let (header, body) = batch::records_section(produced).map_err(corrupt)?;
         let mut records = batch::decode_section(&header, &body).map_err(corrupt)?;
-        let count = topic.partitions.len() as u32;
+        let count = topic.count();
         let chosen = match &topic.config.partitioner {
             Some(name) => self.run_partitioner(name, &header, &body, records.len() as u32, count)?,
             None => {
@@ -51,14 +51,16 @@ impl Broker {
             TopicCompression::Codec(codec) => codec,
             TopicCompression::Producer => header.compression().unwrap_or(Compression::None),
         };
-        Ok(split_by_partition(&records, &chosen, codec)
+        split_by_partition(&records, &chosen, codec)
             .into_iter()
-            .map(|s| Placed {
-                partition: topic.partitions[s.partition as usize].clone(),
-                batch: s.builder.build(),
-                indices: s.indices,
+            .map(|s| {
+                Ok(Placed {
+                    partition: self.leader_partition(topic, s.partition)?,
+                    batch: s.builder.build(),
+                    indices: s.indices,
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn run_partitioner(

@@ -282,7 +282,7 @@ impl Broker {
             return;
         };
         let mut tasks = d.tasks.lock().expect("tasks lock");
-        for p in 0..topic.partitions.len() as u32 {
+        for p in topic.local().map(|p| p.id).collect::<Vec<_>>() {
             let (broker, d2) = (self.clone(), d.clone());
             tasks.push(tokio::spawn(async move { broker.run_transform(d2, p).await }));
         }
@@ -727,7 +727,7 @@ impl Broker {
             }
             OnError::DeadLetter(topic) => {
                 let t = self.topic(topic).ok_or_else(|| format!("dead-letter topic '{topic}' does not exist"))?;
-                let p = (partition as usize) % t.partitions.len();
+                let p = partition % t.count();
                 let mut b = BatchBuilder::new(Compression::None);
                 for r in records {
                     let mut headers = r.headers.clone();
@@ -736,7 +736,7 @@ impl Broker {
                     headers.push(Header { key: "quiver.source".into(), value: Some(Bytes::from(source)) });
                     b.append(r.timestamp, r.key.as_deref(), r.value.as_deref(), &headers);
                 }
-                let part = t.partitions[p].clone();
+                let part = t.held(p).ok_or_else(|| format!("partition {p} of '{topic}' is not on this broker"))?;
                 part.log.append(&b.build(), 0).map_err(|e| e.to_string())?;
                 touched.push(part);
                 d.monitor.log("warn", format!("dead-lettered {what} to '{topic}': {reason}"));
@@ -762,7 +762,7 @@ impl Broker {
         for entry in entries {
             let t = entry.topic();
             let topic = &topics[t as usize];
-            let n = topic.partitions.len() as u32;
+            let n = topic.count();
             let src = &inputs[entry.input() as usize];
             let codec = match topic.config.compression {
                 TopicCompression::Codec(c) => c,
@@ -796,7 +796,10 @@ impl Broker {
             }
         }
         for ((t, p), b) in batches {
-            let part = topics[t as usize].partitions[p as usize].clone();
+            let topic = &topics[t as usize];
+            let part = topic
+                .held(p)
+                .ok_or_else(|| format!("partition {p} of '{}' is not on this broker", topic.record.name))?;
             part.log.append(&b.build(), 0).map_err(|e| e.to_string())?;
             touched.push(part);
         }

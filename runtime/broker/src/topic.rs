@@ -58,6 +58,12 @@ pub struct TopicConfig {
     /// A deployed partitioner plugin that places records produced without
     /// a partition (run by clients that can, by the broker otherwise).
     pub partitioner: Option<String>,
+    /// In a cluster: `acks=all` writes are refused while fewer replicas are
+    /// in sync.
+    pub min_insync_replicas: usize,
+    /// In a cluster: whether a replica outside the ISR may become leader
+    /// when no ISR member is live (acknowledged records may be lost).
+    pub unclean_leader_election: bool,
 }
 
 impl Default for TopicConfig {
@@ -73,6 +79,8 @@ impl Default for TopicConfig {
             value_serializer: None,
             key_serializer: None,
             partitioner: None,
+            min_insync_replicas: 1,
+            unclean_leader_election: false,
         }
     }
 }
@@ -87,6 +95,11 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("compression", "producer | none | lz4 | zstd: codec batches are stored with"),
     ("max.message.bytes", "largest record accepted (key + value + headers, bytes)"),
     ("index.interval.bytes", "bytes between sparse offset index entries"),
+    ("min.insync.replicas", "in a cluster: acks=all writes are refused while fewer replicas are in sync"),
+    (
+        "unclean.leader.election.enable",
+        "in a cluster: true lets a replica outside the ISR lead when no ISR member is live (may lose records)",
+    ),
     ("value.serializer", "a deployed serializer plugin run on every produced batch; empty = none"),
     ("key.serializer", "a deployed serializer plugin run on the keys of every produced batch; empty = none"),
     (
@@ -130,6 +143,14 @@ impl TopicConfig {
                 }
                 "max.message.bytes" => self.record_bytes_max = positive::<u32>(key, value, 1)? as usize,
                 "index.interval.bytes" => self.index_interval_bytes = positive(key, value, 1)?,
+                "min.insync.replicas" => self.min_insync_replicas = positive::<u16>(key, value, 1)? as usize,
+                "unclean.leader.election.enable" => {
+                    self.unclean_leader_election = match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(format!("{key}: '{value}' is not true or false")),
+                    }
+                }
                 "value.serializer" => self.value_serializer = Some(value.to_owned()).filter(|v| !v.is_empty()),
                 "key.serializer" => self.key_serializer = Some(value.to_owned()).filter(|v| !v.is_empty()),
                 "partitioner" => self.partitioner = Some(value.to_owned()).filter(|v| !v.is_empty()),
@@ -167,11 +188,13 @@ impl TopicConfig {
             ("index.interval.bytes".into(), self.index_interval_bytes.to_string()),
             ("key.serializer".into(), self.key_serializer.clone().unwrap_or_default()),
             ("max.message.bytes".into(), self.record_bytes_max.to_string()),
+            ("min.insync.replicas".into(), self.min_insync_replicas.to_string()),
             ("partitioner".into(), self.partitioner.clone().unwrap_or_default()),
             ("retention.bytes".into(), ms(self.retention_bytes)),
             ("retention.ms".into(), ms(self.retention_ms)),
             ("segment.bytes".into(), self.segment_bytes.to_string()),
             ("segment.ms".into(), ms(self.segment_ms)),
+            ("unclean.leader.election.enable".into(), self.unclean_leader_election.to_string()),
             ("value.serializer".into(), self.value_serializer.clone().unwrap_or_default()),
         ]
     }
@@ -196,6 +219,14 @@ pub struct TopicRecord {
     pub partitions: u32,
     pub overrides: BTreeMap<String, String>,
     pub created_ms: i64,
+    /// In a cluster: the metadata log index that created the topic (a topic
+    /// deleted and created again under its name has another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<u64>,
+    /// In a cluster: the partitions this broker holds a replica of (`None`:
+    /// all of them, as on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Vec<u32>>,
 }
 
 #[cfg(test)]

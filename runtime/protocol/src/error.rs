@@ -39,6 +39,20 @@ wire_enum! {
         /// A plugin trapped, ran past its deadline or its memory cap while
         /// serving this request.
         PluginFailed = 24,
+        /// The metadata quorum has no leader (a majority of controllers is
+        /// down or cut off); retry when it is back.
+        NoQuorum = 25,
+        /// The caller may not use this API (e.g. the controller API without
+        /// a node certificate).
+        NotAuthorized = 26,
+        /// A follower fetched with a leader epoch other than the leader's:
+        /// it refreshes its metadata and reconciles its log again.
+        FencedLeaderEpoch = 27,
+        /// An `acks=all` batch was appended by the leader, but the in-sync
+        /// replicas did not confirm it (timeout, or leadership moved): it
+        /// may or may not be kept. Not retriable: a retry could write it
+        /// twice.
+        NotReplicated = 28,
     }
 }
 
@@ -52,6 +66,8 @@ impl ErrorCode {
                 | ErrorCode::BrokerShuttingDown
                 | ErrorCode::NotEnoughReplicas
                 | ErrorCode::UnknownTopic
+                | ErrorCode::NoQuorum
+                | ErrorCode::FencedLeaderEpoch
         )
     }
 
@@ -70,6 +86,10 @@ impl ErrorCode {
             ErrorCode::UnknownPlugin => "unknown_plugin",
             ErrorCode::RecordRejected => "record_rejected",
             ErrorCode::PluginFailed => "plugin_failed",
+            ErrorCode::NoQuorum => "no_quorum",
+            ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
+            ErrorCode::NotReplicated => "not_replicated",
+            ErrorCode::NotAuthorized => "not_authorized",
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::RecordTooLarge => "record_too_large",
             ErrorCode::FrameTooLarge => "frame_too_large",

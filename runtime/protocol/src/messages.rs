@@ -23,10 +23,15 @@ pub enum ApiKey {
     PluginControl = 11,
     PluginLogs = 12,
     PluginFetch = 13,
+    /// Between brokers only (mutual TLS): the metadata quorum's messages.
+    Controller = 14,
+    ClusterInfo = 15,
+    /// Between brokers only (mutual TLS): a follower copying a leader's log.
+    ReplicaFetch = 16,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 13] = [
+    pub const ALL: [ApiKey; 16] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -40,6 +45,9 @@ impl ApiKey {
         ApiKey::PluginControl,
         ApiKey::PluginLogs,
         ApiKey::PluginFetch,
+        ApiKey::Controller,
+        ApiKey::ClusterInfo,
+        ApiKey::ReplicaFetch,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -57,6 +65,8 @@ impl ApiKey {
             ApiKey::Produce => (1, 1),
             // v1 added built-in plugins.
             ApiKey::PluginDeploy => (1, 1),
+            // v1 added replicas and in-sync replicas.
+            ApiKey::DescribeTopics => (1, 1),
             _ => (0, 0),
         }
     }
@@ -101,6 +111,9 @@ wire_enum! {
 /// `Produce` partition meaning "the broker chooses, with the topic's
 /// partitioner plugin".
 pub const PARTITION_ANY: u32 = u32::MAX;
+
+/// `PartitionMetadata::leader` of a partition without a leader (offline).
+pub const NO_LEADER: u32 = u32::MAX;
 
 /// `ListOffsets` timestamp meaning "the first offset still in the log".
 pub const OFFSET_EARLIEST: i64 = -2;
@@ -213,7 +226,14 @@ wire_struct! {
 wire_struct! {
     pub struct PartitionDescription {
         pub partition: u32,
+        /// `NO_LEADER` when offline.
         pub leader: u32,
+        pub leader_epoch: i32,
+        /// Assignment order; the first is the preferred leader.
+        pub replicas: Vec<u32>,
+        pub isr: Vec<u32>,
+        /// Log figures as the answering broker holds them; -1 and 0 when it
+        /// holds no replica of the partition.
         pub log_start_offset: i64,
         pub high_watermark: i64,
         pub size_bytes: u64,
@@ -234,7 +254,7 @@ wire_struct! {
         pub topics: Vec<TopicDescription>,
     }
 }
-request!(DescribeTopicsRequest => DescribeTopics, DescribeTopicsResponse);
+request!(DescribeTopicsRequest => DescribeTopics version 1, DescribeTopicsResponse);
 
 wire_struct! {
     pub struct ProducePartition {
@@ -514,3 +534,118 @@ wire_struct! {
     }
 }
 request!(PluginFetchRequest => PluginFetch, PluginFetchResponse);
+
+wire_struct! {
+    /// A controller message between brokers: JSON defined by the
+    /// quiver-controller crate. Served only on connections that presented a
+    /// node certificate of the cluster's CA.
+    pub struct ControllerCall {
+        pub body: Bytes,
+    }
+}
+
+wire_struct! {
+    pub struct ControllerAnswer {
+        pub body: Bytes,
+    }
+}
+request!(ControllerCall => Controller, ControllerAnswer);
+
+wire_struct! {
+    pub struct ClusterInfoRequest {}
+}
+
+wire_struct! {
+    pub struct ClusterNode {
+        pub node_id: u32,
+        pub address: String,
+        /// Empty when none was given.
+        pub rack: String,
+        /// Missed its heartbeats: leads nothing, in no ISR.
+        pub fenced: bool,
+        /// A Raft voter of the metadata quorum (else a learner).
+        pub voter: bool,
+    }
+}
+
+wire_struct! {
+    pub struct PartitionRef {
+        pub topic: String,
+        pub partition: u32,
+    }
+}
+
+wire_struct! {
+    pub struct ClusterInfoResponse {
+        /// False for a single node without a metadata quorum (`quiver dev`).
+        pub clustered: bool,
+        /// The node that answered.
+        pub node_id: u32,
+        /// The metadata quorum's leader as the answering node knows it
+        /// (`NO_LEADER` when there is none).
+        pub controller_leader: u32,
+        pub raft_term: u64,
+        /// Index of the last metadata log entry applied by the answering node.
+        pub metadata_applied: u64,
+        pub nodes: Vec<ClusterNode>,
+        pub topics: u32,
+        pub partitions: u32,
+        pub under_replicated: Vec<PartitionRef>,
+        pub offline: Vec<PartitionRef>,
+        /// Unclean leader elections recorded in the metadata (newest last).
+        pub unclean_elections: Vec<PartitionRef>,
+    }
+}
+request!(ClusterInfoRequest => ClusterInfo, ClusterInfoResponse);
+
+wire_struct! {
+    pub struct ReplicaFetchPartition {
+        pub topic: String,
+        pub partition: u32,
+        /// The leader epoch the follower follows: a leader in another epoch
+        /// refuses the fetch (`FencedLeaderEpoch` or `NotLeader`).
+        pub leader_epoch: i32,
+        /// The follower's log end: it holds (durably) every record below it.
+        pub fetch_offset: i64,
+        /// `>= 0`: no records, only "where does this epoch end in your log?"
+        /// (answered in `epoch_end`), while the follower reconciles its log
+        /// with a new leader.
+        pub ask_epoch: i32,
+    }
+}
+
+wire_struct! {
+    pub struct ReplicaFetchRequest {
+        /// The follower's node id (a replica of every partition asked for).
+        pub replica_id: u32,
+        pub max_wait_ms: u32,
+        pub max_bytes: u32,
+        pub partitions: Vec<ReplicaFetchPartition>,
+    }
+}
+
+wire_struct! {
+    pub struct ReplicaFetchResult {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub message: String,
+        pub high_watermark: i64,
+        pub log_start_offset: i64,
+        /// The answer to `ask_epoch`: the largest epoch the leader knows that
+        /// is at most the one asked and the offset where it ends; `-1, -1`
+        /// when the leader knows no epoch that old.
+        pub epoch_end_epoch: i32,
+        pub epoch_end_offset: i64,
+        /// Whole batches from `fetch_offset`, with the offsets and leader
+        /// epochs the leader gave them.
+        pub records: Bytes,
+    }
+}
+
+wire_struct! {
+    pub struct ReplicaFetchResponse {
+        pub partitions: Vec<ReplicaFetchResult>,
+    }
+}
+request!(ReplicaFetchRequest => ReplicaFetch, ReplicaFetchResponse);

@@ -183,6 +183,17 @@ impl PartitionLeader {
         Some(isr)
     }
 
+    /// The ISR proposed and not yet committed, if any.
+    pub fn pending_isr(&self) -> Option<&BTreeSet<NodeId>> {
+        self.pending_isr.as_ref()
+    }
+
+    /// The controller refused the pending proposal (or it was lost): forget
+    /// it, so the next fetch or tick proposes again from the committed ISR.
+    pub fn abandon_proposal(&mut self) {
+        self.pending_isr = None;
+    }
+
     /// The controller committed `isr` (the proposal, or its own change such
     /// as fencing a dead broker). Returns the new high watermark if it moved.
     pub fn apply_isr(&mut self, isr: BTreeSet<NodeId>) -> Option<Offset> {

@@ -40,6 +40,12 @@ pub enum BenchMode {
     /// pass-through over the same records, and the time from deploy to the
     /// first output record.
     Transform,
+    /// Replication on this machine: acks=all produce throughput of a
+    /// 3-node cluster (replication factor 3, min.insync.replicas 2) against
+    /// a 1-node cluster in the same run (child `quiver broker` processes on
+    /// loopback), then failover: the time from `kill -9` of a partition
+    /// leader to the first acknowledged acks=all write.
+    Cluster,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -97,6 +103,8 @@ pub struct BenchResult {
     pub latency_ms_p999: Option<f64>,
     /// Transforms: from the deploy request to the first output record.
     pub first_output_ms: Option<f64>,
+    /// Cluster: from killing the leader to the first acknowledged write.
+    pub failover_ms: Option<f64>,
 }
 
 impl BenchResult {
@@ -114,6 +122,7 @@ impl BenchResult {
             latency_ms_p99: q(0.99),
             latency_ms_p999: q(0.999),
             first_output_ms: None,
+            failover_ms: None,
         }
     }
 
@@ -127,6 +136,9 @@ impl BenchResult {
         }
         if let Some(ms) = self.first_output_ms {
             print!("  deploy to first output {ms:.0} ms");
+        }
+        if let Some(ms) = self.failover_ms {
+            print!("  leader killed to first acks=all write {ms:.0} ms");
         }
         println!();
     }
@@ -164,7 +176,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.mode == BenchMode::Quic || opts.baseline {
         results.extend(quic_baseline(&opts).await?);
     }
-    if args.mode != BenchMode::Quic {
+    if args.mode == BenchMode::Cluster {
+        results.extend(cluster(&opts).await?);
+    } else if args.mode != BenchMode::Quic {
         let target = target(&opts).await?;
         ensure_topic(&target.client, &opts).await?;
         match args.mode {
@@ -172,7 +186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             BenchMode::Consume => results.push(consume(&target, &opts).await?),
             BenchMode::E2e => results.push(e2e(&target, &opts).await?),
             BenchMode::Transform => results.extend(transform(&target, &opts).await?),
-            BenchMode::Quic => unreachable!(),
+            BenchMode::Quic | BenchMode::Cluster => unreachable!(),
         }
         target.client.close();
         if let Some((node, _dir)) = target.node {
@@ -188,6 +202,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "produce_vs_quic_upload": ratio("produce", "quic-upload"),
         "consume_vs_quic_download": ratio("consume", "quic-download"),
         "wasm_vs_native_transform": ratio("transform-wasm", "transform-native"),
+        "cluster3_vs_single_produce": ratio("produce-3-nodes", "produce-1-node"),
     });
     match opts.format {
         Format::Json => println!("{}", serde_json::json!({"results": results, "ratios": ratios})),
@@ -204,9 +219,123 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             if let Some(r) = ratio("transform-wasm", "transform-native") {
                 println!("Wasm identity / native pass-through = {:.1} %", r * 100.0);
             }
+            if let Some(r) = ratio("produce-3-nodes", "produce-1-node") {
+                println!("3-node acks=all / 1-node acks=all = {:.1} %", r * 100.0);
+            }
         }
     }
     Ok(())
+}
+
+/// `bench cluster`: 1-node and 3-node clusters of child processes.
+async fn cluster(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
+    let mut opts = opts.clone();
+    opts.acks = AcksArg::All;
+    let mut results = Vec::new();
+    for nodes in [1u32, 3] {
+        let dir = tempfile::tempdir()?;
+        let ports = (0..nodes).map(|_| free_udp_port()).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut local = crate::cluster::LocalCluster::start(dir.path(), &ports, &[])?;
+        let outcome = async {
+            let client = cluster_client(&local, Duration::from_secs(10)).await?;
+            let configs = vec![("min.insync.replicas".to_string(), nodes.min(2).to_string())];
+            client.admin().create_replicated_topic(&opts.topic, opts.partitions, nodes as u16, &configs).await?;
+            let target =
+                Target { address: local.addresses[0].parse()?, ca_pem: std::fs::read(&local.ca)?, client, node: None };
+            let mut result = produce(&target, &opts, &opts.topic).await?;
+            result.mode = if nodes == 1 { "produce-1-node".into() } else { "produce-3-nodes".into() };
+            target.client.close();
+            anyhow::Ok(result)
+        }
+        .await;
+        let outcome = match outcome {
+            Ok(r) if nodes == 3 => failover(&mut local).await.map(|f| vec![r, f]),
+            Ok(r) => Ok(vec![r]),
+            Err(e) => Err(e),
+        };
+        local.stop().await;
+        results.extend(outcome.with_context(|| format!("{nodes}-node cluster; logs in {}", dir.path().display()))?);
+    }
+    Ok(results)
+}
+
+/// A client of a local cluster, once every node registered.
+async fn cluster_client(local: &crate::cluster::LocalCluster, request_timeout: Duration) -> anyhow::Result<Client> {
+    let mut config = quiver_client::ClientConfig::new(local.addresses[0].clone(), std::fs::read(&local.ca)?);
+    config.brokers = local.addresses.clone();
+    config.request_timeout = request_timeout;
+    config.connect_timeout = Duration::from_secs(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = Client::connect(config.clone()).await
+            && let Ok(info) = client.call(&quiver_protocol::messages::ClusterInfoRequest {}).await
+            && info.nodes.iter().filter(|n| !n.fenced).count() == local.addresses.len()
+            && info.controller_leader != quiver_protocol::messages::NO_LEADER
+        {
+            return Ok(client);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the local cluster did not form within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Kills the leader of a one-partition, three-replica topic under a steady
+/// acks=all producer; measures until the first write is acknowledged again.
+async fn failover(local: &mut crate::cluster::LocalCluster) -> anyhow::Result<BenchResult> {
+    const TOPIC: &str = "quiver-failover";
+    let client = cluster_client(local, Duration::from_millis(500)).await?;
+    let configs = vec![("min.insync.replicas".to_string(), "2".to_string())];
+    client.admin().create_replicated_topic(TOPIC, 1, 3, &configs).await?;
+    let producer = client.producer(ProducerConfig {
+        acks: quiver_client::Acks::All,
+        in_flight_max: 1,
+        linger: Duration::ZERO,
+        delivery_timeout: Duration::from_millis(500),
+        ..ProducerConfig::default()
+    });
+    let write = |n: u64| {
+        let producer = producer.clone();
+        async move {
+            let record = ProducerRecord::new(TOPIC, format!("failover-{n}")).partition(0);
+            match producer.send(record).await {
+                Ok(delivery) => delivery.await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    // Warm up until writes flow, then kill the leader.
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut flowing = 0;
+    while flowing < 20 {
+        anyhow::ensure!(Instant::now() < deadline, "acks=all writes to {TOPIC} do not succeed");
+        n += 1;
+        if write(n).await { flowing += 1 } else { flowing = 0 }
+    }
+    let described = client.admin().describe_topics(Some(vec![TOPIC.to_string()])).await?;
+    let leader = described[0].partitions[0].leader;
+    anyhow::ensure!(leader != quiver_protocol::messages::NO_LEADER, "{TOPIC} has no leader");
+    local.kill9(leader).await;
+    let killed = Instant::now();
+    let mut attempts = 0u64;
+    loop {
+        n += 1;
+        attempts += 1;
+        if write(n).await {
+            break;
+        }
+        anyhow::ensure!(killed.elapsed() < Duration::from_secs(60), "no acks=all write succeeded within 60 s");
+    }
+    let elapsed = killed.elapsed();
+    tracing::info!(leader, attempts, ?elapsed, "failover");
+    client.close();
+    let mut result = BenchResult::new("failover", 1, 0, elapsed, None);
+    result.failover_ms = Some(elapsed.as_secs_f64() * 1000.0);
+    Ok(result)
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 async fn ensure_topic(client: &Client, opts: &BenchOpts) -> anyhow::Result<()> {

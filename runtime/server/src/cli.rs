@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use quiver_client::{
     Acks, Client, ClientConfig, Compression, ConsumerConfig, Header, OffsetSpec, ProducerConfig, ProducerRecord,
 };
-use quiver_protocol::messages::{ListOffsetsPartition, OFFSET_LATEST};
+use quiver_protocol::messages::OFFSET_LATEST;
 
 use crate::config::FileConfig;
 use crate::node::{Node, dev_config, write_dev_discovery};
@@ -66,6 +66,33 @@ pub enum Command {
         /// Overrides broker.listen.
         #[arg(long)]
         listen: Option<String>,
+        /// Overrides broker.node_id.
+        #[arg(long)]
+        node_id: Option<u32>,
+        /// Overrides cluster.controllers: the metadata quorum's voters,
+        /// 1@HOST:PORT,2@HOST:PORT,3@HOST:PORT.
+        #[arg(long)]
+        controllers: Option<String>,
+        /// Overrides tls.cert (this node's certificate, PEM).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Overrides tls.key.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Overrides tls.ca (the cluster CA, PEM).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Overrides cluster.rack.
+        #[arg(long)]
+        rack: Option<String>,
+    },
+    /// The cluster: nodes, controller leader, partitions' health; run a
+    /// local cluster.
+    Cluster {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: crate::cluster::ClusterCommand,
     },
     /// Certificates for a cluster: a CA and one certificate per node.
     Certs {
@@ -144,6 +171,9 @@ pub enum TopicCommand {
         name: String,
         #[arg(short, long, default_value_t = 1)]
         partitions: u32,
+        /// Replicas per partition, on distinct brokers.
+        #[arg(short = 'r', long, default_value_t = 1)]
+        replication_factor: u16,
         /// Topic config KEY=VALUE (repeatable): retention.ms, retention.bytes,
         /// segment.bytes, segment.ms, compression, max.message.bytes, index.interval.bytes.
         #[arg(short, long = "config", value_parser = parse_key_value)]
@@ -187,6 +217,11 @@ pub enum TopicCommand {
         /// running it here.
         #[arg(long)]
         broker_partitioning: bool,
+        /// Give up on a record (exit 1) when it is not acknowledged within
+        /// this many ms, retries included (e.g. while a cluster has too few
+        /// in-sync replicas or no leader for the partition).
+        #[arg(long, default_value_t = 120_000)]
+        timeout_ms: u64,
     },
     /// Print records: value per line, or JSON objects with --format json.
     Consume {
@@ -271,7 +306,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdout().flush()?;
             run_until_signal(node).await
         }
-        Command::Broker { config, data_dir, listen } => {
+        Command::Broker { config, data_dir, listen, node_id, controllers, cert, key, ca, rack } => {
             let mut file = FileConfig::load(config.as_deref(), std::env::vars())?;
             if let Some(d) = data_dir {
                 file.broker.data_dir = d;
@@ -279,6 +314,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(l) = listen {
                 file.broker.listen = l;
             }
+            if let Some(n) = node_id {
+                file.broker.node_id = n;
+            }
+            if let Some(c) = controllers {
+                file.cluster.controllers = c;
+            }
+            file.tls.cert = cert.or(file.tls.cert);
+            file.tls.key = key.or(file.tls.key);
+            file.tls.ca = ca.or(file.tls.ca);
+            file.cluster.rack = rack.or(file.cluster.rack);
             let node = Node::start(file.validate()?).await?;
             println!("quiver broker listening on {}", node.address);
             if let Some(ca) = &node.ca_cert {
@@ -308,6 +353,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { records } => crate::demo::run(records).await.map(|()| ExitCode::SUCCESS),
         Command::Topic { conn, command } => topic(conn, command).await,
         Command::Plugin { conn, command } => crate::plugin_cli::run(conn, command).await,
+        Command::Cluster { conn, command } => crate::cluster::run(conn, command).await,
         Command::Bench(args) => crate::bench::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
@@ -320,6 +366,10 @@ async fn run_until_signal(node: Node) -> anyhow::Result<ExitCode> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        message = node.fatal() => {
+            node.shutdown().await;
+            bail!("{message}");
+        }
     }
     node.shutdown().await;
     eprintln!("quiver: shut down cleanly");
@@ -330,8 +380,8 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
     let client = conn.connect().await?;
     let admin = client.admin();
     match command {
-        TopicCommand::Create { name, partitions, configs } => {
-            admin.create_topic(&name, partitions, &configs).await?;
+        TopicCommand::Create { name, partitions, replication_factor, configs } => {
+            admin.create_replicated_topic(&name, partitions, replication_factor, &configs).await?;
             println!("created topic '{name}' with {partitions} partition(s)");
         }
         TopicCommand::List { format } => {
@@ -365,7 +415,9 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                         .iter()
                         .map(|p| {
                             serde_json::json!({
-                                "partition": p.partition, "leader": p.leader,
+                                "partition": p.partition,
+                                "leader": (p.leader != quiver_protocol::messages::NO_LEADER).then_some(p.leader),
+                                "leader_epoch": p.leader_epoch, "replicas": p.replicas, "isr": p.isr,
                                 "log_start_offset": p.log_start_offset, "high_watermark": p.high_watermark,
                                 "size_bytes": p.size_bytes, "segments": p.segments,
                             })
@@ -378,11 +430,23 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                 }
                 Format::Text => {
                     println!("topic {}", t.name);
-                    println!("partition\tleader\tstart\thigh_watermark\tbytes\tsegments");
+                    println!("partition\tleader\treplicas\tisr\tstart\thigh_watermark\tbytes\tsegments");
+                    let list = |l: &[u32]| l.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
                     for p in &t.partitions {
+                        let leader = if p.leader == quiver_protocol::messages::NO_LEADER {
+                            "none".to_string()
+                        } else {
+                            p.leader.to_string()
+                        };
                         println!(
-                            "{}\t{}\t{}\t{}\t{}\t{}",
-                            p.partition, p.leader, p.log_start_offset, p.high_watermark, p.size_bytes, p.segments
+                            "{}\t{leader}\t{}\t{}\t{}\t{}\t{}\t{}",
+                            p.partition,
+                            list(&p.replicas),
+                            list(&p.isr),
+                            p.log_start_offset,
+                            p.high_watermark,
+                            p.size_bytes,
+                            p.segments
                         );
                     }
                     println!("configs:");
@@ -406,8 +470,10 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             linger_ms,
             batch_bytes,
             broker_partitioning,
+            timeout_ms,
         } => {
             let config = ProducerConfig {
+                delivery_timeout: Duration::from_millis(timeout_ms),
                 acks: acks.into(),
                 compression,
                 linger: Duration::from_millis(linger_ms),
@@ -542,13 +608,8 @@ async fn consume(
     // With ':end', remember each partition's end offset now and stop there.
     let mut ends = std::collections::BTreeMap::new();
     if stop_at_end {
-        let asks = consumer
-            .assignment()
-            .into_iter()
-            .map(|(topic, partition)| ListOffsetsPartition { topic, partition, timestamp: OFFSET_LATEST })
-            .collect();
-        for r in client.admin().list_offsets(asks).await? {
-            ends.insert(r.partition, r.offset);
+        for (topic, partition) in consumer.assignment() {
+            ends.insert(partition, consumer.lookup(&topic, partition, OFFSET_LATEST).await?);
         }
         let positions: Vec<_> = consumer.assignment();
         for (t, p) in positions {

@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub storage: StorageSection,
     #[serde(default)]
     pub tls: TlsSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
     /// Defaults for new topics, e.g. `"retention.ms" = "86400000"`.
     #[serde(default)]
     pub topic_defaults: BTreeMap<String, toml::Value>,
@@ -72,6 +74,47 @@ pub struct TlsSection {
     /// development CA and certificate are created in `<data_dir>/tls`.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The cluster CA (`quiver certs init`): other brokers' certificates
+    /// must chain to it. Required in a cluster.
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// The metadata quorum's voters, `1@host:port,2@host:port,3@host:port`.
+    /// Empty: a single node without a quorum.
+    pub controllers: String,
+    /// This node's rack (replicas of a partition go to different racks).
+    pub rack: Option<String>,
+    /// A broker silent this long is fenced and its partitions move.
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// A follower that has not caught up with its leader for this long
+    /// leaves the ISR (Kafka's `replica.lag.time.max.ms`).
+    pub replica_lag_time_max_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            controllers: String::new(),
+            rack: None,
+            session_timeout_ms: 1500,
+            heartbeat_interval_ms: 200,
+            replica_lag_time_max_ms: 10_000,
+        }
+    }
+}
+
+/// A validated cluster membership.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub voters: BTreeMap<u32, String>,
+    pub ca: PathBuf,
+    pub rack: Option<String>,
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
 }
 
 /// A validated node configuration.
@@ -80,6 +123,7 @@ pub struct NodeConfig {
     pub broker: BrokerConfig,
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl FileConfig {
@@ -134,6 +178,29 @@ impl FileConfig {
         if self.broker.frame_bytes_max < 1024 {
             bail!("broker.frame_bytes_max must be at least 1024");
         }
+        let cluster = if self.cluster.controllers.trim().is_empty() {
+            None
+        } else {
+            let voters = crate::cluster::parse_controllers(&self.cluster.controllers)?;
+            let (Some(ca), Some(_)) = (self.tls.ca.clone(), tls.as_ref()) else {
+                bail!(
+                    "a cluster node needs tls.cert, tls.key and tls.ca (flags --cert, --key, --ca): make them with \
+                     `quiver certs init --dir certs --nodes 1,2,3`"
+                );
+            };
+            if self.cluster.heartbeat_interval_ms == 0
+                || self.cluster.session_timeout_ms <= self.cluster.heartbeat_interval_ms
+            {
+                bail!("cluster.session_timeout_ms must be larger than cluster.heartbeat_interval_ms (> 0)");
+            }
+            Some(ClusterSettings {
+                voters,
+                ca,
+                rack: self.cluster.rack.filter(|r| !r.is_empty()),
+                session_timeout_ms: self.cluster.session_timeout_ms,
+                heartbeat_interval_ms: self.cluster.heartbeat_interval_ms,
+            })
+        };
         let mut broker = BrokerConfig::new(self.broker.data_dir);
         broker.node_id = self.broker.node_id;
         broker.advertised_address = self.broker.advertised_address.unwrap_or_else(|| listen.to_string());
@@ -142,7 +209,8 @@ impl FileConfig {
         broker.flush_interval_ms = (self.storage.flush_interval_ms > 0).then_some(self.storage.flush_interval_ms);
         broker.retention_check_interval_ms = self.storage.retention_check_interval_ms.max(10);
         broker.topic_defaults = topic_defaults;
-        Ok(NodeConfig { broker, listen, tls })
+        broker.replica_lag_time_max_ms = self.cluster.replica_lag_time_max_ms.max(1);
+        Ok(NodeConfig { broker, listen, tls, cluster })
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod net;

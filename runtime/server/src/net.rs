@@ -37,7 +37,10 @@ pub async fn serve(endpoint: quinn::Endpoint, broker: Arc<Broker>, mut shutdown:
 }
 
 async fn serve_connection(conn: quinn::Connection, broker: Arc<Broker>) {
-    tracing::debug!("connection open");
+    // A peer that presented a certificate passed the verifier, so it chains
+    // to the cluster CA: it is another node.
+    let node_peer = conn.peer_identity().is_some();
+    tracing::debug!(node_peer, "connection open");
     let mut order = AppendOrder::default();
     loop {
         let (send, mut recv) = match conn.accept_bi().await {
@@ -66,7 +69,7 @@ async fn serve_connection(conn: quinn::Connection, broker: Arc<Broker>) {
         let turn = (head.api_key == Some(ApiKey::Produce as u16)).then(|| order.ticket());
         let broker = broker.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(send, recv, head, turn, &broker).await {
+            if let Err(e) = serve_stream(send, recv, head, turn, node_peer, &broker).await {
                 tracing::debug!(error = %e, "stream ended early");
             }
         });
@@ -98,6 +101,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     head: Head,
     turn: Option<AppendTurn>,
+    node_peer: bool,
     broker: &Arc<Broker>,
 ) -> anyhow::Result<()> {
     let limit = broker.config().frame_bytes_max;
@@ -113,6 +117,14 @@ async fn serve_stream(
             ErrorCode::CorruptMessage,
             format!("request frame of {} bytes is too short for a header", head.len),
         )),
+        Some(key) if (key == ApiKey::Controller as u16 || key == ApiKey::ReplicaFetch as u16) && !node_peer => {
+            let _ = recv.stop(0u32.into());
+            encode_error_response(&WireError::new(
+                ErrorCode::NotAuthorized,
+                "the controller and replication APIs are for cluster nodes: connect with a node certificate of \
+                 the cluster CA",
+            ))
+        }
         Some(key) => {
             // The API key was read already; the rest goes to the broker as is.
             let rest = quiver_client::read_body(&mut recv, head.len - 2).await?;

@@ -10,7 +10,7 @@ use quiver_broker::{Broker, BrokerConfig};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use crate::tls::{TlsPaths, ensure_dev_certs, server_config};
+use crate::tls::{TlsPaths, ensure_dev_certs, server_config_with_clients};
 
 /// A running node.
 pub struct Node {
@@ -35,13 +35,29 @@ impl Node {
                 (paths.cert, paths.key, Some(paths.ca_cert))
             }
         };
-        let server_config = server_config(&cert, &key)?;
+        let client_ca = config.cluster.as_ref().map(|c| c.ca.clone());
+        let server_config = server_config_with_clients(&cert, &key, client_ca.as_deref())?;
         let broker_config = config.broker.clone();
         let broker =
             tokio::task::spawn_blocking(move || Broker::open(broker_config)).await?.context("opening the broker")?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen)
             .with_context(|| format!("cannot listen on {} (UDP)", config.listen))?;
         let address = endpoint.local_addr()?;
+        if let Some(cluster) = &config.cluster {
+            let transport = Arc::new(crate::cluster::QuicTransport::new(&cluster.ca, &cert, &key)?);
+            let mut cc = quiver_controller::ControllerConfig::new(
+                config.broker.node_id,
+                config.broker.advertised_address.clone(),
+                config.broker.data_dir.clone(),
+                cluster.voters.clone(),
+            );
+            cc.rack = cluster.rack.clone();
+            cc.session_timeout = std::time::Duration::from_millis(cluster.session_timeout_ms);
+            cc.heartbeat_interval = std::time::Duration::from_millis(cluster.heartbeat_interval_ms);
+            let controller =
+                quiver_controller::Controller::start(cc, transport.clone()).await.context("starting the controller")?;
+            broker.join_cluster(controller, transport);
+        }
         broker.spawn_background();
         let (shutdown, rx) = watch::channel(false);
         let server = tokio::spawn(crate::net::serve(endpoint, broker.clone(), rx));
@@ -49,10 +65,29 @@ impl Node {
         Ok(Node { broker, address, ca_cert, shutdown, server })
     }
 
+    /// Resolves with a message if this node can no longer run (its node id
+    /// is taken by another live broker); never resolves otherwise.
+    pub async fn fatal(&self) -> String {
+        let Some(controller) = self.broker.controller() else {
+            return std::future::pending().await;
+        };
+        let mut registration = controller.registration();
+        match registration.wait_for(|r| matches!(r, quiver_controller::Registration::Refused(_))).await {
+            Ok(r) => match &*r {
+                quiver_controller::Registration::Refused(m) => m.clone(),
+                _ => unreachable!("waited for a refusal"),
+            },
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Stops serving, then fsyncs and closes every log.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        if let Some(controller) = self.broker.controller() {
+            controller.shutdown().await;
+        }
         let broker = self.broker.clone();
         let _ = tokio::task::spawn_blocking(move || broker.shutdown()).await;
     }
@@ -73,7 +108,7 @@ pub fn write_dev_discovery(dev_dir: &Path, address: SocketAddr, ca_cert: &Path) 
 pub fn dev_config(data_dir: &Path, listen: SocketAddr) -> NodeConfig {
     let mut broker = BrokerConfig::new(data_dir);
     broker.advertised_address = listen.to_string();
-    NodeConfig { broker, listen, tls: None }
+    NodeConfig { broker, listen, tls: None, cluster: None }
 }
 
 /// Dev TLS paths for a data dir.

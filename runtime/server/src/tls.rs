@@ -141,6 +141,17 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 /// The QUIC server configuration for a broker: TLS 1.3 only, ALPN
 /// `quiver/1`, the same transport windows as the client.
 pub fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<quinn::ServerConfig> {
+    server_config_with_clients(cert_path, key_path, None)
+}
+
+/// Like [`server_config`]; with `client_ca`, a client may present a
+/// certificate, which must then chain to that CA (other brokers do; plain
+/// clients present none). A certificate from another CA fails the handshake.
+pub fn server_config_with_clients(
+    cert_path: &Path,
+    key_path: &Path,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<quinn::ServerConfig> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .with_context(|| format!("reading certificate {}", cert_path.display()))?
         .collect::<Result<_, _>>()
@@ -151,9 +162,25 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<quinn:
     let key = PrivateKeyDer::from_pem_file(key_path)
         .with_context(|| format!("reading private key {}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading CA {}", ca.display()))? {
+                roots.add(cert.with_context(|| format!("parsing CA {}", ca.display()))?)?;
+            }
+            if roots.is_empty() {
+                bail!("{} holds no PEM certificate", ca.display());
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder
         .with_single_cert(certs, key)
         .with_context(|| format!("certificate {} does not match key {}", cert_path.display(), key_path.display()))?;
     tls.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];

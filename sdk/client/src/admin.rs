@@ -25,14 +25,21 @@ impl Admin {
         partitions: u32,
         configs: &[(String, String)],
     ) -> Result<Vec<(String, String)>, CallError> {
+        self.create_replicated_topic(name, partitions, 1, configs).await
+    }
+
+    /// Creates a topic whose partitions have `replication_factor` replicas
+    /// on distinct brokers (a cluster spreads replicas and leaders).
+    pub async fn create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        configs: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, CallError> {
         let response = self
             .client
-            .call(&CreateTopicRequest {
-                name: name.into(),
-                partitions,
-                replication_factor: 1,
-                configs: configs.to_vec(),
-            })
+            .call(&CreateTopicRequest { name: name.into(), partitions, replication_factor, configs: configs.to_vec() })
             .await?;
         Ok(response.configs)
     }

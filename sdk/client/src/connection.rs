@@ -30,6 +30,9 @@ pub struct ClientConfig {
     /// Largest response frame accepted.
     pub response_bytes_max: usize,
     pub client_software: String,
+    /// A client certificate chain and its key (PEM), for mutual TLS: brokers
+    /// present their node certificate to each other.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl ClientConfig {
@@ -42,6 +45,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             response_bytes_max: 256 * 1024 * 1024,
             client_software: concat!("quiver-client ", env!("CARGO_PKG_VERSION")).into(),
+            identity: None,
         }
     }
 }
@@ -67,6 +71,8 @@ pub enum ConnectError {
     Version { address: String, api: ApiKey, version: u16, min: u16, max: u16 },
     #[error("no broker given")]
     NoBrokers,
+    #[error("the client certificate or key is unusable: {0}")]
+    BadIdentity(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,35 +104,61 @@ impl CallError {
     }
 }
 
-struct Inner {
-    config: ClientConfig,
+pub(crate) struct Inner {
+    pub(crate) config: ClientConfig,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     connection: Mutex<Option<(String, quinn::Connection)>>,
 }
 
+impl Inner {
+    /// A connection to another broker of the same cluster, over the same
+    /// endpoint and TLS settings.
+    pub(crate) fn sibling(&self, address: &str) -> Inner {
+        let mut config = self.config.clone();
+        config.brokers = vec![address.to_string()];
+        Inner {
+            config,
+            endpoint: self.endpoint.clone(),
+            client_config: self.client_config.clone(),
+            connection: Mutex::new(None),
+        }
+    }
+}
+
 /// A connection to a Quiver broker. Cheap to clone; reconnects on demand
-/// after the connection is lost.
+/// after the connection is lost. In a cluster, [`Client::for_partition`]
+/// gives the connection to a partition's leader (connections and leaders
+/// are shared by every clone).
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) routing: Arc<crate::routing::Routing>,
 }
 
 impl Client {
     /// Connects and checks that the broker speaks every API version this
     /// client uses.
     pub async fn connect(config: ClientConfig) -> Result<Client, ConnectError> {
-        let client_config = quic_client_config(&config.ca_pem)?;
+        let client_config = match &config.identity {
+            None => quic_client_config(&config.ca_pem)?,
+            Some((cert, key)) => quic_client_config_with_identity(&config.ca_pem, Some((cert, key)))?,
+        };
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
         let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Socket)?;
-        let client =
-            Client { inner: Arc::new(Inner { config, endpoint, client_config, connection: Mutex::new(None) }) };
+        let inner = Arc::new(Inner { config, endpoint, client_config, connection: Mutex::new(None) });
+        let client = Client { routing: Arc::new(crate::routing::Routing::new(inner.clone())), inner };
         client.connection().await?;
         Ok(client)
     }
 
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// Whether both use the same connection (the same broker).
+    pub fn same_connection(&self, other: &Client) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// The current connection, connecting (and handshaking) if needed.
@@ -332,6 +364,15 @@ pub fn transport_config() -> quinn::TransportConfig {
 
 /// The QUIC client configuration trusting the CA certificates in `ca_pem`.
 pub fn quic_client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, ConnectError> {
+    quic_client_config_with_identity(ca_pem, None)
+}
+
+/// Like [`quic_client_config`], presenting a client certificate chain and
+/// key (PEM) when given.
+pub fn quic_client_config_with_identity(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+) -> Result<quinn::ClientConfig, ConnectError> {
     let mut roots = rustls::RootCertStore::empty();
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
@@ -343,11 +384,21 @@ pub fn quic_client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, ConnectE
         return Err(ConnectError::BadCa("no CERTIFICATE block found".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ConnectError::BadCa(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let bad = |e: String| ConnectError::BadIdentity(e);
+            let certs = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(e.to_string()))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| bad(e.to_string()))?
+        }
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ConnectError::BadCa(e.to_string()))?;

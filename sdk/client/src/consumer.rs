@@ -84,6 +84,9 @@ pub enum ConsumeError {
 
 type Tp = (String, u32);
 
+/// A fetch on its way: the positions it asked for, and its answer.
+type InFlight = (Vec<(Tp, i64)>, JoinHandle<Result<FetchResponse, CallError>>);
+
 /// Reads assigned partitions in offset order. Not `Clone`: positions are
 /// the consumer's own state.
 pub struct Consumer {
@@ -91,7 +94,7 @@ pub struct Consumer {
     config: ConsumerConfig,
     positions: BTreeMap<Tp, i64>,
     high_watermarks: BTreeMap<Tp, i64>,
-    in_flight: Option<(Vec<(Tp, i64)>, JoinHandle<Result<FetchResponse, CallError>>)>,
+    in_flight: Option<InFlight>,
     /// Rotates which partition is read first so none starves.
     rotation: usize,
 }
@@ -147,13 +150,22 @@ impl Consumer {
         Ok(())
     }
 
-    /// Resolves an offset spec without moving any position.
+    /// Resolves an offset spec without moving any position (asking the
+    /// partition's leader; once more after a `not_leader` answer).
     pub async fn lookup(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ConsumeError> {
-        let results = self
-            .client
-            .admin()
-            .list_offsets(vec![ListOffsetsPartition { topic: topic.to_string(), partition, timestamp }])
-            .await?;
+        let mut results = Vec::new();
+        for attempt in 0..2 {
+            let leader = self.client.for_partition(topic, partition).await?;
+            results = leader
+                .admin()
+                .list_offsets(vec![ListOffsetsPartition { topic: topic.to_string(), partition, timestamp }])
+                .await?;
+            if attempt == 0 && results.first().is_some_and(|r| r.error == ErrorCode::NotLeader) {
+                self.client.forget_routes();
+                continue;
+            }
+            break;
+        }
         let r = results.into_iter().next().ok_or_else(|| ConsumeError::Partition {
             topic: topic.to_string(),
             partition,
@@ -214,7 +226,7 @@ impl Consumer {
                 .collect(),
         };
         let client = self.client.clone();
-        let handle = tokio::spawn(async move { client.call(&request).await });
+        let handle = tokio::spawn(routed_fetch(client, request));
         self.in_flight = Some((wanted, handle));
     }
 
@@ -296,6 +308,66 @@ impl Consumer {
         }
         Ok(out)
     }
+}
+
+/// Sends a fetch to the leaders of its partitions (one request per leader,
+/// concurrently) and merges the answers in request order. Partitions that
+/// answer `not_leader` are asked once more after the leaders are looked up
+/// again; a second `not_leader` (e.g. an offline partition) is the answer.
+async fn routed_fetch(client: Client, request: FetchRequest) -> Result<FetchResponse, CallError> {
+    let n = request.partitions.len();
+    let mut results: Vec<Option<quiver_protocol::messages::FetchPartitionResult>> = (0..n).map(|_| None).collect();
+    for round in 0..2 {
+        let todo: Vec<usize> = (0..n)
+            .filter(|i| match &results[*i] {
+                None => true,
+                Some(r) => round > 0 && r.error == ErrorCode::NotLeader,
+            })
+            .collect();
+        if todo.is_empty() {
+            break;
+        }
+        if round > 0 {
+            client.forget_routes();
+        }
+        let mut groups: Vec<(Client, Vec<usize>)> = Vec::new();
+        for i in todo {
+            let p = &request.partitions[i];
+            let route = client.for_partition(&p.topic, p.partition).await?;
+            match groups.iter_mut().find(|(c, _)| c.same_connection(&route)) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((route, vec![i])),
+            }
+        }
+        let calls: Vec<_> = groups
+            .into_iter()
+            .map(|(route, members)| {
+                let mut sub = request.clone();
+                sub.partitions = members.iter().map(|i| request.partitions[*i].clone()).collect();
+                tokio::spawn(async move { (members, route.call(&sub).await) })
+            })
+            .collect();
+        for call in calls {
+            let (members, answer) = call.await.map_err(|e| CallError::ConnectionLost(e.to_string()))?;
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    if e.is_safe_to_retry() || matches!(e, CallError::ConnectionLost(_) | CallError::Timeout(_)) {
+                        client.forget_routes();
+                    }
+                    return Err(e);
+                }
+            };
+            for (i, r) in members.into_iter().zip(answer.partitions) {
+                results[i] = Some(r);
+            }
+        }
+    }
+    let partitions = results
+        .into_iter()
+        .map(|r| r.ok_or_else(|| CallError::ConnectionLost("a broker answered fewer partitions".into())))
+        .collect::<Result<_, _>>()?;
+    Ok(FetchResponse { partitions })
 }
 
 fn corrupt(topic: &str, partition: u32, offset: i64, e: impl std::fmt::Display) -> ConsumeError {

@@ -30,6 +30,7 @@ mod consumer;
 mod partitioning;
 pub use quiver_protocol::partitioner;
 mod producer;
+mod routing;
 
 pub use admin::Admin;
 pub use connection::{

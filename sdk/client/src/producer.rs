@@ -552,6 +552,21 @@ impl Shared {
         vec![batch]
     }
 
+    /// The connection for a batch: its partition's leader (the bootstrap
+    /// connection for `PARTITION_ANY`, placed by the broker).
+    async fn route(&self, batch: &ReadyBatch) -> Client {
+        if batch.partition == PARTITION_ANY {
+            return self.client.bootstrap();
+        }
+        match self.client.for_partition(&batch.topic, batch.partition).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot learn the partition leader; trying the bootstrap broker");
+                self.client.bootstrap()
+            }
+        }
+    }
+
     fn complete(&self, batch: ReadyBatch, result: Result<Acked, ProduceError>) {
         let count = batch.waiters.len();
         for (i, w) in batch.waiters.into_iter().enumerate() {
@@ -602,11 +617,25 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
         let Some(shared) = weak.upgrade() else {
             return;
         };
+        // One request goes to one broker: the leader of the first queued
+        // batch takes every queued batch it also leads (order per partition
+        // is kept; the others wait for the next request).
         let mut size = 0;
         let mut batches = Vec::new();
+        let mut target: Option<Client> = None;
+        let mut others = VecDeque::new();
         while size < shared.config.request_bytes_max {
             match queued.pop_front() {
                 Some(b) => {
+                    let route = shared.route(&b).await;
+                    match &target {
+                        Some(t) if !t.same_connection(&route) => {
+                            others.push_back(b);
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => target = Some(route),
+                    }
                     size += b.size_bytes;
                     batches.push(b);
                 }
@@ -616,90 +645,39 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
                 },
             }
         }
-        if batches.is_empty() {
-            continue;
+        while let Some(b) = others.pop_back() {
+            queued.push_front(b);
         }
+        let Some(target) = target else {
+            continue;
+        };
         // Open the stream here, in dispatch order: the broker appends a
         // connection's produce requests in stream order.
-        let stream = shared.client.open_stream().await;
+        let stream = target.open_stream().await;
         tokio::spawn(async move {
-            send_request(&shared, batches, stream.ok()).await;
+            send_request(&shared, target, batches, stream.ok()).await;
             drop(permit);
         });
     }
 }
 
 /// Sends batches until each is acknowledged, refused, unknown or timed out.
-/// The first attempt uses the stream the dispatcher opened in order.
-async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>, mut stream: Option<RequestStream>) {
+/// The first attempt goes to `target` on the stream the dispatcher opened in
+/// order; retries go to each batch's leader as the cluster then says.
+async fn send_request(shared: &Shared, target: Client, pending: Vec<ReadyBatch>, stream: Option<RequestStream>) {
     let config = &shared.config;
+    let mut attempts = vec![(target, pending, stream)];
     loop {
-        let request = ProduceRequest {
-            acks: config.acks,
-            timeout_ms: config.delivery_timeout.as_millis() as u32,
-            partitions: pending
-                .iter_mut()
-                .map(|b| ProducePartition { topic: b.topic.to_string(), partition: b.partition, records: b.records() })
-                .collect(),
-        };
-        let opened = match stream.take() {
-            Some(s) => Ok(s),
-            None => shared.client.open_stream().await,
-        };
-        let outcome = match opened {
-            Err(e) => Err(e),
-            Ok(s) if config.acks == Acks::None => s.send_only(&request).await.map(|()| None),
-            Ok(s) => s.call(&request).await.map(Some),
-        };
         let mut retry = Vec::new();
-        let last_error = match outcome {
-            Ok(None) => {
-                for b in pending {
-                    shared.complete(b, Ok(Acked::Base(-1)));
-                }
-                return;
+        let mut last_error = String::new();
+        for (target, batches, stream) in attempts {
+            let (again, error) = send_once(shared, &target, batches, stream).await;
+            retry.extend(again);
+            if !error.is_empty() {
+                last_error = error;
             }
-            Ok(Some(response)) if response.partitions.len() == pending.len() => {
-                let mut last_error = String::new();
-                for (b, r) in pending.into_iter().zip(response.partitions) {
-                    if r.error == ErrorCode::None && b.partition == PARTITION_ANY {
-                        let acked = if r.placements.len() == b.waiters.len() {
-                            Ok(Acked::Placed(r.placements))
-                        } else {
-                            let e = format!("broker placed {} records of {}", r.placements.len(), b.waiters.len());
-                            Err(ProduceError::Unknown(e))
-                        };
-                        shared.complete(b, acked);
-                    } else if r.error == ErrorCode::None {
-                        shared.complete(b, Ok(Acked::Base(r.base_offset)));
-                    } else if r.error.is_retriable() {
-                        last_error = format!("{}: {}", r.error, r.message);
-                        retry.push(b);
-                    } else {
-                        shared.complete(b, Err(ProduceError::Rejected(WireError::new(r.error, r.message))));
-                    }
-                }
-                last_error
-            }
-            Ok(Some(_)) => {
-                for b in pending {
-                    let e = "broker answered with a different number of partitions";
-                    shared.complete(b, Err(ProduceError::Unknown(e.into())));
-                }
-                return;
-            }
-            Err(e) if e.is_safe_to_retry() => {
-                retry = pending;
-                e.to_string()
-            }
-            Err(e) => {
-                for b in pending {
-                    shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
-                }
-                return;
-            }
-        };
-        pending = Vec::new();
+        }
+        let mut pending = Vec::new();
         for b in retry {
             if b.created.elapsed() >= config.delivery_timeout {
                 let error = ProduceError::Timeout { timeout: config.delivery_timeout, last_error: last_error.clone() };
@@ -713,6 +691,99 @@ async fn send_request(shared: &Shared, mut pending: Vec<ReadyBatch>, mut stream:
         }
         tracing::debug!(batches = pending.len(), error = %last_error, "retrying produce");
         tokio::time::sleep(config.retry_backoff).await;
+        // Group by leader again: leadership may have moved.
+        attempts = Vec::new();
+        for b in pending {
+            let route = shared.route(&b).await;
+            match attempts.iter_mut().find(|(t, _, _)| t.same_connection(&route)) {
+                Some((_, group, _)) => group.push(b),
+                None => attempts.push((route, vec![b], None)),
+            }
+        }
+    }
+}
+
+/// One produce request. Returns the batches to retry and the last retriable
+/// error; completes every other batch.
+async fn send_once(
+    shared: &Shared,
+    target: &Client,
+    mut pending: Vec<ReadyBatch>,
+    stream: Option<RequestStream>,
+) -> (Vec<ReadyBatch>, String) {
+    let config = &shared.config;
+    let request = ProduceRequest {
+        acks: config.acks,
+        timeout_ms: config.delivery_timeout.as_millis() as u32,
+        partitions: pending
+            .iter_mut()
+            .map(|b| ProducePartition { topic: b.topic.to_string(), partition: b.partition, records: b.records() })
+            .collect(),
+    };
+    let opened = match stream {
+        Some(s) => Ok(s),
+        None => target.open_stream().await,
+    };
+    let outcome = match opened {
+        Err(e) => Err(e),
+        Ok(s) if config.acks == Acks::None => s.send_only(&request).await.map(|()| None),
+        Ok(s) => s.call(&request).await.map(Some),
+    };
+    match outcome {
+        Ok(None) => {
+            for b in pending {
+                shared.complete(b, Ok(Acked::Base(-1)));
+            }
+            (Vec::new(), String::new())
+        }
+        Ok(Some(response)) if response.partitions.len() == pending.len() => {
+            let mut retry = Vec::new();
+            let mut last_error = String::new();
+            for (b, r) in pending.into_iter().zip(response.partitions) {
+                if r.error == ErrorCode::None && b.partition == PARTITION_ANY {
+                    let acked = if r.placements.len() == b.waiters.len() {
+                        Ok(Acked::Placed(r.placements))
+                    } else {
+                        let e = format!("broker placed {} records of {}", r.placements.len(), b.waiters.len());
+                        Err(ProduceError::Unknown(e))
+                    };
+                    shared.complete(b, acked);
+                } else if r.error == ErrorCode::None {
+                    shared.complete(b, Ok(Acked::Base(r.base_offset)));
+                } else if r.error == ErrorCode::NotReplicated {
+                    // Appended but unconfirmed: a retry could write it twice.
+                    shared.complete(b, Err(ProduceError::Unknown(format!("{}: {}", r.error, r.message))));
+                } else if r.error.is_retriable() {
+                    if matches!(r.error, ErrorCode::NotLeader | ErrorCode::UnknownTopic) {
+                        shared.client.forget_routes();
+                    }
+                    last_error = format!("{}: {}", r.error, r.message);
+                    retry.push(b);
+                } else {
+                    shared.complete(b, Err(ProduceError::Rejected(WireError::new(r.error, r.message))));
+                }
+            }
+            (retry, last_error)
+        }
+        Ok(Some(_)) => {
+            for b in pending {
+                let e = "broker answered with a different number of partitions";
+                shared.complete(b, Err(ProduceError::Unknown(e.into())));
+            }
+            (Vec::new(), String::new())
+        }
+        Err(e) if e.is_safe_to_retry() => {
+            shared.client.forget_routes();
+            (pending, e.to_string())
+        }
+        Err(e) => {
+            // The broker may be gone: the next batches ask for leaders anew.
+            shared.client.forget_routes();
+            for b in pending {
+                shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
+            }
+            (Vec::new(), String::new())
+        }
     }
 }
 

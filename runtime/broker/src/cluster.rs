@@ -1,0 +1,370 @@
+//! A broker in a cluster. The metadata image (quiver-controller) is the
+//! truth: topic admin goes through the metadata log, metadata answers come
+//! from the image, and a reconcile loop opens and removes local logs so that
+//! this broker holds exactly the replicas the image assigns it. Produce and
+//! fetch are served only by a partition's leader; any other broker answers
+//! `NotLeader` naming it. Replication itself is in `replica.rs`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use quiver_controller::{ClusterImage, Command, Controller, RefusalKind, TopicImage, WriteError};
+use quiver_protocol::messages::*;
+use quiver_protocol::{ErrorCode, WireError};
+
+use crate::broker::{Broker, now_ms};
+use crate::topic::TopicRecord;
+
+/// How long topic admin waits for this broker to apply its own change.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+impl Broker {
+    /// Makes this broker a member of a cluster: from now on its topics are
+    /// the image's, and its replicas copy from their leaders over `link`.
+    /// Call once, right after opening.
+    pub fn join_cluster(self: &Arc<Self>, controller: Arc<Controller>, link: Arc<dyn crate::ReplicaLink>) {
+        let mut image = controller.image();
+        let mut caught_up = controller.caught_up();
+        if self.cluster.set(controller).is_err() || self.replica_link.set(link).is_err() {
+            panic!("join_cluster called twice");
+        }
+        tokio::spawn(self.clone().isr_ticks());
+        let broker = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let current = image.borrow_and_update().clone();
+                let complete = *caught_up.borrow_and_update();
+                broker.reconcile(&current, complete).await;
+                tokio::select! {
+                    changed = image.changed() => if changed.is_err() { break },
+                    changed = caught_up.changed() => if changed.is_err() { break },
+                }
+                if broker.shutting_down.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        });
+    }
+
+    pub fn controller(&self) -> Option<&Arc<Controller>> {
+        self.cluster.get()
+    }
+
+    /// Opens the replicas the image assigns this broker and, once the image
+    /// is `complete` (caught up with the leader), removes topics it no
+    /// longer has. A stale image (a restart replaying the log) never
+    /// removes anything.
+    async fn reconcile(self: &Arc<Self>, image: &ClusterImage, complete: bool) {
+        let me = self.config.node_id;
+        for local in self.sorted_topics().into_iter().filter(|_| complete) {
+            let Some(local_id) = local.record.cluster_id else {
+                continue; // made before this node joined a cluster: left alone
+            };
+            let current = image.topics.get(&local.record.name).map(|t| (t.id, held(t, me)));
+            let keep = matches!(&current, Some((id, held)) if *id == local_id && !held.is_empty());
+            if !keep && let Err(e) = self.delete_topic(&local.record.name).await {
+                tracing::warn!(topic = %local.record.name, error = %e.message, "cannot remove a deleted topic");
+            }
+        }
+        for (name, t) in &image.topics {
+            let held = held(t, me);
+            if held.is_empty() || self.topic(name).is_some() {
+                continue;
+            }
+            let config = match self
+                .config
+                .topic_defaults
+                .clone()
+                .with_overrides(t.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(topic = %name, error = %e, "topic configs in the metadata are invalid here");
+                    continue;
+                }
+            };
+            let record = TopicRecord {
+                name: name.clone(),
+                partitions: t.partitions.len() as u32,
+                overrides: t.configs.iter().cloned().collect(),
+                created_ms: now_ms(),
+                cluster_id: Some(t.id),
+                held: Some(held),
+            };
+            if let Err(e) = self.create_local_topic(record, config).await {
+                tracing::error!(topic = %name, error = %e.message, "cannot open the replicas of a new topic");
+            }
+        }
+        self.apply_roles(image);
+    }
+
+    pub(crate) async fn create_topic_in_cluster(
+        &self,
+        controller: &Controller,
+        r: CreateTopicRequest,
+    ) -> Result<CreateTopicResponse, WireError> {
+        let (overrides, config) = self.validate_new_topic(&r.name, r.partitions, &r.configs)?;
+        if config.min_insync_replicas > usize::from(r.replication_factor.max(1)) {
+            return Err(WireError::new(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "min.insync.replicas {} is larger than the replication factor {}: no acks=all write could succeed",
+                    config.min_insync_replicas,
+                    r.replication_factor.max(1)
+                ),
+            ));
+        }
+        let command = Command::CreateTopic {
+            name: r.name.clone(),
+            partitions: r.partitions,
+            replication_factor: r.replication_factor.max(1),
+            configs: overrides.into_iter().collect(),
+        };
+        controller.write(command).await.map_err(write_error)?;
+        self.wait_applied(controller, |image| image.topics.contains_key(&r.name)).await;
+        Ok(CreateTopicResponse { configs: config.to_pairs() })
+    }
+
+    pub(crate) async fn delete_topic_in_cluster(&self, controller: &Controller, name: &str) -> Result<(), WireError> {
+        controller.write(Command::DeleteTopic { name: name.to_string() }).await.map_err(write_error)?;
+        self.wait_applied(controller, |image| !image.topics.contains_key(name)).await;
+        Ok(())
+    }
+
+    /// Waits (bounded) until this broker's image satisfies `done`, so that a
+    /// client's next request here sees its own change.
+    async fn wait_applied(&self, controller: &Controller, done: impl Fn(&ClusterImage) -> bool) {
+        let mut image = controller.image();
+        let _ = tokio::time::timeout(APPLY_WAIT, image.wait_for(|i| done(i))).await;
+        // The reconcile loop runs after the image changes; give it a moment
+        // to open the logs.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && !self.reconciled(&image.borrow()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn reconciled(&self, image: &ClusterImage) -> bool {
+        let me = self.config.node_id;
+        image.topics.iter().all(|(name, t)| held(t, me).is_empty() || self.topic(name).is_some())
+    }
+
+    pub(crate) fn cluster_metadata(&self, image: &ClusterImage, request: MetadataRequest) -> MetadataResponse {
+        let describe = |name: &str, t: &TopicImage| {
+            let partitioner = t.config("partitioner").unwrap_or_default().to_string();
+            TopicMetadata {
+                name: name.to_string(),
+                error: ErrorCode::None,
+                partitions: t
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| PartitionMetadata {
+                        partition: i as u32,
+                        leader: p.leader.unwrap_or(NO_LEADER),
+                        leader_epoch: p.leader_epoch,
+                    })
+                    .collect(),
+                partitioner_version: self.plugin_version(&partitioner),
+                partitioner,
+            }
+        };
+        let topics = match request.topics {
+            None => image.topics.iter().map(|(n, t)| describe(n, t)).collect(),
+            Some(names) => names
+                .into_iter()
+                .map(|name| match image.topics.get(&name) {
+                    Some(t) => describe(&name, t),
+                    None => TopicMetadata {
+                        name,
+                        error: ErrorCode::UnknownTopic,
+                        partitions: vec![],
+                        partitioner: String::new(),
+                        partitioner_version: 0,
+                    },
+                })
+                .collect(),
+        };
+        let brokers = image
+            .brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| BrokerInfo { node_id: b.node_id, address: b.address.clone() })
+            .collect();
+        MetadataResponse { brokers, topics }
+    }
+
+    pub(crate) fn cluster_describe(
+        &self,
+        image: &ClusterImage,
+        names: Option<Vec<String>>,
+    ) -> Result<DescribeTopicsResponse, WireError> {
+        let names: Vec<String> = match names {
+            None => image.topics.keys().cloned().collect(),
+            Some(names) => names,
+        };
+        let mut topics = Vec::with_capacity(names.len());
+        for name in names {
+            let t = image
+                .topics
+                .get(&name)
+                .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist")))?;
+            let local = self.topic(&name);
+            let configs = match &local {
+                Some(l) => l.config.to_pairs(),
+                None => t.configs.clone(),
+            };
+            let partitions = t
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let held = local.as_ref().and_then(|l| l.held(i as u32));
+                    PartitionDescription {
+                        partition: i as u32,
+                        leader: p.leader.unwrap_or(NO_LEADER),
+                        leader_epoch: p.leader_epoch,
+                        replicas: p.replicas.clone(),
+                        isr: p.isr.clone(),
+                        log_start_offset: held.as_ref().map_or(-1, |h| h.log.log_start_offset()),
+                        high_watermark: held.as_ref().map_or(-1, |h| h.high_watermark()),
+                        size_bytes: held.as_ref().map_or(0, |h| h.log.size_bytes()),
+                        segments: held.as_ref().map_or(0, |h| h.log.segment_count() as u32),
+                    }
+                })
+                .collect();
+            topics.push(TopicDescription { name, configs, partitions });
+        }
+        Ok(DescribeTopicsResponse { topics })
+    }
+
+    pub(crate) fn cluster_info(&self) -> ClusterInfoResponse {
+        let me = self.config.node_id;
+        let Some(controller) = self.controller() else {
+            let topics = self.sorted_topics();
+            return ClusterInfoResponse {
+                clustered: false,
+                node_id: me,
+                controller_leader: NO_LEADER,
+                raft_term: 0,
+                metadata_applied: 0,
+                nodes: vec![ClusterNode {
+                    node_id: me,
+                    address: self.config.advertised_address.clone(),
+                    rack: String::new(),
+                    fenced: false,
+                    voter: false,
+                }],
+                topics: topics.len() as u32,
+                partitions: topics.iter().map(|t| t.count()).sum(),
+                under_replicated: vec![],
+                offline: vec![],
+                unclean_elections: vec![],
+            };
+        };
+        let image = controller.image().borrow().clone();
+        let (voters, _) = controller.members();
+        let (term, _, applied) = controller.raft_progress();
+        let refs = |list: Vec<(String, u32)>| {
+            list.into_iter().map(|(topic, partition)| PartitionRef { topic, partition }).collect()
+        };
+        ClusterInfoResponse {
+            clustered: true,
+            node_id: me,
+            controller_leader: controller.leader().unwrap_or(NO_LEADER),
+            raft_term: term,
+            metadata_applied: applied.unwrap_or(0),
+            nodes: image
+                .brokers
+                .values()
+                .map(|b| ClusterNode {
+                    node_id: b.node_id,
+                    address: b.address.clone(),
+                    rack: b.rack.clone().unwrap_or_default(),
+                    fenced: b.fenced,
+                    voter: voters.contains(&b.node_id),
+                })
+                .collect(),
+            topics: image.topics.len() as u32,
+            partitions: image.topics.values().map(|t| t.partitions.len() as u32).sum(),
+            under_replicated: refs(image.under_replicated()),
+            offline: refs(image.offline()),
+            unclean_elections: image
+                .unclean_elections
+                .iter()
+                .map(|u| PartitionRef { topic: u.topic.clone(), partition: u.partition })
+                .collect(),
+        }
+    }
+
+    /// Serves a controller message from another broker.
+    pub(crate) async fn controller_call(&self, call: ControllerCall) -> Result<ControllerAnswer, WireError> {
+        let controller = self.controller().ok_or_else(|| {
+            WireError::new(ErrorCode::NotAuthorized, "this node is not part of a cluster (no --controllers)")
+        })?;
+        let request = serde_json::from_slice(&call.body)
+            .map_err(|e| WireError::new(ErrorCode::CorruptMessage, format!("controller message: {e}")))?;
+        let answer = controller.handle(request).await;
+        Ok(ControllerAnswer { body: serde_json::to_vec(&answer).expect("answer serialises").into() })
+    }
+}
+
+/// `Ok` when `me` leads `topic`-`partition` in `image`; otherwise the error
+/// a client needs to find the leader.
+pub(crate) fn check_leader(me: u32, image: &ClusterImage, topic: &str, partition: u32) -> Result<(), WireError> {
+    let t = image
+        .topics
+        .get(topic)
+        .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
+    let p = t.partitions.get(partition as usize).ok_or_else(|| {
+        WireError::new(
+            ErrorCode::UnknownPartition,
+            format!("topic '{topic}' has {} partitions; there is no partition {partition}", t.partitions.len()),
+        )
+    })?;
+    match p.leader {
+        Some(l) if l == me => Ok(()),
+        Some(l) => {
+            let at = image.brokers.get(&l).map(|b| b.address.as_str()).unwrap_or("?");
+            Err(WireError::new(
+                ErrorCode::NotLeader,
+                format!("broker {me} is not the leader of {topic}-{partition}; broker {l} at {at} is"),
+            ))
+        }
+        None => Err(WireError::new(
+            ErrorCode::NotLeader,
+            format!(
+                "{topic}-{partition} is offline: none of its in-sync replicas {:?} is live (replicas {:?})",
+                p.isr, p.replicas
+            ),
+        )),
+    }
+}
+
+/// The partitions of `t` that `node` holds a replica of.
+fn held(t: &TopicImage, node: u32) -> Vec<u32> {
+    t.partitions.iter().enumerate().filter(|(_, p)| p.replicas.contains(&node)).map(|(i, _)| i as u32).collect()
+}
+
+fn write_error(e: WriteError) -> WireError {
+    match e {
+        WriteError::Refused(r) => {
+            let code = match r.kind {
+                RefusalKind::TopicExists => ErrorCode::TopicAlreadyExists,
+                RefusalKind::UnknownTopic => ErrorCode::UnknownTopic,
+                RefusalKind::UnknownPartition => ErrorCode::UnknownPartition,
+                RefusalKind::NotEnoughBrokers => ErrorCode::NotEnoughReplicas,
+                RefusalKind::Stale | RefusalKind::UnknownBroker | RefusalKind::Invalid => ErrorCode::InvalidRequest,
+            };
+            WireError::new(code, r.message)
+        }
+        e @ (WriteError::NoQuorum(_) | WriteError::NotLeader { .. } | WriteError::Unreachable(_)) => {
+            WireError::new(ErrorCode::NoQuorum, e.to_string())
+        }
+        e @ WriteError::Unknown(_) => WireError::new(
+            ErrorCode::RequestTimedOut,
+            format!("{e}; the change may or may not have been made: check before retrying"),
+        ),
+    }
+}

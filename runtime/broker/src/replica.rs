@@ -1,0 +1,692 @@
+//! Partition replication in a cluster: the async shell around the plain
+//! rules of `quiver-replication`.
+//!
+//! Each partition this broker holds has a [`Replica`]: its role (leader,
+//! follower of a given leader and epoch, offline), its leader-epoch history
+//! (persisted next to the log, so truncation survives restarts), and its
+//! high watermark. The metadata image decides roles (`Broker::apply_roles`).
+//!
+//! - A **leader** appends in its epoch, feeds appends and followers' fetches
+//!   to a [`PartitionLeader`], and moves the high watermark to what the whole
+//!   ISR holds; ISR changes it proposes are written to the metadata log
+//!   (`AlterIsr`) and take effect when the image comes back with them.
+//! - A **follower** first reconciles its log with the leader (asking where
+//!   its epochs end, [`truncation_step`], then cutting the log), then copies
+//!   the leader's batches as they are (offsets and epochs kept), fsyncs, and
+//!   fetches again from its new end: a fetch offset is a durable promise, so
+//!   an `acks=all` write answered at the high watermark is on disk on every
+//!   ISR member.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_controller::{Command, Outcome, PartitionImage, WriteError};
+use quiver_protocol::batch::{self, BatchHeader};
+use quiver_protocol::messages::*;
+use quiver_protocol::{ErrorCode, WireError};
+use quiver_replication::{EpochHistory, LeaderConfig, NodeId, PartitionLeader, TruncationStep, truncation_step};
+
+use crate::broker::{Broker, Partition, Topic, now_ms, storage_error, write_atomic};
+
+/// Carries replica fetches to other brokers (the server implements it over
+/// QUIC with this node's certificate).
+pub trait ReplicaLink: Send + Sync {
+    fn fetch(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: ReplicaFetchRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<ReplicaFetchResponse, WireError>> + Send>>;
+}
+
+/// How long a leader holds a follower's fetch when it has nothing new.
+const FOLLOWER_WAIT_MS: u32 = 500;
+/// Bound on one follower fetch's records.
+const FOLLOWER_FETCH_BYTES: u32 = 4 * 1024 * 1024;
+/// How often leaders look for followers that fell out of sync.
+const ISR_TICK: Duration = Duration::from_millis(200);
+/// Pause after a failed follower fetch.
+const RETRY: Duration = Duration::from_millis(100);
+
+const EPOCHS_FILE: &str = "leader-epochs";
+
+enum Role {
+    /// Not in a cluster: the log end is the high watermark.
+    Single,
+    /// Waiting for the metadata image.
+    Unassigned,
+    Leader {
+        leader: PartitionLeader,
+        /// The partition epoch of the image the ISR came from (an ISR change
+        /// is proposed against it).
+        partition_epoch: i32,
+    },
+    Follower {
+        leader: NodeId,
+        epoch: i32,
+    },
+    /// The image has no leader for it.
+    Offline,
+}
+
+struct State {
+    role: Role,
+    history: EpochHistory,
+}
+
+/// A partition's replication state.
+pub(crate) struct Replica {
+    /// Not in a cluster (fixed when the partition is opened).
+    single: bool,
+    state: Mutex<State>,
+    high_watermark: AtomicI64,
+    epochs_file: PathBuf,
+}
+
+impl Replica {
+    /// A single node's partition: no epochs, the log end is the high
+    /// watermark.
+    pub(crate) fn single() -> Replica {
+        Replica {
+            single: true,
+            state: Mutex::new(State { role: Role::Single, history: EpochHistory::default() }),
+            high_watermark: AtomicI64::new(0),
+            epochs_file: PathBuf::new(),
+        }
+    }
+
+    /// A cluster partition whose log lives in `dir` and ends at `log_end`:
+    /// loads its epoch history (dropping epochs that start past the log end,
+    /// written just before a crash lost the batches).
+    pub(crate) fn clustered(dir: &std::path::Path, log_end: i64) -> std::io::Result<Replica> {
+        let epochs_file = dir.join(EPOCHS_FILE);
+        let mut history = EpochHistory::default();
+        match std::fs::read_to_string(&epochs_file) {
+            Ok(text) => {
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    let parsed = line
+                        .split_once(' ')
+                        .and_then(|(e, o)| Some((e.trim().parse::<i32>().ok()?, o.trim().parse::<i64>().ok()?)));
+                    let Some((epoch, start)) = parsed else {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("{}: bad line '{line}'", epochs_file.display()),
+                        ));
+                    };
+                    history.assign(epoch, start);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        history.truncate(log_end);
+        Ok(Replica {
+            single: false,
+            state: Mutex::new(State { role: Role::Unassigned, history }),
+            high_watermark: AtomicI64::new(0),
+            epochs_file,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("replica lock")
+    }
+
+    /// Whether this replica follows `leader` in `epoch`.
+    fn follows(&self, leader: NodeId, epoch: i32) -> bool {
+        matches!(self.state().role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch)
+    }
+
+    fn persist(&self, history: &EpochHistory) -> std::io::Result<()> {
+        let body: String = history.entries().iter().map(|(e, o)| format!("{e} {o}\n")).collect();
+        write_atomic(&self.epochs_file, body.as_bytes())
+    }
+}
+
+impl Partition {
+    /// Consumers read below this offset.
+    pub(crate) fn high_watermark(&self) -> i64 {
+        if self.replica.single {
+            self.log.log_end_offset()
+        } else {
+            self.replica.high_watermark.load(Ordering::Acquire)
+        }
+    }
+
+    /// Before an append: the epoch to write it in, if this replica leads;
+    /// with `acks_all`, refused while the ISR is below `min.insync.replicas`.
+    pub(crate) fn epoch_for_append(&self, topic: &str, acks_all: bool) -> Result<i32, WireError> {
+        let state = self.replica.state();
+        match &state.role {
+            Role::Single => Ok(0),
+            Role::Leader { leader, .. } => {
+                if acks_all && let Err(e) = leader.check_acks_all() {
+                    return Err(WireError::new(
+                        ErrorCode::NotEnoughReplicas,
+                        format!("{topic}-{}: {e}; acks=all writes are refused until replicas catch up", self.id),
+                    ));
+                }
+                Ok(leader.epoch())
+            }
+            _ => Err(WireError::new(
+                ErrorCode::NotLeader,
+                format!("{topic}-{} is changing leader here; retry shortly", self.id),
+            )),
+        }
+    }
+
+    /// After an append up to `end` (exclusive): returns whether the high
+    /// watermark moved.
+    pub(crate) fn appended(&self, end: i64) -> bool {
+        let mut state = self.replica.state();
+        match &mut state.role {
+            Role::Leader { leader, .. } => self.publish(leader.on_append(end)),
+            _ => false,
+        }
+    }
+
+    /// Whether this replica still leads in `epoch`.
+    pub(crate) fn leads_in(&self, epoch: i32) -> bool {
+        match &self.replica.state().role {
+            Role::Single => true,
+            Role::Leader { leader, .. } => leader.epoch() == epoch,
+            _ => false,
+        }
+    }
+
+    fn publish(&self, high_watermark: Option<i64>) -> bool {
+        match high_watermark {
+            Some(hw) => {
+                self.replica.high_watermark.fetch_max(hw, Ordering::AcqRel);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// What [`Broker::apply_role`] decided for a partition.
+enum RoleChange {
+    None,
+    /// Start copying from this leader in this epoch.
+    Follow(NodeId, i32),
+    /// The high watermark moved (an ISR shrank): wake waiters.
+    HighWatermark,
+}
+
+impl Broker {
+    /// Brings every local replica's role in line with the image.
+    pub(crate) fn apply_roles(self: &Arc<Self>, image: &quiver_controller::ClusterImage) {
+        let mut moved = false;
+        for topic in self.sorted_topics() {
+            let Some(t) = image.topics.get(&topic.record.name) else { continue };
+            if topic.record.cluster_id != Some(t.id) {
+                continue;
+            }
+            let min_isr = topic.config.min_insync_replicas;
+            for p in topic.local() {
+                let Some(pi) = t.partitions.get(p.id as usize) else { continue };
+                match self.apply_role(p, pi, min_isr) {
+                    RoleChange::None => {}
+                    RoleChange::HighWatermark => moved = true,
+                    RoleChange::Follow(leader, epoch) => {
+                        tokio::spawn(self.clone().follow(topic.clone(), p.clone(), leader, epoch));
+                    }
+                }
+            }
+        }
+        if moved {
+            self.appended.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn apply_role(&self, p: &Partition, pi: &PartitionImage, min_isr: usize) -> RoleChange {
+        let me = self.config.node_id;
+        let mut state = p.replica.state();
+        if matches!(state.role, Role::Single) {
+            return RoleChange::None;
+        }
+        match pi.leader {
+            Some(l) if l == me => {
+                if let Role::Leader { leader, partition_epoch } = &mut state.role
+                    && leader.epoch() == pi.leader_epoch
+                {
+                    *partition_epoch = pi.partition_epoch;
+                    let isr: BTreeSet<NodeId> = pi.isr.iter().copied().collect();
+                    if *leader.isr() != isr && p.publish(leader.apply_isr(isr)) {
+                        return RoleChange::HighWatermark;
+                    }
+                    return RoleChange::None;
+                }
+                // Leader in a new epoch: everything from the log end on is
+                // written in it.
+                let log_end = p.log.log_end_offset();
+                state.history.assign(pi.leader_epoch, log_end);
+                if let Err(e) = p.replica.persist(&state.history) {
+                    tracing::error!(partition = p.id, error = %e, "cannot record the leader epoch; not leading");
+                    state.role = Role::Unassigned;
+                    return RoleChange::None;
+                }
+                let config =
+                    LeaderConfig { lag_time_max_ms: self.config.replica_lag_time_max_ms, min_insync_replicas: min_isr };
+                let hw = p.replica.high_watermark.load(Ordering::Acquire);
+                let mut leader = PartitionLeader::new(
+                    me,
+                    pi.leader_epoch,
+                    &pi.replicas,
+                    pi.isr.iter().copied(),
+                    config,
+                    now_ms() as u64,
+                )
+                .with_log(log_end, hw);
+                let moved = leader.on_append(log_end);
+                tracing::info!(partition = p.id, epoch = pi.leader_epoch, log_end, "leading");
+                state.role = Role::Leader { leader, partition_epoch: pi.partition_epoch };
+                drop(state);
+                if p.publish(moved) { RoleChange::HighWatermark } else { RoleChange::None }
+            }
+            Some(l) => {
+                if matches!(state.role, Role::Follower { leader, epoch } if leader == l && epoch == pi.leader_epoch) {
+                    return RoleChange::None;
+                }
+                state.role = Role::Follower { leader: l, epoch: pi.leader_epoch };
+                RoleChange::Follow(l, pi.leader_epoch)
+            }
+            None => {
+                state.role = Role::Offline;
+                RoleChange::None
+            }
+        }
+    }
+
+    /// Leaders' periodic check for followers that stopped keeping up.
+    pub(crate) async fn isr_ticks(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(ISR_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.shutting_down.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let now = now_ms() as u64;
+            for topic in self.sorted_topics() {
+                for p in topic.local() {
+                    let proposal = {
+                        let mut state = p.replica.state();
+                        match &mut state.role {
+                            Role::Leader { leader, partition_epoch } => {
+                                leader.tick(now).map(|isr| (leader.epoch(), *partition_epoch, isr))
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some((epoch, partition_epoch, isr)) = proposal {
+                        tracing::info!(topic = %topic.record.name, partition = p.id, ?isr, "a follower fell behind: shrinking the ISR");
+                        self.propose_isr(&topic, p, epoch, partition_epoch, isr);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes an ISR change to the metadata log in the background; a refusal
+    /// drops the proposal so that it is made again from the committed ISR.
+    fn propose_isr(&self, topic: &Topic, p: &Arc<Partition>, epoch: i32, partition_epoch: i32, isr: BTreeSet<NodeId>) {
+        let Some(controller) = self.controller().cloned() else { return };
+        let command = Command::AlterIsr {
+            topic: topic.record.name.clone(),
+            partition: p.id,
+            leader: self.config.node_id,
+            partition_epoch,
+            isr: isr.iter().copied().collect(),
+        };
+        let p = p.clone();
+        tokio::spawn(async move {
+            match controller.write(command).await {
+                // Committed as proposed: the image brings it back.
+                Ok(Outcome::Partition(committed)) if committed.isr.iter().copied().collect::<BTreeSet<_>>() == isr => {}
+                outcome => {
+                    // Refused, lost, or committed without a member the
+                    // controller still holds fenced (it registers again
+                    // shortly): propose again later.
+                    let reason = match outcome {
+                        Err(WriteError::Refused(r)) => r.message,
+                        Err(e) => e.to_string(),
+                        Ok(Outcome::Partition(committed)) => {
+                            format!("the controller kept ISR {:?} (a proposed member is fenced)", committed.isr)
+                        }
+                        Ok(other) => format!("{other:?}"),
+                    };
+                    tracing::info!(partition = p.id, %reason, "ISR change not committed as proposed");
+                    if let Role::Leader { leader, .. } = &mut p.replica.state().role
+                        && leader.epoch() == epoch
+                        && leader.pending_isr() == Some(&isr)
+                    {
+                        leader.abandon_proposal();
+                    }
+                }
+            }
+        });
+    }
+
+    /// On a leader: serves a follower's fetch, holding it up to its wait
+    /// when there is nothing new.
+    pub(crate) async fn replica_fetch(
+        self: &Arc<Self>,
+        r: ReplicaFetchRequest,
+    ) -> Result<ReplicaFetchResponse, WireError> {
+        let wait = Duration::from_millis(u64::from(r.max_wait_ms.min(self.config.fetch_wait_ms_max)));
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut appended = self.appended.subscribe();
+        let mut first = true;
+        loop {
+            appended.borrow_and_update();
+            let (results, ready) = self.read_replica_partitions(&r, first);
+            first = false;
+            if ready || tokio::time::Instant::now() >= deadline || self.shutting_down.load(Ordering::Relaxed) {
+                return Ok(ReplicaFetchResponse { partitions: results });
+            }
+            if tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
+                let (results, _) = self.read_replica_partitions(&r, false);
+                return Ok(ReplicaFetchResponse { partitions: results });
+            }
+        }
+    }
+
+    /// Reads every partition of a follower fetch; `register` feeds the
+    /// follower's position to the leader state (once per request). Returns
+    /// the results and whether any has records, an answer or an error.
+    fn read_replica_partitions(
+        self: &Arc<Self>,
+        r: &ReplicaFetchRequest,
+        register: bool,
+    ) -> (Vec<ReplicaFetchResult>, bool) {
+        let mut remaining = r.max_bytes as usize;
+        let mut ready = false;
+        let mut moved = false;
+        let results = r
+            .partitions
+            .iter()
+            .map(|fp| {
+                let mut result = ReplicaFetchResult {
+                    topic: fp.topic.clone(),
+                    partition: fp.partition,
+                    error: ErrorCode::None,
+                    message: String::new(),
+                    high_watermark: -1,
+                    log_start_offset: -1,
+                    epoch_end_epoch: -1,
+                    epoch_end_offset: -1,
+                    records: Bytes::new(),
+                };
+                let read = self.read_replica_partition(r.replica_id, fp, register, remaining, &mut result, &mut moved);
+                match read {
+                    Ok(records) => {
+                        remaining = remaining.saturating_sub(records.len());
+                        ready |= !records.is_empty() || fp.ask_epoch >= 0;
+                        result.records = records;
+                    }
+                    Err(e) => {
+                        ready = true;
+                        (result.error, result.message) = (e.code, e.message);
+                    }
+                }
+                result
+            })
+            .collect();
+        if moved {
+            self.appended.send_modify(|n| *n += 1);
+        }
+        (results, ready)
+    }
+
+    fn read_replica_partition(
+        self: &Arc<Self>,
+        replica: NodeId,
+        fp: &ReplicaFetchPartition,
+        register: bool,
+        remaining: usize,
+        result: &mut ReplicaFetchResult,
+        moved: &mut bool,
+    ) -> Result<Bytes, WireError> {
+        let me = self.config.node_id;
+        let name = &fp.topic;
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist here")))?;
+        let p = self.leader_partition(&topic, fp.partition)?;
+        let log_end = p.log.log_end_offset();
+        let proposal = {
+            let mut state = p.replica.state();
+            let State { role, history } = &mut *state;
+            let Role::Leader { leader, partition_epoch } = role else {
+                return Err(WireError::new(
+                    ErrorCode::NotLeader,
+                    format!("broker {me} does not lead {name}-{}", fp.partition),
+                ));
+            };
+            if fp.leader_epoch != leader.epoch() {
+                let code =
+                    if fp.leader_epoch < leader.epoch() { ErrorCode::FencedLeaderEpoch } else { ErrorCode::NotLeader };
+                return Err(WireError::new(
+                    code,
+                    format!(
+                        "{name}-{}: the follower is in leader epoch {}, broker {me} leads epoch {}",
+                        fp.partition,
+                        fp.leader_epoch,
+                        leader.epoch()
+                    ),
+                ));
+            }
+            result.high_watermark = leader.high_watermark();
+            result.log_start_offset = p.log.log_start_offset();
+            if fp.ask_epoch >= 0 {
+                let (epoch, end) = history.end_offset_for(fp.ask_epoch, log_end).unwrap_or((-1, -1));
+                (result.epoch_end_epoch, result.epoch_end_offset) = (epoch, end);
+                return Ok(Bytes::new());
+            }
+            if fp.fetch_offset > log_end {
+                return Err(WireError::new(
+                    ErrorCode::OffsetOutOfRange,
+                    format!(
+                        "{name}-{}: fetch offset {} is past the leader's log end {log_end}",
+                        fp.partition, fp.fetch_offset
+                    ),
+                ));
+            }
+            if register {
+                let outcome = leader.on_fetch(replica, fp.fetch_offset, now_ms() as u64);
+                if let Some(hw) = outcome.high_watermark {
+                    *moved |= p.publish(Some(hw));
+                    result.high_watermark = hw;
+                }
+                outcome.propose_isr.map(|isr| (leader.epoch(), *partition_epoch, isr))
+            } else {
+                None
+            }
+        };
+        if let Some((epoch, partition_epoch, isr)) = proposal {
+            tracing::info!(topic = %name, partition = fp.partition, replica, "a follower caught up: growing the ISR");
+            self.propose_isr(&topic, &p, epoch, partition_epoch, isr);
+        }
+        if fp.fetch_offset == log_end || remaining == 0 {
+            return Ok(Bytes::new());
+        }
+        let limit = remaining.max(1);
+        p.log.read(fp.fetch_offset, limit, log_end).map_err(crate::handlers::read_error)
+    }
+
+    /// On a follower: copies `p` from `leader` for as long as the image says
+    /// so (until the role changes or the topic is gone).
+    async fn follow(self: Arc<Self>, topic: Arc<Topic>, p: Arc<Partition>, leader: NodeId, epoch: i32) {
+        let name = topic.record.name.clone();
+        let Some(link) = self.replica_link.get().cloned() else { return };
+        tracing::info!(topic = %name, partition = p.id, leader, epoch, "following");
+        let mut reconciled = false;
+        let mut failures = 0u32;
+        let current = |b: &Broker| b.topic(&name).is_some_and(|t| Arc::ptr_eq(&t, &topic));
+        while p.replica.follows(leader, epoch) && current(&self) && !self.shutting_down.load(Ordering::Relaxed) {
+            let address =
+                self.controller().and_then(|c| c.image().borrow().brokers.get(&leader).map(|b| b.address.clone()));
+            let Some(address) = address else {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            };
+            let step = if reconciled {
+                self.copy_from_leader(&*link, &name, &p, leader, address, epoch).await
+            } else {
+                self.reconcile_with_leader(&*link, &name, &p, leader, address, epoch).await.map(|()| reconciled = true)
+            };
+            match step {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    if e.code == ErrorCode::OffsetOutOfRange || e.code == ErrorCode::FencedLeaderEpoch {
+                        reconciled = false;
+                    }
+                    if failures % 50 == 1 {
+                        tracing::warn!(topic = %name, partition = p.id, leader, error = %e.message, "cannot copy from the leader");
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        tracing::debug!(topic = %name, partition = p.id, leader, epoch, "no longer following");
+    }
+
+    /// Cuts this follower's log where it stops agreeing with the leader's.
+    async fn reconcile_with_leader(
+        &self,
+        link: &dyn ReplicaLink,
+        name: &str,
+        p: &Arc<Partition>,
+        leader: NodeId,
+        address: String,
+        epoch: i32,
+    ) -> Result<(), WireError> {
+        let mut ask = p.replica.state().history.latest_epoch();
+        while let Some(asked) = ask {
+            let request = self.replica_request(name, p, epoch, asked, 0);
+            let result = single(link.fetch(leader, address.clone(), request).await?)?;
+            let answer = (result.epoch_end_epoch >= 0).then_some((result.epoch_end_epoch, result.epoch_end_offset));
+            let step = {
+                let state = p.replica.state();
+                truncation_step(&state.history, p.log.log_end_offset(), answer)
+            };
+            match step {
+                TruncationStep::Ask(older) => ask = Some(older),
+                TruncationStep::TruncateTo(end) => {
+                    let p = p.clone();
+                    let name = name.to_string();
+                    tokio::task::spawn_blocking(move || -> Result<(), WireError> {
+                        let before = p.log.log_end_offset();
+                        let after = p.log.truncate_to(end).map_err(storage_error)?;
+                        let mut state = p.replica.state();
+                        state.history.truncate(after);
+                        p.replica.high_watermark.fetch_min(after, Ordering::AcqRel);
+                        p.replica.persist(&state.history).map_err(storage_error)?;
+                        if after < before {
+                            tracing::warn!(topic = %name, partition = p.id, before, after, "truncated a diverging tail");
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))??;
+                    ask = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One follower fetch: appends what came, fsyncs it, and takes the
+    /// leader's high watermark (bounded by what is here).
+    async fn copy_from_leader(
+        &self,
+        link: &dyn ReplicaLink,
+        name: &str,
+        p: &Arc<Partition>,
+        leader: NodeId,
+        address: String,
+        epoch: i32,
+    ) -> Result<(), WireError> {
+        let request = self.replica_request(name, p, epoch, -1, FOLLOWER_WAIT_MS);
+        let result = single(link.fetch(leader, address, request).await?)?;
+        if !result.records.is_empty() {
+            let p = p.clone();
+            let records = result.records.clone();
+            tokio::task::spawn_blocking(move || append_copies(&p, records))
+                .await
+                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))??;
+        }
+        let hw = result.high_watermark.min(p.log.log_end_offset());
+        if p.publish(Some(hw)) {
+            self.appended.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    fn replica_request(
+        &self,
+        name: &str,
+        p: &Partition,
+        epoch: i32,
+        ask_epoch: i32,
+        wait_ms: u32,
+    ) -> ReplicaFetchRequest {
+        ReplicaFetchRequest {
+            replica_id: self.config.node_id,
+            max_wait_ms: wait_ms,
+            max_bytes: FOLLOWER_FETCH_BYTES,
+            partitions: vec![ReplicaFetchPartition {
+                topic: name.to_string(),
+                partition: p.id,
+                leader_epoch: epoch,
+                fetch_offset: p.log.log_end_offset(),
+                ask_epoch,
+            }],
+        }
+    }
+}
+
+/// The one partition result of a single-partition replica fetch.
+fn single(response: ReplicaFetchResponse) -> Result<ReplicaFetchResult, WireError> {
+    let result = response
+        .partitions
+        .into_iter()
+        .next()
+        .ok_or_else(|| WireError::new(ErrorCode::CorruptMessage, "replica fetch answered no partition"))?;
+    if result.error != ErrorCode::None {
+        return Err(WireError::new(result.error, result.message));
+    }
+    Ok(result)
+}
+
+/// Appends a leader's batches as they are (offsets and epochs kept), then
+/// fsyncs them.
+fn append_copies(p: &Partition, records: Bytes) -> Result<(), WireError> {
+    let mut end = p.log.log_end_offset();
+    for item in batch::Batches::new(records) {
+        let (header, bytes): (BatchHeader, Bytes) = item.map_err(crate::broker::corrupt)?;
+        batch::verify_crc(&bytes).map_err(crate::broker::corrupt)?;
+        if header.base_offset != end {
+            return Err(WireError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!("the leader sent a batch at offset {} for a log ending at {end}", header.base_offset),
+            ));
+        }
+        {
+            let mut state = p.replica.state();
+            if state.history.latest_epoch().is_none_or(|e| e < header.leader_epoch) {
+                state.history.assign(header.leader_epoch, header.base_offset);
+                p.replica.persist(&state.history).map_err(storage_error)?;
+            }
+        }
+        let info = p.log.append(&bytes, header.leader_epoch).map_err(storage_error)?;
+        end = info.last_offset + 1;
+    }
+    p.log.sync_to(end).map_err(storage_error)
+}

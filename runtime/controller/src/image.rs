@@ -1,0 +1,578 @@
+//! The cluster metadata image: what the metadata log says after applying
+//! every committed command. Applying is deterministic (no clock, no
+//! randomness), so every node that applies the same log holds the same image;
+//! leader elections after a fence and replica assignment at topic creation
+//! are decided here, inside `apply`, for that reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use quiver_replication::{Election, NodeId, elect_leader};
+use serde::{Deserialize, Serialize};
+
+/// A registered broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerRegistration {
+    pub node_id: NodeId,
+    /// `host:port` clients and other brokers connect to.
+    pub address: String,
+    pub rack: Option<String>,
+    /// Changes every time the broker process starts: a second process with
+    /// the same node id is told apart from a restart of the first.
+    pub incarnation: u64,
+    /// Fenced brokers missed their heartbeats: they lead nothing and are out
+    /// of every ISR until they heartbeat again.
+    pub fenced: bool,
+}
+
+/// One partition's replicas, leader and in-sync set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionImage {
+    /// In assignment order: the first is the preferred leader.
+    pub replicas: Vec<NodeId>,
+    pub isr: Vec<NodeId>,
+    /// `None`: offline (no eligible replica).
+    pub leader: Option<NodeId>,
+    /// Bumped on every leader change; every batch carries the epoch of the
+    /// leader that appended it.
+    pub leader_epoch: i32,
+    /// Bumped on every change of leader or ISR; an ISR change proposed from
+    /// an older partition epoch is refused.
+    pub partition_epoch: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicImage {
+    /// The log index of the command that created it: a topic deleted and
+    /// created again under the same name is a different topic.
+    pub id: u64,
+    pub configs: Vec<(String, String)>,
+    pub partitions: Vec<PartitionImage>,
+}
+
+impl TopicImage {
+    pub fn config(&self, key: &str) -> Option<&str> {
+        self.configs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub fn unclean_election(&self) -> bool {
+        self.config(UNCLEAN_CONFIG) == Some("true")
+    }
+}
+
+/// Topic config allowing a replica outside the ISR to become leader.
+pub const UNCLEAN_CONFIG: &str = "unclean.leader.election.enable";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterImage {
+    pub brokers: BTreeMap<NodeId, BrokerRegistration>,
+    pub topics: BTreeMap<String, TopicImage>,
+    /// Unclean elections that happened, newest last (bounded), so that
+    /// `cluster health` can report them.
+    pub unclean_elections: Vec<UncleanElection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UncleanElection {
+    pub topic: String,
+    pub partition: u32,
+    pub leader: NodeId,
+    pub leader_epoch: i32,
+}
+
+const UNCLEAN_HISTORY: usize = 100;
+
+/// A change to the metadata, as written to the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterBroker {
+        node_id: NodeId,
+        address: String,
+        rack: Option<String>,
+        incarnation: u64,
+    },
+    FenceBroker {
+        node_id: NodeId,
+    },
+    UnfenceBroker {
+        node_id: NodeId,
+        incarnation: u64,
+    },
+    /// Configs are validated by the broker that received the request.
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        replication_factor: u16,
+        configs: Vec<(String, String)>,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    /// From a partition leader: its ISR changed. Refused unless it comes from
+    /// the current leader at the current partition epoch.
+    AlterIsr {
+        topic: String,
+        partition: u32,
+        leader: NodeId,
+        partition_epoch: i32,
+        isr: Vec<NodeId>,
+    },
+    /// Moves leadership back to each partition's first replica where it is
+    /// in sync and live.
+    PreferredElection,
+}
+
+/// The answer to one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    /// The partition's state after an accepted ISR change.
+    Partition(PartitionImage),
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalKind {
+    TopicExists,
+    UnknownTopic,
+    UnknownPartition,
+    NotEnoughBrokers,
+    UnknownBroker,
+    /// An ISR change from a leader that is no longer leader, or from an
+    /// older partition epoch.
+    Stale,
+    Invalid,
+}
+
+fn refuse(kind: RefusalKind, message: impl Into<String>) -> Outcome {
+    Outcome::Refused(Refusal { kind, message: message.into() })
+}
+
+impl ClusterImage {
+    /// Applies one committed command at log index `index`.
+    pub fn apply(&mut self, index: u64, command: &Command) -> Outcome {
+        match command {
+            Command::RegisterBroker { node_id, address, rack, incarnation } => {
+                // A new process under a known id may have lost its unflushed
+                // tail: it leaves every ISR and leadership, and rejoins the
+                // ISRs by catching up like any follower.
+                if self.brokers.get(node_id).is_some_and(|b| b.incarnation != *incarnation) {
+                    self.fence(*node_id);
+                }
+                self.brokers.insert(
+                    *node_id,
+                    BrokerRegistration {
+                        node_id: *node_id,
+                        address: address.clone(),
+                        rack: rack.clone(),
+                        incarnation: *incarnation,
+                        fenced: false,
+                    },
+                );
+                self.elect_offline();
+                Outcome::Done
+            }
+            Command::FenceBroker { node_id } => {
+                let Some(b) = self.brokers.get_mut(node_id) else {
+                    return refuse(RefusalKind::UnknownBroker, format!("broker {node_id} is not registered"));
+                };
+                b.fenced = true;
+                self.fence(*node_id);
+                Outcome::Done
+            }
+            Command::UnfenceBroker { node_id, incarnation } => {
+                match self.brokers.get_mut(node_id) {
+                    Some(b) if b.incarnation == *incarnation => b.fenced = false,
+                    _ => return refuse(RefusalKind::Stale, format!("broker {node_id} registered again since")),
+                }
+                self.elect_offline();
+                Outcome::Done
+            }
+            Command::CreateTopic { name, partitions, replication_factor, configs } => {
+                if self.topics.contains_key(name) {
+                    return refuse(RefusalKind::TopicExists, format!("topic '{name}' already exists"));
+                }
+                let assignment = match self.assign(*partitions, *replication_factor) {
+                    Ok(a) => a,
+                    Err(refusal) => return Outcome::Refused(refusal),
+                };
+                let partitions = assignment
+                    .into_iter()
+                    .map(|replicas| PartitionImage {
+                        leader: Some(replicas[0]),
+                        isr: replicas.clone(),
+                        replicas,
+                        leader_epoch: 0,
+                        partition_epoch: 0,
+                    })
+                    .collect();
+                self.topics.insert(name.clone(), TopicImage { id: index, configs: configs.clone(), partitions });
+                Outcome::Done
+            }
+            Command::DeleteTopic { name } => match self.topics.remove(name) {
+                Some(_) => Outcome::Done,
+                None => refuse(RefusalKind::UnknownTopic, format!("topic '{name}' does not exist")),
+            },
+            Command::AlterIsr { topic, partition, leader, partition_epoch, isr } => {
+                let Some(t) = self.topics.get_mut(topic) else {
+                    return refuse(RefusalKind::UnknownTopic, format!("topic '{topic}' does not exist"));
+                };
+                let Some(p) = t.partitions.get_mut(*partition as usize) else {
+                    return refuse(RefusalKind::UnknownPartition, format!("{topic} has no partition {partition}"));
+                };
+                if p.leader != Some(*leader) || p.partition_epoch != *partition_epoch {
+                    return refuse(
+                        RefusalKind::Stale,
+                        format!(
+                            "ISR change for {topic}-{partition} from broker {leader} at partition epoch \
+                             {partition_epoch}, but the leader is {:?} at epoch {}",
+                            p.leader, p.partition_epoch
+                        ),
+                    );
+                }
+                if !isr.contains(leader) || isr.iter().any(|n| !p.replicas.contains(n)) {
+                    return refuse(RefusalKind::Invalid, format!("ISR {isr:?} is not a subset of {:?}", p.replicas));
+                }
+                // A fenced broker cannot come back into the ISR until it
+                // heartbeats again.
+                let brokers = &self.brokers;
+                p.isr =
+                    isr.iter().copied().filter(|n| n == leader || brokers.get(n).is_some_and(|b| !b.fenced)).collect();
+                p.partition_epoch += 1;
+                Outcome::Partition(p.clone())
+            }
+            Command::PreferredElection => {
+                let live = live_set(&self.brokers);
+                for t in self.topics.values_mut() {
+                    for p in &mut t.partitions {
+                        let preferred = p.replicas[0];
+                        if p.leader != Some(preferred) && p.isr.contains(&preferred) && live(preferred) {
+                            p.leader = Some(preferred);
+                            p.leader_epoch += 1;
+                            p.partition_epoch += 1;
+                        }
+                    }
+                }
+                Outcome::Done
+            }
+        }
+    }
+
+    /// Takes a fenced broker out of every ISR (unless it is the last member,
+    /// which keeps the record of who holds the data) and moves its
+    /// leaderships to live ISR members.
+    fn fence(&mut self, node: NodeId) {
+        let live = live_set(&self.brokers);
+        for (name, t) in &mut self.topics {
+            let unclean = t.unclean_election();
+            for (i, p) in t.partitions.iter_mut().enumerate() {
+                let mut changed = false;
+                if p.isr.len() > 1 && p.isr.contains(&node) {
+                    p.isr.retain(|n| *n != node);
+                    changed = true;
+                }
+                if p.leader == Some(node) {
+                    elect(name, i as u32, p, &live, unclean, &mut self.unclean_elections);
+                    changed = true;
+                }
+                if changed {
+                    p.partition_epoch += 1;
+                }
+            }
+        }
+    }
+
+    /// Gives a leader to every offline partition that now has an eligible
+    /// replica.
+    fn elect_offline(&mut self) {
+        let live = live_set(&self.brokers);
+        for (name, t) in &mut self.topics {
+            let unclean = t.unclean_election();
+            for (i, p) in t.partitions.iter_mut().enumerate() {
+                if p.leader.is_none() && elect(name, i as u32, p, &live, unclean, &mut self.unclean_elections) {
+                    p.partition_epoch += 1;
+                }
+            }
+        }
+    }
+
+    /// Replica lists for a new topic: Kafka's round robin over live brokers
+    /// (rack-interleaved when racks are given), the first replica rotating so
+    /// that leaders spread evenly.
+    fn assign(&self, partitions: u32, replication_factor: u16) -> Result<Vec<Vec<NodeId>>, Refusal> {
+        let live = rack_interleaved(&self.brokers);
+        let rf = replication_factor as usize;
+        if rf == 0 {
+            return Err(Refusal {
+                kind: RefusalKind::Invalid,
+                message: "replication factor must be at least 1".into(),
+            });
+        }
+        if rf > live.len() {
+            return Err(Refusal {
+                kind: RefusalKind::NotEnoughBrokers,
+                message: format!(
+                    "replication factor {rf} needs {rf} live brokers; the cluster has {} ({})",
+                    live.len(),
+                    self.broker_summary()
+                ),
+            });
+        }
+        let n = live.len();
+        let rack_of = |node: NodeId| self.brokers.get(&node).and_then(|b| b.rack.as_deref());
+        let racks: BTreeSet<_> = live.iter().map(|b| rack_of(*b)).collect();
+        // Where the first partition's leader goes depends on how many topics
+        // exist, so that many small topics do not all lead on one broker.
+        let start = self.topics.len();
+        Ok((0..partitions as usize)
+            .map(|p| {
+                // The step between replicas varies every `n` partitions, as
+                // in Kafka, so that followers spread too.
+                let step = 1 + (p / n) % (n.max(2) - 1);
+                let mut chosen: Vec<NodeId> = vec![live[(start + p) % n]];
+                let mut at = (start + p) % n;
+                while chosen.len() < rf {
+                    let racks_left = racks.len() > chosen.iter().map(|c| rack_of(*c)).collect::<BTreeSet<_>>().len();
+                    at = (at + step) % n;
+                    // Walk from there to the first broker not chosen yet, on
+                    // an unused rack while one is left.
+                    let pick = (0..n)
+                        .map(|k| live[(at + k) % n])
+                        .find(|b| {
+                            !chosen.contains(b) && (!racks_left || !chosen.iter().any(|c| rack_of(*c) == rack_of(*b)))
+                        })
+                        .expect("rf <= live brokers");
+                    chosen.push(pick);
+                }
+                chosen
+            })
+            .collect())
+    }
+
+    fn broker_summary(&self) -> String {
+        let parts: Vec<String> =
+            self.brokers.values().map(|b| format!("{}{}", b.node_id, if b.fenced { " fenced" } else { "" })).collect();
+        if parts.is_empty() { "none registered".into() } else { parts.join(", ") }
+    }
+
+    /// Partitions whose ISR is smaller than their replica list.
+    pub fn under_replicated(&self) -> Vec<(String, u32)> {
+        self.partitions_where(|p| p.leader.is_some() && p.isr.len() < p.replicas.len())
+    }
+
+    /// Partitions without a leader.
+    pub fn offline(&self) -> Vec<(String, u32)> {
+        self.partitions_where(|p| p.leader.is_none())
+    }
+
+    fn partitions_where(&self, f: impl Fn(&PartitionImage) -> bool) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        for (name, t) in &self.topics {
+            for (i, p) in t.partitions.iter().enumerate() {
+                if f(p) {
+                    out.push((name.clone(), i as u32));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn live_set(brokers: &BTreeMap<NodeId, BrokerRegistration>) -> impl Fn(NodeId) -> bool + '_ {
+    move |n| brokers.get(&n).is_some_and(|b| !b.fenced)
+}
+
+/// Moves `p`'s leadership; returns whether the leader changed.
+fn elect(
+    topic: &str,
+    partition: u32,
+    p: &mut PartitionImage,
+    live: &impl Fn(NodeId) -> bool,
+    unclean_allowed: bool,
+    unclean_log: &mut Vec<UncleanElection>,
+) -> bool {
+    let was = p.leader;
+    match elect_leader(&p.replicas, &p.isr, live, unclean_allowed) {
+        Election::Clean(n) => p.leader = Some(n),
+        Election::Unclean(n) => {
+            p.leader = Some(n);
+            // The new leader's log is the truth now: it is the whole ISR.
+            p.isr = vec![n];
+            unclean_log.push(UncleanElection {
+                topic: topic.to_string(),
+                partition,
+                leader: n,
+                leader_epoch: p.leader_epoch + 1,
+            });
+            if unclean_log.len() > UNCLEAN_HISTORY {
+                unclean_log.remove(0);
+            }
+            tracing::warn!(topic, partition, leader = n, "unclean leader election: acknowledged records may be lost");
+        }
+        Election::Offline => p.leader = None,
+    }
+    if p.leader != was {
+        if p.leader.is_some() {
+            p.leader_epoch += 1;
+        }
+        return true;
+    }
+    false
+}
+
+/// Live brokers ordered so that consecutive entries alternate racks (brokers
+/// without a rack form one rack of their own).
+fn rack_interleaved(brokers: &BTreeMap<NodeId, BrokerRegistration>) -> Vec<NodeId> {
+    let mut racks: BTreeMap<Option<&str>, Vec<NodeId>> = BTreeMap::new();
+    for b in brokers.values().filter(|b| !b.fenced) {
+        racks.entry(b.rack.as_deref()).or_default().push(b.node_id);
+    }
+    let mut out = Vec::new();
+    let longest = racks.values().map(Vec::len).max().unwrap_or(0);
+    for i in 0..longest {
+        for nodes in racks.values() {
+            if let Some(n) = nodes.get(i) {
+                out.push(*n);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(nodes: &[(NodeId, Option<&str>)]) -> ClusterImage {
+        let mut image = ClusterImage::default();
+        for (i, (n, rack)) in nodes.iter().enumerate() {
+            let cmd = Command::RegisterBroker {
+                node_id: *n,
+                address: format!("127.0.0.1:{}", 7000 + n),
+                rack: rack.map(str::to_string),
+                incarnation: 1,
+            };
+            assert_eq!(image.apply(i as u64, &cmd), Outcome::Done);
+        }
+        image
+    }
+
+    fn create(image: &mut ClusterImage, name: &str, partitions: u32, rf: u16) -> Outcome {
+        let cmd = Command::CreateTopic { name: name.into(), partitions, replication_factor: rf, configs: vec![] };
+        image.apply(100, &cmd)
+    }
+
+    #[test]
+    fn replicas_and_leaders_spread_evenly() {
+        let mut image = cluster(&[(1, None), (2, None), (3, None)]);
+        assert_eq!(create(&mut image, "t", 6, 3), Outcome::Done);
+        let t = &image.topics["t"];
+        let mut leaders = BTreeMap::new();
+        for p in &t.partitions {
+            let mut r = p.replicas.clone();
+            r.sort();
+            r.dedup();
+            assert_eq!(r.len(), 3, "distinct replicas: {:?}", p.replicas);
+            *leaders.entry(p.leader.unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+    }
+
+    #[test]
+    fn replicas_of_a_partition_span_racks() {
+        let mut image = cluster(&[(1, Some("a")), (2, Some("a")), (3, Some("b")), (4, Some("b"))]);
+        assert_eq!(create(&mut image, "t", 8, 2), Outcome::Done);
+        for p in &image.topics["t"].partitions {
+            let racks: Vec<_> = p.replicas.iter().map(|n| image.brokers[n].rack.clone()).collect();
+            assert_ne!(racks[0], racks[1], "replicas {:?}", p.replicas);
+        }
+    }
+
+    #[test]
+    fn too_few_brokers_is_refused_with_the_count() {
+        let mut image = cluster(&[(1, None), (2, None)]);
+        match create(&mut image, "t", 1, 3) {
+            Outcome::Refused(r) => {
+                assert_eq!(r.kind, RefusalKind::NotEnoughBrokers);
+                assert!(r.message.contains("the cluster has 2"), "{}", r.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn fencing_moves_leadership_within_the_isr_and_back() {
+        let mut image = cluster(&[(1, None), (2, None), (3, None)]);
+        create(&mut image, "t", 3, 3);
+        let before = image.topics["t"].clone();
+        let fenced = before.partitions[0].leader.unwrap();
+        image.apply(200, &Command::FenceBroker { node_id: fenced });
+        for (old, new) in before.partitions.iter().zip(&image.topics["t"].partitions) {
+            assert!(!new.isr.contains(&fenced));
+            assert_ne!(new.leader, Some(fenced));
+            if old.leader == Some(fenced) {
+                assert_eq!(new.leader_epoch, old.leader_epoch + 1);
+            } else {
+                assert_eq!(new.leader, old.leader);
+            }
+        }
+        // Back, and preferred election returns leadership once it is in sync.
+        image.apply(201, &Command::UnfenceBroker { node_id: fenced, incarnation: 1 });
+        let p0 = image.topics["t"].partitions[0].clone();
+        let mut isr = p0.isr.clone();
+        isr.push(fenced);
+        let alter = Command::AlterIsr {
+            topic: "t".into(),
+            partition: 0,
+            leader: p0.leader.unwrap(),
+            partition_epoch: p0.partition_epoch,
+            isr,
+        };
+        assert!(matches!(image.apply(202, &alter), Outcome::Partition(_)));
+        // The same change again is stale: the partition epoch moved.
+        assert!(matches!(image.apply(203, &alter), Outcome::Refused(Refusal { kind: RefusalKind::Stale, .. })));
+        image.apply(204, &Command::PreferredElection);
+        assert_eq!(image.topics["t"].partitions[0].leader, Some(fenced));
+    }
+
+    #[test]
+    fn last_isr_member_fenced_leaves_the_partition_offline_unless_unclean() {
+        for unclean in [false, true] {
+            let mut image = cluster(&[(1, None), (2, None)]);
+            let configs = if unclean { vec![(UNCLEAN_CONFIG.to_string(), "true".to_string())] } else { vec![] };
+            let cmd = Command::CreateTopic { name: "t".into(), partitions: 1, replication_factor: 2, configs };
+            image.apply(10, &cmd);
+            let p = image.topics["t"].partitions[0].clone();
+            let leader = p.leader.unwrap();
+            let follower = p.replicas.iter().copied().find(|n| *n != leader).unwrap();
+            // The follower fell behind: the ISR is the leader alone.
+            let alter = Command::AlterIsr {
+                topic: "t".into(),
+                partition: 0,
+                leader,
+                partition_epoch: p.partition_epoch,
+                isr: vec![leader],
+            };
+            image.apply(11, &alter);
+            image.apply(12, &Command::FenceBroker { node_id: leader });
+            let p = &image.topics["t"].partitions[0];
+            if unclean {
+                assert_eq!(p.leader, Some(follower));
+                assert_eq!(image.unclean_elections.len(), 1);
+            } else {
+                assert_eq!(p.leader, None);
+                assert_eq!(p.isr, vec![leader], "the last ISR member stays, it holds the data");
+                assert_eq!(image.offline(), vec![("t".to_string(), 0)]);
+                // It comes back: it leads again.
+                image.apply(13, &Command::UnfenceBroker { node_id: leader, incarnation: 1 });
+                assert_eq!(image.topics["t"].partitions[0].leader, Some(leader));
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! A UDP proxy in front of one node: everything sent to the node (by
+//! clients and by other nodes) goes through it, so a test can cut the
+//! node's inbound traffic, or drop a share of its packets both ways, while
+//! the process keeps running. QUIC survives loss; a cut looks like a
+//! network partition (asymmetric: the node's own outgoing connections go
+//! through the other nodes' proxies).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the proxy does with packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Pass,
+    /// Drop every packet.
+    Cut,
+    /// Drop this many packets in a hundred, both ways.
+    Lossy(u8),
+}
+
+impl Mode {
+    fn encode(self) -> u64 {
+        match self {
+            Mode::Pass => 0,
+            Mode::Cut => 1,
+            Mode::Lossy(p) => 2 | (u64::from(p) << 8),
+        }
+    }
+}
+
+struct Shared {
+    mode: AtomicU64,
+    stop: AtomicBool,
+    rng: AtomicU64,
+}
+
+impl Shared {
+    /// Whether to drop the next packet.
+    fn drop_packet(&self) -> bool {
+        let mode = self.mode.load(Ordering::Relaxed);
+        match mode & 0xff {
+            0 => false,
+            1 => true,
+            _ => {
+                // xorshift; races only make it more random.
+                let mut x = self.rng.load(Ordering::Relaxed);
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.rng.store(x, Ordering::Relaxed);
+                x % 100 < (mode >> 8)
+            }
+        }
+    }
+}
+
+pub struct UdpProxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+}
+
+impl UdpProxy {
+    /// Listens on a free loopback port and forwards to `target`.
+    pub fn start(target: SocketAddr, seed: u64) -> UdpProxy {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        front.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let port = front.local_addr().unwrap().port();
+        let shared =
+            Arc::new(Shared { mode: AtomicU64::new(0), stop: AtomicBool::new(false), rng: AtomicU64::new(seed | 1) });
+        let upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s.stop.load(Ordering::Relaxed) {
+                let Ok((n, source)) = front.recv_from(&mut buf) else { continue };
+                if s.drop_packet() {
+                    continue;
+                }
+                let upstream = upstreams
+                    .lock()
+                    .unwrap()
+                    .entry(source)
+                    .or_insert_with(|| {
+                        // One upstream socket per source, so replies find
+                        // their way back.
+                        let up = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+                        up.connect(target).unwrap();
+                        up.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                        let (up2, front2, s2) = (up.clone(), front.clone(), s.clone());
+                        std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 65536];
+                            while !s2.stop.load(Ordering::Relaxed) {
+                                let Ok(n) = up2.recv(&mut buf) else { continue };
+                                if !s2.drop_packet() {
+                                    let _ = front2.send_to(&buf[..n], source);
+                                }
+                            }
+                        });
+                        up
+                    })
+                    .clone();
+                let _ = upstream.send(&buf[..n]);
+            }
+        });
+        UdpProxy { port, shared }
+    }
+
+    pub fn set(&self, mode: Mode) {
+        self.shared.mode.store(mode.encode(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}

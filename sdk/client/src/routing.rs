@@ -1,0 +1,135 @@
+//! Finding partition leaders in a cluster: a metadata cache and one
+//! connection per broker, shared by every clone of a [`Client`] and by the
+//! producers and consumers made from it.
+//!
+//! A client bootstraps from the brokers it was given. The first request for
+//! a partition asks for the topic's metadata and remembers each partition's
+//! leader; requests then go straight to the leader's connection. A
+//! `not_leader` answer (or a lost connection) forgets the cache, so the next
+//! attempt asks again. A cluster of one (a single node) is always served by
+//! the bootstrap connection, whatever address it advertises.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use quiver_protocol::messages::{MetadataRequest, NO_LEADER};
+
+use crate::connection::{CallError, Client, Inner};
+
+pub(crate) struct Routing {
+    /// The connection made to the brokers the client was given.
+    bootstrap: Arc<Inner>,
+    routes: Mutex<Routes>,
+    /// Connections to other brokers, by address.
+    peers: Mutex<HashMap<String, Arc<Inner>>>,
+}
+
+#[derive(Default)]
+struct Routes {
+    /// Leader address per partition; `None` when it has none (offline).
+    leaders: HashMap<(String, u32), Option<String>>,
+    /// Every live broker of the last metadata answer.
+    brokers: Vec<String>,
+    /// The cluster is one broker: the bootstrap connection serves it all.
+    single: bool,
+}
+
+impl Routing {
+    pub(crate) fn new(bootstrap: Arc<Inner>) -> Routing {
+        Routing { bootstrap, routes: Mutex::default(), peers: Mutex::default() }
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().expect("routes lock")
+    }
+}
+
+impl Client {
+    /// The connection to use for `topic`-`partition`: its leader's, or this
+    /// one when the cluster is a single node, the leader is unknown, or the
+    /// partition is offline (its answer then says so).
+    pub async fn for_partition(&self, topic: &str, partition: u32) -> Result<Client, CallError> {
+        if let Some(found) = self.cached_route(topic, partition) {
+            return Ok(found);
+        }
+        self.refresh_routes(topic).await?;
+        Ok(self.cached_route(topic, partition).unwrap_or_else(|| self.clone()))
+    }
+
+    /// Forgets every known leader (after `not_leader` or a lost
+    /// connection): the next request asks the cluster again.
+    pub fn forget_routes(&self) {
+        self.routing().routes().leaders.clear();
+    }
+
+    fn cached_route(&self, topic: &str, partition: u32) -> Option<Client> {
+        let address = {
+            let routes = self.routing().routes();
+            if routes.single {
+                return Some(self.bootstrap());
+            }
+            routes.leaders.get(&(topic.to_string(), partition))?.clone()
+        };
+        Some(match address {
+            Some(address) => self.peer(&address),
+            None => self.bootstrap(),
+        })
+    }
+
+    /// Asks for `topic`'s metadata: through the bootstrap connection, or
+    /// when it does not answer (a dead node) through any broker the last
+    /// answer named.
+    async fn refresh_routes(&self, topic: &str) -> Result<(), CallError> {
+        let request = MetadataRequest { topics: Some(vec![topic.to_string()]) };
+        let bootstrap = self.bootstrap();
+        let mut answer = bootstrap.call(&request).await;
+        if matches!(answer, Err(ref e) if !matches!(e, CallError::Broker(_))) {
+            let known = self.routing().routes().brokers.clone();
+            for address in known.iter().filter(|a| !bootstrap.config().brokers.contains(a)) {
+                let attempt = self.peer(address).call(&request).await;
+                let answered = matches!(attempt, Ok(_) | Err(CallError::Broker(_)));
+                answer = attempt;
+                if answered {
+                    break;
+                }
+            }
+        }
+        let metadata = answer?;
+        let addresses: HashMap<u32, String> = metadata.brokers.iter().map(|b| (b.node_id, b.address.clone())).collect();
+        let mut routes = self.routing().routes();
+        routes.single = metadata.brokers.len() <= 1;
+        routes.brokers = metadata.brokers.into_iter().map(|b| b.address).collect();
+        for t in metadata.topics.into_iter().filter(|t| t.error == quiver_protocol::ErrorCode::None) {
+            for p in t.partitions {
+                let leader = (p.leader != NO_LEADER).then(|| addresses.get(&p.leader).cloned()).flatten();
+                routes.leaders.insert((t.name.clone(), p.partition), leader);
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection to `address`, shared by every clone of this client.
+    fn peer(&self, address: &str) -> Client {
+        let routing = self.routing();
+        if routing.bootstrap.config.brokers.iter().any(|b| b == address) {
+            return self.bootstrap();
+        }
+        let inner = routing
+            .peers
+            .lock()
+            .expect("peers lock")
+            .entry(address.to_string())
+            .or_insert_with(|| Arc::new(routing.bootstrap.sibling(address)))
+            .clone();
+        Client { inner, routing: routing.clone() }
+    }
+
+    /// The connection to the brokers this client was given.
+    pub fn bootstrap(&self) -> Client {
+        Client { inner: self.routing().bootstrap.clone(), routing: self.routing().clone() }
+    }
+
+    fn routing(&self) -> &Arc<Routing> {
+        &self.routing
+    }
+}
