@@ -96,7 +96,11 @@ impl Broker {
                 tracing::error!(topic = %name, error = %e.message, "cannot open the replicas of a new topic");
             }
         }
-        self.apply_roles(image);
+        // A stale image (a restart replaying the log) must not make this
+        // node lead again in an epoch the cluster has moved past.
+        if complete {
+            self.apply_roles(image);
+        }
     }
 
     pub(crate) async fn create_topic_in_cluster(

@@ -26,6 +26,8 @@ pub struct ClientConfig {
     /// the address.
     pub server_name: Option<String>,
     pub connect_timeout: Duration,
+    /// A request unanswered this long fails with `CallError::Timeout` (its
+    /// fate unknown) and closes its connection; the next one reconnects.
     pub request_timeout: Duration,
     /// Largest response frame accepted.
     pub response_bytes_max: usize,
@@ -254,7 +256,7 @@ impl Client {
                 reason: e.to_string(),
             })
         })?;
-        Ok(RequestStream { send, recv, client: self.clone() })
+        Ok(RequestStream { send, recv, client: self.clone(), connection: conn })
     }
 
     /// Closes the connection; outstanding requests fail.
@@ -292,12 +294,23 @@ pub struct RequestStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     client: Client,
+    connection: quinn::Connection,
 }
 
 impl RequestStream {
+    /// Sends the request and waits for the answer. A broker that does not
+    /// answer within `request_timeout` is taken for gone (killed, paused,
+    /// cut off): the connection is closed, so the next request connects
+    /// anew instead of waiting for QUIC's idle timeout.
     pub async fn call<R: Request>(self, request: &R) -> Result<R::Response, CallError> {
         let config = self.client.inner.config.clone();
-        let response = exchange(self.send, self.recv, encode_request(request), &config).await?;
+        let response = match exchange(self.send, self.recv, encode_request(request), &config).await {
+            Err(e @ CallError::Timeout(_)) => {
+                self.connection.close(0u32.into(), b"request timed out");
+                return Err(e);
+            }
+            other => other?,
+        };
         Ok(decode_response::<R::Response>(response)??)
     }
 

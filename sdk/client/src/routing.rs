@@ -59,7 +59,9 @@ impl Client {
     /// Forgets every known leader (after `not_leader` or a lost
     /// connection): the next request asks the cluster again.
     pub fn forget_routes(&self) {
-        self.routing().routes().leaders.clear();
+        let mut routes = self.routing().routes();
+        routes.leaders.clear();
+        routes.single = false;
     }
 
     fn cached_route(&self, topic: &str, partition: u32) -> Option<Client> {
@@ -111,7 +113,9 @@ impl Client {
     /// The connection to `address`, shared by every clone of this client.
     fn peer(&self, address: &str) -> Client {
         let routing = self.routing();
-        if routing.bootstrap.config.brokers.iter().any(|b| b == address) {
+        // The bootstrap connection is that broker's only when it was given
+        // alone (with several, it may be connected to any of them).
+        if routing.bootstrap.config.brokers == [address] {
             return self.bootstrap();
         }
         let inner = routing
