@@ -191,6 +191,12 @@ impl Broker {
             .topic(topic)
             .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
         let p = self.leader_partition(&t, partition)?;
+        if !p.leads() {
+            return Err(WireError::new(
+                ErrorCode::NotLeader,
+                format!("broker {} is becoming the leader of {topic}-{partition}; retry shortly", self.config.node_id),
+            ));
+        }
         Ok((t, p))
     }
 

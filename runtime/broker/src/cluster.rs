@@ -14,6 +14,7 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, now_ms};
+use crate::handlers::unknown_topic_metadata;
 use crate::topic::TopicRecord;
 
 /// How long topic admin waits for this broker to apply its own change.
@@ -180,13 +181,7 @@ impl Broker {
                 .into_iter()
                 .map(|name| match image.topics.get(&name) {
                     Some(t) => describe(&name, t),
-                    None => TopicMetadata {
-                        name,
-                        error: ErrorCode::UnknownTopic,
-                        partitions: vec![],
-                        partitioner: String::new(),
-                        partitioner_version: 0,
-                    },
+                    None => unknown_topic_metadata(name),
                 })
                 .collect(),
         };
@@ -300,6 +295,25 @@ impl Broker {
                 .map(|u| PartitionRef { topic: u.topic.clone(), partition: u.partition })
                 .collect(),
         }
+    }
+
+    /// Moves leaderships back to preferred replicas (nothing to do on a
+    /// single node).
+    pub(crate) async fn elect_leaders(&self) -> Result<ElectLeadersResponse, WireError> {
+        let Some(controller) = self.controller() else {
+            return Ok(ElectLeadersResponse { elected: vec![] });
+        };
+        let due = controller.image().borrow().preferred_elections_due();
+        if !due.is_empty() {
+            controller.write(Command::PreferredElection).await.map_err(write_error)?;
+            self.wait_applied(controller, |image| {
+                let now = image.preferred_elections_due();
+                due.iter().all(|d| !now.contains(d))
+            })
+            .await;
+        }
+        let elected = due.into_iter().map(|(topic, partition)| PartitionRef { topic, partition }).collect();
+        Ok(ElectLeadersResponse { elected })
     }
 
     /// Serves a controller message from another broker.

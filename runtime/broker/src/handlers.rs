@@ -110,6 +110,7 @@ impl Broker {
             ApiKey::Controller => self.run(body, |r| self.controller_call(r)).await,
             ApiKey::ClusterInfo => self.run(body, |_: ClusterInfoRequest| async { Ok(self.cluster_info()) }).await,
             ApiKey::ReplicaFetch => self.run(body, |r| self.replica_fetch(r)).await,
+            ApiKey::ElectLeaders => self.run(body, |_: ElectLeadersRequest| self.elect_leaders()).await,
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
@@ -168,13 +169,7 @@ impl Broker {
                 .into_iter()
                 .map(|name| match self.topic(&name) {
                     Some(t) => describe(&t),
-                    None => TopicMetadata {
-                        name,
-                        error: ErrorCode::UnknownTopic,
-                        partitions: vec![],
-                        partitioner: String::new(),
-                        partitioner_version: 0,
-                    },
+                    None => unknown_topic_metadata(name),
                 })
                 .collect(),
         };
@@ -545,6 +540,17 @@ impl Broker {
             })
             .collect();
         ListOffsetsResponse { partitions }
+    }
+}
+
+/// The Metadata entry of a topic that does not exist.
+pub(crate) fn unknown_topic_metadata(name: String) -> TopicMetadata {
+    TopicMetadata {
+        name,
+        error: ErrorCode::UnknownTopic,
+        partitions: vec![],
+        partitioner: String::new(),
+        partitioner_version: 0,
     }
 }
 

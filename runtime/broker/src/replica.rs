@@ -191,6 +191,12 @@ impl Partition {
         }
     }
 
+    /// Whether this replica serves clients: a single node's, or a leader's
+    /// (not one still waiting for its role after a restart).
+    pub(crate) fn leads(&self) -> bool {
+        self.replica.single || matches!(self.replica.state().role, Role::Leader { .. })
+    }
+
     /// Whether this replica still leads in `epoch`.
     pub(crate) fn leads_in(&self, epoch: i32) -> bool {
         match &self.replica.state().role {
@@ -535,10 +541,11 @@ impl Broker {
                 tokio::time::sleep(RETRY).await;
                 continue;
             };
+            let upstream = Upstream { link: &*link, name: &name, p: &p, leader, address, epoch };
             let step = if reconciled {
-                self.copy_from_leader(&*link, &name, &p, leader, address, epoch).await
+                self.copy_from_leader(&upstream).await
             } else {
-                self.reconcile_with_leader(&*link, &name, &p, leader, address, epoch).await.map(|()| reconciled = true)
+                self.reconcile_with_leader(&upstream).await.map(|()| reconciled = true)
             };
             match step {
                 Ok(()) => failures = 0,
@@ -558,19 +565,11 @@ impl Broker {
     }
 
     /// Cuts this follower's log where it stops agreeing with the leader's.
-    async fn reconcile_with_leader(
-        &self,
-        link: &dyn ReplicaLink,
-        name: &str,
-        p: &Arc<Partition>,
-        leader: NodeId,
-        address: String,
-        epoch: i32,
-    ) -> Result<(), WireError> {
+    async fn reconcile_with_leader(&self, up: &Upstream<'_>) -> Result<(), WireError> {
+        let p = up.p;
         let mut ask = p.replica.state().history.latest_epoch();
         while let Some(asked) = ask {
-            let request = self.replica_request(name, p, epoch, asked, 0);
-            let result = single(link.fetch(leader, address.clone(), request).await?)?;
+            let result = self.fetch_from(up, asked, 0).await?;
             let answer = (result.epoch_end_epoch >= 0).then_some((result.epoch_end_epoch, result.epoch_end_offset));
             let step = {
                 let state = p.replica.state();
@@ -580,7 +579,7 @@ impl Broker {
                 TruncationStep::Ask(older) => ask = Some(older),
                 TruncationStep::TruncateTo(end) => {
                     let p = p.clone();
-                    let name = name.to_string();
+                    let name = up.name.to_string();
                     tokio::task::spawn_blocking(move || -> Result<(), WireError> {
                         let before = p.log.log_end_offset();
                         let after = p.log.truncate_to(end).map_err(storage_error)?;
@@ -604,17 +603,9 @@ impl Broker {
 
     /// One follower fetch: appends what came, fsyncs it, and takes the
     /// leader's high watermark (bounded by what is here).
-    async fn copy_from_leader(
-        &self,
-        link: &dyn ReplicaLink,
-        name: &str,
-        p: &Arc<Partition>,
-        leader: NodeId,
-        address: String,
-        epoch: i32,
-    ) -> Result<(), WireError> {
-        let request = self.replica_request(name, p, epoch, -1, FOLLOWER_WAIT_MS);
-        let result = single(link.fetch(leader, address, request).await?)?;
+    async fn copy_from_leader(&self, up: &Upstream<'_>) -> Result<(), WireError> {
+        let p = up.p;
+        let result = self.fetch_from(up, -1, FOLLOWER_WAIT_MS).await?;
         if !result.records.is_empty() {
             let p = p.clone();
             let records = result.records.clone();
@@ -629,27 +620,38 @@ impl Broker {
         Ok(())
     }
 
-    fn replica_request(
+    /// One ReplicaFetch of `up`'s partition from its end offset (with
+    /// `ask_epoch >= 0`: only where that epoch ends).
+    async fn fetch_from(
         &self,
-        name: &str,
-        p: &Partition,
-        epoch: i32,
+        up: &Upstream<'_>,
         ask_epoch: i32,
         wait_ms: u32,
-    ) -> ReplicaFetchRequest {
-        ReplicaFetchRequest {
+    ) -> Result<ReplicaFetchResult, WireError> {
+        let request = ReplicaFetchRequest {
             replica_id: self.config.node_id,
             max_wait_ms: wait_ms,
             max_bytes: FOLLOWER_FETCH_BYTES,
             partitions: vec![ReplicaFetchPartition {
-                topic: name.to_string(),
-                partition: p.id,
-                leader_epoch: epoch,
-                fetch_offset: p.log.log_end_offset(),
+                topic: up.name.to_string(),
+                partition: up.p.id,
+                leader_epoch: up.epoch,
+                fetch_offset: up.p.log.log_end_offset(),
                 ask_epoch,
             }],
-        }
+        };
+        single(up.link.fetch(up.leader, up.address.clone(), request).await?)
     }
+}
+
+/// A follower's partition and the leader it copies from.
+struct Upstream<'a> {
+    link: &'a dyn ReplicaLink,
+    name: &'a str,
+    p: &'a Arc<Partition>,
+    leader: NodeId,
+    address: String,
+    epoch: i32,
 }
 
 /// The one partition result of a single-partition replica fetch.

@@ -248,16 +248,11 @@ impl ClusterImage {
                 Outcome::Partition(p.clone())
             }
             Command::PreferredElection => {
-                let live = live_set(&self.brokers);
-                for t in self.topics.values_mut() {
-                    for p in &mut t.partitions {
-                        let preferred = p.replicas[0];
-                        if p.leader != Some(preferred) && p.isr.contains(&preferred) && live(preferred) {
-                            p.leader = Some(preferred);
-                            p.leader_epoch += 1;
-                            p.partition_epoch += 1;
-                        }
-                    }
+                for (topic, partition) in self.preferred_elections_due() {
+                    let p = &mut self.topics.get_mut(&topic).expect("listed topic").partitions[partition as usize];
+                    p.leader = Some(p.replicas[0]);
+                    p.leader_epoch += 1;
+                    p.partition_epoch += 1;
                 }
                 Outcome::Done
             }
@@ -364,6 +359,17 @@ impl ClusterImage {
     /// Partitions whose ISR is smaller than their replica list.
     pub fn under_replicated(&self) -> Vec<(String, u32)> {
         self.partitions_where(|p| p.leader.is_some() && p.isr.len() < p.replicas.len())
+    }
+
+    /// Partitions led by another replica than their preferred (first) one
+    /// while the preferred one is live and in sync: what a preferred-leader
+    /// election would move back.
+    pub fn preferred_elections_due(&self) -> Vec<(String, u32)> {
+        let live = live_set(&self.brokers);
+        self.partitions_where(|p| {
+            let preferred = p.replicas[0];
+            p.leader != Some(preferred) && p.isr.contains(&preferred) && live(preferred)
+        })
     }
 
     /// Partitions without a leader.

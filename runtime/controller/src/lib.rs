@@ -66,6 +66,9 @@ pub struct ControllerConfig {
     /// A snapshot of the image is taken every this many log entries; older
     /// entries are then dropped.
     pub snapshot_every: u64,
+    /// How often the leader moves leaderships back to preferred replicas
+    /// that are live and in sync (`None`: only on request).
+    pub leader_rebalance_interval: Option<Duration>,
 }
 
 impl ControllerConfig {
@@ -80,6 +83,7 @@ impl ControllerConfig {
             heartbeat_interval: Duration::from_millis(200),
             write_timeout: Duration::from_secs(10),
             snapshot_every: 1000,
+            leader_rebalance_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -503,11 +507,26 @@ impl Controller {
         }
     }
 
-    /// On the leader: fences brokers whose heartbeats stopped.
+    /// On the leader: fences brokers whose heartbeats stopped, and now and
+    /// then gives leaderships back to preferred replicas.
     async fn liveness_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut last_rebalance = Instant::now();
         while !self.is_stopped() {
             tick.tick().await;
+            if let Some(every) = self.config.leader_rebalance_interval
+                && last_rebalance.elapsed() >= every
+                && self.leader() == Some(self.config.node_id)
+            {
+                last_rebalance = Instant::now();
+                let due = self.image.borrow().preferred_elections_due();
+                if !due.is_empty() {
+                    tracing::info!(partitions = due.len(), "moving leaderships back to preferred replicas");
+                    if let Err(e) = self.write_local(Command::PreferredElection).await {
+                        tracing::warn!(error = %e, "preferred leader election failed");
+                    }
+                }
+            }
             let leading = {
                 let m = self.raft.metrics().borrow().clone();
                 m.state == ServerState::Leader

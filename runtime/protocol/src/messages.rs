@@ -28,10 +28,12 @@ pub enum ApiKey {
     ClusterInfo = 15,
     /// Between brokers only (mutual TLS): a follower copying a leader's log.
     ReplicaFetch = 16,
+    /// Moves leaderships back to preferred replicas that are live and in sync.
+    ElectLeaders = 17,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 16] = [
+    pub const ALL: [ApiKey; 17] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -48,6 +50,7 @@ impl ApiKey {
         ApiKey::Controller,
         ApiKey::ClusterInfo,
         ApiKey::ReplicaFetch,
+        ApiKey::ElectLeaders,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -649,3 +652,16 @@ wire_struct! {
     }
 }
 request!(ReplicaFetchRequest => ReplicaFetch, ReplicaFetchResponse);
+
+wire_struct! {
+    pub struct ElectLeadersRequest {}
+}
+
+wire_struct! {
+    pub struct ElectLeadersResponse {
+        /// The partitions whose leadership went back to their preferred
+        /// (first) replica.
+        pub elected: Vec<PartitionRef>,
+    }
+}
+request!(ElectLeadersRequest => ElectLeaders, ElectLeadersResponse);

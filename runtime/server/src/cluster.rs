@@ -13,7 +13,8 @@ use anyhow::{Context, bail};
 use quiver_client::{CallError, Client, ClientConfig};
 use quiver_controller::{NodeId, SendError, Transport, TransportFuture};
 use quiver_protocol::messages::{
-    ClusterInfoRequest, ClusterInfoResponse, ControllerCall, NO_LEADER, ReplicaFetchRequest, ReplicaFetchResponse,
+    ClusterInfoRequest, ClusterInfoResponse, ControllerCall, ElectLeadersRequest, NO_LEADER, ReplicaFetchRequest,
+    ReplicaFetchResponse,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -143,6 +144,10 @@ pub enum ClusterCommand {
         #[arg(long, value_enum, default_value_t = crate::cli::Format::Text)]
         format: crate::cli::Format,
     },
+    /// Move every partition's leadership back to its preferred (first)
+    /// replica where that one is live and in sync (the controller also does
+    /// this every `cluster.leader_rebalance_interval_ms`).
+    Rebalance,
     /// Run a local cluster of N nodes on 127.0.0.1 (certificates, data and
     /// logs under --dir) until Ctrl-C; client commands find it from --dir.
     Up {
@@ -191,6 +196,17 @@ pub async fn run(conn: crate::cli::ConnArgs, command: ClusterCommand) -> anyhow:
             Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         ClusterCommand::Up { nodes, dir, base_port } => up(nodes, &dir, base_port).await,
+        ClusterCommand::Rebalance => {
+            let answer = conn.connect().await?.call(&ElectLeadersRequest {}).await?;
+            if answer.elected.is_empty() {
+                println!("every partition is led by its preferred replica (or it is not live and in sync)");
+            } else {
+                let names: Vec<String> =
+                    answer.elected.iter().map(|p| format!("{}-{}", p.topic, p.partition)).collect();
+                println!("moved {} leaderships back to their preferred replicas: {}", names.len(), names.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

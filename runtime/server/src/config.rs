@@ -93,6 +93,9 @@ pub struct ClusterSection {
     /// A follower that has not caught up with its leader for this long
     /// leaves the ISR (Kafka's `replica.lag.time.max.ms`).
     pub replica_lag_time_max_ms: u64,
+    /// How often the controller moves leaderships back to preferred
+    /// replicas that are live and in sync; 0 = only on `cluster rebalance`.
+    pub leader_rebalance_interval_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -103,6 +106,7 @@ impl Default for ClusterSection {
             session_timeout_ms: 1500,
             heartbeat_interval_ms: 200,
             replica_lag_time_max_ms: 10_000,
+            leader_rebalance_interval_ms: 30_000,
         }
     }
 }
@@ -115,6 +119,7 @@ pub struct ClusterSettings {
     pub rack: Option<String>,
     pub session_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
+    pub leader_rebalance_interval_ms: u64,
 }
 
 /// A validated node configuration.
@@ -199,6 +204,7 @@ impl FileConfig {
                 rack: self.cluster.rack.filter(|r| !r.is_empty()),
                 session_timeout_ms: self.cluster.session_timeout_ms,
                 heartbeat_interval_ms: self.cluster.heartbeat_interval_ms,
+                leader_rebalance_interval_ms: self.cluster.leader_rebalance_interval_ms,
             })
         };
         let mut broker = BrokerConfig::new(self.broker.data_dir);

@@ -54,6 +54,8 @@ impl Node {
             cc.rack = cluster.rack.clone();
             cc.session_timeout = std::time::Duration::from_millis(cluster.session_timeout_ms);
             cc.heartbeat_interval = std::time::Duration::from_millis(cluster.heartbeat_interval_ms);
+            cc.leader_rebalance_interval = (cluster.leader_rebalance_interval_ms > 0)
+                .then(|| std::time::Duration::from_millis(cluster.leader_rebalance_interval_ms));
             let controller =
                 quiver_controller::Controller::start(cc, transport.clone()).await.context("starting the controller")?;
             broker.join_cluster(controller, transport);

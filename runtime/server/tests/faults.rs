@@ -126,7 +126,11 @@ fn round(seed: u64) {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     }
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut cluster = Cluster::start_proxied(3, &[("QUIVER_CLUSTER__REPLICA_LAG_TIME_MAX_MS", "2000")], seed);
+    // Leaderships also move back to preferred replicas every 3 s: more
+    // leader changes under load.
+    let env =
+        [("QUIVER_CLUSTER__REPLICA_LAG_TIME_MAX_MS", "2000"), ("QUIVER_CLUSTER__LEADER_REBALANCE_INTERVAL_MS", "3000")];
+    let mut cluster = Cluster::start_proxied(3, &env, seed);
     cluster.wait_formed();
     let partitions = PARTITIONS.to_string();
     cluster.ok(1, &["topic", "create", TOPIC, "-p", &partitions, "-r", "3", "-c", "min.insync.replicas=2"]);

@@ -27,7 +27,10 @@ fn values(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
 
 #[test]
 fn replicas_follow_their_leader_and_acknowledged_writes_survive_its_death() {
-    let mut cluster = Cluster::start(3, &[("QUIVER_CLUSTER__REPLICA_LAG_TIME_MAX_MS", "2000")]);
+    let mut cluster = Cluster::start(
+        3,
+        &[("QUIVER_CLUSTER__REPLICA_LAG_TIME_MAX_MS", "2000"), ("QUIVER_CLUSTER__LEADER_REBALANCE_INTERVAL_MS", "0")],
+    );
     cluster.wait_formed();
 
     // Three replicas per partition, leaders spread over the nodes.
@@ -94,6 +97,20 @@ fn replicas_follow_their_leader_and_acknowledged_writes_survive_its_death() {
             (2..=3).all(|n| cluster.replica_bytes(n, "events", p) == first)
         });
     }
+
+    // Leadership goes back to the preferred replica on request, with
+    // everything acknowledged still there.
+    let moved = cluster.ok(survivor, &["cluster", "rebalance"]);
+    assert!(moved.contains("moved 1 leaderships") && moved.contains("events-0"), "{moved}");
+    assert_eq!(leader_of(&cluster.partitions(survivor, "events")[0]), victim);
+    let mut read = None;
+    cluster.wait_for("the preferred leader serving events-0", Duration::from_secs(10), || {
+        read = cluster.values(victim, "events", 0);
+        read.as_ref().is_some_and(|r| r.len() >= 400)
+    });
+    assert_eq!(read.unwrap(), values("p0", 0..400));
+    let again = cluster.ok(survivor, &["cluster", "rebalance"]);
+    assert!(again.starts_with("every partition is led by its preferred replica"), "{again}");
 
     // A topic with two replicas and min.insync.replicas=2: when one replica
     // is gone, acks=all is refused with a clear error and nothing is
