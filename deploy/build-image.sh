@@ -14,13 +14,16 @@ target="$(rustc -vV | sed -n 's/^host: //p')"
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release -p quiver-server --target "$target" --target-dir target/static
 binary="target/static/$target/release/quiver"
-if ldd "$binary" >/dev/null 2>&1; then
+# A static binary names no shared libraries ("statically linked" / "not a
+# dynamic executable").
+if ldd "$binary" 2>&1 | grep -q "=>"; then
     echo "error: $binary is dynamically linked" >&2
     exit 1
 fi
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 cp "$binary" "$context/quiver"
+strip --strip-debug "$context/quiver" 2>/dev/null || true
 cp deploy/Dockerfile "$context/Dockerfile"
 docker build -q -t "$tag" "$context" >/dev/null
 echo "$tag"
