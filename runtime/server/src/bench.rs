@@ -264,7 +264,7 @@ async fn cluster_client(local: &crate::cluster::LocalCluster, request_timeout: D
     let mut config = quiver_client::ClientConfig::new(local.addresses[0].clone(), std::fs::read(&local.ca)?);
     config.brokers = local.addresses.clone();
     config.request_timeout = request_timeout;
-    config.connect_timeout = Duration::from_secs(1);
+    config.connect_timeout = request_timeout.min(Duration::from_secs(1));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(client) = Client::connect(config.clone()).await
