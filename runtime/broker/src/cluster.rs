@@ -316,6 +316,15 @@ impl Broker {
         Ok(ElectLeadersResponse { elected })
     }
 
+    /// Adds or removes voters of the metadata quorum.
+    pub(crate) async fn alter_voters(&self, r: AlterVotersRequest) -> Result<AlterVotersResponse, WireError> {
+        let controller = self.controller().ok_or_else(|| {
+            WireError::new(ErrorCode::InvalidRequest, "this node is not part of a cluster (no --controllers)")
+        })?;
+        let voters = controller.alter_voters(r.add, r.remove).await.map_err(write_error)?;
+        Ok(AlterVotersResponse { voters })
+    }
+
     /// Serves a controller message from another broker.
     pub(crate) async fn controller_call(&self, call: ControllerCall) -> Result<ControllerAnswer, WireError> {
         let controller = self.controller().ok_or_else(|| {

@@ -111,6 +111,7 @@ impl Broker {
             ApiKey::ClusterInfo => self.run(body, |_: ClusterInfoRequest| async { Ok(self.cluster_info()) }).await,
             ApiKey::ReplicaFetch => self.run(body, |r| self.replica_fetch(r)).await,
             ApiKey::ElectLeaders => self.run(body, |_: ElectLeadersRequest| self.elect_leaders()).await,
+            ApiKey::AlterVoters => self.run(body, |r| self.alter_voters(r)).await,
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })

@@ -286,6 +286,9 @@ impl Controller {
             ControllerRequest::Append(r) => ControllerResponse::Append(self.raft.append_entries(r).await),
             ControllerRequest::Snapshot(r) => ControllerResponse::Snapshot(self.raft.install_snapshot(r).await),
             ControllerRequest::Write(cmd) => ControllerResponse::Write(self.write_local(cmd).await),
+            ControllerRequest::AlterVoters { add, remove } => {
+                ControllerResponse::Voters(self.alter_voters_local(add, remove).await)
+            }
             ControllerRequest::Heartbeat { node_id, incarnation, address, rack, register } => {
                 ControllerResponse::Heartbeat(self.on_heartbeat(node_id, incarnation, address, rack, register).await)
             }
@@ -296,15 +299,86 @@ impl Controller {
     /// applied, forwarding to the leader when this node is not it. Waits up
     /// to the write timeout for a leader.
     pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
+        self.on_leader(
+            || self.write_local(command.clone()),
+            || ControllerRequest::Write(command.clone()),
+            |answer| match answer {
+                ControllerResponse::Write(w) => Some(w),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// Changes the Raft voters: `add` (members already following the log as
+    /// learners: started brokers) become voters, `remove` go back to
+    /// learners. Returns the voters after the change.
+    pub async fn alter_voters(&self, add: Vec<NodeId>, remove: Vec<NodeId>) -> Result<Vec<NodeId>, WriteError> {
+        self.on_leader(
+            || self.alter_voters_local(add.clone(), remove.clone()),
+            || ControllerRequest::AlterVoters { add: add.clone(), remove: remove.clone() },
+            |answer| match answer {
+                ControllerResponse::Voters(v) => Some(v),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    async fn alter_voters_local(&self, add: Vec<NodeId>, remove: Vec<NodeId>) -> Result<Vec<NodeId>, WriteError> {
+        let refuse = |kind, message: String| Err(WriteError::Refused(Refusal { kind, message }));
+        let (voters, nodes) = self.members();
+        if let Some(n) = add.iter().find(|n| !nodes.contains_key(n)) {
+            return refuse(
+                RefusalKind::UnknownBroker,
+                format!("node {n} does not follow the metadata log yet: start it first (it joins as a learner)"),
+            );
+        }
+        let mut next = voters.clone();
+        next.extend(add);
+        for n in &remove {
+            next.remove(n);
+        }
+        if next.is_empty() {
+            return refuse(RefusalKind::Invalid, "the metadata quorum needs at least one voter".into());
+        }
+        if next == voters {
+            return Ok(voters.into_iter().collect());
+        }
+        match self.raft.change_membership(next.clone(), true).await {
+            Ok(_) => Ok(next.into_iter().collect()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader { node: self.config.node_id, leader: f.leader_id })
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                refuse(RefusalKind::Invalid, e.to_string())
+            }
+            Err(e) => Err(WriteError::Unknown(e.to_string())),
+        }
+    }
+
+    /// Runs `local` on the leader: here when this node leads, else sent
+    /// there as `remote()` and its answer taken out with `answer`. Waits up
+    /// to the write timeout for a leader.
+    async fn on_leader<T, Local, Fut>(
+        &self,
+        local: Local,
+        remote: impl Fn() -> ControllerRequest,
+        answer: impl Fn(ControllerResponse) -> Option<Result<T, WriteError>>,
+    ) -> Result<T, WriteError>
+    where
+        Local: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, WriteError>>,
+    {
         let deadline = Instant::now() + self.config.write_timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = async {
                 match self.leader() {
-                    Some(l) if l == self.config.node_id => self.write_local(command.clone()).await,
-                    Some(l) => self.send_to(l, ControllerRequest::Write(command.clone())).await.and_then(|r| match r {
-                        ControllerResponse::Write(w) => w,
-                        other => Err(WriteError::Unknown(format!("unexpected answer {other:?}"))),
+                    Some(l) if l == self.config.node_id => local().await,
+                    Some(l) => self.send_to(l, remote()).await.and_then(|r| {
+                        let unexpected = format!("unexpected answer {r:?}");
+                        answer(r).unwrap_or(Err(WriteError::Unknown(unexpected)))
                     }),
                     None => Err(WriteError::NotLeader { node: self.config.node_id, leader: None }),
                 }

@@ -24,6 +24,11 @@ pub enum ControllerRequest {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A metadata write forwarded to the leader.
     Write(Command),
+    /// A change of the Raft voters forwarded to the leader.
+    AlterVoters {
+        add: Vec<NodeId>,
+        remove: Vec<NodeId>,
+    },
     /// A broker's liveness signal to the leader; `register` on the first one
     /// of a process.
     Heartbeat {
@@ -41,6 +46,7 @@ pub enum ControllerResponse {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     Write(Result<Outcome, WriteError>),
+    Voters(Result<Vec<NodeId>, WriteError>),
     Heartbeat(Result<Liveness, WriteError>),
 }
 

@@ -30,10 +30,12 @@ pub enum ApiKey {
     ReplicaFetch = 16,
     /// Moves leaderships back to preferred replicas that are live and in sync.
     ElectLeaders = 17,
+    /// Adds or removes voters of the metadata quorum.
+    AlterVoters = 18,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 17] = [
+    pub const ALL: [ApiKey; 18] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -51,6 +53,7 @@ impl ApiKey {
         ApiKey::ClusterInfo,
         ApiKey::ReplicaFetch,
         ApiKey::ElectLeaders,
+        ApiKey::AlterVoters,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -665,3 +668,20 @@ wire_struct! {
     }
 }
 request!(ElectLeadersRequest => ElectLeaders, ElectLeadersResponse);
+
+wire_struct! {
+    pub struct AlterVotersRequest {
+        /// Nodes that follow the metadata log (started brokers) to make voters.
+        pub add: Vec<u32>,
+        /// Voters to turn back into learners.
+        pub remove: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    pub struct AlterVotersResponse {
+        /// The voters after the change.
+        pub voters: Vec<u32>,
+    }
+}
+request!(AlterVotersRequest => AlterVoters, AlterVotersResponse);

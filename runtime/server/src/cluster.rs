@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 use quiver_client::{CallError, Client, ClientConfig};
 use quiver_controller::{NodeId, SendError, Transport, TransportFuture};
 use quiver_protocol::messages::{
-    ClusterInfoRequest, ClusterInfoResponse, ControllerCall, ElectLeadersRequest, NO_LEADER, ReplicaFetchRequest,
-    ReplicaFetchResponse,
+    AlterVotersRequest, ClusterInfoRequest, ClusterInfoResponse, ControllerCall, ElectLeadersRequest, NO_LEADER,
+    ReplicaFetchRequest, ReplicaFetchResponse,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -148,6 +148,11 @@ pub enum ClusterCommand {
     /// replica where that one is live and in sync (the controller also does
     /// this every `cluster.leader_rebalance_interval_ms`).
     Rebalance,
+    /// Make a node that follows the metadata log (any started broker not in
+    /// --controllers joins as a learner) a voter of the quorum.
+    AddVoter { node: u32 },
+    /// Turn a voter back into a learner (before retiring its machine).
+    RemoveVoter { node: u32 },
     /// Run a local cluster of N nodes on 127.0.0.1 (certificates, data and
     /// logs under --dir) until Ctrl-C; client commands find it from --dir.
     Up {
@@ -196,6 +201,18 @@ pub async fn run(conn: crate::cli::ConnArgs, command: ClusterCommand) -> anyhow:
             Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         ClusterCommand::Up { nodes, dir, base_port } => up(nodes, &dir, base_port).await,
+        ClusterCommand::AddVoter { node } | ClusterCommand::RemoveVoter { node } => {
+            let adding = matches!(command, ClusterCommand::AddVoter { .. });
+            let request = if adding {
+                AlterVotersRequest { add: vec![node], remove: vec![] }
+            } else {
+                AlterVotersRequest { add: vec![], remove: vec![node] }
+            };
+            let answer = conn.connect().await?.call(&request).await?;
+            let voters: Vec<String> = answer.voters.iter().map(u32::to_string).collect();
+            println!("voters: {}", voters.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
         ClusterCommand::Rebalance => {
             let answer = conn.connect().await?.call(&ElectLeadersRequest {}).await?;
             if answer.elected.is_empty() {

@@ -4,7 +4,8 @@
 //! fetch are served by leaders (clients find them from the metadata), a node killed
 //! with SIGKILL is fenced and reported, comes back with its data, and bad
 //! situations get clear errors: a node id already taken, a node with another
-//! cluster's certificate, no quorum.
+//! cluster's certificate, no quorum. A node outside --controllers joins as a
+//! learner and is made a voter (and back) by command.
 
 mod common;
 
@@ -128,6 +129,31 @@ fn three_processes_form_a_cluster_fence_a_killed_node_and_refuse_bad_members() {
     assert_eq!(info["nodes"].as_array().unwrap().len(), 3, "{info}");
     stranger.kill().unwrap();
     stranger.wait().unwrap();
+
+    // A node of this cluster's CA that is not in --controllers joins as a
+    // learner; one command makes it a voter, another a learner again.
+    let init = Command::new(BIN).args(["certs", "init", "--dir"]).arg(&certs).args(["--nodes", "4"]).output();
+    assert!(init.unwrap().status.success());
+    let learner_data = cluster.dir.path().join("node-4b");
+    let mut learner = cluster.broker(4, free_port(), &learner_data, &certs.join("node-4"), &certs.join("ca.pem"));
+    let voter = |info: &serde_json::Value| {
+        info["nodes"].as_array().unwrap().iter().find(|n| n["node_id"] == 4).map(|n| n["voter"] == true)
+    };
+    cluster.wait_for("node 4 registered as a learner", Duration::from_secs(30), || {
+        cluster.info(1).is_some_and(|i| voter(&i) == Some(false))
+    });
+    let err = cluster.fails(2, &["cluster", "add-voter", "9"]);
+    assert!(err.contains("node 9 does not follow the metadata log"), "{err}");
+    assert_eq!(cluster.ok(2, &["cluster", "add-voter", "4"]).trim(), "voters: 1, 2, 3, 4");
+    cluster.wait_for("node 4 a voter", Duration::from_secs(10), || {
+        cluster.info(1).is_some_and(|i| voter(&i) == Some(true))
+    });
+    assert_eq!(cluster.ok(3, &["cluster", "remove-voter", "4"]).trim(), "voters: 1, 2, 3");
+    cluster.wait_for("node 4 a learner again", Duration::from_secs(10), || {
+        cluster.info(1).is_some_and(|i| voter(&i) == Some(false))
+    });
+    learner.kill().unwrap();
+    learner.wait().unwrap();
 
     // Two of three voters down: metadata changes fail with "no quorum".
     cluster.kill9(2);

@@ -3,7 +3,8 @@
 //! the SIGKILL of their leader (a new leader is elected from the ISR and has
 //! every acknowledged record), `min.insync.replicas` refuses writes with a
 //! clear error when too few replicas are in sync, and a restarted replica
-//! catches up and rejoins the ISR with a byte-identical log.
+//! catches up and rejoins the ISR with a byte-identical log, and killing
+//! every node at once loses no acknowledged record.
 
 mod common;
 
@@ -147,4 +148,29 @@ fn replicas_follow_their_leader_and_acknowledged_writes_survive_its_death() {
     });
     let health = cluster.ok(1, &["cluster", "health"]);
     assert!(health.starts_with("healthy"), "{health}");
+
+    // Power loss on every node at once, right after acks=all writes were
+    // acknowledged: SIGKILL all three (nothing flushed on the way out), start
+    // them again: every acknowledged record is there, and the replicas agree.
+    let leader = leader_of(&cluster.partitions(1, "events")[1]);
+    let out = cluster.produce(leader, "events", 1, "all", 30_000, &values("p1", 300..500));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for n in 1..=3 {
+        cluster.kill9(n);
+    }
+    for n in 1..=3 {
+        cluster.start_node(n);
+    }
+    let mut read = None;
+    cluster.wait_for("every acknowledged record after the outage", Duration::from_secs(60), || {
+        let now = cluster.partitions(1, "events");
+        let Some(leader) = now.get(1).map(leader_of).filter(|l| *l != u32::MAX) else { return false };
+        read = cluster.values(leader, "events", 1);
+        read.as_ref().is_some_and(|r| r.len() >= 500)
+    });
+    assert_eq!(read.unwrap(), values("p1", 0..500));
+    cluster.wait_for("replicas identical after the outage", Duration::from_secs(30), || {
+        let first = cluster.replica_bytes(1, "events", 1);
+        (2..=3).all(|n| cluster.replica_bytes(n, "events", 1) == first)
+    });
 }
