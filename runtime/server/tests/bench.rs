@@ -1,5 +1,6 @@
 //! `quiver bench` through the real binary, against a dev node and embedded,
-//! with the raw QUIC baseline: every mode runs and reports sane numbers.
+//! with the raw QUIC baseline, and against local clusters of child
+//! processes: every mode runs and reports sane numbers.
 
 mod common;
 
@@ -50,4 +51,12 @@ fn bench_modes_report_throughput_latency_and_ratios() {
 
     let report = run_json(&node, &["bench", "produce", "--embedded", "--records", "1000", "--format", "json"]);
     assert_eq!(result(&report, "produce")["records"], 1000);
+
+    // Clusters of child processes: 1 node and 3 nodes, then a failover.
+    let report = run_json(&node, &["bench", "cluster", "--records", "2000", "--partitions", "3", "--format", "json"]);
+    assert_eq!(result(&report, "produce-1-node")["records"], 2000);
+    assert_eq!(result(&report, "produce-3-nodes")["records"], 2000);
+    let failover = result(&report, "failover")["failover_ms"].as_f64().unwrap();
+    assert!(failover > 0.0 && failover < 60_000.0, "{failover}");
+    assert!(report["ratios"]["cluster3_vs_single_produce"].as_f64().unwrap() > 0.0);
 }
