@@ -283,16 +283,10 @@ impl Broker {
                 }
                 for (i, target) in targets.into_iter().enumerate() {
                     let already = if i > 0 { " (the records placed in other partitions were appended)" } else { "" };
-                    let epoch = target
+                    let (info, epoch) = target
                         .partition
-                        .epoch_for_append(&p.topic, r.acks == Acks::All)
+                        .append_as_leader(&p.topic, &target.batch, r.acks == Acks::All)
                         .map_err(|e| WireError::new(e.code, format!("{}{already}", e.message)))?;
-                    let info = target
-                        .partition
-                        .log
-                        .append(&target.batch, epoch)
-                        .map_err(|e| WireError::new(ErrorCode::StorageError, format!("{e}{already}")))?;
-                    target.partition.appended(info.last_offset + 1);
                     result.log_start_offset = target.partition.log.log_start_offset();
                     if any {
                         place(&mut result.placements, target.partition.id, info.base_offset, &target.indices);

@@ -159,12 +159,22 @@ impl Partition {
         }
     }
 
-    /// Before an append: the epoch to write it in, if this replica leads;
-    /// with `acks_all`, refused while the ISR is below `min.insync.replicas`.
-    pub(crate) fn epoch_for_append(&self, topic: &str, acks_all: bool) -> Result<i32, WireError> {
-        let state = self.replica.state();
-        match &state.role {
-            Role::Single => Ok(0),
+    /// Appends a client's batch if this replica leads, in its epoch, and
+    /// tells the leader state; with `acks_all`, refused while the ISR is
+    /// below `min.insync.replicas`. Returns the append and its epoch. The
+    /// role cannot change during the append (it holds the replica lock), so
+    /// a deposed leader never writes behind its follower's back.
+    pub(crate) fn append_as_leader(
+        &self,
+        topic: &str,
+        batch: &[u8],
+        acks_all: bool,
+    ) -> Result<(quiver_log::AppendInfo, i32), WireError> {
+        let mut state = self.replica.state();
+        let append =
+            |epoch| self.log.append(batch, epoch).map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()));
+        match &mut state.role {
+            Role::Single => Ok((append(0)?, 0)),
             Role::Leader { leader, .. } => {
                 if acks_all && let Err(e) = leader.check_acks_all() {
                     return Err(WireError::new(
@@ -172,22 +182,15 @@ impl Partition {
                         format!("{topic}-{}: {e}; acks=all writes are refused until replicas catch up", self.id),
                     ));
                 }
-                Ok(leader.epoch())
+                let epoch = leader.epoch();
+                let info = append(epoch)?;
+                self.publish(leader.on_append(info.last_offset + 1));
+                Ok((info, epoch))
             }
             _ => Err(WireError::new(
                 ErrorCode::NotLeader,
                 format!("{topic}-{} is changing leader here; retry shortly", self.id),
             )),
-        }
-    }
-
-    /// After an append up to `end` (exclusive): returns whether the high
-    /// watermark moved.
-    pub(crate) fn appended(&self, end: i64) -> bool {
-        let mut state = self.replica.state();
-        match &mut state.role {
-            Role::Leader { leader, .. } => self.publish(leader.on_append(end)),
-            _ => false,
         }
     }
 
@@ -580,10 +583,14 @@ impl Broker {
                 TruncationStep::TruncateTo(end) => {
                     let p = p.clone();
                     let name = up.name.to_string();
+                    let (leader, epoch) = (up.leader, up.epoch);
                     tokio::task::spawn_blocking(move || -> Result<(), WireError> {
+                        let mut state = p.replica.state();
+                        if !matches!(state.role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch) {
+                            return Err(role_changed());
+                        }
                         let before = p.log.log_end_offset();
                         let after = p.log.truncate_to(end).map_err(storage_error)?;
-                        let mut state = p.replica.state();
                         state.history.truncate(after);
                         p.replica.high_watermark.fetch_min(after, Ordering::AcqRel);
                         p.replica.persist(&state.history).map_err(storage_error)?;
@@ -609,7 +616,8 @@ impl Broker {
         if !result.records.is_empty() {
             let p = p.clone();
             let records = result.records.clone();
-            tokio::task::spawn_blocking(move || append_copies(&p, records))
+            let (leader, epoch) = (up.leader, up.epoch);
+            tokio::task::spawn_blocking(move || append_copies(&p, records, leader, epoch))
                 .await
                 .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))??;
         }
@@ -668,27 +676,34 @@ fn single(response: ReplicaFetchResponse) -> Result<ReplicaFetchResult, WireErro
 }
 
 /// Appends a leader's batches as they are (offsets and epochs kept), then
-/// fsyncs them.
-fn append_copies(p: &Partition, records: Bytes) -> Result<(), WireError> {
+/// fsyncs them. Each batch is appended under the replica lock, only while
+/// this replica still follows `leader` in `epoch`.
+fn append_copies(p: &Partition, records: Bytes, leader: NodeId, epoch: i32) -> Result<(), WireError> {
     let mut end = p.log.log_end_offset();
     for item in batch::Batches::new(records) {
         let (header, bytes): (BatchHeader, Bytes) = item.map_err(crate::broker::corrupt)?;
         batch::verify_crc(&bytes).map_err(crate::broker::corrupt)?;
+        let mut state = p.replica.state();
+        if !matches!(state.role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch) {
+            return Err(role_changed());
+        }
+        end = p.log.log_end_offset();
         if header.base_offset != end {
             return Err(WireError::new(
                 ErrorCode::OffsetOutOfRange,
                 format!("the leader sent a batch at offset {} for a log ending at {end}", header.base_offset),
             ));
         }
-        {
-            let mut state = p.replica.state();
-            if state.history.latest_epoch().is_none_or(|e| e < header.leader_epoch) {
-                state.history.assign(header.leader_epoch, header.base_offset);
-                p.replica.persist(&state.history).map_err(storage_error)?;
-            }
+        if state.history.latest_epoch().is_none_or(|e| e < header.leader_epoch) {
+            state.history.assign(header.leader_epoch, header.base_offset);
+            p.replica.persist(&state.history).map_err(storage_error)?;
         }
         let info = p.log.append(&bytes, header.leader_epoch).map_err(storage_error)?;
         end = info.last_offset + 1;
     }
     p.log.sync_to(end).map_err(storage_error)
+}
+
+fn role_changed() -> WireError {
+    WireError::new(ErrorCode::NotLeader, "this replica's role changed while copying")
 }
