@@ -11,30 +11,16 @@ use super::{BIN, free_port};
 impl Cluster {
     /// Makes certificates for nodes 1..=n and starts every node.
     pub fn start(n: u32, env: &[(&str, &str)]) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        let nodes: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
-        let init =
-            Command::new(BIN).args(["certs", "init", "--dir"]).arg(&certs).args(["--nodes", &nodes.join(",")]).output();
-        assert!(init.unwrap().status.success());
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let mut cluster = Cluster {
-            dir,
-            listen: ports.clone(),
-            ports,
-            children: (0..n).map(|_| None).collect(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            proxies: Vec::new(),
-        };
-        for id in 1..=n {
-            cluster.start_node(id);
-        }
-        cluster
+        Cluster::start_with(n, env, None)
     }
 
     /// Like [`Cluster::start`], with every node behind a [`UdpProxy`]: the
     /// addresses nodes and clients use are the proxies'.
     pub fn start_proxied(n: u32, env: &[(&str, &str)], seed: u64) -> Cluster {
+        Cluster::start_with(n, env, Some(seed))
+    }
+
+    fn start_with(n: u32, env: &[(&str, &str)], proxy_seed: Option<u64>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         let nodes: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
@@ -42,14 +28,18 @@ impl Cluster {
             Command::new(BIN).args(["certs", "init", "--dir"]).arg(&certs).args(["--nodes", &nodes.join(",")]).output();
         assert!(init.unwrap().status.success());
         let listen: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let proxies: Vec<UdpProxy> = listen
-            .iter()
-            .enumerate()
-            .map(|(i, p)| UdpProxy::start(format!("127.0.0.1:{p}").parse().unwrap(), seed.wrapping_add(i as u64)))
-            .collect();
+        let proxies: Vec<UdpProxy> = match proxy_seed {
+            None => Vec::new(),
+            Some(seed) => listen
+                .iter()
+                .enumerate()
+                .map(|(i, p)| UdpProxy::start(format!("127.0.0.1:{p}").parse().unwrap(), seed.wrapping_add(i as u64)))
+                .collect(),
+        };
+        let ports = if proxies.is_empty() { listen.clone() } else { proxies.iter().map(|p| p.port).collect() };
         let mut cluster = Cluster {
             dir,
-            ports: proxies.iter().map(|p| p.port).collect(),
+            ports,
             listen,
             children: (0..n).map(|_| None).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
