@@ -612,7 +612,13 @@ impl Broker {
     /// leader's high watermark (bounded by what is here).
     async fn copy_from_leader(&self, up: &Upstream<'_>) -> Result<(), WireError> {
         let p = up.p;
-        let result = self.fetch_from(up, -1, FOLLOWER_WAIT_MS).await?;
+        let result = self.fetch_answer(up, -1, FOLLOWER_WAIT_MS).await?;
+        if result.error == ErrorCode::OffsetOutOfRange && result.log_start_offset > p.log.log_end_offset() {
+            return self.start_over_at(up, result.log_start_offset).await;
+        }
+        if result.error != ErrorCode::None {
+            return Err(WireError::new(result.error, result.message));
+        }
         if !result.records.is_empty() {
             let p = p.clone();
             let records = result.records.clone();
@@ -628,9 +634,49 @@ impl Broker {
         Ok(())
     }
 
+    /// The leader's log now starts past this replica's end (retention
+    /// removed what it would have fetched): empty the log and go on from the
+    /// leader's start.
+    async fn start_over_at(&self, up: &Upstream<'_>, start: i64) -> Result<(), WireError> {
+        let p = up.p.clone();
+        let (leader, epoch, name) = (up.leader, up.epoch, up.name.to_string());
+        tokio::task::spawn_blocking(move || -> Result<(), WireError> {
+            let mut state = p.replica.state();
+            if !matches!(state.role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch) {
+                return Err(role_changed());
+            }
+            let end = p.log.log_end_offset();
+            p.log.reset_to(start).map_err(storage_error)?;
+            state.history = EpochHistory::default();
+            p.replica.persist(&state.history).map_err(storage_error)?;
+            tracing::warn!(
+                topic = %name, partition = p.id, end, start,
+                "the leader's log starts past this replica's end: starting over there"
+            );
+            Ok(())
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+    }
+
     /// One ReplicaFetch of `up`'s partition from its end offset (with
-    /// `ask_epoch >= 0`: only where that epoch ends).
+    /// `ask_epoch >= 0`: only where that epoch ends); a partition error is
+    /// an `Err`.
     async fn fetch_from(
+        &self,
+        up: &Upstream<'_>,
+        ask_epoch: i32,
+        wait_ms: u32,
+    ) -> Result<ReplicaFetchResult, WireError> {
+        let result = self.fetch_answer(up, ask_epoch, wait_ms).await?;
+        if result.error != ErrorCode::None {
+            return Err(WireError::new(result.error, result.message));
+        }
+        Ok(result)
+    }
+
+    /// The same, with a partition error left in the answer.
+    async fn fetch_answer(
         &self,
         up: &Upstream<'_>,
         ask_epoch: i32,
@@ -648,7 +694,12 @@ impl Broker {
                 ask_epoch,
             }],
         };
-        single(up.link.fetch(up.leader, up.address.clone(), request).await?)
+        let response = up.link.fetch(up.leader, up.address.clone(), request).await?;
+        response
+            .partitions
+            .into_iter()
+            .next()
+            .ok_or_else(|| WireError::new(ErrorCode::CorruptMessage, "replica fetch answered no partition"))
     }
 }
 
@@ -660,19 +711,6 @@ struct Upstream<'a> {
     leader: NodeId,
     address: String,
     epoch: i32,
-}
-
-/// The one partition result of a single-partition replica fetch.
-fn single(response: ReplicaFetchResponse) -> Result<ReplicaFetchResult, WireError> {
-    let result = response
-        .partitions
-        .into_iter()
-        .next()
-        .ok_or_else(|| WireError::new(ErrorCode::CorruptMessage, "replica fetch answered no partition"))?;
-    if result.error != ErrorCode::None {
-        return Err(WireError::new(result.error, result.message));
-    }
-    Ok(result)
 }
 
 /// Appends a leader's batches as they are (offsets and epochs kept), then

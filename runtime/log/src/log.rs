@@ -554,6 +554,33 @@ impl Log {
         Ok(new_end)
     }
 
+    /// Empties the log and starts it again at `offset`, which must be past
+    /// the log end: a follower whose leader's log now starts beyond the
+    /// follower's end (retention removed what it would have fetched). The
+    /// old segments are deleted before the new one is created, so a crash
+    /// part way leaves an empty log, never one with a gap. Durable on return.
+    pub fn reset_to(&self, offset: i64) -> io::Result<()> {
+        let _append = self.append_lock.lock().expect("append lock poisoned");
+        let mut state = self.write_state();
+        if offset <= state.log_end() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("reset to {offset} is not past the log end {}", state.log_end()),
+            ));
+        }
+        for removed in state.segments.drain(..) {
+            delete_segment_files(&removed.file)?;
+        }
+        state.unsynced_sealed.clear();
+        sync_dir(&self.dir)?;
+        let file = SegmentFile::open(&self.dir, offset, true)?;
+        state.segments.push(Segment::empty(file));
+        sync_dir(&self.dir)?;
+        self.durable_end_offset.store(offset, Ordering::SeqCst);
+        info!(dir = %self.dir.display(), log_start_offset = offset, "log reset");
+        Ok(())
+    }
+
     /// File handle, end position and next offset of the active segment.
     fn active_end(&self) -> (Arc<SegmentFile>, u64, i64) {
         let state = self.read_state();

@@ -462,3 +462,25 @@ fn truncate_to_cuts_whole_batches_and_survives_a_reopen() {
     assert_eq!((log.log_start_offset(), log.log_end_offset(), log.segment_count()), (0, 0, 1));
     assert_eq!(log.append(&batch(7, 1, 0, 10), 3).unwrap().base_offset, 0);
 }
+
+#[test]
+fn reset_starts_an_empty_log_past_its_end_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), config(1024 * 1024)).unwrap();
+    for i in 0..5 {
+        log.append(&batch(i, 2, 0, 50), 1).unwrap();
+    }
+    assert_eq!(log.log_end_offset(), 10);
+    assert!(log.reset_to(10).is_err(), "not past the end");
+    log.reset_to(40).unwrap();
+    assert_eq!((log.log_start_offset(), log.log_end_offset(), log.durable_end_offset()), (40, 40, 40));
+    assert!(matches!(log.read(10, 1 << 20, i64::MAX), Err(ReadError::OffsetOutOfRange { .. })));
+    assert_eq!(log.append(&batch(0, 3, 0, 50), 2).unwrap().base_offset, 40);
+    assert_eq!(log_files(dir.path(), ".log"), ["00000000000000000040.log"]);
+    log.flush().unwrap();
+    drop(log);
+    let log = Log::open(dir.path(), config(1024 * 1024)).unwrap();
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (40, 43));
+    let read = read_all(&log);
+    assert_eq!(read.len(), 1);
+}
