@@ -326,6 +326,56 @@ impl Broker {
         Ok(())
     }
 
+    /// The image moved replicas of an existing topic to or away from this
+    /// broker (a reassignment): opens the new ones, retires and removes the
+    /// dropped ones. Other partitions keep their open logs.
+    pub(crate) async fn change_held(&self, name: &str, held: Vec<u32>) -> Result<(), WireError> {
+        let _guard = self.admin_lock.lock().await;
+        let Some(old) = self.topic(name) else { return Ok(()) };
+        let logs_dir = self.config.data_dir.join(LOGS_DIR);
+        let mut record = old.record.clone();
+        record.held = Some(held.clone());
+        let mut partitions = Vec::with_capacity(old.partitions.len());
+        let mut dropped = Vec::new();
+        for (id, slot) in old.partitions.iter().enumerate() {
+            let id = id as u32;
+            partitions.push(match (slot, held.contains(&id)) {
+                (Some(p), true) => Some(p.clone()),
+                (Some(p), false) => {
+                    dropped.push(p.clone());
+                    None
+                }
+                (None, true) => {
+                    Some(Arc::new(open_partition(&logs_dir, &record, &old.config, id).map_err(storage_error)?))
+                }
+                (None, false) => None,
+            });
+        }
+        let topic =
+            Arc::new(Topic { record, config: old.config.clone(), partitions, keyless_next: Default::default() });
+        let records: Vec<TopicRecord> = self
+            .sorted_topics()
+            .iter()
+            .map(|t| if t.record.name == name { topic.record.clone() } else { t.record.clone() })
+            .collect();
+        self.write_metadata(records).map_err(storage_error)?;
+        self.topics.write().expect("topics lock").insert(name.to_string(), topic);
+        let stamp = now_ms();
+        for p in dropped {
+            p.retire();
+            let dir = partition_dir(&logs_dir, name, p.id);
+            let gone = logs_dir.join(format!("{name}-{}.{stamp}{DELETED_SUFFIX}", p.id));
+            if let Err(e) = std::fs::rename(&dir, &gone) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot rename a moved-away partition");
+                continue;
+            }
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&gone));
+            tracing::info!(topic = name, partition = p.id, "replica moved away");
+        }
+        self.appended.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
     fn write_metadata(&self, topics: Vec<TopicRecord>) -> std::io::Result<()> {
         let body = serde_json::to_vec_pretty(&MetadataFile { topics }).expect("metadata serialises");
         write_atomic(&self.config.data_dir.join(METADATA_FILE), &body)
@@ -441,18 +491,27 @@ fn open_topic(logs_dir: &Path, record: TopicRecord, config: TopicConfig) -> Resu
             if record.held.as_ref().is_some_and(|held| !held.contains(&id)) {
                 return Ok(None);
             }
-            let dir = partition_dir(logs_dir, &record.name, id);
-            let failed = |source| OpenError::Log { topic: record.name.clone(), partition: id, source };
-            let log = Log::open(&dir, config.log_config()).map_err(failed)?;
-            let replica = match record.cluster_id {
-                None => Replica::single(),
-                Some(_) => Replica::clustered(&dir, log.log_end_offset())
-                    .map_err(|source| failed(LogOpenError::Io { path: dir.join("leader-epochs"), source }))?,
-            };
-            Ok(Some(Arc::new(Partition { id, log, replica })))
+            Ok(Some(Arc::new(open_partition(logs_dir, &record, &config, id)?)))
         })
         .collect::<Result<_, OpenError>>()?;
     Ok(Topic { record, config, partitions, keyless_next: Default::default() })
+}
+
+fn open_partition(
+    logs_dir: &Path,
+    record: &TopicRecord,
+    config: &TopicConfig,
+    id: u32,
+) -> Result<Partition, OpenError> {
+    let dir = partition_dir(logs_dir, &record.name, id);
+    let failed = |source| OpenError::Log { topic: record.name.clone(), partition: id, source };
+    let log = Log::open(&dir, config.log_config()).map_err(failed)?;
+    let replica = match record.cluster_id {
+        None => Replica::single(),
+        Some(_) => Replica::clustered(&dir, log.log_end_offset())
+            .map_err(|source| failed(LogOpenError::Io { path: dir.join("leader-epochs"), source }))?,
+    };
+    Ok(Partition { id, log, replica })
 }
 
 fn remove_deleted_dirs(logs_dir: &Path) {

@@ -70,7 +70,19 @@ impl Broker {
         }
         for (name, t) in &image.topics {
             let held = held(t, me);
-            if held.is_empty() || self.topic(name).is_some() {
+            if let Some(local) = self.topic(name) {
+                // A reassignment moved replicas to or away from here.
+                if complete
+                    && local.record.cluster_id == Some(t.id)
+                    && !held.is_empty()
+                    && local.record.held.as_ref() != Some(&held)
+                    && let Err(e) = self.change_held(name, held).await
+                {
+                    tracing::error!(topic = %name, error = %e.message, "cannot take or drop moved replicas");
+                }
+                continue;
+            }
+            if held.is_empty() {
                 continue;
             }
             let config = match self
@@ -314,6 +326,20 @@ impl Broker {
         }
         let elected = due.into_iter().map(|(topic, partition)| PartitionRef { topic, partition }).collect();
         Ok(ElectLeadersResponse { elected })
+    }
+
+    /// Starts moving a partition to other brokers (it completes once the
+    /// new replicas are in sync).
+    pub(crate) async fn reassign_partition(
+        &self,
+        r: ReassignPartitionRequest,
+    ) -> Result<ReassignPartitionResponse, WireError> {
+        let controller = self.controller().ok_or_else(|| {
+            WireError::new(ErrorCode::InvalidRequest, "this node is not part of a cluster (no --controllers)")
+        })?;
+        let command = Command::ReassignPartition { topic: r.topic, partition: r.partition, replicas: r.replicas };
+        controller.write(command).await.map_err(write_error)?;
+        Ok(ReassignPartitionResponse {})
     }
 
     /// Adds or removes voters of the metadata quorum.

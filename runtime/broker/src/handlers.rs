@@ -112,6 +112,7 @@ impl Broker {
             ApiKey::ReplicaFetch => self.run(body, |r| self.replica_fetch(r)).await,
             ApiKey::ElectLeaders => self.run(body, |_: ElectLeadersRequest| self.elect_leaders()).await,
             ApiKey::AlterVoters => self.run(body, |r| self.alter_voters(r)).await,
+            ApiKey::ReassignPartition => self.run(body, |r| self.reassign_partition(r)).await,
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })

@@ -200,6 +200,12 @@ impl Partition {
         self.replica.single || matches!(self.replica.state().role, Role::Leader { .. })
     }
 
+    /// This broker no longer holds the replica: it leads nothing (waiting
+    /// acks=all writes end as not replicated).
+    pub(crate) fn retire(&self) {
+        self.replica.state().role = Role::Offline;
+    }
+
     /// Whether this replica still leads in `epoch`.
     pub(crate) fn leads_in(&self, epoch: i32) -> bool {
         match &self.replica.state().role {
@@ -267,6 +273,9 @@ impl Broker {
                     && leader.epoch() == pi.leader_epoch
                 {
                     *partition_epoch = pi.partition_epoch;
+                    if !leader.has_replicas(&pi.replicas) {
+                        leader.set_replicas(&pi.replicas, now_ms() as u64);
+                    }
                     let isr: BTreeSet<NodeId> = pi.isr.iter().copied().collect();
                     if *leader.isr() != isr && p.publish(leader.apply_isr(isr)) {
                         return RoleChange::HighWatermark;
@@ -536,7 +545,8 @@ impl Broker {
         tracing::info!(topic = %name, partition = p.id, leader, epoch, "following");
         let mut reconciled = false;
         let mut failures = 0u32;
-        let current = |b: &Broker| b.topic(&name).is_some_and(|t| Arc::ptr_eq(&t, &topic));
+        // Until the topic is gone or this replica moved away.
+        let current = |b: &Broker| b.topic(&name).and_then(|t| t.held(p.id)).is_some_and(|q| Arc::ptr_eq(&q, &p));
         while p.replica.follows(leader, epoch) && current(&self) && !self.shutting_down.load(Ordering::Relaxed) {
             let address =
                 self.controller().and_then(|c| c.image().borrow().brokers.get(&leader).map(|b| b.address.clone()));

@@ -38,6 +38,12 @@ pub struct PartitionImage {
     /// Bumped on every change of leader or ISR; an ISR change proposed from
     /// an older partition epoch is refused.
     pub partition_epoch: i32,
+    /// A reassignment in progress: the replicas the partition moves to.
+    /// Meanwhile `replicas` holds the old and new ones; once every target
+    /// replica is in the ISR, `replicas` becomes the target (the leader
+    /// moves if it is not part of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<NodeId>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +125,13 @@ pub enum Command {
     /// Moves leadership back to each partition's first replica where it is
     /// in sync and live.
     PreferredElection,
+    /// Moves a partition to other brokers: the new replicas copy from the
+    /// leader, and the old ones leave once the new ones are in sync.
+    ReassignPartition {
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
 }
 
 /// The answer to one command.
@@ -210,6 +223,7 @@ impl ClusterImage {
                         replicas,
                         leader_epoch: 0,
                         partition_epoch: 0,
+                        target: None,
                     })
                     .collect();
                 self.topics.insert(name.clone(), TopicImage { id: index, configs: configs.clone(), partitions });
@@ -245,7 +259,44 @@ impl ClusterImage {
                 p.isr =
                     isr.iter().copied().filter(|n| n == leader || brokers.get(n).is_some_and(|b| !b.fenced)).collect();
                 p.partition_epoch += 1;
-                Outcome::Partition(p.clone())
+                let outcome = Outcome::Partition(p.clone());
+                self.finish_reassignment(topic, *partition);
+                outcome
+            }
+            Command::ReassignPartition { topic, partition, replicas } => {
+                let Some(p) = self.topics.get(topic).and_then(|t| t.partitions.get(*partition as usize)) else {
+                    return refuse(RefusalKind::UnknownPartition, format!("{topic} has no partition {partition}"));
+                };
+                let distinct: BTreeSet<NodeId> = replicas.iter().copied().collect();
+                if replicas.is_empty() || distinct.len() != replicas.len() {
+                    return refuse(
+                        RefusalKind::Invalid,
+                        format!("replicas {replicas:?} must be distinct and not empty"),
+                    );
+                }
+                let unknown = {
+                    let live = live_set(&self.brokers);
+                    replicas.iter().copied().find(|n| !p.replicas.contains(n) && !live(*n))
+                };
+                if let Some(n) = unknown {
+                    return refuse(RefusalKind::UnknownBroker, format!("broker {n} is not a live, registered broker"));
+                }
+                if p.target.is_some() {
+                    return refuse(RefusalKind::Invalid, format!("{topic}-{partition} is already being reassigned"));
+                }
+                if *replicas == p.replicas {
+                    return Outcome::Done;
+                }
+                let p = &mut self.topics.get_mut(topic).expect("checked").partitions[*partition as usize];
+                for n in replicas {
+                    if !p.replicas.contains(n) {
+                        p.replicas.push(*n);
+                    }
+                }
+                p.target = Some(replicas.clone());
+                p.partition_epoch += 1;
+                self.finish_reassignment(topic, *partition);
+                Outcome::Done
             }
             Command::PreferredElection => {
                 for (topic, partition) in self.preferred_elections_due() {
@@ -256,6 +307,26 @@ impl ClusterImage {
                 }
                 Outcome::Done
             }
+        }
+    }
+
+    /// Completes a reassignment once every target replica is in sync: the
+    /// old replicas leave, and the leader moves into the target if needed.
+    fn finish_reassignment(&mut self, topic: &str, partition: u32) {
+        let live = live_set(&self.brokers);
+        let Some(t) = self.topics.get_mut(topic) else { return };
+        let unclean = t.unclean_election();
+        let p = &mut t.partitions[partition as usize];
+        let Some(target) = p.target.clone() else { return };
+        if !target.iter().all(|n| p.isr.contains(n)) {
+            return;
+        }
+        p.replicas = target.clone();
+        p.isr.retain(|n| target.contains(n));
+        p.target = None;
+        p.partition_epoch += 1;
+        if !p.leader.is_some_and(|l| target.contains(&l)) {
+            elect(topic, partition, p, &live, unclean, &mut self.unclean_elections);
         }
     }
 
@@ -472,6 +543,41 @@ mod tests {
     fn create(image: &mut ClusterImage, name: &str, partitions: u32, rf: u16) -> Outcome {
         let cmd = Command::CreateTopic { name: name.into(), partitions, replication_factor: rf, configs: vec![] };
         image.apply(100, &cmd)
+    }
+
+    #[test]
+    fn a_reassignment_completes_when_the_new_replicas_are_in_sync() {
+        let mut image = cluster(&[(1, None), (2, None), (3, None)]);
+        create(&mut image, "t", 1, 2);
+        let before = image.topics["t"].partitions[0].clone();
+        let leader = before.leader.unwrap();
+        let stay = before.replicas.iter().copied().find(|n| *n != leader).unwrap();
+        let new = (1..=3).find(|n| !before.replicas.contains(n)).unwrap();
+        let reassign = Command::ReassignPartition { topic: "t".into(), partition: 0, replicas: vec![new, stay] };
+        assert_eq!(image.apply(101, &reassign), Outcome::Done);
+        let p = image.topics["t"].partitions[0].clone();
+        assert_eq!(p.replicas.len(), 3, "old and new replicas meanwhile");
+        assert_eq!(p.target, Some(vec![new, stay]));
+        assert_eq!(p.leader, Some(leader));
+        assert!(matches!(image.apply(102, &reassign), Outcome::Refused(_)), "one at a time");
+        // The new replica caught up: the leader adds it to the ISR, which
+        // completes the move and hands leadership to the target.
+        let mut isr = p.isr.clone();
+        isr.push(new);
+        let alter =
+            Command::AlterIsr { topic: "t".into(), partition: 0, leader, partition_epoch: p.partition_epoch, isr };
+        assert!(matches!(image.apply(103, &alter), Outcome::Partition(_)));
+        let p = &image.topics["t"].partitions[0];
+        assert_eq!(p.replicas, vec![new, stay]);
+        assert_eq!(p.target, None);
+        assert!(!p.isr.contains(&leader));
+        assert_eq!(p.leader, Some(new));
+        assert_eq!(p.leader_epoch, before.leader_epoch + 1);
+        let unknown = Command::ReassignPartition { topic: "t".into(), partition: 0, replicas: vec![9] };
+        assert!(matches!(
+            image.apply(104, &unknown),
+            Outcome::Refused(Refusal { kind: RefusalKind::UnknownBroker, .. })
+        ));
     }
 
     #[test]

@@ -32,10 +32,12 @@ pub enum ApiKey {
     ElectLeaders = 17,
     /// Adds or removes voters of the metadata quorum.
     AlterVoters = 18,
+    /// Moves a partition's replicas to other brokers.
+    ReassignPartition = 19,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 18] = [
+    pub const ALL: [ApiKey; 19] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -54,6 +56,7 @@ impl ApiKey {
         ApiKey::ReplicaFetch,
         ApiKey::ElectLeaders,
         ApiKey::AlterVoters,
+        ApiKey::ReassignPartition,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -685,3 +688,17 @@ wire_struct! {
     }
 }
 request!(AlterVotersRequest => AlterVoters, AlterVotersResponse);
+
+wire_struct! {
+    pub struct ReassignPartitionRequest {
+        pub topic: String,
+        pub partition: u32,
+        /// The new replicas, the first being the preferred leader.
+        pub replicas: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    pub struct ReassignPartitionResponse {}
+}
+request!(ReassignPartitionRequest => ReassignPartition, ReassignPartitionResponse);

@@ -183,6 +183,22 @@ impl PartitionLeader {
         Some(isr)
     }
 
+    /// The partition's replicas changed (a reassignment): new followers are
+    /// tracked from `now_ms` with nothing fetched yet, removed ones are
+    /// forgotten.
+    pub fn set_replicas(&mut self, replicas: &[NodeId], now_ms: u64) {
+        self.followers.retain(|n, _| replicas.contains(n));
+        for n in replicas.iter().filter(|n| **n != self.id) {
+            self.followers.entry(*n).or_insert(Follower { log_end: 0, caught_up_ms: now_ms, last_fetch: None });
+        }
+    }
+
+    /// Whether `replicas` are exactly the replicas this leader tracks.
+    pub fn has_replicas(&self, replicas: &[NodeId]) -> bool {
+        let mine = self.followers.len() + 1;
+        mine == replicas.len() && replicas.iter().all(|n| *n == self.id || self.followers.contains_key(n))
+    }
+
     /// The ISR proposed and not yet committed, if any.
     pub fn pending_isr(&self) -> Option<&BTreeSet<NodeId>> {
         self.pending_isr.as_ref()

@@ -166,6 +166,18 @@ impl ConnArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum TopicCommand {
+    /// Move a partition's replicas to other brokers while it keeps serving:
+    /// the new replicas copy from the leader, and the old ones leave once
+    /// the new ones are in sync (watch `topic describe`).
+    Reassign {
+        name: String,
+        #[arg(short, long)]
+        partition: u32,
+        /// The new replicas, comma-separated node ids; the first is the
+        /// preferred leader.
+        #[arg(long, value_delimiter = ',', required = true)]
+        replicas: Vec<u32>,
+    },
     /// Create a topic.
     Create {
         name: String,
@@ -455,6 +467,17 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                     }
                 }
             }
+        }
+        TopicCommand::Reassign { name, partition, replicas } => {
+            let request = quiver_protocol::messages::ReassignPartitionRequest {
+                topic: name.clone(),
+                partition,
+                replicas: replicas.clone(),
+            };
+            client.call(&request).await?;
+            println!(
+                "reassigning {name}-{partition} to replicas {replicas:?}; `quiver topic describe {name}` shows the move"
+            );
         }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 
+/// The partition's leader; `u32::MAX` while it has none (describe prints
+/// null then).
 fn leader_of(p: &serde_json::Value) -> u32 {
-    p["leader"].as_u64().unwrap() as u32
+    p["leader"].as_u64().map_or(u32::MAX, |l| l as u32)
 }
 
 fn isr_of(p: &serde_json::Value) -> Vec<u64> {
