@@ -596,9 +596,7 @@ impl Broker {
                     let (leader, epoch) = (up.leader, up.epoch);
                     tokio::task::spawn_blocking(move || -> Result<(), WireError> {
                         let mut state = p.replica.state();
-                        if !matches!(state.role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch) {
-                            return Err(role_changed());
-                        }
+                        state.ensure_follows(leader, epoch)?;
                         let before = p.log.log_end_offset();
                         let after = p.log.truncate_to(end).map_err(storage_error)?;
                         state.history.truncate(after);
@@ -652,9 +650,7 @@ impl Broker {
         let (leader, epoch, name) = (up.leader, up.epoch, up.name.to_string());
         tokio::task::spawn_blocking(move || -> Result<(), WireError> {
             let mut state = p.replica.state();
-            if !matches!(state.role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch) {
-                return Err(role_changed());
-            }
+            state.ensure_follows(leader, epoch)?;
             let end = p.log.log_end_offset();
             p.log.reset_to(start).map_err(storage_error)?;
             state.history = EpochHistory::default();
@@ -732,9 +728,7 @@ fn append_copies(p: &Partition, records: Bytes, leader: NodeId, epoch: i32) -> R
         let (header, bytes): (BatchHeader, Bytes) = item.map_err(crate::broker::corrupt)?;
         batch::verify_crc(&bytes).map_err(crate::broker::corrupt)?;
         let mut state = p.replica.state();
-        if !matches!(state.role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch) {
-            return Err(role_changed());
-        }
+        state.ensure_follows(leader, epoch)?;
         end = p.log.log_end_offset();
         if header.base_offset != end {
             return Err(WireError::new(
@@ -752,6 +746,12 @@ fn append_copies(p: &Partition, records: Bytes, leader: NodeId, epoch: i32) -> R
     p.log.sync_to(end).map_err(storage_error)
 }
 
-fn role_changed() -> WireError {
-    WireError::new(ErrorCode::NotLeader, "this replica's role changed while copying")
+impl State {
+    /// `Ok` while this replica follows `leader` in `epoch`.
+    fn ensure_follows(&self, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+        match self.role {
+            Role::Follower { leader: l, epoch: e } if l == leader && e == epoch => Ok(()),
+            _ => Err(WireError::new(ErrorCode::NotLeader, "this replica's role changed while copying")),
+        }
+    }
 }
