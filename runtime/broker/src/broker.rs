@@ -310,17 +310,7 @@ impl Broker {
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
         let stamp = now_ms();
         for p in topic.local() {
-            let dir = partition_dir(&logs_dir, name, p.id);
-            let gone = logs_dir.join(format!("{name}-{}.{stamp}{DELETED_SUFFIX}", p.id));
-            if let Err(e) = std::fs::rename(&dir, &gone) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot rename deleted partition");
-                continue;
-            }
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = std::fs::remove_dir_all(&gone) {
-                    tracing::warn!(dir = %gone.display(), error = %e, "cannot remove deleted partition");
-                }
-            });
+            remove_partition_dir(&logs_dir, name, p.id, stamp);
         }
         tracing::info!(topic = name, "topic deleted");
         Ok(())
@@ -363,13 +353,7 @@ impl Broker {
         let stamp = now_ms();
         for p in dropped {
             p.retire();
-            let dir = partition_dir(&logs_dir, name, p.id);
-            let gone = logs_dir.join(format!("{name}-{}.{stamp}{DELETED_SUFFIX}", p.id));
-            if let Err(e) = std::fs::rename(&dir, &gone) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot rename a moved-away partition");
-                continue;
-            }
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&gone));
+            remove_partition_dir(&logs_dir, name, p.id, stamp);
             tracing::info!(topic = name, partition = p.id, "replica moved away");
         }
         self.appended.send_modify(|n| *n += 1);
@@ -512,6 +496,23 @@ fn open_partition(
             .map_err(|source| failed(LogOpenError::Io { path: dir.join("leader-epochs"), source }))?,
     };
     Ok(Partition { id, log, replica })
+}
+
+/// Renames a partition's directory away (readers holding its files finish
+/// from them) and removes it in the background; `remove_deleted_dirs`
+/// finishes the job after a crash.
+fn remove_partition_dir(logs_dir: &Path, topic: &str, partition: u32, stamp: i64) {
+    let dir = partition_dir(logs_dir, topic, partition);
+    let gone = logs_dir.join(format!("{topic}-{partition}.{stamp}{DELETED_SUFFIX}"));
+    if let Err(e) = std::fs::rename(&dir, &gone) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot rename a removed partition");
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::remove_dir_all(&gone) {
+            tracing::warn!(dir = %gone.display(), error = %e, "cannot remove a removed partition");
+        }
+    });
 }
 
 fn remove_deleted_dirs(logs_dir: &Path) {

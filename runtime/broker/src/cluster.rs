@@ -52,6 +52,11 @@ impl Broker {
         self.cluster.get()
     }
 
+    /// The controller, or `code` for a request only a cluster node serves.
+    fn require_cluster(&self, code: ErrorCode) -> Result<&Arc<Controller>, WireError> {
+        self.controller().ok_or_else(|| WireError::new(code, "this node is not part of a cluster (no --controllers)"))
+    }
+
     /// Opens the replicas the image assigns this broker and, once the image
     /// is `complete` (caught up with the leader), removes topics it no
     /// longer has. A stale image (a restart replaying the log) never
@@ -334,9 +339,7 @@ impl Broker {
         &self,
         r: ReassignPartitionRequest,
     ) -> Result<ReassignPartitionResponse, WireError> {
-        let controller = self.controller().ok_or_else(|| {
-            WireError::new(ErrorCode::InvalidRequest, "this node is not part of a cluster (no --controllers)")
-        })?;
+        let controller = self.require_cluster(ErrorCode::InvalidRequest)?;
         let command = Command::ReassignPartition { topic: r.topic, partition: r.partition, replicas: r.replicas };
         controller.write(command).await.map_err(write_error)?;
         Ok(ReassignPartitionResponse {})
@@ -344,18 +347,14 @@ impl Broker {
 
     /// Adds or removes voters of the metadata quorum.
     pub(crate) async fn alter_voters(&self, r: AlterVotersRequest) -> Result<AlterVotersResponse, WireError> {
-        let controller = self.controller().ok_or_else(|| {
-            WireError::new(ErrorCode::InvalidRequest, "this node is not part of a cluster (no --controllers)")
-        })?;
+        let controller = self.require_cluster(ErrorCode::InvalidRequest)?;
         let voters = controller.alter_voters(r.add, r.remove).await.map_err(write_error)?;
         Ok(AlterVotersResponse { voters })
     }
 
     /// Serves a controller message from another broker.
     pub(crate) async fn controller_call(&self, call: ControllerCall) -> Result<ControllerAnswer, WireError> {
-        let controller = self.controller().ok_or_else(|| {
-            WireError::new(ErrorCode::NotAuthorized, "this node is not part of a cluster (no --controllers)")
-        })?;
+        let controller = self.require_cluster(ErrorCode::NotAuthorized)?;
         let request = serde_json::from_slice(&call.body)
             .map_err(|e| WireError::new(ErrorCode::CorruptMessage, format!("controller message: {e}")))?;
         let answer = controller.handle(request).await;

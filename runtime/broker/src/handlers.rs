@@ -334,29 +334,27 @@ impl Broker {
     /// Waits until every in-sync replica holds the records below `end`
     /// (immediate on a single node): the high watermark passed them.
     async fn replicated(&self, partition: &Partition, end: i64, epoch: i32) -> Result<(), WireError> {
-        let deadline = tokio::time::Instant::now() + REPLICATION_TIMEOUT;
-        let mut appended = self.appended.subscribe();
-        loop {
-            appended.borrow_and_update();
+        self.poll_appends(REPLICATION_TIMEOUT, |last| {
             if partition.high_watermark() >= end {
-                return Ok(());
+                return Some(Ok(()));
             }
             if !partition.leads_in(epoch) {
-                return Err(WireError::new(
+                return Some(Err(WireError::new(
                     ErrorCode::NotReplicated,
                     "leadership moved before the in-sync replicas confirmed the write: it may or may not be kept",
-                ));
+                )));
             }
-            if tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
-                return Err(WireError::new(
+            last.then(|| {
+                Err(WireError::new(
                     ErrorCode::NotReplicated,
                     format!(
                         "the in-sync replicas did not confirm the write within {REPLICATION_TIMEOUT:?}: it may or may \
                          not be kept"
                     ),
-                ));
-            }
-        }
+                ))
+            })
+        })
+        .await
     }
 
     /// Everything a batch needs before it may be appended: full validation,
@@ -402,24 +400,41 @@ impl Broker {
     }
 
     async fn fetch(self: &Arc<Self>, r: FetchRequest) -> Result<FetchResponse, WireError> {
-        let wait = Duration::from_millis(u64::from(r.max_wait_ms.min(self.config.fetch_wait_ms_max)));
+        let results = self
+            .poll_appends(self.fetch_wait(r.max_wait_ms), |last| {
+                let (results, bytes, failed) = self.read_partitions(&r);
+                let done = last
+                    || failed
+                    || bytes >= r.min_bytes.max(1) as usize
+                    || self.shutting_down.load(Ordering::Relaxed);
+                done.then_some(results)
+            })
+            .await;
+        self.fetch_plugins(&r, results).await
+    }
+
+    /// A long poll's wait: what the request asks, within the broker's cap.
+    pub(crate) fn fetch_wait(&self, max_wait_ms: u32) -> Duration {
+        Duration::from_millis(u64::from(max_wait_ms.min(self.config.fetch_wait_ms_max)))
+    }
+
+    /// Runs `poll` now and again after every append or high-watermark move
+    /// until it answers, and a last time (`last = true`, where it must
+    /// answer) once `wait` has passed.
+    pub(crate) async fn poll_appends<T>(&self, wait: Duration, mut poll: impl FnMut(bool) -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + wait;
         let mut appended = self.appended.subscribe();
         loop {
             appended.borrow_and_update();
-            let (results, bytes, failed) = self.read_partitions(&r);
-            let done = failed
-                || bytes >= r.min_bytes.max(1) as usize
-                || tokio::time::Instant::now() >= deadline
-                || self.shutting_down.load(Ordering::Relaxed);
-            if done {
-                return self.fetch_plugins(&r, results).await;
+            let last = tokio::time::Instant::now() >= deadline;
+            if let Some(answer) = poll(last) {
+                return answer;
             }
-            if tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
-                let (results, _, _) = self.read_partitions(&r);
-                return self.fetch_plugins(&r, results).await;
+            if last || tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
+                break;
             }
         }
+        poll(true).expect("a long poll answers at its deadline")
     }
 
     /// Runs the fetch's filter and the topics' value decoders over what was
@@ -550,8 +565,9 @@ pub(crate) fn unknown_topic_metadata(name: String) -> TopicMetadata {
     }
 }
 
-/// Runs plugin work (wasm calls, batch rebuilding) off the runtime.
-async fn blocking<T: Send + 'static>(
+/// Runs blocking work (wasm calls, batch rebuilding, a follower's log
+/// writes) off the runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WireError> + Send + 'static,
 ) -> Result<T, WireError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?

@@ -33,6 +33,7 @@ use quiver_protocol::{ErrorCode, WireError};
 use quiver_replication::{EpochHistory, LeaderConfig, NodeId, PartitionLeader, TruncationStep, truncation_step};
 
 use crate::broker::{Broker, Partition, Topic, now_ms, storage_error, write_atomic};
+use crate::handlers::blocking;
 
 /// Carries replica fetches to other brokers (the server implements it over
 /// QUIC with this node's certificate).
@@ -140,7 +141,7 @@ impl Replica {
 
     /// Whether this replica follows `leader` in `epoch`.
     fn follows(&self, leader: NodeId, epoch: i32) -> bool {
-        matches!(self.state().role, Role::Follower { leader: l, epoch: e } if l == leader && e == epoch)
+        self.state().ensure_follows(leader, epoch).is_ok()
     }
 
     fn persist(&self, history: &EpochHistory) -> std::io::Result<()> {
@@ -310,7 +311,7 @@ impl Broker {
                 if p.publish(moved) { RoleChange::HighWatermark } else { RoleChange::None }
             }
             Some(l) => {
-                if matches!(state.role, Role::Follower { leader, epoch } if leader == l && epoch == pi.leader_epoch) {
+                if state.ensure_follows(l, pi.leader_epoch).is_ok() {
                     return RoleChange::None;
                 }
                 state.role = Role::Follower { leader: l, epoch: pi.leader_epoch };
@@ -396,22 +397,14 @@ impl Broker {
         self: &Arc<Self>,
         r: ReplicaFetchRequest,
     ) -> Result<ReplicaFetchResponse, WireError> {
-        let wait = Duration::from_millis(u64::from(r.max_wait_ms.min(self.config.fetch_wait_ms_max)));
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut appended = self.appended.subscribe();
         let mut first = true;
-        loop {
-            appended.borrow_and_update();
-            let (results, ready) = self.read_replica_partitions(&r, first);
-            first = false;
-            if ready || tokio::time::Instant::now() >= deadline || self.shutting_down.load(Ordering::Relaxed) {
-                return Ok(ReplicaFetchResponse { partitions: results });
-            }
-            if tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
-                let (results, _) = self.read_replica_partitions(&r, false);
-                return Ok(ReplicaFetchResponse { partitions: results });
-            }
-        }
+        let partitions = self
+            .poll_appends(self.fetch_wait(r.max_wait_ms), |last| {
+                let (results, ready) = self.read_replica_partitions(&r, std::mem::take(&mut first));
+                (ready || last || self.shutting_down.load(Ordering::Relaxed)).then_some(results)
+            })
+            .await;
+        Ok(ReplicaFetchResponse { partitions })
     }
 
     /// Reads every partition of a follower fetch; `register` feeds the
@@ -594,7 +587,7 @@ impl Broker {
                     let p = p.clone();
                     let name = up.name.to_string();
                     let (leader, epoch) = (up.leader, up.epoch);
-                    tokio::task::spawn_blocking(move || -> Result<(), WireError> {
+                    blocking(move || {
                         let mut state = p.replica.state();
                         state.ensure_follows(leader, epoch)?;
                         let before = p.log.log_end_offset();
@@ -607,8 +600,7 @@ impl Broker {
                         }
                         Ok(())
                     })
-                    .await
-                    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))??;
+                    .await?;
                     ask = None;
                 }
             }
@@ -631,9 +623,7 @@ impl Broker {
             let p = p.clone();
             let records = result.records.clone();
             let (leader, epoch) = (up.leader, up.epoch);
-            tokio::task::spawn_blocking(move || append_copies(&p, records, leader, epoch))
-                .await
-                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))??;
+            blocking(move || append_copies(&p, records, leader, epoch)).await?;
         }
         let hw = result.high_watermark.min(p.log.log_end_offset());
         if p.publish(Some(hw)) {
@@ -648,7 +638,7 @@ impl Broker {
     async fn start_over_at(&self, up: &Upstream<'_>, start: i64) -> Result<(), WireError> {
         let p = up.p.clone();
         let (leader, epoch, name) = (up.leader, up.epoch, up.name.to_string());
-        tokio::task::spawn_blocking(move || -> Result<(), WireError> {
+        blocking(move || {
             let mut state = p.replica.state();
             state.ensure_follows(leader, epoch)?;
             let end = p.log.log_end_offset();
@@ -662,7 +652,6 @@ impl Broker {
             Ok(())
         })
         .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
     }
 
     /// One ReplicaFetch of `up`'s partition from its end offset (with

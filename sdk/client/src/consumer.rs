@@ -330,15 +330,12 @@ async fn routed_fetch(client: Client, request: FetchRequest) -> Result<FetchResp
         if round > 0 {
             client.forget_routes();
         }
-        let mut groups: Vec<(Client, Vec<usize>)> = Vec::new();
+        let mut routed = Vec::with_capacity(todo.len());
         for i in todo {
             let p = &request.partitions[i];
-            let route = client.for_partition(&p.topic, p.partition).await?;
-            match groups.iter_mut().find(|(c, _)| c.same_connection(&route)) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((route, vec![i])),
-            }
+            routed.push((client.for_partition(&p.topic, p.partition).await?, i));
         }
+        let groups = crate::routing::group_by_connection(routed);
         let calls: Vec<_> = groups
             .into_iter()
             .map(|(route, members)| {

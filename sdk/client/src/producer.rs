@@ -27,6 +27,7 @@ use crate::connection::{Client, RequestStream};
 #[cfg(feature = "plugins")]
 use crate::partitioning::LocalPartitioner;
 use crate::partitioning::Placement;
+use crate::routing::group_by_connection;
 use quiver_protocol::partitioner::partition_for_key;
 #[cfg(feature = "plugins")]
 use quiver_protocol::partitioner::split_by_partition;
@@ -692,14 +693,11 @@ async fn send_request(shared: &Shared, target: Client, pending: Vec<ReadyBatch>,
         tracing::debug!(batches = pending.len(), error = %last_error, "retrying produce");
         tokio::time::sleep(config.retry_backoff).await;
         // Group by leader again: leadership may have moved.
-        attempts = Vec::new();
+        let mut routed = Vec::with_capacity(pending.len());
         for b in pending {
-            let route = shared.route(&b).await;
-            match attempts.iter_mut().find(|(t, _, _)| t.same_connection(&route)) {
-                Some((_, group, _)) => group.push(b),
-                None => attempts.push((route, vec![b], None)),
-            }
+            routed.push((shared.route(&b).await, b));
         }
+        attempts = group_by_connection(routed).into_iter().map(|(route, group)| (route, group, None)).collect();
     }
 }
 

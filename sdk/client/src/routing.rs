@@ -137,3 +137,16 @@ impl Client {
         &self.routing
     }
 }
+
+/// Items grouped by the connection they go to, in first-seen order (items
+/// keep their order within a group).
+pub(crate) fn group_by_connection<T>(routed: impl IntoIterator<Item = (Client, T)>) -> Vec<(Client, Vec<T>)> {
+    let mut groups: Vec<(Client, Vec<T>)> = Vec::new();
+    for (route, item) in routed {
+        match groups.iter_mut().find(|(c, _)| c.same_connection(&route)) {
+            Some((_, members)) => members.push(item),
+            None => groups.push((route, vec![item])),
+        }
+    }
+    groups
+}
