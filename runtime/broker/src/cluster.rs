@@ -119,6 +119,7 @@ impl Broker {
         if complete {
             self.apply_roles(image);
         }
+        self.reconcile_plugins(image, complete).await;
     }
 
     pub(crate) async fn create_topic_in_cluster(
@@ -399,7 +400,7 @@ fn held(t: &TopicImage, node: u32) -> Vec<u32> {
     t.partitions.iter().enumerate().filter(|(_, p)| p.replicas.contains(&node)).map(|(i, _)| i as u32).collect()
 }
 
-fn write_error(e: WriteError) -> WireError {
+pub(crate) fn write_error(e: WriteError) -> WireError {
     match e {
         WriteError::Refused(r) => {
             let code = match r.kind {
@@ -407,6 +408,7 @@ fn write_error(e: WriteError) -> WireError {
                 RefusalKind::UnknownTopic => ErrorCode::UnknownTopic,
                 RefusalKind::UnknownPartition => ErrorCode::UnknownPartition,
                 RefusalKind::NotEnoughBrokers => ErrorCode::NotEnoughReplicas,
+                RefusalKind::UnknownPlugin => ErrorCode::UnknownPlugin,
                 RefusalKind::Stale | RefusalKind::UnknownBroker | RefusalKind::Invalid => ErrorCode::InvalidRequest,
             };
             WireError::new(code, r.message)

@@ -245,7 +245,7 @@ impl Broker {
         })
     }
 
-    async fn produce(
+    pub(crate) async fn produce(
         self: &Arc<Self>,
         r: ProduceRequest,
         turn: Option<AppendTurn>,

@@ -11,6 +11,7 @@ mod cluster;
 mod handlers;
 mod order;
 mod placement;
+mod plugin_sync;
 mod plugins;
 mod replica;
 pub mod topic;

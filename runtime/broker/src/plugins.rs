@@ -14,15 +14,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use quiver_controller::Command;
 use quiver_plugin_host::{
     BUILTIN_PREFIX, CallError, Entry, HostConfig, Input, Instance, Kind, Monitor, Plugin, PluginHost,
 };
 use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record};
 use quiver_protocol::messages::{
-    PluginDeployRequest, PluginFetchResponse, PluginInfo, PluginListResponse, PluginLogLine, PluginPartitionProgress,
+    Acks, PluginDeployRequest, PluginFetchResponse, PluginInfo, PluginListResponse, PluginLogLine,
+    PluginPartitionProgress, ProducePartition, ProduceRequest,
 };
 use quiver_protocol::partitioner::partition_for_key;
 use quiver_protocol::{ErrorCode, WireError};
@@ -128,10 +130,14 @@ pub(crate) struct Deployed {
     pub(crate) plugin: Arc<Plugin>,
     pub(crate) monitor: Arc<Monitor>,
     /// Next input offset per input partition (transforms).
-    progress: Mutex<BTreeMap<u32, i64>>,
+    pub(crate) progress: Mutex<BTreeMap<u32, i64>>,
     /// Running or paused; dropping the sender stops the tasks.
-    run: watch::Sender<bool>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub(crate) run: watch::Sender<bool>,
+    /// A transform's task per input partition held here.
+    tasks: Mutex<BTreeMap<u32, tokio::task::JoinHandle<()>>>,
+    /// In a cluster: when progress was last committed to the metadata log,
+    /// and what.
+    committed: Mutex<(Option<Instant>, BTreeMap<u32, i64>)>,
     /// Idle instances for request-path kinds (serializer, filter), by params.
     pool: Mutex<HashMap<Vec<(String, String)>, Vec<Instance>>>,
 }
@@ -163,17 +169,17 @@ impl Deployed {
 
 /// The plugin registry and engine of one broker.
 pub(crate) struct Plugins {
-    host: PluginHost,
+    pub(crate) host: PluginHost,
     dir: PathBuf,
-    deployed: RwLock<HashMap<String, Arc<Deployed>>>,
-    admin: tokio::sync::Mutex<()>,
+    pub(crate) deployed: RwLock<HashMap<String, Arc<Deployed>>>,
+    pub(crate) admin: tokio::sync::Mutex<()>,
 }
 
-fn invalid(message: impl std::fmt::Display) -> WireError {
+pub(crate) fn invalid(message: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::InvalidPlugin, message.to_string())
 }
 
-fn unknown(name: &str) -> WireError {
+pub(crate) fn unknown(name: &str) -> WireError {
     WireError::new(ErrorCode::UnknownPlugin, format!("plugin '{name}' is not deployed"))
 }
 
@@ -212,7 +218,7 @@ impl Plugins {
         Ok(plugins)
     }
 
-    fn deployed(
+    pub(crate) fn deployed(
         deployment: Deployment,
         plugin: Arc<Plugin>,
         monitor: Arc<Monitor>,
@@ -225,20 +231,21 @@ impl Plugins {
             monitor,
             progress: Mutex::new(progress),
             run: watch::channel(running).0,
-            tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(BTreeMap::new()),
+            committed: Mutex::new((None, BTreeMap::new())),
             pool: Mutex::new(HashMap::new()),
         })
     }
 
-    fn blob_path(&self, sha256: &str) -> PathBuf {
+    pub(crate) fn blob_path(&self, sha256: &str) -> PathBuf {
         self.dir.join("blobs").join(format!("{sha256}.wasm"))
     }
 
-    fn progress_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn progress_path(&self, name: &str) -> PathBuf {
         self.dir.join("progress").join(format!("{name}.json"))
     }
 
-    fn read_progress(&self, name: &str) -> BTreeMap<u32, i64> {
+    pub(crate) fn read_progress(&self, name: &str) -> BTreeMap<u32, i64> {
         std::fs::read(self.progress_path(name))
             .ok()
             .and_then(|raw| serde_json::from_slice(&raw).ok())
@@ -249,7 +256,7 @@ impl Plugins {
         self.deployed.read().expect("deployed lock").get(name).cloned()
     }
 
-    fn write_registry(&self) -> std::io::Result<()> {
+    pub(crate) fn write_registry(&self) -> std::io::Result<()> {
         let mut plugins: Vec<Deployment> = self
             .deployed
             .read()
@@ -272,27 +279,35 @@ impl Broker {
         }
     }
 
-    fn start_transform(self: &Arc<Self>, d: &Arc<Deployed>) {
+    /// Starts a transform's task for every input partition held here that
+    /// has none (each runs while this broker leads its partition). Called
+    /// again whenever the replicas held here may have changed.
+    pub(crate) fn start_transform(self: &Arc<Self>, d: &Arc<Deployed>) {
         if d.plugin.kind() != Kind::Transform {
             return;
         }
         let input = d.deployment.read().expect("deployment lock").input.clone();
         let Some(topic) = self.topic(&input) else {
-            d.monitor.log("error", format!("input topic '{input}' does not exist; the transform is idle"));
+            if self.controller().is_none() {
+                d.monitor.log("error", format!("input topic '{input}' does not exist; the transform is idle"));
+            }
             return;
         };
         let mut tasks = d.tasks.lock().expect("tasks lock");
         for p in topic.local().map(|p| p.id).collect::<Vec<_>>() {
+            if tasks.contains_key(&p) {
+                continue;
+            }
             let (broker, d2) = (self.clone(), d.clone());
-            tasks.push(tokio::spawn(async move { broker.run_transform(d2, p).await }));
+            tasks.insert(p, tokio::spawn(async move { broker.run_transform(d2, p).await }));
         }
     }
 
     /// Stops a deployment's tasks and waits for them (each finishes its
     /// current batch first).
-    async fn stop_transform(&self, d: &Arc<Deployed>) {
+    pub(crate) async fn stop_transform(&self, d: &Arc<Deployed>) {
         d.run.send_replace(false);
-        let tasks: Vec<_> = d.tasks.lock().expect("tasks lock").drain(..).collect();
+        let tasks: Vec<_> = std::mem::take(&mut *d.tasks.lock().expect("tasks lock")).into_values().collect();
         for t in tasks {
             t.abort();
             let _ = t.await;
@@ -303,6 +318,58 @@ impl Broker {
         self: &Arc<Self>,
         r: PluginDeployRequest,
     ) -> Result<(u32, String, String), WireError> {
+        let (plugin, deployment) = self.validate_deployment(&r).await?;
+        if let Some(controller) = self.controller() {
+            return self.deploy_in_cluster(controller, &r, &plugin, deployment).await;
+        }
+        let plugins = &self.plugins;
+        let monitor = plugins.get(&r.name).map(|d| d.monitor.clone()).unwrap_or_default();
+        let _guard = plugins.admin.lock().await;
+        let blob = plugins.blob_path(plugin.sha256());
+        if r.builtin.is_empty() && !blob.exists() {
+            write_atomic(&blob, &r.wasm).map_err(storage_error)?;
+        }
+        let previous = plugins.get(&r.name);
+        let (version, progress) = match &previous {
+            Some(prev) => {
+                self.stop_transform(prev).await;
+                let same_input = prev.deployment.read().expect("deployment lock").input == r.input;
+                let progress =
+                    if same_input { prev.progress.lock().expect("progress lock").clone() } else { BTreeMap::new() };
+                (prev.deployment.read().expect("deployment lock").version + 1, progress)
+            }
+            None => (1, BTreeMap::new()),
+        };
+        let deployment = Deployment { version, ..deployment };
+        let sha = deployment.sha256.clone();
+        let abi = deployment.abi_version.clone();
+        if progress.is_empty() {
+            let _ = std::fs::remove_file(plugins.progress_path(&r.name));
+        }
+        let deployed = Plugins::deployed(deployment, plugin, monitor, progress);
+        plugins.deployed.write().expect("deployed lock").insert(r.name.clone(), deployed.clone());
+        if let Err(e) = plugins.write_registry() {
+            // Not durable: undo, so memory and disk agree.
+            match previous {
+                Some(prev) => plugins.deployed.write().expect("deployed lock").insert(r.name.clone(), prev),
+                None => plugins.deployed.write().expect("deployed lock").remove(&r.name),
+            };
+            return Err(storage_error(e));
+        }
+        deployed.monitor.log("info", format!("version {version} deployed ({sha})"));
+        self.start_transform(&deployed);
+        tracing::info!(plugin = %r.name, version, kind = %deployed.plugin.kind(), "plugin deployed");
+        Ok((version, sha, abi))
+    }
+
+    /// Everything a deployment must pass before it is stored: the name, the
+    /// component (loaded and of the stated kind), the topics it names, and
+    /// one instance started with its parameters. Returns the plugin and the
+    /// deployment (version 0: the registry assigns it).
+    async fn validate_deployment(
+        self: &Arc<Self>,
+        r: &PluginDeployRequest,
+    ) -> Result<(Arc<Plugin>, Deployment), WireError> {
         validate_plugin_name(&r.name).map_err(invalid)?;
         let kind: Kind = r.kind.parse().map_err(invalid)?;
         let on_error = OnError::parse(&r.on_error).map_err(invalid)?;
@@ -338,62 +405,27 @@ impl Broker {
         }
         // Start one instance now: bad parameters are refused at deploy time.
         let monitor = plugins.get(&r.name).map(|d| d.monitor.clone()).unwrap_or_default();
-        let (p2, params, outputs, m2) = (plugin.clone(), r.params.clone(), r.outputs.clone(), monitor.clone());
-        tokio::task::spawn_blocking(move || p2.instantiate(&params, &outputs, m2).map(drop))
+        let (p2, params, outputs) = (plugin.clone(), r.params.clone(), r.outputs.clone());
+        tokio::task::spawn_blocking(move || p2.instantiate(&params, &outputs, monitor).map(drop))
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
             .map_err(invalid)?;
-
-        let _guard = plugins.admin.lock().await;
-        let blob = plugins.blob_path(plugin.sha256());
-        if r.builtin.is_empty() && !blob.exists() {
-            write_atomic(&blob, &r.wasm).map_err(storage_error)?;
-        }
-        let previous = plugins.get(&r.name);
-        let (version, progress) = match &previous {
-            Some(prev) => {
-                self.stop_transform(prev).await;
-                let same_input = prev.deployment.read().expect("deployment lock").input == r.input;
-                let progress =
-                    if same_input { prev.progress.lock().expect("progress lock").clone() } else { BTreeMap::new() };
-                (prev.deployment.read().expect("deployment lock").version + 1, progress)
-            }
-            None => (1, BTreeMap::new()),
-        };
         let deployment = Deployment {
             name: r.name.clone(),
-            version,
+            version: 0,
             kind,
             sha256: plugin.sha256().to_owned(),
             abi_version: plugin.abi_version().to_owned(),
             size_bytes: r.wasm.len() as u64,
             deployed_ms: now_ms(),
-            params: r.params,
-            input: r.input,
-            outputs: r.outputs,
+            params: r.params.clone(),
+            input: r.input.clone(),
+            outputs: r.outputs.clone(),
             on_error,
             start,
             paused: None,
         };
-        let sha = deployment.sha256.clone();
-        let abi = deployment.abi_version.clone();
-        if progress.is_empty() {
-            let _ = std::fs::remove_file(plugins.progress_path(&r.name));
-        }
-        let deployed = Plugins::deployed(deployment, plugin, monitor, progress);
-        plugins.deployed.write().expect("deployed lock").insert(r.name.clone(), deployed.clone());
-        if let Err(e) = plugins.write_registry() {
-            // Not durable: undo, so memory and disk agree.
-            match previous {
-                Some(prev) => plugins.deployed.write().expect("deployed lock").insert(r.name.clone(), prev),
-                None => plugins.deployed.write().expect("deployed lock").remove(&r.name),
-            };
-            return Err(storage_error(e));
-        }
-        deployed.monitor.log("info", format!("version {version} deployed ({sha})"));
-        self.start_transform(&deployed);
-        tracing::info!(plugin = %r.name, version, %kind, "plugin deployed");
-        Ok((version, sha, abi))
+        Ok((plugin, deployment))
     }
 
     fn check_transform_topics(&self, input: &str, outputs: &[String], on_error: &OnError) -> Result<(), WireError> {
@@ -405,7 +437,7 @@ impl Broker {
             _ => None,
         };
         for t in std::iter::once(&input.to_owned()).chain(outputs).chain(dlq) {
-            if self.topic(t).is_none() {
+            if self.output_topic(t).is_none() {
                 return Err(WireError::new(ErrorCode::UnknownTopic, format!("topic '{t}' does not exist")));
             }
         }
@@ -424,6 +456,9 @@ impl Broker {
         Self: Sized,
     {
         use quiver_protocol::messages::PluginAction;
+        if let Some(controller) = self.controller() {
+            return self.control_in_cluster(controller, name, action).await;
+        }
         let plugins = &self.plugins;
         let _guard = plugins.admin.lock().await;
         let d = plugins.get(name).ok_or_else(|| unknown(name))?;
@@ -477,17 +512,29 @@ impl Broker {
             .map(|d| {
                 let dep = d.deployment.read().expect("deployment lock").clone();
                 let stats = d.monitor.stats();
-                let progress = d
-                    .progress
-                    .lock()
-                    .expect("progress lock")
-                    .iter()
-                    .map(|(p, next)| PluginPartitionProgress {
-                        partition: *p,
-                        next_offset: *next,
+                let mut progress = d.progress.lock().expect("progress lock").clone();
+                if let Some(c) = self.controller() {
+                    // Other leaders' progress, as last committed.
+                    let image = c.image().borrow().clone();
+                    for (p, n) in image
+                        .plugins
+                        .get(&dep.name)
+                        .filter(|i| i.version == dep.version)
+                        .iter()
+                        .flat_map(|i| &i.progress)
+                    {
+                        let at = progress.entry(*p).or_insert(*n);
+                        *at = (*at).max(*n);
+                    }
+                }
+                let progress = progress
+                    .into_iter()
+                    .map(|(partition, next_offset)| PluginPartitionProgress {
+                        partition,
+                        next_offset,
                         high_watermark: self
-                            .partition(&dep.input, *p)
-                            .map_or(-1, |(_, part)| part.log.log_end_offset()),
+                            .partition(&dep.input, partition)
+                            .map_or(-1, |(_, part)| part.high_watermark()),
                     })
                     .collect();
                 let (state, reason) = match &dep.paused {
@@ -549,8 +596,10 @@ impl Broker {
             .collect())
     }
 
-    /// One input partition of a transform: read, call the plugin batch by
-    /// batch, append the outputs, store progress; wait for more input.
+    /// One input partition of a transform, while this broker leads it: read
+    /// up to the high watermark, call the plugin batch by batch, produce the
+    /// outputs (acks=all, to each output partition's leader), then store
+    /// progress; wait for more input.
     async fn run_transform(self: Arc<Self>, d: Arc<Deployed>, partition: u32) {
         let mut run = d.run.subscribe();
         let mut appended = self.appended.subscribe();
@@ -575,68 +624,115 @@ impl Broker {
             .await;
             let (result, inst) = match step {
                 Ok(x) => x,
-                Err(e) => (Err(format!("transform task failed: {e}")), None),
+                Err(e) => (Err(StepError::Policy(format!("transform task failed: {e}"))), None),
             };
             instance = inst;
+            let result = match result {
+                Ok(Some(step)) => self.finish_step(&d, partition, step).await,
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            };
             match result {
                 Ok(true) => continue,
                 Ok(false) => {
-                    // Caught up: wait for an append or a pause.
+                    self.commit_progress(&d, true).await;
+                    // Caught up (or not the leader): wait for an append or a
+                    // pause.
                     tokio::select! {
                         changed = appended.changed() => if changed.is_err() { return },
                         changed = run.changed() => if changed.is_err() { return },
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
-                Err(reason) => {
+                Err(StepError::Retry(reason)) => {
+                    // The outputs could not all be written: nothing is
+                    // recorded as done, the step runs again (some outputs
+                    // may be written twice: at-least-once).
+                    d.monitor.log("warn", format!("{reason}; retrying"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(StepError::Policy(reason)) => {
                     // The policy said fail: pause the whole transform.
                     let reason = format!("failed: {reason}");
                     d.monitor.log("error", format!("{reason}; paused (resume retries from the stored progress)"));
-                    d.deployment.write().expect("deployment lock").paused = Some(reason);
-                    let _ = self.plugins.write_registry();
                     d.run.send_replace(false);
+                    let version = {
+                        let mut dep = d.deployment.write().expect("deployment lock");
+                        dep.paused = Some(reason.clone());
+                        dep.version
+                    };
+                    match self.controller() {
+                        // Paused on every broker, through the metadata log.
+                        Some(controller) => {
+                            let name = d.deployment.read().expect("deployment lock").name.clone();
+                            let command = Command::SetPluginPaused { name, version, paused: Some(reason) };
+                            if let Err(e) = controller.write(command).await {
+                                tracing::warn!(error = %e, "cannot record a failed transform's pause");
+                            }
+                        }
+                        None => {
+                            let _ = self.plugins.write_registry();
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Processes what is available (up to `READ_BYTES_MAX`). Ok(true) if it
-    /// made progress, Ok(false) if caught up, Err when the policy is `fail`.
-    fn transform_step(&self, d: &Deployed, partition: u32, instance: &mut Option<Instance>) -> Result<bool, String> {
+    /// Reads what is available (up to `READ_BYTES_MAX`) and runs it through
+    /// the plugin. `None` when this broker does not lead the input
+    /// partition. Blocking.
+    fn transform_step(
+        &self,
+        d: &Deployed,
+        partition: u32,
+        instance: &mut Option<Instance>,
+    ) -> Result<Option<Step>, StepError> {
         let dep = d.deployment.read().expect("deployment lock").clone();
-        let (_, input) = self.partition(&dep.input, partition).map_err(|e| e.message)?;
-        let next = {
-            let progress = d.progress.lock().expect("progress lock");
-            match progress.get(&partition) {
-                Some(n) => *n,
-                None => match dep.start {
-                    StartAt::Start => input.log.log_start_offset(),
-                    StartAt::End => input.log.log_end_offset(),
-                    StartAt::Offset(n) => n.max(input.log.log_start_offset()),
-                    StartAt::Timestamp(ts) => {
-                        input.log.offset_for_timestamp(ts).ok().flatten().map_or(input.log.log_end_offset(), |(o, _)| o)
-                    }
-                },
-            }
+        let Some(input) = self.topic(&dep.input).and_then(|t| t.held(partition)).filter(|p| p.leads()) else {
+            return Ok(None);
         };
-        let next = next.max(input.log.log_start_offset());
-        let hw = input.log.log_end_offset();
+        let next = self.transform_next(d, &dep, partition, &input);
+        let mut step = Step { from: next, cursor: next, outputs: Outputs::new() };
+        let hw = input.high_watermark();
         if next >= hw {
-            self.save_progress(d, &dep, partition, next, &[])?;
-            return Ok(false);
+            return Ok(Some(step));
         }
-        let data = input.log.read(next, READ_BYTES_MAX, hw).map_err(|e| e.to_string())?;
-        let mut cursor = next;
-        let mut touched: Vec<Arc<crate::broker::Partition>> = Vec::new();
+        let data = input.log.read(next, READ_BYTES_MAX, hw).map_err(|e| StepError::Retry(e.to_string()))?;
         for item in Batches::new(data) {
-            let (header, batch) = item.map_err(|e| e.to_string())?;
-            if header.next_offset() <= cursor {
+            let (header, batch) = item.map_err(|e| StepError::Policy(e.to_string()))?;
+            if header.next_offset() <= step.cursor {
                 continue;
             }
-            cursor = self.transform_batch(d, &dep, partition, &batch, cursor, instance, &mut touched)?;
+            step.cursor = self
+                .transform_batch(d, &dep, partition, &batch, step.cursor, instance, &mut step.outputs)
+                .map_err(StepError::Policy)?;
         }
-        self.save_progress(d, &dep, partition, cursor, &touched)?;
-        Ok(cursor > next)
+        Ok(Some(step))
+    }
+
+    /// Where a transform goes on in `partition`: the furthest of what this
+    /// broker stored and what the metadata log has (another leader's
+    /// progress), else the deployment's start position.
+    fn transform_next(&self, d: &Deployed, dep: &Deployment, partition: u32, input: &crate::broker::Partition) -> i64 {
+        let stored = d.progress.lock().expect("progress lock").get(&partition).copied();
+        let committed = self.controller().and_then(|c| {
+            let image = c.image();
+            let image = image.borrow();
+            image.plugins.get(&dep.name).filter(|p| p.version == dep.version)?.progress.get(&partition).copied()
+        });
+        let next = match stored.max(committed) {
+            Some(n) => n,
+            None => match dep.start {
+                StartAt::Start => input.log.log_start_offset(),
+                StartAt::End => input.high_watermark(),
+                StartAt::Offset(n) => n,
+                StartAt::Timestamp(ts) => {
+                    input.log.offset_for_timestamp(ts).ok().flatten().map_or(input.high_watermark(), |(o, _)| o)
+                }
+            },
+        };
+        next.max(input.log.log_start_offset())
     }
 
     /// Runs one stored batch (from offset `from`) through the plugin and
@@ -650,7 +746,7 @@ impl Broker {
         stored: &Bytes,
         from: i64,
         instance: &mut Option<Instance>,
-        touched: &mut Vec<Arc<crate::broker::Partition>>,
+        outputs: &mut Outputs,
     ) -> Result<i64, String> {
         let (header, body) = batch::records_section(stored).map_err(|e| e.to_string())?;
         let records = batch::decode_section(&header, &body).map_err(|e| e.to_string())?;
@@ -680,14 +776,14 @@ impl Broker {
             match out {
                 Ok((entries, refusal)) => {
                     let produced = entries.len();
-                    self.append_outputs(dep, partition, rest, &entries, touched)?;
+                    self.collect_outputs(dep, partition, rest, &entries, outputs)?;
                     inst.count_output(produced);
                     match refusal {
                         None => return Ok(header.next_offset()),
                         Some(r) => {
                             let bad =
                                 rest.get(r.index as usize).ok_or("the plugin refused a record it was not given")?;
-                            self.poison(d, dep, partition, std::slice::from_ref(bad), &r.message, touched)?;
+                            self.poison(d, dep, partition, std::slice::from_ref(bad), &r.message, outputs)?;
                             first += r.index as usize + 1;
                         }
                     }
@@ -695,7 +791,7 @@ impl Broker {
                 Err(e) => {
                     // The whole call failed: the policy applies to every
                     // record it was given.
-                    self.poison(d, dep, partition, rest, &plugin_failure(&e), touched)?;
+                    self.poison(d, dep, partition, rest, &plugin_failure(&e), outputs)?;
                     return Ok(header.next_offset());
                 }
             }
@@ -711,7 +807,7 @@ impl Broker {
         partition: u32,
         records: &[Record],
         reason: &str,
-        touched: &mut Vec<Arc<crate::broker::Partition>>,
+        outputs: &mut Outputs,
     ) -> Result<(), String> {
         let first = records.first().map_or(-1, |r| r.offset);
         let what = if records.len() == 1 {
@@ -726,9 +822,11 @@ impl Broker {
                 Ok(())
             }
             OnError::DeadLetter(topic) => {
-                let t = self.topic(topic).ok_or_else(|| format!("dead-letter topic '{topic}' does not exist"))?;
-                let p = partition % t.count();
-                let mut b = BatchBuilder::new(Compression::None);
+                let (count, _) =
+                    self.output_topic(topic).ok_or_else(|| format!("dead-letter topic '{topic}' does not exist"))?;
+                let b = outputs
+                    .entry((topic.clone(), partition % count))
+                    .or_insert_with(|| BatchBuilder::new(Compression::None));
                 for r in records {
                     let mut headers = r.headers.clone();
                     headers.push(Header { key: "quiver.error".into(), value: Some(Bytes::from(reason.to_owned())) });
@@ -736,52 +834,57 @@ impl Broker {
                     headers.push(Header { key: "quiver.source".into(), value: Some(Bytes::from(source)) });
                     b.append(r.timestamp, r.key.as_deref(), r.value.as_deref(), &headers);
                 }
-                let part = t.held(p).ok_or_else(|| format!("partition {p} of '{topic}' is not on this broker"))?;
-                part.log.append(&b.build(), 0).map_err(|e| e.to_string())?;
-                touched.push(part);
                 d.monitor.log("warn", format!("dead-lettered {what} to '{topic}': {reason}"));
                 Ok(())
             }
         }
     }
 
-    /// Appends a call's outputs: grouped by output partition, in order.
-    fn append_outputs(
+    /// A transform's output topic: its partition count and the codec its
+    /// batches are built with (the topic's, where this broker holds it).
+    fn output_topic(&self, name: &str) -> Option<(u32, Compression)> {
+        if let Some(t) = self.topic(name) {
+            let codec = match t.config.compression {
+                TopicCompression::Codec(c) => c,
+                TopicCompression::Producer => Compression::None,
+            };
+            return Some((t.count(), codec));
+        }
+        let image = self.controller()?.image();
+        let count = image.borrow().topics.get(name)?.partitions.len() as u32;
+        Some((count, Compression::None))
+    }
+
+    /// Adds a call's outputs to the step's batches, by output partition, in
+    /// order.
+    fn collect_outputs(
         &self,
         dep: &Deployment,
         input_partition: u32,
         inputs: &[Record],
         entries: &[Entry<'_>],
-        touched: &mut Vec<Arc<crate::broker::Partition>>,
+        outputs: &mut Outputs,
     ) -> Result<(), String> {
-        let mut batches: BTreeMap<(u32, u32), BatchBuilder> = BTreeMap::new();
         let mut topics = Vec::with_capacity(dep.outputs.len());
         for name in &dep.outputs {
-            topics.push(self.topic(name).ok_or_else(|| format!("output topic '{name}' does not exist"))?);
+            topics.push(self.output_topic(name).ok_or_else(|| format!("output topic '{name}' does not exist"))?);
         }
         for entry in entries {
             let t = entry.topic();
-            let topic = &topics[t as usize];
-            let n = topic.count();
+            let (n, codec) = topics[t as usize];
+            let name = &dep.outputs[t as usize];
             let src = &inputs[entry.input() as usize];
-            let codec = match topic.config.compression {
-                TopicCompression::Codec(c) => c,
-                TopicCompression::Producer => Compression::None,
-            };
             match entry {
                 Entry::Forward { .. } => {
                     let p = src.key.as_deref().map_or(input_partition % n, |k| partition_for_key(k, n));
-                    let b = batches.entry((t, p)).or_insert_with(|| BatchBuilder::new(codec));
+                    let b = outputs.entry((name.clone(), p)).or_insert_with(|| BatchBuilder::new(codec));
                     b.append(src.timestamp, src.key.as_deref(), src.value.as_deref(), &src.headers);
                 }
                 Entry::New { partition, key, value, headers, .. } => {
                     let p = match (partition, key) {
                         (Some(p), _) if *p < n => *p,
                         (Some(p), _) => {
-                            return Err(format!(
-                                "the plugin chose partition {p} of '{}', which has {n}",
-                                dep.outputs[t as usize]
-                            ));
+                            return Err(format!("the plugin chose partition {p} of '{name}', which has {n}"));
                         }
                         (None, Some(k)) => partition_for_key(k, n),
                         (None, None) => input_partition % n,
@@ -790,49 +893,139 @@ impl Broker {
                         .iter()
                         .map(|(k, v)| Header { key: (*k).to_owned(), value: v.map(Bytes::copy_from_slice) })
                         .collect();
-                    let b = batches.entry((t, p)).or_insert_with(|| BatchBuilder::new(codec));
+                    let b = outputs.entry((name.clone(), p)).or_insert_with(|| BatchBuilder::new(codec));
                     b.append(src.timestamp, *key, *value, &headers);
                 }
             }
         }
-        for ((t, p), b) in batches {
-            let topic = &topics[t as usize];
-            let part = topic
-                .held(p)
-                .ok_or_else(|| format!("partition {p} of '{}' is not on this broker", topic.record.name))?;
-            part.log.append(&b.build(), 0).map_err(|e| e.to_string())?;
-            touched.push(part);
-        }
-        if !touched.is_empty() {
-            self.appended.send_modify(|n| *n += 1);
-        }
         Ok(())
     }
 
-    /// Makes the outputs durable, then the progress: never the other way.
-    fn save_progress(
-        &self,
-        d: &Deployed,
-        dep: &Deployment,
-        partition: u32,
-        next: i64,
-        touched: &[Arc<crate::broker::Partition>],
-    ) -> Result<(), String> {
-        let mut seen = std::collections::HashSet::new();
-        for p in touched {
-            if seen.insert(Arc::as_ptr(p)) {
-                p.log.sync_to(p.log.log_end_offset()).map_err(|e| format!("fsync of an output failed: {e}"))?;
+    /// Produces a step's outputs, then stores its progress: never the other
+    /// way round. Ok(true) if the step moved on.
+    async fn finish_step(self: &Arc<Self>, d: &Deployed, partition: u32, step: Step) -> Result<bool, StepError> {
+        for ((topic, p), b) in step.outputs {
+            self.produce_output(&topic, p, b.build()).await?;
+        }
+        let name = d.deployment.read().expect("deployment lock").name.clone();
+        {
+            let mut progress = d.progress.lock().expect("progress lock");
+            if progress.get(&partition) != Some(&step.cursor) {
+                progress.insert(partition, step.cursor);
+                // Written under the lock: one writer of the file at a time.
+                let body = serde_json::to_vec(&*progress).expect("progress serialises");
+                write_atomic(&self.plugins.progress_path(&name), &body)
+                    .map_err(|e| StepError::Policy(format!("cannot store progress: {e}")))?;
             }
         }
-        let mut progress = d.progress.lock().expect("progress lock");
-        if progress.get(&partition) == Some(&next) {
-            return Ok(());
-        }
-        progress.insert(partition, next);
-        // Written under the lock: one writer of the file at a time.
-        let body = serde_json::to_vec(&*progress).expect("progress serialises");
-        write_atomic(&self.plugins.progress_path(&dep.name), &body).map_err(|e| format!("cannot store progress: {e}"))
+        self.commit_progress(d, false).await;
+        Ok(step.cursor > step.from)
     }
+
+    /// Writes one output batch as a producer with acks=all would: to the
+    /// partition's leader, here or on another broker, acknowledged once the
+    /// in-sync replicas have it on disk.
+    async fn produce_output(self: &Arc<Self>, topic: &str, partition: u32, records: Bytes) -> Result<(), StepError> {
+        let request = ProduceRequest {
+            acks: Acks::All,
+            timeout_ms: 10_000,
+            partitions: vec![ProducePartition { topic: topic.to_owned(), partition, records }],
+        };
+        let leader = match self.controller() {
+            None => None,
+            Some(controller) => {
+                let image = controller.image().borrow().clone();
+                match crate::cluster::check_leader(self.config.node_id, &image, topic, partition) {
+                    Ok(()) => None,
+                    Err(e) if e.code != ErrorCode::NotLeader => return Err(StepError::Retry(e.message)),
+                    Err(e) => {
+                        let leader = image.topics[topic].partitions[partition as usize].leader;
+                        let address = leader.and_then(|l| image.brokers.get(&l)).map(|b| b.address.clone());
+                        match (leader, address) {
+                            (Some(l), Some(a)) => Some((l, a)),
+                            _ => return Err(StepError::Retry(e.message)),
+                        }
+                    }
+                }
+            }
+        };
+        let response = match leader {
+            None => self.produce(request, None).await,
+            Some((node, address)) => match self.replica_link.get() {
+                Some(link) => link.produce(node, address, request).await,
+                None => return Err(StepError::Retry("no link to other brokers yet".into())),
+            },
+        };
+        let result = response
+            .map_err(|e| StepError::Retry(format!("output {topic}-{partition}: {}", e.message)))?
+            .partitions
+            .pop()
+            .ok_or_else(|| StepError::Retry(format!("output {topic}-{partition}: an empty produce answer")))?;
+        let message = format!("output {topic}-{partition}: {}: {}", result.error.name(), result.message);
+        match result.error {
+            ErrorCode::None => Ok(()),
+            code if code.is_retriable() || code == ErrorCode::NotReplicated || code == ErrorCode::StorageError => {
+                Err(StepError::Retry(message))
+            }
+            _ => Err(StepError::Policy(message)),
+        }
+    }
+
+    /// In a cluster, writes this broker's new progress to the metadata log
+    /// (at most once a second unless `now`), so that a new leader of an
+    /// input partition goes on from there.
+    async fn commit_progress(&self, d: &Deployed, now: bool) {
+        let Some(controller) = self.controller() else { return };
+        let changes: Vec<(u32, i64)> = {
+            let mut committed = d.committed.lock().expect("committed lock");
+            if !now && committed.0.is_some_and(|at| at.elapsed() < PROGRESS_COMMIT_INTERVAL) {
+                return;
+            }
+            let progress = d.progress.lock().expect("progress lock");
+            let changes: Vec<_> =
+                progress.iter().filter(|(p, n)| committed.1.get(p) != Some(n)).map(|(p, n)| (*p, *n)).collect();
+            if changes.is_empty() {
+                return;
+            }
+            committed.0 = Some(Instant::now());
+            committed.1.extend(changes.iter().copied());
+            changes
+        };
+        let (name, version) = {
+            let dep = d.deployment.read().expect("deployment lock");
+            (dep.name.clone(), dep.version)
+        };
+        if let Err(e) = controller.write(Command::PluginProgress { name, version, progress: changes.clone() }).await {
+            tracing::debug!(error = %e, "transform progress not committed; will retry");
+            let mut committed = d.committed.lock().expect("committed lock");
+            for (p, _) in changes {
+                committed.1.remove(&p);
+            }
+        }
+    }
+}
+
+/// How often a transform's leader commits its progress to the metadata log
+/// (a new leader may repeat up to this much: at-least-once).
+const PROGRESS_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Output batches of one transform step, per output topic and partition, in
+/// input order.
+type Outputs = BTreeMap<(String, u32), BatchBuilder>;
+
+/// What one transform step read and produced.
+struct Step {
+    from: i64,
+    /// The next input offset once the outputs are written.
+    cursor: i64,
+    outputs: Outputs,
+}
+
+enum StepError {
+    /// The error policy (or a broken plugin) stops the transform.
+    Policy(String),
+    /// Writing the outputs failed for now (leader moved, no quorum, ...).
+    Retry(String),
 }
 
 /// What a request-path plugin does to a batch.
@@ -893,7 +1086,23 @@ impl Broker {
 
     /// The topics whose configs name plugin `name` (it cannot be removed
     /// while one does).
-    fn topics_using(&self, name: &str) -> Vec<String> {
+    pub(crate) fn topics_using(&self, name: &str) -> Vec<String> {
+        if let Some(c) = self.controller() {
+            let image = c.image().borrow().clone();
+            return image
+                .topics
+                .iter()
+                .filter(|(_, t)| {
+                    let overrides = t.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                    self.config
+                        .topic_defaults
+                        .clone()
+                        .with_overrides(overrides)
+                        .is_ok_and(|c| c.plugins().any(|(_, n)| n == name))
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+        }
         self.sorted_topics()
             .iter()
             .filter(|t| t.config.plugins().any(|(_, n)| n == name))

@@ -44,6 +44,24 @@ pub trait ReplicaLink: Send + Sync {
         address: String,
         request: ReplicaFetchRequest,
     ) -> Pin<Box<dyn Future<Output = Result<ReplicaFetchResponse, WireError>> + Send>>;
+
+    /// Sends a produce request to the broker `leader` at `address` (a
+    /// transform writing to a partition another broker leads).
+    fn produce(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: ProduceRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<ProduceResponse, WireError>> + Send>>;
+
+    /// Asks the broker `node` at `address` which plugins it runs (a deploy
+    /// waits until every live broker loaded the new version).
+    fn list_plugins(
+        &self,
+        node: NodeId,
+        address: String,
+        request: PluginListRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<PluginListResponse, WireError>> + Send>>;
 }
 
 /// How long a leader holds a follower's fetch when it has nothing new.

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use quiver_replication::{Election, NodeId, elect_leader};
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +76,57 @@ pub struct ClusterImage {
     /// Unclean elections that happened, newest last (bounded), so that
     /// `cluster health` can report them.
     pub unclean_elections: Vec<UncleanElection>,
+    /// Deployed plugins by name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginImage>,
+    /// The components of deployed plugins, content-addressed by SHA-256,
+    /// each stored once however many deployments use it.
+    #[serde(default)]
+    pub blobs: BTreeMap<String, Blob>,
+}
+
+/// A deployed plugin. The deployment's details (kind, parameters, topics,
+/// policies) are the brokers' business and opaque here; the quorum decides
+/// the version, the component, paused or not, and where a transform got to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginImage {
+    /// 1 for the first deployment under a name, then one more per deploy.
+    pub version: u32,
+    /// The component's SHA-256 (a key of `ClusterImage::blobs`), or a
+    /// built-in plugin's name after [`BUILTIN_PREFIX`].
+    pub sha256: String,
+    /// The broker's deployment record (JSON).
+    pub spec: String,
+    /// Why it is paused (by a user or by its error policy); none = running.
+    pub paused: Option<String>,
+    /// Transforms: the next input offset per input partition, as last
+    /// committed by that partition's leader (a new leader resumes there).
+    #[serde(default)]
+    pub progress: BTreeMap<u32, i64>,
+}
+
+/// Hashes naming a component built into every broker, not stored here.
+pub const BUILTIN_PREFIX: &str = "builtin:";
+
+/// A plugin's component as the brokers store it (zstd-compressed). Written
+/// to the log and snapshots as base64; cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob(#[serde(with = "base64_bytes")] pub Bytes);
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map(Bytes::from).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +184,35 @@ pub enum Command {
         partition: u32,
         replicas: Vec<NodeId>,
     },
+    /// Deploys a plugin (a new version if the name exists). `blob` carries
+    /// the component unless the image already has its hash or it is built
+    /// in; `keep_progress` carries a transform's progress over to the new
+    /// version (same input topic).
+    DeployPlugin {
+        name: String,
+        sha256: String,
+        spec: String,
+        blob: Option<Blob>,
+        keep_progress: bool,
+    },
+    /// Pauses (`paused` = why) or resumes a plugin. `version` 0 means any;
+    /// otherwise a change meant for an older version is refused (a failure
+    /// of version 1 does not pause version 2).
+    SetPluginPaused {
+        name: String,
+        version: u32,
+        paused: Option<String>,
+    },
+    RemovePlugin {
+        name: String,
+    },
+    /// A transform's progress on input partitions this broker leads; offsets
+    /// only move forward.
+    PluginProgress {
+        name: String,
+        version: u32,
+        progress: Vec<(u32, i64)>,
+    },
 }
 
 /// The answer to one command.
@@ -140,6 +221,8 @@ pub enum Outcome {
     Done,
     /// The partition's state after an accepted ISR change.
     Partition(PartitionImage),
+    /// The version a plugin deployment got.
+    PluginVersion(u32),
     Refused(Refusal),
 }
 
@@ -157,6 +240,7 @@ pub enum RefusalKind {
     UnknownPartition,
     NotEnoughBrokers,
     UnknownBroker,
+    UnknownPlugin,
     /// An ISR change from a leader that is no longer leader, or from an
     /// older partition epoch.
     Stale,
@@ -298,6 +382,61 @@ impl ClusterImage {
                 self.finish_reassignment(topic, *partition);
                 Outcome::Done
             }
+            Command::DeployPlugin { name, sha256, spec, blob, keep_progress } => {
+                match blob {
+                    Some(blob) => {
+                        self.blobs.entry(sha256.clone()).or_insert_with(|| blob.clone());
+                    }
+                    None if sha256.starts_with(BUILTIN_PREFIX) || self.blobs.contains_key(sha256) => {}
+                    None => {
+                        return refuse(
+                            RefusalKind::Invalid,
+                            format!("plugin '{name}': component {sha256} is not stored; send it with the deployment"),
+                        );
+                    }
+                }
+                let previous = self.plugins.get(name);
+                let version = previous.map_or(1, |p| p.version + 1);
+                let progress = match previous {
+                    Some(p) if *keep_progress => p.progress.clone(),
+                    _ => BTreeMap::new(),
+                };
+                let plugin =
+                    PluginImage { version, sha256: sha256.clone(), spec: spec.clone(), paused: None, progress };
+                self.plugins.insert(name.clone(), plugin);
+                self.collect_blobs();
+                Outcome::PluginVersion(version)
+            }
+            Command::SetPluginPaused { name, version, paused } => {
+                let Some(p) = self.plugins.get_mut(name) else {
+                    return refuse(RefusalKind::UnknownPlugin, format!("plugin '{name}' is not deployed"));
+                };
+                if *version != 0 && *version != p.version {
+                    return refuse(
+                        RefusalKind::Stale,
+                        format!("plugin '{name}' is at version {}, not {version}", p.version),
+                    );
+                }
+                p.paused = paused.clone();
+                Outcome::Done
+            }
+            Command::RemovePlugin { name } => {
+                if self.plugins.remove(name).is_none() {
+                    return refuse(RefusalKind::UnknownPlugin, format!("plugin '{name}' is not deployed"));
+                }
+                self.collect_blobs();
+                Outcome::Done
+            }
+            Command::PluginProgress { name, version, progress } => {
+                let Some(p) = self.plugins.get_mut(name).filter(|p| p.version == *version) else {
+                    return refuse(RefusalKind::Stale, format!("plugin '{name}' version {version} is not deployed"));
+                };
+                for (partition, next) in progress {
+                    let at = p.progress.entry(*partition).or_insert(*next);
+                    *at = (*at).max(*next);
+                }
+                Outcome::Done
+            }
             Command::PreferredElection => {
                 for (topic, partition) in self.preferred_elections_due() {
                     let p = &mut self.topics.get_mut(&topic).expect("listed topic").partitions[partition as usize];
@@ -308,6 +447,12 @@ impl ClusterImage {
                 Outcome::Done
             }
         }
+    }
+
+    /// Drops the components no deployment uses any more.
+    fn collect_blobs(&mut self) {
+        let used: BTreeSet<&String> = self.plugins.values().map(|p| &p.sha256).collect();
+        self.blobs.retain(|sha, _| used.contains(sha));
     }
 
     /// Completes a reassignment once every target replica is in sync: the
@@ -686,5 +831,50 @@ mod tests {
                 assert_eq!(image.topics["t"].partitions[0].leader, Some(leader));
             }
         }
+    }
+
+    #[test]
+    fn plugin_versions_components_and_progress() {
+        let mut image = cluster(&[(1, None)]);
+        let deploy = |sha: &str, blob: Option<&'static [u8]>, keep_progress| Command::DeployPlugin {
+            name: "p".into(),
+            sha256: sha.into(),
+            spec: "{}".into(),
+            blob: blob.map(|b| Blob(Bytes::from_static(b))),
+            keep_progress,
+        };
+        // A hash the image does not hold needs its component.
+        assert!(matches!(image.apply(1, &deploy("a", None, false)), Outcome::Refused(_)));
+        assert_eq!(image.apply(2, &deploy("a", Some(b"wasm-a"), false)), Outcome::PluginVersion(1));
+        let progress = |v| Command::PluginProgress { name: "p".into(), version: v, progress: vec![(0, 10), (1, 5)] };
+        assert_eq!(image.apply(3, &progress(1)), Outcome::Done);
+        // Offsets only move forward; a report for another version is stale.
+        let back = Command::PluginProgress { name: "p".into(), version: 1, progress: vec![(0, 3)] };
+        assert_eq!(image.apply(4, &back), Outcome::Done);
+        assert_eq!(image.plugins["p"].progress, BTreeMap::from([(0, 10), (1, 5)]));
+        assert!(matches!(image.apply(5, &progress(7)), Outcome::Refused(_)));
+        // A new version with the stored hash needs no component, and keeps
+        // the progress when asked to.
+        assert_eq!(image.apply(6, &deploy("a", None, true)), Outcome::PluginVersion(2));
+        assert_eq!(image.plugins["p"].progress.len(), 2);
+        let pause_v1 = Command::SetPluginPaused { name: "p".into(), version: 1, paused: Some("failed".into()) };
+        assert!(matches!(image.apply(7, &pause_v1), Outcome::Refused(Refusal { kind: RefusalKind::Stale, .. })));
+        assert_eq!(image.plugins["p"].paused, None);
+        // Another component replaces the first, which is dropped.
+        assert_eq!(image.apply(8, &deploy("b", Some(b"wasm-b"), false)), Outcome::PluginVersion(3));
+        assert!(image.plugins["p"].progress.is_empty());
+        assert_eq!(image.blobs.keys().collect::<Vec<_>>(), ["b"]);
+        // Built-in components are never stored.
+        assert_eq!(image.apply(9, &deploy("builtin:identity", None, false)), Outcome::PluginVersion(4));
+        assert!(image.blobs.is_empty());
+        assert_eq!(image.apply(10, &Command::RemovePlugin { name: "p".into() }), Outcome::Done);
+        assert!(matches!(
+            image.apply(11, &Command::RemovePlugin { name: "p".into() }),
+            Outcome::Refused(Refusal { kind: RefusalKind::UnknownPlugin, .. })
+        ));
+        // The image survives the log's JSON encoding, components included.
+        image.apply(12, &deploy("c", Some(b"\x00\xffbytes"), false));
+        let back: ClusterImage = serde_json::from_str(&serde_json::to_string(&image).unwrap()).unwrap();
+        assert_eq!(back, image);
     }
 }

@@ -28,8 +28,8 @@ use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
 pub use image::{
-    BrokerRegistration, ClusterImage, Command, Outcome, PartitionImage, Refusal, RefusalKind, TopicImage,
-    UNCLEAN_CONFIG, UncleanElection,
+    BUILTIN_PREFIX, Blob, BrokerRegistration, ClusterImage, Command, Outcome, PartitionImage, PluginImage, Refusal,
+    RefusalKind, TopicImage, UNCLEAN_CONFIG, UncleanElection,
 };
 pub use rpc::{ControllerRequest, ControllerResponse, SendError, Transport, TransportFuture};
 

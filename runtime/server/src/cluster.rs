@@ -14,7 +14,7 @@ use quiver_client::{CallError, Client, ClientConfig};
 use quiver_controller::{NodeId, SendError, Transport, TransportFuture};
 use quiver_protocol::messages::{
     AlterVotersRequest, ClusterInfoRequest, ClusterInfoResponse, ControllerCall, ElectLeadersRequest, NO_LEADER,
-    ReplicaFetchRequest, ReplicaFetchResponse,
+    PluginListRequest, PluginListResponse, ProduceRequest, ProduceResponse, ReplicaFetchRequest, ReplicaFetchResponse,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -45,23 +45,47 @@ pub struct QuicTransport {
     ca_pem: Vec<u8>,
     identity: (Vec<u8>, Vec<u8>),
     clients: Arc<Mutex<HashMap<String, Client>>>,
+    /// Connections for produce requests (transform outputs), apart from the
+    /// controller's and replication's: an acks=all produce may wait longer
+    /// than their request timeout.
+    producers: Arc<Mutex<HashMap<String, Client>>>,
 }
+
+type ClientCache = Arc<Mutex<HashMap<String, Client>>>;
+
+/// Bound on a transform's produce to another broker (the leader waits up to
+/// 10 s for its in-sync replicas).
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl QuicTransport {
     pub fn new(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<QuicTransport> {
         let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        Ok(QuicTransport { ca_pem: read(ca)?, identity: (read(cert)?, read(key)?), clients: Arc::default() })
+        Ok(QuicTransport {
+            ca_pem: read(ca)?,
+            identity: (read(cert)?, read(key)?),
+            clients: Arc::default(),
+            producers: Arc::default(),
+        })
     }
 
     /// The cached connection to `address`, or a future that makes one.
     fn client(&self, address: &str) -> impl std::future::Future<Output = Result<Client, String>> + Send + 'static {
-        let cached = self.clients.lock().expect("clients lock").get(address).cloned();
+        self.client_in(&self.clients, address, Duration::from_secs(2))
+    }
+
+    fn client_in(
+        &self,
+        cache: &ClientCache,
+        address: &str,
+        request_timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Client, String>> + Send + 'static {
+        let cached = cache.lock().expect("clients lock").get(address).cloned();
         let mut config = ClientConfig::new(address.to_string(), self.ca_pem.clone());
         config.identity = Some(self.identity.clone());
         config.connect_timeout = Duration::from_secs(1);
-        config.request_timeout = Duration::from_secs(2);
+        config.request_timeout = request_timeout;
         config.client_software = "quiver-node".into();
-        let cache = self.clients.clone();
+        let cache = cache.clone();
         let address = address.to_string();
         async move {
             if let Some(c) = cached {
@@ -105,15 +129,18 @@ impl Transport for QuicTransport {
     }
 }
 
-impl quiver_broker::ReplicaLink for QuicTransport {
-    fn fetch(
+impl QuicTransport {
+    /// One request to the broker `leader`, over a connection from `cache`.
+    fn broker_call<R: quiver_protocol::messages::Request + 'static>(
         &self,
+        cache: &ClientCache,
+        request_timeout: Duration,
         leader: NodeId,
         address: String,
-        request: ReplicaFetchRequest,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<ReplicaFetchResponse, WireError>> + Send>> {
-        let client = self.client(&address);
-        let cache = self.clients.clone();
+        request: R,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<R::Response, WireError>> + Send>> {
+        let client = self.client_in(cache, &address, request_timeout);
+        let cache = cache.clone();
         Box::pin(async move {
             let unreachable =
                 |e: String| WireError::new(ErrorCode::RequestTimedOut, format!("leader {leader} at {address}: {e}"));
@@ -127,6 +154,35 @@ impl quiver_broker::ReplicaLink for QuicTransport {
                 }
             }
         })
+    }
+}
+
+impl quiver_broker::ReplicaLink for QuicTransport {
+    fn fetch(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: ReplicaFetchRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<ReplicaFetchResponse, WireError>> + Send>> {
+        self.broker_call(&self.clients, Duration::from_secs(2), leader, address, request)
+    }
+
+    fn produce(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: ProduceRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<ProduceResponse, WireError>> + Send>> {
+        self.broker_call(&self.producers, PRODUCE_TIMEOUT, leader, address, request)
+    }
+
+    fn list_plugins(
+        &self,
+        node: NodeId,
+        address: String,
+        request: PluginListRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<PluginListResponse, WireError>> + Send>> {
+        self.broker_call(&self.clients, Duration::from_secs(2), node, address, request)
     }
 }
 

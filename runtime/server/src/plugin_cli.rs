@@ -149,7 +149,7 @@ async fn describe(conn: &ConnArgs, names: Option<Vec<String>>, format: Format) -
         let progress: Vec<_> = p
             .progress
             .iter()
-            .map(|x| serde_json::json!({"partition": x.partition, "next_offset": x.next_offset, "high_watermark": x.high_watermark, "lag": (x.high_watermark - x.next_offset).max(0)}))
+            .map(|x| serde_json::json!({"partition": x.partition, "next_offset": x.next_offset, "high_watermark": x.high_watermark, "lag": (x.high_watermark >= 0).then(|| (x.high_watermark - x.next_offset).max(0))}))
             .collect();
         let json = serde_json::json!({
             "name": p.name, "version": p.version, "kind": p.kind, "sha256": p.sha256, "abi_version": p.abi_version,
