@@ -707,7 +707,35 @@ impl Broker {
                 ask_epoch,
             }],
         };
-        let response = up.link.fetch(up.leader, up.address.clone(), request).await?;
+        let fetch = up.link.fetch(up.leader, up.address.clone(), request);
+        // A fetch from a leader that died waits out the request timeout;
+        // give up as soon as the image names another leader, so the new
+        // leader's followers start copying (and acks=all writes complete)
+        // right after a failover.
+        let response = match self.controller().map(|c| c.image()) {
+            None => fetch.await?,
+            Some(mut image) => {
+                tokio::pin!(fetch);
+                loop {
+                    let moved = {
+                        let image = image.borrow_and_update();
+                        image.topics.get(up.name).and_then(|t| t.partitions.get(up.p.id as usize)).is_none_or(|pi| {
+                            pi.leader != Some(up.leader) || pi.leader_epoch != up.epoch
+                        })
+                    };
+                    if moved {
+                        return Err(WireError::new(
+                            ErrorCode::NotLeader,
+                            format!("{}-{}: the leader changed during the fetch", up.name, up.p.id),
+                        ));
+                    }
+                    tokio::select! {
+                        r = &mut fetch => break r?,
+                        changed = image.changed() => if changed.is_err() { break fetch.await? },
+                    }
+                }
+            }
+        };
         response
             .partitions
             .into_iter()

@@ -297,10 +297,14 @@ async fn failover(local: &mut crate::cluster::LocalCluster) -> anyhow::Result<Be
         let producer = producer.clone();
         async move {
             let record = ProducerRecord::new(TOPIC, format!("failover-{n}")).partition(0);
-            match producer.send(record).await {
-                Ok(delivery) => delivery.await.is_ok(),
-                Err(_) => false,
+            let result = match producer.send(record).await {
+                Ok(delivery) => delivery.await.map(drop).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = &result {
+                tracing::debug!(record = n, error = %e, "acks=all write failed");
             }
+            result.is_ok()
         }
     };
     // Warm up until writes flow, then kill the leader.

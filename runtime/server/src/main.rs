@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// glibc malloc serialises the broker's and the QUIC drivers' threads on
+/// its arena locks under load (futex waits in the produce profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = quiver_server::cli::Cli::parse();
     quiver_server::cli::init_logging(cli.verbose);
