@@ -20,7 +20,41 @@ use crate::topic::TopicRecord;
 /// How long topic admin waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
 
+/// Another broker that leads a partition: its node id and address.
+pub(crate) type RemoteLeader = (quiver_controller::NodeId, String);
+
 impl Broker {
+    /// Where `topic`-`partition` is led: `None` here (or not in a cluster),
+    /// else the leader's id and address. An offline partition, or a leader
+    /// whose address is unknown, is a `NotLeader` error.
+    pub(crate) fn remote_leader(&self, topic: &str, partition: u32) -> Result<Option<RemoteLeader>, WireError> {
+        let Some(controller) = self.controller() else { return Ok(None) };
+        let image = controller.image().borrow().clone();
+        match check_leader(self.config.node_id, &image, topic, partition) {
+            Ok(()) => Ok(None),
+            Err(e) if e.code != ErrorCode::NotLeader => Err(e),
+            Err(e) => {
+                let leader = image.topics[topic].partitions[partition as usize].leader;
+                match leader.and_then(|l| image.brokers.get(&l).map(|b| (l, b.address.clone()))) {
+                    Some(remote) => Ok(Some(remote)),
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Sends a produce request to another broker that leads its partitions.
+    pub(crate) async fn produce_at(
+        &self,
+        (leader, address): RemoteLeader,
+        request: ProduceRequest,
+    ) -> Result<ProduceResponse, WireError> {
+        match self.replica_link.get() {
+            Some(link) => link.produce(leader, address, request).await,
+            None => Err(WireError::new(ErrorCode::NotLeader, "this broker has no link to the other brokers yet")),
+        }
+    }
+
     /// Makes this broker a member of a cluster: from now on its topics are
     /// the image's, and its replicas copy from their leaders over `link`.
     /// Call once, right after opening.

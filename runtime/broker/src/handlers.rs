@@ -16,8 +16,9 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, Partition, Topic, corrupt};
+use crate::cluster::RemoteLeader;
 use crate::order::AppendTurn;
-use crate::placement::Placed;
+use crate::placement::{Destination, Placed};
 use crate::plugins::{BatchMode, serializers};
 use crate::topic::TopicCompression;
 
@@ -276,28 +277,46 @@ impl Broker {
                 log_start_offset: -1,
                 placements: Vec::new(),
             };
-            let appended = prepared.and_then(|targets| {
+            // Shares led elsewhere are forwarded under the turn, so that
+            // the leader receives them in this connection's order too.
+            let appended = async {
+                let targets = prepared?;
                 let any = p.partition == PARTITION_ANY;
                 if any {
                     let count = targets.iter().map(|t| t.indices.len()).sum();
                     result.placements = vec![RecordPlacement { partition: PARTITION_ANY, offset: -1 }; count];
                 }
                 for (i, target) in targets.into_iter().enumerate() {
-                    let already = if i > 0 { " (the records placed in other partitions were appended)" } else { "" };
-                    let (info, epoch) = target
-                        .partition
-                        .append_as_leader(&p.topic, &target.batch, r.acks == Acks::All)
-                        .map_err(|e| WireError::new(e.code, format!("{}{already}", e.message)))?;
-                    result.log_start_offset = target.partition.log.log_start_offset();
+                    let appended = match target.to {
+                        Destination::Here(partition) => partition
+                            .append_as_leader(&p.topic, &target.batch, r.acks == Acks::All)
+                            .map(|(info, epoch)| {
+                                result.log_start_offset = partition.log.log_start_offset();
+                                to_sync.push((results.len(), partition, info.last_offset + 1, epoch));
+                                info.base_offset
+                            }),
+                        Destination::Leader(leader) => {
+                            self.forward(&r, &p.topic, target.partition, target.batch, leader).await
+                        }
+                    };
+                    // Once a share is written, retrying the batch would
+                    // write it twice: a later failure is not retriable.
+                    let base_offset = appended.map_err(|e| match i {
+                        0 => e,
+                        _ => WireError::new(
+                            if e.code.is_retriable() { ErrorCode::NotReplicated } else { e.code },
+                            format!("{} (the records placed in other partitions were appended)", e.message),
+                        ),
+                    })?;
                     if any {
-                        place(&mut result.placements, target.partition.id, info.base_offset, &target.indices);
+                        place(&mut result.placements, target.partition, base_offset, &target.indices);
                     } else {
-                        result.base_offset = info.base_offset;
+                        result.base_offset = base_offset;
                     }
-                    to_sync.push((results.len(), target.partition, info.last_offset + 1, epoch));
                 }
-                Ok(())
-            });
+                Ok::<(), WireError>(())
+            }
+            .await;
             if let Err(e) = appended {
                 (result.error, result.message, result.base_offset) = (e.code, e.message, -1);
             }
@@ -329,6 +348,47 @@ impl Broker {
             }
         }
         Ok(ProduceResponse { partitions: results })
+    }
+
+    /// Forwards one share of a `PARTITION_ANY` batch to the broker that
+    /// leads its partition, with the request's acks: the base offset it got
+    /// there.
+    async fn forward(
+        &self,
+        r: &ProduceRequest,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        leader: RemoteLeader,
+    ) -> Result<i64, WireError> {
+        let at = leader.0;
+        let request = ProduceRequest {
+            acks: r.acks,
+            timeout_ms: r.timeout_ms,
+            partitions: vec![ProducePartition { topic: topic.to_owned(), partition, records }],
+        };
+        let answer = self.produce_at(leader, request).await.map_err(|e| match e.code {
+            // The request may have reached the leader: a retry could write
+            // its records twice.
+            ErrorCode::RequestTimedOut => WireError::new(
+                ErrorCode::NotReplicated,
+                format!(
+                    "{topic}-{partition} forwarded to its leader, broker {at}: {}: it may or may not be kept",
+                    e.message
+                ),
+            ),
+            _ => e,
+        })?;
+        let result =
+            answer.partitions.into_iter().next().ok_or_else(|| {
+                WireError::new(ErrorCode::Internal, format!("broker {at} gave an empty produce answer"))
+            })?;
+        match result.error {
+            ErrorCode::None => Ok(result.base_offset),
+            code => {
+                Err(WireError::new(code, format!("{topic}-{partition} at its leader, broker {at}: {}", result.message)))
+            }
+        }
     }
 
     /// Waits until every in-sync replica holds the records below `end`
@@ -389,12 +449,10 @@ impl Broker {
         match partition {
             None => blocking(move || broker.place(&topic, &stored)).await,
             // Without serializers, nothing here needs a blocking thread.
-            Some(partition) if serializers(&topic.config, true).is_empty() => {
-                Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }])
-            }
+            Some(partition) if serializers(&topic.config, true).is_empty() => Ok(vec![Placed::here(partition, stored)]),
             Some(partition) => {
                 let stored = blocking(move || Ok(broker.encode_for_topic(&topic, &stored)?.unwrap_or(stored))).await?;
-                Ok(vec![Placed { partition, batch: stored, indices: Vec::new() }])
+                Ok(vec![Placed::here(partition, stored)])
             }
         }
     }

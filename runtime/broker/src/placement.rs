@@ -3,6 +3,10 @@
 //! same module a client runs locally, so both give the same answer), or
 //! murmur2 of the key as Kafka does. Keyless records of one batch without a
 //! partitioner stay together on one partition, chosen round robin.
+//!
+//! In a cluster the shares of partitions led by other brokers are forwarded
+//! to their leaders as ordinary produce requests, with the records as
+//! produced (the leader runs the topic's serializers itself).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,14 +18,33 @@ use quiver_protocol::partitioner::{partition_for_key, split_by_partition};
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, Partition, Topic, corrupt};
+use crate::cluster::RemoteLeader;
 use crate::topic::TopicCompression;
+use std::collections::BTreeMap;
 
-/// One partition's share of a `PARTITION_ANY` batch.
+/// One partition's share of a `PARTITION_ANY` batch (or a whole batch
+/// produced to a partition).
 pub(crate) struct Placed {
-    pub(crate) partition: Arc<Partition>,
+    pub(crate) partition: u32,
+    pub(crate) to: Destination,
     pub(crate) batch: Bytes,
     /// Index in the produced batch of each record, in order.
     pub(crate) indices: Vec<u32>,
+}
+
+impl Placed {
+    /// A whole batch for a partition this broker leads.
+    pub(crate) fn here(partition: Arc<Partition>, batch: Bytes) -> Placed {
+        Placed { partition: partition.id, to: Destination::Here(partition), batch, indices: Vec::new() }
+    }
+}
+
+/// Where a share is appended.
+pub(crate) enum Destination {
+    /// A partition this broker leads: serialized and encoded for the topic.
+    Here(Arc<Partition>),
+    /// Led by another broker: the records as produced, forwarded there.
+    Leader(RemoteLeader),
 }
 
 impl Broker {
@@ -32,7 +55,7 @@ impl Broker {
     /// result by partition. Blocking: call off the runtime.
     pub(crate) fn place(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<Placed>, WireError> {
         let (header, body) = batch::records_section(produced).map_err(corrupt)?;
-        let mut records = batch::decode_section(&header, &body).map_err(corrupt)?;
+        let records = batch::decode_section(&header, &body).map_err(corrupt)?;
         let count = topic.count();
         let chosen = match &topic.config.partitioner {
             Some(name) => self.run_partitioner(name, &header, &body, records.len() as u32, count)?,
@@ -41,24 +64,51 @@ impl Broker {
                 records.iter().map(|r| r.key.as_deref().map_or(keyless, |k| partition_for_key(k, count))).collect()
             }
         };
-        if let Some(encoded) = self.encode_for_topic(topic, produced)? {
-            records = batch::decode_records(&encoded).map_err(corrupt)?;
-            if records.len() != chosen.len() {
-                return Err(WireError::new(ErrorCode::Internal, "the serializer changed the record count"));
-            }
-        }
         let codec = match topic.config.compression {
             TopicCompression::Codec(codec) => codec,
             TopicCompression::Producer => header.compression().unwrap_or(Compression::None),
         };
-        split_by_partition(&records, &chosen, codec)
+        let name = &topic.record.name;
+        let mut leaders = BTreeMap::new();
+        for &p in &chosen {
+            if let std::collections::btree_map::Entry::Vacant(e) = leaders.entry(p) {
+                e.insert(self.remote_leader(name, p)?);
+            }
+        }
+        // Serializers check every record before anything is appended; the
+        // shares appended here are serialized, those forwarded to other
+        // leaders keep the records as produced (their leader serializes).
+        let serialized = match self.encode_for_topic(topic, produced)? {
+            Some(encoded) => {
+                let serialized = batch::decode_records(&encoded).map_err(corrupt)?;
+                if serialized.len() != chosen.len() {
+                    return Err(WireError::new(ErrorCode::Internal, "the serializer changed the record count"));
+                }
+                Some(serialized)
+            }
+            None => None,
+        };
+        let split = |records: &[batch::Record], wanted: bool| {
+            if wanted { split_by_partition(records, &chosen, codec) } else { Vec::new() }
+        };
+        let mut here =
+            split(serialized.as_deref().unwrap_or(&records), leaders.values().any(Option::is_none)).into_iter();
+        let mut there = split(&records, leaders.values().any(Option::is_some)).into_iter();
+        leaders
             .into_iter()
-            .map(|s| {
-                Ok(Placed {
-                    partition: self.leader_partition(topic, s.partition)?,
-                    batch: s.builder.build(),
-                    indices: s.indices,
-                })
+            .map(|(partition, leader)| {
+                let share = match leader {
+                    None => here.find(|s| s.partition == partition),
+                    Some(_) => there.find(|s| s.partition == partition),
+                };
+                let share = share.ok_or_else(|| {
+                    WireError::new(ErrorCode::Internal, format!("no records split for partition {partition}"))
+                })?;
+                let to = match leader {
+                    None => Destination::Here(self.leader_partition(topic, partition)?),
+                    Some(remote) => Destination::Leader(remote),
+                };
+                Ok(Placed { partition, to, batch: share.builder.build(), indices: share.indices })
             })
             .collect()
     }

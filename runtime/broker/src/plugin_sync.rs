@@ -17,7 +17,7 @@ use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, storage_error, write_atomic};
 use crate::cluster::write_error;
-use crate::plugins::{Deployed, Deployment, Plugins, invalid, unknown};
+use crate::plugins::{Deployed, Deployment, Plugins, unknown};
 
 /// How long an admin request waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
@@ -86,13 +86,7 @@ impl Broker {
             }
             PluginAction::Resume => Command::SetPluginPaused { name: name.into(), version: 0, paused: None },
             PluginAction::Remove => {
-                let users = self.topics_using(name);
-                if !users.is_empty() {
-                    return Err(invalid(format!(
-                        "plugin '{name}' is named by the config of topic(s) {}; delete those topics first",
-                        users.join(", ")
-                    )));
-                }
+                self.check_unused(name)?;
                 Command::RemovePlugin { name: name.into() }
             }
         };

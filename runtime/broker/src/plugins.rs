@@ -139,8 +139,11 @@ pub(crate) struct Deployed {
     /// and what.
     committed: Mutex<(Option<Instant>, BTreeMap<u32, i64>)>,
     /// Idle instances for request-path kinds (serializer, filter), by params.
-    pool: Mutex<HashMap<Vec<(String, String)>, Vec<Instance>>>,
+    pool: Mutex<HashMap<Params, Vec<Instance>>>,
 }
+
+/// A deployment's parameters, as given.
+type Params = Vec<(String, String)>;
 
 impl Deployed {
     /// Runs `f` on an idle instance started with `params` (or a new one),
@@ -471,13 +474,7 @@ impl Broker {
                 d.monitor.log("info", if pause { "paused" } else { "resumed" });
             }
             PluginAction::Remove => {
-                let users = self.topics_using(name);
-                if !users.is_empty() {
-                    return Err(invalid(format!(
-                        "plugin '{name}' is named by the config of topic(s) {}; delete those topics first",
-                        users.join(", ")
-                    )));
-                }
+                self.check_unused(name)?;
                 self.stop_transform(&d).await;
                 plugins.deployed.write().expect("deployed lock").remove(name);
                 plugins.write_registry().map_err(storage_error)?;
@@ -931,30 +928,9 @@ impl Broker {
             timeout_ms: 10_000,
             partitions: vec![ProducePartition { topic: topic.to_owned(), partition, records }],
         };
-        let leader = match self.controller() {
-            None => None,
-            Some(controller) => {
-                let image = controller.image().borrow().clone();
-                match crate::cluster::check_leader(self.config.node_id, &image, topic, partition) {
-                    Ok(()) => None,
-                    Err(e) if e.code != ErrorCode::NotLeader => return Err(StepError::Retry(e.message)),
-                    Err(e) => {
-                        let leader = image.topics[topic].partitions[partition as usize].leader;
-                        let address = leader.and_then(|l| image.brokers.get(&l)).map(|b| b.address.clone());
-                        match (leader, address) {
-                            (Some(l), Some(a)) => Some((l, a)),
-                            _ => return Err(StepError::Retry(e.message)),
-                        }
-                    }
-                }
-            }
-        };
-        let response = match leader {
+        let response = match self.remote_leader(topic, partition).map_err(|e| StepError::Retry(e.message))? {
             None => self.produce(request, None).await,
-            Some((node, address)) => match self.replica_link.get() {
-                Some(link) => link.produce(node, address, request).await,
-                None => return Err(StepError::Retry("no link to other brokers yet".into())),
-            },
+            Some(remote) => self.produce_at(remote, request).await,
         };
         let result = response
             .map_err(|e| StepError::Retry(format!("output {topic}-{partition}: {}", e.message)))?
@@ -1082,6 +1058,18 @@ impl Broker {
             d.plugin.expect_kind(kind).map_err(|e| WireError::new(ErrorCode::InvalidConfig, format!("{key}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// A plugin that a topic's config names cannot be removed.
+    pub(crate) fn check_unused(&self, name: &str) -> Result<(), WireError> {
+        let users = self.topics_using(name);
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(invalid(format!(
+            "plugin '{name}' is named by the config of topic(s) {}; delete those topics first",
+            users.join(", ")
+        )))
     }
 
     /// The topics whose configs name plugin `name` (it cannot be removed

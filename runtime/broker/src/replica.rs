@@ -719,9 +719,11 @@ impl Broker {
                 loop {
                     let moved = {
                         let image = image.borrow_and_update();
-                        image.topics.get(up.name).and_then(|t| t.partitions.get(up.p.id as usize)).is_none_or(|pi| {
-                            pi.leader != Some(up.leader) || pi.leader_epoch != up.epoch
-                        })
+                        image
+                            .topics
+                            .get(up.name)
+                            .and_then(|t| t.partitions.get(up.p.id as usize))
+                            .is_none_or(|pi| pi.leader != Some(up.leader) || pi.leader_epoch != up.epoch)
                     };
                     if moved {
                         return Err(WireError::new(

@@ -4,7 +4,9 @@
 //! and writes its outputs to their leaders with acks=all, a new leader goes
 //! on from the committed progress after kill -9, a node that was down while
 //! a new version was deployed has it when it returns, serializers apply on
-//! every leader, and pause / resume / remove are cluster-wide.
+//! every leader, and pause / resume / remove are cluster-wide. A producer
+//! that leaves partitioning to the broker reaches every leader through the
+//! broker it sent to.
 
 mod common;
 
@@ -191,4 +193,59 @@ fn plugins_live_in_the_metadata_log_and_transforms_follow_their_leaders() {
     }
     let err = cluster.fails(3, &["plugin", "describe", "big-orders"]);
     assert!(err.contains("not deployed"), "{err}");
+}
+
+/// `--broker-partitioning` sends every record to one broker, which runs the
+/// topic's partitioner and forwards the shares of partitions it does not
+/// lead to their leaders: the records land exactly where client-side
+/// partitioning puts them, each once. A record the partitioner refuses
+/// fails its batch and nothing of it is stored anywhere.
+#[test]
+fn broker_side_partitioning_forwards_shares_to_their_leaders() {
+    let partitioner = plugin("json-field-partitioner");
+    let cluster = Cluster::start(3, &[("QUIVER_CLUSTER__LEADER_REBALANCE_INTERVAL_MS", "0")]);
+    cluster.wait_formed();
+    let deploy =
+        ["plugin", "deploy", "by-customer", &partitioner, "--kind", "partitioner", "--param", "field=customer"];
+    cluster.ok(1, &deploy);
+    for topic in ["client-side", "broker-side"] {
+        cluster.ok(1, &["topic", "create", topic, "-p", "6", "-r", "2", "-c", "partitioner=by-customer"]);
+    }
+    let leaders: std::collections::BTreeSet<u32> = cluster.partitions(1, "broker-side").iter().map(leader_of).collect();
+    assert_eq!(leaders.len(), 3, "every node leads a partition: {leaders:?}");
+
+    let values: Vec<String> = (0..600).map(|n| format!("{{\"customer\":\"c{}\",\"n\":{n}}}", n % 37)).collect();
+    for (topic, flag) in [("client-side", None), ("broker-side", Some("--broker-partitioning"))] {
+        let mut args = vec!["--acks", "all"];
+        args.extend(flag);
+        let out = cluster.produce_args(1, topic, &args, &values);
+        assert!(out.status.success(), "{topic}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stored = |topic: &str| -> Vec<Vec<String>> {
+        (0..6).map(|p| cluster.values(2, topic, p).unwrap_or_else(|| panic!("read {topic}-{p}"))).collect()
+    };
+    let broker_side = stored("broker-side");
+    assert_eq!(broker_side, stored("client-side"), "the same records in the same partitions, in the same order");
+    assert_eq!(broker_side.iter().map(Vec::len).sum::<usize>(), 600, "every record once");
+    for (p, values) in broker_side.iter().enumerate() {
+        for v in values {
+            let v: serde_json::Value = serde_json::from_str(v).unwrap();
+            let customer = v["customer"].as_str().unwrap();
+            assert_eq!(quiver_client::partitioner::partition_for_key(customer.as_bytes(), 6), p as u32, "{v}");
+        }
+    }
+
+    // One record without the field: the whole batch is refused, on every leader.
+    let mut bad = values[..50].to_vec();
+    bad.push("{\"customer\":{}}".into());
+    let out = cluster.produce_args(
+        1,
+        "broker-side",
+        &["--acks", "all", "--broker-partitioning", "--linger-ms", "1000"],
+        &bad,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rejected by partitioner 'by-customer'"), "{stderr}");
+    assert_eq!(stored("broker-side"), broker_side, "nothing of the refused batch was stored");
 }

@@ -164,21 +164,27 @@ impl Client {
     }
 
     /// The current connection, connecting (and handshaking) if needed.
-    async fn connection(&self) -> Result<quinn::Connection, ConnectError> {
+    /// Brokers that failed lately are tried last, so that a dead node
+    /// given first does not cost a connect timeout on every reconnect.
+    async fn connection(&self) -> Result<(String, quinn::Connection), ConnectError> {
         let mut guard = self.inner.connection.lock().await;
-        if let Some((_, conn)) = guard.as_ref()
+        if let Some((address, conn)) = guard.as_ref()
             && conn.close_reason().is_none()
         {
-            return Ok(conn.clone());
+            return Ok((address.clone(), conn.clone()));
         }
         let mut last_error = ConnectError::NoBrokers;
-        for address in &self.inner.config.brokers {
+        for address in self.routing.suspects.ordered(&self.inner.config.brokers) {
             match self.connect_one(address).await {
                 Ok(conn) => {
+                    self.routing.suspects.clear(address);
                     *guard = Some((address.clone(), conn.clone()));
-                    return Ok(conn);
+                    return Ok((address.clone(), conn));
                 }
-                Err(e) => last_error = e,
+                Err(e) => {
+                    self.routing.suspects.mark(address);
+                    last_error = e;
+                }
             }
         }
         Err(last_error)
@@ -248,7 +254,7 @@ impl Client {
     /// requests of a connection in the order their streams were opened, so a
     /// caller that needs order opens streams in that order.
     pub async fn open_stream(&self) -> Result<RequestStream, CallError> {
-        let conn = self.connection().await?;
+        let (address, conn) = self.connection().await?;
         let (send, recv) = conn.open_bi().await.map_err(|e| {
             // Opening a stream sends nothing: the request was not applied.
             CallError::Connect(ConnectError::Connect {
@@ -256,7 +262,7 @@ impl Client {
                 reason: e.to_string(),
             })
         })?;
-        Ok(RequestStream { send, recv, client: self.clone(), connection: conn })
+        Ok(RequestStream { send, recv, client: self.clone(), connection: conn, address })
     }
 
     /// Closes the connection; outstanding requests fail.
@@ -295,6 +301,8 @@ pub struct RequestStream {
     recv: quinn::RecvStream,
     client: Client,
     connection: quinn::Connection,
+    /// The broker address it was connected to.
+    address: String,
 }
 
 impl RequestStream {
@@ -307,6 +315,7 @@ impl RequestStream {
         let response = match exchange(self.send, self.recv, encode_request(request), &config).await {
             Err(e @ CallError::Timeout(_)) => {
                 self.connection.close(0u32.into(), b"request timed out");
+                self.client.routing.suspects.mark(&self.address);
                 return Err(e);
             }
             other => other?,

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quiver_protocol::messages::{MetadataRequest, NO_LEADER};
 
@@ -22,6 +23,38 @@ pub(crate) struct Routing {
     routes: Mutex<Routes>,
     /// Connections to other brokers, by address.
     peers: Mutex<HashMap<String, Arc<Inner>>>,
+    pub(crate) suspects: Suspects,
+}
+
+/// Addresses that lately failed to connect or to answer in time, and when:
+/// tried last (for `SUSPECT_FOR`) when there is a choice.
+#[derive(Default)]
+pub(crate) struct Suspects(Mutex<HashMap<String, Instant>>);
+
+/// How long a broker that failed is tried after the others.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+
+impl Suspects {
+    pub(crate) fn mark(&self, address: &str) {
+        self.lock().insert(address.to_string(), Instant::now());
+    }
+
+    pub(crate) fn clear(&self, address: &str) {
+        self.lock().remove(address);
+    }
+
+    /// `addresses` in the order to try them: those that did not fail lately
+    /// first, each group in the given order.
+    pub(crate) fn ordered<'a>(&self, addresses: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
+        let suspects = self.lock();
+        let mut ordered: Vec<&String> = addresses.into_iter().collect();
+        ordered.sort_by_key(|a| suspects.get(*a).is_some_and(|at| at.elapsed() < SUSPECT_FOR));
+        ordered
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.0.lock().expect("suspects lock")
+    }
 }
 
 #[derive(Default)]
@@ -36,7 +69,7 @@ struct Routes {
 
 impl Routing {
     pub(crate) fn new(bootstrap: Arc<Inner>) -> Routing {
-        Routing { bootstrap, routes: Mutex::default(), peers: Mutex::default() }
+        Routing { bootstrap, routes: Mutex::default(), peers: Mutex::default(), suspects: Suspects::default() }
     }
 
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
@@ -85,9 +118,17 @@ impl Client {
         let request = MetadataRequest { topics: Some(vec![topic.to_string()]) };
         let bootstrap = self.bootstrap();
         let mut answer = bootstrap.call(&request).await;
-        if matches!(answer, Err(ref e) if !matches!(e, CallError::Broker(_))) {
+        let unanswered = |a: &Result<_, CallError>| matches!(a, Err(e) if !matches!(e, CallError::Broker(_)));
+        if unanswered(&answer) && bootstrap.config().brokers.len() > 1 {
+            // Its connection is closed and that broker suspect: this
+            // reconnects to another of the given brokers first.
+            answer = bootstrap.call(&request).await;
+        }
+        if unanswered(&answer) {
             let known = self.routing().routes().brokers.clone();
-            for address in known.iter().filter(|a| !bootstrap.config().brokers.contains(a)) {
+            for address in
+                self.routing().suspects.ordered(&known).into_iter().filter(|a| !bootstrap.config().brokers.contains(a))
+            {
                 let attempt = self.peer(address).call(&request).await;
                 let answered = matches!(attempt, Ok(_) | Err(CallError::Broker(_)));
                 answer = attempt;
@@ -149,4 +190,25 @@ pub(crate) fn group_by_connection<T>(routed: impl IntoIterator<Item = (Client, T
         }
     }
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brokers_that_failed_lately_are_tried_last() {
+        let suspects = Suspects::default();
+        let given: Vec<String> = ["a:1", "b:2", "c:3"].map(String::from).to_vec();
+        assert_eq!(suspects.ordered(&given), [&given[0], &given[1], &given[2]]);
+        suspects.mark("a:1");
+        suspects.mark("c:3");
+        assert_eq!(suspects.ordered(&given), [&given[1], &given[0], &given[2]], "stable within each group");
+        suspects.clear("a:1");
+        assert_eq!(suspects.ordered(&given), [&given[0], &given[1], &given[2]]);
+        if let Some(long_ago) = Instant::now().checked_sub(SUSPECT_FOR) {
+            suspects.0.lock().unwrap().insert("a:1".into(), long_ago);
+            assert_eq!(suspects.ordered(&given)[0], &given[0], "a suspicion expires");
+        }
+    }
 }

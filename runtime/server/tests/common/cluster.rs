@@ -94,10 +94,16 @@ impl Cluster {
         timeout_ms: u64,
         values: &[String],
     ) -> Output {
+        let (p, t) = (partition.to_string(), timeout_ms.to_string());
+        self.produce_args(via, topic, &["-p", &p, "--acks", acks, "--timeout-ms", &t], values)
+    }
+
+    /// `topic produce TOPIC ARGS...` through node `via`, one value per line.
+    pub fn produce_args(&self, via: u32, topic: &str, args: &[&str], values: &[String]) -> Output {
         use std::io::Write;
         let mut child = Command::new(BIN)
-            .args(["topic", "produce", topic, "-p", &partition.to_string(), "--acks", acks])
-            .args(["--timeout-ms", &timeout_ms.to_string()])
+            .args(["topic", "produce", topic])
+            .args(args)
             .env("QUIVER_BROKERS", self.address(via))
             .env("QUIVER_CA", self.certs().join("ca.pem"))
             .env_remove("QUIVER_DEV_DIR")
