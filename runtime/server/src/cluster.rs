@@ -49,6 +49,8 @@ pub struct QuicTransport {
     /// controller's and replication's: an acks=all produce may wait longer
     /// than their request timeout.
     producers: Arc<Mutex<HashMap<String, Client>>>,
+    /// The address this node's connections to other nodes leave from.
+    bind: Option<std::net::SocketAddr>,
 }
 
 type ClientCache = Arc<Mutex<HashMap<String, Client>>>;
@@ -58,13 +60,17 @@ type ClientCache = Arc<Mutex<HashMap<String, Client>>>;
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl QuicTransport {
-    pub fn new(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<QuicTransport> {
+    /// `listen`: the node's own address; when it names one IP (not
+    /// "any"), connections to other nodes leave from that IP too, so that
+    /// peers and firewalls see the node at the address it listens on.
+    pub fn new(ca: &Path, cert: &Path, key: &Path, listen: std::net::SocketAddr) -> anyhow::Result<QuicTransport> {
         let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         Ok(QuicTransport {
             ca_pem: read(ca)?,
             identity: (read(cert)?, read(key)?),
             clients: Arc::default(),
             producers: Arc::default(),
+            bind: (!listen.ip().is_unspecified()).then(|| std::net::SocketAddr::new(listen.ip(), 0)),
         })
     }
 
@@ -82,6 +88,7 @@ impl QuicTransport {
         let cached = cache.lock().expect("clients lock").get(address).cloned();
         let mut config = ClientConfig::new(address.to_string(), self.ca_pem.clone());
         config.identity = Some(self.identity.clone());
+        config.bind = self.bind;
         config.connect_timeout = Duration::from_secs(1);
         config.request_timeout = request_timeout;
         config.client_software = "quiver-node".into();

@@ -44,7 +44,7 @@ impl Node {
             .with_context(|| format!("cannot listen on {} (UDP)", config.listen))?;
         let address = endpoint.local_addr()?;
         if let Some(cluster) = &config.cluster {
-            let transport = Arc::new(crate::cluster::QuicTransport::new(&cluster.ca, &cert, &key)?);
+            let transport = Arc::new(crate::cluster::QuicTransport::new(&cluster.ca, &cert, &key, address)?);
             let mut cc = quiver_controller::ControllerConfig::new(
                 config.broker.node_id,
                 config.broker.advertised_address.clone(),

@@ -2,7 +2,9 @@
 //! a UDP proxy. A producer (the client library, `acks=all`, one request in
 //! flight) writes unique values to a replicated topic while a seeded fault
 //! injector kills nodes with SIGKILL and restarts them, pauses them with
-//! SIGSTOP, cuts their inbound network, and drops a share of their packets.
+//! SIGSTOP, cuts their inbound network, cuts a node off from the other nodes
+//! both ways (clients still reach it: a partition between brokers), and
+//! drops a share of their packets.
 //! After healing, a checker reads every partition back and proves: every
 //! acknowledged value is present exactly once, at the offset it was
 //! acknowledged with; no value appears twice or was never sent; per
@@ -149,7 +151,7 @@ fn round(seed: u64) {
         std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
         let node = 1 + rng.below(3) as u32;
         let hold = Duration::from_millis(500 + rng.below(2500));
-        match rng.below(4) {
+        match rng.below(5) {
             0 => {
                 eprintln!("seed {seed}: kill -9 node {node}, restart after {hold:?}");
                 cluster.kill9(node);
@@ -167,6 +169,12 @@ fn round(seed: u64) {
                 cluster.proxies[node as usize - 1].set(Mode::Cut);
                 std::thread::sleep(hold);
                 cluster.proxies[node as usize - 1].set(Mode::Pass);
+            }
+            3 => {
+                eprintln!("seed {seed}: partition node {node} from the other nodes for {hold:?}");
+                cluster.isolate(node, true);
+                std::thread::sleep(hold);
+                cluster.isolate(node, false);
             }
             _ => {
                 eprintln!("seed {seed}: drop 30% of node {node}'s packets for {hold:?}");
@@ -249,4 +257,48 @@ fn acknowledged_records_survive_kills_pauses_and_partitions() {
             panic!("fault round with seed {seed} failed (rerun with QUIVER_FAULT_SEEDS={seed}): {message}");
         }
     }
+}
+
+/// A partition leader cut off from the other nodes (clients still reach it)
+/// cannot complete an acks=all write and says so; the other two elect a new
+/// leader that takes writes; once healed, the old leader drops what only it
+/// had, and every replica holds exactly the acknowledged records.
+#[test]
+fn a_leader_partitioned_from_the_other_nodes_is_replaced_and_loses_nothing_acknowledged() {
+    let env =
+        [("QUIVER_CLUSTER__REPLICA_LAG_TIME_MAX_MS", "2000"), ("QUIVER_CLUSTER__LEADER_REBALANCE_INTERVAL_MS", "0")];
+    let cluster = Cluster::start_proxied(3, &env, 7);
+    cluster.wait_formed();
+    cluster.ok(1, &["topic", "create", "iso", "-p", "1", "-r", "3", "-c", "min.insync.replicas=2"]);
+    let leader_via =
+        |via: u32| cluster.partitions(via, "iso").first().and_then(|p| p["leader"].as_u64()).map(|l| l as u32);
+    let leader = leader_via(1).expect("a leader");
+    let other = leader % 3 + 1;
+    let before: Vec<String> = (0..20).map(|i| format!("before-{i}")).collect();
+    let out = cluster.produce(leader, "iso", 0, "all", 30_000, &before);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    cluster.isolate(leader, true);
+    let out = cluster.produce(leader, "iso", 0, "all", 5_000, &["unreplicated".to_string()]);
+    assert!(!out.status.success(), "an acks=all write without followers must not be acknowledged");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.trim().is_empty(), "a clear error");
+    cluster.wait_for("a new leader on the majority side", Duration::from_secs(30), || {
+        leader_via(other).is_some_and(|l| l != leader)
+    });
+    let after: Vec<String> = (0..20).map(|i| format!("after-{i}")).collect();
+    let new_leader = leader_via(other).unwrap();
+    let out = cluster.produce(new_leader, "iso", 0, "all", 30_000, &after);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    cluster.isolate(leader, false);
+    cluster.wait_for("the old leader back in sync", Duration::from_secs(60), || {
+        cluster.partitions(other, "iso").first().is_some_and(|p| p["isr"].as_array().unwrap().len() == 3)
+    });
+    let expected: Vec<String> = before.iter().chain(&after).cloned().collect();
+    assert_eq!(cluster.values(other, "iso", 0).unwrap(), expected, "acknowledged records, once, in order");
+    cluster.wait_for("identical replicas", Duration::from_secs(20), || {
+        let first = cluster.replica_bytes(1, "iso", 0);
+        (2..=3).all(|n| cluster.replica_bytes(n, "iso", 0) == first)
+    });
 }

@@ -35,6 +35,10 @@ pub struct ClientConfig {
     /// A client certificate chain and its key (PEM), for mutual TLS: brokers
     /// present their node certificate to each other.
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Local address of the client's UDP socket (default: any address,
+    /// port chosen by the system). Brokers bind their connections to each
+    /// other to the address they listen on.
+    pub bind: Option<SocketAddr>,
 }
 
 impl ClientConfig {
@@ -48,6 +52,7 @@ impl ClientConfig {
             response_bytes_max: 256 * 1024 * 1024,
             client_software: concat!("quiver-client ", env!("CARGO_PKG_VERSION")).into(),
             identity: None,
+            bind: None,
         }
     }
 }
@@ -146,7 +151,7 @@ impl Client {
             None => quic_client_config(&config.ca_pem)?,
             Some((cert, key)) => quic_client_config_with_identity(&config.ca_pem, Some((cert, key)))?,
         };
-        let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
+        let bind = config.bind.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Socket)?;
         let inner = Arc::new(Inner { config, endpoint, client_config, connection: Mutex::new(None) });
         let client = Client { routing: Arc::new(crate::routing::Routing::new(inner.clone())), inner };

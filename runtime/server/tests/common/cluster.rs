@@ -1,12 +1,18 @@
 //! A cluster of real `quiver broker` processes on loopback with mutual TLS
 //! (certificates from `quiver certs init`).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::proxy::UdpProxy;
 use super::{BIN, free_port};
+
+/// The loopback address node `id` listens on behind a proxy.
+fn proxied_ip(id: u32) -> IpAddr {
+    IpAddr::from([127, 0, 0, 10 + id as u8])
+}
 
 impl Cluster {
     /// Makes certificates for nodes 1..=n and starts every node.
@@ -33,7 +39,10 @@ impl Cluster {
             Some(seed) => listen
                 .iter()
                 .enumerate()
-                .map(|(i, p)| UdpProxy::start(format!("127.0.0.1:{p}").parse().unwrap(), seed.wrapping_add(i as u64)))
+                .map(|(i, p)| {
+                    let target = SocketAddr::new(proxied_ip(i as u32 + 1), *p);
+                    UdpProxy::start(target, seed.wrapping_add(i as u64))
+                })
                 .collect(),
         };
         let ports = if proxies.is_empty() { listen.clone() } else { proxies.iter().map(|p| p.port).collect() };
@@ -170,6 +179,27 @@ impl Cluster {
         format!("127.0.0.1:{}", self.ports[node as usize - 1])
     }
 
+    /// Where node `id` listens: behind proxies, on its own loopback address
+    /// (which its connections to other nodes also leave from).
+    fn listen_address(&self, id: u32, port: u16) -> SocketAddr {
+        let ip = if self.proxies.is_empty() { IpAddr::from([127, 0, 0, 1]) } else { proxied_ip(id) };
+        SocketAddr::new(ip, port)
+    }
+
+    /// Cuts node `id` off from every other node, both ways, or heals it
+    /// (proxied clusters). Clients still reach every node.
+    pub fn isolate(&self, id: u32, isolated: bool) {
+        let n = self.proxies.len() as u32;
+        for (i, proxy) in (1..=n).zip(&self.proxies) {
+            let blocked: Vec<IpAddr> = match (isolated, i == id) {
+                (false, _) => Vec::new(),
+                (true, true) => (1..=n).filter(|&j| j != id).map(proxied_ip).collect(),
+                (true, false) => vec![proxied_ip(id)],
+            };
+            proxy.block(&blocked);
+        }
+    }
+
     /// Starts a broker process: node `id`, listening on `port`, with the
     /// certificates in `certs/node-{cert_of}` and the CA `ca`.
     pub fn broker(&self, id: u32, port: u16, data: &Path, cert_dir: &Path, ca: &Path) -> Child {
@@ -177,7 +207,7 @@ impl Cluster {
         let log = std::fs::File::create(data.join("broker.log")).unwrap();
         Command::new(BIN)
             .arg("broker")
-            .args(["--node-id", &id.to_string(), "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--node-id", &id.to_string(), "--listen", &self.listen_address(id, port).to_string()])
             .arg("--data-dir")
             .arg(data)
             .args(["--controllers", &self.controllers()])

@@ -1,12 +1,16 @@
 //! A UDP proxy in front of one node: everything sent to the node (by
 //! clients and by other nodes) goes through it, so a test can cut the
-//! node's inbound traffic, or drop a share of its packets both ways, while
-//! the process keeps running. QUIC survives loss; a cut looks like a
-//! network partition (asymmetric: the node's own outgoing connections go
-//! through the other nodes' proxies).
+//! node's inbound traffic, drop a share of its packets both ways, or drop
+//! everything from chosen source addresses, while the process keeps
+//! running. QUIC survives loss; a cut looks like a network partition
+//! (asymmetric: the node's own outgoing connections go through the other
+//! nodes' proxies). Nodes behind proxies listen on distinct loopback
+//! addresses and connect to each other from them, so blocking sources on
+//! every proxy makes a symmetric partition between nodes that clients
+//! (from 127.0.0.1) still cross.
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,11 +39,16 @@ struct Shared {
     mode: AtomicU64,
     stop: AtomicBool,
     rng: AtomicU64,
+    /// Sources whose packets (and the answers to them) are dropped.
+    blocked: Mutex<HashSet<IpAddr>>,
 }
 
 impl Shared {
-    /// Whether to drop the next packet.
-    fn drop_packet(&self) -> bool {
+    /// Whether to drop the next packet from or to `peer`.
+    fn drop_packet(&self, peer: SocketAddr) -> bool {
+        if self.blocked.lock().unwrap().contains(&peer.ip()) {
+            return true;
+        }
         let mode = self.mode.load(Ordering::Relaxed);
         match mode & 0xff {
             0 => false,
@@ -68,15 +77,19 @@ impl UdpProxy {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
         front.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let port = front.local_addr().unwrap().port();
-        let shared =
-            Arc::new(Shared { mode: AtomicU64::new(0), stop: AtomicBool::new(false), rng: AtomicU64::new(seed | 1) });
+        let shared = Arc::new(Shared {
+            mode: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            rng: AtomicU64::new(seed | 1),
+            blocked: Mutex::default(),
+        });
         let upstreams: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
         let s = shared.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s.stop.load(Ordering::Relaxed) {
                 let Ok((n, source)) = front.recv_from(&mut buf) else { continue };
-                if s.drop_packet() {
+                if s.drop_packet(source) {
                     continue;
                 }
                 let upstream = upstreams
@@ -94,7 +107,7 @@ impl UdpProxy {
                             let mut buf = vec![0u8; 65536];
                             while !s2.stop.load(Ordering::Relaxed) {
                                 let Ok(n) = up2.recv(&mut buf) else { continue };
-                                if !s2.drop_packet() {
+                                if !s2.drop_packet(source) {
                                     let _ = front2.send_to(&buf[..n], source);
                                 }
                             }
@@ -110,6 +123,12 @@ impl UdpProxy {
 
     pub fn set(&self, mode: Mode) {
         self.shared.mode.store(mode.encode(), Ordering::Relaxed);
+    }
+
+    /// Drops every packet from these source addresses, and the answers to
+    /// them, until the next call (an empty list heals).
+    pub fn block(&self, sources: &[IpAddr]) {
+        *self.shared.blocked.lock().unwrap() = sources.iter().copied().collect();
     }
 }
 
