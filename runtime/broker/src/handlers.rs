@@ -586,6 +586,13 @@ impl Broker {
             .map(|lp| {
                 let found = self.partition(&lp.topic, lp.partition).and_then(|(_, p)| match lp.timestamp {
                     OFFSET_EARLIEST => Ok((p.log.log_start_offset(), -1)),
+                    _ if !p.high_watermark_known() => Err(WireError::new(
+                        ErrorCode::OffsetNotAvailable,
+                        format!(
+                            "{}-{}: its new leader's high watermark has not yet reached its predecessor's; retry shortly",
+                            lp.topic, lp.partition
+                        ),
+                    )),
                     OFFSET_LATEST => Ok((p.high_watermark(), -1)),
                     ts if ts >= 0 => match p.log.offset_for_timestamp(ts).map_err(read_error)? {
                         Some((offset, _)) if offset >= p.high_watermark() => Ok((p.high_watermark(), -1)),

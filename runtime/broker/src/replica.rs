@@ -85,6 +85,8 @@ enum Role {
         /// The partition epoch of the image the ISR came from (an ISR change
         /// is proposed against it).
         partition_epoch: i32,
+        /// The log end when it began leading in this epoch.
+        leading_from: i64,
     },
     Follower {
         leader: NodeId,
@@ -213,6 +215,17 @@ impl Partition {
         }
     }
 
+    /// Whether the high watermark can be served as "latest": not while a
+    /// new leader's is below the log end it started leading at, where its
+    /// predecessor's may have been (until the followers confirm the log, a
+    /// "latest" from here could go backwards).
+    pub(crate) fn high_watermark_known(&self) -> bool {
+        match &self.replica.state().role {
+            Role::Leader { leading_from, .. } => self.high_watermark() >= *leading_from,
+            _ => true,
+        }
+    }
+
     /// Whether this replica serves clients: a single node's, or a leader's
     /// (not one still waiting for its role after a restart).
     pub(crate) fn leads(&self) -> bool {
@@ -288,7 +301,7 @@ impl Broker {
         }
         match pi.leader {
             Some(l) if l == me => {
-                if let Role::Leader { leader, partition_epoch } = &mut state.role
+                if let Role::Leader { leader, partition_epoch, .. } = &mut state.role
                     && leader.epoch() == pi.leader_epoch
                 {
                     *partition_epoch = pi.partition_epoch;
@@ -324,7 +337,7 @@ impl Broker {
                 .with_log(log_end, hw);
                 let moved = leader.on_append(log_end);
                 tracing::info!(partition = p.id, epoch = pi.leader_epoch, log_end, "leading");
-                state.role = Role::Leader { leader, partition_epoch: pi.partition_epoch };
+                state.role = Role::Leader { leader, partition_epoch: pi.partition_epoch, leading_from: log_end };
                 drop(state);
                 if p.publish(moved) { RoleChange::HighWatermark } else { RoleChange::None }
             }
@@ -354,7 +367,7 @@ impl Broker {
                     let proposal = {
                         let mut state = p.replica.state();
                         match &mut state.role {
-                            Role::Leader { leader, partition_epoch } => {
+                            Role::Leader { leader, partition_epoch, .. } => {
                                 leader.tick(now).map(|isr| (leader.epoch(), *partition_epoch, isr))
                             }
                             _ => None,
@@ -491,7 +504,7 @@ impl Broker {
         let proposal = {
             let mut state = p.replica.state();
             let State { role, history } = &mut *state;
-            let Role::Leader { leader, partition_epoch } = role else {
+            let Role::Leader { leader, partition_epoch, .. } = role else {
                 return Err(WireError::new(
                     ErrorCode::NotLeader,
                     format!("broker {me} does not lead {name}-{}", fp.partition),

@@ -53,6 +53,10 @@ wire_enum! {
         /// may or may not be kept. Not retriable: a retry could write it
         /// twice.
         NotReplicated = 28,
+        /// A new leader does not know yet how far its predecessor's high
+        /// watermark reached (its followers have not confirmed its log):
+        /// "latest" now could go backwards. Retry shortly.
+        OffsetNotAvailable = 29,
     }
 }
 
@@ -68,6 +72,7 @@ impl ErrorCode {
                 | ErrorCode::UnknownTopic
                 | ErrorCode::NoQuorum
                 | ErrorCode::FencedLeaderEpoch
+                | ErrorCode::OffsetNotAvailable
         )
     }
 
@@ -89,6 +94,7 @@ impl ErrorCode {
             ErrorCode::NoQuorum => "no_quorum",
             ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::NotReplicated => "not_replicated",
+            ErrorCode::OffsetNotAvailable => "offset_not_available",
             ErrorCode::NotAuthorized => "not_authorized",
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::RecordTooLarge => "record_too_large",

@@ -16,6 +16,10 @@ use tokio::task::JoinHandle;
 
 use crate::connection::{CallError, Client};
 
+/// How long [`Consumer::lookup`] waits for a new leader to establish its
+/// high watermark (its followers confirm its log within a fetch or two).
+const OFFSET_NOT_AVAILABLE_RETRY_FOR: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     /// How long the broker may hold a fetch when there is nothing new.
@@ -151,20 +155,28 @@ impl Consumer {
     }
 
     /// Resolves an offset spec without moving any position (asking the
-    /// partition's leader; once more after a `not_leader` answer).
+    /// partition's leader; once more after a `not_leader` answer, and again
+    /// for a while when a new leader's offsets are not available yet).
     pub async fn lookup(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ConsumeError> {
-        let mut results = Vec::new();
-        for attempt in 0..2 {
+        let mut results;
+        let mut asked_again = false;
+        let deadline = tokio::time::Instant::now() + OFFSET_NOT_AVAILABLE_RETRY_FOR;
+        loop {
             let leader = self.client.for_partition(topic, partition).await?;
             results = leader
                 .admin()
                 .list_offsets(vec![ListOffsetsPartition { topic: topic.to_string(), partition, timestamp }])
                 .await?;
-            if attempt == 0 && results.first().is_some_and(|r| r.error == ErrorCode::NotLeader) {
-                self.client.forget_routes();
-                continue;
+            match results.first().map(|r| r.error) {
+                Some(ErrorCode::NotLeader) if !asked_again => {
+                    asked_again = true;
+                    self.client.forget_routes();
+                }
+                Some(ErrorCode::OffsetNotAvailable) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => break,
             }
-            break;
         }
         let r = results.into_iter().next().ok_or_else(|| ConsumeError::Partition {
             topic: topic.to_string(),
