@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use quiver_plugin_host::{Entry, HostConfig, Input, Kind, Monitor, PluginHost, builder};
-use quiver_protocol::messages::{PluginAction, PluginDeployRequest};
+use quiver_protocol::messages::{OFFSET_LATEST, PluginAction, PluginDeployRequest};
 
 use crate::cli::{ConnArgs, Format, parse_key_value};
 
@@ -144,7 +144,18 @@ async fn control(conn: &ConnArgs, name: &str, action: PluginAction, done: &str) 
 
 async fn describe(conn: &ConnArgs, names: Option<Vec<String>>, format: Format) -> anyhow::Result<ExitCode> {
     let single = names.is_some();
-    let plugins = conn.connect().await?.admin().list_plugins(names).await?;
+    let client = conn.connect().await?;
+    let mut plugins = client.admin().list_plugins(names).await?;
+    // In a cluster the answering broker knows the high watermark only of
+    // the input partitions it leads: ask the other partitions' leaders.
+    let consumer = client.consumer(quiver_client::ConsumerConfig::default());
+    for p in &mut plugins {
+        for x in p.progress.iter_mut().filter(|x| x.high_watermark < 0) {
+            if let Ok(hw) = consumer.lookup(&p.input, x.partition, OFFSET_LATEST).await {
+                x.high_watermark = hw;
+            }
+        }
+    }
     for p in plugins {
         let progress: Vec<_> = p
             .progress

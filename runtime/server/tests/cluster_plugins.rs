@@ -124,6 +124,14 @@ fn plugins_live_in_the_metadata_log_and_transforms_follow_their_leaders() {
         cluster.values(leader_of(&cluster.partitions(1, "dlq")[0]), "dlq", 0).is_some_and(|v| v.len() == 3)
     });
     assert!(id_counts(&cluster, 3, "big").values().all(|n| *n == 1), "no duplicates without failures");
+    // Through any node, describe shows every input partition's lag (the
+    // CLI asks the partitions' leaders for their high watermarks).
+    for n in 1..=3 {
+        cluster.wait_for("every partition's lag at 0", Duration::from_secs(20), || {
+            let progress = describe(&cluster, n, "big-orders").unwrap()["progress"].as_array().unwrap().clone();
+            progress.len() == 3 && progress.iter().all(|p| p["lag"] == 0 && p["high_watermark"] == 201)
+        });
+    }
 
     // The leader of orders-0 dies; the new leader goes on from the progress
     // committed to the metadata log.
