@@ -17,8 +17,9 @@ use tokio::task::JoinHandle;
 use crate::connection::{CallError, Client};
 
 /// How long [`Consumer::lookup`] waits for a new leader to establish its
-/// high watermark (its followers confirm its log within a fetch or two).
-const OFFSET_NOT_AVAILABLE_RETRY_FOR: Duration = Duration::from_secs(10);
+/// high watermark: its followers confirm its log within a fetch or two, or a
+/// lagging one leaves the ISR after `replica_lag_time_max_ms` (10 s default).
+const OFFSET_NOT_AVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
