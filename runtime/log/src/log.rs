@@ -29,6 +29,9 @@ use crate::{AppendError, AppendInfo, LogConfig, OpenError, ReadError, RetentionR
 
 /// Held with an exclusive `flock` while a [`Log`] has the directory open.
 pub const LOCK_FILE_NAME: &str = ".lock";
+/// Holds the recovery point: every segment with a lower base offset is
+/// durable and whole; those from it on are checked at open.
+pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 
 /// One partition's log. `Send + Sync`: share it behind an `Arc`; all
 /// methods take `&self` and lock internally.
@@ -52,6 +55,8 @@ struct State {
     unsynced_sealed: Vec<Arc<SegmentFile>>,
     /// A segment file was created or deleted since the directory was fsynced.
     dir_dirty: bool,
+    /// The recovery point on disk (see [`RECOVERY_POINT_FILE`]).
+    recovery_point: i64,
 }
 
 impl State {
@@ -106,6 +111,22 @@ impl Log {
             SegmentFile::open(dir, 0, true).map_err(io_err(dir))?;
             bases.push(0);
         }
+        // Sealed segments rolled after the last recovery point may have
+        // been cut by a power loss before their fsync: the log ends at the
+        // first torn batch or gap among them.
+        let recovery_point = read_recovery_point(dir);
+        if let Some(i) = first_damaged_sealed(dir, &bases, recovery_point).map_err(io_err(dir))? {
+            for &later in &bases[i + 1..] {
+                let path = dir.join(segment::file_name(later, LOG_EXT));
+                let file = SegmentFile::open(dir, later, false).map_err(io_err(&path))?;
+                delete_segment_files(&file).map_err(io_err(&path))?;
+            }
+            bases.truncate(i + 1);
+            // It becomes the active segment: scanned and cut below.
+            let path = dir.join(segment::file_name(bases[i], LOG_EXT));
+            let file = SegmentFile::open(dir, bases[i], false).map_err(io_err(&path))?;
+            remove_index_files(&file).map_err(io_err(&path))?;
+        }
         let mut segments = Vec::with_capacity(bases.len());
         for (i, &base) in bases.iter().enumerate() {
             let path = dir.join(segment::file_name(base, LOG_EXT));
@@ -123,8 +144,12 @@ impl Log {
             segment.file.file.sync_data().map_err(io_err(&segment.file.path(LOG_EXT)))?;
         }
         sync_dir(dir).map_err(io_err(dir))?;
+        let active_base = segments.last().expect("at least one segment").base_offset();
+        if recovery_point != Some(active_base) {
+            write_recovery_point(dir, active_base).map_err(io_err(&dir.join(RECOVERY_POINT_FILE)))?;
+        }
 
-        let state = State { segments, unsynced_sealed: Vec::new(), dir_dirty: false };
+        let state = State { segments, unsynced_sealed: Vec::new(), dir_dirty: false, recovery_point: active_base };
         info!(
             dir = %dir.display(),
             log_start_offset = state.log_start(),
@@ -398,7 +423,21 @@ impl Log {
             if dir_dirty {
                 sync_dir(&self.dir)?;
             }
-            active.file.sync_data()
+            active.file.sync_data()?;
+            // Every segment before the snapshot's active one is durable
+            // now (unless a truncation removed that one meanwhile). Once
+            // per roll; under the state lock, so a truncation's lower
+            // recovery point is never overwritten.
+            if !sealed.is_empty() {
+                let mut state = self.write_state();
+                if state.recovery_point < active.base_offset
+                    && state.segments.iter().any(|s| Arc::ptr_eq(&s.file, &active))
+                {
+                    write_recovery_point(&self.dir, active.base_offset)?;
+                    state.recovery_point = active.base_offset;
+                }
+            }
+            Ok(())
         })();
         let mut state = self.write_state();
         if let Err(e) = result {
@@ -544,6 +583,12 @@ impl Log {
         file.file.set_len(cut)?;
         file.file.sync_all()?;
         let rebuilt = recover_active(file.clone(), config.index_interval_bytes)?;
+        // Segments rolled from here on must be checked at open.
+        let base = rebuilt.base_offset();
+        if state.recovery_point > base {
+            write_recovery_point(&self.dir, base)?;
+            state.recovery_point = base;
+        }
         state.segments[keep] = rebuilt;
         let kept: Vec<_> = state.segments.iter().map(|s| s.file.clone()).collect();
         state.unsynced_sealed.retain(|f| kept[..keep].iter().any(|k| Arc::ptr_eq(k, f)));
@@ -629,6 +674,50 @@ impl Log {
     fn write_state(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().expect("log state lock poisoned")
     }
+}
+
+/// The recovery point on disk; `None` when missing or unreadable (then
+/// every sealed segment is checked).
+fn read_recovery_point(dir: &Path) -> Option<i64> {
+    fs::read_to_string(dir.join(RECOVERY_POINT_FILE)).ok()?.trim().parse().ok()
+}
+
+/// Persists the recovery point (atomically; durable on return).
+fn write_recovery_point(dir: &Path, offset: i64) -> io::Result<()> {
+    segment::write_file_atomically(&dir.join(RECOVERY_POINT_FILE), offset.to_string().as_bytes(), true)?;
+    sync_dir(dir)
+}
+
+/// The index in `bases` of the first sealed segment at or after the
+/// recovery point that holds a torn or corrupt batch, or ends before the
+/// next segment begins.
+fn first_damaged_sealed(dir: &Path, bases: &[i64], recovery_point: Option<i64>) -> io::Result<Option<usize>> {
+    for (i, pair) in bases.windows(2).enumerate() {
+        let (base, next) = (pair[0], pair[1]);
+        if recovery_point.is_some_and(|r| base < r) {
+            continue;
+        }
+        let file = SegmentFile::open(dir, base, false)?;
+        let len = file.file.metadata()?.len();
+        let outcome = segment::scan(&file.file, len, base, |_, _| {})?;
+        let problem = match outcome.problem {
+            Some(reason) => Some(reason),
+            None if outcome.next_offset != next => {
+                Some(format!("it ends at offset {} but the next segment starts at {next}", outcome.next_offset))
+            }
+            None => None,
+        };
+        if let Some(reason) = problem {
+            warn!(
+                file = %file.path(LOG_EXT).display(),
+                position = outcome.valid_len,
+                %reason,
+                "a segment sealed after the last recovery point is damaged; the log ends there"
+            );
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
 }
 
 /// Scans the active segment and truncates it at the first torn or corrupt

@@ -399,7 +399,8 @@ fn stray_files_are_removed_or_ignored() {
             "00000000000000000001.index",
             "00000000000000000001.log",
             "00000000000000000001.timeindex",
-            "notes.txt"
+            "notes.txt",
+            "recovery-point"
         ]
     );
 }

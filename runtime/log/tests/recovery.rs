@@ -208,3 +208,62 @@ fn missing_or_damaged_index_files_of_sealed_segments_are_rebuilt() {
         }
     });
 }
+
+/// A power loss between a roll and the next fsync can cut a segment that
+/// was sealed after the last recovery point (none was written here: the log
+/// was never synced). Opening checks those segments: the log ends at the
+/// first torn batch, later segments are dropped, appends continue.
+#[test]
+fn a_sealed_segment_cut_after_the_recovery_point_ends_the_log() {
+    for_seeds(SEEDS, |seed| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(seed);
+        let written = write_log(dir.path(), &mut rng);
+        let bases = segment_bases(dir.path());
+        assert!(bases.len() > 1, "the test needs sealed segments");
+        let k = rng.below(bases.len() as u64 - 1) as usize;
+        let (first, next) = (bases[k], bases[k + 1]);
+        // The batches of segment k and their byte ranges in its file.
+        let mut position = 0u64;
+        let ranges: Vec<(usize, u64, u64)> = (0..written.originals.len())
+            .filter(|&i| written.bases[i] >= first && written.bases[i] < next)
+            .map(|i| {
+                let len = written.originals[i].len() as u64;
+                position += len;
+                (i, position - len, position)
+            })
+            .collect();
+        let path = dir.path().join(format!("{first:020}.log"));
+        let cut = rng.below(position);
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
+        // Whole batches before the cut survive, even one ending exactly at it.
+        let surviving = ranges.iter().find(|&&(_, _, end)| end > cut).map_or(ranges[0].0, |&(i, _, _)| i);
+        check(dir.path(), &written, surviving);
+        let left = segment_bases(dir.path());
+        assert_eq!(left.first(), Some(&bases[0]));
+        assert!(left.iter().all(|&b| b <= first), "segments after the cut are gone: {left:?}");
+    });
+}
+
+/// Once a roll is fsynced, the recovery point moves to the active segment,
+/// so opening does not read the sealed segments again.
+#[test]
+fn a_synced_roll_moves_the_recovery_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(1);
+    let log = Log::open(dir.path(), config(6_000)).unwrap();
+    let point = || std::fs::read_to_string(dir.path().join(quiver_log::log::RECOVERY_POINT_FILE)).unwrap();
+    assert_eq!(point(), "0");
+    for i in 0..40 {
+        log.append(&batch(rng.next(), 3, 100 * i, 200), 1).unwrap();
+    }
+    log.flush().unwrap();
+    let bases = segment_bases(dir.path());
+    assert!(bases.len() > 1);
+    assert_eq!(point(), bases.last().unwrap().to_string());
+    // A truncation into a sealed segment moves it back.
+    let end = log.truncate_to(bases[1]).unwrap();
+    assert_eq!(end, bases[1]);
+    let kept = segment_bases(dir.path());
+    assert_eq!(point(), kept.last().unwrap().to_string());
+}
