@@ -71,6 +71,17 @@ fn write_log(dir: &Path, rng: &mut Rng) -> Written {
     }
 }
 
+/// Runs `case` for every seed on a freshly written log that was never
+/// synced (as a crash would leave it), with the seed's random source.
+fn with_written_logs(case: impl Fn(&Path, &mut Rng, &Written)) {
+    for_seeds(SEEDS, |seed| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(seed);
+        let written = write_log(dir.path(), &mut rng);
+        case(dir.path(), &mut rng, &written);
+    });
+}
+
 /// Reopens and checks that exactly the first `surviving` batches are there,
 /// intact, and that appending continues right after them (also across
 /// another reopen).
@@ -103,24 +114,18 @@ fn active_batch_at(written: &Written, position: u64) -> (usize, u64) {
 
 #[test]
 fn cut_active_segment_at_random_positions() {
-    for_seeds(SEEDS, |seed| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = Rng::new(seed);
-        let written = write_log(dir.path(), &mut rng);
+    with_written_logs(|dir, rng, written| {
         let active_len = std::fs::metadata(&written.active_path).unwrap().len();
         let cut = rng.below(active_len + 1);
         OpenOptions::new().write(true).open(&written.active_path).unwrap().set_len(cut).unwrap();
         let whole = written.active_ranges.iter().filter(|&&(_, e)| e <= cut).count();
-        check(dir.path(), &written, written.first_active + whole);
+        check(dir, written, written.first_active + whole);
     });
 }
 
 #[test]
 fn flip_random_bits_in_the_active_segment() {
-    for_seeds(SEEDS, |seed| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = Rng::new(seed);
-        let written = write_log(dir.path(), &mut rng);
+    with_written_logs(|dir, rng, written| {
         let mut bytes = std::fs::read(&written.active_path).unwrap();
         if bytes.is_empty() {
             return;
@@ -131,7 +136,7 @@ fn flip_random_bits_in_the_active_segment() {
             let tail = if rng.below(2) == 0 { 2_000 } else { bytes.len() as u64 };
             let position = bytes.len() as u64 - 1 - rng.below(tail.min(bytes.len() as u64));
             bytes[position as usize] ^= 1 << rng.below(8);
-            let (k, within) = active_batch_at(&written, position);
+            let (k, within) = active_batch_at(written, position);
             // The leader epoch (bytes 12..16) is rewritten by the broker and
             // covered by no check, by design: a flip there goes unnoticed.
             if !(12..16).contains(&within) {
@@ -139,16 +144,13 @@ fn flip_random_bits_in_the_active_segment() {
             }
         }
         std::fs::write(&written.active_path, &bytes).unwrap();
-        check(dir.path(), &written, surviving);
+        check(dir, written, surviving);
     });
 }
 
 #[test]
 fn garbage_after_the_last_batch_is_truncated() {
-    for_seeds(SEEDS, |seed| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = Rng::new(seed);
-        let written = write_log(dir.path(), &mut rng);
+    with_written_logs(|dir, rng, written| {
         let mut bytes = std::fs::read(&written.active_path).unwrap();
         let len = 1 + rng.below(600) as usize;
         match rng.below(3) {
@@ -158,28 +160,25 @@ fn garbage_after_the_last_batch_is_truncated() {
             _ => bytes.extend_from_slice(&batch(1, 3, 0, 100)[..len.min(150)]),
         }
         std::fs::write(&written.active_path, &bytes).unwrap();
-        drop(Log::open(dir.path(), config(6_000)).unwrap());
+        drop(Log::open(dir, config(6_000)).unwrap());
         assert_eq!(
             std::fs::metadata(&written.active_path).unwrap().len(),
             written.active_ranges.last().map_or(0, |r| r.1),
             "garbage truncated"
         );
-        check(dir.path(), &written, written.originals.len());
+        check(dir, written, written.originals.len());
     });
 }
 
 #[test]
 fn missing_or_damaged_index_files_of_sealed_segments_are_rebuilt() {
-    for_seeds(SEEDS, |seed| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = Rng::new(seed);
-        let written = write_log(dir.path(), &mut rng);
-        let bases = segment_bases(dir.path());
+    with_written_logs(|dir, rng, written| {
+        let bases = segment_bases(dir);
         assert!(bases.len() > 1, "the test needs sealed segments");
         let mut damaged = Vec::new();
         for &base in &bases[..bases.len() - 1] {
             for ext in ["index", "timeindex"] {
-                let path = dir.path().join(format!("{base:020}.{ext}"));
+                let path = dir.join(format!("{base:020}.{ext}"));
                 match rng.below(4) {
                     0 => std::fs::remove_file(&path).unwrap(),
                     1 => {
@@ -196,12 +195,12 @@ fn missing_or_damaged_index_files_of_sealed_segments_are_rebuilt() {
                 damaged.push(path);
             }
         }
-        check(dir.path(), &written, written.originals.len());
+        check(dir, written, written.originals.len());
         for path in damaged {
             assert!(path.exists(), "{} rebuilt", path.display());
         }
         // Timestamp lookups agree with what was written: batch i starts at 100 * i.
-        let log = Log::open(dir.path(), config(6_000)).unwrap();
+        let log = Log::open(dir, config(6_000)).unwrap();
         for i in (0..written.originals.len()).step_by(3) {
             let ts = 100 * i as i64;
             assert_eq!(log.offset_for_timestamp(ts).unwrap(), Some((written.bases[i], ts)));
@@ -215,11 +214,8 @@ fn missing_or_damaged_index_files_of_sealed_segments_are_rebuilt() {
 /// first torn batch, later segments are dropped, appends continue.
 #[test]
 fn a_sealed_segment_cut_after_the_recovery_point_ends_the_log() {
-    for_seeds(SEEDS, |seed| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = Rng::new(seed);
-        let written = write_log(dir.path(), &mut rng);
-        let bases = segment_bases(dir.path());
+    with_written_logs(|dir, rng, written| {
+        let bases = segment_bases(dir);
         assert!(bases.len() > 1, "the test needs sealed segments");
         let k = rng.below(bases.len() as u64 - 1) as usize;
         let (first, next) = (bases[k], bases[k + 1]);
@@ -233,13 +229,13 @@ fn a_sealed_segment_cut_after_the_recovery_point_ends_the_log() {
                 (i, position - len, position)
             })
             .collect();
-        let path = dir.path().join(format!("{first:020}.log"));
+        let path = dir.join(format!("{first:020}.log"));
         let cut = rng.below(position);
         OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
         // Whole batches before the cut survive, even one ending exactly at it.
         let surviving = ranges.iter().find(|&&(_, _, end)| end > cut).map_or(ranges[0].0, |&(i, _, _)| i);
-        check(dir.path(), &written, surviving);
-        let left = segment_bases(dir.path());
+        check(dir, written, surviving);
+        let left = segment_bases(dir);
         assert_eq!(left.first(), Some(&bases[0]));
         assert!(left.iter().all(|&b| b <= first), "segments after the cut are gone: {left:?}");
     });
