@@ -434,3 +434,48 @@ fn first_party_plugins_through_the_broker() {
     let err = node.fails(&["plugin", "deploy", "x", "--builtin", "nope", "--kind", "transform"]);
     assert!(err.contains("there is no built-in plugin 'nope' (built in: identity)"), "{err}");
 }
+
+/// A producer that is running when the topic's partitioner is redeployed
+/// (new parameters: another field) follows the new version once its
+/// metadata is older than `metadata_max_age`, without being recreated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_producer_picks_up_a_redeployed_partitioner() {
+    use quiver_client::partitioner::partition_for_key;
+    use quiver_client::{Client, ProducerConfig, ProducerRecord};
+    let node = DevNode::start();
+    let wasm = plugin("json-field-partitioner");
+    let deploy = |field: &str| {
+        let param = format!("field={field}");
+        node.ok(&["plugin", "deploy", "by-field", &wasm, "--kind", "partitioner", "--param", &param])
+    };
+    deploy("a");
+    node.ok(&["topic", "create", "routed", "-p", "7", "-c", "partitioner=by-field"]);
+    let client = Client::connect(node.client_config()).await.unwrap();
+    let producer = client.producer(ProducerConfig {
+        metadata_max_age: Duration::from_millis(200),
+        linger: Duration::from_millis(1),
+        ..ProducerConfig::default()
+    });
+    let send = |n: u32| {
+        let producer = producer.clone();
+        async move {
+            let value = format!(r#"{{"a":"x{n}","b":"y{n}"}}"#);
+            producer.send(ProducerRecord::new("routed", value)).await.unwrap().await.unwrap().partition
+        }
+    };
+    for n in 0..20 {
+        assert_eq!(send(n).await, partition_for_key(format!("x{n}").as_bytes(), 7), "record {n} by field a");
+    }
+    let out = deploy("b");
+    assert!(out.contains("version 2"), "{out}");
+    // Sends go on; within a few metadata ages every record follows field b.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (mut n, mut following) = (20u32, 0);
+    while following < 30 {
+        assert!(std::time::Instant::now() < deadline, "the producer still places records by field a");
+        let by_b = partition_for_key(format!("y{n}").as_bytes(), 7);
+        following = if send(n).await == by_b { following + 1 } else { 0 };
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

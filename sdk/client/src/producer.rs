@@ -57,6 +57,10 @@ pub struct ProducerConfig {
     /// the plugin cannot be loaded here, records are sent with
     /// `PARTITION_ANY` and the broker runs the same module.
     pub partition_locally: bool,
+    /// A topic's metadata is asked again (in the background, on the next
+    /// send) once it is this old, so that a redeployed or newly named
+    /// partitioner plugin is picked up (Kafka's `metadata.max.age.ms`).
+    pub metadata_max_age: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -72,6 +76,7 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
             partition_locally: true,
+            metadata_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -208,6 +213,11 @@ struct TopicState {
     /// Where keyless records go until that partition's batch is sealed.
     sticky: Option<u32>,
     open: HashMap<u32, OpenBatch>,
+    /// The partitioner plugin `placement` came from: name and version.
+    partitioner: (String, u32),
+    /// When the metadata was last asked for, and whether it is being asked.
+    checked: Instant,
+    refreshing: bool,
 }
 
 /// A sealed batch with its topic, partition, and how the topic places
@@ -419,7 +429,11 @@ impl Producer {
     }
 
     async fn partition_count(&self, topic: &str) -> Result<u32, ProduceError> {
-        if let Some(t) = self.shared.state.lock().expect("producer state").topics.get(topic) {
+        if let Some(t) = self.shared.state.lock().expect("producer state").topics.get_mut(topic) {
+            if !t.refreshing && t.checked.elapsed() >= self.shared.config.metadata_max_age {
+                t.refreshing = true;
+                tokio::spawn(self.clone().refresh_topic(topic.to_string()));
+            }
             return Ok(t.partitions);
         }
         let metadata = self
@@ -443,8 +457,39 @@ impl Producer {
             placement,
             sticky: None,
             open: HashMap::new(),
+            partitioner: (t.partitioner, t.partitioner_version),
+            checked: Instant::now(),
+            refreshing: false,
         });
         Ok(entry.partitions)
+    }
+
+    /// Asks for a topic's metadata again; a changed partitioner plugin (a
+    /// new version, or another plugin) replaces how records are placed from
+    /// the next sealed batch on. Failures keep the current placement.
+    async fn refresh_topic(self, topic: String) {
+        let metadata = self.shared.client.admin().metadata(Some(vec![topic.clone()])).await;
+        let found =
+            metadata.ok().and_then(|m| m.topics.into_iter().find(|t| t.name == topic && t.error == ErrorCode::None));
+        let changed = found.and_then(|t| {
+            let current = (t.partitioner, t.partitioner_version);
+            let state = self.shared.state.lock().expect("producer state");
+            state.topics.get(&topic).is_some_and(|ts| ts.partitioner != current).then_some(current)
+        });
+        let placement = match &changed {
+            Some((name, _)) => Some(self.placement(name).await),
+            None => None,
+        };
+        let mut state = self.shared.state.lock().expect("producer state");
+        if let Some(ts) = state.topics.get_mut(&topic) {
+            ts.checked = Instant::now();
+            ts.refreshing = false;
+            if let (Some(current), Some(placement)) = (changed, placement) {
+                tracing::info!(topic, partitioner = current.0, version = current.1, "the topic's partitioner changed");
+                ts.partitioner = current;
+                ts.placement = placement;
+            }
+        }
     }
 }
 
