@@ -8,6 +8,8 @@
 //! to their leaders as ordinary produce requests, with the records as
 //! produced (the leader runs the topic's serializers itself).
 
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -20,7 +22,6 @@ use quiver_protocol::{ErrorCode, WireError};
 use crate::broker::{Broker, Partition, Topic, corrupt};
 use crate::cluster::RemoteLeader;
 use crate::topic::TopicCompression;
-use std::collections::BTreeMap;
 
 /// One partition's share of a `PARTITION_ANY` batch (or a whole batch
 /// produced to a partition).
@@ -71,7 +72,7 @@ impl Broker {
         let name = &topic.record.name;
         let mut leaders = BTreeMap::new();
         for &p in &chosen {
-            if let std::collections::btree_map::Entry::Vacant(e) = leaders.entry(p) {
+            if let Entry::Vacant(e) = leaders.entry(p) {
                 e.insert(self.remote_leader(name, p)?);
             }
         }
@@ -88,18 +89,20 @@ impl Broker {
             }
             None => None,
         };
-        let split = |records: &[batch::Record], wanted: bool| {
-            if wanted { split_by_partition(records, &chosen, codec) } else { Vec::new() }
+        // Without a serializer both kinds of share come from one split.
+        let (local, remote) = (leaders.values().any(Option::is_none), leaders.values().any(Option::is_some));
+        let split = |records: &[batch::Record], wanted: bool| -> BTreeMap<u32, _> {
+            let splits = if wanted { split_by_partition(records, &chosen, codec) } else { Vec::new() };
+            splits.into_iter().map(|s| (s.partition, s)).collect()
         };
-        let mut here =
-            split(serialized.as_deref().unwrap_or(&records), leaders.values().any(Option::is_none)).into_iter();
-        let mut there = split(&records, leaders.values().any(Option::is_some)).into_iter();
+        let mut as_produced = split(&records, remote || (local && serialized.is_none()));
+        let mut serialized = serialized.map(|s| split(&s, local));
         leaders
             .into_iter()
             .map(|(partition, leader)| {
-                let share = match leader {
-                    None => here.find(|s| s.partition == partition),
-                    Some(_) => there.find(|s| s.partition == partition),
+                let share = match (&leader, &mut serialized) {
+                    (None, Some(serialized)) => serialized.remove(&partition),
+                    _ => as_produced.remove(&partition),
                 };
                 let share = share.ok_or_else(|| {
                     WireError::new(ErrorCode::Internal, format!("no records split for partition {partition}"))
