@@ -10,19 +10,22 @@
 //! - [`log`]: the [`Log`] itself: append, read, sync, retention, recovery.
 //! - `segment`: one segment's file, bookkeeping and recovery scan.
 //! - `index`: the sparse offset and time indexes.
+//! - [`producers`]: idempotent producers' sequences, for deduplication.
 //!
 //! The crate does no networking and keeps no clock: time-dependent calls
 //! ([`Log::enforce_retention`]) take `now_ms`.
 
 mod index;
 pub mod log;
+pub mod producers;
 mod segment;
 
 use std::path::PathBuf;
 
 use quiver_protocol::batch::BatchError;
 
-pub use crate::log::Log;
+pub use crate::log::{Appended, Log};
+pub use crate::producers::SequenceError;
 
 /// Tuning of one log; can be changed at run time with [`Log::set_config`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +111,10 @@ pub enum AppendError {
     /// the caller should have run `quiver_protocol::batch::validate`.
     #[error("invalid batch: {0}")]
     Invalid(#[from] BatchError),
+    /// An idempotent producer's batch out of sequence or from a fenced
+    /// epoch ([`Log::append_checked`] only).
+    #[error("{0}")]
+    Sequence(#[from] SequenceError),
 }
 
 /// Why [`Log::read`] or [`Log::offset_for_timestamp`] failed.

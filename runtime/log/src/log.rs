@@ -22,8 +22,10 @@ use bytes::Bytes;
 use quiver_protocol::batch::{self, BATCH_HEADER_LEN, BatchError, BatchHeader};
 use tracing::{debug, info, warn};
 
+use crate::producers::{Check, Producers};
 use crate::segment::{
-    self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, Segment, SegmentFile, TIME_INDEX_EXT, TMP_SUFFIX, read_header_at,
+    self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, PRODUCERS_EXT, Segment, SegmentFile, TIME_INDEX_EXT, TMP_SUFFIX,
+    read_header_at,
 };
 use crate::{AppendError, AppendInfo, LogConfig, OpenError, ReadError, RetentionReport};
 
@@ -33,6 +35,15 @@ pub const LOCK_FILE_NAME: &str = ".lock";
 /// durable and whole; those from it on are checked at open.
 pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 
+/// What [`Log::append_checked`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    New(AppendInfo),
+    /// A retried batch of an idempotent producer, already in the log: the
+    /// offsets it got then. Nothing was written.
+    Duplicate(AppendInfo),
+}
+
 /// One partition's log. `Send + Sync`: share it behind an `Arc`; all
 /// methods take `&self` and lock internally.
 #[derive(Debug)]
@@ -40,6 +51,8 @@ pub struct Log {
     dir: PathBuf,
     config: RwLock<LogConfig>,
     append_lock: Mutex<()>,
+    /// Idempotent producers' sequences; changed only under `append_lock`.
+    producers: Mutex<Producers>,
     state: RwLock<State>,
     sync_lock: Mutex<()>,
     durable_end_offset: AtomicI64,
@@ -127,13 +140,15 @@ impl Log {
             let file = SegmentFile::open(dir, bases[i], false).map_err(io_err(&path))?;
             remove_index_files(&file).map_err(io_err(&path))?;
         }
+        let mut producers =
+            Producers::load(&dir.join(segment::file_name(*bases.last().expect("a segment"), PRODUCERS_EXT)));
         let mut segments = Vec::with_capacity(bases.len());
         for (i, &base) in bases.iter().enumerate() {
             let path = dir.join(segment::file_name(base, LOG_EXT));
             let file = SegmentFile::open(dir, base, false).map_err(io_err(&path))?;
             let segment = match bases.get(i + 1) {
                 Some(&next) => Segment::load_sealed(file, next, config.index_interval_bytes),
-                None => recover_active(file, config.index_interval_bytes),
+                None => recover_active(file, config.index_interval_bytes, &mut producers),
             }
             .map_err(io_err(&path))?;
             segments.push(segment);
@@ -162,6 +177,7 @@ impl Log {
             durable_end_offset: AtomicI64::new(state.log_end()),
             config: RwLock::new(config),
             append_lock: Mutex::new(()),
+            producers: Mutex::new(producers),
             state: RwLock::new(state),
             sync_lock: Mutex::new(()),
             _dir_lock: dir_lock,
@@ -191,7 +207,25 @@ impl Log {
     /// of the whole batch. The CRC does not cover the patched fields, so it
     /// stays valid. The data reaches the page cache only; see
     /// [`Log::sync_to`] for durability.
+    ///
+    /// Idempotent producers' batches update the producer state unchecked:
+    /// this is how followers copy their leader's log.
     pub fn append(&self, batch: &[u8], leader_epoch: i32) -> Result<AppendInfo, AppendError> {
+        match self.append_inner(batch, leader_epoch, false)? {
+            Appended::New(info) | Appended::Duplicate(info) => Ok(info),
+        }
+    }
+
+    /// [`Log::append`] for a leader: a batch of an idempotent producer is
+    /// appended only if it continues that producer's sequence; a retry of
+    /// one of its last few batches is not appended again but answered with
+    /// the offsets it got; a gap or an older epoch is refused with
+    /// [`AppendError::Sequence`].
+    pub fn append_checked(&self, batch: &[u8], leader_epoch: i32) -> Result<Appended, AppendError> {
+        self.append_inner(batch, leader_epoch, true)
+    }
+
+    fn append_inner(&self, batch: &[u8], leader_epoch: i32, check: bool) -> Result<Appended, AppendError> {
         let header = BatchHeader::parse(batch)?;
         if header.total_len() != batch.len() {
             return Err(BatchError::BadLength(batch.len() as i64).into());
@@ -202,6 +236,9 @@ impl Log {
         let len = batch.len() as u64;
         let config = self.config();
         let _append = self.append_lock.lock().expect("append lock poisoned");
+        if check && let Check::Duplicate(info) = self.producers().check(&header)? {
+            return Ok(Appended::Duplicate(info));
+        }
 
         let (mut file, mut position, base_offset) = self.active_end();
         // A roll does not change the log end offset, only the file.
@@ -233,11 +270,25 @@ impl Log {
         let mut stored = header;
         stored.base_offset = base_offset;
         stored.leader_epoch = leader_epoch;
+        self.producers().record(&stored);
         let mut state = self.write_state();
         let active = state.segments.last_mut().expect("active segment");
         assert!(Arc::ptr_eq(&active.file, &file), "only appends change the active segment");
         active.record_batch(&stored, position, config.index_interval_bytes);
-        Ok(AppendInfo { base_offset, last_offset: stored.last_offset(), max_timestamp: stored.max_timestamp })
+        Ok(Appended::New(AppendInfo {
+            base_offset,
+            last_offset: stored.last_offset(),
+            max_timestamp: stored.max_timestamp,
+        }))
+    }
+
+    /// A producer's epoch and last sequence in this log, if known.
+    pub fn producer_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
+        self.producers().last_sequence_of(producer_id)
+    }
+
+    fn producers(&self) -> std::sync::MutexGuard<'_, Producers> {
+        self.producers.lock().expect("producer state lock poisoned")
     }
 
     /// Whole batches starting with the one that contains `offset`, up to
@@ -582,7 +633,9 @@ impl Log {
         remove_index_files(&file)?;
         file.file.set_len(cut)?;
         file.file.sync_all()?;
-        let rebuilt = recover_active(file.clone(), config.index_interval_bytes)?;
+        let mut producers = Producers::load(&file.path(PRODUCERS_EXT));
+        let rebuilt = recover_active(file.clone(), config.index_interval_bytes, &mut producers)?;
+        *self.producers() = producers;
         // Segments rolled from here on must be checked at open.
         let base = rebuilt.base_offset();
         if state.recovery_point > base {
@@ -616,6 +669,7 @@ impl Log {
         for removed in state.segments.drain(..) {
             delete_segment_files(&removed.file)?;
         }
+        *self.producers() = Producers::default();
         state.unsynced_sealed.clear();
         sync_dir(&self.dir)?;
         let file = SegmentFile::open(&self.dir, offset, true)?;
@@ -650,6 +704,16 @@ impl Log {
             active.next_offset
         };
         let file = SegmentFile::open(&self.dir, next_offset, true)?;
+        // The state as of the new segment's base: open and truncation start
+        // from it and replay only the active segment. It becomes durable
+        // with the directory's next fsync; a lost or torn one means an
+        // empty state (producers are then accepted at any sequence).
+        let snapshot = {
+            let mut producers = self.producers();
+            producers.expire();
+            producers.encode()
+        };
+        segment::write_file_atomically(&file.path(PRODUCERS_EXT), &snapshot, false)?;
         let mut state = self.write_state();
         let sealed = state.segments.last_mut().expect("active segment");
         sealed.time_index = sealed.sealed_time_index();
@@ -722,10 +786,12 @@ fn first_damaged_sealed(dir: &Path, bases: &[i64], recovery_point: Option<i64>) 
 
 /// Scans the active segment and truncates it at the first torn or corrupt
 /// batch: such a tail was never acknowledged as durable.
-fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32) -> io::Result<Segment> {
+/// Replays its batches into `producers` (the state as of its base offset).
+fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: &mut Producers) -> io::Result<Segment> {
     let len = file.file.metadata()?.len();
     let mut segment = Segment::empty(file.clone());
     let outcome = segment::scan(&file.file, len, file.base_offset, |header, position| {
+        producers.record(header);
         segment.record_batch(header, position, index_interval_bytes)
     })?;
     if let Some(reason) = outcome.problem {
@@ -768,7 +834,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<i64>> {
             .and_then(|(stem, ext)| Some((stem.parse::<i64>().ok()?, ext)));
         match parsed {
             Some((base, LOG_EXT)) => bases.push(base),
-            Some((base, INDEX_EXT | TIME_INDEX_EXT)) => index_files.push((base, path)),
+            Some((base, INDEX_EXT | TIME_INDEX_EXT | PRODUCERS_EXT)) => index_files.push((base, path)),
             _ => debug!(file = %path.display(), "ignoring unknown file in log directory"),
         }
     }
@@ -789,13 +855,17 @@ fn delete_segment_files(file: &SegmentFile) -> io::Result<()> {
     let mut deleted = log_path.as_os_str().to_owned();
     deleted.push(DELETED_SUFFIX);
     fs::rename(&log_path, &deleted)?;
-    remove_index_files(file)?;
+    remove_files(file, &[INDEX_EXT, TIME_INDEX_EXT, PRODUCERS_EXT])?;
     fs::remove_file(deleted)
 }
 
 /// Removes a segment's index files, if it has any.
 fn remove_index_files(file: &SegmentFile) -> io::Result<()> {
-    for ext in [INDEX_EXT, TIME_INDEX_EXT] {
+    remove_files(file, &[INDEX_EXT, TIME_INDEX_EXT])
+}
+
+fn remove_files(file: &SegmentFile, extensions: &[&str]) -> io::Result<()> {
+    for &ext in extensions {
         match fs::remove_file(file.path(ext)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}

@@ -16,6 +16,8 @@ use crate::index::{OffsetIndex, TimeIndex};
 pub(crate) const LOG_EXT: &str = "log";
 pub(crate) const INDEX_EXT: &str = "index";
 pub(crate) const TIME_INDEX_EXT: &str = "timeindex";
+/// The producer state as of the segment's base offset (see `producers`).
+pub(crate) const PRODUCERS_EXT: &str = "producers";
 /// Suffix of a segment being deleted: renamed first, so a crash in the
 /// middle of a deletion never leaves a half-deleted segment that looks live.
 pub(crate) const DELETED_SUFFIX: &str = ".deleted";

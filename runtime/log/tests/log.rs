@@ -383,6 +383,7 @@ fn stray_files_are_removed_or_ignored() {
     write("00000000000000000000.index.tmp");
     write("00000000000000000500.index");
     write("00000000000000000500.timeindex");
+    write("00000000000000000500.producers");
     write("notes.txt");
     let log = Log::open(dir.path(), config(1)).unwrap();
     assert_eq!(read_all(&log).len(), 2);
@@ -398,6 +399,7 @@ fn stray_files_are_removed_or_ignored() {
             "00000000000000000000.timeindex",
             "00000000000000000001.index",
             "00000000000000000001.log",
+            "00000000000000000001.producers",
             "00000000000000000001.timeindex",
             "notes.txt",
             "recovery-point"
