@@ -131,6 +131,8 @@ pub struct Broker {
     pub(crate) cluster: std::sync::OnceLock<Arc<quiver_controller::Controller>>,
     /// Set with `cluster`: how followers reach leaders.
     pub(crate) replica_link: std::sync::OnceLock<Arc<dyn crate::replica::ReplicaLink>>,
+    /// The block of producer ids this broker hands out.
+    pub(crate) producer_ids: crate::producer_ids::ProducerIds,
 }
 
 impl Broker {
@@ -171,6 +173,7 @@ impl Broker {
             plugins,
             cluster: std::sync::OnceLock::new(),
             replica_link: std::sync::OnceLock::new(),
+            producer_ids: Default::default(),
         }))
     }
 

@@ -114,6 +114,7 @@ impl Broker {
             ApiKey::ElectLeaders => self.run(body, |_: ElectLeadersRequest| self.elect_leaders()).await,
             ApiKey::AlterVoters => self.run(body, |r| self.alter_voters(r)).await,
             ApiKey::ReassignPartition => self.run(body, |r| self.reassign_partition(r)).await,
+            ApiKey::InitProducerId => self.run(body, |r| self.init_producer_id(r)).await,
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
@@ -439,6 +440,12 @@ impl Broker {
             }
             other => WireError::new(ErrorCode::CorruptMessage, format!("invalid record batch: {other}")),
         })?;
+        if any && header.producer_id != batch::NO_PRODUCER_ID {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                "a batch of an idempotent producer must name its partition: sequence numbers are per partition",
+            ));
+        }
         let stored = match topic.config.compression {
             TopicCompression::Codec(codec) if !any && header.compression().ok() != Some(codec) => {
                 batch::recompress(&p.records, codec).map_err(corrupt)?

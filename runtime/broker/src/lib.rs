@@ -13,6 +13,7 @@ mod order;
 mod placement;
 mod plugin_sync;
 mod plugins;
+mod producer_ids;
 mod replica;
 pub mod topic;
 

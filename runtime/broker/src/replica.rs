@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_controller::{Command, Outcome, PartitionImage, WriteError};
+use quiver_log::{AppendError, Appended, SequenceError};
 use quiver_protocol::batch::{self, BatchHeader};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
@@ -192,8 +193,20 @@ impl Partition {
         acks_all: bool,
     ) -> Result<(quiver_log::AppendInfo, i32), WireError> {
         let mut state = self.replica.state();
-        let append =
-            |epoch| self.log.append(batch, epoch).map_err(|e| WireError::new(ErrorCode::StorageError, e.to_string()));
+        // A retried batch of an idempotent producer is answered with the
+        // offsets it got; like a new one, it is acknowledged only once the
+        // high watermark passes it.
+        let append = |epoch| match self.log.append_checked(batch, epoch) {
+            Ok(Appended::New(info) | Appended::Duplicate(info)) => Ok(info),
+            Err(AppendError::Sequence(e)) => Err(WireError::new(
+                match e {
+                    SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
+                    SequenceError::Fenced { .. } => ErrorCode::ProducerFenced,
+                },
+                format!("{topic}-{}: {e}", self.id),
+            )),
+            Err(e) => Err(WireError::new(ErrorCode::StorageError, e.to_string())),
+        };
         match &mut state.role {
             Role::Single => Ok((append(0)?, 0)),
             Role::Leader { leader, .. } => {

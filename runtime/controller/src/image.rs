@@ -83,6 +83,10 @@ pub struct ClusterImage {
     /// each stored once however many deployments use it.
     #[serde(default)]
     pub blobs: BTreeMap<String, Blob>,
+    /// The first producer id not handed out yet: brokers take blocks of
+    /// ids from here and give them to idempotent producers.
+    #[serde(default)]
+    pub next_producer_id: i64,
 }
 
 /// A deployed plugin. The deployment's details (kind, parameters, topics,
@@ -213,7 +217,16 @@ pub enum Command {
         version: u32,
         progress: Vec<(u32, i64)>,
     },
+    /// A broker takes the next `count` producer ids (at most
+    /// [`PRODUCER_ID_BLOCK_MAX`]).
+    AllocateProducerIds {
+        node_id: NodeId,
+        count: u32,
+    },
 }
+
+/// The largest block of producer ids one command takes.
+pub const PRODUCER_ID_BLOCK_MAX: u32 = 1_000_000;
 
 /// The answer to one command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +236,8 @@ pub enum Outcome {
     Partition(PartitionImage),
     /// The version a plugin deployment got.
     PluginVersion(u32),
+    /// The first of the producer ids allocated.
+    ProducerIds(i64),
     Refused(Refusal),
 }
 
@@ -436,6 +451,20 @@ impl ClusterImage {
                     *at = (*at).max(*next);
                 }
                 Outcome::Done
+            }
+            Command::AllocateProducerIds { node_id, count } => {
+                if !self.brokers.contains_key(node_id) {
+                    return refuse(RefusalKind::UnknownBroker, format!("broker {node_id} is not registered"));
+                }
+                if *count == 0 || *count > PRODUCER_ID_BLOCK_MAX {
+                    return refuse(
+                        RefusalKind::Invalid,
+                        format!("a block of {count} producer ids; 1 to {PRODUCER_ID_BLOCK_MAX} may be taken at once"),
+                    );
+                }
+                let first = self.next_producer_id;
+                self.next_producer_id += i64::from(*count);
+                Outcome::ProducerIds(first)
             }
             Command::PreferredElection => {
                 for (topic, partition) in self.preferred_elections_due() {
@@ -831,6 +860,24 @@ mod tests {
                 assert_eq!(image.topics["t"].partitions[0].leader, Some(leader));
             }
         }
+    }
+
+    #[test]
+    fn producer_id_blocks_never_overlap_and_survive_a_snapshot() {
+        let mut image = cluster(&[(1, None), (2, None)]);
+        let take = |image: &mut ClusterImage, node_id, count| {
+            image.apply(50, &Command::AllocateProducerIds { node_id, count })
+        };
+        assert_eq!(take(&mut image, 1, 1000), Outcome::ProducerIds(0));
+        assert_eq!(take(&mut image, 2, 1000), Outcome::ProducerIds(1000));
+        assert!(matches!(
+            take(&mut image, 9, 1000),
+            Outcome::Refused(Refusal { kind: RefusalKind::UnknownBroker, .. })
+        ));
+        assert!(matches!(take(&mut image, 1, 0), Outcome::Refused(Refusal { kind: RefusalKind::Invalid, .. })));
+        let json = serde_json::to_string(&image).unwrap();
+        let mut restored: ClusterImage = serde_json::from_str(&json).unwrap();
+        assert_eq!(take(&mut restored, 1, 10), Outcome::ProducerIds(2000));
     }
 
     #[test]

@@ -57,6 +57,16 @@ wire_enum! {
         /// watermark reached (its followers have not confirmed its log):
         /// "latest" now could go backwards. Retry shortly.
         OffsetNotAvailable = 29,
+        /// An idempotent producer's batch skips a sequence number: an
+        /// earlier batch of that producer for the partition has not arrived
+        /// (still in flight, or lost). Nothing was appended; retry once the
+        /// earlier batch is through.
+        OutOfOrderSequence = 30,
+        /// An idempotent producer's batch carries an epoch older than one
+        /// the partition has seen from the same producer id: that
+        /// generation of the producer gave up on the partition. Nothing was
+        /// appended.
+        ProducerFenced = 31,
     }
 }
 
@@ -73,6 +83,7 @@ impl ErrorCode {
                 | ErrorCode::NoQuorum
                 | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::OffsetNotAvailable
+                | ErrorCode::OutOfOrderSequence
         )
     }
 
@@ -95,6 +106,8 @@ impl ErrorCode {
             ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::NotReplicated => "not_replicated",
             ErrorCode::OffsetNotAvailable => "offset_not_available",
+            ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
+            ErrorCode::ProducerFenced => "producer_fenced",
             ErrorCode::NotAuthorized => "not_authorized",
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::RecordTooLarge => "record_too_large",

@@ -34,10 +34,12 @@ pub enum ApiKey {
     AlterVoters = 18,
     /// Moves a partition's replicas to other brokers.
     ReassignPartition = 19,
+    /// Gives an idempotent producer its producer id.
+    InitProducerId = 20,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 19] = [
+    pub const ALL: [ApiKey; 20] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -57,6 +59,7 @@ impl ApiKey {
         ApiKey::ElectLeaders,
         ApiKey::AlterVoters,
         ApiKey::ReassignPartition,
+        ApiKey::InitProducerId,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -702,3 +705,17 @@ wire_struct! {
     pub struct ReassignPartitionResponse {}
 }
 request!(ReassignPartitionRequest => ReassignPartition, ReassignPartitionResponse);
+
+wire_struct! {
+    pub struct InitProducerIdRequest {}
+}
+
+wire_struct! {
+    pub struct InitProducerIdResponse {
+        /// Unique in the cluster, never handed out twice.
+        pub producer_id: i64,
+        /// The epoch to start at (0).
+        pub producer_epoch: i16,
+    }
+}
+request!(InitProducerIdRequest => InitProducerId, InitProducerIdResponse);

@@ -58,6 +58,11 @@ impl Admin {
         self.client.call(&MetadataRequest { topics }).await
     }
 
+    /// A producer id for an idempotent producer, unique in the cluster.
+    pub async fn init_producer_id(&self) -> Result<InitProducerIdResponse, CallError> {
+        self.client.call(&InitProducerIdRequest {}).await
+    }
+
     /// Offsets for each partition: `OFFSET_EARLIEST`, `OFFSET_LATEST` or a timestamp.
     pub async fn list_offsets(
         &self,

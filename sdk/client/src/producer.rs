@@ -3,10 +3,27 @@
 //! dispatcher that packs every ready batch into as few requests as possible
 //! while at most `in_flight_max` requests are outstanding.
 //!
-//! Delivery semantics (no idempotence yet): a batch is retried only when the
-//! broker certainly did not apply it (connection could not be opened, or a
-//! retriable error code). A batch whose fate is unknown (connection lost after
-//! it was sent) fails with [`ProduceError::Unknown`], so that retries never
+//! Delivery semantics. By default the producer is idempotent (as Kafka's is
+//! since 3.0): it takes a producer id from the cluster and numbers the
+//! records of each partition; each batch carries the sequence of its first
+//! record, and the partition's leader appends a batch only if it continues
+//! the sequence, answering a retry of one of the last five with the offsets
+//! it got the first time. So a batch whose fate is unknown (connection lost
+//! after it was sent, or `not_replicated`) is simply sent again: it is
+//! written once. At most five requests are in flight, the window the
+//! brokers remember.
+//!
+//! When a batch fails for good (refused, or out of time), the sequence of
+//! its partition can never continue: the producer starts a new epoch for
+//! that partition (sequence 0 again). Batches of the old epoch still in
+//! flight then fail too (`out_of_order_sequence` or `producer_fenced`),
+//! never written twice and never reordered.
+//!
+//! Without idempotence (`idempotent: false`, acks=none, `PARTITION_ANY`
+//! batches the broker places, or a broker without the API), a batch is
+//! retried only when the broker certainly did not apply it (connection
+//! could not be opened, or a retriable error code), and a batch whose fate
+//! is unknown fails with [`ProduceError::Unknown`], so that retries never
 //! write a record twice.
 
 use std::collections::{HashMap, VecDeque};
@@ -23,7 +40,7 @@ use quiver_protocol::messages::{Acks, PARTITION_ANY, ProducePartition, ProduceRe
 use quiver_protocol::{ErrorCode, WireError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::connection::{Client, RequestStream};
+use crate::connection::{CallError, Client, RequestStream};
 #[cfg(feature = "plugins")]
 use crate::partitioning::LocalPartitioner;
 use crate::partitioning::Placement;
@@ -61,7 +78,15 @@ pub struct ProducerConfig {
     /// send) once it is this old, so that a redeployed or newly named
     /// partitioner plugin is picked up (Kafka's `metadata.max.age.ms`).
     pub metadata_max_age: Duration,
+    /// Number each partition's records so that retries are written once
+    /// (see the module documentation). Needs acks other than none; caps
+    /// `in_flight_max` at 5.
+    pub idempotent: bool,
 }
+
+/// Requests an idempotent producer keeps in flight at most: brokers
+/// remember this many batches per producer and partition.
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -77,6 +102,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             partition_locally: true,
             metadata_max_age: Duration::from_secs(300),
+            idempotent: true,
         }
     }
 }
@@ -202,7 +228,21 @@ struct ReadyBatch {
     /// `PARTITION_ANY` batches to split here before sending.
     #[cfg(feature = "plugins")]
     split: Option<(Arc<LocalPartitioner>, u32)>,
+    /// An idempotent producer's numbering, given when first sent.
+    stamp: Option<Stamp>,
+    /// An attempt ended without knowing whether it was appended.
+    ambiguous: bool,
 }
+
+/// An idempotent producer's numbering of one batch.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    epoch: i16,
+    sequence: i32,
+}
+
+/// Per partition: the epoch and the sequence the next batch starts at.
+type Sequences = HashMap<(Arc<str>, u32), (i16, i32)>;
 
 /// What the producer keeps per topic: looked up by `&str`, so the hot path
 /// allocates nothing per record.
@@ -288,6 +328,7 @@ struct Shared {
     outstanding: AtomicUsize,
     /// Woken when `outstanding` drops to zero.
     drained: Notify,
+    sequences: Mutex<Sequences>,
 }
 
 /// Sends records to a Quiver cluster. Cheap to clone.
@@ -317,6 +358,7 @@ impl Producer {
             ready_tx,
             outstanding: AtomicUsize::new(0),
             drained: Notify::new(),
+            sequences: Mutex::new(HashMap::new()),
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx));
         Producer { shared }
@@ -549,6 +591,8 @@ impl Shared {
                 (Placement::Local(p), partitions) if partition == PARTITION_ANY => Some((p, partitions)),
                 _ => None,
             },
+            stamp: None,
+            ambiguous: false,
         };
         #[cfg(not(feature = "plugins"))]
         let _ = placement;
@@ -591,6 +635,8 @@ impl Shared {
                     created: batch.created,
                     _permit: batch._permit.clone(),
                     split: None,
+                    stamp: None,
+                    ambiguous: false,
                 })
                 .collect()
         }
@@ -637,13 +683,96 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Numbers a batch about to be sent for the first time: the next
+    /// sequence of its partition, in the partition's current epoch.
+    fn stamp(&self, batch: &mut ReadyBatch, producer_id: i64) {
+        let mut sequences = self.sequences.lock().expect("producer sequences");
+        let (epoch, next) = sequences.entry((batch.topic.clone(), batch.partition)).or_insert((0, 0));
+        let stamp = Stamp { epoch: *epoch, sequence: *next };
+        let count = batch.waiters.len() as i64;
+        *next = ((i64::from(*next) + count) % (i64::from(i32::MAX) + 1)) as i32;
+        batch.builder = batch.builder.take().map(|b| b.with_producer(producer_id, stamp.epoch, stamp.sequence));
+        batch.stamp = Some(stamp);
+    }
+
+    /// Whether a numbered batch belongs to its partition's current epoch.
+    fn epoch_is_current(&self, batch: &ReadyBatch) -> bool {
+        batch.stamp.is_none_or(|stamp| {
+            let sequences = self.sequences.lock().expect("producer sequences");
+            sequences.get(&(batch.topic.clone(), batch.partition)).is_none_or(|(epoch, _)| *epoch == stamp.epoch)
+        })
+    }
+
+    /// Fails a batch for good. Its sequence numbers will never be filled,
+    /// so the next batches of its partition start a new epoch at 0.
+    fn fail(&self, batch: ReadyBatch, error: ProduceError) {
+        if let Some(stamp) = batch.stamp {
+            let mut sequences = self.sequences.lock().expect("producer sequences");
+            if let Some((epoch, next)) = sequences.get_mut(&(batch.topic.clone(), batch.partition))
+                && *epoch == stamp.epoch
+            {
+                // After i16::MAX epochs the producer keeps the last one: its
+                // later batches fail with out_of_order_sequence.
+                if *epoch < i16::MAX {
+                    *epoch += 1;
+                    *next = 0;
+                }
+                tracing::debug!(topic = %batch.topic, partition = batch.partition, epoch = *epoch, "new producer epoch");
+            }
+        }
+        self.complete(batch, Err(error));
+    }
+}
+
+/// Asks the cluster for a producer id until it gets one; `None` when the
+/// broker does not offer idempotence (the producer then works without it).
+/// Meanwhile, queued batches that ran out of time fail.
+async fn obtain_producer_id(
+    shared: &Shared,
+    ready_rx: &mut mpsc::UnboundedReceiver<ReadyBatch>,
+    queued: &mut VecDeque<ReadyBatch>,
+) -> Option<i64> {
+    loop {
+        match shared.client.admin().init_producer_id().await {
+            Ok(r) => return Some(r.producer_id),
+            Err(CallError::Broker(e)) if !e.code.is_retriable() => {
+                tracing::warn!(error = %e, "the broker gives no producer id: producing without idempotence");
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot get a producer id yet");
+                while let Ok(b) = ready_rx.try_recv() {
+                    queued.extend(shared.split(b));
+                }
+                let timeout = shared.config.delivery_timeout;
+                for b in std::mem::take(queued) {
+                    if b.created.elapsed() >= timeout {
+                        let last_error = format!("no producer id: {e}");
+                        shared.complete(b, Err(ProduceError::Timeout { timeout, last_error }));
+                    } else {
+                        queued.push_back(b);
+                    }
+                }
+                tokio::time::sleep(shared.config.retry_backoff).await;
+            }
+        }
+    }
+}
+
 /// Packs ready batches into requests, keeping at most `in_flight_max`
 /// requests outstanding. Ends when the producer is dropped.
 async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>) {
-    let in_flight = match weak.upgrade() {
-        Some(s) => Arc::new(Semaphore::new(s.config.in_flight_max.max(1))),
+    let (in_flight, mut idempotent) = match weak.upgrade() {
+        Some(s) => {
+            let idempotent = s.config.idempotent && s.config.acks != Acks::None;
+            let max =
+                if idempotent { s.config.in_flight_max.min(IDEMPOTENT_IN_FLIGHT_MAX) } else { s.config.in_flight_max };
+            (Arc::new(Semaphore::new(max.max(1))), idempotent)
+        }
         None => return,
     };
+    let mut producer_id = None;
     // Sealed batches, split per partition where the partitioner runs here.
     let mut queued: VecDeque<ReadyBatch> = VecDeque::new();
     loop {
@@ -655,6 +784,14 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
                 return;
             };
             queued.extend(shared.split(first));
+            continue;
+        }
+        if idempotent && producer_id.is_none() {
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            producer_id = obtain_producer_id(&shared, &mut ready_rx, &mut queued).await;
+            idempotent = producer_id.is_some();
             continue;
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -670,17 +807,41 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
         let mut batches = Vec::new();
         let mut target: Option<Client> = None;
         let mut others = VecDeque::new();
+        // Partitions with a batch left for a later request: their later
+        // batches wait too, so a partition's batches go out in order.
+        let mut skipped: Vec<(Arc<str>, u32)> = Vec::new();
         while size < shared.config.request_bytes_max {
             match queued.pop_front() {
-                Some(b) => {
+                Some(mut b) => {
+                    // An idempotent producer sends one batch per partition
+                    // per request, as Kafka's does: with at most five
+                    // requests in flight, a partition never has more
+                    // batches in flight than its leader remembers.
+                    let numbered = producer_id.is_some() && b.partition != PARTITION_ANY;
+                    let taken = numbered
+                        && batches.iter().any(|t: &ReadyBatch| t.partition == b.partition && t.topic == b.topic);
+                    if taken || skipped.iter().any(|(t, p)| *p == b.partition && *t == b.topic) {
+                        if taken {
+                            skipped.push((b.topic.clone(), b.partition));
+                        }
+                        others.push_back(b);
+                        continue;
+                    }
                     let route = shared.route(&b).await;
                     match &target {
                         Some(t) if !t.same_connection(&route) => {
+                            skipped.push((b.topic.clone(), b.partition));
                             others.push_back(b);
                             continue;
                         }
                         Some(_) => {}
                         None => target = Some(route),
+                    }
+                    if let Some(id) = producer_id
+                        && numbered
+                        && b.stamp.is_none()
+                    {
+                        shared.stamp(&mut b, id);
                     }
                     size += b.size_bytes;
                     batches.push(b);
@@ -727,7 +888,7 @@ async fn send_request(shared: &Shared, target: Client, pending: Vec<ReadyBatch>,
         for b in retry {
             if b.created.elapsed() >= config.delivery_timeout {
                 let error = ProduceError::Timeout { timeout: config.delivery_timeout, last_error: last_error.clone() };
-                shared.complete(b, Err(error));
+                shared.fail(b, error);
             } else {
                 pending.push(b);
             }
@@ -782,7 +943,7 @@ async fn send_once(
         Ok(Some(response)) if response.partitions.len() == pending.len() => {
             let mut retry = Vec::new();
             let mut last_error = String::new();
-            for (b, r) in pending.into_iter().zip(response.partitions) {
+            for (mut b, r) in pending.into_iter().zip(response.partitions) {
                 if r.error == ErrorCode::None && b.partition == PARTITION_ANY {
                     let acked = if r.placements.len() == b.waiters.len() {
                         Ok(Acked::Placed(r.placements))
@@ -793,17 +954,28 @@ async fn send_once(
                     shared.complete(b, acked);
                 } else if r.error == ErrorCode::None {
                     shared.complete(b, Ok(Acked::Base(r.base_offset)));
-                } else if r.error == ErrorCode::NotReplicated {
+                } else if r.error == ErrorCode::NotReplicated && b.stamp.is_none() {
                     // Appended but unconfirmed: a retry could write it twice.
-                    shared.complete(b, Err(ProduceError::Unknown(format!("{}: {}", r.error, r.message))));
-                } else if r.error.is_retriable() {
-                    if matches!(r.error, ErrorCode::NotLeader | ErrorCode::UnknownTopic) {
+                    shared.fail(b, ProduceError::Unknown(format!("{}: {}", r.error, r.message)));
+                } else if r.error == ErrorCode::OutOfOrderSequence && !shared.epoch_is_current(&b) {
+                    // The gap before it is a batch that failed for good.
+                    let message =
+                        format!("{}; an earlier batch of this partition failed, so it was not written", r.message);
+                    shared.fail(b, ProduceError::Rejected(WireError::new(r.error, message)));
+                } else if r.error == ErrorCode::ProducerFenced && b.ambiguous {
+                    let message = format!("{}: {} (an earlier attempt may have been written)", r.error, r.message);
+                    shared.fail(b, ProduceError::Unknown(message));
+                } else if r.error.is_retriable() || r.error == ErrorCode::NotReplicated {
+                    // An idempotent batch appended but unconfirmed is sent
+                    // again: the leader recognises it if it kept it.
+                    if matches!(r.error, ErrorCode::NotLeader | ErrorCode::UnknownTopic | ErrorCode::NotReplicated) {
                         shared.client.forget_routes();
                     }
+                    b.ambiguous |= r.error == ErrorCode::NotReplicated;
                     last_error = format!("{}: {}", r.error, r.message);
                     retry.push(b);
                 } else {
-                    shared.complete(b, Err(ProduceError::Rejected(WireError::new(r.error, r.message))));
+                    shared.fail(b, ProduceError::Rejected(WireError::new(r.error, r.message)));
                 }
             }
             (retry, last_error)
@@ -811,7 +983,7 @@ async fn send_once(
         Ok(Some(_)) => {
             for b in pending {
                 let e = "broker answered with a different number of partitions";
-                shared.complete(b, Err(ProduceError::Unknown(e.into())));
+                shared.fail(b, ProduceError::Unknown(e.into()));
             }
             (Vec::new(), String::new())
         }
@@ -821,11 +993,18 @@ async fn send_once(
         }
         Err(e) => {
             // The broker may be gone: the next batches ask for leaders anew.
+            // Numbered batches are sent again (written once); others fail.
             shared.client.forget_routes();
-            for b in pending {
-                shared.complete(b, Err(ProduceError::Unknown(e.to_string())));
+            let mut retry = Vec::new();
+            for mut b in pending {
+                if b.stamp.is_some() {
+                    b.ambiguous = true;
+                    retry.push(b);
+                } else {
+                    shared.fail(b, ProduceError::Unknown(e.to_string()));
+                }
             }
-            (Vec::new(), String::new())
+            (retry, e.to_string())
         }
     }
 }

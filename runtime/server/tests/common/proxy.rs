@@ -23,6 +23,9 @@ pub enum Mode {
     Cut,
     /// Drop this many packets in a hundred, both ways.
     Lossy(u8),
+    /// Pass what is sent to the node, drop what it sends back: requests
+    /// arrive and are served, their answers are lost.
+    DropReplies,
 }
 
 impl Mode {
@@ -31,6 +34,7 @@ impl Mode {
             Mode::Pass => 0,
             Mode::Cut => 1,
             Mode::Lossy(p) => 2 | (u64::from(p) << 8),
+            Mode::DropReplies => 3,
         }
     }
 }
@@ -44,8 +48,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// Whether to drop the next packet from or to `peer`.
-    fn drop_packet(&self, peer: SocketAddr) -> bool {
+    /// Whether to drop the next packet from or (`reply`) to `peer`.
+    fn drop_packet(&self, peer: SocketAddr, reply: bool) -> bool {
         if self.blocked.lock().unwrap().contains(&peer.ip()) {
             return true;
         }
@@ -53,6 +57,7 @@ impl Shared {
         match mode & 0xff {
             0 => false,
             1 => true,
+            3 => reply,
             _ => {
                 // xorshift; races only make it more random.
                 let mut x = self.rng.load(Ordering::Relaxed);
@@ -89,7 +94,7 @@ impl UdpProxy {
             let mut buf = vec![0u8; 65536];
             while !s.stop.load(Ordering::Relaxed) {
                 let Ok((n, source)) = front.recv_from(&mut buf) else { continue };
-                if s.drop_packet(source) {
+                if s.drop_packet(source, false) {
                     continue;
                 }
                 let upstream = upstreams
@@ -107,7 +112,7 @@ impl UdpProxy {
                             let mut buf = vec![0u8; 65536];
                             while !s2.stop.load(Ordering::Relaxed) {
                                 let Ok(n) = up2.recv(&mut buf) else { continue };
-                                if !s2.drop_packet(source) {
+                                if !s2.drop_packet(source, true) {
                                     let _ = front2.send_to(&buf[..n], source);
                                 }
                             }
