@@ -79,6 +79,9 @@ pub struct BenchOpts {
     pub producers: usize,
     #[arg(long, global = true, default_value_t = 5)]
     pub in_flight: usize,
+    /// Producers without sequence numbers (idempotence is on by default).
+    #[arg(long, global = true)]
+    pub no_idempotence: bool,
     /// Records per second for e2e (0 = as fast as possible).
     #[arg(long, global = true, default_value_t = 2_000)]
     pub rate: u64,
@@ -388,6 +391,7 @@ fn producer_config(opts: &BenchOpts) -> ProducerConfig {
         linger: Duration::from_millis(opts.linger_ms),
         compression: opts.compression,
         in_flight_max: opts.in_flight,
+        idempotent: !opts.no_idempotence,
         ..ProducerConfig::default()
     }
 }

@@ -234,6 +234,11 @@ pub enum TopicCommand {
         /// in-sync replicas or no leader for the partition).
         #[arg(long, default_value_t = 120_000)]
         timeout_ms: u64,
+        /// Send batches without producer sequence numbers: a batch whose
+        /// answer was lost then fails as "delivery unknown" instead of being
+        /// sent again (idempotence is on by default, as in Kafka).
+        #[arg(long)]
+        no_idempotence: bool,
     },
     /// Print records: value per line, or JSON objects with --format json.
     Consume {
@@ -494,6 +499,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             batch_bytes,
             broker_partitioning,
             timeout_ms,
+            no_idempotence,
         } => {
             let config = ProducerConfig {
                 delivery_timeout: Duration::from_millis(timeout_ms),
@@ -502,6 +508,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                 linger: Duration::from_millis(linger_ms),
                 batch_bytes_max: batch_bytes,
                 partition_locally: !broker_partitioning,
+                idempotent: !no_idempotence,
                 ..ProducerConfig::default()
             };
             return produce_stdin(&client, name, key_sep, partition, headers, config).await;

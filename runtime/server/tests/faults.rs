@@ -7,9 +7,12 @@
 //! drops a share of their packets.
 //! After healing, a checker reads every partition back and proves: every
 //! acknowledged value is present exactly once, at the offset it was
-//! acknowledged with; no value appears twice or was never sent; per
-//! partition, acknowledged values are in the order they were sent; and
-//! every replica holds the same bytes.
+//! acknowledged with; no value appears twice or was never sent; a value
+//! whose write was refused for good is nowhere; per partition,
+//! acknowledged values are in the order they were sent; and every replica
+//! holds the same bytes. The producer is idempotent (the default): writes
+//! whose answers were lost are retried, so the retries themselves are
+//! checked for duplicates.
 //!
 //! Seeds: `QUIVER_FAULT_SEEDS=1,2,3` (default `1,2`); a failure names its
 //! seed, and the faults of each round are printed as they happen.
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use common::cluster::Cluster;
 use common::json_lines;
 use common::proxy::Mode;
-use quiver_client::{Acks, Client, ClientConfig, ProducerConfig, ProducerRecord};
+use quiver_client::{Acks, Client, ClientConfig, ProduceError, ProducerConfig, ProducerRecord};
 
 const TOPIC: &str = "chk";
 const PARTITIONS: u32 = 3;
@@ -51,6 +54,10 @@ struct Produced {
     acked: BTreeMap<u64, (u32, i64)>,
     /// Values whose write failed or whose fate is unknown.
     unsure: Vec<u64>,
+    /// Values the brokers refused for good: never written.
+    refused: Vec<u64>,
+    /// Failures that said the write may or may not have happened.
+    unknown: usize,
     sent: u64,
 }
 
@@ -95,15 +102,22 @@ fn produce_until(addresses: Vec<String>, ca: Vec<u8>, stop: Arc<AtomicBool>) -> 
             while waiting.len() > 30 || (stop.load(Ordering::Relaxed) && !waiting.is_empty()) {
                 let (seq, partition, sent) = waiting.pop_front().unwrap();
                 let outcome = match sent {
-                    Ok(delivery) => delivery.await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
+                    Ok(delivery) => delivery.await,
+                    Err(e) => Err(e),
                 };
                 match outcome {
                     Ok(meta) => {
                         assert_eq!(meta.partition, partition);
                         produced.acked.insert(seq, (partition, meta.offset));
                     }
-                    Err(_) => produced.unsure.push(seq),
+                    Err(e) => {
+                        match e {
+                            ProduceError::Rejected(_) => produced.refused.push(seq),
+                            ProduceError::Unknown(_) => produced.unknown += 1,
+                            _ => {}
+                        }
+                        produced.unsure.push(seq);
+                    }
                 }
             }
         }
@@ -187,10 +201,12 @@ fn round(seed: u64) {
     stop.store(true, Ordering::Relaxed);
     let produced = producer.join().expect("the producer thread");
     eprintln!(
-        "seed {seed}: {} sent, {} acknowledged, {} failed or unknown",
+        "seed {seed}: {} sent, {} acknowledged, {} failed ({} refused, {} of unknown fate)",
         produced.sent,
         produced.acked.len(),
-        produced.unsure.len()
+        produced.unsure.len(),
+        produced.refused.len(),
+        produced.unknown
     );
     assert!(produced.acked.len() > 100, "too few writes were acknowledged to prove anything");
 
@@ -218,6 +234,13 @@ fn round(seed: u64) {
                 panic!("seed {seed}: {v} is stored twice: at {first:?} and at {:?}", (partition, offset));
             }
         }
+    }
+    for seq in &produced.refused {
+        assert!(
+            !seen.contains_key(&value(*seq)),
+            "seed {seed}: v{seq} was refused but is stored at {:?}",
+            seen[&value(*seq)]
+        );
     }
     for (seq, (partition, offset)) in &produced.acked {
         match seen.get(&value(*seq)) {

@@ -176,3 +176,22 @@ async fn lost_answers_are_retried_and_every_record_is_written_once() {
     let unknown = outcomes.iter().filter(|o| matches!(o, Err(ProduceError::Unknown(_)))).count();
     assert!(unknown > 0, "dropping answers must leave some writes of unknown fate without idempotence");
 }
+
+/// `topic produce` numbers its batches unless told not to.
+#[test]
+fn the_cli_produces_idempotently_unless_told_not_to() {
+    let node = DevNode::start();
+    node.ok(&["topic", "create", "cli", "-p", "1"]);
+    let out = node.produce(&["topic", "produce", "cli"], b"a\nb\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = node.produce(&["topic", "produce", "cli", "--no-idempotence"], b"c\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(node.ok(&["topic", "consume", "cli", "-o", "start:end"]), "a\nb\nc\n");
+
+    let stored = std::fs::read(&node.segments("cli", 0)[0]).unwrap();
+    let first = quiver_protocol::batch::BatchHeader::parse(&stored).unwrap();
+    assert!(first.producer_id >= 0, "the default producer is idempotent: {first:?}");
+    assert_eq!((first.producer_epoch, first.base_sequence), (0, 0));
+    let second = quiver_protocol::batch::BatchHeader::parse(&stored[first.total_len()..]).unwrap();
+    assert_eq!(second.producer_id, quiver_protocol::batch::NO_PRODUCER_ID, "--no-idempotence: {second:?}");
+}

@@ -10,8 +10,8 @@
 //! the sequence, answering a retry of one of the last five with the offsets
 //! it got the first time. So a batch whose fate is unknown (connection lost
 //! after it was sent, or `not_replicated`) is simply sent again: it is
-//! written once. At most five requests are in flight, the window the
-//! brokers remember.
+//! written once. A partition has at most five batches in flight, counted
+//! from its oldest unanswered one (the window the brokers remember).
 //!
 //! When a batch fails for good (refused, or out of time), the sequence of
 //! its partition can never continue: the producer starts a new epoch for
@@ -84,8 +84,9 @@ pub struct ProducerConfig {
     pub idempotent: bool,
 }
 
-/// Requests an idempotent producer keeps in flight at most: brokers
-/// remember this many batches per producer and partition.
+/// Batches of one partition an idempotent producer has in flight at most,
+/// counted from the oldest one not yet answered: brokers remember this many
+/// batches per producer and partition, so a retry is always recognised.
 pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 impl Default for ProducerConfig {
@@ -235,14 +236,24 @@ struct ReadyBatch {
 }
 
 /// An idempotent producer's numbering of one batch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     epoch: i16,
     sequence: i32,
 }
 
-/// Per partition: the epoch and the sequence the next batch starts at.
-type Sequences = HashMap<(Arc<str>, u32), (i16, i32)>;
+/// An idempotent producer's numbering of one partition.
+#[derive(Debug, Default)]
+struct PartitionSequence {
+    epoch: i16,
+    /// The sequence the next batch starts at.
+    next: i32,
+    /// The batches numbered since the oldest one not yet completed, in
+    /// order: their stamps, and whether each is completed.
+    window: VecDeque<(Stamp, bool)>,
+}
+
+type Sequences = HashMap<(Arc<str>, u32), PartitionSequence>;
 
 /// What the producer keeps per topic: looked up by `&str`, so the hot path
 /// allocates nothing per record.
@@ -329,6 +340,9 @@ struct Shared {
     /// Woken when `outstanding` drops to zero.
     drained: Notify,
     sequences: Mutex<Sequences>,
+    /// Woken when a numbered batch completes: its partition's window may
+    /// let the next one go.
+    window_moved: Notify,
 }
 
 /// Sends records to a Quiver cluster. Cheap to clone.
@@ -359,6 +373,7 @@ impl Producer {
             outstanding: AtomicUsize::new(0),
             drained: Notify::new(),
             sequences: Mutex::new(HashMap::new()),
+            window_moved: Notify::new(),
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx));
         Producer { shared }
@@ -660,6 +675,19 @@ impl Shared {
     }
 
     fn complete(&self, batch: ReadyBatch, result: Result<Acked, ProduceError>) {
+        if let Some(stamp) = batch.stamp {
+            let mut sequences = self.sequences.lock().expect("producer sequences");
+            if let Some(seq) = sequences.get_mut(&(batch.topic.clone(), batch.partition)) {
+                if let Some(entry) = seq.window.iter_mut().find(|(s, _)| *s == stamp) {
+                    entry.1 = true;
+                }
+                while seq.window.front().is_some_and(|(_, done)| *done) {
+                    seq.window.pop_front();
+                }
+            }
+            drop(sequences);
+            self.window_moved.notify_one();
+        }
         let count = batch.waiters.len();
         for (i, w) in batch.waiters.into_iter().enumerate() {
             let (partition, offset) = match &result {
@@ -685,22 +713,30 @@ impl Shared {
 
 impl Shared {
     /// Numbers a batch about to be sent for the first time: the next
-    /// sequence of its partition, in the partition's current epoch.
-    fn stamp(&self, batch: &mut ReadyBatch, producer_id: i64) {
+    /// sequence of its partition, in the partition's current epoch. False
+    /// (and not numbered) while the partition has
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`] batches numbered since its oldest one
+    /// not yet completed.
+    fn stamp(&self, batch: &mut ReadyBatch, producer_id: i64) -> bool {
         let mut sequences = self.sequences.lock().expect("producer sequences");
-        let (epoch, next) = sequences.entry((batch.topic.clone(), batch.partition)).or_insert((0, 0));
-        let stamp = Stamp { epoch: *epoch, sequence: *next };
+        let seq = sequences.entry((batch.topic.clone(), batch.partition)).or_default();
+        if seq.window.len() >= IDEMPOTENT_IN_FLIGHT_MAX {
+            return false;
+        }
+        let stamp = Stamp { epoch: seq.epoch, sequence: seq.next };
         let count = batch.waiters.len() as i64;
-        *next = ((i64::from(*next) + count) % (i64::from(i32::MAX) + 1)) as i32;
+        seq.next = ((i64::from(seq.next) + count) % (i64::from(i32::MAX) + 1)) as i32;
+        seq.window.push_back((stamp, false));
         batch.builder = batch.builder.take().map(|b| b.with_producer(producer_id, stamp.epoch, stamp.sequence));
         batch.stamp = Some(stamp);
+        true
     }
 
     /// Whether a numbered batch belongs to its partition's current epoch.
     fn epoch_is_current(&self, batch: &ReadyBatch) -> bool {
         batch.stamp.is_none_or(|stamp| {
             let sequences = self.sequences.lock().expect("producer sequences");
-            sequences.get(&(batch.topic.clone(), batch.partition)).is_none_or(|(epoch, _)| *epoch == stamp.epoch)
+            sequences.get(&(batch.topic.clone(), batch.partition)).is_none_or(|seq| seq.epoch == stamp.epoch)
         })
     }
 
@@ -709,16 +745,16 @@ impl Shared {
     fn fail(&self, batch: ReadyBatch, error: ProduceError) {
         if let Some(stamp) = batch.stamp {
             let mut sequences = self.sequences.lock().expect("producer sequences");
-            if let Some((epoch, next)) = sequences.get_mut(&(batch.topic.clone(), batch.partition))
-                && *epoch == stamp.epoch
+            if let Some(seq) = sequences.get_mut(&(batch.topic.clone(), batch.partition))
+                && seq.epoch == stamp.epoch
             {
                 // After i16::MAX epochs the producer keeps the last one: its
                 // later batches fail with out_of_order_sequence.
-                if *epoch < i16::MAX {
-                    *epoch += 1;
-                    *next = 0;
+                if seq.epoch < i16::MAX {
+                    seq.epoch += 1;
+                    seq.next = 0;
                 }
-                tracing::debug!(topic = %batch.topic, partition = batch.partition, epoch = *epoch, "new producer epoch");
+                tracing::debug!(topic = %batch.topic, partition = batch.partition, epoch = seq.epoch, "new producer epoch");
             }
         }
         self.complete(batch, Err(error));
@@ -764,12 +800,10 @@ async fn obtain_producer_id(
 /// requests outstanding. Ends when the producer is dropped.
 async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>) {
     let (in_flight, mut idempotent) = match weak.upgrade() {
-        Some(s) => {
-            let idempotent = s.config.idempotent && s.config.acks != Acks::None;
-            let max =
-                if idempotent { s.config.in_flight_max.min(IDEMPOTENT_IN_FLIGHT_MAX) } else { s.config.in_flight_max };
-            (Arc::new(Semaphore::new(max.max(1))), idempotent)
-        }
+        Some(s) => (
+            Arc::new(Semaphore::new(s.config.in_flight_max.max(1))),
+            s.config.idempotent && s.config.acks != Acks::None,
+        ),
         None => return,
     };
     let mut producer_id = None;
@@ -813,17 +847,7 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
         while size < shared.config.request_bytes_max {
             match queued.pop_front() {
                 Some(mut b) => {
-                    // An idempotent producer sends one batch per partition
-                    // per request, as Kafka's does: with at most five
-                    // requests in flight, a partition never has more
-                    // batches in flight than its leader remembers.
-                    let numbered = producer_id.is_some() && b.partition != PARTITION_ANY;
-                    let taken = numbered
-                        && batches.iter().any(|t: &ReadyBatch| t.partition == b.partition && t.topic == b.topic);
-                    if taken || skipped.iter().any(|(t, p)| *p == b.partition && *t == b.topic) {
-                        if taken {
-                            skipped.push((b.topic.clone(), b.partition));
-                        }
+                    if skipped.iter().any(|(t, p)| *p == b.partition && *t == b.topic) {
                         others.push_back(b);
                         continue;
                     }
@@ -837,11 +861,16 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
                         Some(_) => {}
                         None => target = Some(route),
                     }
+                    // A partition's window is full: its batches wait until
+                    // the oldest in flight completes.
                     if let Some(id) = producer_id
-                        && numbered
+                        && b.partition != PARTITION_ANY
                         && b.stamp.is_none()
+                        && !shared.stamp(&mut b, id)
                     {
-                        shared.stamp(&mut b, id);
+                        skipped.push((b.topic.clone(), b.partition));
+                        others.push_back(b);
+                        continue;
                     }
                     size += b.size_bytes;
                     batches.push(b);
@@ -856,6 +885,10 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
             queued.push_front(b);
         }
         let Some(target) = target else {
+            // Every queued batch waits for its partition's window (or has no
+            // route yet): wait for a completion, or look again shortly.
+            drop(permit);
+            let _ = tokio::time::timeout(Duration::from_millis(50), shared.window_moved.notified()).await;
             continue;
         };
         // Open the stream here, in dispatch order: the broker appends a
