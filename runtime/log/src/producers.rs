@@ -21,7 +21,7 @@ use crate::AppendInfo;
 
 /// Batches remembered per producer: a producer keeps at most this many in
 /// flight per partition, so a retry always finds its original here.
-pub const BATCHES_KEPT: usize = 5;
+pub const BATCHES_KEPT: usize = 16;
 
 /// Producers silent this long (by their batches' timestamps, against the
 /// newest producer's) are forgotten at the next roll, like Kafka's
@@ -322,13 +322,15 @@ mod tests {
     fn only_the_last_batches_are_remembered_and_sequences_wrap() {
         let mut p = Producers::default();
         let mut seq = i32::MAX - 3;
-        for i in 0..8 {
+        let batches = BATCHES_KEPT as i64 + 3;
+        for i in 0..batches {
             p.record(&header(1, 0, seq, 2, i * 2));
             seq = next_sequence(last_sequence(seq, 1));
         }
-        assert_eq!(seq, 12, "sequences wrap past i32::MAX to 0");
-        assert_eq!(p.check(&header(1, 0, 12, 1, 0)), Ok(Check::Append));
-        assert!(matches!(p.check(&header(1, 0, 10, 2, 0)), Ok(Check::Duplicate(_))));
+        let end = (2 * batches - 4) as i32;
+        assert_eq!(seq, end, "sequences wrap past i32::MAX to 0");
+        assert_eq!(p.check(&header(1, 0, end, 1, 0)), Ok(Check::Append));
+        assert!(matches!(p.check(&header(1, 0, end - 2, 2, 0)), Ok(Check::Duplicate(_))));
         assert!(matches!(p.check(&header(1, 0, i32::MAX - 3, 2, 0)), Err(SequenceError::OutOfOrder { .. })));
     }
 

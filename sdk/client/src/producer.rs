@@ -7,10 +7,10 @@
 //! since 3.0): it takes a producer id from the cluster and numbers the
 //! records of each partition; each batch carries the sequence of its first
 //! record, and the partition's leader appends a batch only if it continues
-//! the sequence, answering a retry of one of the last five with the offsets
+//! the sequence, answering a retry of one of the last sixteen with the offsets
 //! it got the first time. So a batch whose fate is unknown (connection lost
 //! after it was sent, or `not_replicated`) is simply sent again: it is
-//! written once. A partition has at most five batches in flight, counted
+//! written once. A partition has at most sixteen batches in flight, counted
 //! from its oldest unanswered one (the window the brokers remember).
 //!
 //! When a batch fails for good (refused, or out of time), the sequence of
@@ -79,15 +79,16 @@ pub struct ProducerConfig {
     /// partitioner plugin is picked up (Kafka's `metadata.max.age.ms`).
     pub metadata_max_age: Duration,
     /// Number each partition's records so that retries are written once
-    /// (see the module documentation). Needs acks other than none; caps
-    /// `in_flight_max` at 5.
+    /// (see the module documentation). Needs acks other than none; a
+    /// partition then has at most [`IDEMPOTENT_IN_FLIGHT_MAX`] batches in
+    /// flight.
     pub idempotent: bool,
 }
 
 /// Batches of one partition an idempotent producer has in flight at most,
 /// counted from the oldest one not yet answered: brokers remember this many
 /// batches per producer and partition, so a retry is always recognised.
-pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 16;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
