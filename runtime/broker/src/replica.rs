@@ -202,6 +202,7 @@ impl Partition {
                 match e {
                     SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
                     SequenceError::Fenced { .. } => ErrorCode::ProducerFenced,
+                    SequenceError::Stale { .. } => ErrorCode::StaleSequence,
                 },
                 format!("{topic}-{}: {e}", self.id),
             )),

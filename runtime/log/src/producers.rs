@@ -73,6 +73,15 @@ pub enum SequenceError {
     /// flight, or was lost).
     #[error("producer {producer_id} epoch {epoch}: sequence {got} where {expected} was expected")]
     OutOfOrder { producer_id: i64, epoch: i16, expected: i32, got: i32 },
+    /// The batch's sequence is below what the partition expects and not
+    /// among the producer's remembered batches: written long ago, or never
+    /// (the leader learned of the producer only from a later batch). It can
+    /// never be appended in this epoch.
+    #[error(
+        "producer {producer_id} epoch {epoch}: sequence {got} is behind the {expected} expected and not among the \
+         last {BATCHES_KEPT} batches: it may or may not have been written"
+    )]
+    Stale { producer_id: i64, epoch: i16, expected: i32, got: i32 },
 }
 
 /// The sequence of a batch's last record: sequences wrap from `i32::MAX`
@@ -123,8 +132,12 @@ impl Producers {
             }));
         }
         let expected = entry.batches.back().map_or(0, |b| next_sequence(b.last_sequence));
+        // How far behind the expected sequence it is, modulo the wrap.
+        let behind = (i64::from(expected) - i64::from(got)).rem_euclid(i64::from(i32::MAX) + 1);
         if got == expected || entry.batches.is_empty() {
             Ok(Check::Append)
+        } else if behind < 1 << 30 {
+            Err(SequenceError::Stale { producer_id, epoch, expected, got })
         } else {
             Err(SequenceError::OutOfOrder { producer_id, epoch, expected, got })
         }
@@ -331,7 +344,8 @@ mod tests {
         assert_eq!(seq, end, "sequences wrap past i32::MAX to 0");
         assert_eq!(p.check(&header(1, 0, end, 1, 0)), Ok(Check::Append));
         assert!(matches!(p.check(&header(1, 0, end - 2, 2, 0)), Ok(Check::Duplicate(_))));
-        assert!(matches!(p.check(&header(1, 0, i32::MAX - 3, 2, 0)), Err(SequenceError::OutOfOrder { .. })));
+        assert!(matches!(p.check(&header(1, 0, i32::MAX - 3, 2, 0)), Err(SequenceError::Stale { .. })));
+        assert!(matches!(p.check(&header(1, 0, end + 2, 2, 0)), Err(SequenceError::OutOfOrder { .. })));
     }
 
     #[test]

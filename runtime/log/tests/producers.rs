@@ -53,11 +53,23 @@ fn retries_are_answered_with_their_first_offsets_and_gaps_are_refused() {
         Err(AppendError::Sequence(SequenceError::Fenced { current: 1, .. })) => {}
         other => panic!("an older epoch must be fenced, got {other:?}"),
     }
+    // A retry older than the remembered batches cannot be answered.
+    let mut sequence = 0;
+    for _ in 0..20 {
+        new_at(log.append_checked(&idempotent(9, 0, sequence, 1), 0).unwrap());
+        sequence += 1;
+    }
+    match log.append_checked(&idempotent(9, 0, 0, 1), 0) {
+        Err(AppendError::Sequence(SequenceError::Stale { expected: 20, got: 0, .. })) => {}
+        other => panic!("a retry behind the remembered batches must be stale, got {other:?}"),
+    }
+    assert!(matches!(log.append_checked(&idempotent(9, 0, 19, 1), 0), Ok(Appended::Duplicate(_))));
+    let end = log.log_end_offset();
     // Batches without a producer id are never checked.
     let plain = common::batch(1, 2, 0, 10);
-    assert_eq!(new_at(log.append_checked(&plain, 0).unwrap()), (7, 8));
-    assert_eq!(new_at(log.append_checked(&plain, 0).unwrap()), (9, 10));
-    assert_eq!(read_all(&log).len(), 6);
+    assert_eq!(new_at(log.append_checked(&plain, 0).unwrap()), (end, end + 1));
+    assert_eq!(new_at(log.append_checked(&plain, 0).unwrap()), (end + 2, end + 3));
+    assert_eq!(read_all(&log).len(), 26);
 }
 
 #[test]

@@ -67,6 +67,11 @@ wire_enum! {
         /// generation of the producer gave up on the partition. Nothing was
         /// appended.
         ProducerFenced = 31,
+        /// An idempotent producer's batch is behind the sequence the
+        /// partition expects and not among the producer's batches it
+        /// remembers: written long ago, or never. It cannot be appended in
+        /// this epoch; its fate is unknown.
+        StaleSequence = 32,
     }
 }
 
@@ -108,6 +113,7 @@ impl ErrorCode {
             ErrorCode::OffsetNotAvailable => "offset_not_available",
             ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
             ErrorCode::ProducerFenced => "producer_fenced",
+            ErrorCode::StaleSequence => "stale_sequence",
             ErrorCode::NotAuthorized => "not_authorized",
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::RecordTooLarge => "record_too_large",

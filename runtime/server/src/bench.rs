@@ -289,11 +289,14 @@ async fn failover(local: &mut crate::cluster::LocalCluster) -> anyhow::Result<Be
     let client = cluster_client(local, Duration::from_millis(500)).await?;
     let configs = vec![("min.insync.replicas".to_string(), "2".to_string())];
     client.admin().create_replicated_topic(TOPIC, 1, 3, &configs).await?;
+    // Idempotent, so a write whose leader died is retried inside its
+    // delivery (written once) until the new leader takes it.
     let producer = client.producer(ProducerConfig {
         acks: quiver_client::Acks::All,
         in_flight_max: 1,
         linger: Duration::ZERO,
-        delivery_timeout: Duration::from_millis(500),
+        delivery_timeout: Duration::from_secs(30),
+        retry_backoff: Duration::from_millis(50),
         ..ProducerConfig::default()
     });
     let write = |n: u64| {

@@ -996,6 +996,11 @@ async fn send_once(
                     let message =
                         format!("{}; an earlier batch of this partition failed, so it was not written", r.message);
                     shared.fail(b, ProduceError::Rejected(WireError::new(r.error, message)));
+                } else if r.error == ErrorCode::StaleSequence {
+                    // The leader is past it: written long ago, or never (a
+                    // leader that learned of this producer from a later
+                    // batch). The partition starts a new epoch.
+                    shared.fail(b, ProduceError::Unknown(format!("{}: {}", r.error, r.message)));
                 } else if r.error == ErrorCode::ProducerFenced && b.ambiguous {
                     let message = format!("{}: {} (an earlier attempt may have been written)", r.error, r.message);
                     shared.fail(b, ProduceError::Unknown(message));
