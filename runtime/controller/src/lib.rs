@@ -130,6 +130,12 @@ struct Sessions {
     /// Leader only: node → its session.
     seen: HashMap<NodeId, Session>,
     was_leader: bool,
+    /// The Raft leader whose appends this node received last, and when: a
+    /// leader's appends show its process alive as well as its heartbeats
+    /// do. A new leader starts its predecessor's session from there, so a
+    /// dead controller leader is fenced one session after it went silent,
+    /// not one session after the election.
+    heard_leader: Option<(NodeId, Instant)>,
 }
 
 struct Session {
@@ -208,7 +214,7 @@ impl Controller {
             raft,
             transport,
             image,
-            sessions: Mutex::new(Sessions { seen: HashMap::new(), was_leader: false }),
+            sessions: Mutex::new(Sessions { seen: HashMap::new(), was_leader: false, heard_leader: None }),
             incarnation,
             registration: watch::channel(Registration::Pending).0,
             stopped: false.into(),
@@ -283,7 +289,12 @@ impl Controller {
     pub async fn handle(&self, request: ControllerRequest) -> ControllerResponse {
         match request {
             ControllerRequest::Vote(r) => ControllerResponse::Vote(self.raft.vote(r).await),
-            ControllerRequest::Append(r) => ControllerResponse::Append(self.raft.append_entries(r).await),
+            ControllerRequest::Append(r) => {
+                if let Some(leader) = r.vote.leader_id().voted_for() {
+                    self.sessions.lock().expect("sessions lock").heard_leader = Some((leader, Instant::now()));
+                }
+                ControllerResponse::Append(self.raft.append_entries(r).await)
+            }
             ControllerRequest::Snapshot(r) => ControllerResponse::Snapshot(self.raft.install_snapshot(r).await),
             ControllerRequest::Write(cmd) => ControllerResponse::Write(self.write_local(cmd).await),
             ControllerRequest::AlterVoters { add, remove } => {
@@ -615,13 +626,24 @@ impl Controller {
                 let image = self.image.borrow().clone();
                 if !sessions.was_leader {
                     // A new leader gives every broker a full session before
-                    // judging it.
+                    // judging it, counted from when it was last heard if
+                    // that is known (the previous leader, unless this node
+                    // lost touch with it long before: then it is unknown).
                     sessions.was_leader = true;
+                    let heard = sessions.heard_leader.filter(|(node, at)| {
+                        *node != self.config.node_id && now.duration_since(*at) < self.config.session_timeout
+                    });
                     sessions.seen = image
                         .brokers
                         .values()
                         .filter(|b| !b.fenced)
-                        .map(|b| (b.node_id, Session { incarnation: b.incarnation, last: now }))
+                        .map(|b| {
+                            let last = match heard {
+                                Some((node, at)) if node == b.node_id => at,
+                                _ => now,
+                            };
+                            (b.node_id, Session { incarnation: b.incarnation, last })
+                        })
                         .collect();
                 }
                 image

@@ -111,9 +111,14 @@ async fn quorum_survives_a_node_and_a_restarted_node_catches_up() {
     // The leader goes away: a new one is elected, the old one's broker is
     // fenced and its partitions move to in-sync replicas.
     net.down.lock().unwrap().insert(leader);
+    let cut = Instant::now();
     nodes[leader as usize - 1].shutdown().await;
     let survivors: Vec<_> = nodes.iter().filter(|c| c.node_id() != leader).cloned().collect();
     wait_for("the old leader fenced", || image(&survivors[0]).brokers[&leader].fenced).await;
+    // Its session counts from its last append to the new leader (at most
+    // one Raft heartbeat interval before the cut), never less.
+    let session = nodes[0].config().session_timeout;
+    assert!(cut.elapsed() + Duration::from_millis(100) >= session, "fenced {:?} after the cut", cut.elapsed());
     let img = image(&survivors[0]);
     for p in &img.topics["orders"].partitions {
         assert_ne!(p.leader, Some(leader));

@@ -44,7 +44,7 @@ pub enum BenchMode {
     /// 3-node cluster (replication factor 3, min.insync.replicas 2) against
     /// a 1-node cluster in the same run (child `quiver broker` processes on
     /// loopback), then failover: the time from `kill -9` of a partition
-    /// leader to the first acknowledged acks=all write.
+    /// leader to the first acknowledged acks=all write, `--failovers` times.
     Cluster,
 }
 
@@ -82,6 +82,10 @@ pub struct BenchOpts {
     /// Producers without sequence numbers (idempotence is on by default).
     #[arg(long, global = true)]
     pub no_idempotence: bool,
+    /// Cluster bench: how many times to kill a partition leader (each one
+    /// restarted and back in the ISR before the next).
+    #[arg(long, global = true, default_value_t = 3)]
+    pub failovers: u32,
     /// Records per second for e2e (0 = as fast as possible).
     #[arg(long, global = true, default_value_t = 2_000)]
     pub rate: u64,
@@ -108,6 +112,9 @@ pub struct BenchResult {
     pub first_output_ms: Option<f64>,
     /// Cluster: from killing the leader to the first acknowledged write.
     pub failover_ms: Option<f64>,
+    /// Cluster: whether the killed partition leader also led the metadata
+    /// quorum (its loss needs a Raft election as well).
+    pub killed_controller_leader: Option<bool>,
 }
 
 impl BenchResult {
@@ -126,6 +133,7 @@ impl BenchResult {
             latency_ms_p999: q(0.999),
             first_output_ms: None,
             failover_ms: None,
+            killed_controller_leader: None,
         }
     }
 
@@ -142,6 +150,9 @@ impl BenchResult {
         }
         if let Some(ms) = self.failover_ms {
             print!("  leader killed to first acks=all write {ms:.0} ms");
+        }
+        if self.killed_controller_leader == Some(true) {
+            print!(" (it also led the metadata quorum)");
         }
         println!();
     }
@@ -225,6 +236,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             if let Some(r) = ratio("produce-3-nodes", "produce-1-node") {
                 println!("3-node acks=all / 1-node acks=all = {:.1} %", r * 100.0);
             }
+            let mut failovers: Vec<f64> = results.iter().filter_map(|r| r.failover_ms).collect();
+            if failovers.len() > 1 {
+                failovers.sort_by(f64::total_cmp);
+                let (min, median, max) = (failovers[0], failovers[failovers.len() / 2], failovers[failovers.len() - 1]);
+                println!(
+                    "failover over {} kills: min {min:.0} ms, median {median:.0} ms, max {max:.0} ms",
+                    failovers.len()
+                );
+            }
         }
     }
     Ok(())
@@ -240,7 +260,7 @@ async fn cluster(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
         let ports = (0..nodes).map(|_| free_udp_port()).collect::<anyhow::Result<Vec<_>>>()?;
         let mut local = crate::cluster::LocalCluster::start(dir.path(), &ports, &[])?;
         let outcome = async {
-            let client = cluster_client(&local, Duration::from_secs(10)).await?;
+            let client = cluster_client(&local, Some(Duration::from_secs(10))).await?;
             let configs = vec![("min.insync.replicas".to_string(), nodes.min(2).to_string())];
             client.admin().create_replicated_topic(&opts.topic, opts.partitions, nodes as u16, &configs).await?;
             let target =
@@ -252,7 +272,9 @@ async fn cluster(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
         }
         .await;
         let outcome = match outcome {
-            Ok(r) if nodes == 3 => failover(&mut local).await.map(|f| vec![r, f]),
+            Ok(r) if nodes == 3 => {
+                failover(&mut local, opts.failovers).await.map(|f| std::iter::once(r).chain(f).collect())
+            }
             Ok(r) => Ok(vec![r]),
             Err(e) => Err(e),
         };
@@ -262,12 +284,18 @@ async fn cluster(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
     Ok(results)
 }
 
-/// A client of a local cluster, once every node registered.
-async fn cluster_client(local: &crate::cluster::LocalCluster, request_timeout: Duration) -> anyhow::Result<Client> {
+/// A client of a local cluster (default timeouts unless given), once every
+/// node registered.
+async fn cluster_client(
+    local: &crate::cluster::LocalCluster,
+    request_timeout: Option<Duration>,
+) -> anyhow::Result<Client> {
     let mut config = quiver_client::ClientConfig::new(local.addresses[0].clone(), std::fs::read(&local.ca)?);
     config.brokers = local.addresses.clone();
-    config.request_timeout = request_timeout;
-    config.connect_timeout = request_timeout.min(Duration::from_secs(1));
+    if let Some(timeout) = request_timeout {
+        config.request_timeout = timeout;
+        config.connect_timeout = timeout.min(Duration::from_secs(1));
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(client) = Client::connect(config.clone()).await
@@ -283,10 +311,14 @@ async fn cluster_client(local: &crate::cluster::LocalCluster, request_timeout: D
 }
 
 /// Kills the leader of a one-partition, three-replica topic under a steady
-/// acks=all producer; measures until the first write is acknowledged again.
-async fn failover(local: &mut crate::cluster::LocalCluster) -> anyhow::Result<BenchResult> {
+/// acks=all producer, `rounds` times; each time measures until the first
+/// write is acknowledged again, then restarts the killed node and waits
+/// until it is back in the ISR.
+async fn failover(local: &mut crate::cluster::LocalCluster, rounds: u32) -> anyhow::Result<Vec<BenchResult>> {
     const TOPIC: &str = "quiver-failover";
-    let client = cluster_client(local, Duration::from_millis(500)).await?;
+    // Library defaults (30 s request timeout): the client notices the dead
+    // leader because the cluster names a new one, not by timing out.
+    let client = cluster_client(local, None).await?;
     let configs = vec![("min.insync.replicas".to_string(), "2".to_string())];
     client.admin().create_replicated_topic(TOPIC, 1, 3, &configs).await?;
     // Idempotent, so a write whose leader died is retried inside its
@@ -313,35 +345,52 @@ async fn failover(local: &mut crate::cluster::LocalCluster) -> anyhow::Result<Be
             result.is_ok()
         }
     };
-    // Warm up until writes flow, then kill the leader.
+    let mut results = Vec::new();
     let mut n = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut flowing = 0;
-    while flowing < 20 {
-        anyhow::ensure!(Instant::now() < deadline, "acks=all writes to {TOPIC} do not succeed");
-        n += 1;
-        if write(n).await { flowing += 1 } else { flowing = 0 }
-    }
-    let described = client.admin().describe_topics(Some(vec![TOPIC.to_string()])).await?;
-    let leader = described[0].partitions[0].leader;
-    anyhow::ensure!(leader != quiver_protocol::messages::NO_LEADER, "{TOPIC} has no leader");
-    local.kill9(leader).await;
-    let killed = Instant::now();
-    let mut attempts = 0u64;
-    loop {
-        n += 1;
-        attempts += 1;
-        if write(n).await {
-            break;
+    for round in 1..=rounds {
+        // Every replica in the ISR and writes flowing, then kill the leader.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let leader = loop {
+            anyhow::ensure!(Instant::now() < deadline, "{TOPIC} did not get all three replicas in sync within 60 s");
+            let described = client.admin().describe_topics(Some(vec![TOPIC.to_string()])).await;
+            if let Ok(described) = described
+                && let Some(p) = described.first().and_then(|t| t.partitions.first())
+                && p.leader != quiver_protocol::messages::NO_LEADER
+                && p.isr.len() == 3
+            {
+                break p.leader;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut flowing = 0;
+        while flowing < 20 {
+            anyhow::ensure!(Instant::now() < deadline, "acks=all writes to {TOPIC} do not succeed");
+            n += 1;
+            if write(n).await { flowing += 1 } else { flowing = 0 }
         }
-        anyhow::ensure!(killed.elapsed() < Duration::from_secs(60), "no acks=all write succeeded within 60 s");
+        let info = client.call(&quiver_protocol::messages::ClusterInfoRequest {}).await?;
+        local.kill9(leader).await;
+        let killed = Instant::now();
+        let mut attempts = 0u64;
+        loop {
+            n += 1;
+            attempts += 1;
+            if write(n).await {
+                break;
+            }
+            anyhow::ensure!(killed.elapsed() < Duration::from_secs(60), "no acks=all write succeeded within 60 s");
+        }
+        let elapsed = killed.elapsed();
+        let controller = info.controller_leader == leader;
+        tracing::info!(round, leader, controller, attempts, ?elapsed, "failover");
+        let mut result = BenchResult::new("failover", 1, 0, elapsed, None);
+        result.failover_ms = Some(elapsed.as_secs_f64() * 1000.0);
+        result.killed_controller_leader = Some(controller);
+        results.push(result);
+        local.start_node(leader, &[])?;
     }
-    let elapsed = killed.elapsed();
-    tracing::info!(leader, attempts, ?elapsed, "failover");
     client.close();
-    let mut result = BenchResult::new("failover", 1, 0, elapsed, None);
-    result.failover_ms = Some(elapsed.as_secs_f64() * 1000.0);
-    Ok(result)
+    Ok(results)
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {

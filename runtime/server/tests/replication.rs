@@ -176,3 +176,68 @@ fn replicas_follow_their_leader_and_acknowledged_writes_survive_its_death() {
         (2..=3).all(|n| cluster.replica_bytes(n, "events", 1) == first)
     });
 }
+
+/// A client with the library's default timeouts (30 s per request, QUIC's
+/// 10 s idle timeout) whose partition leader is killed: the producer's next
+/// request and the consumer's pending long poll both went to the dead
+/// process, which never answers; the client learns the new leader from the
+/// other brokers and goes on well inside the 8 s delivery timeout, with
+/// every record written once and read in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_default_timeouts_follows_a_killed_leader() {
+    use quiver_client::{Acks, Client, ClientConfig, ConsumeError, ConsumerConfig, OffsetSpec, ProducerConfig};
+
+    let mut cluster = Cluster::start(3, &[("QUIVER_CLUSTER__LEADER_REBALANCE_INTERVAL_MS", "0")]);
+    cluster.wait_formed();
+    cluster.ok(1, &["topic", "create", "moving", "-p", "1", "-r", "3", "-c", "min.insync.replicas=2"]);
+    let leader = leader_of(&cluster.partitions(1, "moving")[0]);
+
+    let ca = std::fs::read(cluster.certs().join("ca.pem")).unwrap();
+    let mut config = ClientConfig::new(cluster.address(1), ca);
+    config.brokers = (1..=3).map(|n| cluster.address(n)).collect();
+    let client = Client::connect(config).await.unwrap();
+    let producer = client.producer(ProducerConfig {
+        acks: Acks::All,
+        linger: Duration::ZERO,
+        delivery_timeout: Duration::from_secs(8),
+        ..ProducerConfig::default()
+    });
+    let write = |range: std::ops::Range<u32>| {
+        let producer = producer.clone();
+        async move {
+            for v in values("m", range) {
+                let delivery = producer.send(quiver_client::ProducerRecord::new("moving", v).partition(0)).await;
+                delivery.unwrap().await.unwrap();
+            }
+        }
+    };
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    consumer.assign("moving", Some(vec![0]), OffsetSpec::Earliest).await.unwrap();
+    let mut read: Vec<String> = Vec::new();
+    let mut read_until = async |n: usize, within: Duration| {
+        let deadline = tokio::time::Instant::now() + within;
+        while read.len() < n {
+            assert!(tokio::time::Instant::now() < deadline, "read {} of {n} records in {within:?}", read.len());
+            match consumer.poll().await {
+                Ok(records) => {
+                    read.extend(records.into_iter().map(|r| String::from_utf8(r.value.unwrap().to_vec()).unwrap()))
+                }
+                // A new leader answers offset_not_available until its high
+                // watermark is established.
+                Err(ConsumeError::Partition { error, .. }) if error.code.is_retriable() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        read.clone()
+    };
+
+    write(0..50).await;
+    assert_eq!(read_until(50, Duration::from_secs(10)).await, values("m", 0..50));
+    // The consumer's next long poll is now waiting on the leader.
+    cluster.kill9(leader);
+    write(50..100).await;
+    assert_eq!(read_until(100, Duration::from_secs(8)).await, values("m", 0..100));
+    client.close();
+}

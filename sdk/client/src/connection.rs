@@ -97,6 +97,10 @@ pub enum CallError {
     Decode(#[from] DecodeError),
     #[error("broker refused the request: {0}")]
     Broker(#[from] WireError),
+    /// The request went unanswered and the cluster moved the leadership of
+    /// one of its partitions meanwhile; it may or may not have been applied.
+    #[error("leadership moved during the request: {0}")]
+    LeaderMoved(String),
 }
 
 impl CallError {

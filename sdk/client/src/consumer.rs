@@ -340,7 +340,9 @@ async fn routed_fetch(client: Client, request: FetchRequest) -> Result<FetchResp
         if todo.is_empty() {
             break;
         }
-        if round > 0 {
+        // Leaders are looked up again after `not_leader` (not after a
+        // moved leadership: the cache already names the new one).
+        if round > 0 && todo.iter().any(|i| results[*i].is_some()) {
             client.forget_routes();
         }
         let mut routed = Vec::with_capacity(todo.len());
@@ -354,13 +356,27 @@ async fn routed_fetch(client: Client, request: FetchRequest) -> Result<FetchResp
             .map(|(route, members)| {
                 let mut sub = request.clone();
                 sub.partitions = members.iter().map(|i| request.partitions[*i].clone()).collect();
-                tokio::spawn(async move { (members, route.call(&sub).await) })
+                let leaders = client.routed_leaders(sub.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
+                let patience = Duration::from_millis(u64::from(sub.max_wait_ms));
+                let watcher = client.clone();
+                tokio::spawn(async move {
+                    // A leader that died with the fetch: ask the new one.
+                    let answer = tokio::select! {
+                        answer = route.call(&sub) => answer,
+                        moved = watcher.leadership_moved(leaders, patience) => Err(CallError::LeaderMoved(moved)),
+                    };
+                    (members, answer)
+                })
             })
             .collect();
         for call in calls {
             let (members, answer) = call.await.map_err(|e| CallError::ConnectionLost(e.to_string()))?;
             let answer = match answer {
                 Ok(a) => a,
+                Err(CallError::LeaderMoved(e)) if round == 0 => {
+                    tracing::debug!(error = %e, "fetching again from the new leader");
+                    continue;
+                }
                 Err(e) => {
                     if e.is_safe_to_retry() || matches!(e, CallError::ConnectionLost(_) | CallError::Timeout(_)) {
                         client.forget_routes();

@@ -965,7 +965,15 @@ async fn send_once(
     let outcome = match opened {
         Err(e) => Err(e),
         Ok(s) if config.acks == Acks::None => s.send_only(&request).await.map(|()| None),
-        Ok(s) => s.call(&request).await.map(Some),
+        Ok(s) => {
+            // A leader that died with the request is noticed when the
+            // cluster names another, not at the request timeout.
+            let leaders = shared.client.routed_leaders(pending.iter().map(|b| (&*b.topic, b.partition)));
+            tokio::select! {
+                answer = s.call(&request) => answer.map(Some),
+                moved = shared.client.leadership_moved(leaders, Duration::ZERO) => Err(CallError::LeaderMoved(moved)),
+            }
+        }
     };
     match outcome {
         Ok(None) => {
@@ -1031,9 +1039,12 @@ async fn send_once(
             (pending, e.to_string())
         }
         Err(e) => {
-            // The broker may be gone: the next batches ask for leaders anew.
-            // Numbered batches are sent again (written once); others fail.
-            shared.client.forget_routes();
+            // The broker may be gone: the next batches ask for leaders anew
+            // (the cache already names the new one if it moved). Numbered
+            // batches are sent again (written once); others fail.
+            if !matches!(e, CallError::LeaderMoved(_)) {
+                shared.client.forget_routes();
+            }
             let mut retry = Vec::new();
             for mut b in pending {
                 if b.stamp.is_some() {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quiver_protocol::messages::{MetadataRequest, NO_LEADER};
+use quiver_protocol::messages::{MetadataRequest, MetadataResponse, NO_LEADER};
 
 use crate::connection::{CallError, Client, Inner};
 
@@ -24,6 +24,9 @@ pub(crate) struct Routing {
     /// Connections to other brokers, by address.
     peers: Mutex<HashMap<String, Arc<Inner>>>,
     pub(crate) suspects: Suspects,
+    /// When a leadership check last asked the cluster: concurrent checks
+    /// share its answer (through the cache) instead of asking again.
+    checked: Mutex<Option<Instant>>,
 }
 
 /// Addresses that lately failed to connect or to answer in time, and when:
@@ -57,10 +60,19 @@ impl Suspects {
     }
 }
 
+/// A request to a partition leader unanswered after this long makes the
+/// client ask the other brokers whether the leadership moved: a killed
+/// leader is otherwise noticed only at the request timeout (QUIC gets no
+/// reset from a dead process).
+const LEADER_CHECK_AFTER: Duration = Duration::from_millis(500);
+/// How often that check repeats while the request stays unanswered.
+const LEADER_CHECK_EVERY: Duration = Duration::from_millis(250);
+
 #[derive(Default)]
 struct Routes {
-    /// Leader address per partition; `None` when it has none (offline).
-    leaders: HashMap<(String, u32), Option<String>>,
+    /// Leader address (`None` when it has none: offline) and leader epoch
+    /// per partition.
+    leaders: HashMap<(String, u32), (Option<String>, i32)>,
     /// Every live broker of the last metadata answer.
     brokers: Vec<String>,
     /// The cluster is one broker: the bootstrap connection serves it all.
@@ -69,7 +81,13 @@ struct Routes {
 
 impl Routing {
     pub(crate) fn new(bootstrap: Arc<Inner>) -> Routing {
-        Routing { bootstrap, routes: Mutex::default(), peers: Mutex::default(), suspects: Suspects::default() }
+        Routing {
+            bootstrap,
+            routes: Mutex::default(),
+            peers: Mutex::default(),
+            suspects: Suspects::default(),
+            checked: Mutex::default(),
+        }
     }
 
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
@@ -103,7 +121,7 @@ impl Client {
             if routes.single {
                 return Some(self.bootstrap());
             }
-            routes.leaders.get(&(topic.to_string(), partition))?.clone()
+            routes.leaders.get(&(topic.to_string(), partition))?.0.clone()
         };
         Some(match address {
             Some(address) => self.peer(&address),
@@ -137,7 +155,12 @@ impl Client {
                 }
             }
         }
-        let metadata = answer?;
+        self.remember(answer?);
+        Ok(())
+    }
+
+    /// Takes a metadata answer into the cache.
+    fn remember(&self, metadata: MetadataResponse) {
         let addresses: HashMap<u32, String> = metadata.brokers.iter().map(|b| (b.node_id, b.address.clone())).collect();
         let mut routes = self.routing().routes();
         routes.single = metadata.brokers.len() <= 1;
@@ -145,10 +168,106 @@ impl Client {
         for t in metadata.topics.into_iter().filter(|t| t.error == quiver_protocol::ErrorCode::None) {
             for p in t.partitions {
                 let leader = (p.leader != NO_LEADER).then(|| addresses.get(&p.leader).cloned()).flatten();
-                routes.leaders.insert((t.name.clone(), p.partition), leader);
+                // A broker behind the metadata log does not undo what a
+                // newer answer said.
+                let key = (t.name.clone(), p.partition);
+                if routes.leaders.get(&key).is_none_or(|(_, epoch)| *epoch <= p.leader_epoch) {
+                    routes.leaders.insert(key, (leader, p.leader_epoch));
+                }
             }
         }
-        Ok(())
+    }
+
+    /// The leaders the cache names for these partitions (those it knows, in
+    /// a cluster of more than one broker): where a request routed now goes,
+    /// to watch with [`Client::leadership_moved`].
+    pub(crate) fn routed_leaders<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, u32)>) -> Vec<RoutedLeader> {
+        let routes = self.routing().routes();
+        if routes.single {
+            return Vec::new();
+        }
+        partitions
+            .into_iter()
+            .filter_map(|(topic, partition)| match routes.leaders.get(&(topic.to_string(), partition)) {
+                Some((Some(address), epoch)) => {
+                    Some(RoutedLeader { topic: topic.to_string(), partition, address: address.clone(), epoch: *epoch })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Resolves, with what changed, once the cluster names a newer leader
+    /// than `expected` for one of its partitions (the cache then holds it);
+    /// stays pending while they lead. For a request still unanswered after
+    /// `patience` + `LEADER_CHECK_AFTER`, asks brokers other than those
+    /// leaders every `LEADER_CHECK_EVERY` (once for all concurrent checks).
+    pub(crate) async fn leadership_moved(&self, expected: Vec<RoutedLeader>, patience: Duration) -> String {
+        if expected.is_empty() {
+            return std::future::pending().await;
+        }
+        let mut topics: Vec<String> = expected.iter().map(|l| l.topic.clone()).collect();
+        topics.sort();
+        topics.dedup();
+        let request = MetadataRequest { topics: Some(topics) };
+        tokio::time::sleep(patience + LEADER_CHECK_AFTER).await;
+        loop {
+            if self.check_due() {
+                self.ask_others(&request, &expected).await;
+            }
+            if let Some(moved) = self.moved_in_cache(&expected) {
+                return moved;
+            }
+            tokio::time::sleep(LEADER_CHECK_EVERY).await;
+        }
+    }
+
+    /// What the cache says moved away from `expected`, if anything.
+    fn moved_in_cache(&self, expected: &[RoutedLeader]) -> Option<String> {
+        let routes = self.routing().routes();
+        expected.iter().find_map(|l| {
+            let (now, epoch) = routes.leaders.get(&(l.topic.clone(), l.partition))?;
+            (*epoch > l.epoch && now.as_ref() != Some(&l.address)).then(|| {
+                let now = now.as_deref().unwrap_or("no broker (offline)");
+                format!(
+                    "{} did not answer, and the cluster names {now} leader of {}-{} (epoch {epoch})",
+                    l.address, l.topic, l.partition
+                )
+            })
+        })
+    }
+
+    /// Whether this check asks the cluster (no other did lately).
+    fn check_due(&self) -> bool {
+        let mut checked = self.routing().checked.lock().expect("checked lock");
+        let due = checked.is_none_or(|at| at.elapsed() >= LEADER_CHECK_EVERY);
+        if due {
+            *checked = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Asks the first broker, other than the `expected` leaders, that
+    /// answers promptly for `request`'s metadata, into the cache.
+    async fn ask_others(&self, request: &MetadataRequest, expected: &[RoutedLeader]) {
+        let known = self.routing().routes().brokers.clone();
+        let others: Vec<String> = self
+            .routing()
+            .suspects
+            .ordered(&known)
+            .into_iter()
+            .filter(|a| expected.iter().all(|l| l.address != **a))
+            .cloned()
+            .collect();
+        for address in others {
+            // One that does not answer promptly may be as dead as the leader.
+            if let Ok(Ok(metadata)) =
+                tokio::time::timeout(LEADER_CHECK_EVERY * 2, self.peer(&address).call(request)).await
+            {
+                self.remember(metadata);
+                return;
+            }
+        }
     }
 
     /// The connection to `address`, shared by every clone of this client.
@@ -177,6 +296,15 @@ impl Client {
     fn routing(&self) -> &Arc<Routing> {
         &self.routing
     }
+}
+
+/// A partition's leader as the client's cache named it when a request was
+/// routed.
+pub(crate) struct RoutedLeader {
+    topic: String,
+    partition: u32,
+    address: String,
+    epoch: i32,
 }
 
 /// Items grouped by the connection they go to, in first-seen order (items
