@@ -627,11 +627,13 @@ impl Controller {
                 if !sessions.was_leader {
                     // A new leader gives every broker a full session before
                     // judging it, counted from when it was last heard if
-                    // that is known (the previous leader, unless this node
-                    // lost touch with it long before: then it is unknown).
+                    // that is known: the previous leader, whose appends
+                    // stopped at least an election (lease + timeout, ≈ 1.2–
+                    // 1.6 s) ago if it died — unless this node lost touch
+                    // with it long before, which says nothing of it now.
                     sessions.was_leader = true;
                     let heard = sessions.heard_leader.filter(|(node, at)| {
-                        *node != self.config.node_id && now.duration_since(*at) < self.config.session_timeout
+                        *node != self.config.node_id && now.duration_since(*at) < self.config.session_timeout * 3
                     });
                     sessions.seen = image
                         .brokers

@@ -86,6 +86,10 @@ pub struct BenchOpts {
     /// restarted and back in the ISR before the next).
     #[arg(long, global = true, default_value_t = 3)]
     pub failovers: u32,
+    /// Cluster bench: keep the nodes' data directories and broker logs
+    /// (they are kept anyway when the bench fails).
+    #[arg(long, global = true)]
+    pub keep_logs: bool,
     /// Records per second for e2e (0 = as fast as possible).
     #[arg(long, global = true, default_value_t = 2_000)]
     pub rate: u64,
@@ -279,7 +283,13 @@ async fn cluster(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
             Err(e) => Err(e),
         };
         local.stop().await;
-        results.extend(outcome.with_context(|| format!("{nodes}-node cluster; logs in {}", dir.path().display()))?);
+        // The nodes' data and logs stay for a look after a failure, or
+        // when asked to.
+        if outcome.is_err() || opts.keep_logs {
+            let kept = dir.keep();
+            eprintln!("{nodes}-node cluster: data and broker logs kept in {}", kept.display());
+        }
+        results.extend(outcome.with_context(|| format!("{nodes}-node cluster"))?);
     }
     Ok(results)
 }
@@ -345,20 +355,25 @@ async fn failover(local: &mut crate::cluster::LocalCluster, rounds: u32) -> anyh
             result.is_ok()
         }
     };
+    // One connection per node, to ask each for its view.
+    let mut nodes = Vec::new();
+    for address in &local.addresses {
+        let mut config = quiver_client::ClientConfig::new(address.clone(), std::fs::read(&local.ca)?);
+        config.request_timeout = Duration::from_secs(2);
+        config.connect_timeout = Duration::from_secs(1);
+        nodes.push(Client::connect(config).await?);
+    }
     let mut results = Vec::new();
     let mut n = 0;
     for round in 1..=rounds {
-        // Every replica in the ISR and writes flowing, then kill the leader.
+        // Every replica in the ISR as every node sees it (a node just
+        // restarted may still answer from its old metadata) and writes
+        // flowing, then kill the leader.
         let deadline = Instant::now() + Duration::from_secs(60);
         let leader = loop {
             anyhow::ensure!(Instant::now() < deadline, "{TOPIC} did not get all three replicas in sync within 60 s");
-            let described = client.admin().describe_topics(Some(vec![TOPIC.to_string()])).await;
-            if let Ok(described) = described
-                && let Some(p) = described.first().and_then(|t| t.partitions.first())
-                && p.leader != quiver_protocol::messages::NO_LEADER
-                && p.isr.len() == 3
-            {
-                break p.leader;
+            if let Some(leader) = agreed_in_sync_leader(&nodes, TOPIC).await {
+                break leader;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -390,7 +405,26 @@ async fn failover(local: &mut crate::cluster::LocalCluster, rounds: u32) -> anyh
         local.start_node(leader, &[])?;
     }
     client.close();
+    for node in nodes {
+        node.close();
+    }
     Ok(results)
+}
+
+/// The leader of `topic`-0 when every node names the same one and all
+/// three replicas in its ISR.
+async fn agreed_in_sync_leader(nodes: &[Client], topic: &str) -> Option<u32> {
+    let mut agreed = None;
+    for node in nodes {
+        let described = node.admin().describe_topics(Some(vec![topic.to_string()])).await.ok()?;
+        let p = described.first()?.partitions.first()?;
+        if p.leader == quiver_protocol::messages::NO_LEADER || p.isr.len() != 3 || agreed.is_some_and(|l| l != p.leader)
+        {
+            return None;
+        }
+        agreed = Some(p.leader);
+    }
+    agreed
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
