@@ -284,8 +284,9 @@ fn acknowledged_records_survive_kills_pauses_and_partitions() {
 
 /// A partition leader cut off from the other nodes (clients still reach it)
 /// cannot complete an acks=all write and says so; the other two elect a new
-/// leader that takes writes; once healed, the old leader drops what only it
-/// had, and every replica holds exactly the acknowledged records.
+/// leader that takes writes, also from an idempotent producer that started
+/// on the cut-off one; once healed, the old leader drops what only it had,
+/// and every replica holds exactly the acknowledged records.
 #[test]
 fn a_leader_partitioned_from_the_other_nodes_is_replaced_and_loses_nothing_acknowledged() {
     let env =
@@ -302,13 +303,21 @@ fn a_leader_partitioned_from_the_other_nodes_is_replaced_and_loses_nothing_ackno
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     cluster.isolate(leader, true);
-    let out = cluster.produce(leader, "iso", 0, "all", 5_000, &["unreplicated".to_string()]);
+    // Without sequence numbers a write cannot be sent again safely: the one
+    // to the cut-off leader fails with a clear error.
+    let args = ["-p", "0", "--acks", "all", "--timeout-ms", "5000", "--no-idempotence"];
+    let out = cluster.produce_args(leader, "iso", &args, &["unreplicated".to_string()]);
     assert!(!out.status.success(), "an acks=all write without followers must not be acknowledged");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.trim().is_empty(), "a clear error");
     cluster.wait_for("a new leader on the majority side", Duration::from_secs(30), || {
         leader_via(other).is_some_and(|l| l != leader)
     });
+    // An idempotent producer that starts on the cut-off leader (its stale
+    // metadata still names itself) learns the new leader from the other
+    // nodes and is acknowledged there, once.
+    let out = cluster.produce(leader, "iso", 0, "all", 30_000, &["moved".to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let after: Vec<String> = (0..20).map(|i| format!("after-{i}")).collect();
     let new_leader = leader_via(other).unwrap();
     let out = cluster.produce(new_leader, "iso", 0, "all", 30_000, &after);
@@ -318,7 +327,7 @@ fn a_leader_partitioned_from_the_other_nodes_is_replaced_and_loses_nothing_ackno
     cluster.wait_for("the old leader back in sync", Duration::from_secs(60), || {
         cluster.partitions(other, "iso").first().is_some_and(|p| p["isr"].as_array().unwrap().len() == 3)
     });
-    let expected: Vec<String> = before.iter().chain(&after).cloned().collect();
+    let expected: Vec<String> = before.iter().chain(&["moved".to_string()]).chain(&after).cloned().collect();
     assert_eq!(cluster.values(other, "iso", 0).unwrap(), expected, "acknowledged records, once, in order");
     cluster.wait_for("identical replicas", Duration::from_secs(20), || {
         let first = cluster.replica_bytes(1, "iso", 0);
