@@ -705,15 +705,19 @@ impl Log {
         };
         let file = SegmentFile::open(&self.dir, next_offset, true)?;
         // The state as of the new segment's base: open and truncation start
-        // from it and replay only the active segment. It becomes durable
-        // with the directory's next fsync; a lost or torn one means an
-        // empty state (producers are then accepted at any sequence).
+        // from it and replay only the active segment. Its contents are
+        // fsynced before the rename and the name with the directory's next
+        // fsync, which precedes the first flush of anything appended to
+        // the new segment: no acknowledged batch outlives the state that
+        // deduplicates retries of the batches before it. (A lost one would
+        // mean an empty state, where producers are accepted at any
+        // sequence.)
         let snapshot = {
             let mut producers = self.producers();
             producers.expire();
             producers.encode()
         };
-        segment::write_file_atomically(&file.path(PRODUCERS_EXT), &snapshot, false)?;
+        segment::write_file_atomically(&file.path(PRODUCERS_EXT), &snapshot, true)?;
         let mut state = self.write_state();
         let sealed = state.segments.last_mut().expect("active segment");
         sealed.time_index = sealed.sealed_time_index();
