@@ -369,13 +369,17 @@ impl Broker {
     }
 
     /// Starts moving a partition to other brokers (it completes once the
-    /// new replicas are in sync).
+    /// new replicas are in sync), or cancels the move in progress.
     pub(crate) async fn reassign_partition(
         &self,
         r: ReassignPartitionRequest,
     ) -> Result<ReassignPartitionResponse, WireError> {
         let controller = self.require_cluster(ErrorCode::InvalidRequest)?;
-        let command = Command::ReassignPartition { topic: r.topic, partition: r.partition, replicas: r.replicas };
+        let command = if r.cancel {
+            Command::CancelReassignment { topic: r.topic, partition: r.partition }
+        } else {
+            Command::ReassignPartition { topic: r.topic, partition: r.partition, replicas: r.replicas }
+        };
         controller.write(command).await.map_err(write_error)?;
         Ok(ReassignPartitionResponse {})
     }

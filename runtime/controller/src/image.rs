@@ -45,6 +45,10 @@ pub struct PartitionImage {
     /// moves if it is not part of it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Vec<NodeId>>,
+    /// During a reassignment: the replicas it started from (what a
+    /// cancellation goes back to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_from: Option<Vec<NodeId>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +192,13 @@ pub enum Command {
         partition: u32,
         replicas: Vec<NodeId>,
     },
+    /// Stops a reassignment in progress: the partition goes back to the
+    /// replicas it started from (the ones added leave), and leadership to
+    /// one of them.
+    CancelReassignment {
+        topic: String,
+        partition: u32,
+    },
     /// Deploys a plugin (a new version if the name exists). `blob` carries
     /// the component unless the image already has its hash or it is built
     /// in; `keep_progress` carries a transform's progress over to the new
@@ -323,6 +334,7 @@ impl ClusterImage {
                         leader_epoch: 0,
                         partition_epoch: 0,
                         target: None,
+                        moving_from: None,
                     })
                     .collect();
                 self.topics.insert(name.clone(), TopicImage { id: index, configs: configs.clone(), partitions });
@@ -387,6 +399,7 @@ impl ClusterImage {
                     return Outcome::Done;
                 }
                 let p = &mut self.topics.get_mut(topic).expect("checked").partitions[*partition as usize];
+                p.moving_from = Some(p.replicas.clone());
                 for n in replicas {
                     if !p.replicas.contains(n) {
                         p.replicas.push(*n);
@@ -395,6 +408,40 @@ impl ClusterImage {
                 p.target = Some(replicas.clone());
                 p.partition_epoch += 1;
                 self.finish_reassignment(topic, *partition);
+                Outcome::Done
+            }
+            Command::CancelReassignment { topic, partition } => {
+                let live = live_set(&self.brokers);
+                let Some(t) = self.topics.get_mut(topic) else {
+                    return refuse(RefusalKind::UnknownPartition, format!("{topic} has no partition {partition}"));
+                };
+                let unclean = t.unclean_election();
+                let Some(p) = t.partitions.get_mut(*partition as usize) else {
+                    return refuse(RefusalKind::UnknownPartition, format!("{topic} has no partition {partition}"));
+                };
+                let (Some(_), Some(original)) = (&p.target, p.moving_from.clone()) else {
+                    return refuse(RefusalKind::Invalid, format!("{topic}-{partition} is not being reassigned"));
+                };
+                // Only the replicas it started from stay: one of them must
+                // hold everything acknowledged.
+                if !p.isr.iter().any(|n| original.contains(n)) {
+                    return refuse(
+                        RefusalKind::Invalid,
+                        format!(
+                            "none of the replicas {original:?} that {topic}-{partition} started from is in sync \
+                             (in sync: {:?}); let the move finish",
+                            p.isr
+                        ),
+                    );
+                }
+                p.replicas = original.clone();
+                p.isr.retain(|n| original.contains(n));
+                p.target = None;
+                p.moving_from = None;
+                p.partition_epoch += 1;
+                if !p.leader.is_some_and(|l| original.contains(&l)) {
+                    elect(topic, *partition, p, &live, unclean, &mut self.unclean_elections);
+                }
                 Outcome::Done
             }
             Command::DeployPlugin { name, sha256, spec, blob, keep_progress } => {
@@ -498,6 +545,7 @@ impl ClusterImage {
         p.replicas = target.clone();
         p.isr.retain(|n| target.contains(n));
         p.target = None;
+        p.moving_from = None;
         p.partition_epoch += 1;
         if !p.leader.is_some_and(|l| target.contains(&l)) {
             elect(topic, partition, p, &live, unclean, &mut self.unclean_elections);
@@ -752,6 +800,30 @@ mod tests {
             image.apply(104, &unknown),
             Outcome::Refused(Refusal { kind: RefusalKind::UnknownBroker, .. })
         ));
+    }
+
+    #[test]
+    fn a_cancelled_reassignment_goes_back_to_the_replicas_it_started_from() {
+        let mut image = cluster(&[(1, None), (2, None), (3, None)]);
+        create(&mut image, "t", 1, 2);
+        let before = image.topics["t"].partitions[0].clone();
+        let leader = before.leader.unwrap();
+        let new = (1..=3).find(|n| !before.replicas.contains(n)).unwrap();
+        let cancel = Command::CancelReassignment { topic: "t".into(), partition: 0 };
+        assert!(matches!(image.apply(101, &cancel), Outcome::Refused(_)), "nothing to cancel");
+        // A move off the leader: it is not in the target.
+        let reassign = Command::ReassignPartition { topic: "t".into(), partition: 0, replicas: vec![new] };
+        assert_eq!(image.apply(102, &reassign), Outcome::Done);
+        assert_eq!(image.topics["t"].partitions[0].moving_from, Some(before.replicas.clone()));
+        assert_eq!(image.apply(103, &cancel), Outcome::Done);
+        let p = &image.topics["t"].partitions[0];
+        assert_eq!(p.replicas, before.replicas);
+        assert_eq!((p.target.clone(), p.moving_from.clone()), (None, None));
+        assert_eq!(p.leader, Some(leader), "the leader was one of them: it stays");
+        assert_eq!(p.isr, before.isr);
+        assert!(p.partition_epoch > before.partition_epoch);
+        // A move may start again afterwards.
+        assert_eq!(image.apply(104, &reassign), Outcome::Done);
     }
 
     #[test]

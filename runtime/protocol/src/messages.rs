@@ -79,6 +79,8 @@ impl ApiKey {
             ApiKey::PluginDeploy => (1, 1),
             // v1 added replicas and in-sync replicas.
             ApiKey::DescribeTopics => (1, 1),
+            // v1 added cancellation.
+            ApiKey::ReassignPartition => (1, 1),
             _ => (0, 0),
         }
     }
@@ -698,13 +700,16 @@ wire_struct! {
         pub partition: u32,
         /// The new replicas, the first being the preferred leader.
         pub replicas: Vec<u32>,
+        /// Stop the move in progress instead: back to the replicas it
+        /// started from (`replicas` is then ignored).
+        pub cancel: bool,
     }
 }
 
 wire_struct! {
     pub struct ReassignPartitionResponse {}
 }
-request!(ReassignPartitionRequest => ReassignPartition, ReassignPartitionResponse);
+request!(ReassignPartitionRequest => ReassignPartition version 1, ReassignPartitionResponse);
 
 wire_struct! {
     pub struct InitProducerIdRequest {}

@@ -175,8 +175,12 @@ pub enum TopicCommand {
         partition: u32,
         /// The new replicas, comma-separated node ids; the first is the
         /// preferred leader.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "cancel", conflicts_with = "cancel")]
         replicas: Vec<u32>,
+        /// Stop the move in progress: the partition goes back to the
+        /// replicas it started from.
+        #[arg(long)]
+        cancel: bool,
     },
     /// Create a topic.
     Create {
@@ -473,16 +477,24 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                 }
             }
         }
-        TopicCommand::Reassign { name, partition, replicas } => {
+        TopicCommand::Reassign { name, partition, replicas, cancel } => {
             let request = quiver_protocol::messages::ReassignPartitionRequest {
                 topic: name.clone(),
                 partition,
                 replicas: replicas.clone(),
+                cancel,
             };
             client.call(&request).await?;
-            println!(
-                "reassigning {name}-{partition} to replicas {replicas:?}; `quiver topic describe {name}` shows the move"
-            );
+            if cancel {
+                println!(
+                    "cancelled the move of {name}-{partition}: back to the replicas it started from \
+                     (`quiver topic describe {name}`)"
+                );
+            } else {
+                println!(
+                    "reassigning {name}-{partition} to replicas {replicas:?}; `quiver topic describe {name}` shows the move"
+                );
+            }
         }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;

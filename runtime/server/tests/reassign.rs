@@ -81,3 +81,59 @@ fn a_partition_moves_to_other_brokers_while_producing_continues() {
     let err = cluster.fails(1, &["topic", "reassign", "moving", "-p", "0", "--replicas", "9"]);
     assert!(err.contains("broker 9 is not a live, registered broker"), "{err}");
 }
+
+/// A move whose new replica cannot catch up (its process is paused) is
+/// cancelled: the partition goes back to the replicas it started from with
+/// every record, and the would-be replica leaves nothing behind.
+#[test]
+fn a_move_that_cannot_finish_is_cancelled() {
+    let env = [("QUIVER_CLUSTER__LEADER_REBALANCE_INTERVAL_MS", "0")];
+    let cluster = Cluster::start(3, &env);
+    cluster.wait_formed();
+    cluster.ok(1, &["topic", "create", "stuck", "-p", "1", "-r", "2"]);
+    let before = cluster.partitions(1, "stuck")[0].clone();
+    let leader = before["leader"].as_u64().unwrap() as u32;
+    let original = replicas_of(&before, "replicas");
+    let new = (1..=3).find(|n| !original.contains(n)).unwrap();
+    let values: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+    let out = cluster.produce(leader, "stuck", 0, "all", 20_000, &values);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let err = cluster.fails(leader, &["topic", "reassign", "stuck", "-p", "0", "--cancel"]);
+    assert!(err.contains("stuck-0 is not being reassigned"), "{err}");
+    // Paused, it still counts as live until its session expires: the move
+    // is accepted but can never complete.
+    cluster.pause(new, true);
+    let target = format!("{new}");
+    let moving = cluster.ok(leader, &["topic", "reassign", "stuck", "-p", "0", "--replicas", &target]);
+    assert!(moving.contains("reassigning stuck-0"), "{moving}");
+    let during = cluster.partitions(leader, "stuck")[0].clone();
+    assert_eq!(replicas_of(&during, "replicas").len(), 3, "old and new replicas meanwhile: {during}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(replicas_of(&cluster.partitions(leader, "stuck")[0], "replicas").len(), 3, "still moving");
+
+    let cancelled = cluster.ok(leader, &["topic", "reassign", "stuck", "-p", "0", "--cancel"]);
+    assert!(cancelled.contains("cancelled the move of stuck-0"), "{cancelled}");
+    let after = cluster.partitions(leader, "stuck")[0].clone();
+    assert_eq!(replicas_of(&after, "replicas"), original, "{after}");
+    assert_eq!(after["leader"].as_u64().unwrap() as u32, leader);
+    assert_eq!(cluster.values(leader, "stuck", 0).unwrap(), values);
+    // Nothing is left to cancel.
+    let err = cluster.fails(leader, &["topic", "reassign", "stuck", "-p", "0", "--cancel"]);
+    assert!(err.contains("not being reassigned"), "{err}");
+
+    cluster.pause(new, false);
+    cluster.wait_for("the would-be replica's files gone", Duration::from_secs(20), || {
+        !cluster.dir.path().join(format!("node-{new}/logs/stuck-0")).exists()
+    });
+    cluster.wait_for("the ISR back to the original replicas", Duration::from_secs(20), || {
+        let p = cluster.partitions(new, "stuck");
+        p.first().is_some_and(|p| {
+            let mut isr = replicas_of(p, "isr");
+            isr.sort();
+            let mut want = original.clone();
+            want.sort();
+            isr == want
+        })
+    });
+}
