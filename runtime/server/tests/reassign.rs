@@ -90,46 +90,80 @@ fn a_move_that_cannot_finish_is_cancelled() {
     let env = [("QUIVER_CLUSTER__LEADER_REBALANCE_INTERVAL_MS", "0")];
     let cluster = Cluster::start(3, &env);
     cluster.wait_formed();
-    cluster.ok(1, &["topic", "create", "stuck", "-p", "1", "-r", "2"]);
-    let before = cluster.partitions(1, "stuck")[0].clone();
+    // Three partitions of two replicas: one of them leaves out a node that
+    // does not lead the metadata quorum (pausing that one would stall
+    // every metadata write until an election).
+    cluster.ok(1, &["topic", "create", "stuck", "-p", "3", "-r", "2"]);
+    let controller = cluster.info(1).unwrap()["controller_leader"].as_u64().unwrap() as u32;
+    let (p, before, new) = cluster
+        .partitions(1, "stuck")
+        .into_iter()
+        .enumerate()
+        .find_map(|(i, p)| {
+            let new = (1..=3).find(|n| !replicas_of(&p, "replicas").contains(n))?;
+            (new != controller).then_some((i, p, new))
+        })
+        .expect("a partition that leaves out a node other than the controller leader");
     let leader = before["leader"].as_u64().unwrap() as u32;
     let original = replicas_of(&before, "replicas");
-    let new = (1..=3).find(|n| !original.contains(n)).unwrap();
     let values: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
-    let out = cluster.produce(leader, "stuck", 0, "all", 20_000, &values);
+    let out = cluster.produce(leader, "stuck", p as u32, "all", 20_000, &values);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let partition = p.to_string();
+    let reassign = |extra: &[&str]| {
+        let mut args = vec!["topic", "reassign", "stuck", "-p", &partition];
+        args.extend_from_slice(extra);
+        let out = cluster.quiver(leader, &args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let run_ok = |extra: &[&str]| {
+        let (ok, output) = reassign(extra);
+        assert!(ok, "{output}");
+        output
+    };
+    let run_fails = |extra: &[&str]| {
+        let (ok, output) = reassign(extra);
+        assert!(!ok, "{output}");
+        output
+    };
 
-    let err = cluster.fails(leader, &["topic", "reassign", "stuck", "-p", "0", "--cancel"]);
-    assert!(err.contains("stuck-0 is not being reassigned"), "{err}");
+    let err = run_fails(&["--cancel"]);
+    assert!(err.contains(&format!("stuck-{p} is not being reassigned")), "{err}");
     // Paused, it still counts as live until its session expires: the move
     // is accepted but can never complete.
     cluster.pause(new, true);
-    let target = format!("{new}");
-    let moving = cluster.ok(leader, &["topic", "reassign", "stuck", "-p", "0", "--replicas", &target]);
-    assert!(moving.contains("reassigning stuck-0"), "{moving}");
-    let during = cluster.partitions(leader, "stuck")[0].clone();
-    assert_eq!(replicas_of(&during, "replicas").len(), 3, "old and new replicas meanwhile: {during}");
+    let target = new.to_string();
+    let moving = run_ok(&["--replicas", &target]);
+    assert!(moving.contains(&format!("reassigning stuck-{p}")), "{moving}");
+    cluster.wait_for("old and new replicas meanwhile", Duration::from_secs(10), || {
+        replicas_of(&cluster.partitions(leader, "stuck")[p], "replicas").len() == 3
+    });
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(replicas_of(&cluster.partitions(leader, "stuck")[0], "replicas").len(), 3, "still moving");
+    assert_eq!(replicas_of(&cluster.partitions(leader, "stuck")[p], "replicas").len(), 3, "still moving");
 
-    let cancelled = cluster.ok(leader, &["topic", "reassign", "stuck", "-p", "0", "--cancel"]);
-    assert!(cancelled.contains("cancelled the move of stuck-0"), "{cancelled}");
-    let after = cluster.partitions(leader, "stuck")[0].clone();
-    assert_eq!(replicas_of(&after, "replicas"), original, "{after}");
+    let cancelled = run_ok(&["--cancel"]);
+    assert!(cancelled.contains(&format!("cancelled the move of stuck-{p}")), "{cancelled}");
+    cluster.wait_for("the original replicas back", Duration::from_secs(10), || {
+        replicas_of(&cluster.partitions(leader, "stuck")[p], "replicas") == original
+    });
+    let after = cluster.partitions(leader, "stuck")[p].clone();
     assert_eq!(after["leader"].as_u64().unwrap() as u32, leader);
-    assert_eq!(cluster.values(leader, "stuck", 0).unwrap(), values);
+    assert_eq!(cluster.values(leader, "stuck", p as u32).unwrap(), values);
     // Nothing is left to cancel.
-    let err = cluster.fails(leader, &["topic", "reassign", "stuck", "-p", "0", "--cancel"]);
+    let err = run_fails(&["--cancel"]);
     assert!(err.contains("not being reassigned"), "{err}");
 
     cluster.pause(new, false);
     cluster.wait_for("the would-be replica's files gone", Duration::from_secs(20), || {
-        !cluster.dir.path().join(format!("node-{new}/logs/stuck-0")).exists()
+        !cluster.dir.path().join(format!("node-{new}/logs/stuck-{p}")).exists()
     });
     cluster.wait_for("the ISR back to the original replicas", Duration::from_secs(20), || {
-        let p = cluster.partitions(new, "stuck");
-        p.first().is_some_and(|p| {
-            let mut isr = replicas_of(p, "isr");
+        let now = cluster.partitions(new, "stuck");
+        now.get(p).is_some_and(|now| {
+            let mut isr = replicas_of(now, "isr");
             isr.sort();
             let mut want = original.clone();
             want.sort();
