@@ -411,12 +411,7 @@ impl ClusterImage {
                 Outcome::Done
             }
             Command::CancelReassignment { topic, partition } => {
-                let live = live_set(&self.brokers);
-                let Some(t) = self.topics.get_mut(topic) else {
-                    return refuse(RefusalKind::UnknownPartition, format!("{topic} has no partition {partition}"));
-                };
-                let unclean = t.unclean_election();
-                let Some(p) = t.partitions.get_mut(*partition as usize) else {
+                let Some(p) = self.topics.get(topic).and_then(|t| t.partitions.get(*partition as usize)) else {
                     return refuse(RefusalKind::UnknownPartition, format!("{topic} has no partition {partition}"));
                 };
                 let (Some(_), Some(original)) = (&p.target, p.moving_from.clone()) else {
@@ -434,14 +429,7 @@ impl ClusterImage {
                         ),
                     );
                 }
-                p.replicas = original.clone();
-                p.isr.retain(|n| original.contains(n));
-                p.target = None;
-                p.moving_from = None;
-                p.partition_epoch += 1;
-                if !p.leader.is_some_and(|l| original.contains(&l)) {
-                    elect(topic, *partition, p, &live, unclean, &mut self.unclean_elections);
-                }
+                self.end_reassignment(topic, *partition, original);
                 Outcome::Done
             }
             Command::DeployPlugin { name, sha256, spec, blob, keep_progress } => {
@@ -531,23 +519,30 @@ impl ClusterImage {
         self.blobs.retain(|sha, _| used.contains(sha));
     }
 
-    /// Completes a reassignment once every target replica is in sync: the
-    /// old replicas leave, and the leader moves into the target if needed.
+    /// Completes a reassignment once every target replica is in sync.
     fn finish_reassignment(&mut self, topic: &str, partition: u32) {
+        let Some(p) = self.topics.get(topic).and_then(|t| t.partitions.get(partition as usize)) else { return };
+        let Some(target) = p.target.clone() else { return };
+        if target.iter().all(|n| p.isr.contains(n)) {
+            self.end_reassignment(topic, partition, target);
+        }
+    }
+
+    /// Ends a reassignment with `replicas` (its target, or the replicas it
+    /// started from when cancelled): the others leave the replicas and the
+    /// ISR, and the leader moves into `replicas` if needed.
+    fn end_reassignment(&mut self, topic: &str, partition: u32, replicas: Vec<NodeId>) {
         let live = live_set(&self.brokers);
         let Some(t) = self.topics.get_mut(topic) else { return };
         let unclean = t.unclean_election();
         let p = &mut t.partitions[partition as usize];
-        let Some(target) = p.target.clone() else { return };
-        if !target.iter().all(|n| p.isr.contains(n)) {
-            return;
-        }
-        p.replicas = target.clone();
-        p.isr.retain(|n| target.contains(n));
+        p.isr.retain(|n| replicas.contains(n));
         p.target = None;
         p.moving_from = None;
         p.partition_epoch += 1;
-        if !p.leader.is_some_and(|l| target.contains(&l)) {
+        let stays = p.leader.is_some_and(|l| replicas.contains(&l));
+        p.replicas = replicas;
+        if !stays {
             elect(topic, partition, p, &live, unclean, &mut self.unclean_elections);
         }
     }

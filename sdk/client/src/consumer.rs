@@ -16,10 +16,12 @@ use tokio::task::JoinHandle;
 
 use crate::connection::{CallError, Client};
 
-/// How long [`Consumer::lookup`] waits for a new leader to establish its
-/// high watermark: its followers confirm its log within a fetch or two, or a
-/// lagging one leaves the ISR after `replica_lag_time_max_ms` (10 s default).
-const OFFSET_NOT_AVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long [`Consumer::lookup`] waits for a partition's leader to be
+/// ready: a new topic's or a failed-over partition's leader takes its role
+/// within moments, and establishes its high watermark once its followers
+/// confirm its log within a fetch or two, or a lagging one leaves the ISR
+/// after `replica_lag_time_max_ms` (10 s default).
+const LEADER_READY_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -161,7 +163,7 @@ impl Consumer {
     pub async fn lookup(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ConsumeError> {
         let mut results;
         let mut asked_again = false;
-        let deadline = tokio::time::Instant::now() + OFFSET_NOT_AVAILABLE_RETRY_FOR;
+        let deadline = tokio::time::Instant::now() + LEADER_READY_WITHIN;
         loop {
             let leader = self.client.for_partition(topic, partition).await?;
             results = leader
@@ -169,7 +171,15 @@ impl Consumer {
                 .list_offsets(vec![ListOffsetsPartition { topic: topic.to_string(), partition, timestamp }])
                 .await?;
             match results.first().map(|r| r.error) {
-                Some(ErrorCode::NotLeader) if !asked_again => {
+                // Moved (ask for the leader again at once), or still
+                // becoming the leader (then also wait a little); an offline
+                // partition is the answer.
+                Some(ErrorCode::NotLeader)
+                    if tokio::time::Instant::now() < deadline && !self.client.known_offline(topic, partition) =>
+                {
+                    if asked_again {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     asked_again = true;
                     self.client.forget_routes();
                 }

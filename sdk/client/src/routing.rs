@@ -178,6 +178,11 @@ impl Client {
         }
     }
 
+    /// Whether the last metadata answer said the partition has no leader.
+    pub(crate) fn known_offline(&self, topic: &str, partition: u32) -> bool {
+        matches!(self.routing().routes().leaders.get(&(topic.to_string(), partition)), Some((None, _)))
+    }
+
     /// The leaders the cache names for these partitions (those it knows, in
     /// a cluster of more than one broker): where a request routed now goes,
     /// to watch with [`Client::leadership_moved`].
