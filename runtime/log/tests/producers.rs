@@ -54,10 +54,8 @@ fn retries_are_answered_with_their_first_offsets_and_gaps_are_refused() {
         other => panic!("an older epoch must be fenced, got {other:?}"),
     }
     // A retry older than the remembered batches cannot be answered.
-    let mut sequence = 0;
-    for _ in 0..20 {
+    for sequence in 0..20 {
         new_at(log.append_checked(&idempotent(9, 0, sequence, 1), 0).unwrap());
-        sequence += 1;
     }
     match log.append_checked(&idempotent(9, 0, 0, 1), 0) {
         Err(AppendError::Sequence(SequenceError::Stale { expected: 20, got: 0, .. })) => {}
