@@ -366,15 +366,12 @@ async fn routed_fetch(client: Client, request: FetchRequest) -> Result<FetchResp
             .map(|(route, members)| {
                 let mut sub = request.clone();
                 sub.partitions = members.iter().map(|i| request.partitions[*i].clone()).collect();
-                let leaders = client.routed_leaders(sub.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
-                let patience = Duration::from_millis(u64::from(sub.max_wait_ms));
                 let watcher = client.clone();
                 tokio::spawn(async move {
                     // A leader that died with the fetch: ask the new one.
-                    let answer = tokio::select! {
-                        answer = route.call(&sub) => answer,
-                        moved = watcher.leadership_moved(leaders, patience) => Err(CallError::LeaderMoved(moved)),
-                    };
+                    let partitions = sub.partitions.iter().map(|p| (p.topic.as_str(), p.partition));
+                    let patience = Duration::from_millis(u64::from(sub.max_wait_ms));
+                    let answer = watcher.unless_leadership_moves(partitions, patience, route.call(&sub)).await;
                     (members, answer)
                 })
             })

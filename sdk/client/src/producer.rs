@@ -966,13 +966,8 @@ async fn send_once(
         Err(e) => Err(e),
         Ok(s) if config.acks == Acks::None => s.send_only(&request).await.map(|()| None),
         Ok(s) => {
-            // A leader that died with the request is noticed when the
-            // cluster names another, not at the request timeout.
-            let leaders = shared.client.routed_leaders(pending.iter().map(|b| (&*b.topic, b.partition)));
-            tokio::select! {
-                answer = s.call(&request) => answer.map(Some),
-                moved = shared.client.leadership_moved(leaders, Duration::ZERO) => Err(CallError::LeaderMoved(moved)),
-            }
+            let partitions = pending.iter().map(|b| (&*b.topic, b.partition));
+            shared.client.unless_leadership_moves(partitions, Duration::ZERO, s.call(&request)).await.map(Some)
         }
     };
     match outcome {

@@ -10,6 +10,7 @@
 //! the bootstrap connection, whatever address it advertises.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -183,10 +184,27 @@ impl Client {
         matches!(self.routing().routes().leaders.get(&(topic.to_string(), partition)), Some((None, _)))
     }
 
+    /// Waits for `call`, a request to the leaders of `partitions`; gives
+    /// it up as [`CallError::LeaderMoved`] (outcome unknown) once the
+    /// cluster names another leader for one of them: a leader that died
+    /// with the request is noticed then, not at the request timeout.
+    /// `patience`: how long the request may wait normally (a long poll).
+    pub(crate) async fn unless_leadership_moves<'a, T>(
+        &self,
+        partitions: impl IntoIterator<Item = (&'a str, u32)>,
+        patience: Duration,
+        call: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        let leaders = self.routed_leaders(partitions);
+        tokio::select! {
+            answer = call => answer,
+            moved = self.leadership_moved(leaders, patience) => Err(CallError::LeaderMoved(moved)),
+        }
+    }
+
     /// The leaders the cache names for these partitions (those it knows, in
-    /// a cluster of more than one broker): where a request routed now goes,
-    /// to watch with [`Client::leadership_moved`].
-    pub(crate) fn routed_leaders<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, u32)>) -> Vec<RoutedLeader> {
+    /// a cluster of more than one broker): where a request routed now goes.
+    fn routed_leaders<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, u32)>) -> Vec<RoutedLeader> {
         let routes = self.routing().routes();
         if routes.single {
             return Vec::new();
@@ -207,7 +225,7 @@ impl Client {
     /// stays pending while they lead. For a request still unanswered after
     /// `patience` + `LEADER_CHECK_AFTER`, asks brokers other than those
     /// leaders every `LEADER_CHECK_EVERY` (once for all concurrent checks).
-    pub(crate) async fn leadership_moved(&self, expected: Vec<RoutedLeader>, patience: Duration) -> String {
+    async fn leadership_moved(&self, expected: Vec<RoutedLeader>, patience: Duration) -> String {
         if expected.is_empty() {
             return std::future::pending().await;
         }
@@ -305,7 +323,7 @@ impl Client {
 
 /// A partition's leader as the client's cache named it when a request was
 /// routed.
-pub(crate) struct RoutedLeader {
+struct RoutedLeader {
     topic: String,
     partition: u32,
     address: String,
