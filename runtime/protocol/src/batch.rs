@@ -544,9 +544,15 @@ impl BatchBuilder {
     /// A builder whose buffer holds `bytes` without growing (producers pass
     /// their batch size, so records are copied once).
     pub fn with_capacity(compression: Compression, bytes: usize) -> Self {
+        Self::with_buffer(compression, BytesMut::with_capacity(bytes.max(BATCH_HEADER_LEN)))
+    }
+
+    /// A builder that writes into `body` (cleared first), so that a
+    /// producer can reuse the buffers of batches already sent.
+    pub fn with_buffer(compression: Compression, mut body: BytesMut) -> Self {
         // The header's space is reserved up front: an uncompressed batch is
         // finished in place, without copying its records again.
-        let mut body = BytesMut::with_capacity(bytes.max(BATCH_HEADER_LEN));
+        body.clear();
         body.resize(BATCH_HEADER_LEN, 0);
         BatchBuilder {
             compression,

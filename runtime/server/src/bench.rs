@@ -58,6 +58,11 @@ pub struct BenchOpts {
     /// Also measure the raw QUIC baseline in the same run and print ratios.
     #[arg(long, global = true)]
     pub baseline: bool,
+    /// Produce and consume with --baseline: measure this many times, each
+    /// time the baseline right before, and report the median of the
+    /// per-round ratios (one pair is at the mercy of a noisy machine).
+    #[arg(long, global = true, default_value_t = 1)]
+    pub rounds: u32,
     #[arg(long, global = true, default_value = "quiver-bench")]
     pub topic: String,
     #[arg(long, global = true, default_value_t = 6)]
@@ -191,30 +196,63 @@ async fn target(opts: &BenchOpts) -> anyhow::Result<Target> {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let opts = args.opts;
     let mut results = Vec::new();
-    if args.mode == BenchMode::Quic || opts.baseline {
-        results.extend(quic_baseline(&opts).await?);
+    let paired = opts.baseline && matches!(args.mode, BenchMode::Produce | BenchMode::Consume);
+    let rounds = if paired { opts.rounds.max(1) } else { 1 };
+    if args.mode == BenchMode::Quic || (opts.baseline && !paired) {
+        results.extend(quic_baseline(&opts, Direction::Both).await?);
     }
     if args.mode == BenchMode::Cluster {
         results.extend(cluster(&opts).await?);
     } else if args.mode != BenchMode::Quic {
         let target = target(&opts).await?;
         ensure_topic(&target.client, &opts).await?;
-        match args.mode {
-            BenchMode::Produce => results.push(produce(&target, &opts, &opts.topic).await?),
-            BenchMode::Consume => results.push(consume(&target, &opts).await?),
-            BenchMode::E2e => results.push(e2e(&target, &opts).await?),
-            BenchMode::Transform => results.extend(transform(&target, &opts).await?),
-            BenchMode::Quic | BenchMode::Cluster => unreachable!(),
+        for round in 0..rounds {
+            match args.mode {
+                BenchMode::Produce => {
+                    if round > 0 {
+                        // Each round writes to an empty topic, as the first
+                        // did: the page cache holds the same amount of data.
+                        unless(ErrorCode::UnknownTopic, target.client.admin().delete_topic(&opts.topic).await)?;
+                        ensure_topic(&target.client, &opts).await?;
+                    }
+                    if paired {
+                        results.extend(quic_baseline(&opts, Direction::Upload).await?);
+                    }
+                    results.push(produce(&target, &opts, &opts.topic).await?)
+                }
+                BenchMode::Consume => {
+                    if paired {
+                        // Records to read exist before the baseline runs.
+                        ensure_records(&target, &opts).await?;
+                        results.extend(quic_baseline(&opts, Direction::Download).await?);
+                    }
+                    results.push(consume(&target, &opts).await?)
+                }
+                BenchMode::E2e => results.push(e2e(&target, &opts).await?),
+                BenchMode::Transform => results.extend(transform(&target, &opts).await?),
+                BenchMode::Quic | BenchMode::Cluster => unreachable!(),
+            }
         }
         target.client.close();
         if let Some((node, _dir)) = target.node {
             node.shutdown().await;
         }
     }
+    // The median over rounds of each round's ratio (rounds pair the n-th
+    // result of one mode with the n-th of the other).
+    let per_round = |a: &str, b: &str| -> Vec<f64> {
+        let xs = results.iter().filter(|r| r.mode == a);
+        let ys = results.iter().filter(|r| r.mode == b);
+        xs.zip(ys).map(|(x, y)| x.mib_per_s / y.mib_per_s).collect()
+    };
     let ratio = |a: &str, b: &str| {
-        let x = results.iter().find(|r| r.mode == a)?;
-        let y = results.iter().find(|r| r.mode == b)?;
-        Some(x.mib_per_s / y.mib_per_s)
+        let mut all = per_round(a, b);
+        all.sort_by(f64::total_cmp);
+        all.get(all.len() / 2).copied()
+    };
+    let round_ratios = |a: &str, b: &str| {
+        let all = per_round(a, b);
+        (all.len() > 1).then(|| all.iter().map(|r| format!("{:.1}", r * 100.0)).collect::<Vec<_>>().join(", "))
     };
     let ratios = serde_json::json!({
         "produce_vs_quic_upload": ratio("produce", "quic-upload"),
@@ -228,11 +266,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             for r in &results {
                 r.print();
             }
-            if let Some(r) = ratio("produce", "quic-upload") {
-                println!("produce / raw QUIC upload   = {:.1} %", r * 100.0);
-            }
-            if let Some(r) = ratio("consume", "quic-download") {
-                println!("consume / raw QUIC download = {:.1} %", r * 100.0);
+            for (a, b, label) in [
+                ("produce", "quic-upload", "produce / raw QUIC upload  "),
+                ("consume", "quic-download", "consume / raw QUIC download"),
+            ] {
+                match (ratio(a, b), round_ratios(a, b)) {
+                    (Some(r), Some(rounds)) => println!("{label} = {:.1} % (median of rounds: {rounds} %)", r * 100.0),
+                    (Some(r), None) => println!("{label} = {:.1} %", r * 100.0),
+                    _ => {}
+                }
             }
             if let Some(r) = ratio("transform-wasm", "transform-native") {
                 println!("Wasm identity / native pass-through = {:.1} %", r * 100.0);
@@ -496,31 +538,44 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
             Client::connect(quiver_client::ClientConfig::new(target.address.to_string(), target.ca_pem.clone())).await?
         };
         let producer = client.producer(producer_config(opts));
-        let (topic, bar, base) = (topic.to_string(), bar.clone(), base.clone());
+        let (topic, bar, base) = (std::sync::Arc::<str>::from(topic), bar.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, quiver_client::DeliveryFuture)>(1 << 16);
+            // Deliveries go to the checker in groups (a channel send per
+            // record would cost more than the producer's own work). A group
+            // fills within microseconds, long before its records are
+            // acknowledged, so the checker still sees each answer as it comes.
+            const GROUP: usize = 64;
+            type Sent = Vec<(Instant, quiver_client::DeliveryFuture)>;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Sent>((1 << 16) / GROUP);
             let checker = tokio::spawn(async move {
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
                 let mut errors = 0u64;
-                while let Some((sent, delivery)) = rx.recv().await {
-                    match delivery.await {
-                        Ok(_) => {
-                            let _ = hist.record(sent.elapsed().as_micros().max(1) as u64);
+                while let Some(group) = rx.recv().await {
+                    for (sent, delivery) in group {
+                        match delivery.await {
+                            Ok(_) => {
+                                let _ = hist.record(sent.elapsed().as_micros().max(1) as u64);
+                            }
+                            Err(_) => errors += 1,
                         }
-                        Err(_) => errors += 1,
                     }
                 }
                 (hist, errors)
             });
+            let mut group = Vec::with_capacity(GROUP);
             for n in 0..per_producer {
                 // The same bytes each time (a cheap `Bytes` clone): the load
                 // generator should cost as little as a real application.
                 let delivery = producer.send(ProducerRecord::new(topic.clone(), base.clone())).await?;
-                tx.send((Instant::now(), delivery)).await.ok();
+                group.push((Instant::now(), delivery));
+                if group.len() == GROUP {
+                    tx.send(std::mem::replace(&mut group, Vec::with_capacity(GROUP))).await.ok();
+                }
                 if n % 1024 == 0 {
                     bar.inc(1024.min(per_producer - n));
                 }
             }
+            tx.send(group).await.ok();
             producer.flush().await;
             drop(tx);
             anyhow::Ok(checker.await?)
@@ -540,7 +595,9 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
     Ok(BenchResult::new("produce", records, records * opts.record_bytes as u64, elapsed, Some(&hist)))
 }
 
-async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
+/// Produces the records a consume bench reads (untimed) unless the topic
+/// holds them already.
+async fn ensure_records(target: &Target, opts: &BenchOpts) -> anyhow::Result<()> {
     let end: i64 = {
         let admin = target.client.admin();
         let t = admin.describe_topics(Some(vec![opts.topic.clone()])).await?;
@@ -549,6 +606,11 @@ async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResul
     if (end as u64) < opts.records {
         produce(target, opts, &opts.topic).await?;
     }
+    Ok(())
+}
+
+async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
+    ensure_records(target, opts).await?;
     let mut consumer = target.client.consumer(ConsumerConfig::default());
     consumer.assign(&opts.topic, None, OffsetSpec::Earliest).await?;
     let bar = progress(opts.records, "consume");
@@ -578,7 +640,8 @@ async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
         .client
         .producer(ProducerConfig { linger: Duration::from_millis(opts.linger_ms.min(1)), ..producer_config(opts) });
     let records = opts.records;
-    let (rate, topic, record_bytes) = (opts.rate, opts.topic.clone(), opts.record_bytes.max(16));
+    let (rate, topic, record_bytes) =
+        (opts.rate, std::sync::Arc::<str>::from(opts.topic.as_str()), opts.record_bytes.max(16));
     let sender = tokio::spawn(async move {
         let base = payload(record_bytes, 7);
         let mut tick = (rate > 0).then(|| {
@@ -689,9 +752,18 @@ async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<Benc
     Ok(results)
 }
 
-/// Pushes the bytes of `records` records over one QUIC stream each way to an
-/// in-process sink with no broker: the transport's ceiling on this machine.
-async fn quic_baseline(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
+/// Which ways the raw QUIC baseline measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Upload,
+    Download,
+    Both,
+}
+
+/// Pushes the bytes of `records` records over one QUIC stream (per
+/// direction) to or from an in-process peer with no broker: the transport's
+/// ceiling on this machine.
+async fn quic_baseline(opts: &BenchOpts, direction: Direction) -> anyhow::Result<Vec<BenchResult>> {
     let dir = tempfile::tempdir()?;
     let paths = crate::tls::ensure_dev_certs(dir.path(), &[])?;
     let server_config = crate::tls::server_config(&paths.cert, &paths.key)?;
@@ -701,56 +773,67 @@ async fn quic_baseline(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
     let chunk = opts.batch_bytes.max(1024);
     let server = tokio::spawn(async move {
         let conn = endpoint.accept().await.context("no connection")?.await?;
-        // First stream: the client uploads; second: the server sends `total` bytes.
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let mut buf = vec![0u8; 1 << 20];
-        while recv.read(&mut buf).await?.is_some() {}
-        send.write_all(b"k").await?;
-        send.finish()?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let mut want = [0u8; 8];
-        recv.read_exact(&mut want).await?;
-        let data = Bytes::from(payload(chunk, 3));
-        let mut left = u64::from_be_bytes(want);
-        while left > 0 {
-            let n = left.min(chunk as u64) as usize;
-            send.write_chunk(data.slice(..n)).await?;
-            left -= n as u64;
+        // Each stream starts with its kind: `u`, the client uploads until the
+        // end of the stream; `d` and a length, the server sends that many bytes.
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut kind = [0u8; 1];
+            recv.read_exact(&mut kind).await?;
+            if kind[0] == b'u' {
+                let mut buf = vec![0u8; 1 << 20];
+                while recv.read(&mut buf).await?.is_some() {}
+                send.write_all(b"k").await?;
+            } else {
+                let mut want = [0u8; 8];
+                recv.read_exact(&mut want).await?;
+                let data = Bytes::from(payload(chunk, 3));
+                let mut left = u64::from_be_bytes(want);
+                while left > 0 {
+                    let n = left.min(chunk as u64) as usize;
+                    send.write_chunk(data.slice(..n)).await?;
+                    left -= n as u64;
+                }
+            }
+            send.finish()?;
         }
-        send.finish()?;
-        let _ = conn.closed().await;
         anyhow::Ok(())
     });
     let client_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let crypto = quiver_client::quic_client_config(&std::fs::read(&paths.ca_cert)?)?;
     let conn = client_endpoint.connect_with(crypto, address, "localhost")?.await?;
     let data = Bytes::from(payload(chunk, 5));
+    let mut results = Vec::new();
 
-    let started = Instant::now();
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut left = total;
-    while left > 0 {
-        let n = left.min(chunk as u64) as usize;
-        send.write_chunk(data.slice(..n)).await?;
-        left -= n as u64;
+    if direction != Direction::Download {
+        let started = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(b"u").await?;
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk as u64) as usize;
+            send.write_chunk(data.slice(..n)).await?;
+            left -= n as u64;
+        }
+        send.finish()?;
+        let mut ack = [0u8; 1];
+        recv.read_exact(&mut ack).await?;
+        results.push(BenchResult::new("quic-upload", opts.records, total, started.elapsed(), None));
     }
-    send.finish()?;
-    let mut ack = [0u8; 1];
-    recv.read_exact(&mut ack).await?;
-    let upload = BenchResult::new("quic-upload", opts.records, total, started.elapsed(), None);
 
-    let started = Instant::now();
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&total.to_be_bytes()).await?;
-    send.finish()?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0u64;
-    while let Some(n) = recv.read(&mut buf).await? {
-        got += n as u64;
+    if direction != Direction::Upload {
+        let started = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(b"d").await?;
+        send.write_all(&total.to_be_bytes()).await?;
+        send.finish()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while let Some(n) = recv.read(&mut buf).await? {
+            got += n as u64;
+        }
+        anyhow::ensure!(got == total, "baseline download got {got} of {total} bytes");
+        results.push(BenchResult::new("quic-download", opts.records, total, started.elapsed(), None));
     }
-    anyhow::ensure!(got == total, "baseline download got {got} of {total} bytes");
-    let download = BenchResult::new("quic-download", opts.records, total, started.elapsed(), None);
     conn.close(0u32.into(), b"done");
-    let _ = server.await;
-    Ok(vec![upload, download])
+    server.await??;
+    Ok(results)
 }

@@ -547,6 +547,7 @@ async fn produce_stdin(
     config: ProducerConfig,
 ) -> anyhow::Result<ExitCode> {
     let producer = client.producer(config);
+    let topic: std::sync::Arc<str> = topic.into();
     let key_sep = key_sep.map(|s| unescape(&s));
     let headers: Vec<Header> = headers.into_iter().map(|(k, v)| Header { key: k, value: Some(v.into()) }).collect();
     // Delivery results are checked in send order by a separate task, so

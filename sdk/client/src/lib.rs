@@ -27,6 +27,7 @@
 mod admin;
 mod connection;
 mod consumer;
+mod delivery;
 mod partitioning;
 pub use quiver_protocol::partitioner;
 mod producer;
@@ -37,7 +38,8 @@ pub use connection::{
     CallError, Client, ClientConfig, ConnectError, RequestStream, quic_client_config, read_body, transport_config,
 };
 pub use consumer::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, OffsetSpec};
-pub use producer::{DeliveryFuture, ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use delivery::DeliveryFuture;
+pub use producer::{ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::batch::{Compression, Header};
 pub use quiver_protocol::messages::{Acks, PARTITION_ANY};
 pub use quiver_protocol::{ErrorCode, WireError};

@@ -26,21 +26,20 @@
 //! is unknown fails with [`ProduceError::Unknown`], so that retries never
 //! write a record twice.
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quiver_protocol::batch::{BATCH_HEADER_LEN, BatchBuilder, Compression, Header, record_size_upper_bound};
-use quiver_protocol::messages::{Acks, PARTITION_ANY, ProducePartition, ProduceRequest, RecordPlacement};
+use quiver_protocol::messages::{Acks, PARTITION_ANY, ProducePartition, ProduceRequest};
 use quiver_protocol::{ErrorCode, WireError};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use rustc_hash::FxHashMap as HashMap;
+use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc};
 
 use crate::connection::{CallError, Client, RequestStream};
+use crate::delivery::{Acked, Completer, DeliveryFuture};
 #[cfg(feature = "plugins")]
 use crate::partitioning::LocalPartitioner;
 use crate::partitioning::Placement;
@@ -90,6 +89,14 @@ pub struct ProducerConfig {
 /// batches per producer and partition, so a retry is always recognised.
 pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 16;
 
+/// A new batch reserves room for this many bytes at most (it grows beyond).
+const BATCH_RESERVE_MAX: usize = 1024 * 1024;
+
+/// Buffers of sent batches kept for new batches, in bytes at most: fresh
+/// memory costs a page fault (and the kernel zeroing the page) per page
+/// written, more than copying the records in.
+const SPARE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
@@ -112,7 +119,7 @@ impl Default for ProducerConfig {
 /// A record to send.
 #[derive(Debug, Clone)]
 pub struct ProducerRecord {
-    pub topic: String,
+    pub topic: Arc<str>,
     /// `None`: chosen by the topic's partitioner plugin if it names one,
     /// else from the key (murmur2), or sticky for keyless records.
     pub partition: Option<u32>,
@@ -124,7 +131,9 @@ pub struct ProducerRecord {
 }
 
 impl ProducerRecord {
-    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> Self {
+    /// A record of `topic` (an `Arc<str>` is shared, not copied: senders of
+    /// many records keep one).
+    pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> Self {
         ProducerRecord {
             topic: topic.into(),
             partition: None,
@@ -189,28 +198,25 @@ pub enum ProduceError {
     Closed,
 }
 
-/// Resolves when the broker acknowledged (or refused) the record.
-pub struct DeliveryFuture {
-    rx: oneshot::Receiver<Result<RecordMetadata, ProduceError>>,
-}
-
-impl Future for DeliveryFuture {
-    type Output = Result<RecordMetadata, ProduceError>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(ProduceError::Closed)))
-    }
-}
-
-struct Waiter {
-    tx: oneshot::Sender<Result<RecordMetadata, ProduceError>>,
-    timestamp_ms: i64,
-}
-
 struct OpenBatch {
     id: u64,
     builder: BatchBuilder,
-    waiters: Vec<Waiter>,
-    permit: Option<OwnedSemaphorePermit>,
+    completer: Completer,
+    /// Buffer bytes its records hold (given back when it completes).
+    buffered: usize,
+}
+
+/// Buffer bytes taken by a batch's records, given back when the last part
+/// of the batch is dropped.
+struct Buffered {
+    buffer: Arc<Semaphore>,
+    bytes: usize,
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.buffer.add_permits(self.bytes);
+    }
 }
 
 /// A sealed batch. It is queued while the state lock is held, so the queue
@@ -223,10 +229,12 @@ struct ReadyBatch {
     records: Bytes,
     /// Uncompressed size, for packing requests before compression.
     size_bytes: usize,
-    waiters: Vec<Waiter>,
+    /// Records in the batch.
+    count: usize,
+    completer: Completer,
     created: Instant,
     /// Shared by the batches a locally partitioned batch was split into.
-    _permit: Option<Arc<OwnedSemaphorePermit>>,
+    _buffered: Arc<Buffered>,
     /// `PARTITION_ANY` batches to split here before sending.
     #[cfg(feature = "plugins")]
     split: Option<(Arc<LocalPartitioner>, u32)>,
@@ -322,14 +330,6 @@ fn random(rng: &mut u64, below: u32) -> u32 {
     (x % u64::from(below)) as u32
 }
 
-/// What the broker said about a batch it appended.
-enum Acked {
-    /// Its records got consecutive offsets from this one (-1: acks=none).
-    Base(i64),
-    /// `PARTITION_ANY`: where each record went, in batch order.
-    Placed(Vec<RecordPlacement>),
-}
-
 struct Shared {
     client: Client,
     config: ProducerConfig,
@@ -344,6 +344,8 @@ struct Shared {
     /// Woken when a numbered batch completes: its partition's window may
     /// let the next one go.
     window_moved: Notify,
+    /// Buffers of completed batches, and their capacity in all.
+    spare: Mutex<(Vec<BytesMut>, usize)>,
 }
 
 /// Sends records to a Quiver cluster. Cheap to clone.
@@ -369,12 +371,13 @@ impl Producer {
             client,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             config,
-            state: Mutex::new(State { topics: HashMap::new(), next_batch_id: 0, rng: seed }),
+            state: Mutex::new(State { topics: HashMap::default(), next_batch_id: 0, rng: seed }),
             ready_tx,
             outstanding: AtomicUsize::new(0),
             drained: Notify::new(),
-            sequences: Mutex::new(HashMap::new()),
+            sequences: Mutex::new(HashMap::default()),
             window_moved: Notify::new(),
+            spare: Mutex::new((Vec::new(), 0)),
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx));
         Producer { shared }
@@ -390,81 +393,110 @@ impl Producer {
         if size + BATCH_HEADER_LEN > limit {
             return Err(ProduceError::RecordTooLarge { size, limit });
         }
-        let partitions = self.partition_count(&record.topic).await?;
+        // Buffer space is counted in bytes and given back per batch (see
+        // `Buffered`); taken without waiting while there is some.
+        match shared.buffer.try_acquire_many(size as u32) {
+            Ok(permit) => permit.forget(),
+            Err(TryAcquireError::NoPermits) => {
+                shared.buffer.acquire_many(size as u32).await.map_err(|_| ProduceError::Closed)?.forget()
+            }
+            Err(TryAcquireError::Closed) => return Err(ProduceError::Closed),
+        }
+        loop {
+            let appended = match self.append(&record, size) {
+                Some(appended) => appended,
+                // The topic is used for the first time: learn its metadata.
+                None => self.learn_topic(&record.topic).await.map(|()| None),
+            };
+            match appended {
+                Ok(Some(delivery)) => return Ok(delivery),
+                Ok(None) => continue,
+                Err(e) => {
+                    shared.buffer.add_permits(size);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Adds a record to its partition's open batch, under one lock: `None`
+    /// when its topic is not known yet.
+    fn append(&self, record: &ProducerRecord, size: usize) -> Option<Result<Option<DeliveryFuture>, ProduceError>> {
+        let shared = &self.shared;
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let mut guard = shared.state.lock().expect("producer state");
+        let State { topics, next_batch_id, rng } = &mut *guard;
+        let topic = topics.get_mut(&*record.topic)?;
+        let partitions = topic.partitions;
         if let Some(p) = record.partition
             && p >= partitions
         {
-            return Err(ProduceError::UnknownPartition { topic: record.topic, partition: p, partitions });
+            let topic = record.topic.to_string();
+            return Some(Err(ProduceError::UnknownPartition { topic, partition: p, partitions }));
         }
-        let permit = shared.buffer.clone().acquire_many_owned(size as u32).await.map_err(|_| ProduceError::Closed)?;
-        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
-        let (tx, rx) = oneshot::channel();
+        let partition = match (record.partition, &topic.placement, &record.key) {
+            (Some(p), _, _) => p,
+            (None, Placement::Murmur2, Some(key)) => partition_for_key(key, partitions),
+            (None, Placement::Murmur2, None) => topic.sticky_partition(rng),
+            (None, _, _) => PARTITION_ANY,
+        };
+        let full =
+            topic.open.get(&partition).is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
+        if full && let Some(batch) = topic.seal(partition, None, rng) {
+            shared.send_ready(batch);
+        }
         // Counted before the record becomes visible to other threads: once it
         // is in a batch, a linger timer or another sender may seal, send and
         // complete it before this thread runs again.
         shared.outstanding.fetch_add(1, Ordering::SeqCst);
-        {
-            let mut guard = shared.state.lock().expect("producer state");
-            let State { topics, next_batch_id, rng } = &mut *guard;
-            let topic = topics.get_mut(record.topic.as_str()).expect("partition_count registered the topic");
-            let partition = match (record.partition, &topic.placement, &record.key) {
-                (Some(p), _, _) => p,
-                (None, Placement::Murmur2, Some(key)) => partition_for_key(key, partitions),
-                (None, Placement::Murmur2, None) => topic.sticky_partition(rng),
-                (None, _, _) => PARTITION_ANY,
-            };
-            let full = topic
-                .open
-                .get(&partition)
-                .is_some_and(|b| b.builder.size_bytes() + size > shared.config.batch_bytes_max);
-            if full && let Some(batch) = topic.seal(partition, None, rng) {
-                shared.send_ready(batch);
-            }
-            let batch = topic.open.entry(partition).or_insert_with(|| {
-                *next_batch_id += 1;
-                let id = *next_batch_id;
-                let weak = Arc::downgrade(shared);
-                let (linger, name) = (shared.config.linger, topic.name.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(linger).await;
-                    if let Some(shared) = weak.upgrade() {
-                        shared.seal_and_send(&name, partition, Some(id));
-                    }
-                });
-                // A batch split here is re-encoded per partition: keep the
-                // collected one uncompressed.
-                #[cfg(feature = "plugins")]
-                let compression = match (&topic.placement, partition) {
-                    (Placement::Local(_), PARTITION_ANY) => Compression::None,
-                    _ => shared.config.compression,
-                };
-                #[cfg(not(feature = "plugins"))]
-                let compression = shared.config.compression;
-                OpenBatch {
-                    id,
-                    builder: BatchBuilder::with_capacity(
-                        compression,
-                        // Bounded so that many partitions do not each reserve a
-                        // whole batch; larger batches grow (amortised).
-                        shared.config.batch_bytes_max.min(64 * 1024).max(size + BATCH_HEADER_LEN),
-                    ),
-                    waiters: Vec::new(),
-                    permit: None,
+        let batch = topic.open.entry(partition).or_insert_with(|| {
+            *next_batch_id += 1;
+            let id = *next_batch_id;
+            let weak = Arc::downgrade(shared);
+            let (linger, name) = (shared.config.linger, topic.name.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(linger).await;
+                if let Some(shared) = weak.upgrade() {
+                    shared.seal_and_send(&name, partition, Some(id));
                 }
             });
-            batch.builder.append(timestamp_ms, record.key.as_deref(), record.value.as_deref(), &record.headers);
-            batch.waiters.push(Waiter { tx, timestamp_ms });
-            match &mut batch.permit {
-                Some(p) => p.merge(permit),
-                none => *none = Some(permit),
+            // Checked once per batch, not per record: a clock read.
+            if !topic.refreshing && topic.checked.elapsed() >= shared.config.metadata_max_age {
+                topic.refreshing = true;
+                tokio::spawn(self.clone().refresh_topic(topic.name.to_string()));
             }
-            if batch.builder.size_bytes() >= shared.config.batch_bytes_max
-                && let Some(batch) = topic.seal(partition, None, rng)
-            {
-                shared.send_ready(batch);
+            // A batch split here is re-encoded per partition: keep the
+            // collected one uncompressed.
+            #[cfg(feature = "plugins")]
+            let compression = match (&topic.placement, partition) {
+                (Placement::Local(_), PARTITION_ANY) => Compression::None,
+                _ => shared.config.compression,
+            };
+            #[cfg(not(feature = "plugins"))]
+            let compression = shared.config.compression;
+            // A whole batch, so that records are copied once; bounded so
+            // that a huge batch size does not map a buffer per batch.
+            let capacity = shared.config.batch_bytes_max.min(BATCH_RESERVE_MAX).max(size) + BATCH_HEADER_LEN;
+            OpenBatch {
+                id,
+                builder: match shared.spare_buffer(capacity) {
+                    Some(buffer) => BatchBuilder::with_buffer(compression, buffer),
+                    None => BatchBuilder::with_capacity(compression, capacity),
+                },
+                completer: Completer::new(topic.name.clone(), partition),
+                buffered: 0,
             }
+        });
+        let index = batch.builder.record_count() as u32;
+        batch.builder.append(timestamp_ms, record.key.as_deref(), record.value.as_deref(), &record.headers);
+        batch.buffered += size;
+        let delivery = batch.completer.future(index, timestamp_ms);
+        if batch.builder.size_bytes() >= shared.config.batch_bytes_max
+            && let Some(batch) = topic.seal(partition, None, rng)
+        {
+            shared.send_ready(batch);
         }
-        Ok(DeliveryFuture { rx })
+        Some(Ok(Some(delivery)))
     }
 
     /// Sends every buffered record now and waits until each is acknowledged
@@ -486,13 +518,10 @@ impl Producer {
         }
     }
 
-    async fn partition_count(&self, topic: &str) -> Result<u32, ProduceError> {
-        if let Some(t) = self.shared.state.lock().expect("producer state").topics.get_mut(topic) {
-            if !t.refreshing && t.checked.elapsed() >= self.shared.config.metadata_max_age {
-                t.refreshing = true;
-                tokio::spawn(self.clone().refresh_topic(topic.to_string()));
-            }
-            return Ok(t.partitions);
+    /// Asks for the metadata of a topic used for the first time.
+    async fn learn_topic(&self, topic: &str) -> Result<(), ProduceError> {
+        if self.shared.state.lock().expect("producer state").topics.contains_key(topic) {
+            return Ok(());
         }
         let metadata = self
             .shared
@@ -509,17 +538,17 @@ impl Producer {
         let partitions = t.partitions.len() as u32;
         let placement = self.placement(&t.partitioner).await;
         let mut state = self.shared.state.lock().expect("producer state");
-        let entry = state.topics.entry(topic.to_string()).or_insert_with(|| TopicState {
+        state.topics.entry(topic.to_string()).or_insert_with(|| TopicState {
             name: Arc::from(topic),
             partitions,
             placement,
             sticky: None,
-            open: HashMap::new(),
+            open: HashMap::default(),
             partitioner: (t.partitioner, t.partitioner_version),
             checked: Instant::now(),
             refreshing: false,
         });
-        Ok(entry.partitions)
+        Ok(())
     }
 
     /// Asks for a topic's metadata again; a changed partitioner plugin (a
@@ -582,6 +611,29 @@ impl ReadyBatch {
 }
 
 impl Shared {
+    /// A buffer of a completed batch that holds `capacity` bytes, if one is
+    /// kept.
+    fn spare_buffer(&self, capacity: usize) -> Option<BytesMut> {
+        let mut spare = self.spare.lock().expect("producer spare buffers");
+        let buffer = spare.0.pop()?;
+        spare.1 -= buffer.capacity();
+        (buffer.capacity() >= capacity).then_some(buffer)
+    }
+
+    /// Keeps the buffer of a completed batch for a new one, once nothing
+    /// else refers to it (the transport may still, until its data is acked).
+    fn recycle(&self, records: Bytes) {
+        let Ok(buffer) = records.try_into_mut() else {
+            return;
+        };
+        let mut spare = self.spare.lock().expect("producer spare buffers");
+        let capacity = buffer.capacity();
+        if capacity > BATCH_HEADER_LEN && spare.1 + capacity <= SPARE_BYTES_MAX.min(self.config.buffer_bytes_max / 4) {
+            spare.1 += capacity;
+            spare.0.push(buffer);
+        }
+    }
+
     fn seal_and_send(&self, topic: &str, partition: u32, id: Option<u64>) {
         let mut guard = self.state.lock().expect("producer state");
         let State { topics, rng, .. } = &mut *guard;
@@ -597,11 +649,12 @@ impl Shared {
             topic,
             partition,
             size_bytes: batch.builder.size_bytes(),
+            count: batch.builder.record_count(),
             builder: Some(batch.builder),
             records: Bytes::new(),
-            waiters: batch.waiters,
+            completer: batch.completer,
             created: Instant::now(),
-            _permit: batch.permit.map(Arc::new),
+            _buffered: Arc::new(Buffered { buffer: self.buffer.clone(), bytes: batch.buffered }),
             #[cfg(feature = "plugins")]
             split: match placement {
                 (Placement::Local(p), partitions) if partition == PARTITION_ANY => Some((p, partitions)),
@@ -634,22 +687,21 @@ impl Shared {
                     return Vec::new();
                 }
             };
-            let mut waiters: Vec<Option<Waiter>> = std::mem::take(&mut batch.waiters).into_iter().map(Some).collect();
-            split_by_partition(&records, &chosen, self.config.compression)
+            let splits = split_by_partition(&records, &chosen, self.config.compression);
+            let completers = batch.completer.split(batch.count, splits.iter().map(|s| s.indices.clone()).collect());
+            splits
                 .into_iter()
-                .map(|s| ReadyBatch {
+                .zip(completers)
+                .map(|(s, completer)| ReadyBatch {
                     topic: batch.topic.clone(),
                     partition: s.partition,
                     size_bytes: s.builder.size_bytes(),
+                    count: s.indices.len(),
                     builder: Some(s.builder),
                     records: Bytes::new(),
-                    waiters: s
-                        .indices
-                        .iter()
-                        .map(|&i| waiters[i as usize].take().expect("one split per record"))
-                        .collect(),
+                    completer,
                     created: batch.created,
-                    _permit: batch._permit.clone(),
+                    _buffered: batch._buffered.clone(),
                     split: None,
                     stamp: None,
                     ambiguous: false,
@@ -689,21 +741,9 @@ impl Shared {
             drop(sequences);
             self.window_moved.notify_one();
         }
-        let count = batch.waiters.len();
-        for (i, w) in batch.waiters.into_iter().enumerate() {
-            let (partition, offset) = match &result {
-                Ok(Acked::Base(base)) => (batch.partition, if *base < 0 { -1 } else { base + i as i64 }),
-                Ok(Acked::Placed(placements)) => (placements[i].partition, placements[i].offset),
-                Err(_) => (0, -1),
-            };
-            let r = match &result {
-                Ok(_) => {
-                    Ok(RecordMetadata { topic: batch.topic.clone(), partition, offset, timestamp_ms: w.timestamp_ms })
-                }
-                Err(e) => Err(e.clone()),
-            };
-            let _ = w.tx.send(r);
-        }
+        let count = batch.count;
+        batch.completer.finish(batch.partition, result);
+        self.recycle(batch.records);
         let before = self.outstanding.fetch_sub(count, Ordering::SeqCst);
         debug_assert!(before >= count, "completed more records than were sent");
         if before == count {
@@ -725,7 +765,7 @@ impl Shared {
             return false;
         }
         let stamp = Stamp { epoch: seq.epoch, sequence: seq.next };
-        let count = batch.waiters.len() as i64;
+        let count = batch.count as i64;
         seq.next = ((i64::from(seq.next) + count) % (i64::from(i32::MAX) + 1)) as i32;
         seq.window.push_back((stamp, false));
         batch.builder = batch.builder.take().map(|b| b.with_producer(producer_id, stamp.epoch, stamp.sequence));
@@ -970,6 +1010,9 @@ async fn send_once(
             shared.client.unless_leadership_moves(partitions, Duration::ZERO, s.call(&request)).await.map(Some)
         }
     };
+    // Its records are the batches' own: dropped here, a completed batch's
+    // buffer can be reused.
+    drop(request);
     match outcome {
         Ok(None) => {
             for b in pending {
@@ -982,10 +1025,10 @@ async fn send_once(
             let mut last_error = String::new();
             for (mut b, r) in pending.into_iter().zip(response.partitions) {
                 if r.error == ErrorCode::None && b.partition == PARTITION_ANY {
-                    let acked = if r.placements.len() == b.waiters.len() {
+                    let acked = if r.placements.len() == b.count {
                         Ok(Acked::Placed(r.placements))
                     } else {
-                        let e = format!("broker placed {} records of {}", r.placements.len(), b.waiters.len());
+                        let e = format!("broker placed {} records of {}", r.placements.len(), b.count);
                         Err(ProduceError::Unknown(e))
                     };
                     shared.complete(b, acked);
