@@ -52,6 +52,23 @@ fn bench_modes_report_throughput_latency_and_ratios() {
     let report = run_json(&node, &["bench", "produce", "--embedded", "--records", "1000", "--format", "json"]);
     assert_eq!(result(&report, "produce")["records"], 1000);
 
+    // Rounds: each produce is paired with its own upload baseline and
+    // writes to an emptied topic; the ratio is the median of the rounds.
+    let args =
+        ["bench", "produce", "--embedded", "--baseline", "--rounds", "3", "--records", "1000", "--format", "json"];
+    let report = run_json(&node, &args);
+    let modes: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["quic-upload", "produce", "quic-upload", "produce", "quic-upload", "produce"], "{report}");
+    let mut per_round: Vec<f64> = report["results"]
+        .as_array()
+        .unwrap()
+        .chunks(2)
+        .map(|pair| pair[1]["mib_per_s"].as_f64().unwrap() / pair[0]["mib_per_s"].as_f64().unwrap())
+        .collect();
+    per_round.sort_by(f64::total_cmp);
+    let median = report["ratios"]["produce_vs_quic_upload"].as_f64().unwrap();
+    assert!((median - per_round[1]).abs() < 1e-9, "{median} is not the median of {per_round:?}");
+
     // Clusters of child processes: 1 node and 3 nodes, then a failover.
     // Two kills: the second needs the first victim restarted and back in
     // the ISR.
