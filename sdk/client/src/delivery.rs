@@ -67,11 +67,6 @@ pub struct DeliveryFuture {
 }
 
 impl DeliveryFuture {
-    /// Whether the answer is in: awaiting the future then returns at once.
-    pub fn is_done(&self) -> bool {
-        self.outcome.settled.get().is_some()
-    }
-
     fn result(&self, settled: &Settled) -> Result<RecordMetadata, ProduceError> {
         let metadata = |partition, offset| RecordMetadata {
             topic: self.outcome.topic.clone(),

@@ -402,26 +402,26 @@ impl Producer {
             }
             Err(TryAcquireError::Closed) => return Err(ProduceError::Closed),
         }
-        loop {
-            let appended = match self.append(&record, size) {
-                Some(appended) => appended,
+        let appended = loop {
+            match self.append(&record, size) {
+                Some(appended) => break appended,
                 // The topic is used for the first time: learn its metadata.
-                None => self.learn_topic(&record.topic).await.map(|()| None),
-            };
-            match appended {
-                Ok(Some(delivery)) => return Ok(delivery),
-                Ok(None) => continue,
-                Err(e) => {
-                    shared.buffer.add_permits(size);
-                    return Err(e);
+                None => {
+                    if let Err(e) = self.learn_topic(&record.topic).await {
+                        break Err(e);
+                    }
                 }
             }
+        };
+        if appended.is_err() {
+            shared.buffer.add_permits(size);
         }
+        appended
     }
 
     /// Adds a record to its partition's open batch, under one lock: `None`
     /// when its topic is not known yet.
-    fn append(&self, record: &ProducerRecord, size: usize) -> Option<Result<Option<DeliveryFuture>, ProduceError>> {
+    fn append(&self, record: &ProducerRecord, size: usize) -> Option<Result<DeliveryFuture, ProduceError>> {
         let shared = &self.shared;
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let mut guard = shared.state.lock().expect("producer state");
@@ -496,7 +496,7 @@ impl Producer {
         {
             shared.send_ready(batch);
         }
-        Some(Ok(Some(delivery)))
+        Some(Ok(delivery))
     }
 
     /// Sends every buffered record now and waits until each is acknowledged
