@@ -27,9 +27,12 @@ enum Settled {
     /// Record `i` is at `base + i` of the batch's partition (-1: acks=none).
     Base(i64),
     /// Each record on its own: placed by the broker, or split here.
-    Each(Vec<Result<RecordPlacement, ProduceError>>),
+    Each(Vec<RecordResult>),
     Failed(ProduceError),
 }
+
+/// One record's result: where it was written, or why not.
+type RecordResult = Result<RecordPlacement, ProduceError>;
 
 /// The shared end of one batch.
 struct Outcome {
@@ -41,7 +44,7 @@ struct Outcome {
     wakers: Mutex<Vec<Waker>>,
     /// A batch split into one batch per partition: each record's result as
     /// its part reports it, and how many parts have not reported yet.
-    parts: Mutex<(Vec<Option<Result<RecordPlacement, ProduceError>>>, usize)>,
+    parts: Mutex<(Vec<Option<RecordResult>>, usize)>,
 }
 
 impl Outcome {
