@@ -206,7 +206,8 @@ impl Log {
     /// length, leader epoch) followed by the rest of the batch, with no copy
     /// of the whole batch. The CRC does not cover the patched fields, so it
     /// stays valid. The data reaches the page cache only; see
-    /// [`Log::sync_to`] for durability.
+    /// [`Log::sync_to`] for durability. Reads serve the batch without
+    /// checking its CRC again: the validation is the caller's.
     ///
     /// Idempotent producers' batches update the producer state unchecked:
     /// this is how followers copy their leader's log.
@@ -342,10 +343,12 @@ impl Log {
         };
 
         let want = (max_bytes as u64).max(first_len).min(end - position) as usize;
-        let mut buf = vec![0u8; want];
-        file.file.read_exact_at(&mut buf, position)?;
+        let mut buf = segment::read_vec_at(&file.file, want, position)?;
 
-        // Keep the whole, valid batches below `up_to`.
+        // Keep the whole, valid batches below `up_to`. Batches this process
+        // checked already (appended, recovered, or read before) are not
+        // checked again: a catch-up read of a fresh log costs no CRC.
+        let checked = file.checked();
         let mut kept = 0usize;
         let mut expected_base: Option<i64> = None;
         while buf.len() - kept >= BATCH_HEADER_LEN {
@@ -359,6 +362,11 @@ impl Log {
                     header.base_offset,
                     expected_base.unwrap_or_default()
                 )),
+                Ok(header) if position + (kept + header.total_len()) as u64 <= checked => {
+                    kept += header.total_len();
+                    expected_base = Some(header.next_offset());
+                    None
+                }
                 Ok(header) => match batch::verify_crc(&rest[..header.total_len()]) {
                     Err(e) => Some(e.to_string()),
                     Ok(()) => {
@@ -380,6 +388,9 @@ impl Log {
                 );
                 break;
             }
+        }
+        if position <= checked {
+            file.mark_checked(position + kept as u64);
         }
         buf.truncate(kept);
         Ok(Bytes::from(buf))
@@ -809,6 +820,8 @@ fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: 
         file.file.set_len(outcome.valid_len)?;
         file.file.sync_all()?;
     }
+    // Every batch in it was checked, and appends only add checked ones.
+    file.mark_checked(u64::MAX);
     Ok(segment)
 }
 

@@ -324,6 +324,30 @@ fn concurrent_reads_never_see_partial_batches() {
 }
 
 #[test]
+fn reads_past_the_checked_prefix_of_a_sealed_segment_still_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = batch(0, 2, 0, 50).len();
+    {
+        let log = Log::open(dir.path(), config(4 * len as u64)).unwrap();
+        for i in 0..6 {
+            log.append(&batch(i, 2, 0, 50), 0).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let log = Log::open(dir.path(), config(4 * len as u64)).unwrap();
+    // A read of the first batch only checks that far into the sealed segment.
+    assert_eq!(log.read(0, 1, 12).unwrap().len(), len);
+    // Damage the third batch while the log is open: the next read, which
+    // starts inside the checked prefix, still checks the rest.
+    let path = dir.path().join("00000000000000000000.log");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0xff], (2 * len + len / 2) as u64).unwrap();
+    let read = log.read(0, 1 << 20, 12).unwrap();
+    assert_eq!(read.len(), 2 * len, "stops before the damaged batch");
+    assert!(matches!(log.read(4, 1 << 20, 12), Err(ReadError::Corrupt { offset: 4, .. })));
+}
+
+#[test]
 fn corrupt_sealed_batch_is_reported_at_read_time() {
     let dir = tempfile::tempdir().unwrap();
     let len = batch(0, 2, 0, 50).len();
