@@ -124,6 +124,10 @@ pub struct BenchResult {
     /// Cluster: whether the killed partition leader also led the metadata
     /// quorum (its loss needs a Raft election as well).
     pub killed_controller_leader: Option<bool>,
+    /// Produce, consume and the baseline: CPU time (user and system) this
+    /// process spent while measuring. With `--embedded` (and always for the
+    /// baseline) both ends run in this process, so it is the whole cost.
+    pub cpu_seconds: Option<f64>,
 }
 
 impl BenchResult {
@@ -143,7 +147,20 @@ impl BenchResult {
             first_output_ms: None,
             failover_ms: None,
             killed_controller_leader: None,
+            cpu_seconds: None,
         }
+    }
+
+    /// Records the CPU time spent since `cpu_at_start` ([`process_cpu`]).
+    fn with_cpu(mut self, cpu_at_start: Duration) -> Self {
+        self.cpu_seconds = Some(process_cpu().saturating_sub(cpu_at_start).as_secs_f64());
+        self
+    }
+
+    /// CPU milliseconds per MiB moved.
+    fn cpu_ms_per_mib(&self) -> Option<f64> {
+        let mib = self.bytes as f64 / (1024.0 * 1024.0);
+        self.cpu_seconds.filter(|&cpu| cpu > 0.0 && mib > 0.0).map(|cpu| cpu * 1000.0 / mib)
     }
 
     fn print(&self) {
@@ -153,6 +170,9 @@ impl BenchResult {
         );
         if let (Some(a), Some(b), Some(c)) = (self.latency_ms_p50, self.latency_ms_p99, self.latency_ms_p999) {
             print!("  latency ms p50 {a:.2} p99 {b:.2} p99.9 {c:.2}");
+        }
+        if let (Some(cpu), Some(per_mib)) = (self.cpu_seconds, self.cpu_ms_per_mib()) {
+            print!("  cpu {cpu:.2} s ({per_mib:.2} ms/MiB)");
         }
         if let Some(ms) = self.first_output_ms {
             print!("  deploy to first output {ms:.0} ms");
@@ -240,23 +260,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     // The median over rounds of each round's ratio (rounds pair the n-th
     // result of one mode with the n-th of the other).
-    let per_round = |a: &str, b: &str| -> Vec<f64> {
+    // By CPU: the baseline's CPU per byte over the mode's, when both ends of
+    // the mode ran in this process. On a machine shared with other work,
+    // this moves less than the throughput does.
+    let by_cpu = opts.embedded;
+    let per_round_by = |a: &str, b: &str, measure: fn(&BenchResult) -> Option<f64>| -> Vec<f64> {
         let xs = results.iter().filter(|r| r.mode == a);
         let ys = results.iter().filter(|r| r.mode == b);
-        xs.zip(ys).map(|(x, y)| x.mib_per_s / y.mib_per_s).collect()
+        xs.zip(ys).filter_map(|(x, y)| Some(measure(x)? / measure(y)?)).collect()
     };
-    let ratio = |a: &str, b: &str| {
-        let mut all = per_round(a, b);
+    let per_round = |a: &str, b: &str| per_round_by(a, b, |r| Some(r.mib_per_s));
+    let per_round_cpu =
+        |a: &str, b: &str| if by_cpu { per_round_by(b, a, BenchResult::cpu_ms_per_mib) } else { Vec::new() };
+    let median = |mut all: Vec<f64>| {
         all.sort_by(f64::total_cmp);
         all.get(all.len() / 2).copied()
     };
-    let round_ratios = |a: &str, b: &str| {
-        let all = per_round(a, b);
+    let ratio = |a: &str, b: &str| median(per_round(a, b));
+    let ratio_cpu = |a: &str, b: &str| median(per_round_cpu(a, b));
+    let listed = |all: Vec<f64>| {
         (all.len() > 1).then(|| all.iter().map(|r| format!("{:.1}", r * 100.0)).collect::<Vec<_>>().join(", "))
     };
     let ratios = serde_json::json!({
         "produce_vs_quic_upload": ratio("produce", "quic-upload"),
         "consume_vs_quic_download": ratio("consume", "quic-download"),
+        "produce_vs_quic_upload_by_cpu": ratio_cpu("produce", "quic-upload"),
+        "consume_vs_quic_download_by_cpu": ratio_cpu("consume", "quic-download"),
         "wasm_vs_native_transform": ratio("transform-wasm", "transform-native"),
         "cluster3_vs_single_produce": ratio("produce-3-nodes", "produce-1-node"),
     });
@@ -270,9 +299,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ("produce", "quic-upload", "produce / raw QUIC upload  "),
                 ("consume", "quic-download", "consume / raw QUIC download"),
             ] {
-                match (ratio(a, b), round_ratios(a, b)) {
+                match (ratio(a, b), listed(per_round(a, b))) {
                     (Some(r), Some(rounds)) => println!("{label} = {:.1} % (median of rounds: {rounds} %)", r * 100.0),
                     (Some(r), None) => println!("{label} = {:.1} %", r * 100.0),
+                    _ => {}
+                }
+                match (ratio_cpu(a, b), listed(per_round_cpu(a, b))) {
+                    (Some(r), Some(rounds)) => {
+                        println!(
+                            "  by CPU per byte (baseline / {a}) = {:.1} % (median of rounds: {rounds} %)",
+                            r * 100.0
+                        )
+                    }
+                    (Some(r), None) => println!("  by CPU per byte (baseline / {a}) = {:.1} %", r * 100.0),
                     _ => {}
                 }
             }
@@ -488,6 +527,19 @@ fn unless(code: ErrorCode, result: Result<(), quiver_client::CallError>) -> anyh
 
 /// A payload of printable characters (compresses roughly like text), with
 /// the record number in its first bytes.
+/// CPU time (user and system) this process has used so far.
+fn process_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given (all-zero is a valid
+    // value of it as well), and RUSAGE_SELF cannot fail.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
 fn payload(record_bytes: usize, seed: u64) -> Vec<u8> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.";
     let mut x = seed | 1;
@@ -529,6 +581,7 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
     let per_producer = opts.records / producers as u64;
     let bar = progress(per_producer * producers as u64, "produce");
     let base = Bytes::from(payload(opts.record_bytes, 42));
+    let cpu = process_cpu();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..producers {
@@ -551,10 +604,26 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
                 let mut errors = 0u64;
                 while let Some(group) = rx.recv().await {
-                    for (sent, delivery) in group {
-                        match delivery.await {
+                    // One clock read per group, and one after each wait: a
+                    // delivery that is ready when looked at was acknowledged
+                    // by the last reading.
+                    let mut now = Instant::now();
+                    for (sent, mut delivery) in group {
+                        let first = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(std::pin::Pin::new(&mut delivery).poll(cx))
+                        })
+                        .await;
+                        let result = match first {
+                            std::task::Poll::Ready(result) => result,
+                            std::task::Poll::Pending => {
+                                let result = delivery.await;
+                                now = Instant::now();
+                                result
+                            }
+                        };
+                        match result {
                             Ok(_) => {
-                                let _ = hist.record(sent.elapsed().as_micros().max(1) as u64);
+                                let _ = hist.record(now.saturating_duration_since(sent).as_micros().max(1) as u64);
                             }
                             Err(_) => errors += 1,
                         }
@@ -592,7 +661,7 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
     bar.finish_and_clear();
     anyhow::ensure!(errors == 0, "{errors} records were not acknowledged");
     let records = per_producer * producers as u64;
-    Ok(BenchResult::new("produce", records, records * opts.record_bytes as u64, elapsed, Some(&hist)))
+    Ok(BenchResult::new("produce", records, records * opts.record_bytes as u64, elapsed, Some(&hist)).with_cpu(cpu))
 }
 
 /// Produces the records a consume bench reads (untimed) unless the topic
@@ -615,6 +684,7 @@ async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResul
     let mut consumer = target.client.consumer(ConsumerConfig::default());
     consumer.assign(&opts.topic, None, OffsetSpec::Earliest).await?;
     let bar = progress(opts.records, "consume");
+    let cpu = process_cpu();
     let started = Instant::now();
     let (mut records, mut bytes) = (0u64, 0u64);
     while records < opts.records {
@@ -628,7 +698,7 @@ async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResul
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    Ok(BenchResult::new("consume", records, bytes, elapsed, None))
+    Ok(BenchResult::new("consume", records, bytes, elapsed, None).with_cpu(cpu))
 }
 
 async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
@@ -805,6 +875,7 @@ async fn quic_baseline(opts: &BenchOpts, direction: Direction) -> anyhow::Result
     let mut results = Vec::new();
 
     if direction != Direction::Download {
+        let cpu = process_cpu();
         let started = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(b"u").await?;
@@ -817,10 +888,11 @@ async fn quic_baseline(opts: &BenchOpts, direction: Direction) -> anyhow::Result
         send.finish()?;
         let mut ack = [0u8; 1];
         recv.read_exact(&mut ack).await?;
-        results.push(BenchResult::new("quic-upload", opts.records, total, started.elapsed(), None));
+        results.push(BenchResult::new("quic-upload", opts.records, total, started.elapsed(), None).with_cpu(cpu));
     }
 
     if direction != Direction::Upload {
+        let cpu = process_cpu();
         let started = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(b"d").await?;
@@ -832,7 +904,7 @@ async fn quic_baseline(opts: &BenchOpts, direction: Direction) -> anyhow::Result
             got += n as u64;
         }
         anyhow::ensure!(got == total, "baseline download got {got} of {total} bytes");
-        results.push(BenchResult::new("quic-download", opts.records, total, started.elapsed(), None));
+        results.push(BenchResult::new("quic-download", opts.records, total, started.elapsed(), None).with_cpu(cpu));
     }
     conn.close(0u32.into(), b"done");
     server.await??;

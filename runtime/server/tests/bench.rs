@@ -30,6 +30,8 @@ fn bench_modes_report_throughput_latency_and_ratios() {
     assert!(produce["latency_ms_p99"].as_f64().unwrap() >= produce["latency_ms_p50"].as_f64().unwrap());
     assert!(report["ratios"]["produce_vs_quic_upload"].as_f64().unwrap() > 0.0);
     assert_eq!(result(&report, "quic-upload")["bytes"], 3000 * 512);
+    // The broker is another process: this process's CPU is not the cost.
+    assert!(report["ratios"]["produce_vs_quic_upload_by_cpu"].is_null(), "{report}");
 
     // The records produced above are there for the consumer.
     let mut args = vec!["bench", "consume"];
@@ -67,6 +69,21 @@ fn bench_modes_report_throughput_latency_and_ratios() {
         .collect();
     per_round.sort_by(f64::total_cmp);
     let median = report["ratios"]["produce_vs_quic_upload"].as_f64().unwrap();
+    assert!((median - per_round[1]).abs() < 1e-9, "{median} is not the median of {per_round:?}");
+    // Embedded, both ends run in the bench's process: the CPU per byte of
+    // the baseline over that of produce, per round, and their median.
+    let cpu_per_byte = |r: &serde_json::Value| r["cpu_seconds"].as_f64().unwrap() / r["bytes"].as_f64().unwrap();
+    let mut per_round: Vec<f64> = report["results"]
+        .as_array()
+        .unwrap()
+        .chunks(2)
+        .map(|pair| {
+            assert!(pair[1]["cpu_seconds"].as_f64().unwrap() > 0.0, "{report}");
+            cpu_per_byte(&pair[0]) / cpu_per_byte(&pair[1])
+        })
+        .collect();
+    per_round.sort_by(f64::total_cmp);
+    let median = report["ratios"]["produce_vs_quic_upload_by_cpu"].as_f64().unwrap();
     assert!((median - per_round[1]).abs() < 1e-9, "{median} is not the median of {per_round:?}");
 
     // Clusters of child processes: 1 node and 3 nodes, then a failover.
