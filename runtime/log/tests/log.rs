@@ -323,17 +323,22 @@ fn concurrent_reads_never_see_partial_batches() {
     assert_eq!(next, 1_250);
 }
 
+/// Appends `batches` batches of two records, `per_segment` batches to a
+/// segment, and closes the log. Returns the length of one batch.
+fn write_and_close(dir: &std::path::Path, batches: u64, per_segment: u64) -> usize {
+    let len = batch(0, 2, 0, 50).len();
+    let log = Log::open(dir, config(per_segment * len as u64)).unwrap();
+    for i in 0..batches {
+        log.append(&batch(i, 2, 0, 50), 0).unwrap();
+    }
+    log.close().unwrap();
+    len
+}
+
 #[test]
 fn reads_past_the_checked_prefix_of_a_sealed_segment_still_check() {
     let dir = tempfile::tempdir().unwrap();
-    let len = batch(0, 2, 0, 50).len();
-    {
-        let log = Log::open(dir.path(), config(4 * len as u64)).unwrap();
-        for i in 0..6 {
-            log.append(&batch(i, 2, 0, 50), 0).unwrap();
-        }
-        log.close().unwrap();
-    }
+    let len = write_and_close(dir.path(), 6, 4);
     let log = Log::open(dir.path(), config(4 * len as u64)).unwrap();
     // A read of the first batch only checks that far into the sealed segment.
     assert_eq!(log.read(0, 1, 12).unwrap().len(), len);
@@ -350,14 +355,7 @@ fn reads_past_the_checked_prefix_of_a_sealed_segment_still_check() {
 #[test]
 fn corrupt_sealed_batch_is_reported_at_read_time() {
     let dir = tempfile::tempdir().unwrap();
-    let len = batch(0, 2, 0, 50).len();
-    {
-        let log = Log::open(dir.path(), config(3 * len as u64)).unwrap();
-        for i in 0..5 {
-            log.append(&batch(i, 2, 0, 50), 0).unwrap();
-        }
-        log.close().unwrap();
-    }
+    let len = write_and_close(dir.path(), 5, 3);
     // Flip a bit in the value of the second batch of the sealed segment.
     let path = dir.path().join("00000000000000000000.log");
     let mut bytes = std::fs::read(&path).unwrap();
