@@ -527,7 +527,8 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
         }
         TopicCommand::Consume { name, offset, partition, count, format, key_sep, filter, filter_params, decode } => {
             let fetch = ConsumerConfig { filter, filter_params, decode_values: decode, ..ConsumerConfig::default() };
-            return consume(&client, &name, &offset, partition, count, format, key_sep.as_deref(), fetch).await;
+            let printer = Printer { format, sep: key_sep.as_deref().map(unescape) };
+            return consume(&client, &name, &offset, partition, count, printer, fetch).await;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -635,14 +636,40 @@ pub fn parse_offset_arg(arg: &str) -> anyhow::Result<(OffsetSpec, bool)> {
     Ok((spec, stop_at_end))
 }
 
+/// How `topic consume` prints a record.
+struct Printer {
+    format: Format,
+    /// Text: print the key, then this, then the value.
+    sep: Option<String>,
+}
+
+impl Printer {
+    fn print(&self, out: &mut impl Write, r: &quiver_client::ConsumerRecord) -> anyhow::Result<()> {
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut *out, &record_json(r))?;
+                out.write_all(b"\n")?;
+            }
+            Format::Text => {
+                if let Some(sep) = &self.sep {
+                    out.write_all(r.key.as_deref().unwrap_or_default())?;
+                    out.write_all(sep.as_bytes())?;
+                }
+                out.write_all(r.value.as_deref().unwrap_or_default())?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn consume(
     client: &Client,
     topic: &str,
     offset: &str,
     partition: Option<u32>,
     count: Option<u64>,
-    format: Format,
-    key_sep: Option<&str>,
+    printer: Printer,
     fetch: ConsumerConfig,
 ) -> anyhow::Result<ExitCode> {
     let (spec, stop_at_end) = parse_offset_arg(offset)?;
@@ -661,7 +688,6 @@ async fn consume(
             }
         }
     }
-    let sep = key_sep.map(unescape);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0u64;
@@ -675,20 +701,7 @@ async fn consume(
             if printed >= limit {
                 break;
             }
-            match format {
-                Format::Json => {
-                    serde_json::to_writer(&mut out, &record_json(&r))?;
-                    out.write_all(b"\n")?;
-                }
-                Format::Text => {
-                    if let Some(sep) = &sep {
-                        out.write_all(r.key.as_deref().unwrap_or_default())?;
-                        out.write_all(sep.as_bytes())?;
-                    }
-                    out.write_all(r.value.as_deref().unwrap_or_default())?;
-                    out.write_all(b"\n")?;
-                }
-            }
+            printer.print(&mut out, &r)?;
             printed += 1;
         }
         out.flush()?;
