@@ -28,9 +28,14 @@ pub struct ConsumerConfig {
     /// How long the broker may hold a fetch when there is nothing new.
     pub fetch_max_wait: Duration,
     pub fetch_min_bytes: u32,
-    /// Bound on one fetch response (whole batches; at least one).
+    /// Bound on one fetch response (whole batches; at least one). 4 MiB by
+    /// default: against 16 MiB, catch-up reads took ≈ 6 % less CPU per byte
+    /// at the same throughput (page faults were the same; a smaller response
+    /// probably stays in the CPU caches between its copies), with one fetch
+    /// in flight while the last is decoded.
     pub fetch_bytes_max: u32,
-    /// Bound per partition within one fetch.
+    /// Bound per partition within one fetch; 1 MiB by default, as Kafka's
+    /// `max.partition.fetch.bytes`.
     pub partition_fetch_bytes_max: u32,
     /// A deployed read-side filter plugin the broker runs before sending
     /// (only matching records leave it), with its parameters.
@@ -45,8 +50,8 @@ impl Default for ConsumerConfig {
         ConsumerConfig {
             fetch_max_wait: Duration::from_millis(500),
             fetch_min_bytes: 1,
-            fetch_bytes_max: 16 * 1024 * 1024,
-            partition_fetch_bytes_max: 4 * 1024 * 1024,
+            fetch_bytes_max: 4 * 1024 * 1024,
+            partition_fetch_bytes_max: 1024 * 1024,
             filter: None,
             filter_params: Vec::new(),
             decode_values: false,
