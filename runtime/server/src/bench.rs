@@ -260,25 +260,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     // The median over rounds of each round's ratio (rounds pair the n-th
     // result of one mode with the n-th of the other).
-    // By CPU: the baseline's CPU per byte over the mode's, when both ends of
-    // the mode ran in this process. On a machine shared with other work,
-    // this moves less than the throughput does.
-    let by_cpu = opts.embedded;
     let per_round_by = |a: &str, b: &str, measure: fn(&BenchResult) -> Option<f64>| -> Vec<f64> {
         let xs = results.iter().filter(|r| r.mode == a);
         let ys = results.iter().filter(|r| r.mode == b);
         xs.zip(ys).filter_map(|(x, y)| Some(measure(x)? / measure(y)?)).collect()
     };
     let per_round = |a: &str, b: &str| per_round_by(a, b, |r| Some(r.mib_per_s));
+    // By CPU: the baseline's CPU per byte over the mode's, when both ends of
+    // the mode ran in this process. On a machine shared with other work,
+    // this moves less than the throughput does.
     let per_round_cpu =
-        |a: &str, b: &str| if by_cpu { per_round_by(b, a, BenchResult::cpu_ms_per_mib) } else { Vec::new() };
+        |a: &str, b: &str| if opts.embedded { per_round_by(b, a, BenchResult::cpu_ms_per_mib) } else { Vec::new() };
     let median = |mut all: Vec<f64>| {
         all.sort_by(f64::total_cmp);
         all.get(all.len() / 2).copied()
     };
     let ratio = |a: &str, b: &str| median(per_round(a, b));
     let ratio_cpu = |a: &str, b: &str| median(per_round_cpu(a, b));
-    let listed = |all: Vec<f64>| {
+    let listed = |all: &[f64]| {
         (all.len() > 1).then(|| all.iter().map(|r| format!("{:.1}", r * 100.0)).collect::<Vec<_>>().join(", "))
     };
     let ratios = serde_json::json!({
@@ -299,20 +298,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ("produce", "quic-upload", "produce / raw QUIC upload  "),
                 ("consume", "quic-download", "consume / raw QUIC download"),
             ] {
-                match (ratio(a, b), listed(per_round(a, b))) {
-                    (Some(r), Some(rounds)) => println!("{label} = {:.1} % (median of rounds: {rounds} %)", r * 100.0),
-                    (Some(r), None) => println!("{label} = {:.1} %", r * 100.0),
-                    _ => {}
-                }
-                match (ratio_cpu(a, b), listed(per_round_cpu(a, b))) {
-                    (Some(r), Some(rounds)) => {
-                        println!(
-                            "  by CPU per byte (baseline / {a}) = {:.1} % (median of rounds: {rounds} %)",
-                            r * 100.0
-                        )
+                let cpu_label = format!("  by CPU per byte (baseline / {a})");
+                for (label, all) in [(label, per_round(a, b)), (cpu_label.as_str(), per_round_cpu(a, b))] {
+                    match (listed(&all), median(all)) {
+                        (Some(rounds), Some(r)) => {
+                            println!("{label} = {:.1} % (median of rounds: {rounds} %)", r * 100.0)
+                        }
+                        (None, Some(r)) => println!("{label} = {:.1} %", r * 100.0),
+                        _ => {}
                     }
-                    (Some(r), None) => println!("  by CPU per byte (baseline / {a}) = {:.1} %", r * 100.0),
-                    _ => {}
                 }
             }
             if let Some(r) = ratio("transform-wasm", "transform-native") {
@@ -525,8 +519,6 @@ fn unless(code: ErrorCode, result: Result<(), quiver_client::CallError>) -> anyh
     }
 }
 
-/// A payload of printable characters (compresses roughly like text), with
-/// the record number in its first bytes.
 /// CPU time (user and system) this process has used so far.
 fn process_cpu() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
@@ -540,6 +532,8 @@ fn process_cpu() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
+/// A payload of printable characters (compresses roughly like text), with
+/// the record number in its first bytes.
 fn payload(record_bytes: usize, seed: u64) -> Vec<u8> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.";
     let mut x = seed | 1;
@@ -608,19 +602,12 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
                     // delivery that is ready when looked at was acknowledged
                     // by the last reading.
                     let mut now = Instant::now();
-                    for (sent, mut delivery) in group {
-                        let first = std::future::poll_fn(|cx| {
-                            std::task::Poll::Ready(std::pin::Pin::new(&mut delivery).poll(cx))
-                        })
-                        .await;
-                        let result = match first {
-                            std::task::Poll::Ready(result) => result,
-                            std::task::Poll::Pending => {
-                                let result = delivery.await;
-                                now = Instant::now();
-                                result
-                            }
-                        };
+                    for (sent, delivery) in group {
+                        let waited = !delivery.is_done();
+                        let result = delivery.await;
+                        if waited {
+                            now = Instant::now();
+                        }
                         match result {
                             Ok(_) => {
                                 let _ = hist.record(now.saturating_duration_since(sent).as_micros().max(1) as u64);

@@ -681,12 +681,7 @@ async fn consume(
         for (topic, partition) in consumer.assignment() {
             ends.insert(partition, consumer.lookup(&topic, partition, OFFSET_LATEST).await?);
         }
-        let positions: Vec<_> = consumer.assignment();
-        for (t, p) in positions {
-            if consumer.position(&t, p) >= ends.get(&p).copied() {
-                consumer.unassign(&t, p);
-            }
-        }
+        unassign_ended(&mut consumer, &ends);
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -706,15 +701,21 @@ async fn consume(
         }
         out.flush()?;
         if stop_at_end {
-            for (t, p) in consumer.assignment() {
-                if consumer.position(&t, p) >= ends.get(&p).copied() {
-                    consumer.unassign(&t, p);
-                }
-            }
+            unassign_ended(&mut consumer, &ends);
         }
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `-o start:end`: stops reading the partitions that reached the end
+/// offset they had at launch.
+fn unassign_ended(consumer: &mut quiver_client::Consumer, ends: &std::collections::BTreeMap<u32, i64>) {
+    for (t, p) in consumer.assignment() {
+        if consumer.position(&t, p) >= ends.get(&p).copied() {
+            consumer.unassign(&t, p);
+        }
+    }
 }
 
 /// Bytes as JSON: a string when valid UTF-8, else `{"hex": "..."}`.

@@ -70,6 +70,11 @@ pub struct DeliveryFuture {
 }
 
 impl DeliveryFuture {
+    /// Whether the answer is in: awaiting the future then returns at once.
+    pub fn is_done(&self) -> bool {
+        self.outcome.settled.get().is_some()
+    }
+
     fn result(&self, settled: &Settled) -> Result<RecordMetadata, ProduceError> {
         let metadata = |partition, offset| RecordMetadata {
             topic: self.outcome.topic.clone(),
@@ -139,7 +144,11 @@ impl Completer {
             wakers: Mutex::new(Vec::new()),
             parts: Mutex::new((Vec::new(), 0)),
         });
-        Completer { outcome, ahead: Vec::new(), part: None, finished: false }
+        Completer::of(outcome, None)
+    }
+
+    fn of(outcome: Arc<Outcome>, part: Option<Vec<u32>>) -> Self {
+        Completer { outcome, ahead: Vec::new(), part, finished: false }
     }
 
     /// The future of the batch's record number `index`.
@@ -165,10 +174,7 @@ impl Completer {
         self.finished = true;
         *self.outcome.parts.lock().expect("delivery parts") = ((0..count).map(|_| None).collect(), parts.len());
         let outcome = self.outcome.clone();
-        parts
-            .into_iter()
-            .map(|p| Completer { outcome: outcome.clone(), ahead: Vec::new(), part: Some(p), finished: false })
-            .collect()
+        parts.into_iter().map(|p| Completer::of(outcome.clone(), Some(p))).collect()
     }
 
     /// Settles the batch (or this part of it): records of `partition`.
@@ -206,8 +212,7 @@ impl Drop for Completer {
     fn drop(&mut self) {
         if !self.finished {
             let partition = self.outcome.partition;
-            let unfinished =
-                Completer { outcome: self.outcome.clone(), ahead: Vec::new(), part: self.part.take(), finished: false };
+            let unfinished = Completer::of(self.outcome.clone(), self.part.take());
             self.finished = true;
             unfinished.finish(partition, Err(ProduceError::Closed));
         }
