@@ -46,6 +46,10 @@ pub enum BenchMode {
     /// loopback), then failover: the time from `kill -9` of a partition
     /// leader to the first acknowledged acks=all write, `--failovers` times.
     Cluster,
+    /// Broker memory: the resident set of a `quiver dev` child process
+    /// idle after its start, its peak while `--records` are produced and
+    /// read back, and idle again `--settle-secs` after the client left.
+    Memory,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -95,6 +99,11 @@ pub struct BenchOpts {
     /// (they are kept anyway when the bench fails).
     #[arg(long, global = true)]
     pub keep_logs: bool,
+    /// Memory bench: how long the broker idles after the load before the
+    /// last reading (the allocator returns memory unused for 5 s to the
+    /// system, its arenas' after 50 s).
+    #[arg(long, global = true, default_value_t = 60)]
+    pub settle_secs: u64,
     /// Records per second for e2e (0 = as fast as possible).
     #[arg(long, global = true, default_value_t = 2_000)]
     pub rate: u64,
@@ -128,6 +137,11 @@ pub struct BenchResult {
     /// process spent while measuring. With `--embedded` (and always for the
     /// baseline) both ends run in this process, so it is the whole cost.
     pub cpu_seconds: Option<f64>,
+    /// Memory: the broker's resident set (MiB) idle after its start, its
+    /// peak under load, and idle again after the load.
+    pub rss_idle_mib: Option<f64>,
+    pub rss_peak_mib: Option<f64>,
+    pub rss_after_load_mib: Option<f64>,
 }
 
 impl BenchResult {
@@ -148,6 +162,9 @@ impl BenchResult {
             failover_ms: None,
             killed_controller_leader: None,
             cpu_seconds: None,
+            rss_idle_mib: None,
+            rss_peak_mib: None,
+            rss_after_load_mib: None,
         }
     }
 
@@ -164,6 +181,14 @@ impl BenchResult {
     }
 
     fn print(&self) {
+        if let (Some(idle), Some(peak), Some(after)) = (self.rss_idle_mib, self.rss_peak_mib, self.rss_after_load_mib) {
+            println!(
+                "{:<16} idle {idle:.1} MiB (aim: under {IDLE_RSS_AIM_MIB} MiB)  peak {peak:.1} MiB while {} records \
+                 were produced and read back  idle again {after:.1} MiB",
+                self.mode, self.records
+            );
+            return;
+        }
         print!(
             "{:<16} {:>10} records {:>9.1} MiB/s {:>11.0} records/s in {:.2}s",
             self.mode, self.records, self.mib_per_s, self.records_per_s, self.seconds
@@ -223,6 +248,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.mode == BenchMode::Cluster {
         results.extend(cluster(&opts).await?);
+    } else if args.mode == BenchMode::Memory {
+        results.push(memory(&opts).await?);
     } else if args.mode != BenchMode::Quic {
         let target = target(&opts).await?;
         ensure_topic(&target.client, &opts).await?;
@@ -250,7 +277,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 BenchMode::E2e => results.push(e2e(&target, &opts).await?),
                 BenchMode::Transform => results.extend(transform(&target, &opts).await?),
-                BenchMode::Quic | BenchMode::Cluster => unreachable!(),
+                BenchMode::Quic | BenchMode::Cluster | BenchMode::Memory => unreachable!(),
             }
         }
         target.client.close();
@@ -367,6 +394,84 @@ async fn cluster(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
         results.extend(outcome.with_context(|| format!("{nodes}-node cluster"))?);
     }
     Ok(results)
+}
+
+/// What issue 2 asks of an idle broker's resident set.
+const IDLE_RSS_AIM_MIB: u32 = 64;
+
+/// `bench memory`: a `quiver dev` child process (its own data directory and
+/// certificates), read from `/proc` when idle, under a produce and consume
+/// load through this process's client, and idle again with no client
+/// connected.
+async fn memory(opts: &BenchOpts) -> anyhow::Result<BenchResult> {
+    let dir = tempfile::tempdir()?;
+    let address = format!("127.0.0.1:{}", free_udp_port()?);
+    let log = std::fs::File::create(dir.path().join("broker.log"))?;
+    let mut broker = tokio::process::Command::new(std::env::current_exe().context("finding the quiver executable")?)
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &address])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a dev node")?;
+    let pid = broker.id().context("the dev node exited at once")?;
+    let outcome = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            let ca = std::fs::read(dir.path().join("ca.pem")).unwrap_or_default();
+            if !ca.is_empty()
+                && let Ok(client) = Client::connect(quiver_client::ClientConfig::new(address.clone(), ca)).await
+            {
+                break client;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the dev node did not answer within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // A fresh node has nothing to do once it answers.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = resident_mib(pid, "VmRSS")?;
+        let target =
+            Target { client, address: address.parse()?, ca_pem: std::fs::read(dir.path().join("ca.pem"))?, node: None };
+        ensure_topic(&target.client, opts).await?;
+        let started = Instant::now();
+        let produced = produce(&target, opts, &opts.topic).await?;
+        consume(&target, opts).await?;
+        let elapsed = started.elapsed();
+        target.client.close();
+        drop(target);
+        tokio::time::sleep(Duration::from_secs(opts.settle_secs)).await;
+        let mut result = BenchResult::new("broker-memory", produced.records, produced.bytes, elapsed, None);
+        result.rss_idle_mib = Some(idle);
+        result.rss_peak_mib = Some(resident_mib(pid, "VmHWM")?);
+        result.rss_after_load_mib = Some(resident_mib(pid, "VmRSS")?);
+        anyhow::Ok(result)
+    }
+    .await;
+    // SIGTERM: the node flushes and closes its logs.
+    let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+    let _ = tokio::time::timeout(Duration::from_secs(10), broker.wait()).await;
+    if outcome.is_err() {
+        let kept = dir.keep();
+        eprintln!("memory bench: the dev node's data and log are kept in {}", kept.display());
+    }
+    outcome
+}
+
+/// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in MiB.
+fn resident_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (the memory bench needs Linux)"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
 }
 
 /// A client of a local cluster (default timeouts unless given), once every

@@ -51,6 +51,16 @@ fn bench_modes_report_throughput_latency_and_ratios() {
     let report = run_json(&node, &["bench", "quic", "--records", "1000", "--format", "json"]);
     assert_eq!(result(&report, "quic-download")["bytes"], 1000 * 1024);
 
+    // A dev node of its own, read from /proc: idle under the aim of 64 MiB
+    // (≈ 30 MiB on the machines seen), higher at its peak under load.
+    let args = ["bench", "memory", "--records", "20000", "--settle-secs", "1", "--format", "json"];
+    let report = run_json(&node, &args);
+    let memory = result(&report, "broker-memory");
+    assert_eq!(memory["records"], 20000);
+    let mib = |key: &str| memory[key].as_f64().unwrap_or_else(|| panic!("no {key}: {memory}"));
+    assert!(mib("rss_idle_mib") > 1.0 && mib("rss_idle_mib") < 64.0, "{memory}");
+    assert!(mib("rss_peak_mib") >= mib("rss_idle_mib") && mib("rss_peak_mib") >= mib("rss_after_load_mib"), "{memory}");
+
     let report = run_json(&node, &["bench", "produce", "--embedded", "--records", "1000", "--format", "json"]);
     assert_eq!(result(&report, "produce")["records"], 1000);
 
