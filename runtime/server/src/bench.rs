@@ -420,12 +420,12 @@ async fn memory(opts: &BenchOpts) -> anyhow::Result<BenchResult> {
     let pid = broker.id().context("the dev node exited at once")?;
     let outcome = async {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let client = loop {
+        let (client, ca_pem) = loop {
             let ca = std::fs::read(dir.path().join("ca.pem")).unwrap_or_default();
             if !ca.is_empty()
-                && let Ok(client) = Client::connect(quiver_client::ClientConfig::new(address.clone(), ca)).await
+                && let Ok(client) = Client::connect(quiver_client::ClientConfig::new(address.clone(), ca.clone())).await
             {
-                break client;
+                break (client, ca);
             }
             anyhow::ensure!(Instant::now() < deadline, "the dev node did not answer within 30 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -433,8 +433,7 @@ async fn memory(opts: &BenchOpts) -> anyhow::Result<BenchResult> {
         // A fresh node has nothing to do once it answers.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let idle = resident_mib(pid, "VmRSS")?;
-        let target =
-            Target { client, address: address.parse()?, ca_pem: std::fs::read(dir.path().join("ca.pem"))?, node: None };
+        let target = Target { client, address: address.parse()?, ca_pem, node: None };
         ensure_topic(&target.client, opts).await?;
         let started = Instant::now();
         let produced = produce(&target, opts, &opts.topic).await?;

@@ -52,7 +52,7 @@ fn bench_modes_report_throughput_latency_and_ratios() {
     assert_eq!(result(&report, "quic-download")["bytes"], 1000 * 1024);
 
     // A dev node of its own, read from /proc: idle under the aim of 64 MiB
-    // (≈ 30 MiB on the machines seen), higher at its peak under load.
+    // (≈ 16 MiB on the machines seen), higher at its peak under load.
     let args = ["bench", "memory", "--records", "20000", "--settle-secs", "1", "--format", "json"];
     let report = run_json(&node, &args);
     let memory = result(&report, "broker-memory");
