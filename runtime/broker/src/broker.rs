@@ -80,6 +80,8 @@ pub(crate) struct Partition {
     pub(crate) log: Log,
     /// Role, epoch history and high watermark.
     pub(crate) replica: crate::replica::Replica,
+    /// Long polls waiting for this partition to change.
+    pub(crate) waiters: crate::waiters::Waiters,
 }
 
 pub(crate) struct Topic {
@@ -123,8 +125,9 @@ pub struct Broker {
     pub(crate) topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Serialises topic creation and deletion with the metadata file write.
     admin_lock: tokio::sync::Mutex<()>,
-    /// Bumped after every append: long-polling fetches wait on it.
-    pub(crate) appended: watch::Sender<u64>,
+    /// Bumped when every long poll must look again (topics moved away,
+    /// shutdown); appends wake the waiters of their partition only.
+    pub(crate) wake_all: watch::Sender<u64>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) plugins: crate::plugins::Plugins,
     /// Set once when the node runs in a cluster.
@@ -168,7 +171,7 @@ impl Broker {
             config,
             topics: RwLock::new(topics),
             admin_lock: tokio::sync::Mutex::new(()),
-            appended: watch::channel(0).0,
+            wake_all: watch::channel(0).0,
             shutting_down: AtomicBool::new(false),
             plugins,
             cluster: std::sync::OnceLock::new(),
@@ -313,6 +316,8 @@ impl Broker {
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
         let stamp = now_ms();
         for p in topic.local() {
+            // Its long polls answer "unknown topic" now.
+            p.waiters.wake();
             remove_partition_dir(&logs_dir, name, p.id, stamp);
         }
         tracing::info!(topic = name, "topic deleted");
@@ -359,7 +364,7 @@ impl Broker {
             remove_partition_dir(&logs_dir, name, p.id, stamp);
             tracing::info!(topic = name, partition = p.id, "replica moved away");
         }
-        self.appended.send_modify(|n| *n += 1);
+        self.wake_all.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -436,7 +441,7 @@ impl Broker {
     /// call more than once.
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        self.appended.send_modify(|n| *n += 1); // wake long polls so they return
+        self.wake_all.send_modify(|n| *n += 1); // wake long polls so they return
         for topic in self.sorted_topics() {
             for p in topic.local() {
                 if let Err(e) = p.log.close() {
@@ -498,7 +503,7 @@ fn open_partition(
         Some(_) => Replica::clustered(&dir, log.log_end_offset())
             .map_err(|source| failed(LogOpenError::Io { path: dir.join("leader-epochs"), source }))?,
     };
-    Ok(Partition { id, log, replica })
+    Ok(Partition { id, log, replica, waiters: Default::default() })
 }
 
 /// Renames a partition's directory away (readers holding its files finish

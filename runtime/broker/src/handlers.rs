@@ -326,9 +326,6 @@ impl Broker {
         if let Some(turn) = turn {
             turn.release();
         }
-        if !to_sync.is_empty() {
-            self.appended.send_modify(|n| *n += 1);
-        }
         if r.acks == Acks::All {
             // Group commit: concurrent requests on the same partition share
             // the fsync inside `Log::sync_to`.
@@ -395,7 +392,7 @@ impl Broker {
     /// Waits until every in-sync replica holds the records below `end`
     /// (immediate on a single node): the high watermark passed them.
     async fn replicated(&self, partition: &Partition, end: i64, epoch: i32) -> Result<(), WireError> {
-        self.poll_appends(REPLICATION_TIMEOUT, |last| {
+        self.poll_appends(REPLICATION_TIMEOUT, &[partition], |last| {
             if partition.high_watermark() >= end {
                 return Some(Ok(()));
             }
@@ -465,8 +462,10 @@ impl Broker {
     }
 
     async fn fetch(self: &Arc<Self>, r: FetchRequest) -> Result<FetchResponse, WireError> {
+        let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
+        let held: Vec<&Partition> = held.iter().map(|p| &**p).collect();
         let results = self
-            .poll_appends(self.fetch_wait(r.max_wait_ms), |last| {
+            .poll_appends(self.fetch_wait(r.max_wait_ms), &held, |last| {
                 let (results, bytes, failed) = self.read_partitions(&r);
                 let done = last
                     || failed
@@ -483,20 +482,49 @@ impl Broker {
         Duration::from_millis(u64::from(max_wait_ms.min(self.config.fetch_wait_ms_max)))
     }
 
-    /// Runs `poll` now and again after every append or high-watermark move
-    /// until it answers, and a last time (`last = true`, where it must
-    /// answer) once `wait` has passed.
-    pub(crate) async fn poll_appends<T>(&self, wait: Duration, mut poll: impl FnMut(bool) -> Option<T>) -> T {
+    /// The replicas held here of these partitions (for a long poll to wait
+    /// on; the request's answer reports the others).
+    pub(crate) fn held_partitions<'a>(&self, wanted: impl Iterator<Item = (&'a str, u32)>) -> Vec<Arc<Partition>> {
+        let mut held: Vec<Arc<Partition>> = Vec::new();
+        for (topic, partition) in wanted {
+            if let Some(p) = self.topic(topic).and_then(|t| t.held(partition))
+                && !held.iter().any(|h| Arc::ptr_eq(h, &p))
+            {
+                held.push(p);
+            }
+        }
+        held
+    }
+
+    /// Runs `poll` now and again after every change (append, high-watermark
+    /// move, role change) of `partitions` and every `wake_all`, until it
+    /// answers, and a last time (`last = true`, where it must answer) once
+    /// `wait` has passed.
+    pub(crate) async fn poll_appends<T>(
+        &self,
+        wait: Duration,
+        partitions: &[&Partition],
+        mut poll: impl FnMut(bool) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut appended = self.appended.subscribe();
+        let mut wake_all = self.wake_all.subscribe();
+        let waiter = Arc::new(tokio::sync::Notify::new());
         loop {
-            appended.borrow_and_update();
+            wake_all.borrow_and_update();
+            for p in partitions {
+                p.waiters.register(&waiter);
+            }
             let last = tokio::time::Instant::now() >= deadline;
             if let Some(answer) = poll(last) {
                 return answer;
             }
-            if last || tokio::time::timeout_at(deadline, appended.changed()).await.is_err() {
+            if last {
                 break;
+            }
+            tokio::select! {
+                () = waiter.notified() => {}
+                _ = wake_all.changed() => {}
+                () = tokio::time::sleep_until(deadline) => break,
             }
         }
         poll(true).expect("a long poll answers at its deadline")

@@ -16,6 +16,7 @@ mod plugins;
 mod producer_ids;
 mod replica;
 pub mod topic;
+mod waiters;
 
 pub use broker::{Broker, BrokerConfig, OpenError, now_ms};
 pub use order::{AppendOrder, AppendTurn};

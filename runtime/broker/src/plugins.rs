@@ -599,7 +599,8 @@ impl Broker {
     /// progress; wait for more input.
     async fn run_transform(self: Arc<Self>, d: Arc<Deployed>, partition: u32) {
         let mut run = d.run.subscribe();
-        let mut appended = self.appended.subscribe();
+        let mut wake_all = self.wake_all.subscribe();
+        let waiter = Arc::new(tokio::sync::Notify::new());
         let mut instance: Option<Instance> = None;
         loop {
             if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
@@ -611,7 +612,13 @@ impl Broker {
                 }
                 continue;
             }
-            appended.borrow_and_update();
+            // Registered before the step reads, so that an append during
+            // the step wakes the wait after it.
+            wake_all.borrow_and_update();
+            let input = d.deployment.read().expect("deployment lock").input.clone();
+            if let Some(p) = self.topic(&input).and_then(|t| t.held(partition)) {
+                p.waiters.register(&waiter);
+            }
             let (broker, d2) = (self.clone(), d.clone());
             let mut inst = instance.take();
             let step = tokio::task::spawn_blocking(move || {
@@ -636,7 +643,8 @@ impl Broker {
                     // Caught up (or not the leader): wait for an append or a
                     // pause.
                     tokio::select! {
-                        changed = appended.changed() => if changed.is_err() { return },
+                        () = waiter.notified() => {}
+                        changed = wake_all.changed() => if changed.is_err() { return },
                         changed = run.changed() => if changed.is_err() { return },
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }

@@ -209,7 +209,12 @@ impl Partition {
             Err(e) => Err(WireError::new(ErrorCode::StorageError, e.to_string())),
         };
         match &mut state.role {
-            Role::Single => Ok((append(0)?, 0)),
+            Role::Single => {
+                let info = append(0)?;
+                drop(state);
+                self.waiters.wake();
+                Ok((info, 0))
+            }
             Role::Leader { leader, .. } => {
                 if acks_all && let Err(e) = leader.check_acks_all() {
                     return Err(WireError::new(
@@ -219,7 +224,13 @@ impl Partition {
                 }
                 let epoch = leader.epoch();
                 let info = append(epoch)?;
-                self.publish(leader.on_append(info.last_offset + 1));
+                let high_watermark = leader.on_append(info.last_offset + 1);
+                drop(state);
+                // Followers' long polls wait for appends, not for the high
+                // watermark.
+                if !self.publish(high_watermark) {
+                    self.waiters.wake();
+                }
                 Ok((info, epoch))
             }
             _ => Err(WireError::new(
@@ -250,6 +261,7 @@ impl Partition {
     /// acks=all writes end as not replicated).
     pub(crate) fn retire(&self) {
         self.replica.state().role = Role::Offline;
+        self.waiters.wake();
     }
 
     /// Whether this replica still leads in `epoch`.
@@ -265,6 +277,7 @@ impl Partition {
         match high_watermark {
             Some(hw) => {
                 self.replica.high_watermark.fetch_max(hw, Ordering::AcqRel);
+                self.waiters.wake();
                 true
             }
             None => false,
@@ -284,7 +297,6 @@ enum RoleChange {
 impl Broker {
     /// Brings every local replica's role in line with the image.
     pub(crate) fn apply_roles(self: &Arc<Self>, image: &quiver_controller::ClusterImage) {
-        let mut moved = false;
         for topic in self.sorted_topics() {
             let Some(t) = image.topics.get(&topic.record.name) else { continue };
             if topic.record.cluster_id != Some(t.id) {
@@ -294,16 +306,15 @@ impl Broker {
             for p in topic.local() {
                 let Some(pi) = t.partitions.get(p.id as usize) else { continue };
                 match self.apply_role(p, pi, min_isr) {
-                    RoleChange::None => {}
-                    RoleChange::HighWatermark => moved = true,
+                    // `publish` woke the partition's waiters.
+                    RoleChange::None | RoleChange::HighWatermark => {}
                     RoleChange::Follow(leader, epoch) => {
+                        // Its long polls answer "not the leader" now.
+                        p.waiters.wake();
                         tokio::spawn(self.clone().follow(topic.clone(), p.clone(), leader, epoch));
                     }
                 }
             }
-        }
-        if moved {
-            self.appended.send_modify(|n| *n += 1);
         }
     }
 
@@ -443,8 +454,10 @@ impl Broker {
         r: ReplicaFetchRequest,
     ) -> Result<ReplicaFetchResponse, WireError> {
         let mut first = true;
+        let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
+        let held: Vec<&Partition> = held.iter().map(|p| &**p).collect();
         let partitions = self
-            .poll_appends(self.fetch_wait(r.max_wait_ms), |last| {
+            .poll_appends(self.fetch_wait(r.max_wait_ms), &held, |last| {
                 let (results, ready) = self.read_replica_partitions(&r, std::mem::take(&mut first));
                 (ready || last || self.shutting_down.load(Ordering::Relaxed)).then_some(results)
             })
@@ -462,7 +475,6 @@ impl Broker {
     ) -> (Vec<ReplicaFetchResult>, bool) {
         let mut remaining = r.max_bytes as usize;
         let mut ready = false;
-        let mut moved = false;
         let results = r
             .partitions
             .iter()
@@ -478,7 +490,7 @@ impl Broker {
                     epoch_end_offset: -1,
                     records: Bytes::new(),
                 };
-                let read = self.read_replica_partition(r.replica_id, fp, register, remaining, &mut result, &mut moved);
+                let read = self.read_replica_partition(r.replica_id, fp, register, remaining, &mut result);
                 match read {
                     Ok(records) => {
                         remaining = remaining.saturating_sub(records.len());
@@ -493,9 +505,6 @@ impl Broker {
                 result
             })
             .collect();
-        if moved {
-            self.appended.send_modify(|n| *n += 1);
-        }
         (results, ready)
     }
 
@@ -506,7 +515,6 @@ impl Broker {
         register: bool,
         remaining: usize,
         result: &mut ReplicaFetchResult,
-        moved: &mut bool,
     ) -> Result<Bytes, WireError> {
         let me = self.config.node_id;
         let name = &fp.topic;
@@ -556,7 +564,7 @@ impl Broker {
             if register {
                 let outcome = leader.on_fetch(replica, fp.fetch_offset, now_ms() as u64);
                 if let Some(hw) = outcome.high_watermark {
-                    *moved |= p.publish(Some(hw));
+                    p.publish(Some(hw));
                     result.high_watermark = hw;
                 }
                 outcome.propose_isr.map(|isr| (leader.epoch(), *partition_epoch, isr))
@@ -671,9 +679,7 @@ impl Broker {
             blocking(move || append_copies(&p, records, leader, epoch)).await?;
         }
         let hw = result.high_watermark.min(p.log.log_end_offset());
-        if p.publish(Some(hw)) {
-            self.appended.send_modify(|n| *n += 1);
-        }
+        p.publish(Some(hw));
         Ok(())
     }
 

@@ -154,3 +154,58 @@ async fn partition_any_places_keyed_records_by_murmur2() {
     assert_eq!(r.partitions[0].error, ErrorCode::UnknownTopic);
     broker.shutdown();
 }
+
+fn long_poll(partition: u32) -> FetchRequest {
+    FetchRequest {
+        max_wait_ms: 60_000,
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+        partitions: vec![FetchPartition { topic: "t".into(), partition, offset: 0, max_bytes: 1 << 20 }],
+        filter: String::new(),
+        filter_params: vec![],
+        decode_values: false,
+    }
+}
+
+/// Long polls wait per partition: appends elsewhere leave a waiting fetch
+/// waiting, an append to its partition answers it at once, and deleting its
+/// topic answers it at once (with the error) instead of at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_wake_for_their_own_partitions() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let create = CreateTopicRequest { name: "t".into(), partitions: 2, replication_factor: 1, configs: vec![] };
+    call(&broker, &create).await.unwrap();
+    let to = |partition: u32, value: &str| ProduceRequest {
+        acks: Acks::Leader,
+        timeout_ms: 1000,
+        partitions: vec![ProducePartition { topic: "t".into(), partition, records: batch(&[value]) }],
+    };
+
+    let b = broker.clone();
+    let mut waiting = tokio::spawn(async move { call(&b, &long_poll(1)).await });
+    for i in 0..20 {
+        call(&broker, &to(0, &format!("elsewhere-{i}"))).await.unwrap();
+    }
+    assert!(tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(), "nothing for it yet");
+    call(&broker, &to(1, "mine")).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("answered by the append");
+    let answer = answer.unwrap().unwrap();
+    let records = quiver_protocol::batch::Batches::new(answer.partitions[0].records.clone())
+        .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].value.as_deref(), Some(&b"mine"[..]));
+
+    let b = broker.clone();
+    let mut waiting = tokio::spawn(async move {
+        let mut next = long_poll(1);
+        next.partitions[0].offset = 1;
+        call(&b, &next).await
+    });
+    assert!(tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(), "nothing for it yet");
+    call(&broker, &DeleteTopicRequest { name: "t".into() }).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("answered by the deletion");
+    assert_eq!(answer.unwrap().unwrap().partitions[0].error, ErrorCode::UnknownTopic);
+}
