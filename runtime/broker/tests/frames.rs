@@ -16,6 +16,15 @@ async fn call<R: Request>(broker: &std::sync::Arc<Broker>, request: &R) -> Resul
     decode_response::<R::Response>(response.slice(4..)).unwrap()
 }
 
+/// A broker in a fresh directory with topic `t` of `partitions` partitions.
+async fn broker_with_topic(partitions: u32) -> (tempfile::TempDir, std::sync::Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let create = CreateTopicRequest { name: "t".into(), partitions, replication_factor: 1, configs: vec![] };
+    call(&broker, &create).await.unwrap();
+    (dir, broker)
+}
+
 fn batch(values: &[&str]) -> Bytes {
     let mut b = BatchBuilder::new(Compression::None);
     for v in values {
@@ -24,19 +33,24 @@ fn batch(values: &[&str]) -> Bytes {
     b.build()
 }
 
-/// Fetches partition t-`partition` from `offset`: the high watermark and
-/// the records at or after `offset`.
-async fn fetch_records(broker: &std::sync::Arc<Broker>, partition: u32, offset: i64) -> (i64, Vec<Record>) {
-    let fetch = FetchRequest {
-        max_wait_ms: 0,
+/// A fetch of partition t-`partition` from `offset`, waiting up to
+/// `max_wait_ms` for a first byte.
+fn fetch_request(partition: u32, offset: i64, max_wait_ms: u32) -> FetchRequest {
+    FetchRequest {
+        max_wait_ms,
         min_bytes: 1,
         max_bytes: 1 << 20,
         partitions: vec![FetchPartition { topic: "t".into(), partition, offset, max_bytes: 1 << 20 }],
         filter: String::new(),
         filter_params: vec![],
         decode_values: false,
-    };
-    let f = call(broker, &fetch).await.unwrap();
+    }
+}
+
+/// Fetches partition t-`partition` from `offset`: the high watermark and
+/// the records at or after `offset`.
+async fn fetch_records(broker: &std::sync::Arc<Broker>, partition: u32, offset: i64) -> (i64, Vec<Record>) {
+    let f = call(broker, &fetch_request(partition, offset, 0)).await.unwrap();
     let records = quiver_protocol::batch::Batches::new(f.partitions[0].records.clone())
         .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
         .filter(|r| r.offset >= offset)
@@ -60,10 +74,8 @@ fn produce(records: Bytes) -> ProduceRequest {
 
 #[tokio::test]
 async fn produce_fetch_and_offsets_through_frames() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let (_dir, broker) = broker_with_topic(1).await;
     let create = CreateTopicRequest { name: "t".into(), partitions: 1, replication_factor: 1, configs: vec![] };
-    call(&broker, &create).await.unwrap();
     let again = call(&broker, &create).await.unwrap_err();
     assert_eq!(again.code, ErrorCode::TopicAlreadyExists);
 
@@ -90,10 +102,7 @@ async fn produce_fetch_and_offsets_through_frames() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_requests_append_in_ticket_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
-    let create = CreateTopicRequest { name: "t".into(), partitions: 1, replication_factor: 1, configs: vec![] };
-    call(&broker, &create).await.unwrap();
+    let (_dir, broker) = broker_with_topic(1).await;
     let mut order = AppendOrder::default();
     let tickets: Vec<_> = (0..20).map(|_| order.ticket()).collect();
     // Handle the requests in reverse: appends must still follow the tickets.
@@ -121,10 +130,7 @@ async fn produce_requests_append_in_ticket_order() {
 /// batch stay together, and the answer says where each record went.
 #[tokio::test]
 async fn partition_any_places_keyed_records_by_murmur2() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
-    let create = CreateTopicRequest { name: "t".into(), partitions: 4, replication_factor: 1, configs: vec![] };
-    call(&broker, &create).await.unwrap();
+    let (_dir, broker) = broker_with_topic(4).await;
     let mut b = BatchBuilder::new(Compression::Lz4);
     for i in 0..40 {
         let key = format!("key-{i}");
@@ -155,28 +161,13 @@ async fn partition_any_places_keyed_records_by_murmur2() {
     broker.shutdown();
 }
 
-fn long_poll(partition: u32) -> FetchRequest {
-    FetchRequest {
-        max_wait_ms: 60_000,
-        min_bytes: 1,
-        max_bytes: 1 << 20,
-        partitions: vec![FetchPartition { topic: "t".into(), partition, offset: 0, max_bytes: 1 << 20 }],
-        filter: String::new(),
-        filter_params: vec![],
-        decode_values: false,
-    }
-}
-
 /// Long polls wait per partition: appends elsewhere leave a waiting fetch
 /// waiting, an append to its partition answers it at once, and deleting its
 /// topic answers it at once (with the error) instead of at its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_wake_for_their_own_partitions() {
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
-    let create = CreateTopicRequest { name: "t".into(), partitions: 2, replication_factor: 1, configs: vec![] };
-    call(&broker, &create).await.unwrap();
+    let (_dir, broker) = broker_with_topic(2).await;
     let to = |partition: u32, value: &str| ProduceRequest {
         acks: Acks::Leader,
         timeout_ms: 1000,
@@ -184,7 +175,7 @@ async fn long_polls_wake_for_their_own_partitions() {
     };
 
     let b = broker.clone();
-    let mut waiting = tokio::spawn(async move { call(&b, &long_poll(1)).await });
+    let mut waiting = tokio::spawn(async move { call(&b, &fetch_request(1, 0, 60_000)).await });
     for i in 0..20 {
         call(&broker, &to(0, &format!("elsewhere-{i}"))).await.unwrap();
     }
@@ -199,11 +190,7 @@ async fn long_polls_wake_for_their_own_partitions() {
     assert_eq!(records[0].value.as_deref(), Some(&b"mine"[..]));
 
     let b = broker.clone();
-    let mut waiting = tokio::spawn(async move {
-        let mut next = long_poll(1);
-        next.partitions[0].offset = 1;
-        call(&b, &next).await
-    });
+    let mut waiting = tokio::spawn(async move { call(&b, &fetch_request(1, 1, 60_000)).await });
     assert!(tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(), "nothing for it yet");
     call(&broker, &DeleteTopicRequest { name: "t".into() }).await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("answered by the deletion");
