@@ -364,7 +364,10 @@ impl Broker {
                 tracing::info!(partition = p.id, epoch = pi.leader_epoch, log_end, "leading");
                 state.role = Role::Leader { leader, partition_epoch: pi.partition_epoch, leading_from: log_end };
                 drop(state);
-                if p.publish(moved) { RoleChange::HighWatermark } else { RoleChange::None }
+                let moved = p.publish(moved);
+                // Writes waiting in an earlier epoch answer now.
+                p.waiters.wake();
+                if moved { RoleChange::HighWatermark } else { RoleChange::None }
             }
             Some(l) => {
                 if state.ensure_follows(l, pi.leader_epoch).is_ok() {
@@ -375,6 +378,8 @@ impl Broker {
             }
             None => {
                 state.role = Role::Offline;
+                drop(state);
+                p.waiters.wake();
                 RoleChange::None
             }
         }
