@@ -463,7 +463,6 @@ impl Broker {
 
     async fn fetch(self: &Arc<Self>, r: FetchRequest) -> Result<FetchResponse, WireError> {
         let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
-        let held: Vec<&Partition> = held.iter().map(|p| &**p).collect();
         let results = self
             .poll_appends(self.fetch_wait(r.max_wait_ms), &held, |last| {
                 let (results, bytes, failed) = self.read_partitions(&r);
@@ -500,10 +499,10 @@ impl Broker {
     /// move, role change) of `partitions` and every `wake_all`, until it
     /// answers, and a last time (`last = true`, where it must answer) once
     /// `wait` has passed.
-    pub(crate) async fn poll_appends<T>(
+    pub(crate) async fn poll_appends<T, P: std::ops::Deref<Target = Partition>>(
         &self,
         wait: Duration,
-        partitions: &[&Partition],
+        partitions: &[P],
         mut poll: impl FnMut(bool) -> Option<T>,
     ) -> T {
         let deadline = tokio::time::Instant::now() + wait;

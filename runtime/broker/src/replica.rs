@@ -365,8 +365,11 @@ impl Broker {
                 state.role = Role::Leader { leader, partition_epoch: pi.partition_epoch, leading_from: log_end };
                 drop(state);
                 let moved = p.publish(moved);
-                // Writes waiting in an earlier epoch answer now.
-                p.waiters.wake();
+                // Writes waiting in an earlier epoch answer now (`publish`
+                // woke them if the high watermark moved).
+                if !moved {
+                    p.waiters.wake();
+                }
                 if moved { RoleChange::HighWatermark } else { RoleChange::None }
             }
             Some(l) => {
@@ -460,7 +463,6 @@ impl Broker {
     ) -> Result<ReplicaFetchResponse, WireError> {
         let mut first = true;
         let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
-        let held: Vec<&Partition> = held.iter().map(|p| &**p).collect();
         let partitions = self
             .poll_appends(self.fetch_wait(r.max_wait_ms), &held, |last| {
                 let (results, ready) = self.read_replica_partitions(&r, std::mem::take(&mut first));
