@@ -1,5 +1,7 @@
-//! The container deployment: `deploy/build-image.sh` builds the image from
-//! this workspace (a static binary, FROM scratch), `deploy/compose.yaml`
+//! The container deployment: `deploy/build-image.sh --binary` packages the
+//! `quiver` binary under test into an image FROM scratch (with its shared
+//! libraries: the suite builds Quiver once, not a second time as a static
+//! release binary), `deploy/compose.yaml`
 //! starts a three-node cluster on a private Docker network, a client on the
 //! host produces to it with acks=all, one container is killed, and the
 //! cluster fails over with every acknowledged record readable.
@@ -117,7 +119,10 @@ fn a_compose_cluster_of_containers_fails_over_when_one_is_killed() {
         eprintln!("skipped: no docker command on this machine");
         return;
     }
-    let build = Command::new(workspace().join("deploy/build-image.sh")).arg("quiver:test").output().unwrap();
+    let build = Command::new(workspace().join("deploy/build-image.sh"))
+        .args(["--binary", BIN, "quiver:test"])
+        .output()
+        .unwrap();
     assert!(build.status.success(), "building the image: {}", String::from_utf8_lossy(&build.stderr));
 
     let dir = tempfile::tempdir().unwrap();
