@@ -77,8 +77,10 @@ pub struct BenchOpts {
     pub record_bytes: usize,
     #[arg(long, global = true, default_value_t = 256 * 1024)]
     pub batch_bytes: usize,
-    #[arg(long, global = true, default_value_t = 5)]
-    pub linger_ms: u64,
+    /// How long a batch waits for more records (default 5; e2e: 0, so that
+    /// at light load a record leaves at once).
+    #[arg(long, global = true)]
+    pub linger_ms: Option<u64>,
     #[arg(long, global = true, default_value = "none")]
     pub compression: Compression,
     #[arg(long, global = true, value_enum, default_value_t = AcksArg::Leader)]
@@ -126,6 +128,9 @@ pub struct BenchResult {
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p99: Option<f64>,
     pub latency_ms_p999: Option<f64>,
+    /// e2e: where the latency goes, stage by stage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
     /// Transforms: from the deploy request to the first output record.
     pub first_output_ms: Option<f64>,
     /// Cluster: from killing the leader to the first acknowledged write.
@@ -158,6 +163,7 @@ impl BenchResult {
             latency_ms_p50: q(0.50),
             latency_ms_p99: q(0.99),
             latency_ms_p999: q(0.999),
+            stages: Vec::new(),
             first_output_ms: None,
             failover_ms: None,
             killed_controller_leader: None,
@@ -199,6 +205,12 @@ impl BenchResult {
         if let (Some(cpu), Some(per_mib)) = (self.cpu_seconds, self.cpu_ms_per_mib()) {
             print!("  cpu {cpu:.2} s ({per_mib:.2} ms/MiB)");
         }
+        for stage in &self.stages {
+            print!(
+                "\n  {:<10} ms p50 {:.3} p99 {:.3} p99.9 {:.3}  ({})",
+                stage.name, stage.ms_p50, stage.ms_p99, stage.ms_p999, stage.what
+            );
+        }
         if let Some(ms) = self.first_output_ms {
             print!("  deploy to first output {ms:.0} ms");
         }
@@ -209,6 +221,29 @@ impl BenchResult {
             print!(" (it also led the metadata quorum)");
         }
         println!();
+    }
+}
+
+/// One stage of a record's way from `send` to a consumer (e2e).
+#[derive(Debug, Serialize)]
+pub struct Stage {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub ms_p50: f64,
+    pub ms_p99: f64,
+    pub ms_p999: f64,
+}
+
+impl Stage {
+    /// The stage from microsecond pairs (start, end); pairs with an unknown
+    /// start or end (0) are left out.
+    fn of(name: &'static str, what: &'static str, pairs: impl Iterator<Item = (u64, u64)>) -> anyhow::Result<Stage> {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+        for (start, end) in pairs.filter(|&(start, end)| start > 0 && end > 0) {
+            let _ = hist.record(end.saturating_sub(start).max(1));
+        }
+        let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+        Ok(Stage { name, what, ms_p50: q(0.5), ms_p99: q(0.99), ms_p999: q(0.999) })
     }
 }
 
@@ -666,7 +701,7 @@ fn producer_config(opts: &BenchOpts) -> ProducerConfig {
     ProducerConfig {
         acks: opts.acks.into(),
         batch_bytes_max: opts.batch_bytes,
-        linger: Duration::from_millis(opts.linger_ms),
+        linger: Duration::from_millis(opts.linger_ms.unwrap_or(5)),
         compression: opts.compression,
         in_flight_max: opts.in_flight,
         idempotent: !opts.no_idempotence,
@@ -793,17 +828,23 @@ async fn consume(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResul
 }
 
 async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let mut consumer = target
         .client
         .consumer(ConsumerConfig { fetch_max_wait: Duration::from_millis(100), ..ConsumerConfig::default() });
     consumer.assign(&opts.topic, None, OffsetSpec::Latest).await?;
     let origin = Instant::now();
-    let producer = target
-        .client
-        .producer(ProducerConfig { linger: Duration::from_millis(opts.linger_ms.min(1)), ..producer_config(opts) });
+    let linger = Duration::from_millis(opts.linger_ms.unwrap_or(0));
+    let producer = target.client.producer(ProducerConfig { linger, ..producer_config(opts) });
     let records = opts.records;
+    // Per record, microseconds since `origin` (0: not seen): when its
+    // request went out and when it was acknowledged. The record itself
+    // carries its number and when `send` was called.
+    let times = || std::sync::Arc::new((0..records).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+    let (sent_us, acked_us) = (times(), times());
     let (rate, topic, record_bytes) =
         (opts.rate, std::sync::Arc::<str>::from(opts.topic.as_str()), opts.record_bytes.max(16));
+    let (sent, acked) = (sent_us.clone(), acked_us.clone());
     let sender = tokio::spawn(async move {
         let base = payload(record_bytes, 7);
         let mut tick = (rate > 0).then(|| {
@@ -811,19 +852,40 @@ async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             t
         });
-        for _ in 0..records {
+        let mut acks = tokio::task::JoinSet::new();
+        for n in 0..records {
             if let Some(t) = tick.as_mut() {
                 t.tick().await;
             }
             let mut value = base.clone();
             value[..8].copy_from_slice(&(origin.elapsed().as_micros() as u64).to_be_bytes());
-            producer.send(ProducerRecord::new(topic.clone(), value)).await?;
+            value[8..16].copy_from_slice(&n.to_be_bytes());
+            let mut delivery = producer.send(ProducerRecord::new(topic.clone(), value)).await?;
+            let (sent, acked) = (sent.clone(), acked.clone());
+            acks.spawn(async move {
+                let result = (&mut delivery).await;
+                let at = origin.elapsed().as_micros() as u64;
+                let i = n as usize;
+                acked[i].store(at, Ordering::Relaxed);
+                if let Some(s) = delivery.sent_at() {
+                    sent[i].store(s.duration_since(origin).as_micros() as u64, Ordering::Relaxed);
+                }
+                result.map(drop)
+            });
+            while let Some(done) = acks.try_join_next() {
+                done??;
+            }
         }
         producer.flush().await;
+        while let Some(done) = acks.join_next().await {
+            done??;
+        }
         anyhow::Ok(())
     });
     let bar = progress(records, "e2e");
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    // (send, seen) per record, microseconds since `origin`.
+    let mut seen_us = vec![(0u64, 0u64); records as usize];
     let (mut seen, mut bytes) = (0u64, 0u64);
     let started = Instant::now();
     let mut last_progress = Instant::now();
@@ -836,16 +898,41 @@ async fn e2e(target: &Target, opts: &BenchOpts) -> anyhow::Result<BenchResult> {
         anyhow::ensure!(last_progress.elapsed() < Duration::from_secs(30), "no records for 30 s");
         for r in &batch {
             let v = r.value.as_deref().unwrap_or_default();
-            let sent = u64::from_be_bytes(v[..8].try_into().context("short record")?);
-            let _ = hist.record(now.saturating_sub(sent).max(1));
+            anyhow::ensure!(v.len() >= 16, "short record");
+            let send = u64::from_be_bytes(v[..8].try_into()?);
+            let n = u64::from_be_bytes(v[8..16].try_into()?);
+            let _ = hist.record(now.saturating_sub(send).max(1));
+            if let Some(slot) = seen_us.get_mut(n as usize) {
+                *slot = (send, now);
+            }
             bytes += v.len() as u64;
         }
         seen += batch.len() as u64;
         bar.inc(batch.len() as u64);
     }
+    let elapsed = started.elapsed();
     sender.await??;
     bar.finish_and_clear();
-    Ok(BenchResult::new("e2e", seen, bytes, started.elapsed(), Some(&hist)))
+    let at = |times: &[AtomicU64], i: usize| times[i].load(Ordering::Relaxed);
+    let each = || 0..records as usize;
+    let stages = vec![
+        Stage::of(
+            "queued",
+            "send to request written: linger, waiting for a request slot",
+            each().map(|i| (seen_us[i].0, at(&sent_us, i))),
+        )?,
+        Stage::of(
+            "acked",
+            "request written to acknowledged: network, broker append, answer",
+            each().map(|i| (at(&sent_us, i), at(&acked_us, i))),
+        )?,
+        Stage::of(
+            "delivered",
+            "request written to consumed: network, broker append, long-poll wake, fetch answer",
+            each().map(|i| (at(&sent_us, i), seen_us[i].1)),
+        )?,
+    ];
+    Ok(BenchResult { stages, ..BenchResult::new("e2e", seen, bytes, elapsed, Some(&hist)) })
 }
 
 /// Sum of the high watermarks of a topic's partitions.

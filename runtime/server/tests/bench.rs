@@ -47,6 +47,17 @@ fn bench_modes_report_throughput_latency_and_ratios() {
     let e2e = result(&report, "e2e");
     assert_eq!(e2e["records"], 500);
     assert!(e2e["latency_ms_p50"].as_f64().unwrap() > 0.0);
+    // Where the latency goes: each stage measured; queued and delivered
+    // split every record's way in two, so neither is longer than the whole.
+    let stages: Vec<&str> = e2e["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["queued", "acked", "delivered"], "{e2e}");
+    for (i, stage) in e2e["stages"].as_array().unwrap().iter().enumerate() {
+        let p50 = stage["ms_p50"].as_f64().unwrap();
+        assert!(p50 > 0.0, "{e2e}");
+        if i != 1 {
+            assert!(p50 <= e2e["latency_ms_p50"].as_f64().unwrap() + 0.01, "{e2e}");
+        }
+    }
 
     let report = run_json(&node, &["bench", "quic", "--records", "1000", "--format", "json"]);
     assert_eq!(result(&report, "quic-download")["bytes"], 1000 * 1024);

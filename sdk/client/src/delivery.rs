@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use quiver_protocol::messages::RecordPlacement;
 
@@ -39,6 +40,8 @@ struct Outcome {
     topic: Arc<str>,
     partition: u32,
     settled: OnceLock<Settled>,
+    /// When a request carrying the batch was first written to a broker.
+    sent: OnceLock<Instant>,
     /// Tasks waiting for it. A future keeps the index of its waker here, so
     /// polling it again replaces its waker instead of adding one.
     wakers: Mutex<Vec<Waker>>,
@@ -73,6 +76,13 @@ impl DeliveryFuture {
     /// Whether the answer is in: awaiting the future then returns at once.
     pub fn is_done(&self) -> bool {
         self.outcome.settled.get().is_some()
+    }
+
+    /// When the record's batch first went out to a broker, if it has: the
+    /// time before it is what the record waited in the producer (linger,
+    /// a full pipeline), the time after it the broker's answer.
+    pub fn sent_at(&self) -> Option<Instant> {
+        self.outcome.sent.get().copied()
     }
 
     fn result(&self, settled: &Settled) -> Result<RecordMetadata, ProduceError> {
@@ -141,6 +151,7 @@ impl Completer {
             topic,
             partition,
             settled: OnceLock::new(),
+            sent: OnceLock::new(),
             wakers: Mutex::new(Vec::new()),
             parts: Mutex::new((Vec::new(), 0)),
         });
@@ -175,6 +186,12 @@ impl Completer {
         *self.outcome.parts.lock().expect("delivery parts") = ((0..count).map(|_| None).collect(), parts.len());
         let outcome = self.outcome.clone();
         parts.into_iter().map(|p| Completer::of(outcome.clone(), Some(p))).collect()
+    }
+
+    /// Notes that a request carrying the batch is being written (the first
+    /// time counts: retries keep it).
+    pub(crate) fn sent(&self, at: Instant) {
+        let _ = self.outcome.sent.set(at);
     }
 
     /// Settles the batch (or this part of it): records of `partition`.
