@@ -31,6 +31,14 @@ pub struct BrokerConfig {
     pub advertised_address: String,
     /// Largest request frame accepted.
     pub frame_bytes_max: usize,
+    /// Request bytes read and not yet answered, broker-wide: requests wait
+    /// for room (at least `frame_bytes_max`).
+    pub request_bytes_in_flight_max: usize,
+    /// From a request stream's first byte to its body's last.
+    pub request_read_timeout_ms: u64,
+    /// Admin operations (voters, reassignment, plugin deploy and control)
+    /// for clients without a certificate: development nodes only.
+    pub allow_anonymous_admin: bool,
     /// Upper bound on the long-poll wait a fetch may ask for.
     pub fetch_wait_ms_max: u32,
     /// Background fsync of every partition at this interval; `None` leaves
@@ -46,6 +54,9 @@ pub struct BrokerConfig {
     pub replica_lag_time_max_ms: u64,
 }
 
+/// Default budget of request bytes in flight: four largest frames.
+pub const REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT: usize = 4 * quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
+
 impl BrokerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         BrokerConfig {
@@ -53,6 +64,9 @@ impl BrokerConfig {
             data_dir: data_dir.into(),
             advertised_address: "127.0.0.1:7878".into(),
             frame_bytes_max: quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
+            request_bytes_in_flight_max: REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
+            request_read_timeout_ms: 30_000,
+            allow_anonymous_admin: false,
             fetch_wait_ms_max: 30_000,
             flush_interval_ms: Some(1_000),
             retention_check_interval_ms: 60_000,
@@ -501,7 +515,7 @@ fn open_partition(
     let replica = match record.cluster_id {
         None => Replica::single(),
         Some(_) => Replica::clustered(&dir, log.log_end_offset())
-            .map_err(|source| failed(LogOpenError::Io { path: dir.join("leader-epochs"), source }))?,
+            .map_err(|error| failed(LogOpenError::Io { path: dir.join("leader-epochs"), error }))?,
     };
     Ok(Partition { id, log, replica, waiters: Default::default() })
 }

@@ -86,6 +86,22 @@ impl Broker {
         self.cluster.get()
     }
 
+    /// A restarted node answers clients only once it has caught up with the
+    /// metadata log: until then its image may be stale (a topic created
+    /// meanwhile missing, a leadership it lost still there).
+    pub(crate) fn ready(&self) -> Result<(), WireError> {
+        match self.controller() {
+            Some(c) if !c.is_caught_up() => Err(WireError::new(
+                ErrorCode::BrokerNotReady,
+                format!(
+                    "node {} has not caught up with the metadata log since it started; retry shortly",
+                    self.config.node_id
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The controller, or `code` for a request only a cluster node serves.
     fn require_cluster(&self, code: ErrorCode) -> Result<&Arc<Controller>, WireError> {
         self.controller().ok_or_else(|| WireError::new(code, "this node is not part of a cluster (no --controllers)"))

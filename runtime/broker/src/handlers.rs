@@ -15,6 +15,7 @@ use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_respon
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
+use crate::access::{self, RequestContext};
 use crate::broker::{Broker, Partition, Topic, corrupt};
 use crate::cluster::RemoteLeader;
 use crate::order::AppendTurn;
@@ -31,18 +32,21 @@ impl Broker {
     /// Answers one request frame (without its length prefix) with one
     /// response frame (with its length prefix). A produce request appends
     /// only when `turn` (its place in the connection's order) has come.
+    /// The request runs as the broker itself ([`RequestContext::internal`]).
     pub async fn handle(self: &Arc<Self>, mut frame: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
         if frame.len() < 2 {
             return self.respond(Err(corrupt("request frame ends inside its header")));
         }
         let api_key = frame.get_u16();
-        self.handle_after_key(api_key, frame, turn).await
+        self.handle_after_key(&RequestContext::internal(), api_key, frame, turn).await
     }
 
     /// Like [`Broker::handle`], for a transport that already read the API
-    /// key (to order produce requests): `rest` is the frame after it.
+    /// key (to order produce requests): `rest` is the frame after it, sent
+    /// by `context`'s principal.
     pub async fn handle_after_key(
         self: &Arc<Self>,
+        context: &RequestContext,
         api_key: u16,
         mut rest: Bytes,
         turn: Option<AppendTurn>,
@@ -51,7 +55,7 @@ impl Broker {
             return self.respond(Err(corrupt("request frame ends inside its header")));
         }
         let api_version = rest.get_u16();
-        self.respond(self.dispatch_request(RequestHeader { api_key, api_version }, rest, turn).await)
+        self.respond(self.dispatch_request(context, RequestHeader { api_key, api_version }, rest, turn).await)
     }
 
     fn respond(&self, result: Result<Vec<Bytes>, WireError>) -> Vec<Bytes> {
@@ -63,6 +67,7 @@ impl Broker {
 
     async fn dispatch_request(
         self: &Arc<Self>,
+        context: &RequestContext,
         header: RequestHeader,
         body: Bytes,
         turn: Option<AppendTurn>,
@@ -78,6 +83,24 @@ impl Broker {
                     header.api_version
                 ),
             ));
+        }
+        let (operation, resource) = access::operation_of(api);
+        let policy = access::Policy { allow_anonymous_admin: self.config.allow_anonymous_admin };
+        if let Err(denied) = access::authorize(policy, &context.principal, operation, resource) {
+            tracing::warn!(
+                principal = %context.principal,
+                peer = ?context.peer,
+                connection = context.connection,
+                ?api,
+                "request denied"
+            );
+            return Err(denied);
+        }
+        // What a restarting node may answer before it caught up: the
+        // handshake, the quorum's own traffic, followers' fetches (checked
+        // by leader epoch) and its own view of the cluster.
+        if !matches!(api, ApiKey::ApiVersions | ApiKey::Controller | ApiKey::ReplicaFetch | ApiKey::ClusterInfo) {
+            self.ready()?;
         }
         match api {
             ApiKey::ApiVersions => self.run(body, |_: ApiVersionsRequest| async { Ok(self.api_versions()) }).await,

@@ -6,6 +6,9 @@
 //! [`Broker::handle`], and writes the response frame back. That keeps every
 //! request path testable with plain byte frames.
 
+#![forbid(unsafe_code)]
+
+pub mod access;
 mod broker;
 mod cluster;
 mod handlers;
@@ -18,7 +21,8 @@ mod replica;
 pub mod topic;
 mod waiters;
 
-pub use broker::{Broker, BrokerConfig, OpenError, now_ms};
+pub use access::{Principal, RequestContext};
+pub use broker::{Broker, BrokerConfig, OpenError, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT, now_ms};
 pub use order::{AppendOrder, AppendTurn};
 pub use plugins::{Deployment, OnError, StartAt};
 pub use quiver_plugin_host::HostConfig as PluginHostConfig;

@@ -14,11 +14,14 @@
 //! No sockets here: messages travel through a [`Transport`] the server
 //! crate implements over QUIC with mutual TLS.
 
+#![forbid(unsafe_code)]
+
 mod image;
 mod rpc;
+mod sessions;
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +29,8 @@ use std::time::{Duration, Instant};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
+
+use crate::sessions::SessionTracker;
 
 pub use image::{
     BUILTIN_PREFIX, Blob, BrokerRegistration, ClusterImage, Command, Outcome, PartitionImage, PluginImage, Refusal,
@@ -126,26 +131,6 @@ pub enum Registration {
     Refused(String),
 }
 
-struct Sessions {
-    /// Leader only: node → its session.
-    seen: HashMap<NodeId, Session>,
-    was_leader: bool,
-    /// The Raft leader whose appends this node received last, and when: a
-    /// leader's appends show its process alive as well as its heartbeats
-    /// do. A new leader starts its predecessor's session from there, so a
-    /// dead controller leader is fenced one session after it went silent,
-    /// not one session after the election.
-    heard_leader: Option<(NodeId, Instant)>,
-}
-
-struct Session {
-    incarnation: u64,
-    /// When this incarnation was last heard from, or (for a broker a new
-    /// leader has not heard yet) when the leader took over: every live
-    /// session holds its node id until it expires.
-    last: Instant,
-}
-
 /// One node's controller: a Raft member (voter or learner) and, on the
 /// leader, the broker-liveness tracker.
 pub struct Controller {
@@ -153,7 +138,7 @@ pub struct Controller {
     raft: Raft<TypeConfig>,
     transport: Arc<dyn Transport>,
     image: watch::Receiver<Arc<ClusterImage>>,
-    sessions: Mutex<Sessions>,
+    sessions: Mutex<SessionTracker>,
     incarnation: u64,
     registration: watch::Sender<Registration>,
     stopped: std::sync::atomic::AtomicBool,
@@ -210,11 +195,11 @@ impl Controller {
             .unwrap_or(1)
             ^ (std::process::id() as u64) << 32;
         let controller = Arc::new(Controller {
+            sessions: Mutex::new(SessionTracker::new(config.session_timeout)),
             config,
             raft,
             transport,
             image,
-            sessions: Mutex::new(Sessions { seen: HashMap::new(), was_leader: false, heard_leader: None }),
             incarnation,
             registration: watch::channel(Registration::Pending).0,
             stopped: false.into(),
@@ -249,6 +234,12 @@ impl Controller {
     /// replayed), and nothing absent from it may be taken as deleted.
     pub fn caught_up(&self) -> watch::Receiver<bool> {
         self.caught_up.subscribe()
+    }
+
+    /// Whether [`Controller::caught_up`] has turned true (it never turns
+    /// back).
+    pub fn is_caught_up(&self) -> bool {
+        *self.caught_up.borrow()
     }
 
     pub fn incarnation(&self) -> u64 {
@@ -291,7 +282,7 @@ impl Controller {
             ControllerRequest::Vote(r) => ControllerResponse::Vote(self.raft.vote(r).await),
             ControllerRequest::Append(r) => {
                 if let Some(leader) = r.vote.leader_id().voted_for() {
-                    self.sessions.lock().expect("sessions lock").heard_leader = Some((leader, Instant::now()));
+                    self.sessions.lock().expect("sessions lock").heard_leader(leader, Instant::now());
                 }
                 ControllerResponse::Append(self.raft.append_entries(r).await)
             }
@@ -469,12 +460,7 @@ impl Controller {
         }
         let now = Instant::now();
         {
-            let sessions = self.sessions.lock().expect("sessions lock");
-            if let Some(other) = sessions.seen.get(&node_id)
-                && other.incarnation != incarnation
-                && now.duration_since(other.last) < self.config.session_timeout
-                && register
-            {
+            if register && self.sessions.lock().expect("sessions lock").id_taken(node_id, incarnation, now) {
                 let holder = self.image.borrow().brokers.get(&node_id).map(|b| b.address.clone()).unwrap_or_default();
                 return Ok(Liveness::IdTaken(format!(
                     "node id {node_id} is already taken by a live broker at {holder}; stop it or choose another id"
@@ -504,7 +490,7 @@ impl Controller {
                 _ => return Ok(Liveness::Unknown),
             }
         }
-        self.sessions.lock().expect("sessions lock").seen.insert(node_id, Session { incarnation, last: now });
+        self.sessions.lock().expect("sessions lock").alive(node_id, incarnation, now);
         Ok(Liveness::Alive { applied: self.raft_progress().2.unwrap_or(0) })
     }
 
@@ -617,51 +603,10 @@ impl Controller {
                 m.state == ServerState::Leader
             };
             let now = Instant::now();
-            let expired: Vec<NodeId> = {
-                let mut sessions = self.sessions.lock().expect("sessions lock");
-                if !leading {
-                    sessions.was_leader = false;
-                    continue;
-                }
+            let expired = {
                 let image = self.image.borrow().clone();
-                if !sessions.was_leader {
-                    // A new leader gives every broker a full session before
-                    // judging it, counted from when it was last heard if
-                    // that is known: the previous leader, whose appends
-                    // stopped at least an election (lease + timeout, ≈ 1.2–
-                    // 1.6 s) ago if it died — unless this node lost touch
-                    // with it long before, which says nothing of it now.
-                    sessions.was_leader = true;
-                    let heard = sessions.heard_leader.filter(|(node, at)| {
-                        *node != self.config.node_id && now.duration_since(*at) < self.config.session_timeout * 3
-                    });
-                    sessions.seen = image
-                        .brokers
-                        .values()
-                        .filter(|b| !b.fenced)
-                        .map(|b| {
-                            let last = match heard {
-                                Some((node, at)) if node == b.node_id => at,
-                                _ => now,
-                            };
-                            (b.node_id, Session { incarnation: b.incarnation, last })
-                        })
-                        .collect();
-                }
-                image
-                    .brokers
-                    .values()
-                    .filter(|b| !b.fenced)
-                    .filter(|b| match sessions.seen.get(&b.node_id) {
-                        Some(session) => now.duration_since(session.last) > self.config.session_timeout,
-                        None => {
-                            let session = Session { incarnation: b.incarnation, last: now };
-                            sessions.seen.insert(b.node_id, session);
-                            false
-                        }
-                    })
-                    .map(|b| b.node_id)
-                    .collect()
+                let unfenced = image.brokers.values().filter(|b| !b.fenced).map(|b| (b.node_id, b.incarnation));
+                self.sessions.lock().expect("sessions lock").expired(now, self.config.node_id, leading, unfenced)
             };
             for node_id in expired {
                 tracing::warn!(node = node_id, timeout = ?self.config.session_timeout, "broker missed its heartbeats: fencing it");

@@ -89,12 +89,8 @@ pub struct RetentionReport {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// A file or directory could not be read, written or created.
-    #[error("I/O error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("I/O error on {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// Another [`Log`] (in this or another process) has the directory open;
     /// two writers would corrupt it.
     #[error("log directory {0} is already open")]
@@ -106,15 +102,15 @@ pub enum OpenError {
 pub enum AppendError {
     /// Writing to the segment or rolling a new one failed.
     #[error("I/O error while appending: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The batch header cannot be parsed or does not match the buffer length;
     /// the caller should have run `quiver_protocol::batch::validate`.
     #[error("invalid batch: {0}")]
-    Invalid(#[from] BatchError),
+    Invalid(BatchError),
     /// An idempotent producer's batch out of sequence or from a fenced
     /// epoch ([`Log::append_checked`] only).
     #[error("{0}")]
-    Sequence(#[from] SequenceError),
+    Sequence(SequenceError),
 }
 
 /// Why [`Log::read`] or [`Log::offset_for_timestamp`] failed.
@@ -129,5 +125,26 @@ pub enum ReadError {
     Corrupt { offset: i64, reason: String },
     /// Reading the segment file failed.
     #[error("I/O error while reading: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+/// `From` for error variants whose message already includes the inner
+/// error's. They are deliberately not `#[from]`/`#[source]`: thiserror would
+/// make the inner error the source too, and an error chain printed with
+/// `{:#}` (anyhow) would then say the same reason twice.
+macro_rules! from_inner {
+    ($($outer:ident :: $variant:ident ( $inner:ty );)*) => {$(
+        impl From<$inner> for $outer {
+            fn from(e: $inner) -> Self {
+                $outer::$variant(e)
+            }
+        }
+    )*};
+}
+
+from_inner! {
+    AppendError::Io(std::io::Error);
+    AppendError::Invalid(BatchError);
+    AppendError::Sequence(SequenceError);
+    ReadError::Io(std::io::Error);
 }

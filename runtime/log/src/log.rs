@@ -102,7 +102,7 @@ impl Log {
     pub fn open(dir: &Path, config: LogConfig) -> Result<Log, OpenError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| OpenError::Io { path, source }
+            move |error| OpenError::Io { path, error }
         };
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE_NAME);

@@ -125,12 +125,26 @@ pub enum PluginError {
     Link(String),
     #[error("the plugin refused its parameters: {0}")]
     Init(String),
+    // Not `#[from]`: the message already includes the inner error, which
+    // as a source would print twice in an error chain (`{:#}`).
     #[error("plugin {0}")]
-    Call(#[from] CallError),
+    Call(CallError),
     #[error("plugin cache: {0}")]
-    Cache(#[from] std::io::Error),
+    Cache(std::io::Error),
     #[error("{0}")]
     Engine(String),
+}
+
+impl From<CallError> for PluginError {
+    fn from(e: CallError) -> Self {
+        PluginError::Call(e)
+    }
+}
+
+impl From<std::io::Error> for PluginError {
+    fn from(e: std::io::Error) -> Self {
+        PluginError::Cache(e)
+    }
 }
 
 /// Why a call did not return. The instance is poisoned and must be replaced.
@@ -255,20 +269,27 @@ impl PluginHost {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
         let path = dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()));
-        if path.exists() {
-            // SAFETY: the file was written by `Component::serialize` of an
-            // engine with the same compatibility hash (it is in the name),
-            // into a directory only this broker writes.
-            if let Ok(component) = unsafe { Component::deserialize_file(&self.engine, &path) } {
-                return Ok((component, true));
-            }
-            tracing::warn!(path = %path.display(), "plugin cache entry unreadable; recompiling");
+        match std::fs::read(&path) {
+            Ok(entry) => match cache_entry_checked(&entry) {
+                // SAFETY: the bytes are what `Component::serialize` wrote
+                // (their SHA-256 follows them and matches), for an engine
+                // with the same compatibility hash (it is in the name).
+                Some(compiled) => match unsafe { Component::deserialize(&self.engine, compiled) } {
+                    Ok(component) => return Ok((component, true)),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "plugin cache entry refused; recompiling")
+                    }
+                },
+                None => tracing::warn!(path = %path.display(), "plugin cache entry damaged; recompiling"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "plugin cache entry unreadable; recompiling"),
         }
         let component = self.compile_fresh(wasm)?;
-        let bytes = component.serialize().map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &path)?;
+        let mut entry = component.serialize().map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let checksum = Sha256::digest(&entry);
+        entry.extend_from_slice(&checksum);
+        write_durably(&path, &entry)?;
         Ok((component, false))
     }
 
@@ -281,6 +302,39 @@ impl Drop for PluginHost {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
     }
+}
+
+/// The compiled bytes of a cache entry (`serialize` output, then its
+/// SHA-256), if the checksum matches: a torn or damaged file is never
+/// handed to `Component::deserialize`, which trusts its input.
+fn cache_entry_checked(entry: &[u8]) -> Option<&[u8]> {
+    let split = entry.len().checked_sub(32)?;
+    let (compiled, checksum) = entry.split_at(split);
+    (Sha256::digest(compiled).as_slice() == checksum).then_some(compiled)
+}
+
+/// Writes `bytes` to `path` atomically and durably: a temporary file of
+/// this process's own (two processes sharing a cache never write into one),
+/// fsynced, renamed over `path`, and the directory fsynced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{unique}.tmp", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// SHA-256 of a plugin's bytes, lowercase hex: its identity.

@@ -155,3 +155,33 @@ fn compiled_components_are_cached_by_content() {
     assert!(second.from_cache());
     assert_eq!(first.sha256(), second.sha256());
 }
+
+/// A cache entry torn or damaged on disk (a crash mid-write, a bad block) is
+/// never deserialized: its checksum fails, the component is compiled again
+/// and the entry replaced; no temporary file is left behind.
+#[test]
+fn a_damaged_cache_entry_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = HostConfig { cache_dir: Some(dir.path().to_owned()), ..HostConfig::default() };
+    let bytes = wasm("identity");
+    PluginHost::new(config.clone()).unwrap().load(&bytes).unwrap();
+    let entries = || -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+    };
+    let [entry] = entries().try_into().expect("one cache entry, no temporary file");
+    let good = std::fs::read(&entry).unwrap();
+    for damage in ["flip", "tear"] {
+        let mut bad = good.clone();
+        match damage {
+            "flip" => bad[good.len() / 2] ^= 0x40,
+            _ => bad.truncate(good.len() / 3),
+        }
+        std::fs::write(&entry, &bad).unwrap();
+        let plugin = PluginHost::new(config.clone()).unwrap().load(&bytes).unwrap();
+        assert!(!plugin.from_cache(), "{damage}: a damaged entry must not be loaded");
+        assert_eq!(entries(), vec![entry.clone()]);
+        assert!(PluginHost::new(config.clone()).unwrap().load(&bytes).unwrap().from_cache());
+    }
+}

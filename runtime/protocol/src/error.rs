@@ -72,6 +72,13 @@ wire_enum! {
         /// remembers: written long ago, or never. It cannot be appended in
         /// this epoch; its fate is unknown.
         StaleSequence = 32,
+        /// The broker's budget for request bytes in flight stayed used up
+        /// while this request waited: nothing was done; retry shortly.
+        BrokerBusy = 33,
+        /// The node started recently and has not caught up with the
+        /// metadata log yet, so its answer could be stale: retry shortly
+        /// (or ask another node).
+        BrokerNotReady = 34,
     }
 }
 
@@ -89,6 +96,8 @@ impl ErrorCode {
                 | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::OffsetNotAvailable
                 | ErrorCode::OutOfOrderSequence
+                | ErrorCode::BrokerBusy
+                | ErrorCode::BrokerNotReady
         )
     }
 
@@ -114,6 +123,8 @@ impl ErrorCode {
             ErrorCode::OutOfOrderSequence => "out_of_order_sequence",
             ErrorCode::ProducerFenced => "producer_fenced",
             ErrorCode::StaleSequence => "stale_sequence",
+            ErrorCode::BrokerBusy => "broker_busy",
+            ErrorCode::BrokerNotReady => "broker_not_ready",
             ErrorCode::NotAuthorized => "not_authorized",
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::RecordTooLarge => "record_too_large",

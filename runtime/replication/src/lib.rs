@@ -19,6 +19,8 @@
 //! - Leaders are elected from the ISR; unclean election (from outside it)
 //!   only when the topic allows it, and it is reported as such.
 
+#![forbid(unsafe_code)]
+
 mod epochs;
 mod leader;
 

@@ -15,7 +15,7 @@ use quiver_client::{
 use quiver_protocol::messages::OFFSET_LATEST;
 
 use crate::config::FileConfig;
-use crate::node::{Node, dev_config, write_dev_discovery};
+use crate::node::{Node, write_dev_discovery};
 
 #[derive(Parser, Debug)]
 #[command(name = "quiver", version, about = "Quiver: a streaming platform over QUIC")]
@@ -32,17 +32,23 @@ pub enum CertsCommand {
     /// Create the cluster CA in DIR (or reuse the one there) and a
     /// certificate for each node that has none: DIR/node-ID/broker.{pem,key},
     /// valid for localhost, node-ID and the --host names, for serving and
-    /// for connecting to other brokers. Private keys are readable by the
-    /// owner only; keep DIR/ca.key away from the nodes.
+    /// for connecting to other brokers; and for each --client NAME,
+    /// DIR/client-NAME/client.{pem,key}: a client that presents it
+    /// (--client-cert, --client-key) acts as User:NAME, e.g. for admin
+    /// commands. Private keys are readable by the owner only; keep
+    /// DIR/ca.key away from the nodes.
     Init {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
         /// Node ids, e.g. 1,2,3 (run again with new ids to add nodes).
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "clients")]
         nodes: Vec<u32>,
         /// ID=HOST: an extra name or address for node ID's certificate (repeatable).
         #[arg(long = "host", value_parser = parse_key_value)]
         hosts: Vec<(String, String)>,
+        /// A client certificate for NAME (repeatable).
+        #[arg(long = "client")]
+        clients: Vec<String>,
     },
 }
 
@@ -136,6 +142,14 @@ pub struct ConnArgs {
     /// Where `quiver dev` keeps its data.
     #[arg(long, env = "QUIVER_DEV_DIR", default_value = ".quiver", global = true)]
     pub dev_dir: PathBuf,
+    /// A client certificate (PEM) of the cluster CA to present: its common
+    /// name is who the brokers take this client for (admin commands need
+    /// one, outside development nodes). Made by `quiver certs init --client`.
+    #[arg(long, env = "QUIVER_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The key of --client-cert (PEM).
+    #[arg(long, env = "QUIVER_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 impl ConnArgs {
@@ -156,6 +170,10 @@ impl ConnArgs {
         })?;
         let mut config = ClientConfig::new(String::new(), ca_pem);
         config.brokers = brokers.trim().split(',').map(|s| s.trim().to_string()).collect();
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            config.identity = Some((read(cert)?, read(key)?));
+        }
         Ok(config)
     }
 
@@ -243,6 +261,11 @@ pub enum TopicCommand {
         /// sent again (idempotence is on by default, as in Kafka).
         #[arg(long)]
         no_idempotence: bool,
+        /// How long to ask for the topic's metadata while the cluster does
+        /// not know it (just created, a node catching up) or cannot be
+        /// reached, before giving up (Kafka's max.block.ms).
+        #[arg(long, default_value_t = 60_000)]
+        max_block_ms: u64,
     },
     /// Print records: value per line, or JSON objects with --format json.
     Consume {
@@ -313,7 +336,18 @@ pub fn init_logging(verbose: u8) {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Dev { data_dir, listen } => {
-            let node = Node::start(dev_config(&data_dir, listen)).await?;
+            // `QUIVER_SECTION__KEY` settings apply to a dev node too.
+            let mut file = FileConfig::load(None, std::env::vars())?;
+            file.broker.data_dir = data_dir.clone();
+            file.broker.listen = listen.to_string();
+            // A development node: anyone who trusts its CA may administer it.
+            file.broker.allow_anonymous_admin = true;
+            if file.tls.cert.is_some() || file.tls.key.is_some() {
+                bail!(
+                    "quiver dev makes its own certificates: unset QUIVER_TLS__CERT and QUIVER_TLS__KEY, or run `quiver broker`"
+                );
+            }
+            let node = Node::start(file.validate()?).await?;
             let ca = node.ca_cert.clone().expect("dev nodes use dev certificates");
             write_dev_discovery(&data_dir, node.address, &ca)?;
             println!("quiver dev node listening on {} (QUIC, TLS 1.3)", node.address);
@@ -353,7 +387,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdout().flush()?;
             run_until_signal(node).await
         }
-        Command::Certs { command: CertsCommand::Init { dir, nodes, hosts } } => {
+        Command::Certs { command: CertsCommand::Init { dir, nodes, hosts, clients } } => {
             let mut per_node: Vec<(u32, Vec<String>)> = nodes.iter().map(|n| (*n, Vec::new())).collect();
             for (id, host) in hosts {
                 let id: u32 = id.parse().with_context(|| format!("--host {id}={host}: '{id}' is not a node id"))?;
@@ -362,12 +396,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => bail!("--host {id}={host}: node {id} is not in --nodes"),
                 }
             }
-            let done = crate::tls::init_cluster_certs(&dir, &per_node)?;
+            let done = crate::tls::init_cluster_certs(&dir, &per_node, &clients)?;
             let ca = dir.join("ca.pem");
             println!("{} CA {}", if done.created_ca { "created" } else { "kept the existing" }, ca.display());
             for (id, _) in &per_node {
                 let what = if done.issued.contains(id) { "issued" } else { "kept" };
                 println!("node {id}: {what} {}", dir.join(format!("node-{id}")).join("broker.pem").display());
+            }
+            for name in &clients {
+                let what = if done.clients.contains(name) { "issued" } else { "kept" };
+                println!("client {name}: {what} {}", dir.join(format!("client-{name}")).join("client.pem").display());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -512,6 +550,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             broker_partitioning,
             timeout_ms,
             no_idempotence,
+            max_block_ms,
         } => {
             let config = ProducerConfig {
                 delivery_timeout: Duration::from_millis(timeout_ms),
@@ -521,6 +560,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                 batch_bytes_max: batch_bytes,
                 partition_locally: !broker_partitioning,
                 idempotent: !no_idempotence,
+                max_block: Duration::from_millis(max_block_ms),
                 ..ProducerConfig::default()
             };
             return produce_stdin(&client, name, key_sep, partition, headers, config).await;

@@ -389,7 +389,7 @@ impl LocalCluster {
     pub fn start(dir: &Path, ports: &[u16], env: &[(&str, &str)]) -> anyhow::Result<LocalCluster> {
         let ids: Vec<u32> = (1..=ports.len() as u32).collect();
         let certs = dir.join("certs");
-        crate::tls::init_cluster_certs(&certs, &ids.iter().map(|i| (*i, Vec::new())).collect::<Vec<_>>())?;
+        crate::tls::init_cluster_certs(&certs, &ids.iter().map(|i| (*i, Vec::new())).collect::<Vec<_>>(), &[])?;
         let mut cluster = LocalCluster {
             dir: dir.to_path_buf(),
             addresses: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
@@ -427,6 +427,8 @@ impl LocalCluster {
             .arg("--ca")
             .arg(&self.ca)
             .arg("-v")
+            // A local cluster is for development, as `quiver dev` is.
+            .env("QUIVER_BROKER__ALLOW_ANONYMOUS_ADMIN", "true")
             .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -36,6 +36,15 @@ pub struct BrokerSection {
     /// What clients are told to connect to; defaults to `listen`.
     pub advertised_address: Option<String>,
     pub frame_bytes_max: usize,
+    /// Request bytes read and not yet answered, broker-wide (at least
+    /// `frame_bytes_max`): past it requests wait, then get `broker_busy`.
+    pub request_bytes_in_flight_max: usize,
+    /// A request must arrive whole within this long of its first byte.
+    pub request_read_timeout_ms: u64,
+    /// Admin operations (voters, reassignment, plugin deploy and control)
+    /// for clients without a certificate. Off: they need a client
+    /// certificate of `tls.ca` (`quiver certs init --client NAME`).
+    pub allow_anonymous_admin: bool,
     pub fetch_wait_ms_max: u32,
 }
 
@@ -47,6 +56,9 @@ impl Default for BrokerSection {
             listen: "127.0.0.1:7878".into(),
             advertised_address: None,
             frame_bytes_max: quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
+            request_bytes_in_flight_max: quiver_broker::REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
+            request_read_timeout_ms: 30_000,
+            allow_anonymous_admin: false,
             fetch_wait_ms_max: 30_000,
         }
     }
@@ -128,6 +140,9 @@ pub struct NodeConfig {
     pub broker: BrokerConfig,
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Clients may present a certificate signed by this CA (`tls.ca`); its
+    /// subject is their principal.
+    pub client_ca: Option<PathBuf>,
     pub cluster: Option<ClusterSettings>,
 }
 
@@ -183,6 +198,17 @@ impl FileConfig {
         if self.broker.frame_bytes_max < 1024 {
             bail!("broker.frame_bytes_max must be at least 1024");
         }
+        if self.broker.request_bytes_in_flight_max < self.broker.frame_bytes_max {
+            bail!(
+                "broker.request_bytes_in_flight_max ({}) must be at least broker.frame_bytes_max ({}): the largest \
+                 request must fit",
+                self.broker.request_bytes_in_flight_max,
+                self.broker.frame_bytes_max
+            );
+        }
+        if self.broker.request_read_timeout_ms == 0 {
+            bail!("broker.request_read_timeout_ms must be above 0");
+        }
         let cluster = if self.cluster.controllers.trim().is_empty() {
             None
         } else {
@@ -211,12 +237,16 @@ impl FileConfig {
         broker.node_id = self.broker.node_id;
         broker.advertised_address = self.broker.advertised_address.unwrap_or_else(|| listen.to_string());
         broker.frame_bytes_max = self.broker.frame_bytes_max;
+        broker.request_bytes_in_flight_max = self.broker.request_bytes_in_flight_max;
+        broker.request_read_timeout_ms = self.broker.request_read_timeout_ms;
+        broker.allow_anonymous_admin = self.broker.allow_anonymous_admin;
         broker.fetch_wait_ms_max = self.broker.fetch_wait_ms_max;
         broker.flush_interval_ms = (self.storage.flush_interval_ms > 0).then_some(self.storage.flush_interval_ms);
         broker.retention_check_interval_ms = self.storage.retention_check_interval_ms.max(10);
         broker.topic_defaults = topic_defaults;
         broker.replica_lag_time_max_ms = self.cluster.replica_lag_time_max_ms.max(1);
-        Ok(NodeConfig { broker, listen, tls, cluster })
+        let client_ca = self.tls.ca.clone();
+        Ok(NodeConfig { broker, listen, tls, client_ca, cluster })
     }
 }
 

@@ -35,8 +35,7 @@ impl Node {
                 (paths.cert, paths.key, Some(paths.ca_cert))
             }
         };
-        let client_ca = config.cluster.as_ref().map(|c| c.ca.clone());
-        let server_config = server_config_with_clients(&cert, &key, client_ca.as_deref())?;
+        let server_config = server_config_with_clients(&cert, &key, config.client_ca.as_deref())?;
         let broker_config = config.broker.clone();
         let broker =
             tokio::task::spawn_blocking(move || Broker::open(broker_config)).await?.context("opening the broker")?;
@@ -110,7 +109,8 @@ pub fn write_dev_discovery(dev_dir: &Path, address: SocketAddr, ca_cert: &Path) 
 pub fn dev_config(data_dir: &Path, listen: SocketAddr) -> NodeConfig {
     let mut broker = BrokerConfig::new(data_dir);
     broker.advertised_address = listen.to_string();
-    NodeConfig { broker, listen, tls: None, cluster: None }
+    broker.allow_anonymous_admin = true;
+    NodeConfig { broker, listen, tls: None, client_ca: None, cluster: None }
 }
 
 /// Dev TLS paths for a data dir.

@@ -35,7 +35,7 @@ pub fn ensure_dev_certs(dir: &Path, hosts: &[String]) -> anyhow::Result<TlsPaths
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let issuer = create_ca(dir, "Quiver development CA")?;
-    issue(&issuer, dir, "quiver broker", hosts)?;
+    issue(&issuer, dir, "quiver broker", hosts, Holder::Node)?;
     Ok(paths)
 }
 
@@ -60,22 +60,47 @@ fn create_ca(dir: &Path, name: &str) -> anyhow::Result<Issuer<'static, KeyPair>>
     Ok(Issuer::new(params, key))
 }
 
-/// Writes `broker.pem` and `broker.key` in `dir`, signed by `issuer`, valid
-/// for localhost and `hosts`, for both ends of TLS (brokers also connect to
-/// each other).
-fn issue(issuer: &Issuer<'static, KeyPair>, dir: &Path, name: &str, hosts: &[String]) -> anyhow::Result<()> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    names.extend(hosts.iter().filter(|h| !h.is_empty()).cloned());
-    names.sort();
-    names.dedup();
+/// Who a certificate is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// A broker: `broker.pem` and `broker.key`, valid for localhost and its
+    /// host names, for both ends of TLS (brokers also connect to each other).
+    Node,
+    /// A client that authenticates as its common name: `client.pem` and
+    /// `client.key`, for the client end only.
+    Client,
+}
+
+/// Writes a certificate and its key in `dir`, signed by `issuer`, with the
+/// common name `name`.
+fn issue(
+    issuer: &Issuer<'static, KeyPair>,
+    dir: &Path,
+    name: &str,
+    hosts: &[String],
+    holder: Holder,
+) -> anyhow::Result<()> {
+    let (names, usages, files) = match holder {
+        Holder::Node => {
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+            names.extend(hosts.iter().filter(|h| !h.is_empty()).cloned());
+            names.sort();
+            names.dedup();
+            let usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            let paths = TlsPaths::in_dir(dir);
+            (names, usages, (paths.cert, paths.key))
+        }
+        Holder::Client => {
+            (Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth], (dir.join("client.pem"), dir.join("client.key")))
+        }
+    };
     let mut params = CertificateParams::new(names)?;
     params.distinguished_name.push(DnType::CommonName, name);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = usages;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, issuer)?;
-    let paths = TlsPaths::in_dir(dir);
-    write_private(&paths.key, key.serialize_pem().as_bytes())?;
-    std::fs::write(&paths.cert, cert.pem())?;
+    write_private(&files.1, key.serialize_pem().as_bytes())?;
+    std::fs::write(&files.0, cert.pem())?;
     Ok(())
 }
 
@@ -85,13 +110,20 @@ pub struct ClusterCerts {
     pub created_ca: bool,
     /// Node ids that got a new certificate (existing ones are kept).
     pub issued: Vec<u32>,
+    /// Clients that got a new certificate (existing ones are kept).
+    pub clients: Vec<String>,
 }
 
 /// `quiver certs init`: a cluster CA in `dir` (created once, reused after,
 /// so nodes added later chain to the same CA) and, for each node without
 /// one, `dir/node-<id>/broker.{pem,key}` valid for localhost, `node-<id>` and
-/// the node's extra host names.
-pub fn init_cluster_certs(dir: &Path, nodes: &[(u32, Vec<String>)]) -> anyhow::Result<ClusterCerts> {
+/// the node's extra host names; and for each client name without one,
+/// `dir/client-<name>/client.{pem,key}` (its principal is `User:<name>`).
+pub fn init_cluster_certs(
+    dir: &Path,
+    nodes: &[(u32, Vec<String>)],
+    clients: &[String],
+) -> anyhow::Result<ClusterCerts> {
     const CA_NAME: &str = "Quiver cluster CA";
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
@@ -118,10 +150,23 @@ pub fn init_cluster_certs(dir: &Path, nodes: &[(u32, Vec<String>)]) -> anyhow::R
         std::fs::create_dir_all(&node_dir).with_context(|| format!("creating {}", node_dir.display()))?;
         let mut names = vec![format!("node-{id}")];
         names.extend(hosts.iter().cloned());
-        issue(&issuer, &node_dir, &format!("quiver node {id}"), &names)?;
+        issue(&issuer, &node_dir, &format!("quiver node {id}"), &names, Holder::Node)?;
         issued.push(*id);
     }
-    Ok(ClusterCerts { created_ca, issued })
+    let mut issued_clients = Vec::new();
+    for name in clients {
+        if name.is_empty() || name.starts_with("quiver node ") || name.contains(['/', '\\']) {
+            bail!("'{name}' cannot name a client: it must be non-empty, without '/', and not a node's name");
+        }
+        let client_dir = dir.join(format!("client-{name}"));
+        if client_dir.join("client.pem").exists() {
+            continue;
+        }
+        std::fs::create_dir_all(&client_dir).with_context(|| format!("creating {}", client_dir.display()))?;
+        issue(&issuer, &client_dir, name, &[], Holder::Client)?;
+        issued_clients.push(name.clone());
+    }
+    Ok(ClusterCerts { created_ca, issued, clients: issued_clients })
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -187,6 +232,18 @@ pub fn server_config_with_clients(
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(quiver_client::transport_config()));
+    // What one connection can make the broker buffer before it reads: its
+    // streams and its unread bytes (the broker-wide budget bounds what it
+    // reads, see `net`).
+    let mut transport = quiver_client::transport_config();
+    transport.max_concurrent_bidi_streams(crate::net::STREAMS_PER_CONNECTION_MAX.into());
+    transport.receive_window(CONNECTION_RECEIVE_WINDOW_BYTES.into());
+    transport.stream_receive_window(STREAM_RECEIVE_WINDOW_BYTES.into());
+    config.transport_config(Arc::new(transport));
     Ok(config)
 }
+
+/// Bytes a client may send on one connection before the broker reads them.
+pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// Bytes a client may send on one stream before the broker reads them.
+pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 8 * 1024 * 1024;

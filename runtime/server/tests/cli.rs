@@ -86,6 +86,37 @@ fn size_of(node: &DevNode, topic: &str) -> u64 {
     d["partitions"].as_array().unwrap().iter().map(|p| p["size_bytes"].as_u64().unwrap()).sum()
 }
 
+/// A refused request prints its reason once: the CLI's error chain does not
+/// repeat the broker's code and message.
+#[test]
+fn refusals_say_their_reason_once() {
+    let node = DevNode::start();
+    node.ok(&["topic", "create", "a"]);
+    let refused = |args: &[&str]| node.fails(args);
+    assert_eq!(
+        refused(&["topic", "create", "t", "-p", "0"]),
+        "error: broker refused the request: invalid_partitions: partition count must be between 1 and 10000, not 0\n"
+    );
+    assert_eq!(
+        refused(&["topic", "create", "a"]),
+        "error: broker refused the request: topic_already_exists: topic 'a' already exists\n"
+    );
+    assert_eq!(
+        refused(&["topic", "create", "bad/name"]),
+        "error: broker refused the request: invalid_topic_name: topic name 'bad/name' contains '/': only ASCII \
+         letters, digits, '.', '_' and '-' are allowed\n"
+    );
+    let err = refused(&["topic", "create", "c", "-c", "retention.hours=1"]);
+    assert!(
+        err.starts_with(
+            "error: broker refused the request: invalid_config: unknown topic config 'retention.hours' (known: "
+        ),
+        "{err}"
+    );
+    assert_eq!(err.matches("invalid_config").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 #[test]
 fn topic_admin_and_errors() {
     let node = DevNode::start();
@@ -103,7 +134,7 @@ fn topic_admin_and_errors() {
     assert!(err.contains("partition count"), "{err}");
     let err = node.fails(&["topic", "describe", "nope"]);
     assert!(err.contains("'nope' does not exist"), "{err}");
-    let out = node.produce(&["topic", "produce", "nope"], b"x\n");
+    let out = node.produce(&["topic", "produce", "nope", "--max-block-ms", "500"], b"x\n");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     let out = node.produce(&["topic", "produce", "a", "-p", "5"], b"x\n");

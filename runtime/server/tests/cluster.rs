@@ -167,3 +167,50 @@ fn three_processes_form_a_cluster_fence_a_killed_node_and_refuse_bad_members() {
     }
     assert!(err.contains("no controller quorum"), "{err}");
 }
+
+/// A restarted node answers clients only once it has caught up with the
+/// metadata log (until then `broker_not_ready`, which clients retry): a new
+/// producer process that bootstraps through it right after the restart
+/// finds a topic created while it was down, instead of being told that the
+/// topic does not exist.
+#[test]
+fn a_producer_bootstrapping_through_a_restarted_node_finds_new_topics() {
+    let mut cluster = Cluster::start(3, &[]);
+    cluster.wait_formed();
+    cluster.kill9(2);
+    cluster.wait_for("node 2 fenced", Duration::from_secs(30), || cluster.info(1).is_some_and(|i| fenced(&i, 2)));
+    cluster.ok(1, &["topic", "create", "fresh", "-p", "2", "-r", "2"]);
+    cluster.start_node(2);
+    // Up and answering (its own view of the cluster), not yet caught up.
+    cluster.wait_for("node 2 answering", Duration::from_secs(30), || cluster.info(2).is_some());
+    let values: Vec<String> = (0..50).map(|i| format!("v{i}")).collect();
+    let out = cluster.produce_args(2, "fresh", &["-p", "0", "--acks", "all", "--max-block-ms", "1000"], &values);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(cluster.values(2, "fresh", 0).unwrap(), values);
+}
+
+/// Admin operations (leader elections, voters, reassignment, plugin deploy
+/// and control) need an authenticated principal outside development nodes:
+/// a client without a certificate is refused with the reason and what to
+/// do; one presenting a client certificate of the cluster CA (`quiver certs
+/// init --client admin`) is served; everyone may still produce.
+#[test]
+fn admin_operations_need_a_client_certificate() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_formed();
+    cluster.ok(1, &["topic", "create", "open", "-p", "1"]);
+    for args in [
+        &["cluster", "rebalance"][..],
+        &["topic", "reassign", "open", "-p", "0", "--replicas", "2"],
+        &["plugin", "deploy", "mirror", "--builtin", "identity", "--kind", "transform", "--input", "open"],
+    ] {
+        let out = cluster.anonymous(1, args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded anonymously");
+        assert!(err.contains("not_authorized: anonymous may not change the cluster or its plugins"), "{err}");
+        assert!(err.contains("--client-cert"), "{err}");
+    }
+    cluster.ok(1, &["cluster", "rebalance"]);
+    let out = cluster.produce(1, "open", 0, "all", 30_000, &["anyone".to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -4,13 +4,13 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use quiver_protocol::codec::DecodeError;
 use quiver_protocol::frame::{LENGTH_PREFIX_BYTES, decode_response, encode_request, frame_len};
 use quiver_protocol::messages::{ApiKey, ApiVersionsRequest, Request};
-use quiver_protocol::{ALPN, WireError};
+use quiver_protocol::{ALPN, ErrorCode, WireError};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::sync::Mutex;
@@ -93,14 +93,28 @@ pub enum CallError {
     Timeout(Duration),
     #[error("response of {size} bytes exceeds the limit of {limit} bytes")]
     ResponseTooLarge { size: usize, limit: usize },
+    // Not `#[from]`: the message already includes the inner error, which
+    // as a source would print twice in an error chain (`{:#}`).
     #[error("malformed response: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
     #[error("broker refused the request: {0}")]
-    Broker(#[from] WireError),
+    Broker(WireError),
     /// The request went unanswered and the cluster moved the leadership of
     /// one of its partitions meanwhile; it may or may not have been applied.
     #[error("leadership moved during the request: {0}")]
     LeaderMoved(String),
+}
+
+impl From<DecodeError> for CallError {
+    fn from(e: DecodeError) -> Self {
+        CallError::Decode(e)
+    }
+}
+
+impl From<WireError> for CallError {
+    fn from(e: WireError) -> Self {
+        CallError::Broker(e)
+    }
 }
 
 impl CallError {
@@ -249,9 +263,35 @@ impl Client {
         Ok(conn)
     }
 
-    /// Sends one request and waits for its response.
+    /// Sends one request and waits for its response. A broker that answers
+    /// `broker_not_ready` (it restarted and is catching up with the
+    /// metadata log; nothing was done) is asked again, or another of the
+    /// given brokers is, for up to `request_timeout`.
     pub async fn call<R: Request>(&self, request: &R) -> Result<R::Response, CallError> {
-        self.open_stream().await?.call(request).await
+        let started = Instant::now();
+        let mut backoff = NOT_READY_BACKOFF_MIN;
+        loop {
+            let stream = self.open_stream().await?;
+            let address = stream.address.clone();
+            match stream.call(request).await {
+                Err(CallError::Broker(e))
+                    if e.code == ErrorCode::BrokerNotReady
+                        && started.elapsed() + backoff < self.inner.config.request_timeout =>
+                {
+                    tracing::debug!(address, error = %e, "broker not ready; asking again");
+                    if self.inner.config.brokers.len() > 1 {
+                        self.routing.suspects.mark(&address);
+                        let mut connection = self.inner.connection.lock().await;
+                        if connection.as_ref().is_some_and(|(a, _)| *a == address) {
+                            *connection = None;
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(NOT_READY_BACKOFF_MAX);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Sends one request without waiting for any answer (acks=none).
@@ -280,6 +320,10 @@ impl Client {
     }
 }
 
+/// Waits between asking a broker that is not ready yet.
+const NOT_READY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const NOT_READY_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
 fn lost(reason: String) -> CallError {
     CallError::ConnectionLost(reason)
 }
@@ -287,7 +331,7 @@ fn lost(reason: String) -> CallError {
 /// Reads exactly `len` bytes of a frame body into one buffer, without
 /// zero-filling it first (QUIC hands data over in packet-sized chunks, so
 /// copying them once into place is cheaper than keeping them apart).
-pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, std::io::Error> {
+pub(crate) async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, std::io::Error> {
     use bytes::BufMut;
     use tokio::io::AsyncReadExt;
     let mut body = BytesMut::with_capacity(len);

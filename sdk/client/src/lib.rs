@@ -24,6 +24,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod admin;
 mod connection;
 mod consumer;
@@ -32,10 +34,11 @@ mod partitioning;
 pub use quiver_protocol::partitioner;
 mod producer;
 mod routing;
+mod sequencer;
 
 pub use admin::Admin;
 pub use connection::{
-    CallError, Client, ClientConfig, ConnectError, RequestStream, quic_client_config, read_body, transport_config,
+    CallError, Client, ClientConfig, ConnectError, RequestStream, quic_client_config, transport_config,
 };
 pub use consumer::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, OffsetSpec};
 pub use delivery::DeliveryFuture;

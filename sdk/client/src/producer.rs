@@ -44,6 +44,7 @@ use crate::delivery::{Acked, Completer, DeliveryFuture};
 use crate::partitioning::LocalPartitioner;
 use crate::partitioning::Placement;
 use crate::routing::group_by_connection;
+use crate::sequencer::{self, Attempt, PartitionSequence, Stamp, Verdict};
 use quiver_protocol::partitioner::partition_for_key;
 #[cfg(feature = "plugins")]
 use quiver_protocol::partitioner::split_by_partition;
@@ -84,6 +85,11 @@ pub struct ProducerConfig {
     /// partition then has at most [`IDEMPOTENT_IN_FLIGHT_MAX`] batches in
     /// flight.
     pub idempotent: bool,
+    /// How long `send` asks for the metadata of a topic used for the first
+    /// time while the cluster does not know it (just created elsewhere, or
+    /// a restarted node catching up) or cannot be reached, before it fails
+    /// (Kafka's `max.block.ms`).
+    pub max_block: Duration,
 }
 
 /// Batches of one partition an idempotent producer has in flight at most,
@@ -114,6 +120,7 @@ impl Default for ProducerConfig {
             partition_locally: true,
             metadata_max_age: Duration::from_secs(300),
             idempotent: true,
+            max_block: Duration::from_secs(60),
         }
     }
 }
@@ -180,8 +187,8 @@ pub struct RecordMetadata {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProduceError {
-    #[error("topic '{0}' does not exist")]
-    UnknownTopic(String),
+    #[error("topic '{topic}' does not exist (asked for {waited:.1?})")]
+    UnknownTopic { topic: String, waited: Duration },
     #[error("topic '{topic}' has {partitions} partitions; there is no partition {partition}")]
     UnknownPartition { topic: String, partition: u32, partitions: u32 },
     #[error("record of {size} bytes does not fit in a request of at most {limit} bytes")]
@@ -244,24 +251,6 @@ struct ReadyBatch {
     stamp: Option<Stamp>,
     /// An attempt ended without knowing whether it was appended.
     ambiguous: bool,
-}
-
-/// An idempotent producer's numbering of one batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    epoch: i16,
-    sequence: i32,
-}
-
-/// An idempotent producer's numbering of one partition.
-#[derive(Debug, Default)]
-struct PartitionSequence {
-    epoch: i16,
-    /// The sequence the next batch starts at.
-    next: i32,
-    /// The batches numbered since the oldest one not yet completed, in
-    /// order: their stamps, and whether each is completed.
-    window: VecDeque<(Stamp, bool)>,
 }
 
 type Sequences = HashMap<(Arc<str>, u32), PartitionSequence>;
@@ -337,6 +326,8 @@ struct Shared {
     config: ProducerConfig,
     state: Mutex<State>,
     ready_tx: mpsc::UnboundedSender<ReadyBatch>,
+    /// With no linger: batches opened, to seal when a request can take them.
+    open_tx: mpsc::UnboundedSender<(Arc<str>, u32, u64)>,
     buffer: Arc<Semaphore>,
     /// Records sent but not yet completed; `flush` waits for zero.
     outstanding: AtomicUsize,
@@ -365,6 +356,7 @@ impl Client {
 impl Producer {
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        let (open_tx, open_rx) = mpsc::unbounded_channel();
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
@@ -375,13 +367,14 @@ impl Producer {
             config,
             state: Mutex::new(State { topics: HashMap::default(), next_batch_id: 0, rng: seed }),
             ready_tx,
+            open_tx,
             outstanding: AtomicUsize::new(0),
             drained: Notify::new(),
             sequences: Mutex::new(HashMap::default()),
             window_moved: Notify::new(),
             spare: Mutex::new((Vec::new(), 0)),
         });
-        tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx));
+        tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx, open_rx));
         Producer { shared }
     }
 
@@ -454,14 +447,20 @@ impl Producer {
         let batch = topic.open.entry(partition).or_insert_with(|| {
             *next_batch_id += 1;
             let id = *next_batch_id;
-            let weak = Arc::downgrade(shared);
             let (linger, name) = (shared.config.linger, topic.name.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(linger).await;
-                if let Some(shared) = weak.upgrade() {
-                    shared.seal_and_send(&name, partition, Some(id));
-                }
-            });
+            if linger.is_zero() {
+                // Sealed by the dispatcher once a request can carry it; until
+                // then it takes records (see `dispatch`).
+                let _ = shared.open_tx.send((name, partition, id));
+            } else {
+                let weak = Arc::downgrade(shared);
+                tokio::spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    if let Some(shared) = weak.upgrade() {
+                        shared.seal_and_send(&name, partition, Some(id));
+                    }
+                });
+            }
             // Checked once per batch, not per record: a clock read.
             if !topic.refreshing && topic.checked.elapsed() >= shared.config.metadata_max_age {
                 topic.refreshing = true;
@@ -525,18 +524,25 @@ impl Producer {
         if self.shared.state.lock().expect("producer state").topics.contains_key(topic) {
             return Ok(());
         }
-        let metadata = self
-            .shared
-            .client
-            .admin()
-            .metadata(Some(vec![topic.to_string()]))
-            .await
-            .map_err(|e| ProduceError::Connect(e.to_string()))?;
-        let t = metadata
-            .topics
-            .into_iter()
-            .find(|t| t.name == topic && t.error == ErrorCode::None)
-            .ok_or_else(|| ProduceError::UnknownTopic(topic.to_string()))?;
+        let started = Instant::now();
+        let t = loop {
+            let error = match self.shared.client.admin().metadata(Some(vec![topic.to_string()])).await {
+                Ok(metadata) => match metadata.topics.into_iter().find(|t| t.name == topic) {
+                    Some(t) if t.error == ErrorCode::None => break t,
+                    Some(t) if !t.error.is_retriable() => {
+                        return Err(ProduceError::Rejected(WireError::new(t.error, format!("topic '{topic}'"))));
+                    }
+                    _ => ProduceError::UnknownTopic { topic: topic.to_string(), waited: started.elapsed() },
+                },
+                Err(e) if e.is_safe_to_retry() => ProduceError::Connect(e.to_string()),
+                Err(e) => return Err(ProduceError::Connect(e.to_string())),
+            };
+            if started.elapsed() + self.shared.config.retry_backoff >= self.shared.config.max_block {
+                return Err(error);
+            }
+            tracing::debug!(topic, %error, "no metadata for the topic yet; asking again");
+            tokio::time::sleep(self.shared.config.retry_backoff).await;
+        };
         let partitions = t.partitions.len() as u32;
         let placement = self.placement(&t.partitioner).await;
         let mut state = self.shared.state.lock().expect("producer state");
@@ -733,12 +739,7 @@ impl Shared {
         if let Some(stamp) = batch.stamp {
             let mut sequences = self.sequences.lock().expect("producer sequences");
             if let Some(seq) = sequences.get_mut(&(batch.topic.clone(), batch.partition)) {
-                if let Some(entry) = seq.window.iter_mut().find(|(s, _)| *s == stamp) {
-                    entry.1 = true;
-                }
-                while seq.window.front().is_some_and(|(_, done)| *done) {
-                    seq.window.pop_front();
-                }
+                seq.completed(stamp);
             }
             drop(sequences);
             self.window_moved.notify_one();
@@ -763,24 +764,21 @@ impl Shared {
     fn stamp(&self, batch: &mut ReadyBatch, producer_id: i64) -> bool {
         let mut sequences = self.sequences.lock().expect("producer sequences");
         let seq = sequences.entry((batch.topic.clone(), batch.partition)).or_default();
-        if seq.window.len() >= IDEMPOTENT_IN_FLIGHT_MAX {
+        let Some(stamp) = seq.stamp(batch.count, IDEMPOTENT_IN_FLIGHT_MAX) else {
             return false;
-        }
-        let stamp = Stamp { epoch: seq.epoch, sequence: seq.next };
-        let count = batch.count as i64;
-        seq.next = ((i64::from(seq.next) + count) % (i64::from(i32::MAX) + 1)) as i32;
-        seq.window.push_back((stamp, false));
+        };
         batch.builder = batch.builder.take().map(|b| b.with_producer(producer_id, stamp.epoch, stamp.sequence));
         batch.stamp = Some(stamp);
         true
     }
 
-    /// Whether a numbered batch belongs to its partition's current epoch.
-    fn epoch_is_current(&self, batch: &ReadyBatch) -> bool {
-        batch.stamp.is_none_or(|stamp| {
+    /// What is known of a batch whose attempt just ended.
+    fn attempt(&self, batch: &ReadyBatch) -> Attempt {
+        let current_epoch = batch.stamp.is_none_or(|stamp| {
             let sequences = self.sequences.lock().expect("producer sequences");
-            sequences.get(&(batch.topic.clone(), batch.partition)).is_none_or(|seq| seq.epoch == stamp.epoch)
-        })
+            sequences.get(&(batch.topic.clone(), batch.partition)).is_none_or(|seq| seq.is_current(stamp))
+        });
+        Attempt { numbered: batch.stamp.is_some(), current_epoch, ambiguous: batch.ambiguous }
     }
 
     /// Fails a batch for good. Its sequence numbers will never be filled,
@@ -789,15 +787,9 @@ impl Shared {
         if let Some(stamp) = batch.stamp {
             let mut sequences = self.sequences.lock().expect("producer sequences");
             if let Some(seq) = sequences.get_mut(&(batch.topic.clone(), batch.partition))
-                && seq.epoch == stamp.epoch
+                && seq.failed(stamp)
             {
-                // After i16::MAX epochs the producer keeps the last one: its
-                // later batches fail with out_of_order_sequence.
-                if seq.epoch < i16::MAX {
-                    seq.epoch += 1;
-                    seq.next = 0;
-                }
-                tracing::debug!(topic = %batch.topic, partition = batch.partition, epoch = seq.epoch, "new producer epoch");
+                tracing::debug!(topic = %batch.topic, partition = batch.partition, "new producer epoch");
             }
         }
         self.complete(batch, Err(error));
@@ -841,7 +833,16 @@ async fn obtain_producer_id(
 
 /// Packs ready batches into requests, keeping at most `in_flight_max`
 /// requests outstanding. Ends when the producer is dropped.
-async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>) {
+///
+/// Without linger, a batch is sealed when the dispatcher has nothing else
+/// queued and a request slot is free, as Kafka's `linger.ms=0`: at light
+/// load each record goes out at once, and while requests are in flight the
+/// open batches keep taking records instead of leaving one by one.
+async fn dispatch(
+    weak: std::sync::Weak<Shared>,
+    mut ready_rx: mpsc::UnboundedReceiver<ReadyBatch>,
+    mut open_rx: mpsc::UnboundedReceiver<(Arc<str>, u32, u64)>,
+) {
     let (in_flight, mut idempotent) = match weak.upgrade() {
         Some(s) => (
             Arc::new(Semaphore::new(s.config.in_flight_max.max(1))),
@@ -854,7 +855,27 @@ async fn dispatch(weak: std::sync::Weak<Shared>, mut ready_rx: mpsc::UnboundedRe
     let mut queued: VecDeque<ReadyBatch> = VecDeque::new();
     loop {
         if queued.is_empty() {
-            let Some(first) = ready_rx.recv().await else {
+            let first = tokio::select! {
+                biased;
+                first = ready_rx.recv() => first,
+                open = open_rx.recv() => {
+                    let Some((topic, partition, id)) = open else {
+                        return;
+                    };
+                    // Only this task takes permits: one free now is free
+                    // for the request that will carry the batch.
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        return;
+                    };
+                    drop(permit);
+                    let Some(shared) = weak.upgrade() else {
+                        return;
+                    };
+                    shared.seal_and_send(&topic, partition, Some(id));
+                    continue;
+                }
+            };
+            let Some(first) = first else {
                 return;
             };
             let Some(shared) = weak.upgrade() else {
@@ -1004,6 +1025,10 @@ async fn send_once(
         Some(s) => Ok(s),
         None => target.open_stream().await,
     };
+    let now = Instant::now();
+    for b in &pending {
+        b.completer.sent(now);
+    }
     let outcome = match opened {
         Err(e) => Err(e),
         Ok(s) if config.acks == Acks::None => s.send_only(&request).await.map(|()| None),
@@ -1036,33 +1061,19 @@ async fn send_once(
                     shared.complete(b, acked);
                 } else if r.error == ErrorCode::None {
                     shared.complete(b, Ok(Acked::Base(r.base_offset)));
-                } else if r.error == ErrorCode::NotReplicated && b.stamp.is_none() {
-                    // Appended but unconfirmed: a retry could write it twice.
-                    shared.fail(b, ProduceError::Unknown(format!("{}: {}", r.error, r.message)));
-                } else if r.error == ErrorCode::OutOfOrderSequence && !shared.epoch_is_current(&b) {
-                    // The gap before it is a batch that failed for good.
-                    let message =
-                        format!("{}; an earlier batch of this partition failed, so it was not written", r.message);
-                    shared.fail(b, ProduceError::Rejected(WireError::new(r.error, message)));
-                } else if r.error == ErrorCode::StaleSequence {
-                    // The leader is past it: written long ago, or never (a
-                    // leader that learned of this producer from a later
-                    // batch). The partition starts a new epoch.
-                    shared.fail(b, ProduceError::Unknown(format!("{}: {}", r.error, r.message)));
-                } else if r.error == ErrorCode::ProducerFenced && b.ambiguous {
-                    let message = format!("{}: {} (an earlier attempt may have been written)", r.error, r.message);
-                    shared.fail(b, ProduceError::Unknown(message));
-                } else if r.error.is_retriable() || r.error == ErrorCode::NotReplicated {
-                    // An idempotent batch appended but unconfirmed is sent
-                    // again: the leader recognises it if it kept it.
-                    if matches!(r.error, ErrorCode::NotLeader | ErrorCode::UnknownTopic | ErrorCode::NotReplicated) {
-                        shared.client.forget_routes();
-                    }
-                    b.ambiguous |= r.error == ErrorCode::NotReplicated;
-                    last_error = format!("{}: {}", r.error, r.message);
-                    retry.push(b);
                 } else {
-                    shared.fail(b, ProduceError::Rejected(WireError::new(r.error, r.message)));
+                    match sequencer::on_error(r.error, &r.message, shared.attempt(&b)) {
+                        Verdict::Retry { forget_routes, ambiguous } => {
+                            if forget_routes {
+                                shared.client.forget_routes();
+                            }
+                            b.ambiguous = ambiguous;
+                            last_error = format!("{}: {}", r.error, r.message);
+                            retry.push(b);
+                        }
+                        Verdict::Unknown(message) => shared.fail(b, ProduceError::Unknown(message)),
+                        Verdict::Rejected(e) => shared.fail(b, ProduceError::Rejected(e)),
+                    }
                 }
             }
             (retry, last_error)
@@ -1074,24 +1085,19 @@ async fn send_once(
             }
             (Vec::new(), String::new())
         }
-        Err(e) if e.is_safe_to_retry() => {
-            shared.client.forget_routes();
-            (pending, e.to_string())
-        }
         Err(e) => {
-            // The broker may be gone: the next batches ask for leaders anew
-            // (the cache already names the new one if it moved). Numbered
-            // batches are sent again (written once); others fail.
-            if !matches!(e, CallError::LeaderMoved(_)) {
+            if sequencer::forgets_routes(&e) {
                 shared.client.forget_routes();
             }
             let mut retry = Vec::new();
             for mut b in pending {
-                if b.stamp.is_some() {
-                    b.ambiguous = true;
-                    retry.push(b);
-                } else {
-                    shared.fail(b, ProduceError::Unknown(e.to_string()));
+                match sequencer::on_lost(&e, shared.attempt(&b)) {
+                    Verdict::Retry { ambiguous, .. } => {
+                        b.ambiguous = ambiguous;
+                        retry.push(b);
+                    }
+                    Verdict::Unknown(message) => shared.fail(b, ProduceError::Unknown(message)),
+                    Verdict::Rejected(error) => shared.fail(b, ProduceError::Rejected(error)),
                 }
             }
             (retry, e.to_string())

@@ -30,8 +30,12 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         let nodes: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
-        let init =
-            Command::new(BIN).args(["certs", "init", "--dir"]).arg(&certs).args(["--nodes", &nodes.join(",")]).output();
+        // And an `admin` client certificate, for admin commands.
+        let init = Command::new(BIN)
+            .args(["certs", "init", "--dir"])
+            .arg(&certs)
+            .args(["--nodes", &nodes.join(","), "--client", "admin"])
+            .output();
         assert!(init.unwrap().status.success());
         let listen: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let proxies: Vec<UdpProxy> = match proxy_seed {
@@ -251,15 +255,27 @@ impl Cluster {
         }
     }
 
-    /// Runs a client command against node `via`.
+    /// Runs a client command against node `via`, as the `admin` client.
     pub fn quiver(&self, via: u32, args: &[&str]) -> Output {
-        Command::new(BIN)
+        let admin = self.certs().join("client-admin");
+        self.anonymous(via, args)
+            .env("QUIVER_CLIENT_CERT", admin.join("client.pem"))
+            .env("QUIVER_CLIENT_KEY", admin.join("client.key"))
+            .output()
+            .unwrap()
+    }
+
+    /// A client command against node `via`, presenting no certificate.
+    pub fn anonymous(&self, via: u32, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
             .args(args)
             .env("QUIVER_BROKERS", self.address(via))
             .env("QUIVER_CA", self.certs().join("ca.pem"))
             .env_remove("QUIVER_DEV_DIR")
-            .output()
-            .unwrap()
+            .env_remove("QUIVER_CLIENT_CERT")
+            .env_remove("QUIVER_CLIENT_KEY");
+        command
     }
 
     pub fn ok(&self, via: u32, args: &[&str]) -> String {

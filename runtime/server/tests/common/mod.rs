@@ -17,6 +17,8 @@ pub struct DevNode {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Environment of the node process (`QUIVER_SECTION__KEY` settings).
+    env: Vec<(String, String)>,
 }
 
 /// A UDP port that is free right now on loopback.
@@ -27,10 +29,22 @@ pub fn free_port() -> u16 {
 
 impl DevNode {
     pub fn start() -> DevNode {
+        DevNode::start_with_env(&[])
+    }
+
+    /// A node with settings from the environment, e.g.
+    /// `("QUIVER_BROKER__FRAME_BYTES_MAX", "4096")`.
+    pub fn start_with_env(env: &[(&str, &str)]) -> DevNode {
         let dir = tempfile::tempdir().unwrap();
-        let mut node = DevNode { dir, port: free_port(), child: None };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut node = DevNode { dir, port: free_port(), child: None, env };
         node.spawn();
         node
+    }
+
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -53,6 +67,7 @@ impl DevNode {
             .arg(self.data_dir())
             .args(["--listen", &self.address()])
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
