@@ -5,7 +5,8 @@
 //!
 //! Memory for requests is bounded broker-wide: body bytes take room in one
 //! budget (`request_bytes_in_flight_max`) as they arrive — a declared length
-//! reserves nothing — and give it back once the answer is written; a request
+//! takes none, and past 8 MiB reserves no buffer either — and give it back
+//! once the answer is written; a request
 //! must arrive whole within `request_read_timeout_ms`. So connections that
 //! declare large bodies and send slowly hold only what they sent, and only
 //! for a while.
@@ -158,19 +159,24 @@ enum BodyError {
     Refused(WireError),
 }
 
+/// Bodies up to this size get their whole buffer when they start (an
+/// ordinary produce request is copied once, into place); a larger declared
+/// length reserves nothing: its buffer grows with what arrives.
+const BODY_RESERVE_AT_ONCE_MAX: usize = 8 * 1024 * 1024;
+
 /// Reads a body of `len` bytes as it arrives, taking room in `budget` for
-/// each piece (a declared length reserves nothing), until `deadline`. The
-/// permit holds the body's room until it is dropped.
+/// each piece, until `deadline`. The permit holds the body's room until it
+/// is dropped.
 async fn read_body(
     recv: &mut quinn::RecvStream,
     len: usize,
     budget: &Arc<Semaphore>,
     deadline: Instant,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), BodyError> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut body = BytesMut::with_capacity(len.min(BODY_RESERVE_AT_ONCE_MAX));
     let mut room: Option<OwnedSemaphorePermit> = None;
-    let mut received = 0;
-    while received < len {
+    while body.len() < len {
+        let received = body.len();
         let chunk = match tokio::time::timeout_at(deadline, recv.read_chunk(len - received, true)).await {
             Ok(Ok(Some(chunk))) => chunk.bytes,
             Ok(Ok(None)) => return Err(BodyError::Stream(format!("stream ended after {received} of {len} bytes"))),
@@ -198,21 +204,9 @@ async fn read_body(
             Some(room) => room.merge(permit),
             None => room = Some(permit),
         }
-        received += chunk.len();
-        chunks.push(chunk);
+        body.extend_from_slice(&chunk);
     }
-    let body = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().expect("one chunk"),
-        _ => {
-            let mut body = BytesMut::with_capacity(len);
-            for chunk in chunks {
-                body.extend_from_slice(&chunk);
-            }
-            body.freeze()
-        }
-    };
-    Ok((body, room))
+    Ok((body.freeze(), room))
 }
 
 fn busy(budget: &Semaphore) -> WireError {
