@@ -24,8 +24,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-/// Concurrent request streams one connection may open (QUIC stream credit).
-pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
+/// Concurrent request streams one connection may open (QUIC stream credit):
+/// a follower long-polls one stream per partition it copies from a leader.
+/// What a connection makes the broker buffer is bounded by its receive
+/// window, not by its streams.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 
 /// Serves until `shutdown` turns true, then closes the endpoint.
 pub async fn serve(endpoint: quinn::Endpoint, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
