@@ -6,10 +6,9 @@
 //! Memory for requests is bounded broker-wide: body bytes take room in one
 //! budget (`request_bytes_in_flight_max`) as they arrive — a declared length
 //! takes none, and past 8 MiB reserves no buffer either — and give it back
-//! once the answer is written; a request
-//! must arrive whole within `request_read_timeout_ms`. So connections that
-//! declare large bodies and send slowly hold only what they sent, and only
-//! for a while.
+//! once the answer is written; a request must arrive whole within
+//! `request_read_timeout_ms`. So connections that declare large bodies and
+//! send slowly hold only what they sent, and only for a while.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,12 +22,6 @@ use quiver_protocol::{ErrorCode, WireError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
-
-/// Concurrent request streams one connection may open (QUIC stream credit):
-/// a follower long-polls one stream per partition it copies from a leader.
-/// What a connection makes the broker buffer is bounded by its receive
-/// window, not by its streams.
-pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 
 /// Serves until `shutdown` turns true, then closes the endpoint.
 pub async fn serve(endpoint: quinn::Endpoint, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {

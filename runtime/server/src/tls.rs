@@ -156,7 +156,7 @@ pub fn init_cluster_certs(
     let mut issued_clients = Vec::new();
     for name in clients {
         if name.is_empty() || name.starts_with("quiver node ") || name.contains(['/', '\\']) {
-            bail!("'{name}' cannot name a client: it must be non-empty, without '/', and not a node's name");
+            bail!("'{name}' cannot name a client: it must be non-empty, without '/' or '\\', and not a node's name");
         }
         let client_dir = dir.join(format!("client-{name}"));
         if client_dir.join("client.pem").exists() {
@@ -232,11 +232,11 @@ pub fn server_config_with_clients(
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    // What one connection can make the broker buffer before it reads: its
-    // streams and its unread bytes (the broker-wide budget bounds what it
-    // reads, see `net`).
+    // What one connection can make the broker buffer before it reads is its
+    // unread bytes (the broker-wide budget bounds what it reads, see `net`);
+    // the client's 1024 concurrent streams stay (a follower long-polls one
+    // per partition it copies from a leader).
     let mut transport = quiver_client::transport_config();
-    transport.max_concurrent_bidi_streams(crate::net::STREAMS_PER_CONNECTION_MAX.into());
     transport.receive_window(CONNECTION_RECEIVE_WINDOW_BYTES.into());
     transport.stream_receive_window(STREAM_RECEIVE_WINDOW_BYTES.into());
     config.transport_config(Arc::new(transport));
