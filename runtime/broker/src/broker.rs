@@ -1,5 +1,6 @@
-//! Broker state: topics, their partitions' logs, the topic metadata file,
-//! and the background flush and retention loops.
+//! Broker state: how a node starts (controller, migration, broker), the
+//! topics and their partitions' logs, the local record of opened replicas
+//! (`topics.json`), and the background flush and retention loops.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,7 +14,9 @@ use quiver_protocol::WireError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::replica::Replica;
+use quiver_controller::{Controller, ControllerConfig, Transport};
+
+use crate::replica::{Replica, ReplicaLink};
 use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name};
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -87,6 +90,10 @@ pub enum OpenError {
     Plugins(String),
     #[error("cannot open partition {topic}-{partition}: {source}")]
     Log { topic: String, partition: u32, source: LogOpenError },
+    #[error("cannot start the controller: {0}")]
+    Controller(quiver_controller::StartError),
+    #[error("cannot move this node's metadata into the metadata log: {0}")]
+    Migration(String),
 }
 
 pub(crate) struct Partition {
@@ -123,13 +130,16 @@ impl Topic {
     }
 }
 
+/// `topics.json`: the topics this broker holds replicas of, as it opened
+/// them (which metadata-log topic, which partitions). The image decides;
+/// this file lets a restart open the logs before the image is replayed.
 #[derive(Serialize, Deserialize, Default)]
-struct MetadataFile {
-    topics: Vec<TopicRecord>,
+pub(crate) struct MetadataFile {
+    pub(crate) topics: Vec<TopicRecord>,
 }
 
-const METADATA_FILE: &str = "topics.json";
-const LOGS_DIR: &str = "logs";
+pub(crate) const METADATA_FILE: &str = "topics.json";
+pub(crate) const LOGS_DIR: &str = "logs";
 const DELETED_SUFFIX: &str = ".deleted";
 
 /// One node's broker. Cheap to share (`Arc`); every method is safe to call
@@ -144,32 +154,96 @@ pub struct Broker {
     pub(crate) wake_all: watch::Sender<u64>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) plugins: crate::plugins::Plugins,
-    /// Set once when the node runs in a cluster.
-    pub(crate) cluster: std::sync::OnceLock<Arc<quiver_controller::Controller>>,
-    /// Set with `cluster`: how followers reach leaders.
-    pub(crate) replica_link: std::sync::OnceLock<Arc<dyn crate::replica::ReplicaLink>>,
+    /// This node's member of the metadata quorum: the image is the truth
+    /// about topics, plugins and producer ids, on a single node too.
+    pub(crate) controller: Arc<Controller>,
+    /// How followers reach leaders (and a transform another broker).
+    pub(crate) replica_link: Arc<dyn ReplicaLink>,
     /// The block of producer ids this broker hands out.
     pub(crate) producer_ids: crate::producer_ids::ProducerIds,
 }
 
+/// How a node takes part in a cluster: its controller's configuration, the
+/// transport between controllers, and how its followers reach leaders.
+pub struct Membership {
+    pub controller: ControllerConfig,
+    pub transport: Arc<dyn Transport>,
+    pub link: Arc<dyn ReplicaLink>,
+}
+
+impl Membership {
+    /// A single node: the only voter of its own metadata log, with nobody
+    /// to talk to (KRaft's combined mode with one voter).
+    pub fn single(config: &BrokerConfig) -> Membership {
+        Membership {
+            controller: ControllerConfig::single(
+                config.node_id,
+                config.advertised_address.clone(),
+                config.data_dir.clone(),
+            ),
+            transport: Arc::new(quiver_controller::NoPeers),
+            link: Arc::new(crate::replica::NoPeers),
+        }
+    }
+}
+
+/// How long a single node waits for its own metadata log at start.
+const SINGLE_READY_WAIT: Duration = Duration::from_secs(60);
+
 impl Broker {
-    /// Opens the data directory: loads the topic metadata, recovers every
-    /// partition's log, and removes leftovers of deleted topics.
-    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, OpenError> {
+    /// Starts a node: its controller (the only voter of its own metadata
+    /// log when `membership` is `None`), then, once, the migration of a
+    /// data directory written before metadata lived in the log
+    /// (`migrate.rs`), then the broker over its data directory, following
+    /// the image from then on. A single node returns once it has caught up
+    /// with its log, so that it answers at once.
+    pub async fn start(config: BrokerConfig, membership: Option<Membership>) -> Result<Arc<Broker>, OpenError> {
+        let Membership { controller, transport, link } = membership.unwrap_or_else(|| Membership::single(&config));
+        let single = controller.is_single();
+        let pending = crate::migrate::pending(&config.data_dir)?;
+        let controller = Controller::start(controller, transport).await.map_err(OpenError::Controller)?;
+        if pending {
+            crate::migrate::run(&config, &controller).await?;
+        }
+        let broker = {
+            let controller = controller.clone();
+            tokio::task::spawn_blocking(move || Broker::open(config, controller, link))
+                .await
+                .map_err(|e| OpenError::Metadata { path: PathBuf::new(), reason: e.to_string() })??
+        };
+        broker.follow_image();
+        if single {
+            let mut caught_up = controller.caught_up();
+            if tokio::time::timeout(SINGLE_READY_WAIT, caught_up.wait_for(|c| *c)).await.is_err() {
+                tracing::warn!(wait = ?SINGLE_READY_WAIT, "the metadata log has not caught up; clients are told to retry");
+            }
+        }
+        Ok(broker)
+    }
+
+    /// Opens the data directory: loads the local topic records, recovers
+    /// every partition's log, and removes leftovers of deleted topics.
+    fn open(
+        config: BrokerConfig,
+        controller: Arc<Controller>,
+        link: Arc<dyn ReplicaLink>,
+    ) -> Result<Arc<Broker>, OpenError> {
         let logs_dir = config.data_dir.join(LOGS_DIR);
         std::fs::create_dir_all(&logs_dir).map_err(|source| OpenError::DataDir { path: logs_dir.clone(), source })?;
         remove_deleted_dirs(&logs_dir);
         let meta_path = config.data_dir.join(METADATA_FILE);
-        let meta = match std::fs::read(&meta_path) {
-            Ok(raw) => serde_json::from_slice::<MetadataFile>(&raw)
-                .map_err(|e| OpenError::Metadata { path: meta_path.clone(), reason: e.to_string() })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => MetadataFile::default(),
-            Err(source) => {
-                return Err(OpenError::DataDir { path: meta_path, source });
-            }
-        };
+        let meta = read_records(&meta_path)?;
         let mut topics = HashMap::new();
-        for record in meta.topics {
+        for record in meta {
+            if record.cluster_id.is_none() {
+                return Err(OpenError::Metadata {
+                    path: meta_path.clone(),
+                    reason: format!(
+                        "topic '{}' is not in the metadata log (its migration did not finish)",
+                        record.name
+                    ),
+                });
+            }
             let config_t = config
                 .topic_defaults
                 .clone()
@@ -188,8 +262,8 @@ impl Broker {
             wake_all: watch::channel(0).0,
             shutting_down: AtomicBool::new(false),
             plugins,
-            cluster: std::sync::OnceLock::new(),
-            replica_link: std::sync::OnceLock::new(),
+            controller,
+            replica_link: link,
             producer_ids: Default::default(),
         }))
     }
@@ -204,9 +278,7 @@ impl Broker {
 
     /// A partition this broker leads (on a single node: any partition).
     pub(crate) fn partition(&self, topic: &str, partition: u32) -> Result<(Arc<Topic>, Arc<Partition>), WireError> {
-        if let Some(controller) = self.cluster.get() {
-            crate::cluster::check_leader(self.config.node_id, &controller.image().borrow(), topic, partition)?;
-        }
+        crate::cluster::check_leader(self.config.node_id, &self.controller.image().borrow(), topic, partition)?;
         let t = self
             .topic(topic)
             .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
@@ -271,26 +343,6 @@ impl Broker {
             .map_err(|m| WireError::new(ErrorCode::InvalidConfig, m))?;
         self.check_topic_plugins(&config)?;
         Ok((seen, config))
-    }
-
-    /// Creates a topic durably: partition directories first, then the
-    /// metadata file (atomically replaced), then it becomes visible.
-    pub(crate) async fn create_topic(
-        &self,
-        name: &str,
-        partitions: u32,
-        overrides: &[(String, String)],
-    ) -> Result<Arc<Topic>, WireError> {
-        let (seen, config) = self.validate_new_topic(name, partitions, overrides)?;
-        let record = TopicRecord {
-            name: name.to_string(),
-            partitions,
-            overrides: seen,
-            created_ms: now_ms(),
-            cluster_id: None,
-            held: None,
-        };
-        self.create_local_topic(record, config).await
     }
 
     /// Opens a new topic's logs and records it in the metadata file.
@@ -487,7 +539,18 @@ pub(crate) fn corrupt(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::CorruptMessage, e.to_string())
 }
 
-fn partition_dir(logs_dir: &Path, topic: &str, partition: u32) -> PathBuf {
+/// The records of `topics.json` (none if it does not exist).
+pub(crate) fn read_records(path: &Path) -> Result<Vec<TopicRecord>, OpenError> {
+    match std::fs::read(path) {
+        Ok(raw) => serde_json::from_slice::<MetadataFile>(&raw)
+            .map(|m| m.topics)
+            .map_err(|e| OpenError::Metadata { path: path.to_path_buf(), reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(OpenError::DataDir { path: path.to_path_buf(), source }),
+    }
+}
+
+pub(crate) fn partition_dir(logs_dir: &Path, topic: &str, partition: u32) -> PathBuf {
     logs_dir.join(format!("{topic}-{partition}"))
 }
 
@@ -512,11 +575,8 @@ fn open_partition(
     let dir = partition_dir(logs_dir, &record.name, id);
     let failed = |source| OpenError::Log { topic: record.name.clone(), partition: id, source };
     let log = Log::open(&dir, config.log_config()).map_err(failed)?;
-    let replica = match record.cluster_id {
-        None => Replica::single(),
-        Some(_) => Replica::clustered(&dir, log.log_end_offset())
-            .map_err(|error| failed(LogOpenError::Io { path: dir.join("leader-epochs"), error }))?,
-    };
+    let replica = Replica::open(&dir, log.log_end_offset())
+        .map_err(|error| failed(LogOpenError::Io { path: dir.join("leader-epochs"), error }))?;
     Ok(Partition { id, log, replica, waiters: Default::default() })
 }
 

@@ -1,9 +1,10 @@
-//! A broker in a cluster. The metadata image (quiver-controller) is the
-//! truth: topic admin goes through the metadata log, metadata answers come
-//! from the image, and a reconcile loop opens and removes local logs so that
-//! this broker holds exactly the replicas the image assigns it. Produce and
-//! fetch are served only by a partition's leader; any other broker answers
-//! `NotLeader` naming it. Replication itself is in `replica.rs`.
+//! A broker and its metadata image (quiver-controller), on a single node
+//! (the only voter of its own log) as in a cluster: topic admin goes through
+//! the metadata log, metadata answers come from the image, and a reconcile
+//! loop opens and removes local logs so that this broker holds exactly the
+//! replicas the image assigns it. Produce and fetch are served only by a
+//! partition's leader; any other broker answers `NotLeader` naming it.
+//! Replication itself is in `replica.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,8 +29,7 @@ impl Broker {
     /// else the leader's id and address. An offline partition, or a leader
     /// whose address is unknown, is a `NotLeader` error.
     pub(crate) fn remote_leader(&self, topic: &str, partition: u32) -> Result<Option<RemoteLeader>, WireError> {
-        let Some(controller) = self.controller() else { return Ok(None) };
-        let image = controller.image().borrow().clone();
+        let image = self.controller.image().borrow().clone();
         match check_leader(self.config.node_id, &image, topic, partition) {
             Ok(()) => Ok(None),
             Err(e) if e.code != ErrorCode::NotLeader => Err(e),
@@ -49,21 +49,14 @@ impl Broker {
         (leader, address): RemoteLeader,
         request: ProduceRequest,
     ) -> Result<ProduceResponse, WireError> {
-        match self.replica_link.get() {
-            Some(link) => link.produce(leader, address, request).await,
-            None => Err(WireError::new(ErrorCode::NotLeader, "this broker has no link to the other brokers yet")),
-        }
+        self.replica_link.produce(leader, address, request).await
     }
 
-    /// Makes this broker a member of a cluster: from now on its topics are
-    /// the image's, and its replicas copy from their leaders over `link`.
-    /// Call once, right after opening.
-    pub fn join_cluster(self: &Arc<Self>, controller: Arc<Controller>, link: Arc<dyn crate::ReplicaLink>) {
-        let mut image = controller.image();
-        let mut caught_up = controller.caught_up();
-        if self.cluster.set(controller).is_err() || self.replica_link.set(link).is_err() {
-            panic!("join_cluster called twice");
-        }
+    /// From now on this broker's topics are the image's, and its replicas
+    /// copy from their leaders. Called once, right after opening.
+    pub(crate) fn follow_image(self: &Arc<Self>) {
+        let mut image = self.controller.image();
+        let mut caught_up = self.controller.caught_up();
         tokio::spawn(self.clone().isr_ticks());
         let broker = self.clone();
         tokio::spawn(async move {
@@ -82,29 +75,25 @@ impl Broker {
         });
     }
 
-    pub fn controller(&self) -> Option<&Arc<Controller>> {
-        self.cluster.get()
+    /// This node's member of the metadata quorum.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
     }
 
     /// A restarted node answers clients only once it has caught up with the
     /// metadata log: until then its image may be stale (a topic created
     /// meanwhile missing, a leadership it lost still there).
     pub(crate) fn ready(&self) -> Result<(), WireError> {
-        match self.controller() {
-            Some(c) if !c.is_caught_up() => Err(WireError::new(
-                ErrorCode::BrokerNotReady,
-                format!(
-                    "node {} has not caught up with the metadata log since it started; retry shortly",
-                    self.config.node_id
-                ),
-            )),
-            _ => Ok(()),
+        if self.controller.is_caught_up() {
+            return Ok(());
         }
-    }
-
-    /// The controller, or `code` for a request only a cluster node serves.
-    fn require_cluster(&self, code: ErrorCode) -> Result<&Arc<Controller>, WireError> {
-        self.controller().ok_or_else(|| WireError::new(code, "this node is not part of a cluster (no --controllers)"))
+        Err(WireError::new(
+            ErrorCode::BrokerNotReady,
+            format!(
+                "node {} has not caught up with the metadata log since it started; retry shortly",
+                self.config.node_id
+            ),
+        ))
     }
 
     /// Opens the replicas the image assigns this broker and, once the image
@@ -114,9 +103,7 @@ impl Broker {
     async fn reconcile(self: &Arc<Self>, image: &ClusterImage, complete: bool) {
         let me = self.config.node_id;
         for local in self.sorted_topics().into_iter().filter(|_| complete) {
-            let Some(local_id) = local.record.cluster_id else {
-                continue; // made before this node joined a cluster: left alone
-            };
+            let Some(local_id) = local.record.cluster_id else { continue };
             let current = image.topics.get(&local.record.name).map(|t| (t.id, held(t, me)));
             let keep = matches!(&current, Some((id, held)) if *id == local_id && !held.is_empty());
             if !keep && let Err(e) = self.delete_topic(&local.record.name).await {
@@ -172,11 +159,8 @@ impl Broker {
         self.reconcile_plugins(image, complete).await;
     }
 
-    pub(crate) async fn create_topic_in_cluster(
-        &self,
-        controller: &Controller,
-        r: CreateTopicRequest,
-    ) -> Result<CreateTopicResponse, WireError> {
+    pub(crate) async fn create_topic(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, WireError> {
+        let controller = &self.controller;
         let (overrides, config) = self.validate_new_topic(&r.name, r.partitions, &r.configs)?;
         if config.min_insync_replicas > usize::from(r.replication_factor.max(1)) {
             return Err(WireError::new(
@@ -199,7 +183,8 @@ impl Broker {
         Ok(CreateTopicResponse { configs: config.to_pairs() })
     }
 
-    pub(crate) async fn delete_topic_in_cluster(&self, controller: &Controller, name: &str) -> Result<(), WireError> {
+    pub(crate) async fn delete_topic_in_metadata(&self, name: &str) -> Result<(), WireError> {
+        let controller = &self.controller;
         controller.write(Command::DeleteTopic { name: name.to_string() }).await.map_err(write_error)?;
         self.wait_applied(controller, |image| !image.topics.contains_key(name)).await;
         Ok(())
@@ -223,7 +208,8 @@ impl Broker {
         image.topics.iter().all(|(name, t)| held(t, me).is_empty() || self.topic(name).is_some())
     }
 
-    pub(crate) fn cluster_metadata(&self, image: &ClusterImage, request: MetadataRequest) -> MetadataResponse {
+    pub(crate) fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
+        let image = self.controller.image().borrow().clone();
         let describe = |name: &str, t: &TopicImage| {
             let partitioner = t.config("partitioner").unwrap_or_default().to_string();
             TopicMetadata {
@@ -262,11 +248,8 @@ impl Broker {
         MetadataResponse { brokers, topics }
     }
 
-    pub(crate) fn cluster_describe(
-        &self,
-        image: &ClusterImage,
-        names: Option<Vec<String>>,
-    ) -> Result<DescribeTopicsResponse, WireError> {
+    pub(crate) fn describe(&self, names: Option<Vec<String>>) -> Result<DescribeTopicsResponse, WireError> {
+        let image = self.controller.image().borrow().clone();
         let names: Vec<String> = match names {
             None => image.topics.keys().cloned().collect(),
             Some(names) => names,
@@ -308,28 +291,7 @@ impl Broker {
 
     pub(crate) fn cluster_info(&self) -> ClusterInfoResponse {
         let me = self.config.node_id;
-        let Some(controller) = self.controller() else {
-            let topics = self.sorted_topics();
-            return ClusterInfoResponse {
-                clustered: false,
-                node_id: me,
-                controller_leader: NO_LEADER,
-                raft_term: 0,
-                metadata_applied: 0,
-                nodes: vec![ClusterNode {
-                    node_id: me,
-                    address: self.config.advertised_address.clone(),
-                    rack: String::new(),
-                    fenced: false,
-                    voter: false,
-                }],
-                topics: topics.len() as u32,
-                partitions: topics.iter().map(|t| t.count()).sum(),
-                under_replicated: vec![],
-                offline: vec![],
-                unclean_elections: vec![],
-            };
-        };
+        let controller = &self.controller;
         let image = controller.image().borrow().clone();
         let (voters, _) = controller.members();
         let (term, _, applied) = controller.raft_progress();
@@ -365,12 +327,9 @@ impl Broker {
         }
     }
 
-    /// Moves leaderships back to preferred replicas (nothing to do on a
-    /// single node).
+    /// Moves leaderships back to preferred replicas.
     pub(crate) async fn elect_leaders(&self) -> Result<ElectLeadersResponse, WireError> {
-        let Some(controller) = self.controller() else {
-            return Ok(ElectLeadersResponse { elected: vec![] });
-        };
+        let controller = &self.controller;
         let due = controller.image().borrow().preferred_elections_due();
         if !due.is_empty() {
             controller.write(Command::PreferredElection).await.map_err(write_error)?;
@@ -390,29 +349,26 @@ impl Broker {
         &self,
         r: ReassignPartitionRequest,
     ) -> Result<ReassignPartitionResponse, WireError> {
-        let controller = self.require_cluster(ErrorCode::InvalidRequest)?;
         let command = if r.cancel {
             Command::CancelReassignment { topic: r.topic, partition: r.partition }
         } else {
             Command::ReassignPartition { topic: r.topic, partition: r.partition, replicas: r.replicas }
         };
-        controller.write(command).await.map_err(write_error)?;
+        self.controller.write(command).await.map_err(write_error)?;
         Ok(ReassignPartitionResponse {})
     }
 
     /// Adds or removes voters of the metadata quorum.
     pub(crate) async fn alter_voters(&self, r: AlterVotersRequest) -> Result<AlterVotersResponse, WireError> {
-        let controller = self.require_cluster(ErrorCode::InvalidRequest)?;
-        let voters = controller.alter_voters(r.add, r.remove).await.map_err(write_error)?;
+        let voters = self.controller.alter_voters(r.add, r.remove).await.map_err(write_error)?;
         Ok(AlterVotersResponse { voters })
     }
 
     /// Serves a controller message from another broker.
     pub(crate) async fn controller_call(&self, call: ControllerCall) -> Result<ControllerAnswer, WireError> {
-        let controller = self.require_cluster(ErrorCode::NotAuthorized)?;
         let request = serde_json::from_slice(&call.body)
             .map_err(|e| WireError::new(ErrorCode::CorruptMessage, format!("controller message: {e}")))?;
-        let answer = controller.handle(request).await;
+        let answer = self.controller.handle(request).await;
         Ok(ControllerAnswer { body: serde_json::to_vec(&answer).expect("answer serialises").into() })
     }
 }

@@ -16,7 +16,7 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::access::{self, RequestContext};
-use crate::broker::{Broker, Partition, Topic, corrupt};
+use crate::broker::{Broker, Partition, corrupt};
 use crate::cluster::RemoteLeader;
 use crate::order::AppendTurn;
 use crate::placement::{Destination, Placed};
@@ -105,9 +105,11 @@ impl Broker {
         match api {
             ApiKey::ApiVersions => self.run(body, |_: ApiVersionsRequest| async { Ok(self.api_versions()) }).await,
             ApiKey::Metadata => self.run(body, |r| async move { Ok(self.metadata(r)) }).await,
-            ApiKey::CreateTopic => self.run(body, |r| self.create_topic_request(r)).await,
+            ApiKey::CreateTopic => self.run(body, |r| self.create_topic(r)).await,
             ApiKey::DeleteTopic => self.run(body, |r| self.delete_topic_request(r)).await,
-            ApiKey::DescribeTopics => self.run(body, |r| async move { self.describe(r) }).await,
+            ApiKey::DescribeTopics => {
+                self.run(body, |r: DescribeTopicsRequest| async move { self.describe(r.names) }).await
+            }
             ApiKey::Produce => self.run(body, |r| self.produce(r, turn)).await,
             ApiKey::Fetch => self.run(body, |r| self.fetch(r)).await,
             ApiKey::ListOffsets => self.run(body, |r| async move { Ok(self.list_offsets(r)) }).await,
@@ -177,97 +179,9 @@ impl Broker {
         self.plugins.get(name).map_or(0, |d| d.deployment.read().expect("deployment lock").version)
     }
 
-    fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
-        if let Some(controller) = self.controller() {
-            return self.cluster_metadata(&controller.image().borrow(), request);
-        }
-        let describe = |t: &Topic| TopicMetadata {
-            name: t.record.name.clone(),
-            error: ErrorCode::None,
-            partitions: (0..t.count())
-                .map(|p| PartitionMetadata { partition: p, leader: self.config.node_id, leader_epoch: 0 })
-                .collect(),
-            partitioner: t.config.partitioner.clone().unwrap_or_default(),
-            partitioner_version: t.config.partitioner.as_deref().map_or(0, |n| self.plugin_version(n)),
-        };
-        let topics = match request.topics {
-            None => self.sorted_topics().iter().map(|t| describe(t)).collect(),
-            Some(names) => names
-                .into_iter()
-                .map(|name| match self.topic(&name) {
-                    Some(t) => describe(&t),
-                    None => unknown_topic_metadata(name),
-                })
-                .collect(),
-        };
-        MetadataResponse {
-            brokers: vec![BrokerInfo { node_id: self.config.node_id, address: self.config.advertised_address.clone() }],
-            topics,
-        }
-    }
-
-    async fn create_topic_request(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, WireError> {
-        if let Some(controller) = self.controller() {
-            return self.create_topic_in_cluster(controller, r).await;
-        }
-        if r.replication_factor > 1 {
-            return Err(WireError::new(
-                ErrorCode::NotEnoughReplicas,
-                format!(
-                    "replication factor {} needs {} brokers; this cluster has 1",
-                    r.replication_factor, r.replication_factor
-                ),
-            ));
-        }
-        let topic = self.create_topic(&r.name, r.partitions, &r.configs).await?;
-        Ok(CreateTopicResponse { configs: topic.config.to_pairs() })
-    }
-
     async fn delete_topic_request(&self, r: DeleteTopicRequest) -> Result<DeleteTopicResponse, WireError> {
-        match self.controller() {
-            Some(controller) => self.delete_topic_in_cluster(controller, &r.name).await?,
-            None => self.delete_topic(&r.name).await?,
-        }
+        self.delete_topic_in_metadata(&r.name).await?;
         Ok(DeleteTopicResponse {})
-    }
-
-    fn describe(&self, r: DescribeTopicsRequest) -> Result<DescribeTopicsResponse, WireError> {
-        if let Some(controller) = self.controller() {
-            return self.cluster_describe(&controller.image().borrow(), r.names);
-        }
-        let topics = match r.names {
-            None => self.sorted_topics(),
-            Some(names) => names
-                .iter()
-                .map(|n| {
-                    self.topic(n)
-                        .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{n}' does not exist")))
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        Ok(DescribeTopicsResponse {
-            topics: topics
-                .iter()
-                .map(|t| TopicDescription {
-                    name: t.record.name.clone(),
-                    configs: t.config.to_pairs(),
-                    partitions: t
-                        .local()
-                        .map(|p| PartitionDescription {
-                            partition: p.id,
-                            leader: self.config.node_id,
-                            leader_epoch: 0,
-                            replicas: vec![self.config.node_id],
-                            isr: vec![self.config.node_id],
-                            log_start_offset: p.log.log_start_offset(),
-                            high_watermark: p.log.log_end_offset(),
-                            size_bytes: p.log.size_bytes(),
-                            segments: p.log.segment_count() as u32,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        })
     }
 
     pub(crate) async fn produce(

@@ -12,6 +12,7 @@ pub mod access;
 mod broker;
 mod cluster;
 mod handlers;
+mod migrate;
 mod order;
 mod placement;
 mod plugin_sync;
@@ -22,7 +23,7 @@ pub mod topic;
 mod waiters;
 
 pub use access::{Principal, RequestContext};
-pub use broker::{Broker, BrokerConfig, OpenError, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT, now_ms};
+pub use broker::{Broker, BrokerConfig, Membership, OpenError, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT, now_ms};
 pub use order::{AppendOrder, AppendTurn};
 pub use plugins::{Deployment, OnError, StartAt};
 pub use quiver_plugin_host::HostConfig as PluginHostConfig;

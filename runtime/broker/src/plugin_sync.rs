@@ -1,4 +1,4 @@
-//! Plugins in a cluster. The metadata log is the registry: a deploy, pause,
+//! Plugins and the metadata log. The log is the registry: a deploy, pause,
 //! resume or remove is a metadata command, and every broker makes its local
 //! registry (`plugins.rs`) match the image, the way it does for topics.
 //! Components are content-addressed by SHA-256 and travel inside the log
@@ -22,14 +22,13 @@ use crate::plugins::{Deployed, Deployment, Plugins, unknown};
 /// How long an admin request waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
 /// zstd level for components in the metadata log.
-const BLOB_LEVEL: i32 = 3;
+pub(crate) const BLOB_LEVEL: i32 = 3;
 
 impl Broker {
     /// Stores a validated deployment in the metadata log and waits until
     /// this broker runs it.
-    pub(crate) async fn deploy_in_cluster(
+    pub(crate) async fn deploy_in_metadata(
         &self,
-        controller: &Controller,
         r: &PluginDeployRequest,
         plugin: &Plugin,
         deployment: Deployment,
@@ -47,6 +46,7 @@ impl Broker {
         } else {
             None
         };
+        let controller = &self.controller;
         let image = controller.image().borrow().clone();
         let keep_progress = image
             .plugins
@@ -68,17 +68,12 @@ impl Broker {
         };
         self.wait_for_plugin(&r.name, |d| d.is_some_and(|d| deployed_version(d) >= version)).await?;
         self.wait_for_peers(controller, &r.name, version).await?;
-        tracing::info!(plugin = %r.name, version, "plugin deployed in the cluster");
+        tracing::info!(plugin = %r.name, version, "plugin deployed");
         Ok((version, sha256, deployment.abi_version))
     }
 
     /// Pause, resume or remove, through the metadata log.
-    pub(crate) async fn control_in_cluster(
-        &self,
-        controller: &Controller,
-        name: &str,
-        action: PluginAction,
-    ) -> Result<(), WireError> {
+    pub(crate) async fn control_in_metadata(&self, name: &str, action: PluginAction) -> Result<(), WireError> {
         self.plugins.get(name).ok_or_else(|| unknown(name))?;
         let command = match action {
             PluginAction::Pause => {
@@ -90,7 +85,7 @@ impl Broker {
                 Command::RemovePlugin { name: name.into() }
             }
         };
-        controller.write(command).await.map_err(write_error)?;
+        self.controller.write(command).await.map_err(write_error)?;
         let want_paused = action == PluginAction::Pause;
         self.wait_for_plugin(name, |d| match (action, d) {
             (PluginAction::Remove, d) => d.is_none(),
@@ -105,7 +100,7 @@ impl Broker {
     /// (a topic naming a serializer can be created anywhere at once). A
     /// broker that is down gets it from the metadata log when it returns.
     async fn wait_for_peers(&self, controller: &Controller, name: &str, version: u32) -> Result<(), WireError> {
-        let Some(link) = self.replica_link.get() else { return Ok(()) };
+        let link = &self.replica_link;
         let deadline = Instant::now() + APPLY_WAIT;
         let image = controller.image().borrow().clone();
         for b in image.brokers.values().filter(|b| !b.fenced && b.node_id != self.config.node_id) {

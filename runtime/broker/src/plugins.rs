@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use crate::broker::{Broker, Topic, corrupt, now_ms, storage_error, write_atomic};
 use crate::topic::{TopicCompression, TopicConfig};
 
-const REGISTRY_FILE: &str = "registry.json";
+pub(crate) const REGISTRY_FILE: &str = "registry.json";
 /// Input read per transform step, at most.
 const READ_BYTES_MAX: usize = 1 << 20;
 
@@ -120,8 +120,8 @@ pub struct Deployment {
 }
 
 #[derive(Serialize, Deserialize, Default)]
-struct RegistryFile {
-    plugins: Vec<Deployment>,
+pub(crate) struct RegistryFile {
+    pub(crate) plugins: Vec<Deployment>,
 }
 
 /// A deployment that is loaded and (for transforms) running.
@@ -290,12 +290,7 @@ impl Broker {
             return;
         }
         let input = d.deployment.read().expect("deployment lock").input.clone();
-        let Some(topic) = self.topic(&input) else {
-            if self.controller().is_none() {
-                d.monitor.log("error", format!("input topic '{input}' does not exist; the transform is idle"));
-            }
-            return;
-        };
+        let Some(topic) = self.topic(&input) else { return };
         let mut tasks = d.tasks.lock().expect("tasks lock");
         for p in topic.local().map(|p| p.id).collect::<Vec<_>>() {
             if tasks.contains_key(&p) {
@@ -322,47 +317,7 @@ impl Broker {
         r: PluginDeployRequest,
     ) -> Result<(u32, String, String), WireError> {
         let (plugin, deployment) = self.validate_deployment(&r).await?;
-        if let Some(controller) = self.controller() {
-            return self.deploy_in_cluster(controller, &r, &plugin, deployment).await;
-        }
-        let plugins = &self.plugins;
-        let monitor = plugins.get(&r.name).map(|d| d.monitor.clone()).unwrap_or_default();
-        let _guard = plugins.admin.lock().await;
-        let blob = plugins.blob_path(plugin.sha256());
-        if r.builtin.is_empty() && !blob.exists() {
-            write_atomic(&blob, &r.wasm).map_err(storage_error)?;
-        }
-        let previous = plugins.get(&r.name);
-        let (version, progress) = match &previous {
-            Some(prev) => {
-                self.stop_transform(prev).await;
-                let same_input = prev.deployment.read().expect("deployment lock").input == r.input;
-                let progress =
-                    if same_input { prev.progress.lock().expect("progress lock").clone() } else { BTreeMap::new() };
-                (prev.deployment.read().expect("deployment lock").version + 1, progress)
-            }
-            None => (1, BTreeMap::new()),
-        };
-        let deployment = Deployment { version, ..deployment };
-        let sha = deployment.sha256.clone();
-        let abi = deployment.abi_version.clone();
-        if progress.is_empty() {
-            let _ = std::fs::remove_file(plugins.progress_path(&r.name));
-        }
-        let deployed = Plugins::deployed(deployment, plugin, monitor, progress);
-        plugins.deployed.write().expect("deployed lock").insert(r.name.clone(), deployed.clone());
-        if let Err(e) = plugins.write_registry() {
-            // Not durable: undo, so memory and disk agree.
-            match previous {
-                Some(prev) => plugins.deployed.write().expect("deployed lock").insert(r.name.clone(), prev),
-                None => plugins.deployed.write().expect("deployed lock").remove(&r.name),
-            };
-            return Err(storage_error(e));
-        }
-        deployed.monitor.log("info", format!("version {version} deployed ({sha})"));
-        self.start_transform(&deployed);
-        tracing::info!(plugin = %r.name, version, kind = %deployed.plugin.kind(), "plugin deployed");
-        Ok((version, sha, abi))
+        self.deploy_in_metadata(&r, &plugin, deployment).await
     }
 
     /// Everything a deployment must pass before it is stored: the name, the
@@ -458,41 +413,7 @@ impl Broker {
     where
         Self: Sized,
     {
-        use quiver_protocol::messages::PluginAction;
-        if let Some(controller) = self.controller() {
-            return self.control_in_cluster(controller, name, action).await;
-        }
-        let plugins = &self.plugins;
-        let _guard = plugins.admin.lock().await;
-        let d = plugins.get(name).ok_or_else(|| unknown(name))?;
-        match action {
-            PluginAction::Pause | PluginAction::Resume => {
-                let pause = action == PluginAction::Pause;
-                d.deployment.write().expect("deployment lock").paused = pause.then(|| "paused by a user".to_owned());
-                plugins.write_registry().map_err(storage_error)?;
-                d.run.send_replace(!pause);
-                d.monitor.log("info", if pause { "paused" } else { "resumed" });
-            }
-            PluginAction::Remove => {
-                self.check_unused(name)?;
-                self.stop_transform(&d).await;
-                plugins.deployed.write().expect("deployed lock").remove(name);
-                plugins.write_registry().map_err(storage_error)?;
-                let _ = std::fs::remove_file(plugins.progress_path(name));
-                let sha = d.deployment.read().expect("deployment lock").sha256.clone();
-                let still_used = plugins
-                    .deployed
-                    .read()
-                    .expect("deployed lock")
-                    .values()
-                    .any(|o| o.deployment.read().expect("deployment lock").sha256 == sha);
-                if !still_used {
-                    let _ = std::fs::remove_file(plugins.blob_path(&sha));
-                }
-                tracing::info!(plugin = name, "plugin removed");
-            }
-        }
-        Ok(())
+        self.control_in_metadata(name, action).await
     }
 
     pub(crate) fn list_plugins(&self, names: Option<Vec<String>>) -> Result<PluginListResponse, WireError> {
@@ -510,19 +431,13 @@ impl Broker {
                 let dep = d.deployment.read().expect("deployment lock").clone();
                 let stats = d.monitor.stats();
                 let mut progress = d.progress.lock().expect("progress lock").clone();
-                if let Some(c) = self.controller() {
-                    // Other leaders' progress, as last committed.
-                    let image = c.image().borrow().clone();
-                    for (p, n) in image
-                        .plugins
-                        .get(&dep.name)
-                        .filter(|i| i.version == dep.version)
-                        .iter()
-                        .flat_map(|i| &i.progress)
-                    {
-                        let at = progress.entry(*p).or_insert(*n);
-                        *at = (*at).max(*n);
-                    }
+                // Other leaders' progress, as last committed.
+                let image = self.controller.image().borrow().clone();
+                for (p, n) in
+                    image.plugins.get(&dep.name).filter(|i| i.version == dep.version).iter().flat_map(|i| &i.progress)
+                {
+                    let at = progress.entry(*p).or_insert(*n);
+                    *at = (*at).max(*n);
                 }
                 let progress = progress
                     .into_iter()
@@ -666,18 +581,11 @@ impl Broker {
                         dep.paused = Some(reason.clone());
                         dep.version
                     };
-                    match self.controller() {
-                        // Paused on every broker, through the metadata log.
-                        Some(controller) => {
-                            let name = d.deployment.read().expect("deployment lock").name.clone();
-                            let command = Command::SetPluginPaused { name, version, paused: Some(reason) };
-                            if let Err(e) = controller.write(command).await {
-                                tracing::warn!(error = %e, "cannot record a failed transform's pause");
-                            }
-                        }
-                        None => {
-                            let _ = self.plugins.write_registry();
-                        }
+                    // Paused on every broker, through the metadata log.
+                    let name = d.deployment.read().expect("deployment lock").name.clone();
+                    let command = Command::SetPluginPaused { name, version, paused: Some(reason) };
+                    if let Err(e) = self.controller.write(command).await {
+                        tracing::warn!(error = %e, "cannot record a failed transform's pause");
                     }
                 }
             }
@@ -721,11 +629,15 @@ impl Broker {
     /// progress), else the deployment's start position.
     fn transform_next(&self, d: &Deployed, dep: &Deployment, partition: u32, input: &crate::broker::Partition) -> i64 {
         let stored = d.progress.lock().expect("progress lock").get(&partition).copied();
-        let committed = self.controller().and_then(|c| {
-            let image = c.image();
+        let committed = {
+            let image = self.controller.image();
             let image = image.borrow();
-            image.plugins.get(&dep.name).filter(|p| p.version == dep.version)?.progress.get(&partition).copied()
-        });
+            image
+                .plugins
+                .get(&dep.name)
+                .filter(|p| p.version == dep.version)
+                .and_then(|p| p.progress.get(&partition).copied())
+        };
         let next = match stored.max(committed) {
             Some(n) => n,
             None => match dep.start {
@@ -855,7 +767,7 @@ impl Broker {
             };
             return Some((t.count(), codec));
         }
-        let image = self.controller()?.image();
+        let image = self.controller.image();
         let count = image.borrow().topics.get(name)?.partitions.len() as u32;
         Some((count, Compression::None))
     }
@@ -955,11 +867,10 @@ impl Broker {
         }
     }
 
-    /// In a cluster, writes this broker's new progress to the metadata log
-    /// (at most once a second unless `now`), so that a new leader of an
-    /// input partition goes on from there.
+    /// Writes this broker's new progress to the metadata log (at most once
+    /// a second unless `now`), so that a new leader of an input partition
+    /// goes on from there.
     async fn commit_progress(&self, d: &Deployed, now: bool) {
-        let Some(controller) = self.controller() else { return };
         let changes: Vec<(u32, i64)> = {
             let mut committed = d.committed.lock().expect("committed lock");
             if !now && committed.0.is_some_and(|at| at.elapsed() < PROGRESS_COMMIT_INTERVAL) {
@@ -979,7 +890,9 @@ impl Broker {
             let dep = d.deployment.read().expect("deployment lock");
             (dep.name.clone(), dep.version)
         };
-        if let Err(e) = controller.write(Command::PluginProgress { name, version, progress: changes.clone() }).await {
+        if let Err(e) =
+            self.controller.write(Command::PluginProgress { name, version, progress: changes.clone() }).await
+        {
             tracing::debug!(error = %e, "transform progress not committed; will retry");
             let mut committed = d.committed.lock().expect("committed lock");
             for (p, _) in changes {
@@ -1083,26 +996,19 @@ impl Broker {
     /// The topics whose configs name plugin `name` (it cannot be removed
     /// while one does).
     pub(crate) fn topics_using(&self, name: &str) -> Vec<String> {
-        if let Some(c) = self.controller() {
-            let image = c.image().borrow().clone();
-            return image
-                .topics
-                .iter()
-                .filter(|(_, t)| {
-                    let overrides = t.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-                    self.config
-                        .topic_defaults
-                        .clone()
-                        .with_overrides(overrides)
-                        .is_ok_and(|c| c.plugins().any(|(_, n)| n == name))
-                })
-                .map(|(n, _)| n.clone())
-                .collect();
-        }
-        self.sorted_topics()
+        let image = self.controller.image().borrow().clone();
+        image
+            .topics
             .iter()
-            .filter(|t| t.config.plugins().any(|(_, n)| n == name))
-            .map(|t| t.record.name.clone())
+            .filter(|(_, t)| {
+                let overrides = t.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                self.config
+                    .topic_defaults
+                    .clone()
+                    .with_overrides(overrides)
+                    .is_ok_and(|c| c.plugins().any(|(_, n)| n == name))
+            })
+            .map(|(n, _)| n.clone())
             .collect()
     }
 

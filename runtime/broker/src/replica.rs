@@ -1,5 +1,6 @@
-//! Partition replication in a cluster: the async shell around the plain
-//! rules of `quiver-replication`.
+//! Partition replication: the async shell around the plain rules of
+//! `quiver-replication`. A single node's partitions are replicas too: each
+//! leads with an ISR of one, so its high watermark is its log end.
 //!
 //! Each partition this broker holds has a [`Replica`]: its role (leader,
 //! follower of a given leader and epoch, offline), its leader-epoch history
@@ -65,6 +66,46 @@ pub trait ReplicaLink: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<PluginListResponse, WireError>> + Send>>;
 }
 
+/// The link of a single node: there is no other broker to reach.
+pub(crate) struct NoPeers;
+
+impl NoPeers {
+    fn refuse<T: Send + 'static>(node: NodeId) -> Pin<Box<dyn Future<Output = Result<T, WireError>> + Send>> {
+        Box::pin(async move {
+            Err(WireError::new(ErrorCode::NotLeader, format!("broker {node} is not reachable: this node runs alone")))
+        })
+    }
+}
+
+impl ReplicaLink for NoPeers {
+    fn fetch(
+        &self,
+        leader: NodeId,
+        _: String,
+        _: ReplicaFetchRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<ReplicaFetchResponse, WireError>> + Send>> {
+        Self::refuse(leader)
+    }
+
+    fn produce(
+        &self,
+        leader: NodeId,
+        _: String,
+        _: ProduceRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<ProduceResponse, WireError>> + Send>> {
+        Self::refuse(leader)
+    }
+
+    fn list_plugins(
+        &self,
+        node: NodeId,
+        _: String,
+        _: PluginListRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<PluginListResponse, WireError>> + Send>> {
+        Self::refuse(node)
+    }
+}
+
 /// How long a leader holds a follower's fetch when it has nothing new.
 const FOLLOWER_WAIT_MS: u32 = 500;
 /// Bound on one follower fetch's records.
@@ -74,11 +115,9 @@ const ISR_TICK: Duration = Duration::from_millis(200);
 /// Pause after a failed follower fetch.
 const RETRY: Duration = Duration::from_millis(100);
 
-const EPOCHS_FILE: &str = "leader-epochs";
+pub(crate) const EPOCHS_FILE: &str = "leader-epochs";
 
 enum Role {
-    /// Not in a cluster: the log end is the high watermark.
-    Single,
     /// Waiting for the metadata image.
     Unassigned,
     Leader {
@@ -104,29 +143,16 @@ struct State {
 
 /// A partition's replication state.
 pub(crate) struct Replica {
-    /// Not in a cluster (fixed when the partition is opened).
-    single: bool,
     state: Mutex<State>,
     high_watermark: AtomicI64,
     epochs_file: PathBuf,
 }
 
 impl Replica {
-    /// A single node's partition: no epochs, the log end is the high
-    /// watermark.
-    pub(crate) fn single() -> Replica {
-        Replica {
-            single: true,
-            state: Mutex::new(State { role: Role::Single, history: EpochHistory::default() }),
-            high_watermark: AtomicI64::new(0),
-            epochs_file: PathBuf::new(),
-        }
-    }
-
-    /// A cluster partition whose log lives in `dir` and ends at `log_end`:
-    /// loads its epoch history (dropping epochs that start past the log end,
-    /// written just before a crash lost the batches).
-    pub(crate) fn clustered(dir: &std::path::Path, log_end: i64) -> std::io::Result<Replica> {
+    /// The replica of a partition whose log lives in `dir` and ends at
+    /// `log_end`: loads its epoch history (dropping epochs that start past
+    /// the log end, written just before a crash lost the batches).
+    pub(crate) fn open(dir: &std::path::Path, log_end: i64) -> std::io::Result<Replica> {
         let epochs_file = dir.join(EPOCHS_FILE);
         let mut history = EpochHistory::default();
         match std::fs::read_to_string(&epochs_file) {
@@ -149,7 +175,6 @@ impl Replica {
         }
         history.truncate(log_end);
         Ok(Replica {
-            single: false,
             state: Mutex::new(State { role: Role::Unassigned, history }),
             high_watermark: AtomicI64::new(0),
             epochs_file,
@@ -174,11 +199,7 @@ impl Replica {
 impl Partition {
     /// Consumers read below this offset.
     pub(crate) fn high_watermark(&self) -> i64 {
-        if self.replica.single {
-            self.log.log_end_offset()
-        } else {
-            self.replica.high_watermark.load(Ordering::Acquire)
-        }
+        self.replica.high_watermark.load(Ordering::Acquire)
     }
 
     /// Appends a client's batch if this replica leads, in its epoch, and
@@ -209,12 +230,6 @@ impl Partition {
             Err(e) => Err(WireError::new(ErrorCode::StorageError, e.to_string())),
         };
         match &mut state.role {
-            Role::Single => {
-                let info = append(0)?;
-                drop(state);
-                self.waiters.wake();
-                Ok((info, 0))
-            }
             Role::Leader { leader, .. } => {
                 if acks_all && let Err(e) = leader.check_acks_all() {
                     return Err(WireError::new(
@@ -251,10 +266,10 @@ impl Partition {
         }
     }
 
-    /// Whether this replica serves clients: a single node's, or a leader's
-    /// (not one still waiting for its role after a restart).
+    /// Whether this replica serves clients: a leader's (not one still
+    /// waiting for its role after a restart).
     pub(crate) fn leads(&self) -> bool {
-        self.replica.single || matches!(self.replica.state().role, Role::Leader { .. })
+        matches!(self.replica.state().role, Role::Leader { .. })
     }
 
     /// This broker no longer holds the replica: it leads nothing (waiting
@@ -267,7 +282,6 @@ impl Partition {
     /// Whether this replica still leads in `epoch`.
     pub(crate) fn leads_in(&self, epoch: i32) -> bool {
         match &self.replica.state().role {
-            Role::Single => true,
             Role::Leader { leader, .. } => leader.epoch() == epoch,
             _ => false,
         }
@@ -321,9 +335,6 @@ impl Broker {
     fn apply_role(&self, p: &Partition, pi: &PartitionImage, min_isr: usize) -> RoleChange {
         let me = self.config.node_id;
         let mut state = p.replica.state();
-        if matches!(state.role, Role::Single) {
-            return RoleChange::None;
-        }
         match pi.leader {
             Some(l) if l == me => {
                 if let Role::Leader { leader, partition_epoch, .. } = &mut state.role
@@ -418,7 +429,7 @@ impl Broker {
     /// Writes an ISR change to the metadata log in the background; a refusal
     /// drops the proposal so that it is made again from the committed ISR.
     fn propose_isr(&self, topic: &Topic, p: &Arc<Partition>, epoch: i32, partition_epoch: i32, isr: BTreeSet<NodeId>) {
-        let Some(controller) = self.controller().cloned() else { return };
+        let controller = self.controller.clone();
         let command = Command::AlterIsr {
             topic: topic.record.name.clone(),
             partition: p.id,
@@ -594,15 +605,14 @@ impl Broker {
     /// so (until the role changes or the topic is gone).
     async fn follow(self: Arc<Self>, topic: Arc<Topic>, p: Arc<Partition>, leader: NodeId, epoch: i32) {
         let name = topic.record.name.clone();
-        let Some(link) = self.replica_link.get().cloned() else { return };
+        let link = self.replica_link.clone();
         tracing::info!(topic = %name, partition = p.id, leader, epoch, "following");
         let mut reconciled = false;
         let mut failures = 0u32;
         // Until the topic is gone or this replica moved away.
         let current = |b: &Broker| b.topic(&name).and_then(|t| t.held(p.id)).is_some_and(|q| Arc::ptr_eq(&q, &p));
         while p.replica.follows(leader, epoch) && current(&self) && !self.shutting_down.load(Ordering::Relaxed) {
-            let address =
-                self.controller().and_then(|c| c.image().borrow().brokers.get(&leader).map(|b| b.address.clone()));
+            let address = self.controller.image().borrow().brokers.get(&leader).map(|b| b.address.clone());
             let Some(address) = address else {
                 tokio::time::sleep(RETRY).await;
                 continue;
@@ -752,30 +762,26 @@ impl Broker {
         // give up as soon as the image names another leader, so the new
         // leader's followers start copying (and acks=all writes complete)
         // right after a failover.
-        let response = match self.controller().map(|c| c.image()) {
-            None => fetch.await?,
-            Some(mut image) => {
-                tokio::pin!(fetch);
-                loop {
-                    let moved = {
-                        let image = image.borrow_and_update();
-                        image
-                            .topics
-                            .get(up.name)
-                            .and_then(|t| t.partitions.get(up.p.id as usize))
-                            .is_none_or(|pi| pi.leader != Some(up.leader) || pi.leader_epoch != up.epoch)
-                    };
-                    if moved {
-                        return Err(WireError::new(
-                            ErrorCode::NotLeader,
-                            format!("{}-{}: the leader changed during the fetch", up.name, up.p.id),
-                        ));
-                    }
-                    tokio::select! {
-                        r = &mut fetch => break r?,
-                        changed = image.changed() => if changed.is_err() { break fetch.await? },
-                    }
-                }
+        let mut image = self.controller.image();
+        tokio::pin!(fetch);
+        let response = loop {
+            let moved = {
+                let image = image.borrow_and_update();
+                image
+                    .topics
+                    .get(up.name)
+                    .and_then(|t| t.partitions.get(up.p.id as usize))
+                    .is_none_or(|pi| pi.leader != Some(up.leader) || pi.leader_epoch != up.epoch)
+            };
+            if moved {
+                return Err(WireError::new(
+                    ErrorCode::NotLeader,
+                    format!("{}-{}: the leader changed during the fetch", up.name, up.p.id),
+                ));
+            }
+            tokio::select! {
+                r = &mut fetch => break r?,
+                changed = image.changed() => if changed.is_err() { break fetch.await? },
             }
         };
         response

@@ -19,7 +19,7 @@ async fn call<R: Request>(broker: &std::sync::Arc<Broker>, request: &R) -> Resul
 /// A broker in a fresh directory with topic `t` of `partitions` partitions.
 async fn broker_with_topic(partitions: u32) -> (tempfile::TempDir, std::sync::Arc<Broker>) {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let broker = Broker::start(BrokerConfig::new(dir.path()), None).await.unwrap();
     let create = CreateTopicRequest { name: "t".into(), partitions, replication_factor: 1, configs: vec![] };
     call(&broker, &create).await.unwrap();
     (dir, broker)

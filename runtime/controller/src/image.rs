@@ -234,6 +234,25 @@ pub enum Command {
         node_id: NodeId,
         count: u32,
     },
+    /// The metadata a node kept in files before it ran a metadata log
+    /// (releases before the one-voter controller): its topics, each wholly
+    /// on `node_id` and led there, and the producer ids it handed out.
+    /// Written once, by that node, when it first starts with a log; a topic
+    /// already in the image with the same shape on that node is taken as
+    /// imported before (a restart during the migration).
+    ImportNode {
+        node_id: NodeId,
+        topics: Vec<ImportedTopic>,
+        next_producer_id: i64,
+    },
+}
+
+/// A topic of a node's files, for [`Command::ImportNode`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedTopic {
+    pub name: String,
+    pub partitions: u32,
+    pub configs: Vec<(String, String)>,
 }
 
 /// The largest block of producer ids one command takes.
@@ -500,6 +519,45 @@ impl ClusterImage {
                 let first = self.next_producer_id;
                 self.next_producer_id += i64::from(*count);
                 Outcome::ProducerIds(first)
+            }
+            Command::ImportNode { node_id, topics, next_producer_id } => {
+                if !self.brokers.contains_key(node_id) {
+                    return refuse(RefusalKind::UnknownBroker, format!("broker {node_id} is not registered"));
+                }
+                let only_here = |t: &TopicImage, n: u32| {
+                    t.partitions.len() == n as usize && t.partitions.iter().all(|p| p.replicas == [*node_id])
+                };
+                if let Some(clash) =
+                    topics.iter().find(|t| self.topics.get(&t.name).is_some_and(|have| !only_here(have, t.partitions)))
+                {
+                    return refuse(
+                        RefusalKind::TopicExists,
+                        format!(
+                            "topic '{}' of node {node_id}'s files exists in the cluster with other replicas",
+                            clash.name
+                        ),
+                    );
+                }
+                for t in topics {
+                    if self.topics.contains_key(&t.name) {
+                        continue;
+                    }
+                    let partitions = (0..t.partitions)
+                        .map(|_| PartitionImage {
+                            replicas: vec![*node_id],
+                            isr: vec![*node_id],
+                            leader: Some(*node_id),
+                            leader_epoch: 0,
+                            partition_epoch: 0,
+                            target: None,
+                            moving_from: None,
+                        })
+                        .collect();
+                    self.topics
+                        .insert(t.name.clone(), TopicImage { id: index, configs: t.configs.clone(), partitions });
+                }
+                self.next_producer_id = self.next_producer_id.max(*next_producer_id);
+                Outcome::Done
             }
             Command::PreferredElection => {
                 for (topic, partition) in self.preferred_elections_due() {
@@ -945,6 +1003,49 @@ mod tests {
         let json = serde_json::to_string(&image).unwrap();
         let mut restored: ClusterImage = serde_json::from_str(&json).unwrap();
         assert_eq!(take(&mut restored, 1, 10), Outcome::ProducerIds(2000));
+    }
+
+    #[test]
+    fn a_nodes_files_are_imported_once_and_clashes_refused() {
+        let mut image = cluster(&[(1, None), (2, None)]);
+        let import = |topics: &[(&str, u32)], next_producer_id| Command::ImportNode {
+            node_id: 1,
+            topics: topics
+                .iter()
+                .map(|(name, partitions)| ImportedTopic {
+                    name: (*name).into(),
+                    partitions: *partitions,
+                    configs: vec![("retention.ms".into(), "1000".into())],
+                })
+                .collect(),
+            next_producer_id,
+        };
+        assert_eq!(image.apply(10, &import(&[("a", 2), ("b", 1)], 7000)), Outcome::Done);
+        let a = &image.topics["a"];
+        assert_eq!((a.id, a.configs.len(), a.partitions.len()), (10, 1, 2));
+        assert!(a.partitions.iter().all(|p| p.replicas == [1] && p.isr == [1] && p.leader == Some(1)));
+        // Again (a restart during the migration): the same image.
+        let before = image.clone();
+        assert_eq!(image.apply(11, &import(&[("a", 2), ("b", 1)], 5000)), Outcome::Done);
+        assert_eq!(image, before, "an import repeated changes nothing, not even the producer ids");
+        assert_eq!(
+            image.apply(12, &Command::AllocateProducerIds { node_id: 2, count: 10 }),
+            Outcome::ProducerIds(7000)
+        );
+        // A topic of the cluster with other replicas is not taken over.
+        image.apply(
+            13,
+            &Command::CreateTopic { name: "c".into(), partitions: 2, replication_factor: 2, configs: vec![] },
+        );
+        assert!(matches!(
+            image.apply(14, &import(&[("c", 2)], 0)),
+            Outcome::Refused(Refusal { kind: RefusalKind::TopicExists, .. })
+        ));
+        let unregistered = Command::ImportNode { node_id: 9, topics: vec![], next_producer_id: 0 };
+        assert!(matches!(
+            image.apply(15, &unregistered),
+            Outcome::Refused(Refusal { kind: RefusalKind::UnknownBroker, .. })
+        ));
     }
 
     #[test]

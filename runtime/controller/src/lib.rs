@@ -33,10 +33,10 @@ use tokio::sync::watch;
 use crate::sessions::SessionTracker;
 
 pub use image::{
-    BUILTIN_PREFIX, Blob, BrokerRegistration, ClusterImage, Command, Outcome, PartitionImage, PluginImage, Refusal,
-    RefusalKind, TopicImage, UNCLEAN_CONFIG, UncleanElection,
+    BUILTIN_PREFIX, Blob, BrokerRegistration, ClusterImage, Command, ImportedTopic, Outcome, PartitionImage,
+    PluginImage, Refusal, RefusalKind, TopicImage, UNCLEAN_CONFIG, UncleanElection,
 };
-pub use rpc::{ControllerRequest, ControllerResponse, SendError, Transport, TransportFuture};
+pub use rpc::{ControllerRequest, ControllerResponse, NoPeers, SendError, Transport, TransportFuture};
 
 pub type NodeId = u32;
 
@@ -91,6 +91,23 @@ impl ControllerConfig {
             leader_rebalance_interval: Some(Duration::from_secs(30)),
         }
     }
+
+    /// A single node: the only voter of its own metadata log. Its session
+    /// is long, since there is nobody to fail over to: a node that stalls
+    /// (a long GC-like pause, a saturated machine) must not fence itself.
+    pub fn single(node_id: NodeId, address: String, data_dir: PathBuf) -> Self {
+        let voters = BTreeMap::from([(node_id, address.clone())]);
+        ControllerConfig {
+            session_timeout: Duration::from_secs(3600),
+            leader_rebalance_interval: None,
+            ..ControllerConfig::new(node_id, address, data_dir, voters)
+        }
+    }
+
+    /// Whether this node is the only voter.
+    pub fn is_single(&self) -> bool {
+        self.voters.len() == 1 && self.voters.contains_key(&self.node_id)
+    }
 }
 
 /// Why a metadata write did not happen.
@@ -120,6 +137,15 @@ pub enum Liveness {
     Unknown,
     /// Another live process holds this node id.
     IdTaken(String),
+}
+
+/// Where a heartbeat came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// This process, leading.
+    Itself,
+    /// Another process (a different node, or one claiming this node's id).
+    Wire,
 }
 
 /// State of this node's own broker registration.
@@ -292,7 +318,10 @@ impl Controller {
                 ControllerResponse::Voters(self.alter_voters_local(add, remove).await)
             }
             ControllerRequest::Heartbeat { node_id, incarnation, address, rack, register } => {
-                ControllerResponse::Heartbeat(self.on_heartbeat(node_id, incarnation, address, rack, register).await)
+                let from_wire = Origin::Wire;
+                ControllerResponse::Heartbeat(
+                    self.on_heartbeat(node_id, incarnation, address, rack, register, from_wire).await,
+                )
             }
         }
     }
@@ -454,13 +483,20 @@ impl Controller {
         address: String,
         rack: Option<String>,
         register: bool,
+        origin: Origin,
     ) -> Result<Liveness, WriteError> {
         if self.leader() != Some(self.config.node_id) {
             return Err(WriteError::NotLeader { node: self.config.node_id, leader: self.leader() });
         }
         let now = Instant::now();
         {
-            if register && self.sessions.lock().expect("sessions lock").id_taken(node_id, incarnation, now) {
+            // The leader's own process holds its id: it is a restart of the
+            // node the image knows (on a single node, the only way back),
+            // not a second process.
+            if register
+                && origin == Origin::Wire
+                && self.sessions.lock().expect("sessions lock").id_taken(node_id, incarnation, now)
+            {
                 let holder = self.image.borrow().brokers.get(&node_id).map(|b| b.address.clone()).unwrap_or_default();
                 return Ok(Liveness::IdTaken(format!(
                     "node id {node_id} is already taken by a live broker at {holder}; stop it or choose another id"
@@ -527,8 +563,28 @@ impl Controller {
             // the id goes over the wire (to another process, should one
             // hold the same id).
             let local = target == self.config.node_id && self.leader() == Some(target);
-            let exchange =
-                async { if local { Ok(self.handle(request).await) } else { self.send_to(target, request).await } };
+            if !local && self.config.is_single() {
+                // Alone, before it elected itself: nobody else to ask.
+                continue;
+            }
+            let exchange = async {
+                if local {
+                    let me = &self.config;
+                    let own = self
+                        .on_heartbeat(
+                            me.node_id,
+                            self.incarnation,
+                            me.address.clone(),
+                            me.rack.clone(),
+                            register,
+                            Origin::Itself,
+                        )
+                        .await;
+                    Ok(ControllerResponse::Heartbeat(own))
+                } else {
+                    self.send_to(target, request).await
+                }
+            };
             let answer = tokio::time::timeout(patience, exchange).await.unwrap_or_else(|_| {
                 Err(WriteError::Unreachable(format!("controller {target} did not answer within {patience:?}")))
             });

@@ -78,6 +78,20 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, target: NodeId, address: String, body: Vec<u8>) -> TransportFuture;
 }
 
+/// The transport of a quorum of one (a single node, KRaft's combined mode
+/// with one voter): there is nobody to send to.
+pub struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&self, target: NodeId, _address: String, _body: Vec<u8>) -> TransportFuture {
+        Box::pin(async move {
+            Err(SendError::Unreachable(format!(
+                "node {target} is not reachable: this node runs alone (no --controllers)"
+            )))
+        })
+    }
+}
+
 pub(crate) struct Network {
     pub(crate) transport: Arc<dyn Transport>,
 }

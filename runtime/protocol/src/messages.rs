@@ -591,7 +591,8 @@ wire_struct! {
 
 wire_struct! {
     pub struct ClusterInfoResponse {
-        /// False for a single node without a metadata quorum (`quiver dev`).
+        /// True: every node runs a metadata log (a single node's has one
+        /// voter); false only from brokers of earlier releases.
         pub clustered: bool,
         /// The node that answered.
         pub node_id: u32,

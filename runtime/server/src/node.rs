@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use quiver_broker::{Broker, BrokerConfig};
+use quiver_broker::{Broker, BrokerConfig, Membership};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
@@ -36,12 +36,10 @@ impl Node {
             }
         };
         let server_config = server_config_with_clients(&cert, &key, config.client_ca.as_deref())?;
-        let broker_config = config.broker.clone();
-        let broker =
-            tokio::task::spawn_blocking(move || Broker::open(broker_config)).await?.context("opening the broker")?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen)
             .with_context(|| format!("cannot listen on {} (UDP)", config.listen))?;
         let address = endpoint.local_addr()?;
+        let mut membership = None;
         if let Some(cluster) = &config.cluster {
             let transport = Arc::new(crate::cluster::QuicTransport::new(&cluster.ca, &cert, &key, address)?);
             let mut cc = quiver_controller::ControllerConfig::new(
@@ -55,10 +53,9 @@ impl Node {
             cc.heartbeat_interval = std::time::Duration::from_millis(cluster.heartbeat_interval_ms);
             cc.leader_rebalance_interval = (cluster.leader_rebalance_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(cluster.leader_rebalance_interval_ms));
-            let controller =
-                quiver_controller::Controller::start(cc, transport.clone()).await.context("starting the controller")?;
-            broker.join_cluster(controller, transport);
+            membership = Some(Membership { controller: cc, transport: transport.clone(), link: transport });
         }
+        let broker = Broker::start(config.broker.clone(), membership).await.context("starting the broker")?;
         broker.spawn_background();
         let (shutdown, rx) = watch::channel(false);
         let server = tokio::spawn(crate::net::serve(endpoint, broker.clone(), rx));
@@ -69,10 +66,7 @@ impl Node {
     /// Resolves with a message if this node can no longer run (its node id
     /// is taken by another live broker); never resolves otherwise.
     pub async fn fatal(&self) -> String {
-        let Some(controller) = self.broker.controller() else {
-            return std::future::pending().await;
-        };
-        let mut registration = controller.registration();
+        let mut registration = self.broker.controller().registration();
         match registration.wait_for(|r| matches!(r, quiver_controller::Registration::Refused(_))).await {
             Ok(r) => match &*r {
                 quiver_controller::Registration::Refused(m) => m.clone(),
@@ -86,9 +80,7 @@ impl Node {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
-        if let Some(controller) = self.broker.controller() {
-            controller.shutdown().await;
-        }
+        self.broker.controller().shutdown().await;
         let broker = self.broker.clone();
         let _ = tokio::task::spawn_blocking(move || broker.shutdown()).await;
     }

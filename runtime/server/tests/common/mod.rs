@@ -42,6 +42,16 @@ impl DevNode {
         node
     }
 
+    /// A node over a data directory that `prepare` fills first (given the
+    /// data directory, which does not exist yet).
+    pub fn start_prepared(prepare: impl FnOnce(&Path)) -> DevNode {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = DevNode { dir, port: free_port(), child: None, env: Vec::new() };
+        prepare(&node.data_dir());
+        node.spawn();
+        node
+    }
+
     /// The node's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
