@@ -11,12 +11,13 @@
 //!   to a [`PartitionLeader`], and moves the high watermark to what the whole
 //!   ISR holds; ISR changes it proposes are written to the metadata log
 //!   (`AlterIsr`) and take effect when the image comes back with them.
-//! - A **follower** first reconciles its log with the leader (asking where
-//!   its epochs end, [`truncation_step`], then cutting the log), then copies
-//!   the leader's batches as they are (offsets and epochs kept), fsyncs, and
-//!   fetches again from its new end: a fetch offset is a durable promise, so
-//!   an `acks=all` write answered at the high watermark is on disk on every
-//!   ISR member.
+//! - A **follower** runs one task per partition around a
+//!   [`PartitionFollower`], which decides: it first reconciles its log with
+//!   the leader (asking where its epochs end, then cutting the log), then
+//!   copies the leader's batches as they are (offsets and epochs kept),
+//!   fsyncs, and fetches again from its new end: a fetch offset is a durable
+//!   promise, so an `acks=all` write answered at the high watermark is on
+//!   disk on every ISR member.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -32,7 +33,10 @@ use quiver_log::{AppendError, Appended, SequenceError};
 use quiver_protocol::batch::{self, BatchHeader};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
-use quiver_replication::{EpochHistory, LeaderConfig, NodeId, PartitionLeader, TruncationStep, truncation_step};
+use quiver_replication::{
+    Action, AppendBatch, Batch, EpochHistory, Failure, FetchAnswer, LeaderConfig, NodeId, PartitionFollower,
+    PartitionLeader, Request,
+};
 
 use crate::broker::{Broker, Partition, Topic, now_ms, storage_error, write_atomic};
 use crate::handlers::blocking;
@@ -602,13 +606,18 @@ impl Broker {
     }
 
     /// On a follower: copies `p` from `leader` for as long as the image says
-    /// so (until the role changes or the topic is gone).
+    /// so (until the role changes or the topic is gone). The decisions are
+    /// the [`PartitionFollower`]'s; this loop carries them out (requests over
+    /// the `ReplicaLink`, log changes under the replica lock on a blocking
+    /// thread) and reports back how each went.
     async fn follow(self: Arc<Self>, topic: Arc<Topic>, p: Arc<Partition>, leader: NodeId, epoch: i32) {
         let name = topic.record.name.clone();
         let link = self.replica_link.clone();
         tracing::info!(topic = %name, partition = p.id, leader, epoch, "following");
-        let mut reconciled = false;
-        let mut failures = 0u32;
+        let mut follower = PartitionFollower::<Bytes>::new(leader, epoch, RETRY.as_millis() as u64);
+        // The follower's clock: milliseconds since this task started.
+        let origin = tokio::time::Instant::now();
+        let clock_ms = move || origin.elapsed().as_millis() as u64;
         // Until the topic is gone or this replica moved away.
         let current = |b: &Broker| b.topic(&name).and_then(|t| t.held(p.id)).is_some_and(|q| Arc::ptr_eq(&q, &p));
         while p.replica.follows(leader, epoch) && current(&self) && !self.shutting_down.load(Ordering::Relaxed) {
@@ -617,132 +626,91 @@ impl Broker {
                 tokio::time::sleep(RETRY).await;
                 continue;
             };
-            let upstream = Upstream { link: &*link, name: &name, p: &p, leader, address, epoch };
-            let step = if reconciled {
-                self.copy_from_leader(&upstream).await
-            } else {
-                self.reconcile_with_leader(&upstream).await.map(|()| reconciled = true)
+            let action = {
+                let state = p.replica.state();
+                follower.poll(clock_ms(), p.log.log_end_offset(), &state.history)
             };
-            match step {
-                Ok(()) => failures = 0,
-                Err(e) => {
-                    failures += 1;
-                    if e.code == ErrorCode::OffsetOutOfRange || e.code == ErrorCode::FencedLeaderEpoch {
-                        reconciled = false;
+            let upstream = Upstream { link: &*link, name: &name, p: &p, leader, address, epoch };
+            let done: Result<(), WireError> = match action {
+                Action::Send(Request::AskEpoch { epoch: asked }) => {
+                    match self.fetch_answer(&upstream, asked, p.log.log_end_offset(), 0).await {
+                        Ok(r) if r.error == ErrorCode::None => {
+                            let answer = (r.epoch_end_epoch >= 0).then_some((r.epoch_end_epoch, r.epoch_end_offset));
+                            let state = p.replica.state();
+                            follower.on_epoch_answer(asked, answer, p.log.log_end_offset(), &state.history);
+                            Ok(())
+                        }
+                        Ok(r) => Err(WireError::new(r.error, r.message)),
+                        Err(e) => Err(e),
                     }
-                    if failures % 50 == 1 {
-                        tracing::warn!(topic = %name, partition = p.id, leader, error = %e.message, "cannot copy from the leader");
+                }
+                Action::Send(Request::Fetch { offset }) => {
+                    match self.fetch_answer(&upstream, -1, offset, FOLLOWER_WAIT_MS).await.and_then(fetched) {
+                        Ok(answer) => {
+                            let refused = {
+                                let state = p.replica.state();
+                                let log_end = p.log.log_end_offset();
+                                follower.on_fetch_answer(clock_ms(), offset, answer, log_end, &state.history)
+                            };
+                            if let Err(retry) = refused
+                                && retry.warn
+                            {
+                                tracing::warn!(
+                                    topic = %name, partition = p.id, leader, failures = retry.failures,
+                                    error = %retry.cause, "cannot copy from the leader"
+                                );
+                            }
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
                     }
-                    tokio::time::sleep(RETRY).await;
+                }
+                Action::TruncateTo { offset } => {
+                    let (p, name) = (p.clone(), name.clone());
+                    let truncated = blocking(move || truncate_diverging_tail(&p, &name, offset, leader, epoch)).await;
+                    truncated.map(|()| follower.on_applied())
+                }
+                Action::StartOver { offset } => {
+                    let (p, name) = (p.clone(), name.clone());
+                    let reset = blocking(move || start_over_at(&p, &name, offset, leader, epoch)).await;
+                    reset.map(|()| follower.on_applied())
+                }
+                Action::Append { batches } => {
+                    let p = p.clone();
+                    let appended = blocking(move || append_copies(&p, batches, leader, epoch)).await;
+                    appended.map(|()| follower.on_applied())
+                }
+                Action::SetHighWatermark { offset } => {
+                    p.publish(Some(offset));
+                    Ok(())
+                }
+                Action::WaitUntil { at_ms } => {
+                    tokio::time::sleep_until(origin + Duration::from_millis(at_ms)).await;
+                    Ok(())
+                }
+                Action::AwaitOutcome => unreachable!("every action's outcome is reported before the next poll"),
+            };
+            if let Err(e) = done {
+                let retry = follower.on_error(clock_ms(), failure(e.code));
+                if retry.warn {
+                    tracing::warn!(
+                        topic = %name, partition = p.id, leader, failures = retry.failures,
+                        error = %e.message, "cannot copy from the leader"
+                    );
                 }
             }
         }
         tracing::debug!(topic = %name, partition = p.id, leader, epoch, "no longer following");
     }
 
-    /// Cuts this follower's log where it stops agreeing with the leader's.
-    async fn reconcile_with_leader(&self, up: &Upstream<'_>) -> Result<(), WireError> {
-        let p = up.p;
-        let mut ask = p.replica.state().history.latest_epoch();
-        while let Some(asked) = ask {
-            let result = self.fetch_from(up, asked, 0).await?;
-            let answer = (result.epoch_end_epoch >= 0).then_some((result.epoch_end_epoch, result.epoch_end_offset));
-            let step = {
-                let state = p.replica.state();
-                truncation_step(&state.history, p.log.log_end_offset(), answer)
-            };
-            match step {
-                TruncationStep::Ask(older) => ask = Some(older),
-                TruncationStep::TruncateTo(end) => {
-                    let p = p.clone();
-                    let name = up.name.to_string();
-                    let (leader, epoch) = (up.leader, up.epoch);
-                    blocking(move || {
-                        let mut state = p.replica.state();
-                        state.ensure_follows(leader, epoch)?;
-                        let before = p.log.log_end_offset();
-                        let after = p.log.truncate_to(end).map_err(storage_error)?;
-                        state.history.truncate(after);
-                        p.replica.high_watermark.fetch_min(after, Ordering::AcqRel);
-                        p.replica.persist(&state.history).map_err(storage_error)?;
-                        if after < before {
-                            tracing::warn!(topic = %name, partition = p.id, before, after, "truncated a diverging tail");
-                        }
-                        Ok(())
-                    })
-                    .await?;
-                    ask = None;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One follower fetch: appends what came, fsyncs it, and takes the
-    /// leader's high watermark (bounded by what is here).
-    async fn copy_from_leader(&self, up: &Upstream<'_>) -> Result<(), WireError> {
-        let p = up.p;
-        let result = self.fetch_answer(up, -1, FOLLOWER_WAIT_MS).await?;
-        if result.error == ErrorCode::OffsetOutOfRange && result.log_start_offset > p.log.log_end_offset() {
-            return self.start_over_at(up, result.log_start_offset).await;
-        }
-        if result.error != ErrorCode::None {
-            return Err(WireError::new(result.error, result.message));
-        }
-        if !result.records.is_empty() {
-            let p = p.clone();
-            let records = result.records.clone();
-            let (leader, epoch) = (up.leader, up.epoch);
-            blocking(move || append_copies(&p, records, leader, epoch)).await?;
-        }
-        let hw = result.high_watermark.min(p.log.log_end_offset());
-        p.publish(Some(hw));
-        Ok(())
-    }
-
-    /// The leader's log now starts past this replica's end (retention
-    /// removed what it would have fetched): empty the log and go on from the
-    /// leader's start.
-    async fn start_over_at(&self, up: &Upstream<'_>, start: i64) -> Result<(), WireError> {
-        let p = up.p.clone();
-        let (leader, epoch, name) = (up.leader, up.epoch, up.name.to_string());
-        blocking(move || {
-            let mut state = p.replica.state();
-            state.ensure_follows(leader, epoch)?;
-            let end = p.log.log_end_offset();
-            p.log.reset_to(start).map_err(storage_error)?;
-            state.history = EpochHistory::default();
-            p.replica.persist(&state.history).map_err(storage_error)?;
-            tracing::warn!(
-                topic = %name, partition = p.id, end, start,
-                "the leader's log starts past this replica's end: starting over there"
-            );
-            Ok(())
-        })
-        .await
-    }
-
-    /// One ReplicaFetch of `up`'s partition from its end offset (with
-    /// `ask_epoch >= 0`: only where that epoch ends); a partition error is
-    /// an `Err`.
-    async fn fetch_from(
-        &self,
-        up: &Upstream<'_>,
-        ask_epoch: i32,
-        wait_ms: u32,
-    ) -> Result<ReplicaFetchResult, WireError> {
-        let result = self.fetch_answer(up, ask_epoch, wait_ms).await?;
-        if result.error != ErrorCode::None {
-            return Err(WireError::new(result.error, result.message));
-        }
-        Ok(result)
-    }
-
-    /// The same, with a partition error left in the answer.
+    /// One ReplicaFetch of `up`'s partition from `fetch_offset` (with
+    /// `ask_epoch >= 0`: only where that epoch ends), with a partition error
+    /// left in the answer.
     async fn fetch_answer(
         &self,
         up: &Upstream<'_>,
         ask_epoch: i32,
+        fetch_offset: i64,
         wait_ms: u32,
     ) -> Result<ReplicaFetchResult, WireError> {
         let request = ReplicaFetchRequest {
@@ -753,7 +721,7 @@ impl Broker {
                 topic: up.name.to_string(),
                 partition: up.p.id,
                 leader_epoch: up.epoch,
-                fetch_offset: up.p.log.log_end_offset(),
+                fetch_offset,
                 ask_epoch,
             }],
         };
@@ -802,28 +770,96 @@ struct Upstream<'a> {
     epoch: i32,
 }
 
-/// Appends a leader's batches as they are (offsets and epochs kept), then
-/// fsyncs them. Each batch is appended under the replica lock, only while
-/// this replica still follows `leader` in `epoch`.
-fn append_copies(p: &Partition, records: Bytes, leader: NodeId, epoch: i32) -> Result<(), WireError> {
-    let mut end = p.log.log_end_offset();
-    for item in batch::Batches::new(records) {
+/// What the follower makes of a fetch result: the leader's batches (headers
+/// read; CRCs are checked right before the append) or "out of range" with
+/// the leader's log start; any other partition error is an `Err`.
+fn fetched(result: ReplicaFetchResult) -> Result<FetchAnswer<Bytes>, WireError> {
+    match result.error {
+        ErrorCode::None => {}
+        ErrorCode::OffsetOutOfRange => {
+            return Ok(FetchAnswer::OffsetOutOfRange { leader_log_start: result.log_start_offset });
+        }
+        code => return Err(WireError::new(code, result.message)),
+    }
+    let mut batches = Vec::new();
+    for item in batch::Batches::new(result.records) {
         let (header, bytes): (BatchHeader, Bytes) = item.map_err(crate::broker::corrupt)?;
-        batch::verify_crc(&bytes).map_err(crate::broker::corrupt)?;
+        let end_offset = header.base_offset + i64::from(header.last_offset_delta) + 1;
+        batches.push(Batch { base_offset: header.base_offset, end_offset, epoch: header.leader_epoch, data: bytes });
+    }
+    Ok(FetchAnswer::Batches { batches, high_watermark: result.high_watermark })
+}
+
+/// The wire error codes the follower tells apart.
+fn failure(code: ErrorCode) -> Failure {
+    match code {
+        ErrorCode::OffsetOutOfRange => Failure::OffsetOutOfRange,
+        ErrorCode::FencedLeaderEpoch => Failure::FencedLeaderEpoch,
+        _ => Failure::Other,
+    }
+}
+
+/// Cuts this follower's log at `end`, where it stops agreeing with the
+/// leader's, while it still follows `leader` in `epoch`.
+fn truncate_diverging_tail(p: &Partition, name: &str, end: i64, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+    let mut state = p.replica.state();
+    state.ensure_follows(leader, epoch)?;
+    let before = p.log.log_end_offset();
+    let after = p.log.truncate_to(end).map_err(storage_error)?;
+    state.history.truncate(after);
+    p.replica.high_watermark.fetch_min(after, Ordering::AcqRel);
+    p.replica.persist(&state.history).map_err(storage_error)?;
+    if after < before {
+        tracing::warn!(topic = %name, partition = p.id, before, after, "truncated a diverging tail");
+    }
+    Ok(())
+}
+
+/// The leader's log now starts past this replica's end (retention removed
+/// what it would have fetched): empties the log and goes on from the
+/// leader's start.
+fn start_over_at(p: &Partition, name: &str, start: i64, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+    let mut state = p.replica.state();
+    state.ensure_follows(leader, epoch)?;
+    let end = p.log.log_end_offset();
+    p.log.reset_to(start).map_err(storage_error)?;
+    state.history = EpochHistory::default();
+    p.replica.persist(&state.history).map_err(storage_error)?;
+    tracing::warn!(
+        topic = %name, partition = p.id, end, start,
+        "the leader's log starts past this replica's end: starting over there"
+    );
+    Ok(())
+}
+
+/// Appends a leader's batches as they are (offsets and epochs kept), then
+/// fsyncs them. Every CRC is checked before anything is appended (a corrupt
+/// batch must not leave the ones before it appended and unflushed: the next
+/// fetch offset would promise them). Each batch is appended under the
+/// replica lock, only while this replica still follows `leader` in `epoch`
+/// and only at the log end (the follower checked the offsets against the end
+/// it was told; this is the check right before the write). A batch that
+/// starts an epoch has the epoch history written first.
+fn append_copies(p: &Partition, copies: Vec<AppendBatch<Bytes>>, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+    for copy in &copies {
+        batch::verify_crc(&copy.batch.data).map_err(crate::broker::corrupt)?;
+    }
+    let mut end = p.log.log_end_offset();
+    for AppendBatch { batch: copied, starts_epoch } in copies {
         let mut state = p.replica.state();
         state.ensure_follows(leader, epoch)?;
         end = p.log.log_end_offset();
-        if header.base_offset != end {
+        if copied.base_offset != end {
             return Err(WireError::new(
                 ErrorCode::OffsetOutOfRange,
-                format!("the leader sent a batch at offset {} for a log ending at {end}", header.base_offset),
+                format!("the leader sent a batch at offset {} for a log ending at {end}", copied.base_offset),
             ));
         }
-        if state.history.latest_epoch().is_none_or(|e| e < header.leader_epoch) {
-            state.history.assign(header.leader_epoch, header.base_offset);
+        if starts_epoch {
+            state.history.assign(copied.epoch, copied.base_offset);
             p.replica.persist(&state.history).map_err(storage_error)?;
         }
-        let info = p.log.append(&bytes, header.leader_epoch).map_err(storage_error)?;
+        let info = p.log.append(&copied.data, copied.epoch).map_err(storage_error)?;
         end = info.last_offset + 1;
     }
     p.log.sync_to(end).map_err(storage_error)

@@ -1,10 +1,21 @@
 //! The decision logic of partition replication, in plain types: no sockets,
 //! clocks or threads. The async layer feeds in what happened (an append, a
-//! follower's fetch, the time, a committed ISR) and acts on what comes out
-//! (a new high watermark, an ISR change to commit, where to truncate, whom
-//! to elect). That keeps every rule testable deterministically
-//! (`tests/simulation.rs` drives it through seeded message loss, delay,
+//! follower's fetch, a leader's answer, the time, a committed ISR) and acts
+//! on what comes out (a new high watermark, an ISR change to commit, a
+//! request to send, where to truncate, what to append, whom to elect). That
+//! keeps every rule testable deterministically (`tests/simulation.rs` drives
+//! the same types as the broker through seeded message loss, delay,
 //! reordering and crashes, with a checker).
+//!
+//! - [`PartitionLeader`]: a leader's view of its followers, the ISR and the
+//!   high watermark.
+//! - [`PartitionFollower`]: a follower of one leader in one epoch. Its owner
+//!   loops: [`PartitionFollower::poll`] says what to do next ([`Action`]: a
+//!   [`Request`] to send, a truncation, a fresh start, batches to append, a
+//!   high watermark to take, a backoff), the owner does it and reports the
+//!   outcome (`on_epoch_answer`, `on_fetch_answer`, `on_applied`,
+//!   `on_error`). Time comes in as `now_ms`, milliseconds on the owner's
+//!   monotonic clock.
 //!
 //! The model is Kafka's, with the lessons of its bug history built in:
 //! - The high watermark is the offset the whole ISR holds; consumers never
@@ -22,9 +33,13 @@
 #![forbid(unsafe_code)]
 
 mod epochs;
+mod follower;
 mod leader;
 
 pub use epochs::{EpochHistory, TruncationStep, truncation_step};
+pub use follower::{
+    Action, AppendBatch, Batch, FAILURES_PER_WARNING, Failure, FetchAnswer, PartitionFollower, Request, Retry,
+};
 pub use leader::{FetchOutcome, LeaderConfig, NotEnoughReplicas, PartitionLeader};
 
 /// A broker's node id.

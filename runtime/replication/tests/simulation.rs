@@ -7,17 +7,29 @@
 //! exactly once at the offset it was acknowledged with, acknowledgements
 //! came in offset order, and all replicas hold identical logs.
 //!
+//! Each node's follower side is the crate's `PartitionFollower`, the type
+//! the broker drives: the simulation carries its requests as messages, times
+//! them out, and applies its truncations and appends to an in-memory log.
+//!
 //! A failing seed is printed; rerun one with `QUIVER_SIM_SEED=N`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use quiver_replication::{
-    Election, Epoch, EpochHistory, LeaderConfig, NodeId, Offset, PartitionLeader, TruncationStep, elect_leader,
-    truncation_step,
+    Action, Batch, Election, Epoch, EpochHistory, Failure, FetchAnswer, LeaderConfig, NodeId, Offset,
+    PartitionFollower, PartitionLeader, Request, elect_leader,
 };
 
 const NODES: [NodeId; 3] = [1, 2, 3];
 const MIN_ISR: usize = 2;
+/// A follower's request unanswered this long failed (lost, or its leader is
+/// down).
+const REQUEST_TIMEOUT_MS: u64 = 60;
+/// A follower's pause after a failure.
+const RETRY_BACKOFF_MS: u64 = 10;
+/// Bound on the local actions (truncate, append, high watermark) a
+/// follower carries out in one step before it sends or waits.
+const FOLLOWER_ACTIONS_PER_STEP: usize = 8;
 
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
@@ -55,13 +67,27 @@ enum Msg {
         records: Vec<Rec>,
         high_watermark: Offset,
     },
+    /// The fetch offset is past the leader's log end (the leader's log
+    /// always starts at 0 here: no retention).
+    FetchOutOfRange {
+        epoch: Epoch,
+        offset: Offset,
+    },
     AskEpoch {
         epoch: Epoch,
         asked: Epoch,
     },
     EpochReply {
         epoch: Epoch,
+        asked: Epoch,
         answer: Option<(Epoch, Offset)>,
+    },
+    /// A request the receiver does not serve: not leading in that epoch
+    /// (`Other`), or leading in a newer one (`FencedLeaderEpoch`).
+    Refused {
+        epoch: Epoch,
+        request: Request,
+        failure: Failure,
     },
     /// Leader to controller: commit this ISR.
     ProposeIsr {
@@ -72,12 +98,11 @@ enum Msg {
 
 enum Role {
     Leader(PartitionLeader),
-    /// Following `leader` in `epoch`; `asked` while reconciling the log.
+    /// Following a leader in an epoch; `sent_at` is when its outstanding
+    /// request went out.
     Follower {
-        leader: NodeId,
-        epoch: Epoch,
-        asked: Option<Epoch>,
-        waiting_since: Option<u64>,
+        follower: PartitionFollower<Rec>,
+        sent_at: Option<u64>,
     },
     /// Knows no leader (offline partition, or metadata not seen yet).
     Idle,
@@ -251,7 +276,7 @@ impl Sim {
                 Role::Leader(leader)
             }
             // A new follower first reconciles its log with the leader.
-            Some(l) => Role::Follower { leader: l, epoch, asked: node.history.latest_epoch(), waiting_since: None },
+            Some(l) => Role::Follower { follower: PartitionFollower::new(l, epoch, RETRY_BACKOFF_MS), sent_at: None },
             None => Role::Idle,
         };
     }
@@ -384,16 +409,15 @@ impl Sim {
                 }
                 node.high_watermark = l.high_watermark();
             }
-            Role::Follower { leader, epoch, asked, waiting_since } => {
-                let stale = waiting_since.is_none_or(|t| now - t > 60);
-                if stale {
-                    *waiting_since = Some(now);
-                    match asked {
-                        // Reconcile the log first (a fresh follower asks
-                        // about its latest epoch).
-                        Some(e) => outbox.push((*leader, Msg::AskEpoch { epoch: *epoch, asked: *e })),
-                        None => outbox.push((*leader, Msg::Fetch { epoch: *epoch, offset: node.log.len() as Offset })),
-                    }
+            Role::Follower { follower, sent_at } => {
+                // The transport's timeout: the request or its answer was
+                // lost, or the leader is down.
+                if follower.outstanding().is_some() && sent_at.is_some_and(|t| now - t > REQUEST_TIMEOUT_MS) {
+                    follower.on_error(now, Failure::Other);
+                    *sent_at = None;
+                }
+                if let Some(sent) = Self::drive(node, now, &mut self.log, id) {
+                    outbox.push(sent);
                 }
             }
             Role::Idle => {}
@@ -402,6 +426,52 @@ impl Sim {
             self.send(id, to, msg);
         }
         self.settle_acks();
+    }
+
+    /// Carries out what a follower node's `PartitionFollower` asks for, up to
+    /// its next request (returned, to send) or wait.
+    fn drive(node: &mut Node, now: u64, events: &mut Vec<String>, id: NodeId) -> Option<(NodeId, Msg)> {
+        let Role::Follower { follower, sent_at } = &mut node.role else { return None };
+        for _ in 0..FOLLOWER_ACTIONS_PER_STEP {
+            match follower.poll(now, node.log.len() as Offset, &node.history) {
+                Action::Send(request) => {
+                    let epoch = follower.epoch();
+                    let msg = match request {
+                        Request::AskEpoch { epoch: asked } => Msg::AskEpoch { epoch, asked },
+                        Request::Fetch { offset } => Msg::Fetch { epoch, offset },
+                    };
+                    *sent_at = Some(now);
+                    return Some((follower.leader(), msg));
+                }
+                Action::TruncateTo { offset } => {
+                    node.log.truncate(offset.max(0) as usize);
+                    node.history.truncate(offset);
+                    node.high_watermark = node.high_watermark.min(offset);
+                    // A truncation is flushed (as `Log::truncate_to`).
+                    node.flushed = node.log.len() as Offset;
+                    follower.on_applied();
+                    events.push(format!("t={now} {id} truncated to {offset}"));
+                }
+                Action::StartOver { offset } => {
+                    unreachable!("node {id}: start over at {offset}, but a leader's log starts at 0 here")
+                }
+                Action::Append { batches } => {
+                    for a in batches {
+                        assert_eq!(a.batch.base_offset, node.log.len() as Offset, "node {id}: append at the log end");
+                        if a.starts_epoch {
+                            node.history.assign(a.batch.epoch, a.batch.base_offset);
+                        }
+                        node.log.push(a.batch.data);
+                    }
+                    // Followers flush before they report the new end.
+                    node.flushed = node.log.len() as Offset;
+                    follower.on_applied();
+                }
+                Action::SetHighWatermark { offset } => node.high_watermark = offset,
+                Action::WaitUntil { .. } | Action::AwaitOutcome => return None,
+            }
+        }
+        None
     }
 
     /// Acknowledges a pending write once the node that took it, still
@@ -439,14 +509,25 @@ impl Sim {
         }
     }
 
+    /// The refusal of `request` made in `epoch` by a node in `role`.
+    fn refuse(role: &Role, epoch: Epoch, request: Request) -> Msg {
+        let failure = match role {
+            Role::Leader(l) if epoch < l.epoch() => Failure::FencedLeaderEpoch,
+            _ => Failure::Other,
+        };
+        Msg::Refused { epoch, request, failure }
+    }
+
     fn receive(&mut self, id: NodeId, from: NodeId, msg: Msg) {
         let now = self.now;
         let node = self.nodes.get_mut(&id).unwrap();
         let mut reply = None;
+        let log_end = node.log.len() as Offset;
         match (msg, &mut node.role) {
-            (Msg::Fetch { epoch, offset }, Role::Leader(l))
-                if epoch == l.epoch() && offset <= node.log.len() as Offset =>
-            {
+            (Msg::Fetch { epoch, offset }, Role::Leader(l)) if epoch == l.epoch() && offset > log_end => {
+                reply = Some(Msg::FetchOutOfRange { epoch, offset });
+            }
+            (Msg::Fetch { epoch, offset }, Role::Leader(l)) if epoch == l.epoch() => {
                 let outcome = l.on_fetch(from, offset, now);
                 if let Some(isr) = outcome.propose_isr {
                     let e = l.epoch();
@@ -458,38 +539,51 @@ impl Sim {
                 reply = Some(Msg::FetchReply { epoch, offset, records, high_watermark: l.high_watermark() });
             }
             (Msg::AskEpoch { epoch, asked }, Role::Leader(l)) if epoch == l.epoch() => {
-                let answer = node.history.end_offset_for(asked, node.log.len() as Offset);
-                reply = Some(Msg::EpochReply { epoch, answer });
+                let answer = node.history.end_offset_for(asked, log_end);
+                reply = Some(Msg::EpochReply { epoch, asked, answer });
             }
-            (Msg::EpochReply { epoch: e, answer }, Role::Follower { epoch, asked, waiting_since, .. })
-                if e == *epoch && asked.is_some() =>
+            // A request for another epoch, or to a node that does not lead:
+            // refused, as the broker answers `fenced_leader_epoch` or
+            // `not_leader`.
+            (Msg::Fetch { epoch, offset }, role) => reply = Some(Self::refuse(role, epoch, Request::Fetch { offset })),
+            (Msg::AskEpoch { epoch, asked }, role) => {
+                reply = Some(Self::refuse(role, epoch, Request::AskEpoch { epoch: asked }))
+            }
+            (Msg::EpochReply { epoch, asked, answer }, Role::Follower { follower, .. })
+                if epoch == follower.epoch() =>
             {
-                let step = truncation_step(&node.history, node.log.len() as Offset, answer);
-                *waiting_since = None;
-                match step {
-                    TruncationStep::Ask(older) => *asked = Some(older),
-                    TruncationStep::TruncateTo(to) => {
-                        *asked = None;
-                        node.truncate(to);
-                        node.flushed = node.log_end();
-                        self.log.push(format!("t={now} {id} truncated to {to}"));
-                    }
+                follower.on_epoch_answer(asked, answer, log_end, &node.history);
+            }
+            (Msg::FetchReply { epoch, offset, records, high_watermark }, Role::Follower { follower, .. })
+                if epoch == follower.epoch() =>
+            {
+                let batches = (offset..)
+                    .zip(records)
+                    .map(|(o, r)| Batch { base_offset: o, end_offset: o + 1, epoch: r.epoch, data: r })
+                    .collect();
+                let answer = FetchAnswer::Batches { batches, high_watermark };
+                if let Err(retry) = follower.on_fetch_answer(now, offset, answer, log_end, &node.history) {
+                    self.log.push(format!("t={now} {id} refused a fetch answer: {}", retry.cause));
                 }
             }
-            (
-                Msg::FetchReply { epoch: e, offset, records, high_watermark },
-                Role::Follower { epoch, waiting_since, asked: None, .. },
-            ) if e == *epoch && offset == node.log.len() as Offset => {
-                for r in records {
-                    node.history.assign(r.epoch, node.log.len() as Offset);
-                    node.log.push(r);
+            (Msg::FetchOutOfRange { epoch, offset }, Role::Follower { follower, .. }) if epoch == follower.epoch() => {
+                let answer = FetchAnswer::OffsetOutOfRange { leader_log_start: 0 };
+                if let Err(retry) = follower.on_fetch_answer(now, offset, answer, log_end, &node.history) {
+                    self.log.push(format!("t={now} {id} fetched out of range: {}", retry.cause));
                 }
-                // Followers flush before they report the new end.
-                node.flushed = node.log.len() as Offset;
-                node.high_watermark = high_watermark.min(node.log.len() as Offset);
-                *waiting_since = None;
+            }
+            (Msg::Refused { epoch, request, failure }, Role::Follower { follower, .. })
+                if epoch == follower.epoch() && follower.outstanding() == Some(request) =>
+            {
+                follower.on_error(now, failure);
             }
             _ => {}
+        }
+        // An answered request is no longer timed.
+        if let Role::Follower { follower, sent_at } = &mut node.role
+            && follower.outstanding().is_none()
+        {
+            *sent_at = None;
         }
         if let Some(r) = reply {
             self.send(id, from, r);
