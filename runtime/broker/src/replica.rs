@@ -688,7 +688,15 @@ impl Broker {
                     tokio::time::sleep_until(origin + Duration::from_millis(at_ms)).await;
                     Ok(())
                 }
-                Action::AwaitOutcome => unreachable!("every action's outcome is reported before the next poll"),
+                // Every branch above reports its outcome before the next
+                // poll; should one ever not, this task must not spin or
+                // die: give the follower a fresh start.
+                Action::AwaitOutcome => {
+                    tracing::error!(topic = %name, partition = p.id, "follower polled before its last outcome");
+                    follower = PartitionFollower::new(leader, epoch, RETRY.as_millis() as u64);
+                    tokio::time::sleep(RETRY).await;
+                    Ok(())
+                }
             };
             if let Err(e) = done {
                 let retry = follower.on_error(clock_ms(), failure(e.code));
