@@ -370,7 +370,7 @@ impl Broker {
     /// Deletes a topic: it disappears from the metadata file first, then its
     /// directories are renamed away and removed in the background. Readers
     /// holding a partition finish from their open files.
-    pub(crate) async fn delete_topic(&self, name: &str) -> Result<(), WireError> {
+    pub(crate) async fn remove_local_topic(&self, name: &str) -> Result<(), WireError> {
         let _guard = self.admin_lock.lock().await;
         let topic = self
             .topic(name)

@@ -16,6 +16,7 @@ use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, now_ms};
 use crate::handlers::unknown_topic_metadata;
+use crate::reconcile::{Local, Step, held, plan};
 use crate::topic::TopicRecord;
 
 /// How long topic admin waits for this broker to apply its own change.
@@ -101,54 +102,28 @@ impl Broker {
     /// longer has. A stale image (a restart replaying the log) never
     /// removes anything.
     async fn reconcile(self: &Arc<Self>, image: &ClusterImage, complete: bool) {
-        let me = self.config.node_id;
-        for local in self.sorted_topics().into_iter().filter(|_| complete) {
-            let Some(local_id) = local.record.cluster_id else { continue };
-            let current = image.topics.get(&local.record.name).map(|t| (t.id, held(t, me)));
-            let keep = matches!(&current, Some((id, held)) if *id == local_id && !held.is_empty());
-            if !keep && let Err(e) = self.delete_topic(&local.record.name).await {
-                tracing::warn!(topic = %local.record.name, error = %e.message, "cannot remove a deleted topic");
-            }
-        }
-        for (name, t) in &image.topics {
-            let held = held(t, me);
-            if let Some(local) = self.topic(name) {
-                // A reassignment moved replicas to or away from here.
-                if complete
-                    && local.record.cluster_id == Some(t.id)
-                    && !held.is_empty()
-                    && local.record.held.as_ref() != Some(&held)
-                    && let Err(e) = self.change_held(name, held).await
-                {
-                    tracing::error!(topic = %name, error = %e.message, "cannot take or drop moved replicas");
+        let local = self
+            .sorted_topics()
+            .iter()
+            .map(|t| (t.record.name.clone(), Local { id: t.record.cluster_id, held: t.record.held.clone() }))
+            .collect();
+        for step in plan(self.config.node_id, &local, image, complete) {
+            let (name, result) = match step {
+                Step::Remove { name } => {
+                    let result = self.remove_local_topic(&name).await;
+                    (name, result.map_err(|e| format!("cannot remove a deleted topic: {}", e.message)))
                 }
-                continue;
-            }
-            if held.is_empty() {
-                continue;
-            }
-            let config = match self
-                .config
-                .topic_defaults
-                .clone()
-                .with_overrides(t.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(topic = %name, error = %e, "topic configs in the metadata are invalid here");
-                    continue;
+                Step::ChangeHeld { name, held } => {
+                    let result = self.change_held(&name, held).await;
+                    (name, result.map_err(|e| format!("cannot take or drop moved replicas: {}", e.message)))
+                }
+                Step::Open { name, id, partitions, configs, held } => {
+                    let result = self.open_from_image(&name, id, partitions, configs, held).await;
+                    (name, result)
                 }
             };
-            let record = TopicRecord {
-                name: name.clone(),
-                partitions: t.partitions.len() as u32,
-                overrides: t.configs.iter().cloned().collect(),
-                created_ms: now_ms(),
-                cluster_id: Some(t.id),
-                held: Some(held),
-            };
-            if let Err(e) = self.create_local_topic(record, config).await {
-                tracing::error!(topic = %name, error = %e.message, "cannot open the replicas of a new topic");
+            if let Err(e) = result {
+                tracing::error!(topic = %name, error = %e, "cannot bring a topic in line with the metadata");
             }
         }
         // A stale image (a restart replaying the log) must not make this
@@ -157,6 +132,36 @@ impl Broker {
             self.apply_roles(image);
         }
         self.reconcile_plugins(image, complete).await;
+    }
+
+    /// Opens the replicas `held` of the image's topic `id`.
+    async fn open_from_image(
+        &self,
+        name: &str,
+        id: u64,
+        partitions: u32,
+        configs: Vec<(String, String)>,
+        held: Vec<u32>,
+    ) -> Result<(), String> {
+        let overrides = configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let config = self
+            .config
+            .topic_defaults
+            .clone()
+            .with_overrides(overrides)
+            .map_err(|e| format!("its configs in the metadata are invalid here: {e}"))?;
+        let record = TopicRecord {
+            name: name.to_owned(),
+            partitions,
+            overrides: configs.into_iter().collect(),
+            created_ms: now_ms(),
+            cluster_id: Some(id),
+            held: Some(held),
+        };
+        self.create_local_topic(record, config)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("cannot open the replicas of a new topic: {}", e.message))
     }
 
     pub(crate) async fn create_topic(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, WireError> {
@@ -403,11 +408,6 @@ pub(crate) fn check_leader(me: u32, image: &ClusterImage, topic: &str, partition
             ),
         )),
     }
-}
-
-/// The partitions of `t` that `node` holds a replica of.
-fn held(t: &TopicImage, node: u32) -> Vec<u32> {
-    t.partitions.iter().enumerate().filter(|(_, p)| p.replicas.contains(&node)).map(|(i, _)| i as u32).collect()
 }
 
 pub(crate) fn write_error(e: WriteError) -> WireError {

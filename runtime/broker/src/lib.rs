@@ -18,6 +18,7 @@ mod placement;
 mod plugin_sync;
 mod plugins;
 mod producer_ids;
+mod reconcile;
 mod replica;
 pub mod topic;
 mod waiters;

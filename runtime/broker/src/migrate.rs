@@ -107,7 +107,8 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
         r.cluster_id = Some(t.id);
         r.held = Some((0..r.partitions).collect());
     }
-    for d in &registry.plugins {
+    let mut registry = registry;
+    for d in &mut registry.plugins {
         let version = match image.plugins.get(&d.name) {
             Some(p) if p.sha256 == d.sha256 => p.version,
             _ => {
@@ -148,6 +149,14 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
             write(controller, Command::SetPluginPaused { name: d.name.clone(), version, paused: d.paused.clone() })
                 .await?;
         }
+        // The local registry names the image's version, so the broker runs
+        // the deployment it loads at open on, instead of loading it again.
+        d.version = version;
+    }
+    if !registry.plugins.is_empty() {
+        let path = plugins_dir.join(REGISTRY_FILE);
+        let body = serde_json::to_vec_pretty(&registry).expect("registry serialises");
+        write_atomic(&path, &body).map_err(|e| fail(&path.display().to_string(), &e))?;
     }
     let body = serde_json::to_vec_pretty(&MetadataFile { topics: records }).expect("metadata serialises");
     write_atomic(&meta_path, &body).map_err(|source| OpenError::DataDir { path: meta_path, source })?;

@@ -237,6 +237,11 @@ impl Broker {
             .await
             .map_err(|e| e.to_string())??;
         let monitor = previous.as_ref().map(|p| p.monitor.clone()).unwrap_or_else(|| Arc::new(Monitor::default()));
+        // Stopped before its progress is read: a step it finished meanwhile
+        // would otherwise be done again by the new version.
+        if let Some(p) = &previous {
+            self.stop_transform(p).await;
+        }
         let progress = match &previous {
             Some(p) if p.deployment.read().expect("deployment lock").input == deployment.input => {
                 p.progress.lock().expect("progress lock").clone()
@@ -246,9 +251,6 @@ impl Broker {
                 BTreeMap::new()
             }
         };
-        if let Some(p) = &previous {
-            self.stop_transform(p).await;
-        }
         let version = deployment.version;
         let deployed = Plugins::deployed(deployment, plugin, monitor, progress);
         deployed.monitor.log("info", format!("version {version} deployed ({})", wanted.sha256));

@@ -735,7 +735,7 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Sent>((1 << 16) / GROUP);
             let checker = tokio::spawn(async move {
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
-                let mut errors = 0u64;
+                let mut errors = (0u64, None);
                 while let Some(group) = rx.recv().await {
                     // One clock read per group, and one after each wait: a
                     // delivery that is ready when looked at was acknowledged
@@ -751,7 +751,10 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
                             Ok(_) => {
                                 let _ = hist.record(now.saturating_duration_since(sent).as_micros().max(1) as u64);
                             }
-                            Err(_) => errors += 1,
+                            Err(e) => {
+                                errors.0 += 1;
+                                errors.1.get_or_insert(e.to_string());
+                            }
                         }
                     }
                 }
@@ -777,15 +780,18 @@ async fn produce(target: &Target, opts: &BenchOpts, topic: &str) -> anyhow::Resu
         }));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut errors = 0;
+    let (mut errors, mut first_error) = (0, None);
     for t in tasks {
-        let (h, e) = t.await??;
+        let (h, (e, first)) = t.await??;
         hist.add(&h)?;
         errors += e;
+        first_error = first_error.or(first);
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    anyhow::ensure!(errors == 0, "{errors} records were not acknowledged");
+    if let Some(first) = first_error {
+        anyhow::bail!("{errors} records were not acknowledged (the first: {first})");
+    }
     let records = per_producer * producers as u64;
     Ok(BenchResult::new("produce", records, records * opts.record_bytes as u64, elapsed, Some(&hist)).with_cpu(cpu))
 }

@@ -54,6 +54,7 @@ async fn kill_9_during_acks_all_produce_loses_no_acknowledged_record() {
         let collector = tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut failed = 0u64;
+            let mut first_error = None;
             while let Some((i, delivery)) = rx.recv().await {
                 let delivery: quiver_client::DeliveryFuture = delivery;
                 match delivery.await {
@@ -61,10 +62,13 @@ async fn kill_9_during_acks_all_produce_loses_no_acknowledged_record() {
                         acked.push((i, meta.partition, meta.offset));
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(_) => failed += 1,
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert(e.to_string());
+                    }
                 }
             }
-            (acked, failed)
+            (acked, failed, first_error)
         });
         let kill_after = 5_000 + round * 7_919;
         let mut sent = 0u64;
@@ -88,10 +92,10 @@ async fn kill_9_during_acks_all_produce_loses_no_acknowledged_record() {
                 tokio::task::yield_now().await;
             }
         }
-        assert!(killed, "round {round}: the broker was never killed");
         producer.flush().await;
         drop(tx);
-        let (acked, failed) = collector.await.unwrap();
+        let (acked, failed, first_error) = collector.await.unwrap();
+        assert!(killed, "round {round}: the broker was never killed (first delivery error: {first_error:?})");
         assert!(failed > 0, "round {round}: records sent after kill -9 must fail, not hang");
         drop(producer);
         client.close();
