@@ -439,3 +439,6 @@ fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)?;
     File::open(path.parent().expect("a file has a directory"))?.sync_all()
 }
+
+#[cfg(test)]
+mod suite;
