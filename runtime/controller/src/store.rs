@@ -22,44 +22,78 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
-    SnapshotMeta, StorageError, StoredMembership, Vote,
+    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    RaftTypeConfig, SnapshotMeta, StorageError, StoredMembership, Vote,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::image::{ClusterImage, Outcome};
-use crate::{NodeId, TypeConfig};
+use crate::image::{ClusterImage, Command, Outcome};
 
-type StoreResult<T> = Result<T, StorageError<NodeId>>;
+/// The openraft type configurations this store serves: the crate's
+/// [`TypeConfig`](crate::TypeConfig), or any other that differs from it only
+/// in the Raft node id type. The store is generic for one reason: openraft's
+/// storage test suite builds node ids from `u64`, and ours are `u32`.
+///
+/// Node ids must be `Copy` (both are integers) so that log ids are too.
+pub trait StoreConfig:
+    RaftTypeConfig<
+        D = Command,
+        R = Outcome,
+        NodeId: Copy,
+        Node = BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+        Entry = Entry<Self>,
+    >
+{
+}
 
-fn io_error(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: std::io::Error) -> StorageError<NodeId> {
+impl<C> StoreConfig for C where
+    C: RaftTypeConfig<
+            D = Command,
+            R = Outcome,
+            NodeId: Copy,
+            Node = BasicNode,
+            SnapshotData = Cursor<Vec<u8>>,
+            Entry = Entry<C>,
+        >
+{
+}
+
+type StoreResult<C, T> = Result<T, StorageError<<C as RaftTypeConfig>::NodeId>>;
+
+fn io_error<NID: openraft::NodeId>(
+    subject: ErrorSubject<NID>,
+    verb: ErrorVerb,
+    e: std::io::Error,
+) -> StorageError<NID> {
     StorageError::from_io_error(subject, verb, e)
 }
 
 #[derive(Serialize, Deserialize)]
-enum LogLine {
-    Purged(LogId<NodeId>),
-    Entry(Entry<TypeConfig>),
+#[serde(bound = "")]
+enum LogLine<C: StoreConfig> {
+    Purged(LogId<C::NodeId>),
+    Entry(Entry<C>),
 }
 
-struct LogInner {
+struct LogInner<C: StoreConfig> {
     path: PathBuf,
     file: File,
-    entries: BTreeMap<u64, Entry<TypeConfig>>,
-    purged: Option<LogId<NodeId>>,
+    entries: BTreeMap<u64, Entry<C>>,
+    purged: Option<LogId<C::NodeId>>,
 }
 
-impl LogInner {
+impl<C: StoreConfig> LogInner<C> {
     /// Rewrites the whole file from memory (after truncate or purge).
     fn rewrite(&mut self) -> std::io::Result<()> {
         let mut body = Vec::new();
         if let Some(p) = self.purged {
-            serde_json::to_writer(&mut body, &LogLine::Purged(p)).expect("log line serialises");
+            serde_json::to_writer(&mut body, &LogLine::<C>::Purged(p)).expect("log line serialises");
             body.push(b'\n');
         }
         for e in self.entries.values() {
-            serde_json::to_writer(&mut body, &LogLine::Entry(e.clone())).expect("log line serialises");
+            serde_json::to_writer(&mut body, &LogLine::<C>::Entry(e.clone())).expect("log line serialises");
             body.push(b'\n');
         }
         write_atomic(&self.path, &body)?;
@@ -69,14 +103,20 @@ impl LogInner {
 }
 
 /// The Raft log and vote. Cloning shares the same log.
-#[derive(Clone)]
-pub struct LogStore {
-    inner: Arc<Mutex<LogInner>>,
+pub struct LogStore<C: StoreConfig> {
+    inner: Arc<Mutex<LogInner<C>>>,
     vote_path: PathBuf,
 }
 
-impl LogStore {
-    pub fn open(dir: &Path) -> std::io::Result<LogStore> {
+// Not derived: the derive would require `C: Clone`.
+impl<C: StoreConfig> Clone for LogStore<C> {
+    fn clone(&self) -> Self {
+        LogStore { inner: self.inner.clone(), vote_path: self.vote_path.clone() }
+    }
+}
+
+impl<C: StoreConfig> LogStore<C> {
+    pub fn open(dir: &Path) -> std::io::Result<LogStore<C>> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("log.jsonl");
         let mut entries = BTreeMap::new();
@@ -85,7 +125,7 @@ impl LogStore {
         if let Ok(f) = File::open(&path) {
             for line in BufReader::new(f).lines() {
                 let line = line?;
-                match serde_json::from_str::<LogLine>(&line) {
+                match serde_json::from_str::<LogLine<C>>(&line) {
                     Ok(LogLine::Purged(p)) => purged = Some(p),
                     Ok(LogLine::Entry(e)) => {
                         entries.insert(e.log_id.index, e);
@@ -106,24 +146,24 @@ impl LogStore {
         Ok(LogStore { inner: Arc::new(Mutex::new(inner)), vote_path: dir.join("vote.json") })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner<C>> {
         self.inner.lock().expect("metadata log lock")
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl<C: StoreConfig> RaftLogReader<C> for LogStore<C> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> StoreResult<Vec<Entry<TypeConfig>>> {
+    ) -> StoreResult<C, Vec<Entry<C>>> {
         Ok(self.lock().entries.range(range).map(|(_, e)| e.clone()).collect())
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = LogStore;
+impl<C: StoreConfig> RaftLogStorage<C> for LogStore<C> {
+    type LogReader = LogStore<C>;
 
-    async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
+    async fn get_log_state(&mut self) -> StoreResult<C, LogState<C>> {
         let inner = self.lock();
         let last = inner.entries.values().next_back().map(|e| e.log_id).or(inner.purged);
         Ok(LogState { last_purged_log_id: inner.purged, last_log_id: last })
@@ -133,12 +173,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StoreResult<()> {
+    async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> StoreResult<C, ()> {
         let body = serde_json::to_vec(vote).expect("vote serialises");
         write_atomic(&self.vote_path, &body).map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
-    async fn read_vote(&mut self) -> StoreResult<Option<Vote<NodeId>>> {
+    async fn read_vote(&mut self) -> StoreResult<C, Option<Vote<C::NodeId>>> {
         match std::fs::read(&self.vote_path) {
             Ok(raw) => serde_json::from_slice(&raw).map(Some).map_err(|e| {
                 io_error(ErrorSubject::Vote, ErrorVerb::Read, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -148,16 +188,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> StoreResult<C, ()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut inner = self.lock();
         let mut body = Vec::new();
         let mut added = Vec::new();
         for e in entries {
-            serde_json::to_writer(&mut body, &LogLine::Entry(e.clone())).expect("log line serialises");
+            serde_json::to_writer(&mut body, &LogLine::<C>::Entry(e.clone())).expect("log line serialises");
             body.push(b'\n');
             added.push(e);
         }
@@ -174,13 +214,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+    async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> StoreResult<C, ()> {
         let mut inner = self.lock();
         inner.entries.retain(|i, _| *i < log_id.index);
         inner.rewrite().map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+    async fn purge(&mut self, log_id: LogId<C::NodeId>) -> StoreResult<C, ()> {
         let mut inner = self.lock();
         inner.entries.retain(|i, _| *i > log_id.index);
         inner.purged = Some(log_id);
@@ -188,35 +228,58 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-#[derive(Clone, Default, Serialize, Deserialize)]
-struct SnapshotFile {
-    last_applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, openraft::BasicNode>,
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+struct SnapshotFile<C: StoreConfig> {
+    last_applied: Option<LogId<C::NodeId>>,
+    membership: StoredMembership<C::NodeId, BasicNode>,
     image: ClusterImage,
     snapshot_id: String,
 }
 
-struct MachineInner {
-    last_applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, openraft::BasicNode>,
+// Not derived: the derive would require `C: Default`.
+impl<C: StoreConfig> Default for SnapshotFile<C> {
+    fn default() -> Self {
+        SnapshotFile {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            image: ClusterImage::default(),
+            snapshot_id: String::new(),
+        }
+    }
+}
+
+struct MachineInner<C: StoreConfig> {
+    last_applied: Option<LogId<C::NodeId>>,
+    membership: StoredMembership<C::NodeId, BasicNode>,
     image: ClusterImage,
     snapshot_count: u64,
 }
 
 /// The state machine: applies committed commands to the [`ClusterImage`] and
 /// publishes every new image.
-#[derive(Clone)]
-pub struct StateMachine {
-    inner: Arc<Mutex<MachineInner>>,
+pub struct StateMachine<C: StoreConfig> {
+    inner: Arc<Mutex<MachineInner<C>>>,
     snapshot_path: PathBuf,
     published: watch::Sender<Arc<ClusterImage>>,
 }
 
-impl StateMachine {
-    pub fn open(dir: &Path) -> std::io::Result<StateMachine> {
+// Not derived: the derive would require `C: Clone`.
+impl<C: StoreConfig> Clone for StateMachine<C> {
+    fn clone(&self) -> Self {
+        StateMachine {
+            inner: self.inner.clone(),
+            snapshot_path: self.snapshot_path.clone(),
+            published: self.published.clone(),
+        }
+    }
+}
+
+impl<C: StoreConfig> StateMachine<C> {
+    pub fn open(dir: &Path) -> std::io::Result<StateMachine<C>> {
         std::fs::create_dir_all(dir)?;
         let snapshot_path = dir.join("snapshot.json");
-        let snap: SnapshotFile = match std::fs::read(&snapshot_path) {
+        let snap: SnapshotFile<C> = match std::fs::read(&snapshot_path) {
             Ok(raw) => serde_json::from_slice(&raw).map_err(|e| {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", snapshot_path.display()))
             })?,
@@ -240,11 +303,11 @@ impl StateMachine {
         self.published.subscribe()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, MachineInner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MachineInner<C>> {
         self.inner.lock().expect("state machine lock")
     }
 
-    fn snapshot_of(inner: &MachineInner) -> SnapshotFile {
+    fn snapshot_of(inner: &MachineInner<C>) -> SnapshotFile<C> {
         let snapshot_id = match inner.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, inner.snapshot_count),
             None => format!("empty-{}", inner.snapshot_count),
@@ -257,7 +320,7 @@ impl StateMachine {
         }
     }
 
-    fn to_snapshot(&self, file: &SnapshotFile, body: Vec<u8>) -> Snapshot<TypeConfig> {
+    fn to_snapshot(&self, file: &SnapshotFile<C>, body: Vec<u8>) -> Snapshot<C> {
         let _ = self;
         Snapshot {
             meta: SnapshotMeta {
@@ -270,8 +333,8 @@ impl StateMachine {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
+impl<C: StoreConfig> RaftSnapshotBuilder<C> for StateMachine<C> {
+    async fn build_snapshot(&mut self) -> StoreResult<C, Snapshot<C>> {
         let file = {
             let mut inner = self.lock();
             inner.snapshot_count += 1;
@@ -284,19 +347,19 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotBuilder = StateMachine;
+impl<C: StoreConfig> RaftStateMachine<C> for StateMachine<C> {
+    type SnapshotBuilder = StateMachine<C>;
 
     async fn applied_state(
         &mut self,
-    ) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+    ) -> StoreResult<C, (Option<LogId<C::NodeId>>, StoredMembership<C::NodeId, BasicNode>)> {
         let inner = self.lock();
         Ok((inner.last_applied, inner.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StoreResult<Vec<Outcome>>
+    async fn apply<I>(&mut self, entries: I) -> StoreResult<C, Vec<Outcome>>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut inner = self.lock();
@@ -321,17 +384,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<C, Box<Cursor<Vec<u8>>>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta<C::NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<C, ()> {
         let body = snapshot.into_inner();
-        let file: SnapshotFile = serde_json::from_slice(&body).map_err(|e| {
+        let file: SnapshotFile<C> = serde_json::from_slice(&body).map_err(|e| {
             io_error(
                 ErrorSubject::Snapshot(Some(meta.signature())),
                 ErrorVerb::Read,
@@ -348,10 +411,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
+    async fn get_current_snapshot(&mut self) -> StoreResult<C, Option<Snapshot<C>>> {
         match std::fs::read(&self.snapshot_path) {
             Ok(body) => {
-                let file: SnapshotFile = serde_json::from_slice(&body).map_err(|e| {
+                let file: SnapshotFile<C> = serde_json::from_slice(&body).map_err(|e| {
                     io_error(
                         ErrorSubject::Snapshot(None),
                         ErrorVerb::Read,
@@ -376,3 +439,6 @@ fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)?;
     File::open(path.parent().expect("a file has a directory"))?.sync_all()
 }
+
+#[cfg(test)]
+mod suite;
