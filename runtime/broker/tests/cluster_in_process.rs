@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use harness::Cluster;
+use quiver_protocol::ErrorCode;
 use quiver_protocol::batch::{BatchBuilder, Batches, Compression, decode_records};
 use quiver_protocol::messages::*;
-use quiver_protocol::ErrorCode;
 
 fn batch(value: &str) -> Bytes {
     let mut b = BatchBuilder::new(Compression::None);

@@ -115,13 +115,15 @@ impl Cluster {
         for node in 1..=n {
             cluster.start_node(node).await;
         }
-        cluster.wait_for("every broker registered and caught up", Duration::from_secs(30), |c| {
-            c.brokers().iter().all(|b| {
-                let controller = b.controller();
-                controller.is_caught_up() && controller.image().borrow().brokers.values().filter(|r| !r.fenced).count() == n as usize
+        cluster
+            .wait_for("every broker registered and caught up", Duration::from_secs(30), |c| {
+                c.brokers().iter().all(|b| {
+                    let controller = b.controller();
+                    controller.is_caught_up()
+                        && controller.image().borrow().brokers.values().filter(|r| !r.fenced).count() == n as usize
+                })
             })
-        })
-        .await;
+            .await;
         cluster
     }
 
