@@ -1,7 +1,9 @@
 //! Three brokers in one process (`harness`): a partition replicated on all
-//! three keeps every acknowledged record across its leader being cut off,
-//! a new leader taking over, and the old one coming back as a follower;
-//! all replicas end with the same high watermark.
+//! three keeps every acknowledged record across its leader being cut off
+//! (taking a write nobody else sees), a new leader taking over, and the old
+//! one coming back as a follower: it cuts its diverging tail, every replica
+//! reaches the same high watermark, and led again by the old leader the
+//! partition holds the same records.
 
 mod harness;
 
@@ -44,8 +46,8 @@ async fn produce(cluster: &Cluster, via: u32, value: &str) -> i64 {
     panic!("{value} was never acknowledged");
 }
 
-async fn records(cluster: &Cluster, node: u32) -> Vec<(i64, String)> {
-    let request = FetchRequest {
+fn fetch_all() -> FetchRequest {
+    FetchRequest {
         max_wait_ms: 0,
         min_bytes: 1,
         max_bytes: 1 << 20,
@@ -53,13 +55,20 @@ async fn records(cluster: &Cluster, node: u32) -> Vec<(i64, String)> {
         filter: String::new(),
         filter_params: vec![],
         decode_values: false,
-    };
-    let f = cluster.call(node, &request).await.unwrap();
-    assert_eq!(f.partitions[0].error, ErrorCode::None, "{}", f.partitions[0].message);
+    }
+}
+
+fn decode(f: &FetchResponse) -> Vec<(i64, String)> {
     Batches::new(f.partitions[0].records.clone())
         .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
         .map(|r| (r.offset, String::from_utf8(r.value.unwrap().to_vec()).unwrap()))
         .collect()
+}
+
+async fn records(cluster: &Cluster, node: u32) -> Vec<(i64, String)> {
+    let f = cluster.call(node, &fetch_all()).await.unwrap();
+    assert_eq!(f.partitions[0].error, ErrorCode::None, "{}", f.partitions[0].message);
+    decode(&f)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,6 +89,15 @@ async fn a_leader_cut_off_fails_over_and_every_acknowledged_record_stays() {
     }
     let (old, old_epoch) = cluster.leader(1, "t", 0).unwrap();
     cluster.cut(old, true);
+    // The cut-off leader still takes a write it cannot replicate: a tail
+    // the others never see, which it must cut when it comes back.
+    let diverging = ProduceRequest {
+        acks: Acks::All,
+        timeout_ms: 1_000,
+        partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records: batch("diverged") }],
+    };
+    let answer = cluster.call(old, &diverging).await.unwrap();
+    assert_ne!(answer.partitions[0].error, ErrorCode::None, "a write no follower has was acknowledged");
     let other = if old == 1 { 2 } else { 1 };
     cluster
         .wait_for("a new leader", Duration::from_secs(20), |c| {
@@ -118,5 +136,26 @@ async fn a_leader_cut_off_fails_over_and_every_acknowledged_record_stays() {
     assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "offsets are dense and in order");
     let mut seen = std::collections::HashSet::new();
     assert!(stored.iter().all(|(_, v)| seen.insert(v.clone())), "no value twice: {stored:?}");
+    assert!(!seen.contains("diverged"), "the unreplicated write is gone");
+    // Leadership back to the preferred replica (the old leader, if it is
+    // first in the assignment): its log is the same, the diverging tail cut.
+    cluster.call(new, &ElectLeadersRequest {}).await.unwrap();
+    let preferred = cluster.broker(new).controller().image().borrow().topics["t"].partitions[0].replicas[0];
+    cluster
+        .wait_for("the preferred replica leading", Duration::from_secs(20), |c| {
+            c.leader(preferred, "t", 0).is_some_and(|(l, _)| l == preferred)
+        })
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let from_preferred = loop {
+        match cluster.call(preferred, &fetch_all()).await {
+            Ok(f) if f.partitions[0].error == ErrorCode::None && f.partitions[0].high_watermark >= end => {
+                break decode(&f);
+            }
+            _ => assert!(std::time::Instant::now() < deadline, "the preferred replica does not serve t-0"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(from_preferred, stored, "replica {preferred} holds the same records as {new} held");
     cluster.stop().await;
 }

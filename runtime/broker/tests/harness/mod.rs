@@ -64,6 +64,11 @@ impl Wire {
             let mut frame = concat(&encode_request(&request)).slice(4..);
             let api_key = frame.get_u16();
             let response = concat(&broker.handle_after_key(&context, api_key, frame, None).await);
+            // A cut made while the request ran loses its answer, as a
+            // network partition would.
+            net.reach(from, to).ok_or_else(|| {
+                WireError::new(ErrorCode::RequestTimedOut, format!("the answer of broker {to} to {from} was lost"))
+            })?;
             decode_response::<R::Response>(response.slice(4..))
                 .map_err(|e| WireError::new(ErrorCode::CorruptMessage, e.to_string()))?
         })
@@ -77,7 +82,11 @@ impl Transport for Wire {
             let broker =
                 net.reach(from, target).ok_or_else(|| SendError::Unreachable(format!("node {target} is cut off")))?;
             let request: ControllerRequest = serde_json::from_slice(&body).expect("controller request");
-            Ok(serde_json::to_vec(&broker.controller().handle(request).await).expect("controller answer"))
+            let answer = serde_json::to_vec(&broker.controller().handle(request).await).expect("controller answer");
+            match net.reach(from, target) {
+                Some(_) => Ok(answer),
+                None => Err(SendError::Unknown(format!("the answer of node {target} was lost"))),
+            }
         })
     }
 }
