@@ -278,11 +278,22 @@ impl Broker {
 
     /// A partition this broker leads (on a single node: any partition).
     pub(crate) fn partition(&self, topic: &str, partition: u32) -> Result<(Arc<Topic>, Arc<Partition>), WireError> {
-        crate::cluster::check_leader(self.config.node_id, &self.controller.image().borrow(), topic, partition)?;
-        let t = self
-            .topic(topic)
-            .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
-        let p = self.leader_partition(&t, partition)?;
+        let id = {
+            let image = self.controller.image();
+            let image = image.borrow();
+            crate::cluster::check_leader(self.config.node_id, &image, topic, partition)?;
+            image.topics.get(topic).map(|t| t.id)
+        };
+        // Not open here yet, or still the topic of that name deleted before
+        // (the reconcile loop is about to replace it): never the wrong log.
+        let opening = || {
+            WireError::new(
+                ErrorCode::NotLeader,
+                format!("broker {} is opening {topic}-{partition}; retry shortly", self.config.node_id),
+            )
+        };
+        let t = self.topic(topic).filter(|t| t.record.cluster_id == id).ok_or_else(opening)?;
+        let p = self.held_partition(&t, partition)?;
         if !p.leads() {
             return Err(WireError::new(
                 ErrorCode::NotLeader,
@@ -292,8 +303,24 @@ impl Broker {
         Ok((t, p))
     }
 
-    /// Partition `partition` of a topic this broker holds, as leader.
-    pub(crate) fn leader_partition(&self, t: &Topic, partition: u32) -> Result<Arc<Partition>, WireError> {
+    /// The open topic `name` is, if it is the image's topic of that name
+    /// (not one deleted meanwhile, about to be replaced).
+    pub(crate) fn current_topic(&self, name: &str) -> Result<Arc<Topic>, WireError> {
+        let id = self.controller.image().borrow().topics.get(name).map(|t| t.id);
+        let Some(id) = id else {
+            return Err(WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist")));
+        };
+        self.topic(name).filter(|t| t.record.cluster_id == Some(id)).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::NotLeader,
+                format!("broker {} is opening topic '{name}'; retry shortly", self.config.node_id),
+            )
+        })
+    }
+
+    /// Partition `partition` of a topic, if this broker holds a replica of
+    /// it (in whatever role).
+    pub(crate) fn held_partition(&self, t: &Topic, partition: u32) -> Result<Arc<Partition>, WireError> {
         if partition >= t.count() {
             return Err(WireError::new(
                 ErrorCode::UnknownPartition,

@@ -16,7 +16,7 @@ use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, now_ms};
 use crate::handlers::unknown_topic_metadata;
-use crate::reconcile::{Local, Step, held, plan};
+use crate::reconcile::{Local, Step, plan};
 use crate::topic::TopicRecord;
 
 /// How long topic admin waits for this broker to apply its own change.
@@ -102,12 +102,7 @@ impl Broker {
     /// longer has. A stale image (a restart replaying the log) never
     /// removes anything.
     async fn reconcile(self: &Arc<Self>, image: &ClusterImage, complete: bool) {
-        let local = self
-            .sorted_topics()
-            .iter()
-            .map(|t| (t.record.name.clone(), Local { id: t.record.cluster_id, held: t.record.held.clone() }))
-            .collect();
-        for step in plan(self.config.node_id, &local, image, complete) {
+        for step in plan(self.config.node_id, &self.local_topics(), image, complete) {
             let (name, result) = match step {
                 Step::Remove { name } => {
                     let result = self.remove_local_topic(&name).await;
@@ -208,9 +203,27 @@ impl Broker {
         }
     }
 
+    /// Whether this broker holds what `image` assigns it (nothing left to
+    /// open, move or remove) and leads where it says so.
     fn reconciled(&self, image: &ClusterImage) -> bool {
         let me = self.config.node_id;
-        image.topics.iter().all(|(name, t)| held(t, me).is_empty() || self.topic(name).is_some())
+        if !plan(me, &self.local_topics(), image, true).is_empty() {
+            return false;
+        }
+        image.topics.iter().all(|(name, t)| {
+            t.partitions.iter().enumerate().all(|(i, p)| {
+                p.leader != Some(me)
+                    || self.topic(name).and_then(|l| l.held(i as u32)).is_some_and(|q| q.leads_in(p.leader_epoch))
+            })
+        })
+    }
+
+    /// What is open here, as the reconcile plan sees it.
+    fn local_topics(&self) -> std::collections::BTreeMap<String, Local> {
+        self.sorted_topics()
+            .iter()
+            .map(|t| (t.record.name.clone(), Local { id: t.record.cluster_id, held: t.record.held.clone() }))
+            .collect()
     }
 
     pub(crate) fn metadata(&self, request: MetadataRequest) -> MetadataResponse {

@@ -359,10 +359,7 @@ impl Broker {
     async fn prepare(self: &Arc<Self>, p: &ProducePartition) -> Result<Vec<Placed>, WireError> {
         let any = p.partition == PARTITION_ANY;
         let (topic, partition) = if any {
-            let topic = self.topic(&p.topic).ok_or_else(|| {
-                WireError::new(ErrorCode::UnknownTopic, format!("topic '{}' does not exist", p.topic))
-            })?;
-            (topic, None)
+            (self.current_topic(&p.topic)?, None)
         } else {
             let (topic, partition) = self.partition(&p.topic, p.partition)?;
             (topic, Some(partition))

@@ -108,7 +108,7 @@ impl Broker {
                     WireError::new(ErrorCode::Internal, format!("no records split for partition {partition}"))
                 })?;
                 let to = match leader {
-                    None => Destination::Here(self.leader_partition(topic, partition)?),
+                    None => Destination::Here(self.held_partition(topic, partition)?),
                     Some(remote) => Destination::Leader(remote),
                 };
                 Ok(Placed { partition, to, batch: share.builder.build(), indices: share.indices })

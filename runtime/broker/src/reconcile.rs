@@ -73,7 +73,7 @@ pub(crate) fn plan(me: u32, local: &BTreeMap<String, Local>, image: &ClusterImag
 }
 
 /// The partitions of `t` that `node` holds a replica of.
-pub(crate) fn held(t: &TopicImage, node: u32) -> Vec<u32> {
+fn held(t: &TopicImage, node: u32) -> Vec<u32> {
     t.partitions.iter().enumerate().filter(|(_, p)| p.replicas.contains(&node)).map(|(i, _)| i as u32).collect()
 }
 

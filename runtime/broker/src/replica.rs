@@ -543,7 +543,7 @@ impl Broker {
         let topic = self
             .topic(name)
             .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist here")))?;
-        let p = self.leader_partition(&topic, fp.partition)?;
+        let p = self.held_partition(&topic, fp.partition)?;
         let log_end = p.log.log_end_offset();
         let proposal = {
             let mut state = p.replica.state();

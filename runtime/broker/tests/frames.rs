@@ -196,3 +196,29 @@ async fn long_polls_wake_for_their_own_partitions() {
     let answer = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("answered by the deletion");
     assert_eq!(answer.unwrap().unwrap().partitions[0].error, ErrorCode::UnknownTopic);
 }
+
+/// A topic deleted and created again under its name: a write right after
+/// the creation goes to the new topic's log, never to the old one being
+/// removed (which would lose an acknowledged record or fail it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_takes_writes_at_once() {
+    let (_dir, broker) = broker_with_topic(1).await;
+    for round in 0..10 {
+        let r = call(&broker, &produce(batch(&["old"]))).await.unwrap();
+        assert_eq!(r.partitions[0].error, ErrorCode::None, "round {round}: {}", r.partitions[0].message);
+        call(&broker, &DeleteTopicRequest { name: "t".into() }).await.unwrap();
+        let create = CreateTopicRequest { name: "t".into(), partitions: 1, replication_factor: 1, configs: vec![] };
+        call(&broker, &create).await.unwrap();
+        let value = format!("new-{round}");
+        let r = call(&broker, &produce(batch(&[&value]))).await.unwrap();
+        assert_eq!(
+            (r.partitions[0].error, r.partitions[0].base_offset),
+            (ErrorCode::None, 0),
+            "round {round}: {}",
+            r.partitions[0].message
+        );
+        let (_, values) = fetch_values(&broker, 0).await;
+        assert_eq!(values, vec![Bytes::from(value)], "round {round}");
+    }
+    broker.shutdown();
+}
