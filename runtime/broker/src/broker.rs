@@ -159,6 +159,8 @@ pub struct Broker {
     pub(crate) controller: Arc<Controller>,
     /// How followers reach leaders (and a transform another broker).
     pub(crate) replica_link: Arc<dyn ReplicaLink>,
+    /// When this broker opened: the origin of its monotonic clock.
+    pub(crate) started: std::time::Instant,
     /// The block of producer ids this broker hands out.
     pub(crate) producer_ids: crate::producer_ids::ProducerIds,
 }
@@ -264,6 +266,7 @@ impl Broker {
             plugins,
             controller,
             replica_link: link,
+            started: std::time::Instant::now(),
             producer_ids: Default::default(),
         }))
     }

@@ -38,7 +38,7 @@ use quiver_replication::{
     PartitionLeader, Request,
 };
 
-use crate::broker::{Broker, Partition, Topic, now_ms, storage_error, write_atomic};
+use crate::broker::{Broker, Partition, Topic, storage_error, write_atomic};
 use crate::handlers::blocking;
 
 /// Carries replica fetches to other brokers (the server implements it over
@@ -313,6 +313,13 @@ enum RoleChange {
 }
 
 impl Broker {
+    /// The replication rules' clock: milliseconds since this broker
+    /// started, monotonic (a wall-clock step must not make a follower look
+    /// lagging, or hide one that is).
+    fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     /// Brings every local replica's role in line with the image.
     pub(crate) fn apply_roles(self: &Arc<Self>, image: &quiver_controller::ClusterImage) {
         for topic in self.sorted_topics() {
@@ -346,7 +353,7 @@ impl Broker {
                 {
                     *partition_epoch = pi.partition_epoch;
                     if !leader.has_replicas(&pi.replicas) {
-                        leader.set_replicas(&pi.replicas, now_ms() as u64);
+                        leader.set_replicas(&pi.replicas, self.clock_ms());
                     }
                     let isr: BTreeSet<NodeId> = pi.isr.iter().copied().collect();
                     if *leader.isr() != isr && p.publish(leader.apply_isr(isr)) {
@@ -372,7 +379,7 @@ impl Broker {
                     &pi.replicas,
                     pi.isr.iter().copied(),
                     config,
-                    now_ms() as u64,
+                    self.clock_ms(),
                 )
                 .with_log(log_end, hw);
                 let moved = leader.on_append(log_end);
@@ -409,7 +416,7 @@ impl Broker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.shutting_down.load(Ordering::Relaxed) {
             tick.tick().await;
-            let now = now_ms() as u64;
+            let now = self.clock_ms();
             for topic in self.sorted_topics() {
                 for p in topic.local() {
                     let proposal = {
@@ -584,7 +591,7 @@ impl Broker {
                 ));
             }
             if register {
-                let outcome = leader.on_fetch(replica, fp.fetch_offset, now_ms() as u64);
+                let outcome = leader.on_fetch(replica, fp.fetch_offset, self.clock_ms());
                 if let Some(hw) = outcome.high_watermark {
                     p.publish(Some(hw));
                     result.high_watermark = hw;
