@@ -78,6 +78,14 @@ async fn kill_9_during_acks_all_produce_loses_no_acknowledged_record() {
                 node.kill9();
                 killed = true;
             }
+            // Keep the kill in the middle of the traffic: the producer may
+            // queue records much faster than a busy machine acknowledges
+            // them, and must not finish sending before the kill is due.
+            let waiting = Instant::now();
+            while !killed && sent.saturating_sub(acked_count.load(Ordering::Relaxed)) > 20_000 {
+                assert!(waiting.elapsed() < Duration::from_secs(60), "round {round}: acknowledgements stopped");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let value = format!("v-{sent}");
             let key = format!("k{}", sent % 7);
             match producer.send(ProducerRecord::new("crash", value).key(key)).await {
