@@ -249,8 +249,8 @@ pub async fn run(conn: crate::cli::ConnArgs, command: ClusterCommand) -> anyhow:
                     serde_json::json!({"healthy": problems.is_empty(), "problems": problems, "info": info_json(&info)})
                 ),
                 crate::cli::Format::Text if problems.is_empty() => println!(
-                    "healthy: {} nodes, {} partitions, controller leader {}",
-                    info.nodes.len(),
+                    "healthy: {}, {} partitions, controller leader {}",
+                    nodes(info.nodes.len()),
                     info.partitions,
                     info.controller_leader
                 ),
@@ -336,15 +336,20 @@ fn info_json(info: &ClusterInfoResponse) -> serde_json::Value {
     })
 }
 
+fn nodes(n: usize) -> String {
+    if n == 1 { "1 node".into() } else { format!("{n} nodes") }
+}
+
 fn print_info(info: &ClusterInfoResponse) {
     if !info.clustered {
+        // A broker of an earlier release (every node has a metadata log now).
         println!("single node {} at {} (no metadata quorum)", info.node_id, info.nodes[0].address);
     } else {
         let leader =
             if info.controller_leader == NO_LEADER { "none".to_string() } else { info.controller_leader.to_string() };
         println!(
-            "cluster: {} nodes, controller leader {leader}, term {}, metadata applied to {} (asked node {})",
-            info.nodes.len(),
+            "cluster: {}, controller leader {leader}, term {}, metadata applied to {} (asked node {})",
+            nodes(info.nodes.len()),
             info.raft_term,
             info.metadata_applied,
             info.node_id

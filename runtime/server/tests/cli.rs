@@ -314,3 +314,20 @@ fn certs_init_issues_node_certificates_that_brokers_serve_with() {
     broker.kill().unwrap();
     broker.wait().unwrap();
 }
+
+/// A development node is a cluster of one: the only voter of its own
+/// metadata log, healthy, and its cluster commands work.
+#[test]
+fn a_single_node_is_a_cluster_of_one() {
+    let node = DevNode::start();
+    node.ok(&["topic", "create", "t", "-p", "2"]);
+    let info = node.ok(&["cluster", "info"]);
+    assert!(info.contains("cluster: 1 node, controller leader 1"), "{info}");
+    assert!(info.contains("voter, controller leader"), "{info}");
+    let health = node.ok(&["cluster", "health"]);
+    assert!(health.starts_with("healthy: 1 node, 2 partitions"), "{health}");
+    node.ok(&["cluster", "rebalance"]);
+    // Adding a voter nobody started is refused with the reason.
+    let refused = node.fails(&["cluster", "add-voter", "2"]);
+    assert!(refused.contains("node 2 does not follow the metadata log yet"), "{refused}");
+}
