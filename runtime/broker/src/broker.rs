@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use quiver_log::{Log, OpenError as LogOpenError};
 use quiver_protocol::ErrorCode;
 use quiver_protocol::WireError;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use quiver_controller::{Controller, ControllerConfig, Transport};
 
-use crate::replica::{Replica, ReplicaLink};
+use crate::config::{BrokerConfig, OpenError};
+use crate::errors::storage_error;
+use crate::files::{LOGS_DIR, METADATA_FILE, MetadataFile, partition_dir, read_records, write_atomic};
+use crate::partition::{Partition, ReplicaLink, Topic, open_partition, open_topic};
 use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name};
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -24,122 +25,6 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A validated broker configuration (the server crate builds it from TOML,
-/// environment and flags).
-#[derive(Debug, Clone)]
-pub struct BrokerConfig {
-    pub node_id: u32,
-    pub data_dir: PathBuf,
-    /// `host:port` clients are told to connect to.
-    pub advertised_address: String,
-    /// Largest request frame accepted.
-    pub frame_bytes_max: usize,
-    /// Request bytes read and not yet answered, broker-wide: requests wait
-    /// for room (at least `frame_bytes_max`).
-    pub request_bytes_in_flight_max: usize,
-    /// From a request stream's first byte to its body's last.
-    pub request_read_timeout_ms: u64,
-    /// Admin operations (voters, reassignment, plugin deploy and control)
-    /// for clients without a certificate: development nodes only.
-    pub allow_anonymous_admin: bool,
-    /// Upper bound on the long-poll wait a fetch may ask for.
-    pub fetch_wait_ms_max: u32,
-    /// Background fsync of every partition at this interval; `None` leaves
-    /// it to the OS (acks=all still fsyncs before answering).
-    pub flush_interval_ms: Option<u64>,
-    pub retention_check_interval_ms: u64,
-    /// Defaults for topics created without overrides.
-    pub topic_defaults: TopicConfig,
-    /// Limits of plugin instances (memory, deadline, count).
-    pub plugins: quiver_plugin_host::HostConfig,
-    /// In a cluster: a follower that has not caught up with its leader for
-    /// this long leaves the ISR (`replica.lag.time.max.ms`).
-    pub replica_lag_time_max_ms: u64,
-}
-
-/// Default budget of request bytes in flight: four largest frames.
-pub const REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT: usize = 4 * quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
-
-impl BrokerConfig {
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        BrokerConfig {
-            node_id: 1,
-            data_dir: data_dir.into(),
-            advertised_address: "127.0.0.1:7878".into(),
-            frame_bytes_max: quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
-            request_bytes_in_flight_max: REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
-            request_read_timeout_ms: 30_000,
-            allow_anonymous_admin: false,
-            fetch_wait_ms_max: 30_000,
-            flush_interval_ms: Some(1_000),
-            retention_check_interval_ms: 60_000,
-            topic_defaults: TopicConfig::default(),
-            plugins: quiver_plugin_host::HostConfig::default(),
-            replica_lag_time_max_ms: 10_000,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("cannot use data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
-    #[error("topic metadata file {path} is unreadable: {reason}")]
-    Metadata { path: PathBuf, reason: String },
-    #[error("cannot open the plugin registry: {0}")]
-    Plugins(String),
-    #[error("cannot open partition {topic}-{partition}: {source}")]
-    Log { topic: String, partition: u32, source: LogOpenError },
-    #[error("cannot start the controller: {0}")]
-    Controller(quiver_controller::StartError),
-    #[error("cannot move this node's metadata into the metadata log: {0}")]
-    Migration(String),
-}
-
-pub(crate) struct Partition {
-    pub(crate) id: u32,
-    pub(crate) log: Log,
-    /// Role, epoch history and high watermark.
-    pub(crate) replica: crate::replica::Replica,
-    /// Long polls waiting for this partition to change.
-    pub(crate) waiters: crate::waiters::Waiters,
-}
-
-pub(crate) struct Topic {
-    pub(crate) record: TopicRecord,
-    pub(crate) config: TopicConfig,
-    /// By partition id; `None` where this broker holds no replica.
-    pub(crate) partitions: Vec<Option<Arc<Partition>>>,
-    /// Where the keyless records of the next `PARTITION_ANY` batch go
-    /// (round robin, one partition per batch).
-    pub(crate) keyless_next: std::sync::atomic::AtomicU32,
-}
-
-impl Topic {
-    pub(crate) fn count(&self) -> u32 {
-        self.record.partitions
-    }
-
-    /// The partitions this broker holds a replica of.
-    pub(crate) fn local(&self) -> impl Iterator<Item = &Arc<Partition>> {
-        self.partitions.iter().flatten()
-    }
-
-    pub(crate) fn held(&self, partition: u32) -> Option<Arc<Partition>> {
-        self.partitions.get(partition as usize).cloned().flatten()
-    }
-}
-
-/// `topics.json`: the topics this broker holds replicas of, as it opened
-/// them (which metadata-log topic, which partitions). The image decides;
-/// this file lets a restart open the logs before the image is replayed.
-#[derive(Serialize, Deserialize, Default)]
-pub(crate) struct MetadataFile {
-    pub(crate) topics: Vec<TopicRecord>,
-}
-
-pub(crate) const METADATA_FILE: &str = "topics.json";
-pub(crate) const LOGS_DIR: &str = "logs";
 const DELETED_SUFFIX: &str = ".deleted";
 
 /// One node's broker. Cheap to share (`Arc`); every method is safe to call
@@ -153,7 +38,7 @@ pub struct Broker {
     /// shutdown); appends wake the waiters of their partition only.
     pub(crate) wake_all: watch::Sender<u64>,
     pub(crate) shutting_down: AtomicBool,
-    pub(crate) plugins: crate::plugins::Plugins,
+    pub(crate) plugins: crate::registry::Plugins,
     /// This node's member of the metadata quorum: the image is the truth
     /// about topics, plugins and producer ids, on a single node too.
     pub(crate) controller: Arc<Controller>,
@@ -162,7 +47,13 @@ pub struct Broker {
     /// When this broker opened: the origin of its monotonic clock.
     pub(crate) started: std::time::Instant,
     /// The block of producer ids this broker hands out.
-    pub(crate) producer_ids: crate::producer_ids::ProducerIds,
+    pub(crate) producer_ids: ProducerIds,
+}
+
+/// The ids this broker may still hand out: `next..end`.
+#[derive(Default)]
+pub(crate) struct ProducerIds {
+    pub(crate) block: tokio::sync::Mutex<(i64, i64)>,
 }
 
 /// How a node takes part in a cluster: its controller's configuration, the
@@ -184,7 +75,7 @@ impl Membership {
                 config.data_dir.clone(),
             ),
             transport: Arc::new(quiver_controller::NoPeers),
-            link: Arc::new(crate::replica::NoPeers),
+            link: Arc::new(crate::partition::NoPeers),
         }
     }
 }
@@ -255,7 +146,7 @@ impl Broker {
             topics.insert(topic.record.name.clone(), Arc::new(topic));
         }
         let plugins =
-            crate::plugins::Plugins::open(&config.data_dir, config.plugins.clone()).map_err(OpenError::Plugins)?;
+            crate::registry::Plugins::open(&config.data_dir, config.plugins.clone()).map_err(OpenError::Plugins)?;
         tracing::info!(topics = topics.len(), dir = %config.data_dir.display(), "broker opened");
         Ok(Arc::new(Broker {
             config,
@@ -284,7 +175,7 @@ impl Broker {
         let id = {
             let image = self.controller.image();
             let image = image.borrow();
-            crate::cluster::check_leader(self.config.node_id, &image, topic, partition)?;
+            crate::errors::check_leader(self.config.node_id, &image, topic, partition)?;
             image.topics.get(topic).map(|t| t.id)
         };
         // Not open here yet, or still the topic of that name deleted before
@@ -547,67 +438,6 @@ impl Broker {
         }
         tracing::info!("broker shut down cleanly");
     }
-}
-
-/// Replaces `path` with `body` durably: a temporary file, fsync, rename,
-/// fsync of the directory. A crash leaves the old or the new content.
-pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().expect("a file has a directory"))?.sync_all()
-}
-
-pub(crate) fn storage_error(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::StorageError, e.to_string())
-}
-
-pub(crate) fn corrupt(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::CorruptMessage, e.to_string())
-}
-
-/// The records of `topics.json` (none if it does not exist).
-pub(crate) fn read_records(path: &Path) -> Result<Vec<TopicRecord>, OpenError> {
-    match std::fs::read(path) {
-        Ok(raw) => serde_json::from_slice::<MetadataFile>(&raw)
-            .map(|m| m.topics)
-            .map_err(|e| OpenError::Metadata { path: path.to_path_buf(), reason: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(OpenError::DataDir { path: path.to_path_buf(), source }),
-    }
-}
-
-pub(crate) fn partition_dir(logs_dir: &Path, topic: &str, partition: u32) -> PathBuf {
-    logs_dir.join(format!("{topic}-{partition}"))
-}
-
-fn open_topic(logs_dir: &Path, record: TopicRecord, config: TopicConfig) -> Result<Topic, OpenError> {
-    let partitions = (0..record.partitions)
-        .map(|id| {
-            if record.held.as_ref().is_some_and(|held| !held.contains(&id)) {
-                return Ok(None);
-            }
-            Ok(Some(Arc::new(open_partition(logs_dir, &record, &config, id)?)))
-        })
-        .collect::<Result<_, OpenError>>()?;
-    Ok(Topic { record, config, partitions, keyless_next: Default::default() })
-}
-
-fn open_partition(
-    logs_dir: &Path,
-    record: &TopicRecord,
-    config: &TopicConfig,
-    id: u32,
-) -> Result<Partition, OpenError> {
-    let dir = partition_dir(logs_dir, &record.name, id);
-    let failed = |source| OpenError::Log { topic: record.name.clone(), partition: id, source };
-    let log = Log::open(&dir, config.log_config()).map_err(failed)?;
-    let replica = Replica::open(&dir, log.log_end_offset())
-        .map_err(|error| failed(LogOpenError::Io { path: dir.join("leader-epochs"), error }))?;
-    Ok(Partition { id, log, replica, waiters: Default::default() })
 }
 
 /// Renames a partition's directory away (readers holding its files finish

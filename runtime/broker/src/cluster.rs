@@ -10,20 +10,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use quiver_controller::{ClusterImage, Command, Controller, RefusalKind, TopicImage, WriteError};
+use quiver_controller::{ClusterImage, Command, Controller, TopicImage};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, now_ms};
-use crate::handlers::unknown_topic_metadata;
+use crate::errors::{check_leader, unknown_topic_metadata, write_error};
+use crate::partition::RemoteLeader;
 use crate::reconcile::{Local, Step, plan};
 use crate::topic::TopicRecord;
 
 /// How long topic admin waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
-
-/// Another broker that leads a partition: its node id and address.
-pub(crate) type RemoteLeader = (quiver_controller::NodeId, String);
 
 impl Broker {
     /// Where `topic`-`partition` is led: `None` here (or not in a cluster),
@@ -388,60 +386,5 @@ impl Broker {
             .map_err(|e| WireError::new(ErrorCode::CorruptMessage, format!("controller message: {e}")))?;
         let answer = self.controller.handle(request).await;
         Ok(ControllerAnswer { body: serde_json::to_vec(&answer).expect("answer serialises").into() })
-    }
-}
-
-/// `Ok` when `me` leads `topic`-`partition` in `image`; otherwise the error
-/// a client needs to find the leader.
-pub(crate) fn check_leader(me: u32, image: &ClusterImage, topic: &str, partition: u32) -> Result<(), WireError> {
-    let t = image
-        .topics
-        .get(topic)
-        .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
-    let p = t.partitions.get(partition as usize).ok_or_else(|| {
-        WireError::new(
-            ErrorCode::UnknownPartition,
-            format!("topic '{topic}' has {} partitions; there is no partition {partition}", t.partitions.len()),
-        )
-    })?;
-    match p.leader {
-        Some(l) if l == me => Ok(()),
-        Some(l) => {
-            let at = image.brokers.get(&l).map(|b| b.address.as_str()).unwrap_or("?");
-            Err(WireError::new(
-                ErrorCode::NotLeader,
-                format!("broker {me} is not the leader of {topic}-{partition}; broker {l} at {at} is"),
-            ))
-        }
-        None => Err(WireError::new(
-            ErrorCode::NotLeader,
-            format!(
-                "{topic}-{partition} is offline: none of its in-sync replicas {:?} is live (replicas {:?})",
-                p.isr, p.replicas
-            ),
-        )),
-    }
-}
-
-pub(crate) fn write_error(e: WriteError) -> WireError {
-    match e {
-        WriteError::Refused(r) => {
-            let code = match r.kind {
-                RefusalKind::TopicExists => ErrorCode::TopicAlreadyExists,
-                RefusalKind::UnknownTopic => ErrorCode::UnknownTopic,
-                RefusalKind::UnknownPartition => ErrorCode::UnknownPartition,
-                RefusalKind::NotEnoughBrokers => ErrorCode::NotEnoughReplicas,
-                RefusalKind::UnknownPlugin => ErrorCode::UnknownPlugin,
-                RefusalKind::Stale | RefusalKind::UnknownBroker | RefusalKind::Invalid => ErrorCode::InvalidRequest,
-            };
-            WireError::new(code, r.message)
-        }
-        e @ (WriteError::NoQuorum(_) | WriteError::NotLeader { .. } | WriteError::Unreachable(_)) => {
-            WireError::new(ErrorCode::NoQuorum, e.to_string())
-        }
-        e @ WriteError::Unknown(_) => WireError::new(
-            ErrorCode::RequestTimedOut,
-            format!("{e}; the change may or may not have been made: check before retrying"),
-        ),
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::Buf;
 use bytes::Bytes;
-use quiver_log::ReadError;
 use quiver_protocol::batch::{self, BatchError, ValidationLimits};
 use quiver_protocol::codec::{Wire, decode_exact};
 use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_response};
@@ -16,9 +15,10 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::access::{self, RequestContext};
-use crate::broker::{Broker, Partition, corrupt};
-use crate::cluster::RemoteLeader;
+use crate::broker::Broker;
+use crate::errors::{blocking, corrupt, read_error};
 use crate::order::AppendTurn;
+use crate::partition::{Partition, RemoteLeader};
 use crate::placement::{Destination, Placed};
 use crate::plugins::{BatchMode, serializers};
 use crate::topic::TopicCompression;
@@ -587,39 +587,9 @@ impl Broker {
     }
 }
 
-/// The Metadata entry of a topic that does not exist.
-pub(crate) fn unknown_topic_metadata(name: String) -> TopicMetadata {
-    TopicMetadata {
-        name,
-        error: ErrorCode::UnknownTopic,
-        partitions: vec![],
-        partitioner: String::new(),
-        partitioner_version: 0,
-    }
-}
-
-/// Runs blocking work (wasm calls, batch rebuilding, a follower's log
-/// writes) off the runtime.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, WireError> + Send + 'static,
-) -> Result<T, WireError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
-}
-
 /// Records where the records at `indices` of a `PARTITION_ANY` batch went.
 fn place(placements: &mut [RecordPlacement], partition: u32, base_offset: i64, indices: &[u32]) {
     for (n, &i) in indices.iter().enumerate() {
         placements[i as usize] = RecordPlacement { partition, offset: base_offset + n as i64 };
-    }
-}
-
-pub(crate) fn read_error(e: ReadError) -> WireError {
-    match e {
-        ReadError::OffsetOutOfRange { .. } => WireError::new(ErrorCode::OffsetOutOfRange, e.to_string()),
-        ReadError::Corrupt { .. } => {
-            tracing::error!(error = %e, "corrupt batch on disk; not served");
-            WireError::new(ErrorCode::CorruptStoredBatch, e.to_string())
-        }
-        other => WireError::new(ErrorCode::StorageError, other.to_string()),
     }
 }

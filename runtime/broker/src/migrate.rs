@@ -23,10 +23,9 @@ use std::path::Path;
 
 use quiver_controller::{BUILTIN_PREFIX, Blob, Command, Controller, ImportedTopic, Outcome, Registration};
 
-use crate::broker::{
-    BrokerConfig, LOGS_DIR, METADATA_FILE, MetadataFile, OpenError, partition_dir, read_records, write_atomic,
-};
-use crate::plugins::{REGISTRY_FILE, RegistryFile};
+use crate::config::{BrokerConfig, OpenError};
+use crate::files::{LOGS_DIR, METADATA_FILE, MetadataFile, partition_dir, read_records, write_atomic};
+use crate::registry::{BLOB_LEVEL, REGISTRY_FILE, RegistryFile};
 
 const MARKER: &str = "metadata-migration";
 const PRODUCER_IDS_FILE: &str = "producer-ids";
@@ -99,7 +98,7 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
         let t = image.topics.get(&r.name).ok_or_else(|| fail(&r.name, &"not in the image after its import"))?;
         for p in 0..r.partitions {
             let partition = partition_dir(&logs_dir, &r.name, p);
-            let epochs = partition.join(crate::replica::EPOCHS_FILE);
+            let epochs = partition.join(crate::partition::EPOCHS_FILE);
             if partition.is_dir() && !epochs.exists() {
                 write_atomic(&epochs, b"0 0\n").map_err(|e| fail(&epochs.display().to_string(), &e))?;
             }
@@ -117,8 +116,7 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
                     false => {
                         let path = plugins_dir.join("blobs").join(format!("{}.wasm", d.sha256));
                         let wasm = std::fs::read(&path).map_err(|e| fail(&path.display().to_string(), &e))?;
-                        let packed = zstd::bulk::compress(&wasm, crate::plugin_sync::BLOB_LEVEL)
-                            .map_err(|e| fail(&d.name, &e))?;
+                        let packed = zstd::bulk::compress(&wasm, BLOB_LEVEL).map_err(|e| fail(&d.name, &e))?;
                         Some(Blob(packed.into()))
                     }
                 };

@@ -19,8 +19,9 @@ use quiver_protocol::batch::{self, Compression};
 use quiver_protocol::partitioner::{partition_for_key, split_by_partition};
 use quiver_protocol::{ErrorCode, WireError};
 
-use crate::broker::{Broker, Partition, Topic, corrupt};
-use crate::cluster::RemoteLeader;
+use crate::broker::Broker;
+use crate::errors::corrupt;
+use crate::partition::{Partition, RemoteLeader, Topic};
 use crate::topic::TopicCompression;
 
 /// One partition's share of a `PARTITION_ANY` batch (or a whole batch

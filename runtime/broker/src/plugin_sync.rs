@@ -15,14 +15,13 @@ use quiver_plugin_host::{Monitor, Plugin};
 use quiver_protocol::messages::{PluginAction, PluginDeployRequest, PluginListRequest};
 use quiver_protocol::{ErrorCode, WireError};
 
-use crate::broker::{Broker, storage_error, write_atomic};
-use crate::cluster::write_error;
-use crate::plugins::{Deployed, Deployment, Plugins, unknown};
+use crate::broker::Broker;
+use crate::errors::{storage_error, write_error};
+use crate::files::write_atomic;
+use crate::registry::{BLOB_LEVEL, Deployed, Deployment, Plugins, unknown};
 
 /// How long an admin request waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
-/// zstd level for components in the metadata log.
-pub(crate) const BLOB_LEVEL: i32 = 3;
 
 impl Broker {
     /// Stores a validated deployment in the metadata log and waits until

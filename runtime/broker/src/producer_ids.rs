@@ -8,16 +8,10 @@ use quiver_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse};
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::Broker;
-use crate::cluster::write_error;
+use crate::errors::write_error;
 
 /// Ids taken per block.
 pub(crate) const PRODUCER_ID_BLOCK: u32 = 1000;
-
-/// The ids this broker may still hand out: `next..end`.
-#[derive(Default)]
-pub(crate) struct ProducerIds {
-    block: tokio::sync::Mutex<(i64, i64)>,
-}
 
 impl Broker {
     pub(crate) async fn init_producer_id(&self, _: InitProducerIdRequest) -> Result<InitProducerIdResponse, WireError> {

@@ -20,16 +20,12 @@
 //!   disk on every ISR member.
 
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_controller::{Command, Outcome, PartitionImage, WriteError};
-use quiver_log::{AppendError, Appended, SequenceError};
 use quiver_protocol::batch::{self, BatchHeader};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
@@ -38,77 +34,9 @@ use quiver_replication::{
     PartitionLeader, Request,
 };
 
-use crate::broker::{Broker, Partition, Topic, storage_error, write_atomic};
-use crate::handlers::blocking;
-
-/// Carries replica fetches to other brokers (the server implements it over
-/// QUIC with this node's certificate).
-pub trait ReplicaLink: Send + Sync {
-    fn fetch(
-        &self,
-        leader: NodeId,
-        address: String,
-        request: ReplicaFetchRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<ReplicaFetchResponse, WireError>> + Send>>;
-
-    /// Sends a produce request to the broker `leader` at `address` (a
-    /// transform writing to a partition another broker leads).
-    fn produce(
-        &self,
-        leader: NodeId,
-        address: String,
-        request: ProduceRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<ProduceResponse, WireError>> + Send>>;
-
-    /// Asks the broker `node` at `address` which plugins it runs (a deploy
-    /// waits until every live broker loaded the new version).
-    fn list_plugins(
-        &self,
-        node: NodeId,
-        address: String,
-        request: PluginListRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<PluginListResponse, WireError>> + Send>>;
-}
-
-/// The link of a single node: there is no other broker to reach.
-pub(crate) struct NoPeers;
-
-impl NoPeers {
-    fn refuse<T: Send + 'static>(node: NodeId) -> Pin<Box<dyn Future<Output = Result<T, WireError>> + Send>> {
-        Box::pin(async move {
-            Err(WireError::new(ErrorCode::NotLeader, format!("broker {node} is not reachable: this node runs alone")))
-        })
-    }
-}
-
-impl ReplicaLink for NoPeers {
-    fn fetch(
-        &self,
-        leader: NodeId,
-        _: String,
-        _: ReplicaFetchRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<ReplicaFetchResponse, WireError>> + Send>> {
-        Self::refuse(leader)
-    }
-
-    fn produce(
-        &self,
-        leader: NodeId,
-        _: String,
-        _: ProduceRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<ProduceResponse, WireError>> + Send>> {
-        Self::refuse(leader)
-    }
-
-    fn list_plugins(
-        &self,
-        node: NodeId,
-        _: String,
-        _: PluginListRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<PluginListResponse, WireError>> + Send>> {
-        Self::refuse(node)
-    }
-}
+use crate::broker::Broker;
+use crate::errors::{blocking, corrupt, read_error, storage_error};
+use crate::partition::{Partition, ReplicaLink, Role, State, Topic};
 
 /// How long a leader holds a follower's fetch when it has nothing new.
 const FOLLOWER_WAIT_MS: u32 = 500;
@@ -118,190 +46,6 @@ const FOLLOWER_FETCH_BYTES: u32 = 4 * 1024 * 1024;
 const ISR_TICK: Duration = Duration::from_millis(200);
 /// Pause after a failed follower fetch.
 const RETRY: Duration = Duration::from_millis(100);
-
-pub(crate) const EPOCHS_FILE: &str = "leader-epochs";
-
-enum Role {
-    /// Waiting for the metadata image.
-    Unassigned,
-    Leader {
-        leader: PartitionLeader,
-        /// The partition epoch of the image the ISR came from (an ISR change
-        /// is proposed against it).
-        partition_epoch: i32,
-        /// The log end when it began leading in this epoch.
-        leading_from: i64,
-    },
-    Follower {
-        leader: NodeId,
-        epoch: i32,
-    },
-    /// The image has no leader for it.
-    Offline,
-}
-
-struct State {
-    role: Role,
-    history: EpochHistory,
-}
-
-/// A partition's replication state.
-pub(crate) struct Replica {
-    state: Mutex<State>,
-    high_watermark: AtomicI64,
-    epochs_file: PathBuf,
-}
-
-impl Replica {
-    /// The replica of a partition whose log lives in `dir` and ends at
-    /// `log_end`: loads its epoch history (dropping epochs that start past
-    /// the log end, written just before a crash lost the batches).
-    pub(crate) fn open(dir: &std::path::Path, log_end: i64) -> std::io::Result<Replica> {
-        let epochs_file = dir.join(EPOCHS_FILE);
-        let mut history = EpochHistory::default();
-        match std::fs::read_to_string(&epochs_file) {
-            Ok(text) => {
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    let parsed = line
-                        .split_once(' ')
-                        .and_then(|(e, o)| Some((e.trim().parse::<i32>().ok()?, o.trim().parse::<i64>().ok()?)));
-                    let Some((epoch, start)) = parsed else {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!("{}: bad line '{line}'", epochs_file.display()),
-                        ));
-                    };
-                    history.assign(epoch, start);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        history.truncate(log_end);
-        Ok(Replica {
-            state: Mutex::new(State { role: Role::Unassigned, history }),
-            high_watermark: AtomicI64::new(0),
-            epochs_file,
-        })
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("replica lock")
-    }
-
-    /// Whether this replica follows `leader` in `epoch`.
-    fn follows(&self, leader: NodeId, epoch: i32) -> bool {
-        self.state().ensure_follows(leader, epoch).is_ok()
-    }
-
-    fn persist(&self, history: &EpochHistory) -> std::io::Result<()> {
-        let body: String = history.entries().iter().map(|(e, o)| format!("{e} {o}\n")).collect();
-        write_atomic(&self.epochs_file, body.as_bytes())
-    }
-}
-
-impl Partition {
-    /// Consumers read below this offset.
-    pub(crate) fn high_watermark(&self) -> i64 {
-        self.replica.high_watermark.load(Ordering::Acquire)
-    }
-
-    /// Appends a client's batch if this replica leads, in its epoch, and
-    /// tells the leader state; with `acks_all`, refused while the ISR is
-    /// below `min.insync.replicas`. Returns the append and its epoch. The
-    /// role cannot change during the append (it holds the replica lock), so
-    /// a deposed leader never writes behind its follower's back.
-    pub(crate) fn append_as_leader(
-        &self,
-        topic: &str,
-        batch: &[u8],
-        acks_all: bool,
-    ) -> Result<(quiver_log::AppendInfo, i32), WireError> {
-        let mut state = self.replica.state();
-        // A retried batch of an idempotent producer is answered with the
-        // offsets it got; like a new one, it is acknowledged only once the
-        // high watermark passes it.
-        let append = |epoch| match self.log.append_checked(batch, epoch) {
-            Ok(Appended::New(info) | Appended::Duplicate(info)) => Ok(info),
-            Err(AppendError::Sequence(e)) => Err(WireError::new(
-                match e {
-                    SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
-                    SequenceError::Fenced { .. } => ErrorCode::ProducerFenced,
-                    SequenceError::Stale { .. } => ErrorCode::StaleSequence,
-                },
-                format!("{topic}-{}: {e}", self.id),
-            )),
-            Err(e) => Err(WireError::new(ErrorCode::StorageError, e.to_string())),
-        };
-        match &mut state.role {
-            Role::Leader { leader, .. } => {
-                if acks_all && let Err(e) = leader.check_acks_all() {
-                    return Err(WireError::new(
-                        ErrorCode::NotEnoughReplicas,
-                        format!("{topic}-{}: {e}; acks=all writes are refused until replicas catch up", self.id),
-                    ));
-                }
-                let epoch = leader.epoch();
-                let info = append(epoch)?;
-                let high_watermark = leader.on_append(info.last_offset + 1);
-                drop(state);
-                // Followers' long polls wait for appends, not for the high
-                // watermark.
-                if !self.publish(high_watermark) {
-                    self.waiters.wake();
-                }
-                Ok((info, epoch))
-            }
-            _ => Err(WireError::new(
-                ErrorCode::NotLeader,
-                format!("{topic}-{} is changing leader here; retry shortly", self.id),
-            )),
-        }
-    }
-
-    /// Whether the high watermark can be served as "latest": not while a
-    /// new leader's is below the log end it started leading at, where its
-    /// predecessor's may have been (until the followers confirm the log, a
-    /// "latest" from here could go backwards).
-    pub(crate) fn high_watermark_known(&self) -> bool {
-        match &self.replica.state().role {
-            Role::Leader { leading_from, .. } => self.high_watermark() >= *leading_from,
-            _ => true,
-        }
-    }
-
-    /// Whether this replica serves clients: a leader's (not one still
-    /// waiting for its role after a restart).
-    pub(crate) fn leads(&self) -> bool {
-        matches!(self.replica.state().role, Role::Leader { .. })
-    }
-
-    /// This broker no longer holds the replica: it leads nothing (waiting
-    /// acks=all writes end as not replicated).
-    pub(crate) fn retire(&self) {
-        self.replica.state().role = Role::Offline;
-        self.waiters.wake();
-    }
-
-    /// Whether this replica still leads in `epoch`.
-    pub(crate) fn leads_in(&self, epoch: i32) -> bool {
-        match &self.replica.state().role {
-            Role::Leader { leader, .. } => leader.epoch() == epoch,
-            _ => false,
-        }
-    }
-
-    fn publish(&self, high_watermark: Option<i64>) -> bool {
-        match high_watermark {
-            Some(hw) => {
-                self.replica.high_watermark.fetch_max(hw, Ordering::AcqRel);
-                self.waiters.wake();
-                true
-            }
-            None => false,
-        }
-    }
-}
 
 /// What [`Broker::apply_role`] decided for a partition.
 enum RoleChange {
@@ -609,7 +353,7 @@ impl Broker {
             return Ok(Bytes::new());
         }
         let limit = remaining.max(1);
-        p.log.read(fp.fetch_offset, limit, log_end).map_err(crate::handlers::read_error)
+        p.log.read(fp.fetch_offset, limit, log_end).map_err(read_error)
     }
 
     /// On a follower: copies `p` from `leader` for as long as the image says
@@ -798,7 +542,7 @@ fn fetched(result: ReplicaFetchResult) -> Result<FetchAnswer<Bytes>, WireError> 
     }
     let mut batches = Vec::new();
     for item in batch::Batches::new(result.records) {
-        let (header, bytes): (BatchHeader, Bytes) = item.map_err(crate::broker::corrupt)?;
+        let (header, bytes): (BatchHeader, Bytes) = item.map_err(corrupt)?;
         let end_offset = header.base_offset + i64::from(header.last_offset_delta) + 1;
         batches.push(Batch { base_offset: header.base_offset, end_offset, epoch: header.leader_epoch, data: bytes });
     }
@@ -857,7 +601,7 @@ fn start_over_at(p: &Partition, name: &str, start: i64, leader: NodeId, epoch: i
 /// starts an epoch has the epoch history written first.
 fn append_copies(p: &Partition, copies: Vec<AppendBatch<Bytes>>, leader: NodeId, epoch: i32) -> Result<(), WireError> {
     for copy in &copies {
-        batch::verify_crc(&copy.batch.data).map_err(crate::broker::corrupt)?;
+        batch::verify_crc(&copy.batch.data).map_err(corrupt)?;
     }
     let mut end = p.log.log_end_offset();
     for AppendBatch { batch: copied, starts_epoch } in copies {
@@ -878,14 +622,4 @@ fn append_copies(p: &Partition, copies: Vec<AppendBatch<Bytes>>, leader: NodeId,
         end = info.last_offset + 1;
     }
     p.log.sync_to(end).map_err(storage_error)
-}
-
-impl State {
-    /// `Ok` while this replica follows `leader` in `epoch`.
-    fn ensure_follows(&self, leader: NodeId, epoch: i32) -> Result<(), WireError> {
-        match self.role {
-            Role::Follower { leader: l, epoch: e } if l == leader && e == epoch => Ok(()),
-            _ => Err(WireError::new(ErrorCode::NotLeader, "this replica's role changed while copying")),
-        }
-    }
 }

@@ -1,0 +1,79 @@
+//! How a broker is configured, and why it may fail to open.
+
+use std::path::PathBuf;
+
+use quiver_log::OpenError as LogOpenError;
+
+use crate::topic::TopicConfig;
+
+/// A validated broker configuration (the server crate builds it from TOML,
+/// environment and flags).
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub node_id: u32,
+    pub data_dir: PathBuf,
+    /// `host:port` clients are told to connect to.
+    pub advertised_address: String,
+    /// Largest request frame accepted.
+    pub frame_bytes_max: usize,
+    /// Request bytes read and not yet answered, broker-wide: requests wait
+    /// for room (at least `frame_bytes_max`).
+    pub request_bytes_in_flight_max: usize,
+    /// From a request stream's first byte to its body's last.
+    pub request_read_timeout_ms: u64,
+    /// Admin operations (voters, reassignment, plugin deploy and control)
+    /// for clients without a certificate: development nodes only.
+    pub allow_anonymous_admin: bool,
+    /// Upper bound on the long-poll wait a fetch may ask for.
+    pub fetch_wait_ms_max: u32,
+    /// Background fsync of every partition at this interval; `None` leaves
+    /// it to the OS (acks=all still fsyncs before answering).
+    pub flush_interval_ms: Option<u64>,
+    pub retention_check_interval_ms: u64,
+    /// Defaults for topics created without overrides.
+    pub topic_defaults: TopicConfig,
+    /// Limits of plugin instances (memory, deadline, count).
+    pub plugins: quiver_plugin_host::HostConfig,
+    /// In a cluster: a follower that has not caught up with its leader for
+    /// this long leaves the ISR (`replica.lag.time.max.ms`).
+    pub replica_lag_time_max_ms: u64,
+}
+
+/// Default budget of request bytes in flight: four largest frames.
+pub const REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT: usize = 4 * quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
+
+impl BrokerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BrokerConfig {
+            node_id: 1,
+            data_dir: data_dir.into(),
+            advertised_address: "127.0.0.1:7878".into(),
+            frame_bytes_max: quiver_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
+            request_bytes_in_flight_max: REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
+            request_read_timeout_ms: 30_000,
+            allow_anonymous_admin: false,
+            fetch_wait_ms_max: 30_000,
+            flush_interval_ms: Some(1_000),
+            retention_check_interval_ms: 60_000,
+            topic_defaults: TopicConfig::default(),
+            plugins: quiver_plugin_host::HostConfig::default(),
+            replica_lag_time_max_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("topic metadata file {path} is unreadable: {reason}")]
+    Metadata { path: PathBuf, reason: String },
+    #[error("cannot open the plugin registry: {0}")]
+    Plugins(String),
+    #[error("cannot open partition {topic}-{partition}: {source}")]
+    Log { topic: String, partition: u32, source: LogOpenError },
+    #[error("cannot start the controller: {0}")]
+    Controller(quiver_controller::StartError),
+    #[error("cannot move this node's metadata into the metadata log: {0}")]
+    Migration(String),
+}

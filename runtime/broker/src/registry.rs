@@ -1,0 +1,257 @@
+//! The plugins a broker has loaded: its local registry
+//! (`<data_dir>/plugins/`, what it loaded from the metadata image), the
+//! deployments' settings, and the engine that runs them. Transforms and the
+//! request path's plugins are `plugins.rs`; following the image is
+//! `plugin_sync.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use quiver_plugin_host::{BUILTIN_PREFIX, HostConfig, Instance, Kind, Monitor, Plugin, PluginHost};
+use quiver_protocol::{ErrorCode, WireError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::files::write_atomic;
+
+pub(crate) const REGISTRY_FILE: &str = "registry.json";
+
+/// What happens to a record a transform refuses (or a batch it fails on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Pause the transform and report; resuming retries the record.
+    Fail,
+    /// Log it and go on.
+    Skip,
+    /// Write it to this topic with the error in a `quiver.error` header.
+    DeadLetter(String),
+}
+
+impl OnError {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "fail" => Ok(OnError::Fail),
+            "skip" => Ok(OnError::Skip),
+            _ => match s.strip_prefix("dead-letter=") {
+                Some(topic) if !topic.is_empty() => Ok(OnError::DeadLetter(topic.to_owned())),
+                _ => Err(format!("--on-error '{s}': expected fail, skip or dead-letter=TOPIC")),
+            },
+        }
+    }
+
+    pub(crate) fn name(&self) -> String {
+        match self {
+            OnError::Fail => "fail".into(),
+            OnError::Skip => "skip".into(),
+            OnError::DeadLetter(t) => format!("dead-letter={t}"),
+        }
+    }
+}
+
+/// Where a transform starts when it has no stored progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartAt {
+    Start,
+    End,
+    Offset(i64),
+    Timestamp(i64),
+}
+
+impl StartAt {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("--start '{s}': expected start, end, offset:N or @UNIX_MS");
+        match s {
+            "" | "start" => Ok(StartAt::Start),
+            "end" => Ok(StartAt::End),
+            _ => {
+                if let Some(n) = s.strip_prefix("offset:") {
+                    n.parse().map(StartAt::Offset).map_err(|_| bad())
+                } else if let Some(ms) = s.strip_prefix('@') {
+                    ms.parse().map(StartAt::Timestamp).map_err(|_| bad())
+                } else {
+                    Err(bad())
+                }
+            }
+        }
+    }
+}
+
+/// One deployment as stored in the registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deployment {
+    pub name: String,
+    pub version: u32,
+    pub kind: Kind,
+    pub sha256: String,
+    pub abi_version: String,
+    pub size_bytes: u64,
+    pub deployed_ms: i64,
+    pub params: Vec<(String, String)>,
+    pub input: String,
+    pub outputs: Vec<String>,
+    pub on_error: OnError,
+    pub start: StartAt,
+    /// Why the transform is paused (by a user or by its policy); none = running.
+    pub paused: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+pub(crate) struct RegistryFile {
+    pub(crate) plugins: Vec<Deployment>,
+}
+
+/// A deployment that is loaded and (for transforms) running.
+pub(crate) struct Deployed {
+    pub(crate) deployment: RwLock<Deployment>,
+    pub(crate) plugin: Arc<Plugin>,
+    pub(crate) monitor: Arc<Monitor>,
+    /// Next input offset per input partition (transforms).
+    pub(crate) progress: Mutex<BTreeMap<u32, i64>>,
+    /// Running or paused; dropping the sender stops the tasks.
+    pub(crate) run: watch::Sender<bool>,
+    /// A transform's task per input partition held here.
+    pub(crate) tasks: Mutex<BTreeMap<u32, tokio::task::JoinHandle<()>>>,
+    /// In a cluster: when progress was last committed to the metadata log,
+    /// and what.
+    pub(crate) committed: Mutex<(Option<Instant>, BTreeMap<u32, i64>)>,
+    /// Idle instances for request-path kinds (serializer, filter), by params.
+    pub(crate) pool: Mutex<HashMap<Params, Vec<Instance>>>,
+}
+
+/// A deployment's parameters, as given.
+type Params = Vec<(String, String)>;
+
+impl Deployed {
+    /// Runs `f` on an idle instance started with `params` (or a new one),
+    /// and keeps the instance for the next call if it is still usable.
+    pub(crate) fn with_instance<R>(
+        &self,
+        params: &[(String, String)],
+        f: impl FnOnce(&mut Instance) -> R,
+    ) -> Result<R, quiver_plugin_host::PluginError> {
+        let idle = self.pool.lock().expect("pool lock").get_mut(params).and_then(Vec::pop);
+        let mut instance = match idle {
+            Some(i) => i,
+            None => self.plugin.instantiate(params, &[], self.monitor.clone())?,
+        };
+        let result = f(&mut instance);
+        if instance.is_usable() {
+            let mut pool = self.pool.lock().expect("pool lock");
+            let idle = pool.entry(params.to_vec()).or_default();
+            if idle.len() < 8 {
+                idle.push(instance);
+            }
+        }
+        Ok(result)
+    }
+}
+
+/// The plugin registry and engine of one broker.
+pub(crate) struct Plugins {
+    pub(crate) host: PluginHost,
+    pub(crate) dir: PathBuf,
+    pub(crate) deployed: RwLock<HashMap<String, Arc<Deployed>>>,
+    pub(crate) admin: tokio::sync::Mutex<()>,
+}
+
+pub(crate) fn invalid(message: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::InvalidPlugin, message.to_string())
+}
+
+pub(crate) fn unknown(name: &str) -> WireError {
+    WireError::new(ErrorCode::UnknownPlugin, format!("plugin '{name}' is not deployed"))
+}
+
+impl Plugins {
+    /// Opens `<data_dir>/plugins` and loads every deployment (tasks are
+    /// started by [`Broker::start_plugins`]).
+    pub(crate) fn open(data_dir: &Path, mut config: HostConfig) -> Result<Plugins, String> {
+        let dir = data_dir.join("plugins");
+        for sub in ["blobs", "cache", "progress"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.join(sub).display()))?;
+        }
+        config.cache_dir = Some(dir.join("cache"));
+        let host = PluginHost::new(config).map_err(|e| e.to_string())?;
+        let plugins = Plugins { host, dir, deployed: RwLock::new(HashMap::new()), admin: tokio::sync::Mutex::new(()) };
+        let registry_path = plugins.dir.join(REGISTRY_FILE);
+        let registry: RegistryFile = match std::fs::read(&registry_path) {
+            Ok(raw) => serde_json::from_slice(&raw).map_err(|e| format!("{}: {e}", registry_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RegistryFile::default(),
+            Err(e) => return Err(format!("{}: {e}", registry_path.display())),
+        };
+        for deployment in registry.plugins {
+            let plugin = match deployment.sha256.strip_prefix(BUILTIN_PREFIX) {
+                Some(builtin) => plugins.host.builtin(builtin),
+                None => {
+                    let wasm = std::fs::read(plugins.blob_path(&deployment.sha256))
+                        .map_err(|e| format!("plugin '{}': its component is missing: {e}", deployment.name))?;
+                    plugins.host.load(&wasm)
+                }
+            };
+            let plugin = plugin.map_err(|e| format!("plugin '{}': {e}", deployment.name))?;
+            let progress = plugins.read_progress(&deployment.name);
+            let name = deployment.name.clone();
+            let deployed = Self::deployed(deployment, plugin, Arc::new(Monitor::default()), progress);
+            plugins.deployed.write().expect("deployed lock").insert(name, deployed);
+        }
+        Ok(plugins)
+    }
+
+    pub(crate) fn deployed(
+        deployment: Deployment,
+        plugin: Arc<Plugin>,
+        monitor: Arc<Monitor>,
+        progress: BTreeMap<u32, i64>,
+    ) -> Arc<Deployed> {
+        let running = deployment.paused.is_none();
+        Arc::new(Deployed {
+            deployment: RwLock::new(deployment),
+            plugin,
+            monitor,
+            progress: Mutex::new(progress),
+            run: watch::channel(running).0,
+            tasks: Mutex::new(BTreeMap::new()),
+            committed: Mutex::new((None, BTreeMap::new())),
+            pool: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(crate) fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join("blobs").join(format!("{sha256}.wasm"))
+    }
+
+    pub(crate) fn progress_path(&self, name: &str) -> PathBuf {
+        self.dir.join("progress").join(format!("{name}.json"))
+    }
+
+    pub(crate) fn read_progress(&self, name: &str) -> BTreeMap<u32, i64> {
+        std::fs::read(self.progress_path(name))
+            .ok()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Deployed>> {
+        self.deployed.read().expect("deployed lock").get(name).cloned()
+    }
+
+    pub(crate) fn write_registry(&self) -> std::io::Result<()> {
+        let mut plugins: Vec<Deployment> = self
+            .deployed
+            .read()
+            .expect("deployed lock")
+            .values()
+            .map(|d| d.deployment.read().expect("deployment lock").clone())
+            .collect();
+        plugins.sort_by(|a, b| a.name.cmp(&b.name));
+        let body = serde_json::to_vec_pretty(&RegistryFile { plugins }).expect("registry serialises");
+        write_atomic(&self.dir.join(REGISTRY_FILE), &body)
+    }
+}
+
+/// zstd level for components in the metadata log.
+pub(crate) const BLOB_LEVEL: i32 = 3;
