@@ -1,9 +1,10 @@
-//! Deployed plugins: the registry on disk, and the transforms that run on
-//! this node.
-//!
-//! Layout under `<data_dir>/plugins/`:
-//! - `registry.json`: every deployment (name, version, kind, hash, params,
-//!   transform settings, paused or not), replaced atomically;
+//! Deployed plugins at work on this node: deployment (validated, then
+//! written to the metadata log), transforms (one task per input partition
+//! led here), and the request path's serializers, partitioners and filters.
+//! What is loaded lives in `registry.rs`, under `<data_dir>/plugins/`:
+//! - `registry.json`: every deployment loaded from the image (name, version,
+//!   kind, hash, params, transform settings, paused or not), replaced
+//!   atomically;
 //! - `blobs/<sha256>.wasm`: the components, content-addressed;
 //! - `cache/`: compiled components (by content hash and engine);
 //! - `progress/<name>.json`: per input partition, the next input offset a
