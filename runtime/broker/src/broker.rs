@@ -3,7 +3,7 @@
 //! (`topics.json`), and the background flush and retention loops.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,7 +16,7 @@ use quiver_controller::{Controller, ControllerConfig, Transport};
 
 use crate::config::{BrokerConfig, OpenError};
 use crate::errors::storage_error;
-use crate::files::{LOGS_DIR, METADATA_FILE, MetadataFile, partition_dir, read_records, write_atomic};
+use crate::files::{LOGS_DIR, METADATA_FILE, partition_dir, read_records, write_records};
 use crate::partition::{Partition, ReplicaLink, Topic, open_partition, open_topic};
 use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name};
 
@@ -102,7 +102,7 @@ impl Broker {
             let controller = controller.clone();
             tokio::task::spawn_blocking(move || Broker::open(config, controller, link))
                 .await
-                .map_err(|e| OpenError::Metadata { path: PathBuf::new(), reason: e.to_string() })??
+                .map_err(|e| OpenError::Aborted(e.to_string()))??
         };
         broker.follow_image();
         if single {
@@ -356,8 +356,7 @@ impl Broker {
     }
 
     fn write_metadata(&self, topics: Vec<TopicRecord>) -> std::io::Result<()> {
-        let body = serde_json::to_vec_pretty(&MetadataFile { topics }).expect("metadata serialises");
-        write_atomic(&self.config.data_dir.join(METADATA_FILE), &body)
+        write_records(&self.config.data_dir.join(METADATA_FILE), topics)
     }
 
     /// Starts the background flush and retention loops; they stop when

@@ -76,4 +76,7 @@ pub enum OpenError {
     Controller(quiver_controller::StartError),
     #[error("cannot move this node's metadata into the metadata log: {0}")]
     Migration(String),
+    /// Opening ran on a blocking thread that did not finish (it panicked).
+    #[error("opening the data directory failed: {0}")]
+    Aborted(String),
 }

@@ -20,6 +20,12 @@ pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(path.parent().expect("a file has a directory"))?.sync_all()
 }
 
+/// Replaces `topics.json` at `path` with `topics`, atomically.
+pub(crate) fn write_records(path: &Path, topics: Vec<TopicRecord>) -> std::io::Result<()> {
+    let body = serde_json::to_vec_pretty(&MetadataFile { topics }).expect("metadata serialises");
+    write_atomic(path, &body)
+}
+
 /// `topics.json`: the topics this broker holds replicas of, as it opened
 /// them (which metadata-log topic, which partitions). The image decides;
 /// this file lets a restart open the logs before the image is replayed.

@@ -21,11 +21,11 @@
 
 use std::path::Path;
 
-use quiver_controller::{BUILTIN_PREFIX, Blob, Command, Controller, ImportedTopic, Outcome, Registration};
+use quiver_controller::{BUILTIN_PREFIX, Command, Controller, ImportedTopic, Outcome, Registration};
 
 use crate::config::{BrokerConfig, OpenError};
-use crate::files::{LOGS_DIR, METADATA_FILE, MetadataFile, partition_dir, read_records, write_atomic};
-use crate::registry::{BLOB_LEVEL, REGISTRY_FILE, RegistryFile};
+use crate::files::{LOGS_DIR, METADATA_FILE, partition_dir, read_records, write_atomic, write_records};
+use crate::registry::{REGISTRY_FILE, RegistryFile, blob_path, pack_blob, progress_path};
 
 const MARKER: &str = "metadata-migration";
 const PRODUCER_IDS_FILE: &str = "producer-ids";
@@ -62,11 +62,7 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
         Err(e) => return Err(fail(PRODUCER_IDS_FILE, &e)),
     };
     let plugins_dir = dir.join("plugins");
-    let registry: RegistryFile = match std::fs::read(plugins_dir.join(REGISTRY_FILE)) {
-        Ok(raw) => serde_json::from_slice(&raw).map_err(|e| fail(REGISTRY_FILE, &e))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => RegistryFile::default(),
-        Err(e) => return Err(fail(REGISTRY_FILE, &e)),
-    };
+    let registry = RegistryFile::read(&plugins_dir).map_err(OpenError::Migration)?;
     let topics: Vec<ImportedTopic> = records
         .iter()
         .filter(|r| r.cluster_id.is_none())
@@ -114,10 +110,9 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
                 let blob = match d.sha256.starts_with(BUILTIN_PREFIX) {
                     true => None,
                     false => {
-                        let path = plugins_dir.join("blobs").join(format!("{}.wasm", d.sha256));
+                        let path = blob_path(&plugins_dir, &d.sha256);
                         let wasm = std::fs::read(&path).map_err(|e| fail(&path.display().to_string(), &e))?;
-                        let packed = zstd::bulk::compress(&wasm, BLOB_LEVEL).map_err(|e| fail(&d.name, &e))?;
-                        Some(Blob(packed.into()))
+                        Some(pack_blob(&wasm).map_err(|e| fail(&d.name, &e))?)
                     }
                 };
                 let spec = serde_json::to_string(d).expect("deployment serialises");
@@ -134,7 +129,7 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
                 }
             }
         };
-        let progress_path = plugins_dir.join("progress").join(format!("{}.json", d.name));
+        let progress_path = progress_path(&plugins_dir, &d.name);
         let progress: std::collections::BTreeMap<u32, i64> = match std::fs::read(&progress_path) {
             Ok(raw) => serde_json::from_slice(&raw).map_err(|e| fail(&progress_path.display().to_string(), &e))?,
             Err(_) => Default::default(),
@@ -152,12 +147,9 @@ pub(crate) async fn run(config: &BrokerConfig, controller: &Controller) -> Resul
         d.version = version;
     }
     if !registry.plugins.is_empty() {
-        let path = plugins_dir.join(REGISTRY_FILE);
-        let body = serde_json::to_vec_pretty(&registry).expect("registry serialises");
-        write_atomic(&path, &body).map_err(|e| fail(&path.display().to_string(), &e))?;
+        registry.write(&plugins_dir).map_err(|e| fail(REGISTRY_FILE, &e))?;
     }
-    let body = serde_json::to_vec_pretty(&MetadataFile { topics: records }).expect("metadata serialises");
-    write_atomic(&meta_path, &body).map_err(|source| OpenError::DataDir { path: meta_path, source })?;
+    write_records(&meta_path, records).map_err(|source| OpenError::DataDir { path: meta_path, source })?;
     for done in [PRODUCER_IDS_FILE, MARKER] {
         match std::fs::remove_file(dir.join(done)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(done, &e)),

@@ -18,7 +18,7 @@ use quiver_protocol::{ErrorCode, WireError};
 use crate::broker::Broker;
 use crate::errors::{storage_error, write_error};
 use crate::files::write_atomic;
-use crate::registry::{BLOB_LEVEL, Deployed, Deployment, Plugins, unknown};
+use crate::registry::{Deployed, Deployment, Plugins, pack_blob, unknown};
 
 /// How long an admin request waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
@@ -39,9 +39,7 @@ impl Broker {
             if !path.exists() {
                 write_atomic(&path, &r.wasm).map_err(storage_error)?;
             }
-            let compressed = zstd::bulk::compress(&r.wasm, BLOB_LEVEL)
-                .map_err(|e| WireError::new(ErrorCode::Internal, format!("cannot compress the component: {e}")))?;
-            Some(Blob(compressed.into()))
+            Some(pack_blob(&r.wasm).map_err(|e| WireError::new(ErrorCode::Internal, e))?)
         } else {
             None
         };

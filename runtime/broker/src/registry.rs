@@ -14,6 +14,8 @@ use quiver_protocol::{ErrorCode, WireError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use quiver_controller::Blob;
+
 use crate::files::write_atomic;
 
 pub(crate) const REGISTRY_FILE: &str = "registry.json";
@@ -177,12 +179,7 @@ impl Plugins {
         config.cache_dir = Some(dir.join("cache"));
         let host = PluginHost::new(config).map_err(|e| e.to_string())?;
         let plugins = Plugins { host, dir, deployed: RwLock::new(HashMap::new()), admin: tokio::sync::Mutex::new(()) };
-        let registry_path = plugins.dir.join(REGISTRY_FILE);
-        let registry: RegistryFile = match std::fs::read(&registry_path) {
-            Ok(raw) => serde_json::from_slice(&raw).map_err(|e| format!("{}: {e}", registry_path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RegistryFile::default(),
-            Err(e) => return Err(format!("{}: {e}", registry_path.display())),
-        };
+        let registry = RegistryFile::read(&plugins.dir)?;
         for deployment in registry.plugins {
             let plugin = match deployment.sha256.strip_prefix(BUILTIN_PREFIX) {
                 Some(builtin) => plugins.host.builtin(builtin),
@@ -221,11 +218,11 @@ impl Plugins {
     }
 
     pub(crate) fn blob_path(&self, sha256: &str) -> PathBuf {
-        self.dir.join("blobs").join(format!("{sha256}.wasm"))
+        blob_path(&self.dir, sha256)
     }
 
     pub(crate) fn progress_path(&self, name: &str) -> PathBuf {
-        self.dir.join("progress").join(format!("{name}.json"))
+        progress_path(&self.dir, name)
     }
 
     pub(crate) fn read_progress(&self, name: &str) -> BTreeMap<u32, i64> {
@@ -248,10 +245,45 @@ impl Plugins {
             .map(|d| d.deployment.read().expect("deployment lock").clone())
             .collect();
         plugins.sort_by(|a, b| a.name.cmp(&b.name));
-        let body = serde_json::to_vec_pretty(&RegistryFile { plugins }).expect("registry serialises");
-        write_atomic(&self.dir.join(REGISTRY_FILE), &body)
+        RegistryFile { plugins }.write(&self.dir)
     }
 }
 
+/// A component's file in the blob store under `dir` (`<data_dir>/plugins`).
+pub(crate) fn blob_path(dir: &Path, sha256: &str) -> PathBuf {
+    dir.join("blobs").join(format!("{sha256}.wasm"))
+}
+
+/// A transform's stored progress under `dir` (`<data_dir>/plugins`).
+pub(crate) fn progress_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join("progress").join(format!("{name}.json"))
+}
+
+impl RegistryFile {
+    /// The registry under `dir` (`<data_dir>/plugins`); empty if none was
+    /// written yet.
+    pub(crate) fn read(dir: &Path) -> Result<RegistryFile, String> {
+        let path = dir.join(REGISTRY_FILE);
+        match std::fs::read(&path) {
+            Ok(raw) => serde_json::from_slice(&raw).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RegistryFile::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Replaces the registry under `dir` atomically.
+    pub(crate) fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let body = serde_json::to_vec_pretty(self).expect("registry serialises");
+        write_atomic(&dir.join(REGISTRY_FILE), &body)
+    }
+}
+
+/// A component as the metadata log carries it (zstd-compressed).
+pub(crate) fn pack_blob(wasm: &[u8]) -> Result<Blob, String> {
+    zstd::bulk::compress(wasm, BLOB_LEVEL)
+        .map(|packed| Blob(packed.into()))
+        .map_err(|e| format!("cannot compress the component: {e}"))
+}
+
 /// zstd level for components in the metadata log.
-pub(crate) const BLOB_LEVEL: i32 = 3;
+const BLOB_LEVEL: i32 = 3;
