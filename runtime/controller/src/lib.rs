@@ -304,6 +304,11 @@ impl Controller {
     /// Answers a request from another node (the server calls this for the
     /// controller API).
     pub async fn handle(&self, request: ControllerRequest) -> ControllerResponse {
+        self.answer(request, Origin::Wire).await
+    }
+
+    /// Answers `request`, which came from `origin`.
+    async fn answer(&self, request: ControllerRequest, origin: Origin) -> ControllerResponse {
         match request {
             ControllerRequest::Vote(r) => ControllerResponse::Vote(self.raft.vote(r).await),
             ControllerRequest::Append(r) => {
@@ -318,9 +323,8 @@ impl Controller {
                 ControllerResponse::Voters(self.alter_voters_local(add, remove).await)
             }
             ControllerRequest::Heartbeat { node_id, incarnation, address, rack, register } => {
-                let from_wire = Origin::Wire;
                 ControllerResponse::Heartbeat(
-                    self.on_heartbeat(node_id, incarnation, address, rack, register, from_wire).await,
+                    self.on_heartbeat(node_id, incarnation, address, rack, register, origin).await,
                 )
             }
         }
@@ -568,22 +572,7 @@ impl Controller {
                 continue;
             }
             let exchange = async {
-                if local {
-                    let me = &self.config;
-                    let own = self
-                        .on_heartbeat(
-                            me.node_id,
-                            self.incarnation,
-                            me.address.clone(),
-                            me.rack.clone(),
-                            register,
-                            Origin::Itself,
-                        )
-                        .await;
-                    Ok(ControllerResponse::Heartbeat(own))
-                } else {
-                    self.send_to(target, request).await
-                }
+                if local { Ok(self.answer(request, Origin::Itself).await) } else { self.send_to(target, request).await }
             };
             let answer = tokio::time::timeout(patience, exchange).await.unwrap_or_else(|_| {
                 Err(WriteError::Unreachable(format!("controller {target} did not answer within {patience:?}")))
