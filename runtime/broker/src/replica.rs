@@ -231,10 +231,13 @@ impl Broker {
         let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
         let partitions = self
             .poll_appends(self.fetch_wait(r.max_wait_ms), &held, |last| {
+                if self.shutting_down.load(Ordering::Relaxed) {
+                    return Some(Err(shutting_down()));
+                }
                 let (results, ready) = self.read_replica_partitions(&r, std::mem::take(&mut first));
-                (ready || last || self.shutting_down.load(Ordering::Relaxed)).then_some(results)
+                (ready || last).then_some(Ok(results))
             })
-            .await;
+            .await?;
         Ok(ReplicaFetchResponse { partitions })
     }
 
@@ -547,6 +550,12 @@ fn fetched(result: ReplicaFetchResult) -> Result<FetchAnswer<Bytes>, WireError> 
         batches.push(Batch { base_offset: header.base_offset, end_offset, epoch: header.leader_epoch, data: bytes });
     }
     Ok(FetchAnswer::Batches { batches, high_watermark: result.high_watermark })
+}
+
+/// A leader that is shutting down refuses fetches: an empty answer at once
+/// would have its followers ask again at once, in a loop that never waits.
+fn shutting_down() -> WireError {
+    WireError::new(ErrorCode::BrokerShuttingDown, "the leader is shutting down")
 }
 
 /// The wire error codes the follower tells apart.

@@ -159,3 +159,32 @@ async fn a_leader_cut_off_fails_over_and_every_acknowledged_record_stays() {
     assert_eq!(from_preferred, stored, "replica {preferred} holds the same records as {new} held");
     cluster.stop().await;
 }
+
+/// A leader that is shutting down refuses its followers' fetches, so they
+/// back off. Answering them at once with nothing had each follower ask
+/// again at once, forever, without ever waiting (in process: starving the
+/// runtime, so the cluster never stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_shutting_down_refuses_replica_fetches() {
+    let cluster = Cluster::start(1).await;
+    let create = CreateTopicRequest { name: "t".into(), partitions: 1, replication_factor: 1, configs: vec![] };
+    cluster.call(1, &create).await.unwrap();
+    cluster.wait_for("t-0 led", Duration::from_secs(20), |c| c.leader(1, "t", 0).is_some()).await;
+    let (_, epoch) = cluster.leader(1, "t", 0).unwrap();
+    let fetch = ReplicaFetchRequest {
+        replica_id: 2,
+        max_wait_ms: 10_000,
+        max_bytes: 1 << 20,
+        partitions: vec![ReplicaFetchPartition {
+            topic: "t".into(),
+            partition: 0,
+            leader_epoch: epoch,
+            fetch_offset: 0,
+            ask_epoch: -1,
+        }],
+    };
+    cluster.broker(1).shutdown();
+    let answer = cluster.call(1, &fetch).await;
+    assert_eq!(answer.map(|_| ()).map_err(|e| e.code), Err(ErrorCode::BrokerShuttingDown));
+    cluster.stop().await;
+}

@@ -111,12 +111,29 @@ pub struct Cluster {
     dirs: BTreeMap<NodeId, tempfile::TempDir>,
 }
 
+/// How long a test binary using the harness may run. A task that never
+/// yields can starve the runtime's timers, so no timeout inside the test
+/// would fire: this thread ends the process instead of leaving CI hanging.
+const WATCHDOG: Duration = Duration::from_secs(600);
+
+fn watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(WATCHDOG);
+            eprintln!("the in-process cluster test has run for {WATCHDOG:?}: it hangs; aborting");
+            std::process::abort();
+        });
+    });
+}
+
 fn address(node: NodeId) -> String {
     format!("in-process:{node}")
 }
 
 impl Cluster {
     pub async fn start(n: u32) -> Cluster {
+        watchdog();
         let mut cluster = Cluster { net: Arc::default(), dirs: BTreeMap::new() };
         for node in 1..=n {
             cluster.dirs.insert(node, tempfile::tempdir().unwrap());
@@ -194,10 +211,13 @@ impl Cluster {
         }
     }
 
+    /// Stops every broker, then every controller.
     pub async fn stop(self) {
         for b in self.brokers() {
-            b.controller().shutdown().await;
             b.shutdown();
+        }
+        for b in self.brokers() {
+            b.controller().shutdown().await;
         }
     }
 }
