@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use quiver_controller::{Controller, ControllerConfig, Transport};
 
 use crate::config::{BrokerConfig, OpenError};
-use crate::errors::storage_error;
+use crate::errors::{PartitionError, storage_error};
 use crate::files::{LOGS_DIR, METADATA_FILE, partition_dir, read_records, write_records};
 use crate::partition::{Partition, ReplicaLink, Topic, open_partition, open_topic};
 use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name};
@@ -171,62 +171,52 @@ impl Broker {
     }
 
     /// A partition this broker leads (on a single node: any partition).
-    pub(crate) fn partition(&self, topic: &str, partition: u32) -> Result<(Arc<Topic>, Arc<Partition>), WireError> {
+    pub(crate) fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(Arc<Topic>, Arc<Partition>), PartitionError> {
+        let me = self.config.node_id;
         let id = {
             let image = self.controller.image();
             let image = image.borrow();
-            crate::errors::check_leader(self.config.node_id, &image, topic, partition)?;
+            crate::errors::check_leader(me, &image, topic, partition)?;
             image.topics.get(topic).map(|t| t.id)
         };
         // Not open here yet, or still the topic of that name deleted before
         // (the reconcile loop is about to replace it): never the wrong log.
-        let opening = || {
-            WireError::new(
-                ErrorCode::NotLeader,
-                format!("broker {} is opening {topic}-{partition}; retry shortly", self.config.node_id),
-            )
-        };
-        let t = self.topic(topic).filter(|t| t.record.cluster_id == id).ok_or_else(opening)?;
+        let t = self.topic(topic).filter(|t| t.record.cluster_id == id).ok_or_else(|| PartitionError::Opening {
+            me,
+            topic: topic.to_owned(),
+            partition,
+        })?;
         let p = self.held_partition(&t, partition)?;
         if !p.leads() {
-            return Err(WireError::new(
-                ErrorCode::NotLeader,
-                format!("broker {} is becoming the leader of {topic}-{partition}; retry shortly", self.config.node_id),
-            ));
+            return Err(PartitionError::Becoming { me, topic: topic.to_owned(), partition });
         }
         Ok((t, p))
     }
 
     /// The open topic `name` is, if it is the image's topic of that name
     /// (not one deleted meanwhile, about to be replaced).
-    pub(crate) fn current_topic(&self, name: &str) -> Result<Arc<Topic>, WireError> {
+    pub(crate) fn current_topic(&self, name: &str) -> Result<Arc<Topic>, PartitionError> {
         let id = self.controller.image().borrow().topics.get(name).map(|t| t.id);
         let Some(id) = id else {
-            return Err(WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist")));
+            return Err(PartitionError::UnknownTopic { topic: name.to_owned() });
         };
-        self.topic(name).filter(|t| t.record.cluster_id == Some(id)).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::NotLeader,
-                format!("broker {} is opening topic '{name}'; retry shortly", self.config.node_id),
-            )
-        })
+        self.topic(name)
+            .filter(|t| t.record.cluster_id == Some(id))
+            .ok_or_else(|| PartitionError::OpeningTopic { me: self.config.node_id, topic: name.to_owned() })
     }
 
     /// Partition `partition` of a topic, if this broker holds a replica of
     /// it (in whatever role).
-    pub(crate) fn held_partition(&self, t: &Topic, partition: u32) -> Result<Arc<Partition>, WireError> {
+    pub(crate) fn held_partition(&self, t: &Topic, partition: u32) -> Result<Arc<Partition>, PartitionError> {
+        let topic = t.record.name.clone();
         if partition >= t.count() {
-            return Err(WireError::new(
-                ErrorCode::UnknownPartition,
-                format!("topic '{}' has {} partitions; there is no partition {partition}", t.record.name, t.count()),
-            ));
+            return Err(PartitionError::UnknownPartition { topic, partition, count: t.count() });
         }
-        t.held(partition).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::NotLeader,
-                format!("broker {} holds no replica of {}-{partition} yet", self.config.node_id, t.record.name),
-            )
-        })
+        t.held(partition).ok_or(PartitionError::NotHeld { me: self.config.node_id, topic, partition })
     }
 
     pub(crate) fn sorted_topics(&self) -> Vec<Arc<Topic>> {

@@ -15,7 +15,7 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, now_ms};
-use crate::errors::{check_leader, unknown_topic_metadata, write_error};
+use crate::errors::{PartitionError, check_leader, unknown_topic_metadata, write_error};
 use crate::partition::RemoteLeader;
 use crate::reconcile::{Local, Step, plan};
 use crate::topic::TopicRecord;
@@ -27,18 +27,14 @@ impl Broker {
     /// Where `topic`-`partition` is led: `None` here (or not in a cluster),
     /// else the leader's id and address. An offline partition, or a leader
     /// whose address is unknown, is a `NotLeader` error.
-    pub(crate) fn remote_leader(&self, topic: &str, partition: u32) -> Result<Option<RemoteLeader>, WireError> {
+    pub(crate) fn remote_leader(&self, topic: &str, partition: u32) -> Result<Option<RemoteLeader>, PartitionError> {
         let image = self.controller.image().borrow().clone();
         match check_leader(self.config.node_id, &image, topic, partition) {
             Ok(()) => Ok(None),
-            Err(e) if e.code != ErrorCode::NotLeader => Err(e),
-            Err(e) => {
-                let leader = image.topics[topic].partitions[partition as usize].leader;
-                match leader.and_then(|l| image.brokers.get(&l).map(|b| (l, b.address.clone()))) {
-                    Some(remote) => Ok(Some(remote)),
-                    None => Err(e),
-                }
+            Err(PartitionError::LedElsewhere { leader, .. }) if image.brokers.contains_key(&leader) => {
+                Ok(Some((leader, image.brokers[&leader].address.clone())))
             }
+            Err(e) => Err(e),
         }
     }
 

@@ -1,11 +1,174 @@
-//! The wire errors the broker answers with, made from what failed: storage,
-//! decoding, reads, metadata writes, leadership; and running blocking work
-//! off the runtime.
+//! Why broker operations fail: one `thiserror` enum per operation on the
+//! data path ([`ProduceError`], [`FetchError`], [`ListOffsetsError`]) and
+//! the reasons they share ([`PartitionError`], [`PluginCallError`]). Each
+//! variant is a reason a caller can act on; only the wire adapter
+//! (`wire.rs`) turns them into protocol error codes.
+//!
+//! Also the older helpers that still build wire errors directly, for the
+//! admin, cluster and plugin operations not yet moved onto typed errors,
+//! and running blocking work off the runtime.
 
-use quiver_controller::{ClusterImage, RefusalKind, WriteError};
-use quiver_log::ReadError;
+use std::time::Duration;
+
+use quiver_controller::{ClusterImage, NodeId, RefusalKind, WriteError};
+use quiver_log::{AppendError, ReadError, SequenceError};
+use quiver_protocol::batch::BatchError;
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
+use quiver_replication::NotEnoughReplicas;
+
+/// A partition cannot be used here for what was asked: it does not exist,
+/// or this broker does not (yet) lead or hold it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PartitionError {
+    #[error("topic '{topic}' does not exist")]
+    UnknownTopic { topic: String },
+    #[error("topic '{topic}' has {count} partitions; there is no partition {partition}")]
+    UnknownPartition { topic: String, partition: u32, count: u32 },
+    /// Another broker leads it; `address` is where.
+    #[error("broker {me} is not the leader of {topic}-{partition}; broker {leader} at {address} is")]
+    LedElsewhere { me: NodeId, topic: String, partition: u32, leader: NodeId, address: String },
+    /// No in-sync replica is live.
+    #[error("{topic}-{partition} is offline: none of its in-sync replicas {isr:?} is live (replicas {replicas:?})")]
+    Offline { topic: String, partition: u32, isr: Vec<NodeId>, replicas: Vec<NodeId> },
+    /// The image names this broker, but the topic is not open here yet (or
+    /// is still the one deleted before under that name).
+    #[error("broker {me} is opening {topic}-{partition}; retry shortly")]
+    Opening { me: NodeId, topic: String, partition: u32 },
+    #[error("broker {me} is opening topic '{topic}'; retry shortly")]
+    OpeningTopic { me: NodeId, topic: String },
+    #[error("broker {me} is becoming the leader of {topic}-{partition}; retry shortly")]
+    Becoming { me: NodeId, topic: String, partition: u32 },
+    #[error("broker {me} holds no replica of {topic}-{partition} yet")]
+    NotHeld { me: NodeId, topic: String, partition: u32 },
+    #[error("{topic}-{partition} is changing leader here; retry shortly")]
+    ChangingLeader { topic: String, partition: u32 },
+}
+
+/// A request-path plugin (serializer, partitioner, filter, decoder) could
+/// not do its work on a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginCallError {
+    #[error("plugin '{name}' is not deployed")]
+    NotDeployed { name: String },
+    /// A deployed plugin of another kind than the call needs.
+    #[error("{0}")]
+    WrongKind(String),
+    /// The plugin trapped, ran out of fuel or memory, or answered nonsense;
+    /// `plugin` names it ("plugin 'x'", "partitioner 'x'").
+    #[error("{plugin}: {detail}")]
+    Failed { plugin: String, detail: String },
+    /// The call was stopped (deadline, memory cap, trap) or its output was
+    /// malformed.
+    #[error("{plugin} {source}")]
+    Stopped { plugin: String, source: quiver_plugin_host::CallError },
+    /// The plugin refused a record (schema, validation).
+    #[error("record {index} rejected by {what} '{name}': {message}")]
+    Rejected { index: u32, what: &'static str, name: String, message: String },
+    /// The batch given to it, or its output, does not decode.
+    #[error("{0}")]
+    Corrupt(BatchError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why a write failed (or was not confirmed).
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error("broker is shutting down")]
+    ShuttingDown,
+    #[error("invalid record batch: {0}")]
+    InvalidBatch(BatchError),
+    #[error("{source} (topic '{topic}' max.message.bytes)")]
+    RecordTooLarge { topic: String, source: BatchError },
+    #[error("a batch of an idempotent producer must name its partition: sequence numbers are per partition")]
+    UnplacedIdempotent,
+    #[error(transparent)]
+    Plugin(#[from] PluginCallError),
+    /// An idempotent producer's batch out of order, stale or fenced.
+    #[error("{topic}-{partition}: {source}")]
+    Sequence { topic: String, partition: u32, source: SequenceError },
+    #[error("{topic}-{partition}: {source}; acks=all writes are refused until replicas catch up")]
+    NotEnoughReplicas { topic: String, partition: u32, source: NotEnoughReplicas },
+    #[error("{0}")]
+    Append(AppendError),
+    #[error("fsync failed: {0}")]
+    Sync(String),
+    /// Appended, but the in-sync replicas did not confirm it: it may or may
+    /// not be kept.
+    #[error("leadership moved before the in-sync replicas confirmed the write: it may or may not be kept")]
+    LeadershipMoved,
+    #[error("the in-sync replicas did not confirm the write within {0:?}: it may or may not be kept")]
+    NotConfirmed(Duration),
+    /// A share of a `PARTITION_ANY` batch failed after others were
+    /// appended: retrying the whole batch would write those twice.
+    #[error("{0} (the records placed in other partitions were appended)")]
+    AfterOtherShares(Box<ProduceError>),
+    /// Forwarding to the leader failed before it answered.
+    #[error("{}", .0.message)]
+    Forward(WireError),
+    #[error("{0}")]
+    Internal(String),
+    /// Forwarded to the partition's leader, which answered with an error
+    /// (or did not answer: `may_be_kept`).
+    #[error("{topic}-{partition} at its leader, broker {leader}: {error}")]
+    AtLeader { topic: String, partition: u32, leader: NodeId, error: WireError },
+    #[error("{topic}-{partition} forwarded to its leader, broker {leader}: {message}: it may or may not be kept")]
+    ForwardUnknown { topic: String, partition: u32, leader: NodeId, message: String },
+}
+
+impl ProduceError {
+    /// Whether sending the same batch again may succeed without writing it
+    /// twice (what a transform retries; a producer decides from the code).
+    pub(crate) fn is_retriable(&self) -> bool {
+        match self {
+            ProduceError::Partition(_)
+            | ProduceError::ShuttingDown
+            | ProduceError::NotEnoughReplicas { .. }
+            | ProduceError::Append(_)
+            | ProduceError::Sync(_)
+            | ProduceError::LeadershipMoved
+            | ProduceError::NotConfirmed(_)
+            | ProduceError::ForwardUnknown { .. } => true,
+            ProduceError::AtLeader { error, .. } => {
+                error.code.is_retriable() || matches!(error.code, ErrorCode::NotReplicated | ErrorCode::StorageError)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a read from a partition failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Plugin(#[from] PluginCallError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why an offset lookup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListOffsetsError {
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error(
+        "{topic}-{partition}: its new leader's high watermark has not yet reached its predecessor's; retry shortly"
+    )]
+    NotAvailable { topic: String, partition: u32 },
+    #[error("invalid timestamp {0}")]
+    InvalidTimestamp(i64),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Internal(String),
+}
 
 pub(crate) fn storage_error(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::StorageError, e.to_string())
@@ -17,33 +180,28 @@ pub(crate) fn corrupt(e: impl std::fmt::Display) -> WireError {
 
 /// `Ok` when `me` leads `topic`-`partition` in `image`; otherwise the error
 /// a client needs to find the leader.
-pub(crate) fn check_leader(me: u32, image: &ClusterImage, topic: &str, partition: u32) -> Result<(), WireError> {
-    let t = image
-        .topics
-        .get(topic)
-        .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{topic}' does not exist")))?;
-    let p = t.partitions.get(partition as usize).ok_or_else(|| {
-        WireError::new(
-            ErrorCode::UnknownPartition,
-            format!("topic '{topic}' has {} partitions; there is no partition {partition}", t.partitions.len()),
-        )
+pub(crate) fn check_leader(me: u32, image: &ClusterImage, topic: &str, partition: u32) -> Result<(), PartitionError> {
+    let t = image.topics.get(topic).ok_or_else(|| PartitionError::UnknownTopic { topic: topic.to_owned() })?;
+    let p = t.partitions.get(partition as usize).ok_or_else(|| PartitionError::UnknownPartition {
+        topic: topic.to_owned(),
+        partition,
+        count: t.partitions.len() as u32,
     })?;
     match p.leader {
         Some(l) if l == me => Ok(()),
-        Some(l) => {
-            let at = image.brokers.get(&l).map(|b| b.address.as_str()).unwrap_or("?");
-            Err(WireError::new(
-                ErrorCode::NotLeader,
-                format!("broker {me} is not the leader of {topic}-{partition}; broker {l} at {at} is"),
-            ))
-        }
-        None => Err(WireError::new(
-            ErrorCode::NotLeader,
-            format!(
-                "{topic}-{partition} is offline: none of its in-sync replicas {:?} is live (replicas {:?})",
-                p.isr, p.replicas
-            ),
-        )),
+        Some(leader) => Err(PartitionError::LedElsewhere {
+            me,
+            topic: topic.to_owned(),
+            partition,
+            leader,
+            address: image.brokers.get(&leader).map_or_else(|| "?".to_owned(), |b| b.address.clone()),
+        }),
+        None => Err(PartitionError::Offline {
+            topic: topic.to_owned(),
+            partition,
+            isr: p.isr.clone(),
+            replicas: p.replicas.clone(),
+        }),
     }
 }
 
@@ -90,6 +248,27 @@ pub(crate) fn read_error(e: ReadError) -> WireError {
         }
         other => WireError::new(ErrorCode::StorageError, other.to_string()),
     }
+}
+
+/// A blocking task that died (panicked) is an internal error of the
+/// operation that ran it.
+macro_rules! joined_as_internal {
+    ($($error:ty),*) => {$(
+        impl From<tokio::task::JoinError> for $error {
+            fn from(e: tokio::task::JoinError) -> Self {
+                <$error>::Internal(e.to_string())
+            }
+        }
+    )*};
+}
+joined_as_internal!(PluginCallError, ProduceError, FetchError, ListOffsetsError);
+
+/// Runs blocking work off the runtime, for an operation whose error type
+/// can say that the blocking task died.
+pub(crate) async fn blocking_as<T: Send + 'static, E: From<tokio::task::JoinError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(f).await?
 }
 
 /// Runs blocking work (wasm calls, batch rebuilding, a follower's log

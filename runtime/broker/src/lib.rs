@@ -9,12 +9,13 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+mod api;
 mod broker;
 mod cluster;
 mod config;
 mod errors;
 mod files;
-mod handlers;
+mod long_poll;
 mod migrate;
 mod order;
 mod partition;
@@ -27,6 +28,7 @@ mod registry;
 mod replica;
 pub mod topic;
 mod waiters;
+mod wire;
 
 pub use access::{Principal, RequestContext};
 pub use broker::{Broker, Membership, now_ms};

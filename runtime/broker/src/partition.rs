@@ -9,12 +9,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use quiver_log::{AppendError, Appended, Log, OpenError as LogOpenError, SequenceError};
+use quiver_log::{AppendError, Appended, Log, OpenError as LogOpenError};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 use quiver_replication::{EpochHistory, NodeId, PartitionLeader};
 
 use crate::config::OpenError;
+use crate::errors::{PartitionError, ProduceError};
 use crate::files::{partition_dir, write_atomic};
 use crate::topic::{TopicConfig, TopicRecord};
 
@@ -244,30 +245,26 @@ impl Partition {
         topic: &str,
         batch: &[u8],
         acks_all: bool,
-    ) -> Result<(quiver_log::AppendInfo, i32), WireError> {
+    ) -> Result<(quiver_log::AppendInfo, i32), ProduceError> {
         let mut state = self.replica.state();
         // A retried batch of an idempotent producer is answered with the
         // offsets it got; like a new one, it is acknowledged only once the
         // high watermark passes it.
         let append = |epoch| match self.log.append_checked(batch, epoch) {
             Ok(Appended::New(info) | Appended::Duplicate(info)) => Ok(info),
-            Err(AppendError::Sequence(e)) => Err(WireError::new(
-                match e {
-                    SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
-                    SequenceError::Fenced { .. } => ErrorCode::ProducerFenced,
-                    SequenceError::Stale { .. } => ErrorCode::StaleSequence,
-                },
-                format!("{topic}-{}: {e}", self.id),
-            )),
-            Err(e) => Err(WireError::new(ErrorCode::StorageError, e.to_string())),
+            Err(AppendError::Sequence(source)) => {
+                Err(ProduceError::Sequence { topic: topic.to_owned(), partition: self.id, source })
+            }
+            Err(e) => Err(ProduceError::Append(e)),
         };
         match &mut state.role {
             Role::Leader { leader, .. } => {
-                if acks_all && let Err(e) = leader.check_acks_all() {
-                    return Err(WireError::new(
-                        ErrorCode::NotEnoughReplicas,
-                        format!("{topic}-{}: {e}; acks=all writes are refused until replicas catch up", self.id),
-                    ));
+                if acks_all && let Err(source) = leader.check_acks_all() {
+                    return Err(ProduceError::NotEnoughReplicas {
+                        topic: topic.to_owned(),
+                        partition: self.id,
+                        source,
+                    });
                 }
                 let epoch = leader.epoch();
                 let info = append(epoch)?;
@@ -280,10 +277,7 @@ impl Partition {
                 }
                 Ok((info, epoch))
             }
-            _ => Err(WireError::new(
-                ErrorCode::NotLeader,
-                format!("{topic}-{} is changing leader here; retry shortly", self.id),
-            )),
+            _ => Err(PartitionError::ChangingLeader { topic: topic.to_owned(), partition: self.id }.into()),
         }
     }
 

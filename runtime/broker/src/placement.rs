@@ -17,10 +17,9 @@ use bytes::Bytes;
 use quiver_plugin_host::{Input, Kind};
 use quiver_protocol::batch::{self, Compression};
 use quiver_protocol::partitioner::{partition_for_key, split_by_partition};
-use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::Broker;
-use crate::errors::corrupt;
+use crate::errors::{PluginCallError, ProduceError};
 use crate::partition::{Partition, RemoteLeader, Topic};
 use crate::topic::TopicCompression;
 
@@ -55,9 +54,9 @@ impl Broker {
     /// produced (before any serializer, as a client partitioning locally sees
     /// them), runs the topic's serializers on the whole batch, and splits the
     /// result by partition. Blocking: call off the runtime.
-    pub(crate) fn place(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<Placed>, WireError> {
-        let (header, body) = batch::records_section(produced).map_err(corrupt)?;
-        let records = batch::decode_section(&header, &body).map_err(corrupt)?;
+    pub(crate) fn place(&self, topic: &Topic, produced: &Bytes) -> Result<Vec<Placed>, ProduceError> {
+        let (header, body) = batch::records_section(produced).map_err(ProduceError::InvalidBatch)?;
+        let records = batch::decode_section(&header, &body).map_err(ProduceError::InvalidBatch)?;
         let count = topic.count();
         let chosen = match &topic.config.partitioner {
             Some(name) => self.run_partitioner(name, &header, &body, records.len() as u32, count)?,
@@ -82,9 +81,9 @@ impl Broker {
         // leaders keep the records as produced (their leader serializes).
         let serialized = match self.encode_for_topic(topic, produced)? {
             Some(encoded) => {
-                let serialized = batch::decode_records(&encoded).map_err(corrupt)?;
+                let serialized = batch::decode_records(&encoded).map_err(PluginCallError::Corrupt)?;
                 if serialized.len() != chosen.len() {
-                    return Err(WireError::new(ErrorCode::Internal, "the serializer changed the record count"));
+                    return Err(ProduceError::Internal("the serializer changed the record count".into()));
                 }
                 Some(serialized)
             }
@@ -105,9 +104,8 @@ impl Broker {
                     (None, Some(serialized)) => serialized.remove(&partition),
                     _ => as_produced.remove(&partition),
                 };
-                let share = share.ok_or_else(|| {
-                    WireError::new(ErrorCode::Internal, format!("no records split for partition {partition}"))
-                })?;
+                let share = share
+                    .ok_or_else(|| ProduceError::Internal(format!("no records split for partition {partition}")))?;
                 let to = match leader {
                     None => Destination::Here(self.held_partition(topic, partition)?),
                     Some(remote) => Destination::Leader(remote),
@@ -124,9 +122,10 @@ impl Broker {
         body: &Bytes,
         count: u32,
         partitions: u32,
-    ) -> Result<Vec<u32>, WireError> {
+    ) -> Result<Vec<u32>, PluginCallError> {
+        let plugin = format!("partitioner '{name}'");
         let failed =
-            |e: &dyn std::fmt::Display| WireError::new(ErrorCode::PluginFailed, format!("partitioner '{name}': {e}"));
+            |e: &dyn std::fmt::Display| PluginCallError::Failed { plugin: plugin.clone(), detail: e.to_string() };
         let d = self.plugins.get(name).ok_or_else(|| failed(&"not deployed"))?;
         d.plugin.expect_kind(Kind::Partitioner).map_err(|e| failed(&e))?;
         let input =
@@ -135,10 +134,12 @@ impl Broker {
         let chosen = d.with_instance(&params, |i| i.partition(&input, partitions)).map_err(|e| failed(&e))?;
         match chosen.map_err(|e| failed(&e))? {
             Ok(chosen) => Ok(chosen),
-            Err(refusal) => Err(WireError::new(
-                ErrorCode::RecordRejected,
-                format!("record {} rejected by partitioner '{name}': {}", refusal.index, refusal.message),
-            )),
+            Err(refusal) => Err(PluginCallError::Rejected {
+                index: refusal.index,
+                what: "partitioner",
+                name: name.to_owned(),
+                message: refusal.message,
+            }),
         }
     }
 }

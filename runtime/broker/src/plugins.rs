@@ -27,11 +27,12 @@ use quiver_protocol::messages::{
 use quiver_protocol::partitioner::partition_for_key;
 use quiver_protocol::{ErrorCode, WireError};
 
+use crate::api::{self, Write};
 use crate::broker::{Broker, now_ms};
-use crate::errors::{corrupt, storage_error};
+use crate::errors::{PluginCallError, ProduceError, storage_error};
 use crate::files::write_atomic;
 use crate::partition::Topic;
-use crate::registry::{Deployed, Deployment, OnError, StartAt, invalid, unknown};
+use crate::registry::{BatchMode, Deployed, Deployment, OnError, StartAt, invalid, serializers, unknown};
 use crate::topic::{TopicCompression, TopicConfig};
 
 /// Input read per transform step, at most.
@@ -613,27 +614,40 @@ impl Broker {
     /// partition's leader, here or on another broker, acknowledged once the
     /// in-sync replicas have it on disk.
     async fn produce_output(self: &Arc<Self>, topic: &str, partition: u32, records: Bytes) -> Result<(), StepError> {
-        let request = ProduceRequest {
-            acks: Acks::All,
-            timeout_ms: 10_000,
-            partitions: vec![ProducePartition { topic: topic.to_owned(), partition, records }],
+        let output = |message: String| format!("output {topic}-{partition}: {message}");
+        let classify = |retriable: bool, message: String| {
+            if retriable { StepError::Retry(output(message)) } else { StepError::Policy(output(message)) }
         };
-        let response = match self.remote_leader(topic, partition).map_err(|e| StepError::Retry(e.message))? {
-            None => self.produce(request, None).await,
-            Some(remote) => self.produce_at(remote, request).await,
-        };
-        let result = response
-            .map_err(|e| StepError::Retry(format!("output {topic}-{partition}: {}", e.message)))?
-            .partitions
-            .pop()
-            .ok_or_else(|| StepError::Retry(format!("output {topic}-{partition}: an empty produce answer")))?;
-        let message = format!("output {topic}-{partition}: {}: {}", result.error.name(), result.message);
-        match result.error {
-            ErrorCode::None => Ok(()),
-            code if code.is_retriable() || code == ErrorCode::NotReplicated || code == ErrorCode::StorageError => {
-                Err(StepError::Retry(message))
+        match self.remote_leader(topic, partition).map_err(|e| StepError::Retry(e.to_string()))? {
+            None => {
+                let write = Write { topic: topic.to_owned(), partition, records };
+                let written = self.write(vec![write], api::Acks::All, None).await;
+                match written.and_then(|mut all| all.pop().unwrap_or(Err(ProduceError::Internal("no answer".into())))) {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(classify(e.is_retriable(), e.to_string())),
+                }
             }
-            _ => Err(StepError::Policy(message)),
+            Some(remote) => {
+                let request = ProduceRequest {
+                    acks: Acks::All,
+                    timeout_ms: 10_000,
+                    partitions: vec![ProducePartition { topic: topic.to_owned(), partition, records }],
+                };
+                let result = self
+                    .produce_at(remote, request)
+                    .await
+                    .map_err(|e| StepError::Retry(output(e.message)))?
+                    .partitions
+                    .pop()
+                    .ok_or_else(|| StepError::Retry(output("an empty produce answer".into())))?;
+                let retriable = result.error.is_retriable()
+                    || result.error == ErrorCode::NotReplicated
+                    || result.error == ErrorCode::StorageError;
+                match result.error {
+                    ErrorCode::None => Ok(()),
+                    code => Err(classify(retriable, format!("{}: {}", code.name(), result.message))),
+                }
+            }
         }
     }
 
@@ -695,49 +709,12 @@ enum StepError {
     Retry(String),
 }
 
-/// What a request-path plugin does to a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BatchMode {
-    /// Value serializer on produce: one output per record; a refusal
-    /// rejects all.
-    Encode,
-    /// Value serializer on fetch.
-    Decode,
-    /// Key serializer on produce: the plugin sees each record's key as its
-    /// value (same ABI), and its output value becomes the key.
-    EncodeKeys,
-    /// Key serializer on fetch.
-    DecodeKeys,
-    /// Read-side filter: at most one output per record.
-    Filter,
-}
-
-/// A topic's serializers in the order they run, keys first, with the mode
-/// for produce (`encode`) or fetch.
-pub(crate) fn serializers(config: &TopicConfig, encode: bool) -> Vec<(&str, BatchMode)> {
-    let (keys, values) =
-        if encode { (BatchMode::EncodeKeys, BatchMode::Encode) } else { (BatchMode::DecodeKeys, BatchMode::Decode) };
-    [(config.key_serializer.as_deref(), keys), (config.value_serializer.as_deref(), values)]
-        .into_iter()
-        .filter_map(|(name, mode)| Some((name?, mode)))
-        .collect()
-}
-
-impl BatchMode {
-    fn on_keys(self) -> bool {
-        matches!(self, BatchMode::EncodeKeys | BatchMode::DecodeKeys)
-    }
-
-    fn what(self) -> &'static str {
-        match self {
-            BatchMode::Filter => "filter",
-            BatchMode::EncodeKeys | BatchMode::DecodeKeys => "key serializer",
-            BatchMode::Encode | BatchMode::Decode => "serializer",
-        }
-    }
-}
-
 impl Broker {
+    /// The deployed version of plugin `name` (0 for none).
+    pub(crate) fn plugin_version(&self, name: &str) -> u32 {
+        self.plugins.get(name).map_or(0, |d| d.deployment.read().expect("deployment lock").version)
+    }
+
     /// A topic may name only deployed serializers as its key and value
     /// serializers and only a deployed partitioner as its partitioner.
     pub(crate) fn check_topic_plugins(&self, config: &TopicConfig) -> Result<(), WireError> {
@@ -784,7 +761,7 @@ impl Broker {
 
     /// Runs the topic's serializers' encode on a produced batch: keys, then
     /// values. `None` when it names none. Blocking: call off the runtime.
-    pub(crate) fn encode_for_topic(&self, topic: &Topic, produced: &Bytes) -> Result<Option<Bytes>, WireError> {
+    pub(crate) fn encode_for_topic(&self, topic: &Topic, produced: &Bytes) -> Result<Option<Bytes>, PluginCallError> {
         let mut encoded = None;
         for (name, mode) in serializers(&topic.config, true) {
             encoded = Some(self.apply_plugin(name, None, mode, encoded.as_ref().unwrap_or(produced))?);
@@ -800,12 +777,12 @@ impl Broker {
         params: Option<&[(String, String)]>,
         mode: BatchMode,
         stored: &Bytes,
-    ) -> Result<Bytes, WireError> {
-        let d = self.plugins.get(name).ok_or_else(|| unknown(name))?;
+    ) -> Result<Bytes, PluginCallError> {
+        let d = self.plugins.get(name).ok_or_else(|| PluginCallError::NotDeployed { name: name.to_owned() })?;
         let want = if mode == BatchMode::Filter { Kind::Filter } else { Kind::Serializer };
-        d.plugin.expect_kind(want).map_err(invalid)?;
-        let (header, body) = batch::records_section(stored).map_err(corrupt)?;
-        let records = batch::decode_section(&header, &body).map_err(corrupt)?;
+        d.plugin.expect_kind(want).map_err(|e| PluginCallError::WrongKind(e.to_string()))?;
+        let (header, body) = batch::records_section(stored).map_err(PluginCallError::Corrupt)?;
+        let records = batch::decode_section(&header, &body).map_err(PluginCallError::Corrupt)?;
         let swapped;
         let input = Input {
             base_offset: header.base_offset,
@@ -820,20 +797,23 @@ impl Broker {
         };
         let deployed_params = d.deployment.read().expect("deployment lock").params.clone();
         let params = params.unwrap_or(&deployed_params);
+        let plugin = format!("plugin '{name}'");
         let called = d
             .with_instance(params, |inst| match mode {
                 BatchMode::Encode | BatchMode::EncodeKeys => inst.serialize(&input, true),
                 BatchMode::Decode | BatchMode::DecodeKeys => inst.serialize(&input, false),
                 BatchMode::Filter => inst.filter(&input),
             })
-            .map_err(|e| WireError::new(ErrorCode::PluginFailed, format!("plugin '{name}': {e}")))?;
-        let failed = |e: CallError| WireError::new(ErrorCode::PluginFailed, format!("plugin '{name}' {e}"));
+            .map_err(|e| PluginCallError::Failed { plugin: plugin.clone(), detail: e.to_string() })?;
+        let failed = |source: CallError| PluginCallError::Stopped { plugin: plugin.clone(), source };
         let out = called.map_err(failed)?;
         if let Some(r) = &out.refusal {
-            return Err(WireError::new(
-                ErrorCode::RecordRejected,
-                format!("record {} rejected by {} '{name}': {}", r.index, mode.what(), r.message),
-            ));
+            return Err(PluginCallError::Rejected {
+                index: r.index,
+                what: mode.what(),
+                name: name.to_owned(),
+                message: r.message.clone(),
+            });
         }
         let entries = out.decode(input.count, 1).map_err(failed)?;
         if mode != BatchMode::Filter && entries.len() != records.len() {
@@ -843,7 +823,7 @@ impl Broker {
                 records.len()
             ))));
         }
-        let codec = header.compression().map_err(corrupt)?;
+        let codec = header.compression().map_err(PluginCallError::Corrupt)?;
         let mut b = BatchBuilder::rebuild_of(&header, codec);
         let mut last_input = None;
         for entry in &entries {
@@ -881,12 +861,12 @@ impl Broker {
 
 /// The records section of `records` with each key in the value's place (no
 /// key), for a key serializer: the serializer ABI is about values.
-fn keys_as_values(header: &batch::BatchHeader, records: &[Record]) -> Result<Bytes, WireError> {
+fn keys_as_values(header: &batch::BatchHeader, records: &[Record]) -> Result<Bytes, PluginCallError> {
     let mut b = BatchBuilder::rebuild_of(header, Compression::None);
     for r in records {
         b.append_at((r.offset - header.base_offset) as i32, r.timestamp, None, r.key.as_deref(), &r.headers);
     }
-    Ok(batch::records_section(&b.build()).map_err(corrupt)?.1)
+    Ok(batch::records_section(&b.build()).map_err(PluginCallError::Corrupt)?.1)
 }
 
 fn plugin_failure(e: &CallError) -> String {

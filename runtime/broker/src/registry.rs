@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use quiver_controller::Blob;
 
 use crate::files::write_atomic;
+use crate::topic::TopicConfig;
 
 pub(crate) const REGISTRY_FILE: &str = "registry.json";
 
@@ -287,3 +288,45 @@ pub(crate) fn pack_blob(wasm: &[u8]) -> Result<Blob, String> {
 
 /// zstd level for components in the metadata log.
 const BLOB_LEVEL: i32 = 3;
+
+/// What a request-path plugin does to a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchMode {
+    /// Value serializer on produce: one output per record; a refusal
+    /// rejects all.
+    Encode,
+    /// Value serializer on fetch.
+    Decode,
+    /// Key serializer on produce: the plugin sees each record's key as its
+    /// value (same ABI), and its output value becomes the key.
+    EncodeKeys,
+    /// Key serializer on fetch.
+    DecodeKeys,
+    /// Read-side filter: at most one output per record.
+    Filter,
+}
+
+/// A topic's serializers in the order they run, keys first, with the mode
+/// for produce (`encode`) or fetch.
+pub(crate) fn serializers(config: &TopicConfig, encode: bool) -> Vec<(&str, BatchMode)> {
+    let (keys, values) =
+        if encode { (BatchMode::EncodeKeys, BatchMode::Encode) } else { (BatchMode::DecodeKeys, BatchMode::Decode) };
+    [(config.key_serializer.as_deref(), keys), (config.value_serializer.as_deref(), values)]
+        .into_iter()
+        .filter_map(|(name, mode)| Some((name?, mode)))
+        .collect()
+}
+
+impl BatchMode {
+    pub(crate) fn on_keys(self) -> bool {
+        matches!(self, BatchMode::EncodeKeys | BatchMode::DecodeKeys)
+    }
+
+    pub(crate) fn what(self) -> &'static str {
+        match self {
+            BatchMode::Filter => "filter",
+            BatchMode::EncodeKeys | BatchMode::DecodeKeys => "key serializer",
+            BatchMode::Encode | BatchMode::Decode => "serializer",
+        }
+    }
+}

@@ -230,7 +230,7 @@ impl Broker {
         let mut first = true;
         let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
         let partitions = self
-            .poll_appends(self.fetch_wait(r.max_wait_ms), &held, |last| {
+            .poll_appends(self.fetch_wait(Duration::from_millis(r.max_wait_ms.into())), &held, |last| {
                 if self.shutting_down.load(Ordering::Relaxed) {
                     return Some(Err(shutting_down()));
                 }

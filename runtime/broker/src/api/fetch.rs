@@ -1,0 +1,220 @@
+//! Reads: long-polled reads of partitions this broker leads, up to their
+//! high watermarks, through an optional filter and the topics' value
+//! decoders; and offset lookups. Log reads run on blocking threads, never
+//! on the runtime's.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::batch;
+use quiver_protocol::messages::{OFFSET_EARLIEST, OFFSET_LATEST};
+
+use crate::broker::Broker;
+use crate::errors::{FetchError, ListOffsetsError, PluginCallError, blocking_as};
+use crate::registry::{BatchMode, serializers};
+
+/// One partition to read from.
+#[derive(Debug, Clone)]
+pub(crate) struct Read {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) offset: i64,
+    /// At most this much from this partition (at least one whole batch).
+    pub(crate) max_bytes: u32,
+}
+
+/// How a read waits and what it returns.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ReadOptions {
+    /// How long to wait for `min_bytes` (capped by the broker's
+    /// `fetch_wait_ms_max`).
+    pub(crate) max_wait: Duration,
+    pub(crate) min_bytes: u32,
+    /// At most this much in all.
+    pub(crate) max_bytes: u32,
+    /// A filter plugin and its parameters, run over every batch.
+    pub(crate) filter: Option<(String, Vec<(String, String)>)>,
+    /// Run the topics' value (and key) decoders too.
+    pub(crate) decode_values: bool,
+}
+
+/// What one partition answered.
+#[derive(Debug)]
+pub(crate) struct PartitionRead {
+    /// `-1` when the partition could not be looked up.
+    pub(crate) high_watermark: i64,
+    pub(crate) log_start_offset: i64,
+    pub(crate) records: Result<Bytes, FetchError>,
+}
+
+/// Where to find an offset.
+#[derive(Debug, Clone)]
+pub(crate) struct OffsetQuery {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    /// `OFFSET_EARLIEST`, `OFFSET_LATEST`, or a timestamp (ms).
+    pub(crate) timestamp: i64,
+}
+
+impl Broker {
+    /// Reads `reads`: at once if any has records (or fails), else when
+    /// records arrive, at the latest after `options.max_wait`.
+    pub(crate) async fn read(
+        self: &Arc<Self>,
+        reads: Vec<Read>,
+        options: ReadOptions,
+    ) -> Result<Vec<PartitionRead>, FetchError> {
+        let held = self.held_partitions(reads.iter().map(|r| (r.topic.as_str(), r.partition)));
+        let deadline = tokio::time::Instant::now() + self.fetch_wait(options.max_wait);
+        let reads = Arc::new(reads);
+        // After a read that fell short of `min_bytes`, the high watermarks
+        // it saw: the next read waits for them to move.
+        let mut seen = None;
+        let results = loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let last = self
+                .poll_appends(remaining, &held, |last| {
+                    let moved = seen.is_none_or(|s| s != watermarks(&held));
+                    (last || (moved && self.readable(&reads))).then_some(last)
+                })
+                .await;
+            seen = Some(watermarks(&held));
+            let (broker, all) = (self.clone(), reads.clone());
+            let max_bytes = options.max_bytes;
+            let (results, bytes, failed) =
+                blocking_as(move || Ok::<_, FetchError>(broker.read_partitions(&all, max_bytes))).await?;
+            if last
+                || failed
+                || bytes >= options.min_bytes.max(1) as usize
+                || self.shutting_down.load(Ordering::Relaxed)
+            {
+                break results;
+            }
+        };
+        self.run_read_plugins(&options, &reads, results).await
+    }
+
+    /// Whether a read of `reads` now would return records or an error
+    /// (no I/O: offsets against watermarks).
+    fn readable(&self, reads: &[Read]) -> bool {
+        reads.iter().any(|r| match self.partition(&r.topic, r.partition) {
+            Err(_) => true,
+            Ok((_, p)) => {
+                r.offset < p.high_watermark()
+                    || r.offset > p.log.log_end_offset()
+                    || r.offset < p.log.log_start_offset()
+            }
+        })
+    }
+
+    /// Reads every partition once (blocking); returns the results, the
+    /// bytes read, and whether any partition failed.
+    fn read_partitions(&self, reads: &[Read], max_bytes: u32) -> (Vec<PartitionRead>, usize, bool) {
+        let mut remaining = max_bytes as usize;
+        let mut total = 0usize;
+        let mut failed = false;
+        let results = reads
+            .iter()
+            .map(|r| {
+                let mut read = PartitionRead { high_watermark: -1, log_start_offset: -1, records: Ok(Bytes::new()) };
+                read.records = self.partition(&r.topic, r.partition).map_err(FetchError::from).and_then(|(_, p)| {
+                    let hw = p.high_watermark();
+                    read.high_watermark = hw;
+                    read.log_start_offset = p.log.log_start_offset();
+                    if r.offset == hw || remaining == 0 {
+                        return Ok(Bytes::new());
+                    }
+                    // Always allow one whole batch, so a batch larger than
+                    // the limit cannot stall a consumer.
+                    let limit = (r.max_bytes as usize).min(remaining).max(1);
+                    Ok(p.log.read(r.offset, limit, hw)?)
+                });
+                match &read.records {
+                    Ok(records) => {
+                        remaining = remaining.saturating_sub(records.len());
+                        total += records.len();
+                    }
+                    Err(_) => failed = true,
+                }
+                read
+            })
+            .collect();
+        (results, total, failed)
+    }
+
+    /// Runs the read's filter and the topics' value decoders over what was
+    /// read, batch by batch, off the async runtime.
+    async fn run_read_plugins(
+        self: &Arc<Self>,
+        options: &ReadOptions,
+        reads: &Arc<Vec<Read>>,
+        mut results: Vec<PartitionRead>,
+    ) -> Result<Vec<PartitionRead>, FetchError> {
+        if options.filter.is_none() && !options.decode_values {
+            return Ok(results);
+        }
+        let (filter, decode) = (options.filter.clone(), options.decode_values);
+        let (broker, reads) = (self.clone(), reads.clone());
+        blocking_as(move || {
+            for (read, asked) in results.iter_mut().zip(reads.iter()) {
+                let Ok(records) = &mut read.records else { continue };
+                if records.is_empty() {
+                    continue;
+                }
+                let topic = broker.topic(&asked.topic).filter(|_| decode);
+                let decoders = topic.as_ref().map(|t| serializers(&t.config, false)).unwrap_or_default();
+                let mut out = Vec::new();
+                for item in batch::Batches::new(records.clone()) {
+                    let (_, mut stored) = item.map_err(PluginCallError::Corrupt)?;
+                    for (name, mode) in &decoders {
+                        stored = broker.apply_plugin(name, None, *mode, &stored)?;
+                    }
+                    if let Some((name, params)) = &filter {
+                        stored = broker.apply_plugin(name, Some(params), BatchMode::Filter, &stored)?;
+                    }
+                    out.push(stored);
+                }
+                *records = quiver_protocol::codec::concat(&out);
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    /// Finds each query's offset (and the timestamp of the record found by
+    /// time; `-1` otherwise). Reads the time index and a batch for queries
+    /// by time: blocking.
+    pub(crate) async fn find_offsets(
+        self: &Arc<Self>,
+        queries: Vec<OffsetQuery>,
+    ) -> Vec<Result<(i64, i64), ListOffsetsError>> {
+        let (broker, count) = (self.clone(), queries.len());
+        let answers =
+            tokio::task::spawn_blocking(move || queries.iter().map(|q| broker.find_offset(q)).collect()).await;
+        answers.unwrap_or_else(|e| (0..count).map(|_| Err(ListOffsetsError::Internal(e.to_string()))).collect())
+    }
+
+    fn find_offset(&self, q: &OffsetQuery) -> Result<(i64, i64), ListOffsetsError> {
+        let (_, p) = self.partition(&q.topic, q.partition)?;
+        match q.timestamp {
+            OFFSET_EARLIEST => Ok((p.log.log_start_offset(), -1)),
+            _ if !p.high_watermark_known() => {
+                Err(ListOffsetsError::NotAvailable { topic: q.topic.clone(), partition: q.partition })
+            }
+            OFFSET_LATEST => Ok((p.high_watermark(), -1)),
+            ts if ts >= 0 => match p.log.offset_for_timestamp(ts)? {
+                Some((offset, _)) if offset >= p.high_watermark() => Ok((p.high_watermark(), -1)),
+                Some(found) => Ok(found),
+                None => Ok((p.high_watermark(), -1)),
+            },
+            ts => Err(ListOffsetsError::InvalidTimestamp(ts)),
+        }
+    }
+}
+
+/// The sum of `held`'s high watermarks: it moves when any of them does.
+fn watermarks(held: &[Arc<crate::partition::Partition>]) -> i64 {
+    held.iter().map(|p| p.high_watermark()).sum()
+}

@@ -1,0 +1,19 @@
+//! The broker's typed operations: what a client (or a transform, or a
+//! future Kafka-protocol listener) can ask of the data path, in the
+//! broker's own types, failing with the broker's own errors
+//! (`errors.rs`). The Quiver wire adapter (`wire.rs`) decodes request
+//! frames into these calls and their results and errors into response
+//! frames; transforms call them directly.
+//!
+//! - [`produce`]: [`Broker::write`](crate::Broker) — validate, run the
+//!   topic's serializers and partitioner, append as leader (or forward a
+//!   share to its leader), wait for the in-sync replicas.
+//! - [`fetch`]: `Broker::read` — long-poll reads up to the high watermark,
+//!   off the runtime's threads, through a filter and value decoders; and
+//!   `Broker::find_offsets` (earliest, latest, by time).
+
+pub(crate) mod fetch;
+pub(crate) mod produce;
+
+pub(crate) use fetch::{OffsetQuery, Read, ReadOptions};
+pub(crate) use produce::{Acks, Write};

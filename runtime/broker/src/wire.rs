@@ -1,0 +1,390 @@
+//! The Quiver wire adapter: decodes a request frame, checks it is allowed
+//! (the one authorization point), runs it — the data path through the
+//! typed operations in `api` — and encodes the answer. The broker's error
+//! types become wire error codes here and nowhere else; no input makes the
+//! broker panic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Buf;
+use bytes::Bytes;
+use quiver_log::{AppendError, ReadError, SequenceError};
+use quiver_protocol::codec::{Wire, decode_exact};
+use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_response};
+use quiver_protocol::messages::*;
+use quiver_protocol::{ErrorCode, WireError};
+
+use crate::access::{self, RequestContext};
+use crate::api::{self, OffsetQuery, Read, ReadOptions, Write};
+use crate::broker::Broker;
+use crate::errors::{FetchError, ListOffsetsError, PartitionError, PluginCallError, ProduceError, corrupt};
+use crate::order::AppendTurn;
+
+const BROKER_SOFTWARE: &str = concat!("quiver ", env!("CARGO_PKG_VERSION"));
+
+impl Broker {
+    /// Answers one request frame (without its length prefix) with one
+    /// response frame (with its length prefix). A produce request appends
+    /// only when `turn` (its place in the connection's order) has come.
+    /// The request runs as the broker itself ([`RequestContext::internal`]).
+    pub async fn handle(self: &Arc<Self>, mut frame: Bytes, turn: Option<AppendTurn>) -> Vec<Bytes> {
+        if frame.len() < 2 {
+            return self.respond(Err(corrupt("request frame ends inside its header")));
+        }
+        let api_key = frame.get_u16();
+        self.handle_after_key(&RequestContext::internal(), api_key, frame, turn).await
+    }
+
+    /// Like [`Broker::handle`], for a transport that already read the API
+    /// key (to order produce requests): `rest` is the frame after it, sent
+    /// by `context`'s principal.
+    pub async fn handle_after_key(
+        self: &Arc<Self>,
+        context: &RequestContext,
+        api_key: u16,
+        mut rest: Bytes,
+        turn: Option<AppendTurn>,
+    ) -> Vec<Bytes> {
+        if rest.len() < 2 {
+            return self.respond(Err(corrupt("request frame ends inside its header")));
+        }
+        let api_version = rest.get_u16();
+        self.respond(self.dispatch_request(context, RequestHeader { api_key, api_version }, rest, turn).await)
+    }
+
+    fn respond(&self, result: Result<Vec<Bytes>, WireError>) -> Vec<Bytes> {
+        result.unwrap_or_else(|error| {
+            tracing::debug!(code = %error.code, message = %error.message, "request failed");
+            encode_error_response(&error)
+        })
+    }
+
+    async fn dispatch_request(
+        self: &Arc<Self>,
+        context: &RequestContext,
+        header: RequestHeader,
+        body: Bytes,
+        turn: Option<AppendTurn>,
+    ) -> Result<Vec<Bytes>, WireError> {
+        let api = ApiKey::from_u16(header.api_key)
+            .ok_or_else(|| WireError::new(ErrorCode::UnknownApi, format!("unknown API key {}", header.api_key)))?;
+        let (min, max) = api.supported_versions();
+        if header.api_version < min || header.api_version > max {
+            return Err(WireError::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "{api:?} version {} is not supported; this broker supports versions {min} to {max}",
+                    header.api_version
+                ),
+            ));
+        }
+        let (operation, resource) = access::operation_of(api);
+        let policy = access::Policy { allow_anonymous_admin: self.config.allow_anonymous_admin };
+        if let Err(denied) = access::authorize(policy, &context.principal, operation, resource) {
+            tracing::warn!(
+                principal = %context.principal,
+                peer = ?context.peer,
+                connection = context.connection,
+                ?api,
+                "request denied"
+            );
+            return Err(denied);
+        }
+        // What a restarting node may answer before it caught up: the
+        // handshake, the quorum's own traffic, followers' fetches (checked
+        // by leader epoch) and its own view of the cluster.
+        if !matches!(api, ApiKey::ApiVersions | ApiKey::Controller | ApiKey::ReplicaFetch | ApiKey::ClusterInfo) {
+            self.ready()?;
+        }
+        match api {
+            ApiKey::ApiVersions => self.run(body, |_: ApiVersionsRequest| async { Ok(self.api_versions()) }).await,
+            ApiKey::Metadata => self.run(body, |r| async move { Ok(self.metadata(r)) }).await,
+            ApiKey::CreateTopic => self.run(body, |r| self.create_topic(r)).await,
+            ApiKey::DeleteTopic => {
+                self.run(body, |r: DeleteTopicRequest| async move {
+                    self.delete_topic_in_metadata(&r.name).await?;
+                    Ok(DeleteTopicResponse {})
+                })
+                .await
+            }
+            ApiKey::DescribeTopics => {
+                self.run(body, |r: DescribeTopicsRequest| async move { self.describe(r.names) }).await
+            }
+            ApiKey::Produce => self.run(body, |r| self.produce(r, turn)).await,
+            ApiKey::Fetch => self.run(body, |r| self.fetch(r)).await,
+            ApiKey::ListOffsets => self.run(body, |r| self.list_offsets(r)).await,
+            ApiKey::PluginDeploy => {
+                self.run(body, |r| async move {
+                    let (version, sha256, abi_version) = self.deploy_plugin(r).await?;
+                    Ok(PluginDeployResponse { version, sha256, abi_version })
+                })
+                .await
+            }
+            ApiKey::PluginList => {
+                self.run(body, |r: PluginListRequest| async move { self.list_plugins(r.names) }).await
+            }
+            ApiKey::PluginControl => {
+                self.run(body, |r: PluginControlRequest| async move {
+                    self.control_plugin(&r.name, r.action).await?;
+                    Ok(PluginControlResponse {})
+                })
+                .await
+            }
+            ApiKey::PluginFetch => {
+                self.run(body, |r: PluginFetchRequest| async move { self.fetch_plugin(&r.name) }).await
+            }
+            ApiKey::Controller => self.run(body, |r| self.controller_call(r)).await,
+            ApiKey::ClusterInfo => self.run(body, |_: ClusterInfoRequest| async { Ok(self.cluster_info()) }).await,
+            ApiKey::ReplicaFetch => self.run(body, |r| self.replica_fetch(r)).await,
+            ApiKey::ElectLeaders => self.run(body, |_: ElectLeadersRequest| self.elect_leaders()).await,
+            ApiKey::AlterVoters => self.run(body, |r| self.alter_voters(r)).await,
+            ApiKey::ReassignPartition => self.run(body, |r| self.reassign_partition(r)).await,
+            ApiKey::InitProducerId => self.run(body, |r| self.init_producer_id(r)).await,
+            ApiKey::PluginLogs => {
+                self.run(body, |r: PluginLogsRequest| async move {
+                    Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
+                })
+                .await
+            }
+        }
+    }
+
+    async fn run<Req, Resp, F, Fut>(&self, body: Bytes, f: F) -> Result<Vec<Bytes>, WireError>
+    where
+        Req: Wire,
+        Resp: Wire,
+        F: FnOnce(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, WireError>>,
+    {
+        let request = decode_exact::<Req>(body).map_err(corrupt)?;
+        Ok(encode_response(&f(request).await?))
+    }
+
+    fn api_versions(&self) -> ApiVersionsResponse {
+        ApiVersionsResponse {
+            broker_software: BROKER_SOFTWARE.into(),
+            node_id: self.config.node_id,
+            apis: ApiKey::ALL
+                .iter()
+                .map(|api| {
+                    let (min, max) = api.supported_versions();
+                    ApiVersionRange { api_key: *api as u16, min_version: min, max_version: max }
+                })
+                .collect(),
+        }
+    }
+
+    async fn produce(
+        self: &Arc<Self>,
+        r: ProduceRequest,
+        turn: Option<AppendTurn>,
+    ) -> Result<ProduceResponse, WireError> {
+        let acks = match r.acks {
+            Acks::All => api::Acks::All,
+            Acks::None | Acks::Leader => api::Acks::Leader,
+        };
+        let asked: Vec<(String, u32)> = r.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
+        let writes = r
+            .partitions
+            .into_iter()
+            .map(|p| Write { topic: p.topic, partition: p.partition, records: p.records })
+            .collect();
+        let results = self.write(writes, acks, turn).await.map_err(|e| wire_error(code_of_produce(&e), e))?;
+        let partitions = asked
+            .into_iter()
+            .zip(results)
+            .map(|((topic, partition), result)| {
+                let mut answer = ProducePartitionResult {
+                    topic,
+                    partition,
+                    error: ErrorCode::None,
+                    message: String::new(),
+                    base_offset: -1,
+                    log_start_offset: -1,
+                    placements: Vec::new(),
+                };
+                match result {
+                    Ok(written) => {
+                        answer.base_offset = written.base_offset;
+                        answer.log_start_offset = written.log_start_offset;
+                        answer.placements = written
+                            .placements
+                            .into_iter()
+                            .map(|(partition, offset)| RecordPlacement { partition, offset })
+                            .collect();
+                    }
+                    Err(e) => (answer.error, answer.message) = (code_of_produce(&e), e.to_string()),
+                }
+                answer
+            })
+            .collect();
+        Ok(ProduceResponse { partitions })
+    }
+
+    async fn fetch(self: &Arc<Self>, r: FetchRequest) -> Result<FetchResponse, WireError> {
+        let asked: Vec<(String, u32)> = r.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
+        let reads = r
+            .partitions
+            .into_iter()
+            .map(|p| Read { topic: p.topic, partition: p.partition, offset: p.offset, max_bytes: p.max_bytes })
+            .collect();
+        let options = ReadOptions {
+            max_wait: Duration::from_millis(u64::from(r.max_wait_ms)),
+            min_bytes: r.min_bytes,
+            max_bytes: r.max_bytes,
+            filter: (!r.filter.is_empty()).then_some((r.filter, r.filter_params)),
+            decode_values: r.decode_values,
+        };
+        let results = self.read(reads, options).await.map_err(|e| wire_error(code_of_fetch(&e), e))?;
+        let partitions = asked
+            .into_iter()
+            .zip(results)
+            .map(|((topic, partition), read)| {
+                let (error, message, records) = match read.records {
+                    Ok(records) => (ErrorCode::None, String::new(), records),
+                    Err(e) => (code_of_fetch(&e), e.to_string(), Bytes::new()),
+                };
+                FetchPartitionResult {
+                    topic,
+                    partition,
+                    error,
+                    message,
+                    high_watermark: read.high_watermark,
+                    log_start_offset: read.log_start_offset,
+                    records,
+                }
+            })
+            .collect();
+        Ok(FetchResponse { partitions })
+    }
+
+    async fn list_offsets(self: &Arc<Self>, r: ListOffsetsRequest) -> Result<ListOffsetsResponse, WireError> {
+        let queries: Vec<OffsetQuery> = r
+            .partitions
+            .into_iter()
+            .map(|p| OffsetQuery { topic: p.topic, partition: p.partition, timestamp: p.timestamp })
+            .collect();
+        let found = self.find_offsets(queries.clone()).await;
+        let partitions = queries
+            .into_iter()
+            .zip(found)
+            .map(|(q, found)| {
+                let (error, message, offset, timestamp) = match found {
+                    Ok((offset, ts)) => (ErrorCode::None, String::new(), offset, ts),
+                    Err(e) => (code_of_list_offsets(&e), e.to_string(), -1, -1),
+                };
+                ListOffsetsPartitionResult { topic: q.topic, partition: q.partition, error, message, offset, timestamp }
+            })
+            .collect();
+        Ok(ListOffsetsResponse { partitions })
+    }
+}
+
+fn wire_error(code: ErrorCode, e: impl std::fmt::Display) -> WireError {
+    WireError::new(code, e.to_string())
+}
+
+fn code_of_partition(e: &PartitionError) -> ErrorCode {
+    match e {
+        PartitionError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
+        PartitionError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+        PartitionError::LedElsewhere { .. }
+        | PartitionError::Offline { .. }
+        | PartitionError::Opening { .. }
+        | PartitionError::OpeningTopic { .. }
+        | PartitionError::Becoming { .. }
+        | PartitionError::NotHeld { .. }
+        | PartitionError::ChangingLeader { .. } => ErrorCode::NotLeader,
+    }
+}
+
+fn code_of_plugin_call(e: &PluginCallError) -> ErrorCode {
+    match e {
+        PluginCallError::NotDeployed { .. } => ErrorCode::UnknownPlugin,
+        PluginCallError::WrongKind(_) => ErrorCode::InvalidPlugin,
+        PluginCallError::Failed { .. } | PluginCallError::Stopped { .. } => ErrorCode::PluginFailed,
+        PluginCallError::Rejected { .. } => ErrorCode::RecordRejected,
+        PluginCallError::Corrupt(_) => ErrorCode::CorruptMessage,
+        PluginCallError::Internal(_) => ErrorCode::Internal,
+    }
+}
+
+fn code_of_produce(e: &ProduceError) -> ErrorCode {
+    match e {
+        ProduceError::Partition(e) => code_of_partition(e),
+        ProduceError::ShuttingDown => ErrorCode::BrokerShuttingDown,
+        ProduceError::InvalidBatch(_) => ErrorCode::CorruptMessage,
+        ProduceError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
+        ProduceError::UnplacedIdempotent => ErrorCode::InvalidRequest,
+        ProduceError::Plugin(e) => code_of_plugin_call(e),
+        ProduceError::Sequence { source, .. } => match source {
+            SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
+            SequenceError::Fenced { .. } => ErrorCode::ProducerFenced,
+            SequenceError::Stale { .. } => ErrorCode::StaleSequence,
+        },
+        ProduceError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+        ProduceError::Append(AppendError::Invalid(_)) => ErrorCode::CorruptMessage,
+        ProduceError::Append(_) | ProduceError::Sync(_) => ErrorCode::StorageError,
+        ProduceError::LeadershipMoved | ProduceError::NotConfirmed(_) | ProduceError::ForwardUnknown { .. } => {
+            ErrorCode::NotReplicated
+        }
+        ProduceError::AfterOtherShares(e) => match code_of_produce(e) {
+            code if code.is_retriable() => ErrorCode::NotReplicated,
+            code => code,
+        },
+        ProduceError::Forward(e) => e.code,
+        ProduceError::AtLeader { error, .. } => error.code,
+        ProduceError::Internal(_) => ErrorCode::Internal,
+    }
+}
+
+fn code_of_read(e: &ReadError) -> ErrorCode {
+    match e {
+        ReadError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        ReadError::Corrupt { .. } => {
+            tracing::error!(error = %e, "corrupt batch on disk; not served");
+            ErrorCode::CorruptStoredBatch
+        }
+        ReadError::Io(_) => ErrorCode::StorageError,
+    }
+}
+
+fn code_of_fetch(e: &FetchError) -> ErrorCode {
+    match e {
+        FetchError::Partition(e) => code_of_partition(e),
+        FetchError::Read(e) => code_of_read(e),
+        FetchError::Plugin(e) => code_of_plugin_call(e),
+        FetchError::Internal(_) => ErrorCode::Internal,
+    }
+}
+
+fn code_of_list_offsets(e: &ListOffsetsError) -> ErrorCode {
+    match e {
+        ListOffsetsError::Partition(e) => code_of_partition(e),
+        ListOffsetsError::NotAvailable { .. } => ErrorCode::OffsetNotAvailable,
+        ListOffsetsError::InvalidTimestamp(_) => ErrorCode::InvalidRequest,
+        ListOffsetsError::Read(e) => code_of_read(e),
+        ListOffsetsError::Internal(_) => ErrorCode::Internal,
+    }
+}
+
+// Operations not yet on typed errors of their own still answer wire
+// errors; these let them use the typed ones with `?`.
+impl From<PartitionError> for WireError {
+    fn from(e: PartitionError) -> Self {
+        wire_error(code_of_partition(&e), e)
+    }
+}
+
+impl From<PluginCallError> for WireError {
+    fn from(e: PluginCallError) -> Self {
+        wire_error(code_of_plugin_call(&e), e)
+    }
+}
+
+impl From<ProduceError> for WireError {
+    fn from(e: ProduceError) -> Self {
+        wire_error(code_of_produce(&e), e)
+    }
+}
