@@ -8,14 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use quiver_protocol::ErrorCode;
-use quiver_protocol::WireError;
 use tokio::sync::watch;
 
 use quiver_controller::{Controller, ControllerConfig, Transport};
 
 use crate::config::{BrokerConfig, OpenError};
-use crate::errors::{PartitionError, storage_error};
+use crate::errors::{AdminError, PartitionError};
 use crate::files::{LOGS_DIR, METADATA_FILE, partition_dir, read_records, write_records};
 use crate::partition::{Partition, ReplicaLink, Topic, open_partition, open_topic};
 use crate::topic::{PARTITIONS_MAX, TopicConfig, TopicRecord, validate_topic_name};
@@ -232,18 +230,17 @@ impl Broker {
         name: &str,
         partitions: u32,
         overrides: &[(String, String)],
-    ) -> Result<(BTreeMap<String, String>, TopicConfig), WireError> {
-        validate_topic_name(name).map_err(|m| WireError::new(ErrorCode::InvalidTopicName, m))?;
+    ) -> Result<(BTreeMap<String, String>, TopicConfig), AdminError> {
+        validate_topic_name(name).map_err(AdminError::InvalidTopicName)?;
         if partitions == 0 || partitions > PARTITIONS_MAX {
-            return Err(WireError::new(
-                ErrorCode::InvalidPartitions,
-                format!("partition count must be between 1 and {PARTITIONS_MAX}, not {partitions}"),
-            ));
+            return Err(AdminError::InvalidPartitions(format!(
+                "partition count must be between 1 and {PARTITIONS_MAX}, not {partitions}"
+            )));
         }
         let mut seen = BTreeMap::new();
         for (k, v) in overrides {
             if seen.insert(k.clone(), v.clone()).is_some() {
-                return Err(WireError::new(ErrorCode::InvalidConfig, format!("config '{k}' given twice")));
+                return Err(AdminError::InvalidConfig(format!("config '{k}' given twice")));
             }
         }
         let config = self
@@ -251,7 +248,7 @@ impl Broker {
             .topic_defaults
             .clone()
             .with_overrides(seen.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(|m| WireError::new(ErrorCode::InvalidConfig, m))?;
+            .map_err(AdminError::InvalidConfig)?;
         self.check_topic_plugins(&config)?;
         Ok((seen, config))
     }
@@ -261,18 +258,18 @@ impl Broker {
         &self,
         record: TopicRecord,
         config: TopicConfig,
-    ) -> Result<Arc<Topic>, WireError> {
+    ) -> Result<Arc<Topic>, AdminError> {
         let name = record.name.clone();
         let partitions = record.partitions;
         let _guard = self.admin_lock.lock().await;
         if self.topic(&name).is_some() {
-            return Err(WireError::new(ErrorCode::TopicAlreadyExists, format!("topic '{name}' already exists")));
+            return Err(AdminError::TopicExists(name));
         }
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
-        let topic = Arc::new(open_topic(&logs_dir, record, config).map_err(storage_error)?);
+        let topic = Arc::new(open_topic(&logs_dir, record, config).map_err(storage)?);
         let mut records: Vec<TopicRecord> = self.sorted_topics().iter().map(|t| t.record.clone()).collect();
         records.push(topic.record.clone());
-        self.write_metadata(records).map_err(storage_error)?;
+        self.write_metadata(records).map_err(storage)?;
         self.topics.write().expect("topics lock").insert(name.clone(), topic.clone());
         tracing::info!(topic = name, partitions, "topic created");
         Ok(topic)
@@ -281,14 +278,12 @@ impl Broker {
     /// Deletes a topic: it disappears from the metadata file first, then its
     /// directories are renamed away and removed in the background. Readers
     /// holding a partition finish from their open files.
-    pub(crate) async fn remove_local_topic(&self, name: &str) -> Result<(), WireError> {
+    pub(crate) async fn remove_local_topic(&self, name: &str) -> Result<(), AdminError> {
         let _guard = self.admin_lock.lock().await;
-        let topic = self
-            .topic(name)
-            .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist")))?;
+        let topic = self.topic(name).ok_or_else(|| AdminError::UnknownTopic(name.to_owned()))?;
         let records: Vec<TopicRecord> =
             self.sorted_topics().iter().filter(|t| t.record.name != name).map(|t| t.record.clone()).collect();
-        self.write_metadata(records).map_err(storage_error)?;
+        self.write_metadata(records).map_err(storage)?;
         self.topics.write().expect("topics lock").remove(name);
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
         let stamp = now_ms();
@@ -304,7 +299,7 @@ impl Broker {
     /// The image moved replicas of an existing topic to or away from this
     /// broker (a reassignment): opens the new ones, retires and removes the
     /// dropped ones. Other partitions keep their open logs.
-    pub(crate) async fn change_held(&self, name: &str, held: Vec<u32>) -> Result<(), WireError> {
+    pub(crate) async fn change_held(&self, name: &str, held: Vec<u32>) -> Result<(), AdminError> {
         let _guard = self.admin_lock.lock().await;
         let Some(old) = self.topic(name) else { return Ok(()) };
         let logs_dir = self.config.data_dir.join(LOGS_DIR);
@@ -320,9 +315,7 @@ impl Broker {
                     dropped.push(p.clone());
                     None
                 }
-                (None, true) => {
-                    Some(Arc::new(open_partition(&logs_dir, &record, &old.config, id).map_err(storage_error)?))
-                }
+                (None, true) => Some(Arc::new(open_partition(&logs_dir, &record, &old.config, id).map_err(storage)?)),
                 (None, false) => None,
             });
         }
@@ -333,7 +326,7 @@ impl Broker {
             .iter()
             .map(|t| if t.record.name == name { topic.record.clone() } else { t.record.clone() })
             .collect();
-        self.write_metadata(records).map_err(storage_error)?;
+        self.write_metadata(records).map_err(storage)?;
         self.topics.write().expect("topics lock").insert(name.to_string(), topic);
         let stamp = now_ms();
         for p in dropped {
@@ -455,4 +448,9 @@ fn remove_deleted_dirs(logs_dir: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// A storage failure of a topic administration step.
+fn storage(e: impl std::error::Error + Send + Sync + 'static) -> AdminError {
+    AdminError::Storage(Box::new(e))
 }

@@ -15,7 +15,7 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, now_ms};
-use crate::errors::{PartitionError, check_leader, unknown_topic_metadata, write_error};
+use crate::errors::{AdminError, PartitionError, check_leader, unknown_topic_metadata};
 use crate::partition::RemoteLeader;
 use crate::reconcile::{Local, Step, plan};
 use crate::topic::TopicRecord;
@@ -100,11 +100,11 @@ impl Broker {
             let (name, result) = match step {
                 Step::Remove { name } => {
                     let result = self.remove_local_topic(&name).await;
-                    (name, result.map_err(|e| format!("cannot remove a deleted topic: {}", e.message)))
+                    (name, result.map_err(|e| format!("cannot remove a deleted topic: {e}")))
                 }
                 Step::ChangeHeld { name, held } => {
                     let result = self.change_held(&name, held).await;
-                    (name, result.map_err(|e| format!("cannot take or drop moved replicas: {}", e.message)))
+                    (name, result.map_err(|e| format!("cannot take or drop moved replicas: {e}")))
                 }
                 Step::Open { name, id, partitions, configs, held } => {
                     let result = self.open_from_image(&name, id, partitions, configs, held).await;
@@ -150,21 +150,18 @@ impl Broker {
         self.create_local_topic(record, config)
             .await
             .map(|_| ())
-            .map_err(|e| format!("cannot open the replicas of a new topic: {}", e.message))
+            .map_err(|e| format!("cannot open the replicas of a new topic: {e}"))
     }
 
-    pub(crate) async fn create_topic(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, WireError> {
+    pub(crate) async fn create_topic(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, AdminError> {
         let controller = &self.controller;
         let (overrides, config) = self.validate_new_topic(&r.name, r.partitions, &r.configs)?;
         if config.min_insync_replicas > usize::from(r.replication_factor.max(1)) {
-            return Err(WireError::new(
-                ErrorCode::InvalidConfig,
-                format!(
-                    "min.insync.replicas {} is larger than the replication factor {}: no acks=all write could succeed",
-                    config.min_insync_replicas,
-                    r.replication_factor.max(1)
-                ),
-            ));
+            return Err(AdminError::InvalidConfig(format!(
+                "min.insync.replicas {} is larger than the replication factor {}: no acks=all write could succeed",
+                config.min_insync_replicas,
+                r.replication_factor.max(1)
+            )));
         }
         let command = Command::CreateTopic {
             name: r.name.clone(),
@@ -172,14 +169,14 @@ impl Broker {
             replication_factor: r.replication_factor.max(1),
             configs: overrides.into_iter().collect(),
         };
-        controller.write(command).await.map_err(write_error)?;
+        controller.write(command).await?;
         self.wait_applied(controller, |image| image.topics.contains_key(&r.name)).await;
         Ok(CreateTopicResponse { configs: config.to_pairs() })
     }
 
-    pub(crate) async fn delete_topic_in_metadata(&self, name: &str) -> Result<(), WireError> {
+    pub(crate) async fn delete_topic_in_metadata(&self, name: &str) -> Result<(), AdminError> {
         let controller = &self.controller;
-        controller.write(Command::DeleteTopic { name: name.to_string() }).await.map_err(write_error)?;
+        controller.write(Command::DeleteTopic { name: name.to_string() }).await?;
         self.wait_applied(controller, |image| !image.topics.contains_key(name)).await;
         Ok(())
     }
@@ -260,7 +257,7 @@ impl Broker {
         MetadataResponse { brokers, topics }
     }
 
-    pub(crate) fn describe(&self, names: Option<Vec<String>>) -> Result<DescribeTopicsResponse, WireError> {
+    pub(crate) fn describe(&self, names: Option<Vec<String>>) -> Result<DescribeTopicsResponse, AdminError> {
         let image = self.controller.image().borrow().clone();
         let names: Vec<String> = match names {
             None => image.topics.keys().cloned().collect(),
@@ -268,10 +265,7 @@ impl Broker {
         };
         let mut topics = Vec::with_capacity(names.len());
         for name in names {
-            let t = image
-                .topics
-                .get(&name)
-                .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist")))?;
+            let t = image.topics.get(&name).ok_or_else(|| AdminError::UnknownTopic(name.clone()))?;
             let local = self.topic(&name);
             let configs = match &local {
                 Some(l) => l.config.to_pairs(),
@@ -340,11 +334,11 @@ impl Broker {
     }
 
     /// Moves leaderships back to preferred replicas.
-    pub(crate) async fn elect_leaders(&self) -> Result<ElectLeadersResponse, WireError> {
+    pub(crate) async fn elect_leaders(&self) -> Result<ElectLeadersResponse, AdminError> {
         let controller = &self.controller;
         let due = controller.image().borrow().preferred_elections_due();
         if !due.is_empty() {
-            controller.write(Command::PreferredElection).await.map_err(write_error)?;
+            controller.write(Command::PreferredElection).await?;
             self.wait_applied(controller, |image| {
                 let now = image.preferred_elections_due();
                 due.iter().all(|d| !now.contains(d))
@@ -360,26 +354,25 @@ impl Broker {
     pub(crate) async fn reassign_partition(
         &self,
         r: ReassignPartitionRequest,
-    ) -> Result<ReassignPartitionResponse, WireError> {
+    ) -> Result<ReassignPartitionResponse, AdminError> {
         let command = if r.cancel {
             Command::CancelReassignment { topic: r.topic, partition: r.partition }
         } else {
             Command::ReassignPartition { topic: r.topic, partition: r.partition, replicas: r.replicas }
         };
-        self.controller.write(command).await.map_err(write_error)?;
+        self.controller.write(command).await?;
         Ok(ReassignPartitionResponse {})
     }
 
     /// Adds or removes voters of the metadata quorum.
-    pub(crate) async fn alter_voters(&self, r: AlterVotersRequest) -> Result<AlterVotersResponse, WireError> {
-        let voters = self.controller.alter_voters(r.add, r.remove).await.map_err(write_error)?;
+    pub(crate) async fn alter_voters(&self, r: AlterVotersRequest) -> Result<AlterVotersResponse, AdminError> {
+        let voters = self.controller.alter_voters(r.add, r.remove).await?;
         Ok(AlterVotersResponse { voters })
     }
 
     /// Serves a controller message from another broker.
-    pub(crate) async fn controller_call(&self, call: ControllerCall) -> Result<ControllerAnswer, WireError> {
-        let request = serde_json::from_slice(&call.body)
-            .map_err(|e| WireError::new(ErrorCode::CorruptMessage, format!("controller message: {e}")))?;
+    pub(crate) async fn controller_call(&self, call: ControllerCall) -> Result<ControllerAnswer, AdminError> {
+        let request = serde_json::from_slice(&call.body).map_err(AdminError::BadControllerMessage)?;
         let answer = self.controller.handle(request).await;
         Ok(ControllerAnswer { body: serde_json::to_vec(&answer).expect("answer serialises").into() })
     }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use quiver_controller::{ClusterImage, NodeId, RefusalKind, WriteError};
+use quiver_controller::{ClusterImage, NodeId, Refusal, WriteError};
 use quiver_log::{AppendError, ReadError, SequenceError};
 use quiver_protocol::batch::BatchError;
 use quiver_protocol::messages::*;
@@ -205,29 +205,6 @@ pub(crate) fn check_leader(me: u32, image: &ClusterImage, topic: &str, partition
     }
 }
 
-pub(crate) fn write_error(e: WriteError) -> WireError {
-    match e {
-        WriteError::Refused(r) => {
-            let code = match r.kind {
-                RefusalKind::TopicExists => ErrorCode::TopicAlreadyExists,
-                RefusalKind::UnknownTopic => ErrorCode::UnknownTopic,
-                RefusalKind::UnknownPartition => ErrorCode::UnknownPartition,
-                RefusalKind::NotEnoughBrokers => ErrorCode::NotEnoughReplicas,
-                RefusalKind::UnknownPlugin => ErrorCode::UnknownPlugin,
-                RefusalKind::Stale | RefusalKind::UnknownBroker | RefusalKind::Invalid => ErrorCode::InvalidRequest,
-            };
-            WireError::new(code, r.message)
-        }
-        e @ (WriteError::NoQuorum(_) | WriteError::NotLeader { .. } | WriteError::Unreachable(_)) => {
-            WireError::new(ErrorCode::NoQuorum, e.to_string())
-        }
-        e @ WriteError::Unknown(_) => WireError::new(
-            ErrorCode::RequestTimedOut,
-            format!("{e}; the change may or may not have been made: check before retrying"),
-        ),
-    }
-}
-
 /// The Metadata entry of a topic that does not exist.
 pub(crate) fn unknown_topic_metadata(name: String) -> TopicMetadata {
     TopicMetadata {
@@ -250,6 +227,89 @@ pub(crate) fn read_error(e: ReadError) -> WireError {
     }
 }
 
+/// A change to the metadata log that was refused, could not be made, or
+/// may or may not have been made.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("{}", .0.message)]
+    Refused(Refusal),
+    /// No leader, or it lost its majority: nothing was applied.
+    #[error("{0}")]
+    Unavailable(WriteError),
+    #[error("{0}; the change may or may not have been made: check before retrying")]
+    Unknown(WriteError),
+    #[error("the metadata log answered {0}")]
+    Unexpected(String),
+}
+
+impl From<WriteError> for MetadataError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Refused(r) => MetadataError::Refused(r),
+            e @ (WriteError::NoQuorum(_) | WriteError::NotLeader { .. } | WriteError::Unreachable(_)) => {
+                MetadataError::Unavailable(e)
+            }
+            e @ WriteError::Unknown(_) => MetadataError::Unknown(e),
+        }
+    }
+}
+
+/// Why a topic or cluster administration request failed: topics (create,
+/// delete, describe), elections, reassignments, voters, producer ids.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    InvalidTopicName(String),
+    #[error("{0}")]
+    InvalidPartitions(String),
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("topic '{0}' already exists")]
+    TopicExists(String),
+    #[error("topic '{0}' does not exist")]
+    UnknownTopic(String),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error("{0}")]
+    Storage(Box<dyn std::error::Error + Send + Sync>),
+    #[error("controller message: {0}")]
+    BadControllerMessage(serde_json::Error),
+}
+
+impl From<WriteError> for AdminError {
+    fn from(e: WriteError) -> Self {
+        AdminError::Metadata(e.into())
+    }
+}
+
+/// Why a plugin administration request (deploy, control, list, fetch,
+/// logs) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginAdminError {
+    /// The request or the component is not a valid plugin deployment.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("plugin '{name}' is not deployed")]
+    NotDeployed { name: String },
+    #[error("topic '{0}' does not exist")]
+    UnknownTopic(String),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// In the metadata log, but not yet running where it must be.
+    #[error("{0}")]
+    NotApplied(String),
+    #[error("{0}")]
+    Storage(std::io::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<WriteError> for PluginAdminError {
+    fn from(e: WriteError) -> Self {
+        PluginAdminError::Metadata(e.into())
+    }
+}
+
 /// A blocking task that died (panicked) is an internal error of the
 /// operation that ran it.
 macro_rules! joined_as_internal {
@@ -261,7 +321,7 @@ macro_rules! joined_as_internal {
         }
     )*};
 }
-joined_as_internal!(PluginCallError, ProduceError, FetchError, ListOffsetsError);
+joined_as_internal!(PluginCallError, ProduceError, FetchError, ListOffsetsError, PluginAdminError);
 
 /// Runs blocking work off the runtime, for an operation whose error type
 /// can say that the blocking task died.

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use quiver_controller::{BUILTIN_PREFIX, Blob, ClusterImage, Command, Controller, Outcome, PluginImage};
 use quiver_plugin_host::{Monitor, Plugin};
 use quiver_protocol::messages::{PluginAction, PluginDeployRequest, PluginListRequest};
-use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::Broker;
-use crate::errors::{storage_error, write_error};
+use crate::errors::{MetadataError, PluginAdminError};
 use crate::files::write_atomic;
 use crate::registry::{Deployed, Deployment, Plugins, pack_blob, unknown};
 
@@ -31,15 +30,15 @@ impl Broker {
         r: &PluginDeployRequest,
         plugin: &Plugin,
         deployment: Deployment,
-    ) -> Result<(u32, String, String), WireError> {
+    ) -> Result<(u32, String, String), PluginAdminError> {
         let sha256 = plugin.sha256().to_owned();
         let blob = if r.builtin.is_empty() {
             // Kept here too, so this broker need not unpack it from the log.
             let path = self.plugins.blob_path(&sha256);
             if !path.exists() {
-                write_atomic(&path, &r.wasm).map_err(storage_error)?;
+                write_atomic(&path, &r.wasm).map_err(PluginAdminError::Storage)?;
             }
-            Some(pack_blob(&r.wasm).map_err(|e| WireError::new(ErrorCode::Internal, e))?)
+            Some(pack_blob(&r.wasm).map_err(PluginAdminError::Internal)?)
         } else {
             None
         };
@@ -57,11 +56,9 @@ impl Broker {
             blob,
             keep_progress,
         };
-        let version = match controller.write(command).await.map_err(write_error)? {
+        let version = match controller.write(command).await? {
             Outcome::PluginVersion(v) => v,
-            other => {
-                return Err(WireError::new(ErrorCode::Internal, format!("unexpected answer to a deploy: {other:?}")));
-            }
+            other => return Err(MetadataError::Unexpected(format!("{other:?} to a deploy")).into()),
         };
         self.wait_for_plugin(&r.name, |d| d.is_some_and(|d| deployed_version(d) >= version)).await?;
         self.wait_for_peers(controller, &r.name, version).await?;
@@ -70,7 +67,7 @@ impl Broker {
     }
 
     /// Pause, resume or remove, through the metadata log.
-    pub(crate) async fn control_in_metadata(&self, name: &str, action: PluginAction) -> Result<(), WireError> {
+    pub(crate) async fn control_in_metadata(&self, name: &str, action: PluginAction) -> Result<(), PluginAdminError> {
         self.plugins.get(name).ok_or_else(|| unknown(name))?;
         let command = match action {
             PluginAction::Pause => {
@@ -82,7 +79,7 @@ impl Broker {
                 Command::RemovePlugin { name: name.into() }
             }
         };
-        self.controller.write(command).await.map_err(write_error)?;
+        self.controller.write(command).await?;
         let want_paused = action == PluginAction::Pause;
         self.wait_for_plugin(name, |d| match (action, d) {
             (PluginAction::Remove, d) => d.is_none(),
@@ -96,7 +93,7 @@ impl Broker {
     /// plugin, so that a deploy that returned is usable through any broker
     /// (a topic naming a serializer can be created anywhere at once). A
     /// broker that is down gets it from the metadata log when it returns.
-    async fn wait_for_peers(&self, controller: &Controller, name: &str, version: u32) -> Result<(), WireError> {
+    async fn wait_for_peers(&self, controller: &Controller, name: &str, version: u32) -> Result<(), PluginAdminError> {
         let link = &self.replica_link;
         let deadline = Instant::now() + APPLY_WAIT;
         let image = controller.image().borrow().clone();
@@ -109,14 +106,11 @@ impl Broker {
                     Err(e) => e.message,
                 };
                 if Instant::now() > deadline {
-                    return Err(WireError::new(
-                        ErrorCode::RequestTimedOut,
-                        format!(
-                            "plugin '{name}' version {version} is deployed, but broker {} has not loaded it within \
-                             {APPLY_WAIT:?} ({last})",
-                            b.node_id
-                        ),
-                    ));
+                    return Err(PluginAdminError::NotApplied(format!(
+                        "plugin '{name}' version {version} is deployed, but broker {} has not loaded it within \
+                         {APPLY_WAIT:?} ({last})",
+                        b.node_id
+                    )));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -125,16 +119,17 @@ impl Broker {
     }
 
     /// Waits (bounded) until this broker's registry satisfies `done`.
-    async fn wait_for_plugin(&self, name: &str, done: impl Fn(Option<&Deployed>) -> bool) -> Result<(), WireError> {
+    async fn wait_for_plugin(
+        &self,
+        name: &str,
+        done: impl Fn(Option<&Deployed>) -> bool,
+    ) -> Result<(), PluginAdminError> {
         let deadline = Instant::now() + APPLY_WAIT;
         while !done(self.plugins.get(name).as_deref()) {
             if Instant::now() > deadline {
-                return Err(WireError::new(
-                    ErrorCode::RequestTimedOut,
-                    format!(
-                        "the change to plugin '{name}' is in the metadata log but this broker has not applied it yet"
-                    ),
-                ));
+                return Err(PluginAdminError::NotApplied(format!(
+                    "the change to plugin '{name}' is in the metadata log but this broker has not applied it yet"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -19,17 +19,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quiver_controller::Command;
 use quiver_plugin_host::{BUILTIN_PREFIX, CallError, Entry, Input, Instance, Kind, Plugin};
+use quiver_protocol::ErrorCode;
 use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record};
 use quiver_protocol::messages::{
     Acks, PluginDeployRequest, PluginFetchResponse, PluginInfo, PluginListResponse, PluginLogLine,
     PluginPartitionProgress, ProducePartition, ProduceRequest,
 };
 use quiver_protocol::partitioner::partition_for_key;
-use quiver_protocol::{ErrorCode, WireError};
 
 use crate::api::{self, Write};
 use crate::broker::{Broker, now_ms};
-use crate::errors::{PluginCallError, ProduceError, storage_error};
+use crate::errors::{AdminError, PluginAdminError, PluginCallError, ProduceError};
 use crate::files::write_atomic;
 use crate::partition::Topic;
 use crate::registry::{BatchMode, Deployed, Deployment, OnError, StartAt, invalid, serializers, unknown};
@@ -80,7 +80,7 @@ impl Broker {
     pub(crate) async fn deploy_plugin(
         self: &Arc<Self>,
         r: PluginDeployRequest,
-    ) -> Result<(u32, String, String), WireError> {
+    ) -> Result<(u32, String, String), PluginAdminError> {
         let (plugin, deployment) = self.validate_deployment(&r).await?;
         self.deploy_in_metadata(&r, &plugin, deployment).await
     }
@@ -92,7 +92,7 @@ impl Broker {
     async fn validate_deployment(
         self: &Arc<Self>,
         r: &PluginDeployRequest,
-    ) -> Result<(Arc<Plugin>, Deployment), WireError> {
+    ) -> Result<(Arc<Plugin>, Deployment), PluginAdminError> {
         validate_plugin_name(&r.name).map_err(invalid)?;
         let kind: Kind = r.kind.parse().map_err(invalid)?;
         let on_error = OnError::parse(&r.on_error).map_err(invalid)?;
@@ -108,8 +108,7 @@ impl Broker {
                 .map_err(|_| invalid(format!("there is no built-in plugin '{name}' (built in: identity)"))),
             _ => Err(invalid("give either a component or a built-in plugin name, not both")),
         })
-        .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))??;
+        .await??;
         plugin.expect_kind(kind).map_err(invalid)?;
         let previous_kind = plugins.get(&r.name).map(|d| d.deployment.read().expect("deployment lock").kind);
         let users = self.topics_using(&r.name);
@@ -130,8 +129,7 @@ impl Broker {
         let monitor = plugins.get(&r.name).map(|d| d.monitor.clone()).unwrap_or_default();
         let (p2, params, outputs) = (plugin.clone(), r.params.clone(), r.outputs.clone());
         tokio::task::spawn_blocking(move || p2.instantiate(&params, &outputs, monitor).map(drop))
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+            .await?
             .map_err(invalid)?;
         let deployment = Deployment {
             name: r.name.clone(),
@@ -151,7 +149,12 @@ impl Broker {
         Ok((plugin, deployment))
     }
 
-    fn check_transform_topics(&self, input: &str, outputs: &[String], on_error: &OnError) -> Result<(), WireError> {
+    fn check_transform_topics(
+        &self,
+        input: &str,
+        outputs: &[String],
+        on_error: &OnError,
+    ) -> Result<(), PluginAdminError> {
         if input.is_empty() || outputs.is_empty() {
             return Err(invalid("a transform needs --input TOPIC and at least one --output TOPIC"));
         }
@@ -161,7 +164,7 @@ impl Broker {
         };
         for t in std::iter::once(&input.to_owned()).chain(outputs).chain(dlq) {
             if self.output_topic(t).is_none() {
-                return Err(WireError::new(ErrorCode::UnknownTopic, format!("topic '{t}' does not exist")));
+                return Err(PluginAdminError::UnknownTopic(t.clone()));
             }
         }
         if outputs.iter().any(|o| o == input) {
@@ -174,14 +177,11 @@ impl Broker {
         &self,
         name: &str,
         action: quiver_protocol::messages::PluginAction,
-    ) -> Result<(), WireError>
-    where
-        Self: Sized,
-    {
+    ) -> Result<(), PluginAdminError> {
         self.control_in_metadata(name, action).await
     }
 
-    pub(crate) fn list_plugins(&self, names: Option<Vec<String>>) -> Result<PluginListResponse, WireError> {
+    pub(crate) fn list_plugins(&self, names: Option<Vec<String>>) -> Result<PluginListResponse, PluginAdminError> {
         let all = self.plugins.deployed.read().expect("deployed lock");
         let mut chosen: Vec<Arc<Deployed>> = match names {
             None => all.values().cloned().collect(),
@@ -247,13 +247,13 @@ impl Broker {
 
     /// A deployed plugin's component and deployment, for a client that runs
     /// it locally (a topic's partitioner).
-    pub(crate) fn fetch_plugin(&self, name: &str) -> Result<PluginFetchResponse, WireError> {
+    pub(crate) fn fetch_plugin(&self, name: &str) -> Result<PluginFetchResponse, PluginAdminError> {
         let d = self.plugins.get(name).ok_or_else(|| unknown(name))?;
         let deployment = d.deployment.read().expect("deployment lock").clone();
         if deployment.sha256.starts_with(BUILTIN_PREFIX) {
             return Err(invalid(format!("plugin '{name}' is built into the broker; it has no component")));
         }
-        let wasm = std::fs::read(self.plugins.blob_path(&deployment.sha256)).map_err(storage_error)?;
+        let wasm = std::fs::read(self.plugins.blob_path(&deployment.sha256)).map_err(PluginAdminError::Storage)?;
         Ok(PluginFetchResponse {
             name: deployment.name,
             version: deployment.version,
@@ -264,7 +264,7 @@ impl Broker {
         })
     }
 
-    pub(crate) fn plugin_logs(&self, name: &str, since: u64) -> Result<Vec<PluginLogLine>, WireError> {
+    pub(crate) fn plugin_logs(&self, name: &str, since: u64) -> Result<Vec<PluginLogLine>, PluginAdminError> {
         let d = self.plugins.get(name).ok_or_else(|| unknown(name))?;
         Ok(d.monitor
             .lines_since(since)
@@ -717,19 +717,20 @@ impl Broker {
 
     /// A topic may name only deployed serializers as its key and value
     /// serializers and only a deployed partitioner as its partitioner.
-    pub(crate) fn check_topic_plugins(&self, config: &TopicConfig) -> Result<(), WireError> {
+    pub(crate) fn check_topic_plugins(&self, config: &TopicConfig) -> Result<(), AdminError> {
         for (key, name) in config.plugins() {
             let kind = if key == "partitioner" { Kind::Partitioner } else { Kind::Serializer };
-            let d = self.plugins.get(name).ok_or_else(|| {
-                WireError::new(ErrorCode::InvalidConfig, format!("{key}: plugin '{name}' is not deployed"))
-            })?;
-            d.plugin.expect_kind(kind).map_err(|e| WireError::new(ErrorCode::InvalidConfig, format!("{key}: {e}")))?;
+            let d = self
+                .plugins
+                .get(name)
+                .ok_or_else(|| AdminError::InvalidConfig(format!("{key}: plugin '{name}' is not deployed")))?;
+            d.plugin.expect_kind(kind).map_err(|e| AdminError::InvalidConfig(format!("{key}: {e}")))?;
         }
         Ok(())
     }
 
     /// A plugin that a topic's config names cannot be removed.
-    pub(crate) fn check_unused(&self, name: &str) -> Result<(), WireError> {
+    pub(crate) fn check_unused(&self, name: &str) -> Result<(), PluginAdminError> {
         let users = self.topics_using(name);
         if users.is_empty() {
             return Ok(());

@@ -5,16 +5,18 @@
 
 use quiver_controller::{Command, Outcome};
 use quiver_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse};
-use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::Broker;
-use crate::errors::write_error;
+use crate::errors::{AdminError, MetadataError};
 
 /// Ids taken per block.
 pub(crate) const PRODUCER_ID_BLOCK: u32 = 1000;
 
 impl Broker {
-    pub(crate) async fn init_producer_id(&self, _: InitProducerIdRequest) -> Result<InitProducerIdResponse, WireError> {
+    pub(crate) async fn init_producer_id(
+        &self,
+        _: InitProducerIdRequest,
+    ) -> Result<InitProducerIdResponse, AdminError> {
         let mut block = self.producer_ids.block.lock().await;
         if block.0 >= block.1 {
             let first = self.take_producer_ids().await?;
@@ -26,11 +28,11 @@ impl Broker {
     }
 
     /// A fresh block's first id.
-    async fn take_producer_ids(&self) -> Result<i64, WireError> {
+    async fn take_producer_ids(&self) -> Result<i64, AdminError> {
         let command = Command::AllocateProducerIds { node_id: self.config.node_id, count: PRODUCER_ID_BLOCK };
-        match self.controller.write(command).await.map_err(write_error)? {
+        match self.controller.write(command).await? {
             Outcome::ProducerIds(first) => Ok(first),
-            other => Err(WireError::new(ErrorCode::Internal, format!("producer id block answered {other:?}"))),
+            other => Err(MetadataError::Unexpected(format!("{other:?} to a producer id block")).into()),
         }
     }
 }

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use quiver_plugin_host::{BUILTIN_PREFIX, HostConfig, Instance, Kind, Monitor, Plugin, PluginHost};
-use quiver_protocol::{ErrorCode, WireError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use quiver_controller::Blob;
 
+use crate::errors::PluginAdminError;
 use crate::files::write_atomic;
 use crate::topic::TopicConfig;
 
@@ -161,12 +161,12 @@ pub(crate) struct Plugins {
     pub(crate) admin: tokio::sync::Mutex<()>,
 }
 
-pub(crate) fn invalid(message: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::InvalidPlugin, message.to_string())
+pub(crate) fn invalid(message: impl std::fmt::Display) -> PluginAdminError {
+    PluginAdminError::Invalid(message.to_string())
 }
 
-pub(crate) fn unknown(name: &str) -> WireError {
-    WireError::new(ErrorCode::UnknownPlugin, format!("plugin '{name}' is not deployed"))
+pub(crate) fn unknown(name: &str) -> PluginAdminError {
+    PluginAdminError::NotDeployed { name: name.to_owned() }
 }
 
 impl Plugins {

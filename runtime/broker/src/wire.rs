@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Buf;
 use bytes::Bytes;
+use quiver_controller::RefusalKind;
 use quiver_log::{AppendError, ReadError, SequenceError};
 use quiver_protocol::codec::{Wire, decode_exact};
 use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_response};
@@ -18,7 +19,10 @@ use quiver_protocol::{ErrorCode, WireError};
 use crate::access::{self, RequestContext};
 use crate::api::{self, OffsetQuery, Read, ReadOptions, Write};
 use crate::broker::Broker;
-use crate::errors::{FetchError, ListOffsetsError, PartitionError, PluginCallError, ProduceError, corrupt};
+use crate::errors::{
+    AdminError, FetchError, ListOffsetsError, MetadataError, PartitionError, PluginAdminError, PluginCallError,
+    ProduceError, corrupt,
+};
 use crate::order::AppendTurn;
 
 const BROKER_SOFTWARE: &str = concat!("quiver ", env!("CARGO_PKG_VERSION"));
@@ -98,13 +102,15 @@ impl Broker {
             self.ready()?;
         }
         match api {
-            ApiKey::ApiVersions => self.run(body, |_: ApiVersionsRequest| async { Ok(self.api_versions()) }).await,
-            ApiKey::Metadata => self.run(body, |r| async move { Ok(self.metadata(r)) }).await,
+            ApiKey::ApiVersions => {
+                self.run(body, |_: ApiVersionsRequest| async { Ok::<_, WireError>(self.api_versions()) }).await
+            }
+            ApiKey::Metadata => self.run(body, |r| async move { Ok::<_, WireError>(self.metadata(r)) }).await,
             ApiKey::CreateTopic => self.run(body, |r| self.create_topic(r)).await,
             ApiKey::DeleteTopic => {
                 self.run(body, |r: DeleteTopicRequest| async move {
                     self.delete_topic_in_metadata(&r.name).await?;
-                    Ok(DeleteTopicResponse {})
+                    Ok::<_, AdminError>(DeleteTopicResponse {})
                 })
                 .await
             }
@@ -117,7 +123,7 @@ impl Broker {
             ApiKey::PluginDeploy => {
                 self.run(body, |r| async move {
                     let (version, sha256, abi_version) = self.deploy_plugin(r).await?;
-                    Ok(PluginDeployResponse { version, sha256, abi_version })
+                    Ok::<_, PluginAdminError>(PluginDeployResponse { version, sha256, abi_version })
                 })
                 .await
             }
@@ -127,7 +133,7 @@ impl Broker {
             ApiKey::PluginControl => {
                 self.run(body, |r: PluginControlRequest| async move {
                     self.control_plugin(&r.name, r.action).await?;
-                    Ok(PluginControlResponse {})
+                    Ok::<_, PluginAdminError>(PluginControlResponse {})
                 })
                 .await
             }
@@ -135,7 +141,9 @@ impl Broker {
                 self.run(body, |r: PluginFetchRequest| async move { self.fetch_plugin(&r.name) }).await
             }
             ApiKey::Controller => self.run(body, |r| self.controller_call(r)).await,
-            ApiKey::ClusterInfo => self.run(body, |_: ClusterInfoRequest| async { Ok(self.cluster_info()) }).await,
+            ApiKey::ClusterInfo => {
+                self.run(body, |_: ClusterInfoRequest| async { Ok::<_, WireError>(self.cluster_info()) }).await
+            }
             ApiKey::ReplicaFetch => self.run(body, |r| self.replica_fetch(r)).await,
             ApiKey::ElectLeaders => self.run(body, |_: ElectLeadersRequest| self.elect_leaders()).await,
             ApiKey::AlterVoters => self.run(body, |r| self.alter_voters(r)).await,
@@ -143,22 +151,25 @@ impl Broker {
             ApiKey::InitProducerId => self.run(body, |r| self.init_producer_id(r)).await,
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
-                    Ok(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
+                    Ok::<_, PluginAdminError>(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
                 })
                 .await
             }
         }
     }
 
-    async fn run<Req, Resp, F, Fut>(&self, body: Bytes, f: F) -> Result<Vec<Bytes>, WireError>
+    /// Decodes the request, runs `f`, encodes its answer; an operation's
+    /// error becomes a wire error here.
+    async fn run<Req, Resp, E, F, Fut>(&self, body: Bytes, f: F) -> Result<Vec<Bytes>, WireError>
     where
         Req: Wire,
         Resp: Wire,
+        E: Into<WireError>,
         F: FnOnce(Req) -> Fut,
-        Fut: Future<Output = Result<Resp, WireError>>,
+        Fut: Future<Output = Result<Resp, E>>,
     {
         let request = decode_exact::<Req>(body).map_err(corrupt)?;
-        Ok(encode_response(&f(request).await?))
+        Ok(encode_response(&f(request).await.map_err(Into::into)?))
     }
 
     fn api_versions(&self) -> ApiVersionsResponse {
@@ -339,6 +350,47 @@ fn code_of_produce(e: &ProduceError) -> ErrorCode {
     }
 }
 
+fn code_of_metadata(e: &MetadataError) -> ErrorCode {
+    match e {
+        MetadataError::Refused(r) => match r.kind {
+            RefusalKind::TopicExists => ErrorCode::TopicAlreadyExists,
+            RefusalKind::UnknownTopic => ErrorCode::UnknownTopic,
+            RefusalKind::UnknownPartition => ErrorCode::UnknownPartition,
+            RefusalKind::NotEnoughBrokers => ErrorCode::NotEnoughReplicas,
+            RefusalKind::UnknownPlugin => ErrorCode::UnknownPlugin,
+            RefusalKind::Stale | RefusalKind::UnknownBroker | RefusalKind::Invalid => ErrorCode::InvalidRequest,
+        },
+        MetadataError::Unavailable(_) => ErrorCode::NoQuorum,
+        MetadataError::Unknown(_) => ErrorCode::RequestTimedOut,
+        MetadataError::Unexpected(_) => ErrorCode::Internal,
+    }
+}
+
+fn code_of_admin(e: &AdminError) -> ErrorCode {
+    match e {
+        AdminError::InvalidTopicName(_) => ErrorCode::InvalidTopicName,
+        AdminError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
+        AdminError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+        AdminError::TopicExists(_) => ErrorCode::TopicAlreadyExists,
+        AdminError::UnknownTopic(_) => ErrorCode::UnknownTopic,
+        AdminError::Metadata(e) => code_of_metadata(e),
+        AdminError::Storage(_) => ErrorCode::StorageError,
+        AdminError::BadControllerMessage(_) => ErrorCode::CorruptMessage,
+    }
+}
+
+fn code_of_plugin_admin(e: &PluginAdminError) -> ErrorCode {
+    match e {
+        PluginAdminError::Invalid(_) => ErrorCode::InvalidPlugin,
+        PluginAdminError::NotDeployed { .. } => ErrorCode::UnknownPlugin,
+        PluginAdminError::UnknownTopic(_) => ErrorCode::UnknownTopic,
+        PluginAdminError::Metadata(e) => code_of_metadata(e),
+        PluginAdminError::NotApplied(_) => ErrorCode::RequestTimedOut,
+        PluginAdminError::Storage(_) => ErrorCode::StorageError,
+        PluginAdminError::Internal(_) => ErrorCode::Internal,
+    }
+}
+
 fn code_of_read(e: &ReadError) -> ErrorCode {
     match e {
         ReadError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
@@ -369,8 +421,9 @@ fn code_of_list_offsets(e: &ListOffsetsError) -> ErrorCode {
     }
 }
 
-// Operations not yet on typed errors of their own still answer wire
-// errors; these let them use the typed ones with `?`.
+// The operations' errors as wire errors: what `run` answers, and what
+// the replica path (still on wire errors: it carries the codes its
+// leader answered) gets from the typed lookups with `?`.
 impl From<PartitionError> for WireError {
     fn from(e: PartitionError) -> Self {
         wire_error(code_of_partition(&e), e)
@@ -380,6 +433,18 @@ impl From<PartitionError> for WireError {
 impl From<PluginCallError> for WireError {
     fn from(e: PluginCallError) -> Self {
         wire_error(code_of_plugin_call(&e), e)
+    }
+}
+
+impl From<AdminError> for WireError {
+    fn from(e: AdminError) -> Self {
+        wire_error(code_of_admin(&e), e)
+    }
+}
+
+impl From<PluginAdminError> for WireError {
+    fn from(e: PluginAdminError) -> Self {
+        wire_error(code_of_plugin_admin(&e), e)
     }
 }
 
