@@ -12,7 +12,6 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use quiver_protocol::messages::ApiKey;
-use quiver_protocol::{ErrorCode, WireError};
 
 /// Who sent a request, as the transport authenticated it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,14 +114,22 @@ pub struct Policy {
     pub allow_anonymous_admin: bool,
 }
 
+/// A request its principal may not make, and what would allow it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{principal} may not {what}")]
+pub struct Denied {
+    pub principal: String,
+    pub what: &'static str,
+}
+
 /// The one authorization point: every request passes here before it runs.
 pub fn authorize(
     policy: Policy,
     principal: &Principal,
     operation: Operation,
     resource: Resource,
-) -> Result<(), WireError> {
-    let denied = |why: &str| Err(WireError::new(ErrorCode::NotAuthorized, format!("{principal} may not {why}")));
+) -> Result<(), Denied> {
+    let denied = |what: &'static str| Err(Denied { principal: principal.to_string(), what });
     match (operation, principal) {
         (_, Principal::Internal | Principal::Node(_)) => Ok(()),
         (Operation::ClusterAction, _) => denied(
@@ -153,9 +160,8 @@ mod tests {
         let (op, resource) = operation_of(ApiKey::ReplicaFetch);
         assert!(authorize(STRICT, &Principal::Node(2), op, resource).is_ok());
         for who in [Principal::Anonymous, Principal::User("alice".into())] {
-            let err = authorize(STRICT, &who, op, resource).unwrap_err();
-            assert_eq!(err.code, ErrorCode::NotAuthorized);
-            assert!(err.message.contains("node certificate"), "{}", err.message);
+            let err = authorize(STRICT, &who, op, resource).unwrap_err().to_string();
+            assert!(err.contains("node certificate"), "{err}");
         }
     }
 
@@ -163,8 +169,8 @@ mod tests {
     fn admin_needs_a_principal_unless_anonymous_admin_is_allowed() {
         for api in [ApiKey::AlterVoters, ApiKey::ReassignPartition, ApiKey::PluginDeploy, ApiKey::PluginControl] {
             let (op, resource) = operation_of(api);
-            let err = authorize(STRICT, &Principal::Anonymous, op, resource).unwrap_err();
-            assert!(err.message.starts_with("anonymous may not change"), "{api:?}: {}", err.message);
+            let err = authorize(STRICT, &Principal::Anonymous, op, resource).unwrap_err().to_string();
+            assert!(err.starts_with("anonymous may not change"), "{api:?}: {err}");
             assert!(authorize(STRICT, &Principal::User("ops".into()), op, resource).is_ok());
             assert!(authorize(Policy { allow_anonymous_admin: true }, &Principal::Anonymous, op, resource).is_ok());
         }

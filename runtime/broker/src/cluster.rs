@@ -15,7 +15,7 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::broker::{Broker, now_ms};
-use crate::errors::{AdminError, PartitionError, check_leader, unknown_topic_metadata};
+use crate::errors::{AdminError, NotReady, PartitionError, check_leader, unknown_topic_metadata};
 use crate::partition::RemoteLeader;
 use crate::reconcile::{Local, Step, plan};
 use crate::topic::TopicRecord;
@@ -78,17 +78,11 @@ impl Broker {
     /// A restarted node answers clients only once it has caught up with the
     /// metadata log: until then its image may be stale (a topic created
     /// meanwhile missing, a leadership it lost still there).
-    pub(crate) fn ready(&self) -> Result<(), WireError> {
+    pub(crate) fn ready(&self) -> Result<(), NotReady> {
         if self.controller.is_caught_up() {
             return Ok(());
         }
-        Err(WireError::new(
-            ErrorCode::BrokerNotReady,
-            format!(
-                "node {} has not caught up with the metadata log since it started; retry shortly",
-                self.config.node_id
-            ),
-        ))
+        Err(NotReady { node: self.config.node_id })
     }
 
     /// Opens the replicas the image assigns this broker and, once the image

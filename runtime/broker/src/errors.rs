@@ -1,12 +1,13 @@
-//! Why broker operations fail: one `thiserror` enum per operation on the
-//! data path ([`ProduceError`], [`FetchError`], [`ListOffsetsError`]) and
-//! the reasons they share ([`PartitionError`], [`PluginCallError`]). Each
+//! Why broker operations fail: one `thiserror` enum per operation —
+//! [`ProduceError`], [`FetchError`], [`ListOffsetsError`] on the data path,
+//! [`ReplicaError`] between replicas, [`AdminError`] and
+//! [`PluginAdminError`] for administration — and the reasons they share
+//! ([`PartitionError`], [`PluginCallError`], [`MetadataError`]). Each
 //! variant is a reason a caller can act on; only the wire adapter
 //! (`wire.rs`) turns them into protocol error codes.
 //!
-//! Also the older helpers that still build wire errors directly, for the
-//! admin, cluster and plugin operations not yet moved onto typed errors,
-//! and running blocking work off the runtime.
+//! Also running blocking work off the runtime for an operation, whose
+//! error type says when the blocking task died.
 
 use std::time::Duration;
 
@@ -170,14 +171,6 @@ pub enum ListOffsetsError {
     Internal(String),
 }
 
-pub(crate) fn storage_error(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::StorageError, e.to_string())
-}
-
-pub(crate) fn corrupt(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::CorruptMessage, e.to_string())
-}
-
 /// `Ok` when `me` leads `topic`-`partition` in `image`; otherwise the error
 /// a client needs to find the leader.
 pub(crate) fn check_leader(me: u32, image: &ClusterImage, topic: &str, partition: u32) -> Result<(), PartitionError> {
@@ -216,15 +209,48 @@ pub(crate) fn unknown_topic_metadata(name: String) -> TopicMetadata {
     }
 }
 
-pub(crate) fn read_error(e: ReadError) -> WireError {
-    match e {
-        ReadError::OffsetOutOfRange { .. } => WireError::new(ErrorCode::OffsetOutOfRange, e.to_string()),
-        ReadError::Corrupt { .. } => {
-            tracing::error!(error = %e, "corrupt batch on disk; not served");
-            WireError::new(ErrorCode::CorruptStoredBatch, e.to_string())
-        }
-        other => WireError::new(ErrorCode::StorageError, other.to_string()),
-    }
+/// A restarted node that has not caught up with the metadata log yet.
+#[derive(Debug, thiserror::Error)]
+#[error("node {node} has not caught up with the metadata log since it started; retry shortly")]
+pub struct NotReady {
+    pub node: NodeId,
+}
+
+/// Why copying a partition between replicas failed: serving a follower's
+/// fetch (on the leader) or carrying out a follower's step.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error("broker {me} does not lead {topic}-{partition}")]
+    NotLeading { me: NodeId, topic: String, partition: u32 },
+    #[error("{topic}-{partition}: the follower is in leader epoch {theirs}, broker {me} leads epoch {mine}")]
+    EpochMismatch { me: NodeId, topic: String, partition: u32, theirs: i32, mine: i32 },
+    #[error("{topic}-{partition}: fetch offset {offset} is past the leader's log end {log_end}")]
+    PastLogEnd { topic: String, partition: u32, offset: i64, log_end: i64 },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("the leader is shutting down")]
+    ShuttingDown,
+    /// The leader (or the way to it) answered with an error.
+    #[error("{}", .0.message)]
+    Leader(WireError),
+    #[error("{topic}-{partition}: the leader changed during the fetch")]
+    LeaderMoved { topic: String, partition: u32 },
+    #[error("replica fetch answered no partition")]
+    EmptyAnswer,
+    #[error("{0}")]
+    CorruptCopy(BatchError),
+    #[error("this replica's role changed while copying")]
+    RoleChanged,
+    #[error("the leader sent a batch at offset {base_offset} for a log ending at {log_end}")]
+    OutOfPlace { base_offset: i64, log_end: i64 },
+    #[error("{0}")]
+    Storage(std::io::Error),
+    #[error("{0}")]
+    Append(AppendError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// A change to the metadata log that was refused, could not be made, or
@@ -321,7 +347,7 @@ macro_rules! joined_as_internal {
         }
     )*};
 }
-joined_as_internal!(PluginCallError, ProduceError, FetchError, ListOffsetsError, PluginAdminError);
+joined_as_internal!(PluginCallError, ProduceError, FetchError, ListOffsetsError, PluginAdminError, ReplicaError);
 
 /// Runs blocking work off the runtime, for an operation whose error type
 /// can say that the blocking task died.
@@ -329,12 +355,4 @@ pub(crate) async fn blocking_as<T: Send + 'static, E: From<tokio::task::JoinErro
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, E> {
     tokio::task::spawn_blocking(f).await?
-}
-
-/// Runs blocking work (wasm calls, batch rebuilding, a follower's log
-/// writes) off the runtime.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, WireError> + Send + 'static,
-) -> Result<T, WireError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
 }

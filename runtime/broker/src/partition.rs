@@ -15,7 +15,7 @@ use quiver_protocol::{ErrorCode, WireError};
 use quiver_replication::{EpochHistory, NodeId, PartitionLeader};
 
 use crate::config::OpenError;
-use crate::errors::{PartitionError, ProduceError};
+use crate::errors::{PartitionError, ProduceError, ReplicaError};
 use crate::files::{partition_dir, write_atomic};
 use crate::topic::{TopicConfig, TopicRecord};
 
@@ -327,10 +327,10 @@ impl Partition {
 
 impl State {
     /// `Ok` while this replica follows `leader` in `epoch`.
-    pub(crate) fn ensure_follows(&self, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+    pub(crate) fn ensure_follows(&self, leader: NodeId, epoch: i32) -> Result<(), ReplicaError> {
         match self.role {
             Role::Follower { leader: l, epoch: e } if l == leader && e == epoch => Ok(()),
-            _ => Err(WireError::new(ErrorCode::NotLeader, "this replica's role changed while copying")),
+            _ => Err(ReplicaError::RoleChanged),
         }
     }
 }

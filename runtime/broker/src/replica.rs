@@ -35,8 +35,9 @@ use quiver_replication::{
 };
 
 use crate::broker::Broker;
-use crate::errors::{blocking, corrupt, read_error, storage_error};
+use crate::errors::{PartitionError, ReplicaError, blocking_as};
 use crate::partition::{Partition, ReplicaLink, Role, State, Topic};
+use crate::wire::code_of_replica;
 
 /// How long a leader holds a follower's fetch when it has nothing new.
 const FOLLOWER_WAIT_MS: u32 = 500;
@@ -226,13 +227,16 @@ impl Broker {
     pub(crate) async fn replica_fetch(
         self: &Arc<Self>,
         r: ReplicaFetchRequest,
-    ) -> Result<ReplicaFetchResponse, WireError> {
+    ) -> Result<ReplicaFetchResponse, ReplicaError> {
         let mut first = true;
         let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
         let partitions = self
             .poll_appends(self.fetch_wait(Duration::from_millis(r.max_wait_ms.into())), &held, |last| {
                 if self.shutting_down.load(Ordering::Relaxed) {
-                    return Some(Err(shutting_down()));
+                    // A leader that is shutting down refuses fetches: an empty
+                    // answer at once would have its followers ask again at
+                    // once, in a loop that never waits.
+                    return Some(Err(ReplicaError::ShuttingDown));
                 }
                 let (results, ready) = self.read_replica_partitions(&r, std::mem::take(&mut first));
                 (ready || last).then_some(Ok(results))
@@ -275,7 +279,7 @@ impl Broker {
                     }
                     Err(e) => {
                         ready = true;
-                        (result.error, result.message) = (e.code, e.message);
+                        (result.error, result.message) = (code_of_replica(&e), e.to_string());
                     }
                 }
                 result
@@ -291,35 +295,26 @@ impl Broker {
         register: bool,
         remaining: usize,
         result: &mut ReplicaFetchResult,
-    ) -> Result<Bytes, WireError> {
+    ) -> Result<Bytes, ReplicaError> {
         let me = self.config.node_id;
         let name = &fp.topic;
-        let topic = self
-            .topic(name)
-            .ok_or_else(|| WireError::new(ErrorCode::UnknownTopic, format!("topic '{name}' does not exist here")))?;
+        let topic = self.topic(name).ok_or_else(|| PartitionError::UnknownTopic { topic: name.clone() })?;
         let p = self.held_partition(&topic, fp.partition)?;
         let log_end = p.log.log_end_offset();
         let proposal = {
             let mut state = p.replica.state();
             let State { role, history } = &mut *state;
             let Role::Leader { leader, partition_epoch, .. } = role else {
-                return Err(WireError::new(
-                    ErrorCode::NotLeader,
-                    format!("broker {me} does not lead {name}-{}", fp.partition),
-                ));
+                return Err(ReplicaError::NotLeading { me, topic: name.clone(), partition: fp.partition });
             };
             if fp.leader_epoch != leader.epoch() {
-                let code =
-                    if fp.leader_epoch < leader.epoch() { ErrorCode::FencedLeaderEpoch } else { ErrorCode::NotLeader };
-                return Err(WireError::new(
-                    code,
-                    format!(
-                        "{name}-{}: the follower is in leader epoch {}, broker {me} leads epoch {}",
-                        fp.partition,
-                        fp.leader_epoch,
-                        leader.epoch()
-                    ),
-                ));
+                return Err(ReplicaError::EpochMismatch {
+                    me,
+                    topic: name.clone(),
+                    partition: fp.partition,
+                    theirs: fp.leader_epoch,
+                    mine: leader.epoch(),
+                });
             }
             result.high_watermark = leader.high_watermark();
             result.log_start_offset = p.log.log_start_offset();
@@ -329,13 +324,12 @@ impl Broker {
                 return Ok(Bytes::new());
             }
             if fp.fetch_offset > log_end {
-                return Err(WireError::new(
-                    ErrorCode::OffsetOutOfRange,
-                    format!(
-                        "{name}-{}: fetch offset {} is past the leader's log end {log_end}",
-                        fp.partition, fp.fetch_offset
-                    ),
-                ));
+                return Err(ReplicaError::PastLogEnd {
+                    topic: name.clone(),
+                    partition: fp.partition,
+                    offset: fp.fetch_offset,
+                    log_end,
+                });
             }
             if register {
                 let outcome = leader.on_fetch(replica, fp.fetch_offset, self.clock_ms());
@@ -356,7 +350,7 @@ impl Broker {
             return Ok(Bytes::new());
         }
         let limit = remaining.max(1);
-        p.log.read(fp.fetch_offset, limit, log_end).map_err(read_error)
+        Ok(p.log.read(fp.fetch_offset, limit, log_end)?)
     }
 
     /// On a follower: copies `p` from `leader` for as long as the image says
@@ -385,7 +379,7 @@ impl Broker {
                 follower.poll(clock_ms(), p.log.log_end_offset(), &state.history)
             };
             let upstream = Upstream { link: &*link, name: &name, p: &p, leader, address, epoch };
-            let done: Result<(), WireError> = match action {
+            let done: Result<(), ReplicaError> = match action {
                 Action::Send(Request::AskEpoch { epoch: asked }) => {
                     match self.fetch_answer(&upstream, asked, p.log.log_end_offset(), 0).await {
                         Ok(r) if r.error == ErrorCode::None => {
@@ -394,7 +388,7 @@ impl Broker {
                             follower.on_epoch_answer(asked, answer, p.log.log_end_offset(), &state.history);
                             Ok(())
                         }
-                        Ok(r) => Err(WireError::new(r.error, r.message)),
+                        Ok(r) => Err(ReplicaError::Leader(WireError::new(r.error, r.message))),
                         Err(e) => Err(e),
                     }
                 }
@@ -421,17 +415,18 @@ impl Broker {
                 }
                 Action::TruncateTo { offset } => {
                     let (p, name) = (p.clone(), name.clone());
-                    let truncated = blocking(move || truncate_diverging_tail(&p, &name, offset, leader, epoch)).await;
+                    let truncated =
+                        blocking_as(move || truncate_diverging_tail(&p, &name, offset, leader, epoch)).await;
                     truncated.map(|()| follower.on_applied())
                 }
                 Action::StartOver { offset } => {
                     let (p, name) = (p.clone(), name.clone());
-                    let reset = blocking(move || start_over_at(&p, &name, offset, leader, epoch)).await;
+                    let reset = blocking_as(move || start_over_at(&p, &name, offset, leader, epoch)).await;
                     reset.map(|()| follower.on_applied())
                 }
                 Action::Append { batches } => {
                     let p = p.clone();
-                    let appended = blocking(move || append_copies(&p, batches, leader, epoch)).await;
+                    let appended = blocking_as(move || append_copies(&p, batches, leader, epoch)).await;
                     appended.map(|()| follower.on_applied())
                 }
                 Action::SetHighWatermark { offset } => {
@@ -453,11 +448,11 @@ impl Broker {
                 }
             };
             if let Err(e) = done {
-                let retry = follower.on_error(clock_ms(), failure(e.code));
+                let retry = follower.on_error(clock_ms(), failure(&e));
                 if retry.warn {
                     tracing::warn!(
                         topic = %name, partition = p.id, leader, failures = retry.failures,
-                        error = %e.message, "cannot copy from the leader"
+                        error = %e, "cannot copy from the leader"
                     );
                 }
             }
@@ -474,7 +469,7 @@ impl Broker {
         ask_epoch: i32,
         fetch_offset: i64,
         wait_ms: u32,
-    ) -> Result<ReplicaFetchResult, WireError> {
+    ) -> Result<ReplicaFetchResult, ReplicaError> {
         let request = ReplicaFetchRequest {
             replica_id: self.config.node_id,
             max_wait_ms: wait_ms,
@@ -504,21 +499,14 @@ impl Broker {
                     .is_none_or(|pi| pi.leader != Some(up.leader) || pi.leader_epoch != up.epoch)
             };
             if moved {
-                return Err(WireError::new(
-                    ErrorCode::NotLeader,
-                    format!("{}-{}: the leader changed during the fetch", up.name, up.p.id),
-                ));
+                return Err(ReplicaError::LeaderMoved { topic: up.name.to_owned(), partition: up.p.id });
             }
             tokio::select! {
-                r = &mut fetch => break r?,
-                changed = image.changed() => if changed.is_err() { break fetch.await? },
+                r = &mut fetch => break r.map_err(ReplicaError::Leader)?,
+                changed = image.changed() => if changed.is_err() { break fetch.await.map_err(ReplicaError::Leader)? },
             }
         };
-        response
-            .partitions
-            .into_iter()
-            .next()
-            .ok_or_else(|| WireError::new(ErrorCode::CorruptMessage, "replica fetch answered no partition"))
+        response.partitions.into_iter().next().ok_or(ReplicaError::EmptyAnswer)
     }
 }
 
@@ -535,48 +523,52 @@ struct Upstream<'a> {
 /// What the follower makes of a fetch result: the leader's batches (headers
 /// read; CRCs are checked right before the append) or "out of range" with
 /// the leader's log start; any other partition error is an `Err`.
-fn fetched(result: ReplicaFetchResult) -> Result<FetchAnswer<Bytes>, WireError> {
+fn fetched(result: ReplicaFetchResult) -> Result<FetchAnswer<Bytes>, ReplicaError> {
     match result.error {
         ErrorCode::None => {}
         ErrorCode::OffsetOutOfRange => {
             return Ok(FetchAnswer::OffsetOutOfRange { leader_log_start: result.log_start_offset });
         }
-        code => return Err(WireError::new(code, result.message)),
+        code => return Err(ReplicaError::Leader(WireError::new(code, result.message))),
     }
     let mut batches = Vec::new();
     for item in batch::Batches::new(result.records) {
-        let (header, bytes): (BatchHeader, Bytes) = item.map_err(corrupt)?;
+        let (header, bytes): (BatchHeader, Bytes) = item.map_err(ReplicaError::CorruptCopy)?;
         let end_offset = header.base_offset + i64::from(header.last_offset_delta) + 1;
         batches.push(Batch { base_offset: header.base_offset, end_offset, epoch: header.leader_epoch, data: bytes });
     }
     Ok(FetchAnswer::Batches { batches, high_watermark: result.high_watermark })
 }
 
-/// A leader that is shutting down refuses fetches: an empty answer at once
-/// would have its followers ask again at once, in a loop that never waits.
-fn shutting_down() -> WireError {
-    WireError::new(ErrorCode::BrokerShuttingDown, "the leader is shutting down")
-}
-
-/// The wire error codes the follower tells apart.
-fn failure(code: ErrorCode) -> Failure {
-    match code {
-        ErrorCode::OffsetOutOfRange => Failure::OffsetOutOfRange,
-        ErrorCode::FencedLeaderEpoch => Failure::FencedLeaderEpoch,
+/// The failures the follower tells apart.
+fn failure(e: &ReplicaError) -> Failure {
+    match e {
+        ReplicaError::OutOfPlace { .. } => Failure::OffsetOutOfRange,
+        ReplicaError::Leader(e) => match e.code {
+            ErrorCode::OffsetOutOfRange => Failure::OffsetOutOfRange,
+            ErrorCode::FencedLeaderEpoch => Failure::FencedLeaderEpoch,
+            _ => Failure::Other,
+        },
         _ => Failure::Other,
     }
 }
 
 /// Cuts this follower's log at `end`, where it stops agreeing with the
 /// leader's, while it still follows `leader` in `epoch`.
-fn truncate_diverging_tail(p: &Partition, name: &str, end: i64, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+fn truncate_diverging_tail(
+    p: &Partition,
+    name: &str,
+    end: i64,
+    leader: NodeId,
+    epoch: i32,
+) -> Result<(), ReplicaError> {
     let mut state = p.replica.state();
     state.ensure_follows(leader, epoch)?;
     let before = p.log.log_end_offset();
-    let after = p.log.truncate_to(end).map_err(storage_error)?;
+    let after = p.log.truncate_to(end).map_err(ReplicaError::Storage)?;
     state.history.truncate(after);
     p.replica.high_watermark.fetch_min(after, Ordering::AcqRel);
-    p.replica.persist(&state.history).map_err(storage_error)?;
+    p.replica.persist(&state.history).map_err(ReplicaError::Storage)?;
     if after < before {
         tracing::warn!(topic = %name, partition = p.id, before, after, "truncated a diverging tail");
     }
@@ -586,13 +578,13 @@ fn truncate_diverging_tail(p: &Partition, name: &str, end: i64, leader: NodeId, 
 /// The leader's log now starts past this replica's end (retention removed
 /// what it would have fetched): empties the log and goes on from the
 /// leader's start.
-fn start_over_at(p: &Partition, name: &str, start: i64, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+fn start_over_at(p: &Partition, name: &str, start: i64, leader: NodeId, epoch: i32) -> Result<(), ReplicaError> {
     let mut state = p.replica.state();
     state.ensure_follows(leader, epoch)?;
     let end = p.log.log_end_offset();
-    p.log.reset_to(start).map_err(storage_error)?;
+    p.log.reset_to(start).map_err(ReplicaError::Storage)?;
     state.history = EpochHistory::default();
-    p.replica.persist(&state.history).map_err(storage_error)?;
+    p.replica.persist(&state.history).map_err(ReplicaError::Storage)?;
     tracing::warn!(
         topic = %name, partition = p.id, end, start,
         "the leader's log starts past this replica's end: starting over there"
@@ -608,9 +600,14 @@ fn start_over_at(p: &Partition, name: &str, start: i64, leader: NodeId, epoch: i
 /// and only at the log end (the follower checked the offsets against the end
 /// it was told; this is the check right before the write). A batch that
 /// starts an epoch has the epoch history written first.
-fn append_copies(p: &Partition, copies: Vec<AppendBatch<Bytes>>, leader: NodeId, epoch: i32) -> Result<(), WireError> {
+fn append_copies(
+    p: &Partition,
+    copies: Vec<AppendBatch<Bytes>>,
+    leader: NodeId,
+    epoch: i32,
+) -> Result<(), ReplicaError> {
     for copy in &copies {
-        batch::verify_crc(&copy.batch.data).map_err(corrupt)?;
+        batch::verify_crc(&copy.batch.data).map_err(ReplicaError::CorruptCopy)?;
     }
     let mut end = p.log.log_end_offset();
     for AppendBatch { batch: copied, starts_epoch } in copies {
@@ -618,17 +615,14 @@ fn append_copies(p: &Partition, copies: Vec<AppendBatch<Bytes>>, leader: NodeId,
         state.ensure_follows(leader, epoch)?;
         end = p.log.log_end_offset();
         if copied.base_offset != end {
-            return Err(WireError::new(
-                ErrorCode::OffsetOutOfRange,
-                format!("the leader sent a batch at offset {} for a log ending at {end}", copied.base_offset),
-            ));
+            return Err(ReplicaError::OutOfPlace { base_offset: copied.base_offset, log_end: end });
         }
         if starts_epoch {
             state.history.assign(copied.epoch, copied.base_offset);
-            p.replica.persist(&state.history).map_err(storage_error)?;
+            p.replica.persist(&state.history).map_err(ReplicaError::Storage)?;
         }
-        let info = p.log.append(&copied.data, copied.epoch).map_err(storage_error)?;
+        let info = p.log.append(&copied.data, copied.epoch).map_err(ReplicaError::Append)?;
         end = info.last_offset + 1;
     }
-    p.log.sync_to(end).map_err(storage_error)
+    p.log.sync_to(end).map_err(ReplicaError::Storage)
 }

@@ -21,7 +21,7 @@ use crate::api::{self, OffsetQuery, Read, ReadOptions, Write};
 use crate::broker::Broker;
 use crate::errors::{
     AdminError, FetchError, ListOffsetsError, MetadataError, PartitionError, PluginAdminError, PluginCallError,
-    ProduceError, corrupt,
+    ProduceError, ReplicaError,
 };
 use crate::order::AppendTurn;
 
@@ -93,13 +93,13 @@ impl Broker {
                 ?api,
                 "request denied"
             );
-            return Err(denied);
+            return Err(WireError::new(ErrorCode::NotAuthorized, denied.to_string()));
         }
         // What a restarting node may answer before it caught up: the
         // handshake, the quorum's own traffic, followers' fetches (checked
         // by leader epoch) and its own view of the cluster.
         if !matches!(api, ApiKey::ApiVersions | ApiKey::Controller | ApiKey::ReplicaFetch | ApiKey::ClusterInfo) {
-            self.ready()?;
+            self.ready().map_err(|e| wire_error(ErrorCode::BrokerNotReady, e))?;
         }
         match api {
             ApiKey::ApiVersions => {
@@ -292,6 +292,11 @@ impl Broker {
     }
 }
 
+/// A request frame that does not decode.
+fn corrupt(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::CorruptMessage, e.to_string())
+}
+
 fn wire_error(code: ErrorCode, e: impl std::fmt::Display) -> WireError {
     WireError::new(code, e.to_string())
 }
@@ -391,6 +396,26 @@ fn code_of_plugin_admin(e: &PluginAdminError) -> ErrorCode {
     }
 }
 
+/// The code a follower's fetch answer carries (the leader serving it maps
+/// its partitions' failures with this).
+pub(crate) fn code_of_replica(e: &ReplicaError) -> ErrorCode {
+    match e {
+        ReplicaError::Partition(e) => code_of_partition(e),
+        ReplicaError::NotLeading { .. } | ReplicaError::LeaderMoved { .. } | ReplicaError::RoleChanged => {
+            ErrorCode::NotLeader
+        }
+        ReplicaError::EpochMismatch { theirs, mine, .. } if theirs < mine => ErrorCode::FencedLeaderEpoch,
+        ReplicaError::EpochMismatch { .. } => ErrorCode::NotLeader,
+        ReplicaError::PastLogEnd { .. } | ReplicaError::OutOfPlace { .. } => ErrorCode::OffsetOutOfRange,
+        ReplicaError::Read(e) => code_of_read(e),
+        ReplicaError::ShuttingDown => ErrorCode::BrokerShuttingDown,
+        ReplicaError::Leader(e) => e.code,
+        ReplicaError::EmptyAnswer | ReplicaError::CorruptCopy(_) => ErrorCode::CorruptMessage,
+        ReplicaError::Storage(_) | ReplicaError::Append(_) => ErrorCode::StorageError,
+        ReplicaError::Internal(_) => ErrorCode::Internal,
+    }
+}
+
 fn code_of_read(e: &ReadError) -> ErrorCode {
     match e {
         ReadError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
@@ -445,6 +470,12 @@ impl From<AdminError> for WireError {
 impl From<PluginAdminError> for WireError {
     fn from(e: PluginAdminError) -> Self {
         wire_error(code_of_plugin_admin(&e), e)
+    }
+}
+
+impl From<ReplicaError> for WireError {
+    fn from(e: ReplicaError) -> Self {
+        wire_error(code_of_replica(&e), e)
     }
 }
 
