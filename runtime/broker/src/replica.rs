@@ -223,35 +223,40 @@ impl Broker {
     }
 
     /// On a leader: serves a follower's fetch, holding it up to its wait
-    /// when there is nothing new.
+    /// when there is nothing new. The wait looks at log ends only; the read
+    /// runs on a blocking thread once there is something to send.
     pub(crate) async fn replica_fetch(
         self: &Arc<Self>,
         r: ReplicaFetchRequest,
     ) -> Result<ReplicaFetchResponse, ReplicaError> {
         let mut first = true;
         let held = self.held_partitions(r.partitions.iter().map(|p| (p.topic.as_str(), p.partition)));
-        let partitions = self
-            .poll_appends(self.fetch_wait(Duration::from_millis(r.max_wait_ms.into())), &held, |last| {
-                if self.shutting_down.load(Ordering::Relaxed) {
-                    // A leader that is shutting down refuses fetches: an empty
-                    // answer at once would have its followers ask again at
-                    // once, in a loop that never waits.
-                    return Some(Err(ReplicaError::ShuttingDown));
-                }
-                let (results, ready) = self.read_replica_partitions(&r, std::mem::take(&mut first));
-                (ready || last).then_some(Ok(results))
-            })
-            .await?;
+        self.poll_appends(self.fetch_wait(Duration::from_millis(r.max_wait_ms.into())), &held, |last| {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                // A leader that is shutting down refuses fetches: an empty
+                // answer at once would have its followers ask again at
+                // once, in a loop that never waits.
+                return Some(Err(ReplicaError::ShuttingDown));
+            }
+            let (_, ready) = self.read_replica_partitions(&r, std::mem::take(&mut first), false);
+            (ready || last).then_some(Ok(()))
+        })
+        .await?;
+        let broker = self.clone();
+        let partitions =
+            blocking_as(move || Ok::<_, ReplicaError>(broker.read_replica_partitions(&r, false, true).0)).await?;
         Ok(ReplicaFetchResponse { partitions })
     }
 
-    /// Reads every partition of a follower fetch; `register` feeds the
+    /// Reads every partition of a follower fetch (only if `read`: else it
+    /// just looks whether there is anything to read); `register` feeds the
     /// follower's position to the leader state (once per request). Returns
     /// the results and whether any has records, an answer or an error.
     fn read_replica_partitions(
         self: &Arc<Self>,
         r: &ReplicaFetchRequest,
         register: bool,
+        read: bool,
     ) -> (Vec<ReplicaFetchResult>, bool) {
         let mut remaining = r.max_bytes as usize;
         let mut ready = false;
@@ -270,9 +275,11 @@ impl Broker {
                     epoch_end_offset: -1,
                     records: Bytes::new(),
                 };
-                let read = self.read_replica_partition(r.replica_id, fp, register, remaining, &mut result);
-                match read {
-                    Ok(records) => {
+                let found = self.read_replica_partition(r.replica_id, fp, register, read, remaining, &mut result);
+                match found {
+                    // Records there, not read (a look only).
+                    Ok(None) => ready = true,
+                    Ok(Some(records)) => {
                         remaining = remaining.saturating_sub(records.len());
                         ready |= !records.is_empty() || fp.ask_epoch >= 0;
                         result.records = records;
@@ -293,9 +300,10 @@ impl Broker {
         replica: NodeId,
         fp: &ReplicaFetchPartition,
         register: bool,
+        read: bool,
         remaining: usize,
         result: &mut ReplicaFetchResult,
-    ) -> Result<Bytes, ReplicaError> {
+    ) -> Result<Option<Bytes>, ReplicaError> {
         let me = self.config.node_id;
         let name = &fp.topic;
         let topic = self.topic(name).ok_or_else(|| PartitionError::UnknownTopic { topic: name.clone() })?;
@@ -321,7 +329,7 @@ impl Broker {
             if fp.ask_epoch >= 0 {
                 let (epoch, end) = history.end_offset_for(fp.ask_epoch, log_end).unwrap_or((-1, -1));
                 (result.epoch_end_epoch, result.epoch_end_offset) = (epoch, end);
-                return Ok(Bytes::new());
+                return Ok(Some(Bytes::new()));
             }
             if fp.fetch_offset > log_end {
                 return Err(ReplicaError::PastLogEnd {
@@ -347,10 +355,13 @@ impl Broker {
             self.propose_isr(&topic, &p, epoch, partition_epoch, isr);
         }
         if fp.fetch_offset == log_end || remaining == 0 {
-            return Ok(Bytes::new());
+            return Ok(Some(Bytes::new()));
+        }
+        if !read {
+            return Ok(None);
         }
         let limit = remaining.max(1);
-        Ok(p.log.read(fp.fetch_offset, limit, log_end)?)
+        Ok(Some(p.log.read(fp.fetch_offset, limit, log_end)?))
     }
 
     /// On a follower: copies `p` from `leader` for as long as the image says
