@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use quiver_controller::{ClusterImage, Command, Controller, TopicImage};
+use quiver_controller::{ClusterImage, Controller, TopicImage};
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -147,37 +147,9 @@ impl Broker {
             .map_err(|e| format!("cannot open the replicas of a new topic: {e}"))
     }
 
-    pub(crate) async fn create_topic(&self, r: CreateTopicRequest) -> Result<CreateTopicResponse, AdminError> {
-        let controller = &self.controller;
-        let (overrides, config) = self.validate_new_topic(&r.name, r.partitions, &r.configs)?;
-        if config.min_insync_replicas > usize::from(r.replication_factor.max(1)) {
-            return Err(AdminError::InvalidConfig(format!(
-                "min.insync.replicas {} is larger than the replication factor {}: no acks=all write could succeed",
-                config.min_insync_replicas,
-                r.replication_factor.max(1)
-            )));
-        }
-        let command = Command::CreateTopic {
-            name: r.name.clone(),
-            partitions: r.partitions,
-            replication_factor: r.replication_factor.max(1),
-            configs: overrides.into_iter().collect(),
-        };
-        controller.write(command).await?;
-        self.wait_applied(controller, |image| image.topics.contains_key(&r.name)).await;
-        Ok(CreateTopicResponse { configs: config.to_pairs() })
-    }
-
-    pub(crate) async fn delete_topic_in_metadata(&self, name: &str) -> Result<(), AdminError> {
-        let controller = &self.controller;
-        controller.write(Command::DeleteTopic { name: name.to_string() }).await?;
-        self.wait_applied(controller, |image| !image.topics.contains_key(name)).await;
-        Ok(())
-    }
-
     /// Waits (bounded) until this broker's image satisfies `done`, so that a
     /// client's next request here sees its own change.
-    async fn wait_applied(&self, controller: &Controller, done: impl Fn(&ClusterImage) -> bool) {
+    pub(crate) async fn wait_applied(&self, controller: &Controller, done: impl Fn(&ClusterImage) -> bool) {
         let mut image = controller.image();
         let _ = tokio::time::timeout(APPLY_WAIT, image.wait_for(|i| done(i))).await;
         // The reconcile loop runs after the image changes; give it a moment
@@ -325,43 +297,6 @@ impl Broker {
                 .map(|u| PartitionRef { topic: u.topic.clone(), partition: u.partition })
                 .collect(),
         }
-    }
-
-    /// Moves leaderships back to preferred replicas.
-    pub(crate) async fn elect_leaders(&self) -> Result<ElectLeadersResponse, AdminError> {
-        let controller = &self.controller;
-        let due = controller.image().borrow().preferred_elections_due();
-        if !due.is_empty() {
-            controller.write(Command::PreferredElection).await?;
-            self.wait_applied(controller, |image| {
-                let now = image.preferred_elections_due();
-                due.iter().all(|d| !now.contains(d))
-            })
-            .await;
-        }
-        let elected = due.into_iter().map(|(topic, partition)| PartitionRef { topic, partition }).collect();
-        Ok(ElectLeadersResponse { elected })
-    }
-
-    /// Starts moving a partition to other brokers (it completes once the
-    /// new replicas are in sync), or cancels the move in progress.
-    pub(crate) async fn reassign_partition(
-        &self,
-        r: ReassignPartitionRequest,
-    ) -> Result<ReassignPartitionResponse, AdminError> {
-        let command = if r.cancel {
-            Command::CancelReassignment { topic: r.topic, partition: r.partition }
-        } else {
-            Command::ReassignPartition { topic: r.topic, partition: r.partition, replicas: r.replicas }
-        };
-        self.controller.write(command).await?;
-        Ok(ReassignPartitionResponse {})
-    }
-
-    /// Adds or removes voters of the metadata quorum.
-    pub(crate) async fn alter_voters(&self, r: AlterVotersRequest) -> Result<AlterVotersResponse, AdminError> {
-        let voters = self.controller.alter_voters(r.add, r.remove).await?;
-        Ok(AlterVotersResponse { voters })
     }
 
     /// Serves a controller message from another broker.

@@ -114,31 +114,10 @@ pub enum ProduceError {
     Internal(String),
     /// Forwarded to the partition's leader, which answered with an error
     /// (or did not answer: `may_be_kept`).
-    #[error("{topic}-{partition} at its leader, broker {leader}: {error}")]
+    #[error("{topic}-{partition} at its leader, broker {leader}: {}", .error.message)]
     AtLeader { topic: String, partition: u32, leader: NodeId, error: WireError },
     #[error("{topic}-{partition} forwarded to its leader, broker {leader}: {message}: it may or may not be kept")]
     ForwardUnknown { topic: String, partition: u32, leader: NodeId, message: String },
-}
-
-impl ProduceError {
-    /// Whether sending the same batch again may succeed without writing it
-    /// twice (what a transform retries; a producer decides from the code).
-    pub(crate) fn is_retriable(&self) -> bool {
-        match self {
-            ProduceError::Partition(_)
-            | ProduceError::ShuttingDown
-            | ProduceError::NotEnoughReplicas { .. }
-            | ProduceError::Append(_)
-            | ProduceError::Sync(_)
-            | ProduceError::LeadershipMoved
-            | ProduceError::NotConfirmed(_)
-            | ProduceError::ForwardUnknown { .. } => true,
-            ProduceError::AtLeader { error, .. } => {
-                error.code.is_retriable() || matches!(error.code, ErrorCode::NotReplicated | ErrorCode::StorageError)
-            }
-            _ => false,
-        }
-    }
 }
 
 /// Why a read from a partition failed.

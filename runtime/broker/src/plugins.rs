@@ -34,6 +34,7 @@ use crate::files::write_atomic;
 use crate::partition::Topic;
 use crate::registry::{BatchMode, Deployed, Deployment, OnError, StartAt, invalid, serializers, unknown};
 use crate::topic::{TopicCompression, TopicConfig};
+use crate::wire::code_of_produce;
 
 /// Input read per transform step, at most.
 const READ_BYTES_MAX: usize = 1 << 20;
@@ -615,16 +616,16 @@ impl Broker {
     /// in-sync replicas have it on disk.
     async fn produce_output(self: &Arc<Self>, topic: &str, partition: u32, records: Bytes) -> Result<(), StepError> {
         let output = |message: String| format!("output {topic}-{partition}: {message}");
-        let classify = |retriable: bool, message: String| {
-            if retriable { StepError::Retry(output(message)) } else { StepError::Policy(output(message)) }
-        };
-        match self.remote_leader(topic, partition).map_err(|e| StepError::Retry(e.to_string()))? {
+        let (code, message) = match self
+            .remote_leader(topic, partition)
+            .map_err(|e| StepError::Retry(output(e.to_string())))?
+        {
             None => {
                 let write = Write { topic: topic.to_owned(), partition, records };
                 let written = self.write(vec![write], api::Acks::All, None).await;
                 match written.and_then(|mut all| all.pop().unwrap_or(Err(ProduceError::Internal("no answer".into())))) {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(classify(e.is_retriable(), e.to_string())),
+                    Ok(_) => return Ok(()),
+                    Err(e) => (code_of_produce(&e), e.to_string()),
                 }
             }
             Some(remote) => {
@@ -640,14 +641,20 @@ impl Broker {
                     .partitions
                     .pop()
                     .ok_or_else(|| StepError::Retry(output("an empty produce answer".into())))?;
-                let retriable = result.error.is_retriable()
-                    || result.error == ErrorCode::NotReplicated
-                    || result.error == ErrorCode::StorageError;
                 match result.error {
-                    ErrorCode::None => Ok(()),
-                    code => Err(classify(retriable, format!("{}: {}", code.name(), result.message))),
+                    ErrorCode::None => return Ok(()),
+                    code => (code, result.message),
                 }
             }
+        };
+        // Here or there, a write is judged by its code: a retry may succeed
+        // (and a transform's outputs are at-least-once anyway), or the error
+        // policy decides.
+        let message = output(format!("{}: {message}", code.name()));
+        if code.is_retriable() || matches!(code, ErrorCode::NotReplicated | ErrorCode::StorageError) {
+            Err(StepError::Retry(message))
+        } else {
+            Err(StepError::Policy(message))
         }
     }
 

@@ -4,7 +4,6 @@
 //! never reused.
 
 use quiver_controller::{Command, Outcome};
-use quiver_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse};
 
 use crate::broker::Broker;
 use crate::errors::{AdminError, MetadataError};
@@ -13,10 +12,8 @@ use crate::errors::{AdminError, MetadataError};
 pub(crate) const PRODUCER_ID_BLOCK: u32 = 1000;
 
 impl Broker {
-    pub(crate) async fn init_producer_id(
-        &self,
-        _: InitProducerIdRequest,
-    ) -> Result<InitProducerIdResponse, AdminError> {
+    /// A producer id no broker has handed out (epoch 0).
+    pub(crate) async fn init_producer_id(&self) -> Result<i64, AdminError> {
         let mut block = self.producer_ids.block.lock().await;
         if block.0 >= block.1 {
             let first = self.take_producer_ids().await?;
@@ -24,7 +21,7 @@ impl Broker {
         }
         let producer_id = block.0;
         block.0 += 1;
-        Ok(InitProducerIdResponse { producer_id, producer_epoch: 0 })
+        Ok(producer_id)
     }
 
     /// A fresh block's first id.

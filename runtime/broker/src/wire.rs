@@ -17,7 +17,7 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::access::{self, RequestContext};
-use crate::api::{self, OffsetQuery, Read, ReadOptions, Write};
+use crate::api::{self, NewTopic, OffsetQuery, Read, ReadOptions, Write};
 use crate::broker::Broker;
 use crate::errors::{
     AdminError, FetchError, ListOffsetsError, MetadataError, PartitionError, PluginAdminError, PluginCallError,
@@ -106,7 +106,18 @@ impl Broker {
                 self.run(body, |_: ApiVersionsRequest| async { Ok::<_, WireError>(self.api_versions()) }).await
             }
             ApiKey::Metadata => self.run(body, |r| async move { Ok::<_, WireError>(self.metadata(r)) }).await,
-            ApiKey::CreateTopic => self.run(body, |r| self.create_topic(r)).await,
+            ApiKey::CreateTopic => {
+                self.run(body, |r: CreateTopicRequest| async move {
+                    let new = NewTopic {
+                        name: r.name,
+                        partitions: r.partitions,
+                        replication_factor: r.replication_factor,
+                        configs: r.configs,
+                    };
+                    Ok::<_, AdminError>(CreateTopicResponse { configs: self.create_topic(&new).await? })
+                })
+                .await
+            }
             ApiKey::DeleteTopic => {
                 self.run(body, |r: DeleteTopicRequest| async move {
                     self.delete_topic_in_metadata(&r.name).await?;
@@ -145,10 +156,35 @@ impl Broker {
                 self.run(body, |_: ClusterInfoRequest| async { Ok::<_, WireError>(self.cluster_info()) }).await
             }
             ApiKey::ReplicaFetch => self.run(body, |r| self.replica_fetch(r)).await,
-            ApiKey::ElectLeaders => self.run(body, |_: ElectLeadersRequest| self.elect_leaders()).await,
-            ApiKey::AlterVoters => self.run(body, |r| self.alter_voters(r)).await,
-            ApiKey::ReassignPartition => self.run(body, |r| self.reassign_partition(r)).await,
-            ApiKey::InitProducerId => self.run(body, |r| self.init_producer_id(r)).await,
+            ApiKey::ElectLeaders => {
+                self.run(body, |_: ElectLeadersRequest| async {
+                    let elected = self.elect_leaders().await?;
+                    let elected = elected.into_iter().map(|(topic, partition)| PartitionRef { topic, partition });
+                    Ok::<_, AdminError>(ElectLeadersResponse { elected: elected.collect() })
+                })
+                .await
+            }
+            ApiKey::AlterVoters => {
+                self.run(body, |r: AlterVotersRequest| async move {
+                    Ok::<_, AdminError>(AlterVotersResponse { voters: self.alter_voters(r.add, r.remove).await? })
+                })
+                .await
+            }
+            ApiKey::ReassignPartition => {
+                self.run(body, |r: ReassignPartitionRequest| async move {
+                    let replicas = (!r.cancel).then_some(r.replicas);
+                    self.reassign_partition(r.topic, r.partition, replicas).await?;
+                    Ok::<_, AdminError>(ReassignPartitionResponse {})
+                })
+                .await
+            }
+            ApiKey::InitProducerId => {
+                self.run(body, |_: InitProducerIdRequest| async {
+                    let producer_id = self.init_producer_id().await?;
+                    Ok::<_, AdminError>(InitProducerIdResponse { producer_id, producer_epoch: 0 })
+                })
+                .await
+            }
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok::<_, PluginAdminError>(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
@@ -326,7 +362,7 @@ fn code_of_plugin_call(e: &PluginCallError) -> ErrorCode {
     }
 }
 
-fn code_of_produce(e: &ProduceError) -> ErrorCode {
+pub(crate) fn code_of_produce(e: &ProduceError) -> ErrorCode {
     match e {
         ProduceError::Partition(e) => code_of_partition(e),
         ProduceError::ShuttingDown => ErrorCode::BrokerShuttingDown,

@@ -11,9 +11,17 @@
 //! - [`fetch`]: `Broker::read` — long-poll reads up to the high watermark,
 //!   off the runtime's threads, through a filter and value decoders; and
 //!   `Broker::find_offsets` (earliest, latest, by time).
+//! - [`admin`]: topics (create, delete), preferred-leader elections,
+//!   reassignments, voters — commands in the metadata log.
+//!
+//! Not here yet: describing topics and the cluster, and the plugin
+//! operations (`cluster.rs`, `plugins.rs`, `plugin_sync.rs`) take or answer
+//! wire structs; they already fail with typed errors.
 
+pub(crate) mod admin;
 pub(crate) mod fetch;
 pub(crate) mod produce;
 
+pub(crate) use admin::NewTopic;
 pub(crate) use fetch::{OffsetQuery, Read, ReadOptions};
 pub(crate) use produce::{Acks, Write};
