@@ -482,41 +482,15 @@ fn code_of_list_offsets(e: &ListOffsetsError) -> ErrorCode {
     }
 }
 
-// The operations' errors as wire errors: what `run` answers, and what
-// the replica path (still on wire errors: it carries the codes its
-// leader answered) gets from the typed lookups with `?`.
-impl From<PartitionError> for WireError {
-    fn from(e: PartitionError) -> Self {
-        wire_error(code_of_partition(&e), e)
-    }
+/// The operations' errors as wire errors, for `run`: each with the code
+/// its `code_of_*` chooses and its message.
+macro_rules! as_wire_error {
+    ($($error:ty => $code:ident),*) => {$(
+        impl From<$error> for WireError {
+            fn from(e: $error) -> Self {
+                wire_error($code(&e), e)
+            }
+        }
+    )*};
 }
-
-impl From<PluginCallError> for WireError {
-    fn from(e: PluginCallError) -> Self {
-        wire_error(code_of_plugin_call(&e), e)
-    }
-}
-
-impl From<AdminError> for WireError {
-    fn from(e: AdminError) -> Self {
-        wire_error(code_of_admin(&e), e)
-    }
-}
-
-impl From<PluginAdminError> for WireError {
-    fn from(e: PluginAdminError) -> Self {
-        wire_error(code_of_plugin_admin(&e), e)
-    }
-}
-
-impl From<ReplicaError> for WireError {
-    fn from(e: ReplicaError) -> Self {
-        wire_error(code_of_replica(&e), e)
-    }
-}
-
-impl From<ProduceError> for WireError {
-    fn from(e: ProduceError) -> Self {
-        wire_error(code_of_produce(&e), e)
-    }
-}
+as_wire_error!(AdminError => code_of_admin, PluginAdminError => code_of_plugin_admin, ReplicaError => code_of_replica);
