@@ -1,0 +1,381 @@
+//! One consumer group's state and its rules (see the crate docs).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::assignor::assignment_partitions;
+use crate::{
+    Assignment, CommitError, Fenced, GroupConfig, GroupError, Heartbeat, HeartbeatAnswer, JOIN_EPOCH, LEAVE_EPOCH,
+    MemberId, STATIC_LEAVE_EPOCH, TopicPartition,
+};
+
+/// Where a member is on its way to its target assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// Owns its target.
+    Stable,
+    /// Asked to give up partitions; waits for the member to confirm.
+    Revoking,
+    /// At the target epoch, waiting for partitions other members still own.
+    Awaiting,
+}
+
+/// A member as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: MemberId,
+    pub instance_id: Option<String>,
+    pub epoch: i32,
+    pub previous_epoch: i32,
+    pub subscription: BTreeSet<String>,
+    /// What it may own now.
+    pub assigned: Assignment,
+    /// What it was asked to give up and has not confirmed yet (it still
+    /// owns these: nobody else gets them meanwhile).
+    pub revoking: Assignment,
+    pub state: MemberState,
+    pub last_heartbeat_ms: u64,
+    revoke_deadline_ms: u64,
+    /// A static member that left with epoch -2: it keeps its assignment
+    /// until its session ends.
+    pub away: bool,
+}
+
+/// One group.
+#[derive(Debug, Clone)]
+pub struct Group {
+    name: String,
+    config: GroupConfig,
+    epoch: i32,
+    target_epoch: i32,
+    target: BTreeMap<MemberId, Assignment>,
+    members: BTreeMap<MemberId, Member>,
+    /// Partition counts of the topics the members subscribe to, as last
+    /// seen.
+    topics: BTreeMap<String, u32>,
+    joined: u64,
+}
+
+impl Group {
+    pub fn new(name: &str, config: GroupConfig) -> Group {
+        Group {
+            name: name.to_owned(),
+            config,
+            epoch: 0,
+            target_epoch: 0,
+            target: BTreeMap::new(),
+            members: BTreeMap::new(),
+            topics: BTreeMap::new(),
+            joined: 0,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The group epoch: it moves with every change of membership,
+    /// subscriptions or subscribed topics' partition counts.
+    pub fn epoch(&self) -> i32 {
+        self.epoch
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.members.get(id)
+    }
+
+    /// The target assignment of each member, at [`Group::epoch`] once a
+    /// heartbeat computed it.
+    pub fn target(&self, id: &str) -> Option<&Assignment> {
+        self.target.get(id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Answers a member's heartbeat at `now_ms`; `topics` is every
+    /// existing topic's partition count.
+    pub fn heartbeat(
+        &mut self,
+        now_ms: u64,
+        hb: Heartbeat,
+        topics: &BTreeMap<String, u32>,
+    ) -> Result<HeartbeatAnswer, GroupError> {
+        let id = match hb.member_epoch {
+            LEAVE_EPOCH => return Ok(self.leave(&hb.member_id)),
+            STATIC_LEAVE_EPOCH => return self.step_away(&hb),
+            JOIN_EPOCH => self.join(now_ms, &hb)?,
+            epoch if epoch > 0 => self.known(&hb, epoch)?,
+            epoch => return Err(GroupError::Invalid(format!("member epoch {epoch} is not valid"))),
+        };
+        let member = self.members.get_mut(&id).expect("known member");
+        member.last_heartbeat_ms = now_ms;
+        if let Some(subscription) = hb.subscription
+            && subscription != member.subscription
+        {
+            member.subscription = subscription;
+            self.epoch += 1;
+        }
+        self.see_topics(topics);
+        if self.epoch > self.target_epoch {
+            self.compute_target();
+        }
+        self.reconcile(now_ms, &id, hb.owned.as_ref());
+        let member = &self.members[&id];
+        Ok(HeartbeatAnswer {
+            member_id: id,
+            member_epoch: member.epoch,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            assignment: member.assigned.clone(),
+        })
+    }
+
+    /// Fences members whose session ended, or who hold partitions they
+    /// were asked to revoke past the rebalance timeout.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Fenced> {
+        let session = self.config.session_timeout_ms;
+        let fenced: Vec<(MemberId, &'static str)> = self
+            .members
+            .values()
+            .filter_map(|m| {
+                if now_ms.saturating_sub(m.last_heartbeat_ms) > session {
+                    Some((m.id.clone(), if m.away { "did not come back within its session" } else { "session ended" }))
+                } else if m.state == MemberState::Revoking && now_ms > m.revoke_deadline_ms {
+                    Some((m.id.clone(), "did not revoke its partitions within the rebalance timeout"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        fenced
+            .into_iter()
+            .map(|(id, reason)| {
+                let m = self.remove(&id).expect("member");
+                Fenced { member_id: id, instance_id: m.instance_id, reason }
+            })
+            .collect()
+    }
+
+    /// Checks that `member_id` at `member_epoch` may commit offsets for
+    /// `partitions`. A commit without a member (`""`, epoch -1: a consumer
+    /// that picks its partitions) is allowed only into a group with no
+    /// members.
+    pub fn check_commit(
+        &self,
+        member_id: &str,
+        member_epoch: i32,
+        partitions: &[TopicPartition],
+    ) -> Result<(), CommitError> {
+        if member_id.is_empty() && member_epoch < 0 {
+            return match self.members.is_empty() {
+                true => Ok(()),
+                false => Err(CommitError::GroupActive(self.name.clone())),
+            };
+        }
+        let m = self.members.get(member_id).ok_or_else(|| GroupError::UnknownMember(member_id.to_owned()))?;
+        if member_epoch != m.epoch {
+            return Err(GroupError::FencedEpoch { member: m.id.clone(), got: member_epoch, current: m.epoch }.into());
+        }
+        for (topic, partition) in partitions {
+            let owns = |a: &Assignment| a.get(topic).is_some_and(|ps| ps.contains(partition));
+            if !owns(&m.assigned) && !owns(&m.revoking) {
+                return Err(CommitError::NotOwned {
+                    member: m.id.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn join(&mut self, now_ms: u64, hb: &Heartbeat) -> Result<MemberId, GroupError> {
+        if let Some(instance) = &hb.instance_id
+            && let Some(existing) = self.members.values().find(|m| m.instance_id.as_ref() == Some(instance))
+        {
+            if !existing.away {
+                return Err(GroupError::InstanceInUse(instance.clone()));
+            }
+            // A static member back from a restart: same partitions, same
+            // epoch, under a new member id; nothing moves.
+            let old = existing.id.clone();
+            let mut member = self.members.remove(&old).expect("member");
+            let id = self.new_member_id();
+            member.id = id.clone();
+            member.away = false;
+            member.last_heartbeat_ms = now_ms;
+            if let Some(target) = self.target.remove(&old) {
+                self.target.insert(id.clone(), target);
+            }
+            self.members.insert(id.clone(), member);
+            return Ok(id);
+        }
+        let Some(subscription) = hb.subscription.clone() else {
+            return Err(GroupError::Invalid("a joining member must give its subscription".into()));
+        };
+        // Joining again under its old id (after being fenced, say): it
+        // starts over with nothing.
+        if !hb.member_id.is_empty() {
+            self.remove(&hb.member_id);
+        }
+        let id = if hb.member_id.is_empty() { self.new_member_id() } else { hb.member_id.clone() };
+        self.members.insert(
+            id.clone(),
+            Member {
+                id: id.clone(),
+                instance_id: hb.instance_id.clone(),
+                epoch: 0,
+                previous_epoch: -1,
+                subscription,
+                assigned: Assignment::new(),
+                revoking: Assignment::new(),
+                state: MemberState::Stable,
+                last_heartbeat_ms: now_ms,
+                revoke_deadline_ms: 0,
+                away: false,
+            },
+        );
+        self.epoch += 1;
+        Ok(id)
+    }
+
+    /// A member heartbeating at `epoch`: its current epoch, or the one
+    /// before if it lost the answer that moved it (it owns nothing it was
+    /// not given).
+    fn known(&mut self, hb: &Heartbeat, epoch: i32) -> Result<MemberId, GroupError> {
+        let m = self.members.get(&hb.member_id).ok_or_else(|| GroupError::UnknownMember(hb.member_id.clone()))?;
+        let lost_answer = epoch == m.previous_epoch
+            && hb.owned.as_ref().is_some_and(|owned| {
+                assignment_partitions(owned).all(|tp| contains(&m.assigned, &tp) || contains(&m.revoking, &tp))
+            });
+        if epoch != m.epoch && !lost_answer {
+            return Err(GroupError::FencedEpoch { member: m.id.clone(), got: epoch, current: m.epoch });
+        }
+        if m.away {
+            return Err(GroupError::UnknownMember(hb.member_id.clone()));
+        }
+        Ok(m.id.clone())
+    }
+
+    fn leave(&mut self, id: &str) -> HeartbeatAnswer {
+        self.remove(id);
+        HeartbeatAnswer {
+            member_id: id.to_owned(),
+            member_epoch: LEAVE_EPOCH,
+            heartbeat_interval_ms: 0,
+            assignment: Assignment::new(),
+        }
+    }
+
+    fn step_away(&mut self, hb: &Heartbeat) -> Result<HeartbeatAnswer, GroupError> {
+        let m = self.members.get_mut(&hb.member_id).ok_or_else(|| GroupError::UnknownMember(hb.member_id.clone()))?;
+        if m.instance_id.is_none() {
+            return Err(GroupError::Invalid(
+                "only a static member (with an instance id) can leave with epoch -2".into(),
+            ));
+        }
+        m.away = true;
+        Ok(HeartbeatAnswer {
+            member_id: m.id.clone(),
+            member_epoch: STATIC_LEAVE_EPOCH,
+            heartbeat_interval_ms: 0,
+            assignment: Assignment::new(),
+        })
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Member> {
+        let m = self.members.remove(id)?;
+        self.target.remove(id);
+        self.epoch += 1;
+        Some(m)
+    }
+
+    fn new_member_id(&mut self) -> MemberId {
+        self.joined += 1;
+        format!("{}-{}-{}", self.name, self.epoch, self.joined)
+    }
+
+    /// Moves the group epoch if a subscribed topic appeared, went or
+    /// changed its partition count.
+    fn see_topics(&mut self, all: &BTreeMap<String, u32>) {
+        let subscribed: BTreeSet<&String> = self.members.values().flat_map(|m| m.subscription.iter()).collect();
+        let now: BTreeMap<String, u32> =
+            all.iter().filter(|(t, _)| subscribed.contains(t)).map(|(t, c)| (t.clone(), *c)).collect();
+        if now != self.topics {
+            self.topics = now;
+            self.epoch += 1;
+        }
+    }
+
+    fn compute_target(&mut self) {
+        let subscriptions = self.members.iter().map(|(id, m)| (id.clone(), m.subscription.clone())).collect();
+        self.target = self.config.assignor.assign(&subscriptions, &self.topics, &self.target);
+        self.target_epoch = self.epoch;
+    }
+
+    /// One step of member `id` toward its target (see the crate docs).
+    fn reconcile(&mut self, now_ms: u64, id: &str, owned: Option<&Assignment>) {
+        let target = self.target.get(id).cloned().unwrap_or_default();
+        // Partitions others own, or were asked to give up and still hold.
+        let taken: BTreeSet<TopicPartition> = self
+            .members
+            .values()
+            .filter(|m| m.id != id)
+            .flat_map(|m| assignment_partitions(&m.assigned).chain(assignment_partitions(&m.revoking)))
+            .collect();
+        let target_epoch = self.target_epoch;
+        let deadline = now_ms + self.config.rebalance_timeout_ms;
+        let m = self.members.get_mut(id).expect("member");
+        if m.state == MemberState::Revoking {
+            let released = owned.is_some_and(|o| !assignment_partitions(&m.revoking).any(|tp| contains(o, &tp)));
+            if !released {
+                return;
+            }
+            m.revoking.clear();
+        }
+        let revoke: Vec<TopicPartition> =
+            assignment_partitions(&m.assigned).filter(|tp| !contains(&target, tp)).collect();
+        if !revoke.is_empty() {
+            for (topic, p) in revoke {
+                remove(&mut m.assigned, &topic, p);
+                m.revoking.entry(topic).or_default().insert(p);
+            }
+            m.state = MemberState::Revoking;
+            m.revoke_deadline_ms = deadline;
+            return;
+        }
+        let mut waiting = false;
+        for tp in assignment_partitions(&target) {
+            if contains(&m.assigned, &tp) {
+                continue;
+            }
+            if taken.contains(&tp) {
+                waiting = true;
+            } else {
+                m.assigned.entry(tp.0).or_default().insert(tp.1);
+            }
+        }
+        if m.epoch != target_epoch {
+            m.previous_epoch = m.epoch;
+            m.epoch = target_epoch;
+        }
+        m.state = if waiting { MemberState::Awaiting } else { MemberState::Stable };
+    }
+}
+
+fn contains(a: &Assignment, (topic, p): &TopicPartition) -> bool {
+    a.get(topic).is_some_and(|ps| ps.contains(p))
+}
+
+fn remove(a: &mut Assignment, topic: &str, p: u32) {
+    if let Some(ps) = a.get_mut(topic) {
+        ps.remove(&p);
+        if ps.is_empty() {
+            a.remove(topic);
+        }
+    }
+}

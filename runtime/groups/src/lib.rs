@@ -1,0 +1,139 @@
+//! Consumer-group coordination in the manner of Kafka's KIP-848, as plain
+//! types: no I/O, no clock — time is passed in (`now_ms`), so every rule is
+//! tested on a virtual clock. The broker that leads a group's partition of
+//! the offsets topic feeds it heartbeats and ticks and carries out what it
+//! answers.
+//!
+//! The protocol, from a member's side: it heartbeats with its member epoch
+//! (0 to join, -1 to leave, -2 to leave for a moment as a static member),
+//! its subscription and the partitions it owns. The coordinator keeps a
+//! *group epoch* that moves whenever the membership, a subscription or a
+//! subscribed topic's partition count changes, computes a *target
+//! assignment* for it with a server-side [`Assignor`], and moves each
+//! member toward its target one safe step at a time:
+//!
+//! - partitions the member must give up are revoked first (it keeps the
+//!   rest and confirms by heartbeating without them);
+//! - partitions it gains are handed over only once no other member still
+//!   owns them, so no partition ever has two owners;
+//! - once its assignment matches the target, the member moves to the
+//!   target's epoch.
+//!
+//! A member that stops heartbeating for its session timeout is fenced (its
+//! partitions go back to the pool); one that holds partitions it was asked
+//! to revoke past the rebalance timeout is fenced too. A static member
+//! (`instance_id`) that leaves with epoch -2 keeps its assignment for its
+//! session: back in time, under a new member id, it gets the same
+//! partitions with no rebalance.
+
+pub mod assignor;
+mod group;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub use assignor::Assignor;
+pub use group::{Group, MemberState};
+
+/// A member's id in its group, chosen by the coordinator at join.
+pub type MemberId = String;
+/// (topic, partition)
+pub type TopicPartition = (String, u32);
+/// Partitions per topic.
+pub type Assignment = BTreeMap<String, BTreeSet<u32>>;
+
+/// Member epoch a member joins with.
+pub const JOIN_EPOCH: i32 = 0;
+/// Member epoch a member leaves with.
+pub const LEAVE_EPOCH: i32 = -1;
+/// Member epoch a static member leaves with for a moment (a restart).
+pub const STATIC_LEAVE_EPOCH: i32 = -2;
+
+/// A group's timing and assignor (broker defaults, overridable per group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// A member not heard from for this long is fenced (Kafka's
+    /// `group.consumer.session.timeout.ms`, 45 s).
+    pub session_timeout_ms: u64,
+    /// How often members heartbeat (5 s).
+    pub heartbeat_interval_ms: u64,
+    /// How long a member may hold partitions it was asked to revoke.
+    pub rebalance_timeout_ms: u64,
+    pub assignor: Assignor,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            session_timeout_ms: 45_000,
+            heartbeat_interval_ms: 5_000,
+            rebalance_timeout_ms: 300_000,
+            assignor: Assignor::Uniform,
+        }
+    }
+}
+
+/// One heartbeat of a member.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Empty when joining.
+    pub member_id: MemberId,
+    /// Set for a static member (`group.instance.id`).
+    pub instance_id: Option<String>,
+    pub member_epoch: i32,
+    /// Topic names; `None`: unchanged since the last heartbeat (required
+    /// when joining).
+    pub subscription: Option<BTreeSet<String>>,
+    /// The partitions the member owns now; `None`: unchanged.
+    pub owned: Option<Assignment>,
+}
+
+/// What a member is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatAnswer {
+    pub member_id: MemberId,
+    pub member_epoch: i32,
+    pub heartbeat_interval_ms: u64,
+    /// The partitions the member should own from now on: revocations are
+    /// applied at once, additions only once the member's epoch moved.
+    pub assignment: Assignment,
+}
+
+/// Why a heartbeat was refused. The member must act as the variant says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The member was fenced (or never joined): drop every partition
+    /// without committing, and join again with epoch 0.
+    #[error("member '{0}' is not a member of the group (fenced or never joined): join again")]
+    UnknownMember(MemberId),
+    /// The member's epoch is behind (a lost answer it cannot recover from,
+    /// or a zombie): drop every partition and join again.
+    #[error("member '{member}' is at epoch {got}, the group has it at {current}: join again")]
+    FencedEpoch { member: MemberId, got: i32, current: i32 },
+    /// Another member with this instance id is active.
+    #[error("instance id '{0}' is in use by an active member")]
+    InstanceInUse(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Why an offset commit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Member(#[from] GroupError),
+    /// The member commits for a partition it does not own.
+    #[error("member '{member}' does not own {topic}-{partition}")]
+    NotOwned { member: MemberId, topic: String, partition: u32 },
+    /// A commit without a member (a consumer with hand-picked partitions)
+    /// into a group whose members own its partitions.
+    #[error("group '{0}' has active members: commit as one of them")]
+    GroupActive(String),
+}
+
+/// A member fenced by a tick, and why (for the logs and metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub member_id: MemberId,
+    pub instance_id: Option<String>,
+    pub reason: &'static str,
+}
