@@ -9,7 +9,7 @@ use crate::{
 };
 
 /// Where a member is on its way to its target assignment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MemberState {
     /// Owns its target.
     Stable,
@@ -34,25 +34,37 @@ pub struct Member {
     pub revoking: Assignment,
     pub state: MemberState,
     pub last_heartbeat_ms: u64,
-    revoke_deadline_ms: u64,
+    pub(crate) revoke_deadline_ms: u64,
     /// A static member that left with epoch -2: it keeps its assignment
     /// until its session ends.
     pub away: bool,
 }
 
+/// A committed offset.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Committed {
+    /// The next offset to read.
+    pub offset: i64,
+    /// What the consumer attached (Kafka's commit metadata).
+    pub metadata: String,
+    /// When it was committed (the coordinator's wall clock, ms).
+    pub at_ms: i64,
+}
+
 /// One group.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Group {
-    name: String,
-    config: GroupConfig,
-    epoch: i32,
-    target_epoch: i32,
-    target: BTreeMap<MemberId, Assignment>,
-    members: BTreeMap<MemberId, Member>,
+    pub(crate) name: String,
+    pub(crate) config: GroupConfig,
+    pub(crate) epoch: i32,
+    pub(crate) target_epoch: i32,
+    pub(crate) target: BTreeMap<MemberId, Assignment>,
+    pub(crate) members: BTreeMap<MemberId, Member>,
     /// Partition counts of the topics the members subscribe to, as last
     /// seen.
-    topics: BTreeMap<String, u32>,
-    joined: u64,
+    pub(crate) topics: BTreeMap<String, u32>,
+    pub(crate) joined: u64,
+    pub(crate) offsets: BTreeMap<TopicPartition, Committed>,
 }
 
 impl Group {
@@ -66,7 +78,47 @@ impl Group {
             members: BTreeMap::new(),
             topics: BTreeMap::new(),
             joined: 0,
+            offsets: BTreeMap::new(),
         }
+    }
+
+    /// The committed offset of a partition.
+    pub fn committed(&self, topic: &str, partition: u32) -> Option<&Committed> {
+        self.offsets.get(&(topic.to_owned(), partition))
+    }
+
+    /// Every committed offset.
+    pub fn offsets(&self) -> &BTreeMap<TopicPartition, Committed> {
+        &self.offsets
+    }
+
+    /// Stores `offsets` committed by `member_id` at `member_epoch` (see
+    /// [`Group::check_commit`]), all or none.
+    pub fn commit(
+        &mut self,
+        member_id: &str,
+        member_epoch: i32,
+        offsets: Vec<(TopicPartition, Committed)>,
+    ) -> Result<(), CommitError> {
+        let partitions: Vec<TopicPartition> = offsets.iter().map(|(tp, _)| tp.clone()).collect();
+        self.check_commit(member_id, member_epoch, &partitions)?;
+        self.offsets.extend(offsets);
+        Ok(())
+    }
+
+    /// Sets offsets by hand (an operator's reset): only while the group
+    /// has no members, so nobody consumes from the old positions meanwhile.
+    pub fn reset_offsets(&mut self, offsets: Vec<(TopicPartition, Committed)>) -> Result<(), CommitError> {
+        if !self.members.is_empty() {
+            return Err(CommitError::GroupActive(self.name.clone()));
+        }
+        self.offsets.extend(offsets);
+        Ok(())
+    }
+
+    /// Forgets the committed offsets of `topic` (a deleted topic).
+    pub fn forget_topic(&mut self, topic: &str) {
+        self.offsets.retain(|(t, _), _| t != topic);
     }
 
     pub fn name(&self) -> &str {

@@ -26,13 +26,17 @@
 //! session: back in time, under a new member id, it gets the same
 //! partitions with no rebalance.
 
+#![forbid(unsafe_code)]
+
 pub mod assignor;
 mod group;
+mod records;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use assignor::Assignor;
-pub use group::{Group, MemberState};
+pub use group::{Committed, Group, Member, MemberState};
+pub use records::{Record, RecordKey, RecordValue, changes};
 
 /// A member's id in its group, chosen by the coordinator at join.
 pub type MemberId = String;

@@ -308,3 +308,68 @@ fn a_member_that_leaves_frees_its_partitions_at_once() {
     sim.settle(1);
     assert_eq!(sim.count("a"), 4);
 }
+
+/// The records the coordinator writes after each change, through JSON as
+/// the offsets topic would carry them.
+fn persist(log: &mut Vec<Record>, before: &BTreeMap<RecordKey, RecordValue>, group: &Group) {
+    for record in changes(before, &group.records()) {
+        let bytes = serde_json::to_vec(&record).unwrap();
+        log.push(serde_json::from_slice(&bytes).unwrap());
+    }
+}
+
+#[test]
+fn a_new_coordinator_rebuilds_the_group_from_its_records_and_members_go_on() {
+    let mut sim = Sim::new(&[("t", 6)]);
+    let mut log = Vec::new();
+    let mut before = BTreeMap::new();
+    let mut step = |sim: &mut Sim, log: &mut Vec<Record>| {
+        persist(log, &before, &sim.group);
+        before = sim.group.records();
+    };
+    sim.join("a", Some("host-a"), &["t"]);
+    step(&mut sim, &mut log);
+    sim.join("b", None, &["t"]);
+    step(&mut sim, &mut log);
+    sim.now += 1_000;
+    // a is told to revoke; the coordinator fails over before it confirms.
+    sim.beat("a").unwrap();
+    step(&mut sim, &mut log);
+    let a = sim.clients["a"].clone();
+    let mine = assignment_partitions(&a.owned).next().unwrap();
+    let committed = Committed { offset: 42, metadata: "m".into(), at_ms: 7 };
+    sim.group.commit(&a.id, a.epoch, vec![(mine.clone(), committed.clone())]).unwrap();
+    step(&mut sim, &mut log);
+    sim.join("c", None, &["t"]);
+    step(&mut sim, &mut log);
+    let c = sim.clients.remove("c").unwrap();
+    let leave = Heartbeat { member_id: c.id, member_epoch: LEAVE_EPOCH, ..Default::default() };
+    sim.group.heartbeat(sim.now, leave, &sim.topics).unwrap();
+    step(&mut sim, &mut log);
+    assert!(log.iter().any(|r| r.value.is_none()), "the member that left is a tombstone");
+
+    let replayed = Group::replay("g", GroupConfig::default(), sim.now + 5_000, log);
+    assert_eq!(replayed.records(), sim.group.records());
+    assert_eq!(replayed.committed(&mine.0, mine.1), Some(&committed));
+    // The members carry on against the new coordinator, and the group
+    // settles as it would have.
+    sim.group = replayed;
+    sim.settle(4);
+    assert_eq!((sim.count("a"), sim.count("b")), (3, 3));
+}
+
+#[test]
+fn offsets_are_reset_only_in_an_empty_group() {
+    let mut sim = Sim::new(&[("t", 2)]);
+    sim.join("a", None, &["t"]);
+    let at = Committed { offset: 0, metadata: String::new(), at_ms: 0 };
+    let reset = vec![(("t".to_string(), 0), at)];
+    assert!(matches!(sim.group.reset_offsets(reset.clone()), Err(CommitError::GroupActive(_))));
+    let a = sim.clients.remove("a").unwrap();
+    let leave = Heartbeat { member_id: a.id, member_epoch: LEAVE_EPOCH, ..Default::default() };
+    sim.group.heartbeat(sim.now, leave, &sim.topics).unwrap();
+    sim.group.reset_offsets(reset).unwrap();
+    assert_eq!(sim.group.committed("t", 0).map(|c| c.offset), Some(0));
+    sim.group.forget_topic("t");
+    assert!(sim.group.offsets().is_empty());
+}
