@@ -51,6 +51,31 @@ pub struct Committed {
     pub at_ms: i64,
 }
 
+impl Member {
+    /// A member that just joined (or was just replayed), owning nothing,
+    /// its session starting at `now_ms`.
+    pub(crate) fn new(
+        id: MemberId,
+        instance_id: Option<String>,
+        subscription: BTreeSet<String>,
+        now_ms: u64,
+    ) -> Member {
+        Member {
+            id,
+            instance_id,
+            epoch: 0,
+            previous_epoch: -1,
+            subscription,
+            assigned: Assignment::new(),
+            revoking: Assignment::new(),
+            state: MemberState::Stable,
+            last_heartbeat_ms: now_ms,
+            revoke_deadline_ms: 0,
+            away: false,
+        }
+    }
+}
+
 /// One group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Group {
@@ -275,22 +300,7 @@ impl Group {
             self.remove(&hb.member_id);
         }
         let id = if hb.member_id.is_empty() { self.new_member_id() } else { hb.member_id.clone() };
-        self.members.insert(
-            id.clone(),
-            Member {
-                id: id.clone(),
-                instance_id: hb.instance_id.clone(),
-                epoch: 0,
-                previous_epoch: -1,
-                subscription,
-                assigned: Assignment::new(),
-                revoking: Assignment::new(),
-                state: MemberState::Stable,
-                last_heartbeat_ms: now_ms,
-                revoke_deadline_ms: 0,
-                away: false,
-            },
-        );
+        self.members.insert(id.clone(), Member::new(id.clone(), hb.instance_id.clone(), subscription, now_ms));
         self.epoch += 1;
         Ok(id)
     }

@@ -116,19 +116,8 @@ impl Group {
                         (epoch, target_epoch, joined, topics);
                 }
                 (RecordKey::Member(id), RecordValue::Member { instance_id, subscription, away }) => {
-                    let member = Member {
-                        id: id.clone(),
-                        instance_id,
-                        epoch: 0,
-                        previous_epoch: -1,
-                        subscription,
-                        assigned: Assignment::new(),
-                        revoking: Assignment::new(),
-                        state: MemberState::Stable,
-                        last_heartbeat_ms: now_ms,
-                        revoke_deadline_ms: now_ms + config.rebalance_timeout_ms,
-                        away,
-                    };
+                    let mut member = Member::new(id.clone(), instance_id, subscription, now_ms);
+                    member.away = away;
                     group.members.insert(id, member);
                 }
                 (RecordKey::Current(id), current @ RecordValue::Current { .. }) => {
@@ -152,6 +141,8 @@ impl Group {
             };
             (m.epoch, m.previous_epoch, m.assigned, m.revoking, m.state) =
                 (epoch, previous_epoch, assigned, revoking, state);
+            // A revocation in progress gets a whole rebalance timeout again.
+            m.revoke_deadline_ms = now_ms + config.rebalance_timeout_ms;
         }
         group
     }
