@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::assignor::assignment_partitions;
 use crate::{
     Assignment, CommitError, Fenced, GroupConfig, GroupError, Heartbeat, HeartbeatAnswer, JOIN_EPOCH, LEAVE_EPOCH,
-    MemberId, STATIC_LEAVE_EPOCH, TopicPartition,
+    MemberId, STATIC_LEAVE_EPOCH, Subscription, TopicPartition,
 };
 
 /// Where a member is on its way to its target assignment.
@@ -26,7 +26,7 @@ pub struct Member {
     pub instance_id: Option<String>,
     pub epoch: i32,
     pub previous_epoch: i32,
-    pub subscription: BTreeSet<String>,
+    pub subscription: Subscription,
     /// What it may own now.
     pub assigned: Assignment,
     /// What it was asked to give up and has not confirmed yet (it still
@@ -54,12 +54,7 @@ pub struct Committed {
 impl Member {
     /// A member that just joined (or was just replayed), owning nothing,
     /// its session starting at `now_ms`.
-    pub(crate) fn new(
-        id: MemberId,
-        instance_id: Option<String>,
-        subscription: BTreeSet<String>,
-        now_ms: u64,
-    ) -> Member {
+    pub(crate) fn new(id: MemberId, instance_id: Option<String>, subscription: Subscription, now_ms: u64) -> Member {
         Member {
             id,
             instance_id,
@@ -182,6 +177,9 @@ impl Group {
         hb: Heartbeat,
         topics: &BTreeMap<String, u32>,
     ) -> Result<HeartbeatAnswer, GroupError> {
+        if let Some(s) = &hb.subscription {
+            s.matcher()?;
+        }
         let id = match hb.member_epoch {
             LEAVE_EPOCH => return Ok(self.leave(&hb.member_id)),
             STATIC_LEAVE_EPOCH => return self.step_away(&hb),
@@ -361,12 +359,13 @@ impl Group {
         format!("{}-{}-{}", self.name, self.epoch, self.joined)
     }
 
-    /// Moves the group epoch if a subscribed topic appeared, went or
-    /// changed its partition count.
+    /// Moves the group epoch if a subscribed topic (by name or pattern)
+    /// appeared, went or changed its partition count.
     fn see_topics(&mut self, all: &BTreeMap<String, u32>) {
-        let subscribed: BTreeSet<&String> = self.members.values().flat_map(|m| m.subscription.iter()).collect();
+        let subscribed: BTreeSet<String> =
+            self.members.values().flat_map(|m| m.subscription.resolve(all.keys())).collect();
         let now: BTreeMap<String, u32> =
-            all.iter().filter(|(t, _)| subscribed.contains(t)).map(|(t, c)| (t.clone(), *c)).collect();
+            all.iter().filter(|(t, _)| subscribed.contains(*t)).map(|(t, c)| (t.clone(), *c)).collect();
         if now != self.topics {
             self.topics = now;
             self.epoch += 1;
@@ -374,7 +373,8 @@ impl Group {
     }
 
     fn compute_target(&mut self) {
-        let subscriptions = self.members.iter().map(|(id, m)| (id.clone(), m.subscription.clone())).collect();
+        let subscriptions =
+            self.members.iter().map(|(id, m)| (id.clone(), m.subscription.resolve(self.topics.keys()))).collect();
         self.target = self.config.assignor.assign(&subscriptions, &self.topics, &self.target);
         self.target_epoch = self.epoch;
     }

@@ -76,6 +76,43 @@ impl Default for GroupConfig {
     }
 }
 
+/// What a member consumes: topics by name, and (or) every topic whose
+/// whole name matches a regular expression (Rust `regex` syntax, as
+/// Kafka's RE2/J: no look-around), including topics created later.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Subscription {
+    pub topics: BTreeSet<String>,
+    pub pattern: Option<String>,
+}
+
+impl Subscription {
+    pub fn topics(names: impl IntoIterator<Item = impl Into<String>>) -> Subscription {
+        Subscription { topics: names.into_iter().map(Into::into).collect(), pattern: None }
+    }
+
+    pub fn pattern(pattern: &str) -> Subscription {
+        Subscription { topics: BTreeSet::new(), pattern: Some(pattern.to_owned()) }
+    }
+
+    /// Checks the pattern; the matcher for [`Subscription::resolve`].
+    pub(crate) fn matcher(&self) -> Result<Option<regex::Regex>, GroupError> {
+        let Some(pattern) = &self.pattern else { return Ok(None) };
+        regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map(Some)
+            .map_err(|e| GroupError::Invalid(format!("subscription pattern '{pattern}': {e}")))
+    }
+
+    /// The topics of `existing` this subscription takes.
+    pub fn resolve<'a>(&self, existing: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
+        let matcher = self.matcher().ok().flatten();
+        existing
+            .into_iter()
+            .filter(|t| self.topics.contains(*t) || matcher.as_ref().is_some_and(|m| m.is_match(t)))
+            .cloned()
+            .collect()
+    }
+}
+
 /// One heartbeat of a member.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -84,9 +121,8 @@ pub struct Heartbeat {
     /// Set for a static member (`group.instance.id`).
     pub instance_id: Option<String>,
     pub member_epoch: i32,
-    /// Topic names; `None`: unchanged since the last heartbeat (required
-    /// when joining).
-    pub subscription: Option<BTreeSet<String>>,
+    /// `None`: unchanged since the last heartbeat (required when joining).
+    pub subscription: Option<Subscription>,
     /// The partitions the member owns now; `None`: unchanged.
     pub owned: Option<Assignment>,
 }

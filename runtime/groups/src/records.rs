@@ -8,12 +8,12 @@
 //! Timers are not records: members replayed get a fresh session from the
 //! replay, as after a Kafka coordinator failover.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::group::{Committed, Group, Member, MemberState};
-use crate::{Assignment, GroupConfig, MemberId};
+use crate::{Assignment, GroupConfig, MemberId, Subscription};
 
 /// What a record is about, within one group.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -29,7 +29,7 @@ pub enum RecordKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecordValue {
     Group { epoch: i32, target_epoch: i32, joined: u64, topics: BTreeMap<String, u32> },
-    Member { instance_id: Option<String>, subscription: BTreeSet<String>, away: bool },
+    Member { instance_id: Option<String>, subscription: Subscription, away: bool },
     Target(Assignment),
     Current { epoch: i32, previous_epoch: i32, assigned: Assignment, revoking: Assignment, state: MemberState },
     Offset(Committed),

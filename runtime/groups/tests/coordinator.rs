@@ -14,8 +14,8 @@ fn topics(counts: &[(&str, u32)]) -> BTreeMap<String, u32> {
     counts.iter().map(|(t, c)| (t.to_string(), *c)).collect()
 }
 
-fn subscription(names: &[&str]) -> Option<BTreeSet<String>> {
-    Some(names.iter().map(|n| n.to_string()).collect())
+fn subscription(names: &[&str]) -> Option<Subscription> {
+    Some(Subscription::topics(names.iter().copied()))
 }
 
 /// A simulated consumer.
@@ -372,4 +372,39 @@ fn offsets_are_reset_only_in_an_empty_group() {
     assert_eq!(sim.group.committed("t", 0).map(|c| c.offset), Some(0));
     sim.group.forget_topic("t");
     assert!(sim.group.offsets().is_empty());
+}
+
+#[test]
+fn a_pattern_subscription_takes_matching_topics_including_new_ones() {
+    let mut sim = Sim::new(&[("orders-eu", 2), ("orders-us", 2), ("payments", 4)]);
+    let hb = Heartbeat {
+        member_epoch: JOIN_EPOCH,
+        subscription: Some(Subscription::pattern("orders-.*")),
+        owned: Some(Assignment::new()),
+        ..Default::default()
+    };
+    let answer = sim.group.heartbeat(sim.now, hb, &sim.topics).unwrap();
+    let topics: Vec<&String> = answer.assignment.keys().collect();
+    assert_eq!(topics, ["orders-eu", "orders-us"], "whole-name matches only, not payments");
+    let client = Client { id: answer.member_id, instance: None, epoch: answer.member_epoch, owned: answer.assignment };
+    sim.clients.insert("a".into(), client);
+    // A topic created later that matches joins the subscription.
+    sim.topics.insert("orders-apac".into(), 3);
+    sim.topics.insert("xorders-1".into(), 3);
+    sim.settle(1);
+    assert_eq!(sim.count("a"), 7);
+    assert!(!sim.clients["a"].owned.contains_key("xorders-1"));
+}
+
+#[test]
+fn an_invalid_pattern_is_refused_at_join() {
+    let mut sim = Sim::new(&[("t", 1)]);
+    let hb = Heartbeat {
+        member_epoch: JOIN_EPOCH,
+        subscription: Some(Subscription::pattern("orders-(")),
+        ..Default::default()
+    };
+    let err = sim.group.heartbeat(sim.now, hb, &sim.topics).unwrap_err();
+    assert!(matches!(&err, GroupError::Invalid(m) if m.contains("orders-(")), "{err}");
+    assert!(sim.group.is_empty());
 }
