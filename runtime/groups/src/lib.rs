@@ -31,6 +31,7 @@
 pub mod assignor;
 mod group;
 mod records;
+pub mod share;
 
 use std::collections::{BTreeMap, BTreeSet};
 
