@@ -24,6 +24,11 @@ fn three_processes_form_a_cluster_fence_a_killed_node_and_refuse_bad_members() {
     cluster.wait_formed();
     let text = cluster.ok(1, &["cluster", "info"]);
     assert!(text.contains("cluster: 3 nodes, controller leader"), "{text}");
+    // Node 2 sees the same once its image has caught up with node 1's
+    // (a heartbeat or so after formation): health is judged on it.
+    cluster.wait_for("node 2 to report the cluster healthy", Duration::from_secs(30), || {
+        cluster.quiver(2, &["cluster", "health"]).status.success()
+    });
     assert!(cluster.ok(2, &["cluster", "health"]).starts_with("healthy"));
 
     // A topic created through one node exists on all; leaders spread.

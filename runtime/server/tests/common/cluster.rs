@@ -282,8 +282,9 @@ impl Cluster {
         let out = self.quiver(via, args);
         assert!(
             out.status.success(),
-            "quiver {args:?} via node {via} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "quiver {args:?} via node {via} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8(out.stdout).unwrap()
     }
