@@ -237,7 +237,7 @@ impl Broker {
             .into_iter()
             .map(|p| Write { topic: p.topic, partition: p.partition, records: p.records })
             .collect();
-        let results = self.write(writes, acks, turn).await.map_err(|e| wire_error(code_of_produce(&e), e))?;
+        let results = self.write(writes, acks, turn).await?;
         let partitions = asked
             .into_iter()
             .zip(results)
@@ -283,7 +283,7 @@ impl Broker {
             filter: (!r.filter.is_empty()).then_some((r.filter, r.filter_params)),
             decode_values: r.decode_values,
         };
-        let results = self.read(reads, options).await.map_err(|e| wire_error(code_of_fetch(&e), e))?;
+        let results = self.read(reads, options).await?;
         let partitions = asked
             .into_iter()
             .zip(results)
@@ -482,7 +482,7 @@ fn code_of_list_offsets(e: &ListOffsetsError) -> ErrorCode {
     }
 }
 
-/// The operations' errors as wire errors, for `run`: each with the code
+/// The operations' errors as wire errors (for `run` and `?`): each with the code
 /// its `code_of_*` chooses and its message.
 macro_rules! as_wire_error {
     ($($error:ty => $code:ident),*) => {$(
@@ -493,4 +493,10 @@ macro_rules! as_wire_error {
         }
     )*};
 }
-as_wire_error!(AdminError => code_of_admin, PluginAdminError => code_of_plugin_admin, ReplicaError => code_of_replica);
+as_wire_error!(
+    AdminError => code_of_admin,
+    PluginAdminError => code_of_plugin_admin,
+    ReplicaError => code_of_replica,
+    ProduceError => code_of_produce,
+    FetchError => code_of_fetch
+);

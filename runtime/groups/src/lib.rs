@@ -80,19 +80,40 @@ impl Default for GroupConfig {
 /// What a member consumes: topics by name, and (or) every topic whose
 /// whole name matches a regular expression (Rust `regex` syntax, as
 /// Kafka's RE2/J: no look-around), including topics created later.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Subscription {
-    pub topics: BTreeSet<String>,
-    pub pattern: Option<String>,
+    topics: BTreeSet<String>,
+    pattern: Option<String>,
+    /// The pattern compiled once: every heartbeat resolves it against
+    /// every topic.
+    #[serde(skip)]
+    compiled: std::sync::OnceLock<Option<regex::Regex>>,
 }
 
+impl PartialEq for Subscription {
+    fn eq(&self, other: &Self) -> bool {
+        self.topics == other.topics && self.pattern == other.pattern
+    }
+}
+
+impl Eq for Subscription {}
+
 impl Subscription {
+    /// Topics by name and (or) a pattern.
+    pub fn new(names: impl IntoIterator<Item = impl Into<String>>, pattern: Option<&str>) -> Subscription {
+        Subscription {
+            topics: names.into_iter().map(Into::into).collect(),
+            pattern: pattern.map(str::to_owned),
+            compiled: std::sync::OnceLock::new(),
+        }
+    }
+
     pub fn topics(names: impl IntoIterator<Item = impl Into<String>>) -> Subscription {
-        Subscription { topics: names.into_iter().map(Into::into).collect(), pattern: None }
+        Subscription::new(names, None)
     }
 
     pub fn pattern(pattern: &str) -> Subscription {
-        Subscription { topics: BTreeSet::new(), pattern: Some(pattern.to_owned()) }
+        Subscription::new(Vec::<String>::new(), Some(pattern))
     }
 
     /// Checks the pattern; the matcher for [`Subscription::resolve`].
@@ -105,7 +126,7 @@ impl Subscription {
 
     /// The topics of `existing` this subscription takes.
     pub fn resolve<'a>(&self, existing: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
-        let matcher = self.matcher().ok().flatten();
+        let matcher = self.compiled.get_or_init(|| self.matcher().ok().flatten());
         existing
             .into_iter()
             .filter(|t| self.topics.contains(*t) || matcher.as_ref().is_some_and(|m| m.is_match(t)))

@@ -22,8 +22,7 @@ pub(crate) struct NewTopic {
 impl Broker {
     /// Creates a topic through the metadata log; returns its effective
     /// configs once this broker's image has it.
-    pub(crate) async fn create_topic(&self, new: &NewTopic) -> Result<Vec<(String, String)>, AdminError> {
-        let r = new;
+    pub(crate) async fn create_topic(&self, r: &NewTopic) -> Result<Vec<(String, String)>, AdminError> {
         let controller = &self.controller;
         let (overrides, config) = self.validate_new_topic(&r.name, r.partitions, &r.configs)?;
         if config.min_insync_replicas > usize::from(r.replication_factor.max(1)) {
