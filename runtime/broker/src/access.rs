@@ -87,6 +87,7 @@ pub enum Resource {
     Cluster,
     Topic,
     Plugin,
+    Group,
 }
 
 /// The operation and resource of an API.
@@ -103,6 +104,9 @@ pub fn operation_of(api: ApiKey) -> (Operation, Resource) {
         PluginDeploy | PluginControl => (Operation::Alter, Resource::Plugin),
         ElectLeaders | AlterVoters | ReassignPartition => (Operation::Alter, Resource::Cluster),
         Controller | ReplicaFetch => (Operation::ClusterAction, Resource::Cluster),
+        FindCoordinator | GroupHeartbeat | OffsetCommit | OffsetFetch => (Operation::Read, Resource::Group),
+        ListGroups | DescribeGroup => (Operation::Describe, Resource::Group),
+        DeleteGroup => (Operation::Delete, Resource::Group),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Broker {
     pub(crate) started: std::time::Instant,
     /// The block of producer ids this broker hands out.
     pub(crate) producer_ids: ProducerIds,
+    /// The consumer groups this broker coordinates.
+    pub(crate) coordinator: crate::coordinator::Coordinator,
 }
 
 /// The ids this broker may still hand out: `next..end`.
@@ -157,6 +159,7 @@ impl Broker {
             replica_link: link,
             started: std::time::Instant::now(),
             producer_ids: Default::default(),
+            coordinator: Default::default(),
         }))
     }
 
@@ -346,6 +349,7 @@ impl Broker {
     /// [`Broker::shutdown`] is called.
     pub fn spawn_background(self: &Arc<Self>) {
         self.start_plugins();
+        tokio::spawn(self.clone().coordinate_groups());
         if let Some(interval_ms) = self.config.flush_interval_ms {
             let broker = self.clone();
             tokio::spawn(async move {

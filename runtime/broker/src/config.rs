@@ -37,6 +37,14 @@ pub struct BrokerConfig {
     /// In a cluster: a follower that has not caught up with its leader for
     /// this long leaves the ISR (`replica.lag.time.max.ms`).
     pub replica_lag_time_max_ms: u64,
+    /// Consumer groups: session, heartbeat and rebalance timeouts and the
+    /// assignor of every group this broker coordinates.
+    pub group_defaults: quiver_groups::GroupConfig,
+    /// Partitions of `__consumer_offsets` when a first group request
+    /// creates it (Kafka's `offsets.topic.num.partitions`, 50).
+    pub offsets_topic_partitions: u32,
+    /// Its replication factor; 0: three, or every broker when fewer.
+    pub offsets_topic_replication_factor: u16,
 }
 
 /// Default budget of request bytes in flight: four largest frames.
@@ -58,6 +66,9 @@ impl BrokerConfig {
             topic_defaults: TopicConfig::default(),
             plugins: quiver_plugin_host::HostConfig::default(),
             replica_lag_time_max_ms: 10_000,
+            group_defaults: quiver_groups::GroupConfig::default(),
+            offsets_topic_partitions: 50,
+            offsets_topic_replication_factor: 0,
         }
     }
 }

@@ -315,6 +315,42 @@ impl From<WriteError> for PluginAdminError {
     }
 }
 
+/// Why a consumer-group request (find coordinator, heartbeat, offsets,
+/// list, describe, delete) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupOpError {
+    /// The group's partition of the offsets topic is not led here (any
+    /// more): the member finds the coordinator again.
+    #[error(
+        "broker {me} does not coordinate group '{group}' (partition {partition} of {OFFSETS_TOPIC} is not led here): \
+         find the coordinator again"
+    )]
+    NotCoordinator { me: NodeId, group: String, partition: u32 },
+    /// Just became coordinator: rebuilding its groups from the log.
+    #[error("broker {me} is loading the groups of partition {partition} of {OFFSETS_TOPIC}; retry shortly")]
+    Loading { me: NodeId, partition: u32 },
+    #[error("group '{0}' does not exist")]
+    UnknownGroup(String),
+    #[error("group '{group}' has {members} active member(s): stop its consumers first")]
+    NotEmpty { group: String, members: usize },
+    #[error("{0}")]
+    Invalid(String),
+    /// A commit names a topic or partition that does not exist.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error("group '{group}': {source}")]
+    Member { group: String, source: quiver_groups::GroupError },
+    #[error("group '{group}': {source}")]
+    Commit { group: String, source: quiver_groups::CommitError },
+    /// Writing the group's change to the offsets topic failed: nothing
+    /// changed (the coordinator reloads its groups from the log).
+    #[error("group '{group}': storing the change in {OFFSETS_TOPIC} failed: {source}")]
+    Store { group: String, source: ProduceError },
+    /// Creating the offsets topic failed.
+    #[error("creating {OFFSETS_TOPIC}: {0}")]
+    OffsetsTopic(AdminError),
+}
+
 /// A blocking task that died (panicked) is an internal error of the
 /// operation that ran it.
 macro_rules! joined_as_internal {

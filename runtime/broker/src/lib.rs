@@ -13,6 +13,7 @@ mod api;
 mod broker;
 mod cluster;
 mod config;
+mod coordinator;
 mod errors;
 mod files;
 mod long_poll;

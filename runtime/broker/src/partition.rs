@@ -305,6 +305,14 @@ impl Partition {
         self.waiters.wake();
     }
 
+    /// The leader epoch this replica leads in, if it leads.
+    pub(crate) fn leader_epoch(&self) -> Option<i32> {
+        match &self.replica.state().role {
+            Role::Leader { leader, .. } => Some(leader.epoch()),
+            _ => None,
+        }
+    }
+
     /// Whether this replica still leads in `epoch`.
     pub(crate) fn leads_in(&self, epoch: i32) -> bool {
         match &self.replica.state().role {

@@ -61,7 +61,7 @@ impl Broker {
     /// The replication rules' clock: milliseconds since this broker
     /// started, monotonic (a wall-clock step must not make a follower look
     /// lagging, or hide one that is).
-    fn clock_ms(&self) -> u64 {
+    pub(crate) fn clock_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 

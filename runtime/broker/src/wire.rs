@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Buf;
 use bytes::Bytes;
 use quiver_controller::RefusalKind;
+use quiver_groups::{Assignment, Committed, Group, Heartbeat, MemberState, Subscription};
 use quiver_log::{AppendError, ReadError, SequenceError};
 use quiver_protocol::codec::{Wire, decode_exact};
 use quiver_protocol::frame::{RequestHeader, encode_error_response, encode_response};
@@ -17,11 +18,12 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::access::{self, RequestContext};
+use crate::api::groups::{OffsetToCommit, group_state};
 use crate::api::{self, NewTopic, OffsetQuery, Read, ReadOptions, Write};
 use crate::broker::Broker;
 use crate::errors::{
-    AdminError, FetchError, ListOffsetsError, MetadataError, PartitionError, PluginAdminError, PluginCallError,
-    ProduceError, ReplicaError,
+    AdminError, FetchError, GroupOpError, ListOffsetsError, MetadataError, PartitionError, PluginAdminError,
+    PluginCallError, ProduceError, ReplicaError,
 };
 use crate::order::AppendTurn;
 
@@ -108,20 +110,22 @@ impl Broker {
             ApiKey::Metadata => self.run(body, |r| async move { Ok::<_, WireError>(self.metadata(r)) }).await,
             ApiKey::CreateTopic => {
                 self.run(body, |r: CreateTopicRequest| async move {
+                    refuse_internal(&r.name)?;
                     let new = NewTopic {
                         name: r.name,
                         partitions: r.partitions,
                         replication_factor: r.replication_factor,
                         configs: r.configs,
                     };
-                    Ok::<_, AdminError>(CreateTopicResponse { configs: self.create_topic(&new).await? })
+                    Ok::<_, WireError>(CreateTopicResponse { configs: self.create_topic(&new).await? })
                 })
                 .await
             }
             ApiKey::DeleteTopic => {
                 self.run(body, |r: DeleteTopicRequest| async move {
+                    refuse_internal(&r.name)?;
                     self.delete_topic_in_metadata(&r.name).await?;
-                    Ok::<_, AdminError>(DeleteTopicResponse {})
+                    Ok::<_, WireError>(DeleteTopicResponse {})
                 })
                 .await
             }
@@ -185,6 +189,67 @@ impl Broker {
                 })
                 .await
             }
+            ApiKey::FindCoordinator => {
+                self.run(body, |r: FindCoordinatorRequest| async move {
+                    let found = self.find_coordinator(&r.group).await?;
+                    let (node_id, address) = found.leader.unwrap_or((NO_LEADER, String::new()));
+                    Ok::<_, GroupOpError>(FindCoordinatorResponse { partition: found.partition, node_id, address })
+                })
+                .await
+            }
+            ApiKey::GroupHeartbeat => self.run(body, |r| self.wire_group_heartbeat(r)).await,
+            ApiKey::OffsetCommit => {
+                self.run(body, |r: OffsetCommitRequest| async move {
+                    let offsets = r
+                        .offsets
+                        .into_iter()
+                        .map(|o| OffsetToCommit {
+                            topic: o.topic,
+                            partition: o.partition,
+                            offset: o.offset,
+                            metadata: o.metadata,
+                        })
+                        .collect();
+                    self.commit_offsets(&r.group, &r.member_id, r.member_epoch, offsets).await?;
+                    Ok::<_, GroupOpError>(OffsetCommitResponse {})
+                })
+                .await
+            }
+            ApiKey::OffsetFetch => {
+                self.run(body, |r: OffsetFetchRequest| async move {
+                    let wanted = r.partitions.map(|ps| from_wire_partitions(ps).collect());
+                    let offsets = self.fetch_offsets(&r.group, wanted).await?;
+                    Ok::<_, GroupOpError>(OffsetFetchResponse {
+                        offsets: offsets.into_iter().map(committed_offset).collect(),
+                    })
+                })
+                .await
+            }
+            ApiKey::ListGroups => {
+                self.run(body, |_: ListGroupsRequest| async {
+                    let groups = self.list_groups().await.into_iter().map(|g| GroupListing {
+                        group: g.name,
+                        state: g.state.to_owned(),
+                        members: g.members as u32,
+                    });
+                    Ok::<_, WireError>(ListGroupsResponse { groups: groups.collect() })
+                })
+                .await
+            }
+            ApiKey::DescribeGroup => {
+                self.run(body, |r: DescribeGroupRequest| async move {
+                    let g = self.describe_group(&r.group).await?;
+                    Ok::<_, GroupOpError>(self.group_description(&g))
+                })
+                .await
+            }
+            ApiKey::DeleteGroup => {
+                self.run(body, |r: DeleteGroupRequest| async move {
+                    self.delete_group(&r.group).await?;
+                    Ok::<_, GroupOpError>(DeleteGroupResponse {})
+                })
+                .await
+            }
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok::<_, PluginAdminError>(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
@@ -231,6 +296,24 @@ impl Broker {
             Acks::All => api::Acks::All,
             Acks::None | Acks::Leader => api::Acks::Leader,
         };
+        // Every partition refused, in the answer's per-partition form, so
+        // that producers take it as final.
+        if let Some(Err(refused)) = r.partitions.iter().map(|p| refuse_internal(&p.topic)).find(Result::is_err) {
+            let partitions = r
+                .partitions
+                .into_iter()
+                .map(|p| ProducePartitionResult {
+                    topic: p.topic,
+                    partition: p.partition,
+                    error: refused.code,
+                    message: refused.message.clone(),
+                    base_offset: -1,
+                    log_start_offset: -1,
+                    placements: Vec::new(),
+                })
+                .collect();
+            return Ok(ProduceResponse { partitions });
+        }
         let asked: Vec<(String, u32)> = r.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
         let writes = r
             .partitions
@@ -306,6 +389,68 @@ impl Broker {
         Ok(FetchResponse { partitions })
     }
 
+    async fn wire_group_heartbeat(
+        self: &Arc<Self>,
+        r: GroupHeartbeatRequest,
+    ) -> Result<GroupHeartbeatResponse, GroupOpError> {
+        let hb = Heartbeat {
+            member_id: r.member_id,
+            instance_id: (!r.instance_id.is_empty()).then_some(r.instance_id),
+            member_epoch: r.member_epoch,
+            subscription: r
+                .subscription
+                .map(|s| Subscription::new(s.topics, (!s.pattern.is_empty()).then_some(s.pattern.as_str()))),
+            owned: r.owned.map(|owned| {
+                let mut a = Assignment::new();
+                for (topic, partition) in from_wire_partitions(owned) {
+                    a.entry(topic).or_default().insert(partition);
+                }
+                a
+            }),
+        };
+        let answer = self.group_heartbeat(&r.group, hb).await?;
+        Ok(GroupHeartbeatResponse {
+            member_id: answer.member_id,
+            member_epoch: answer.member_epoch,
+            heartbeat_interval_ms: answer.heartbeat_interval_ms.min(u64::from(u32::MAX)) as u32,
+            assignment: to_wire_partitions(&answer.assignment),
+        })
+    }
+
+    fn group_description(&self, g: &Group) -> DescribeGroupResponse {
+        let members = g
+            .members()
+            .map(|m| GroupMemberDescription {
+                member_id: m.id.clone(),
+                instance_id: m.instance_id.clone().unwrap_or_default(),
+                member_epoch: m.epoch,
+                state: match (m.away, m.state) {
+                    (true, _) => "away",
+                    (false, MemberState::Stable) => "stable",
+                    (false, MemberState::Revoking) => "revoking",
+                    (false, MemberState::Awaiting) => "awaiting",
+                }
+                .to_owned(),
+                subscription: GroupSubscription {
+                    topics: m.subscription.names().iter().cloned().collect(),
+                    pattern: m.subscription.regex().unwrap_or_default().to_owned(),
+                },
+                assignment: to_wire_partitions(&m.assigned),
+                revoking: to_wire_partitions(&m.revoking),
+                target: g.target(&m.id).map(to_wire_partitions).unwrap_or_default(),
+            })
+            .collect();
+        DescribeGroupResponse {
+            group: g.name().to_owned(),
+            state: group_state(g).to_owned(),
+            group_epoch: g.epoch(),
+            assignor: g.config().assignor.name().to_owned(),
+            coordinator: self.config.node_id,
+            members,
+            offsets: g.offsets().iter().map(|(tp, c)| committed_offset((tp.clone(), c.clone()))).collect(),
+        }
+    }
+
     async fn list_offsets(self: &Arc<Self>, r: ListOffsetsRequest) -> Result<ListOffsetsResponse, WireError> {
         let queries: Vec<OffsetQuery> = r
             .partitions
@@ -325,6 +470,32 @@ impl Broker {
             })
             .collect();
         Ok(ListOffsetsResponse { partitions })
+    }
+}
+
+fn from_wire_partitions(list: Vec<TopicPartitions>) -> impl Iterator<Item = (String, u32)> {
+    list.into_iter().flat_map(|tp| tp.partitions.into_iter().map(move |p| (tp.topic.clone(), p)))
+}
+
+fn to_wire_partitions(a: &Assignment) -> Vec<TopicPartitions> {
+    a.iter()
+        .map(|(topic, ps)| TopicPartitions { topic: topic.clone(), partitions: ps.iter().copied().collect() })
+        .collect()
+}
+
+fn committed_offset(((topic, partition), c): ((String, u32), Committed)) -> CommittedOffset {
+    CommittedOffset { topic, partition, offset: c.offset, metadata: c.metadata, committed_at_ms: c.at_ms }
+}
+
+/// Clients read the offsets topic but never create, delete or write it:
+/// only coordinators do.
+fn refuse_internal(topic: &str) -> Result<(), WireError> {
+    match topic == OFFSETS_TOPIC {
+        true => Err(WireError::new(
+            ErrorCode::InvalidRequest,
+            format!("'{OFFSETS_TOPIC}' is an internal topic: only group coordinators create and write it"),
+        )),
+        false => Ok(()),
     }
 }
 
@@ -482,6 +653,36 @@ fn code_of_list_offsets(e: &ListOffsetsError) -> ErrorCode {
     }
 }
 
+fn code_of_group(e: &GroupOpError) -> ErrorCode {
+    use quiver_groups::{CommitError, GroupError};
+    match e {
+        GroupOpError::NotCoordinator { .. } => ErrorCode::NotCoordinator,
+        GroupOpError::Loading { .. } => ErrorCode::CoordinatorLoading,
+        GroupOpError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+        GroupOpError::NotEmpty { .. } => ErrorCode::GroupNotEmpty,
+        GroupOpError::Invalid(_) => ErrorCode::InvalidRequest,
+        GroupOpError::Partition(e) => code_of_partition(e),
+        GroupOpError::Member { source, .. } | GroupOpError::Commit { source: CommitError::Member(source), .. } => {
+            match source {
+                GroupError::UnknownMember(_) => ErrorCode::UnknownMember,
+                GroupError::FencedEpoch { .. } => ErrorCode::FencedMemberEpoch,
+                GroupError::InstanceInUse(_) => ErrorCode::InstanceInUse,
+                GroupError::Invalid(_) => ErrorCode::InvalidRequest,
+            }
+        }
+        GroupOpError::Commit { source: CommitError::NotOwned { .. }, .. } => ErrorCode::PartitionNotOwned,
+        GroupOpError::Commit { source: CommitError::GroupActive(_), .. } => ErrorCode::GroupNotEmpty,
+        // The coordinator reloads from the log: the member asks again.
+        GroupOpError::Store { source, .. } => match code_of_produce(source) {
+            ErrorCode::NotLeader | ErrorCode::NotReplicated | ErrorCode::BrokerShuttingDown => {
+                ErrorCode::NotCoordinator
+            }
+            code => code,
+        },
+        GroupOpError::OffsetsTopic(e) => code_of_admin(e),
+    }
+}
+
 /// The operations' errors as wire errors (for `run` and `?`): each with the code
 /// its `code_of_*` chooses and its message.
 macro_rules! as_wire_error {
@@ -498,5 +699,6 @@ as_wire_error!(
     PluginAdminError => code_of_plugin_admin,
     ReplicaError => code_of_replica,
     ProduceError => code_of_produce,
-    FetchError => code_of_fetch
+    FetchError => code_of_fetch,
+    GroupOpError => code_of_group
 );

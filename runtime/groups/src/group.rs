@@ -145,6 +145,10 @@ impl Group {
         &self.name
     }
 
+    pub fn config(&self) -> &GroupConfig {
+        &self.config
+    }
+
     /// The group epoch: it moves with every change of membership,
     /// subscriptions or subscribed topics' partition counts.
     pub fn epoch(&self) -> i32 {

@@ -116,6 +116,16 @@ impl Subscription {
         Subscription::new(Vec::<String>::new(), Some(pattern))
     }
 
+    /// The topics it names.
+    pub fn names(&self) -> &BTreeSet<String> {
+        &self.topics
+    }
+
+    /// Its pattern, if it has one.
+    pub fn regex(&self) -> Option<&str> {
+        self.pattern.as_deref()
+    }
+
     /// Checks the pattern; the matcher for [`Subscription::resolve`].
     pub(crate) fn matcher(&self) -> Result<Option<regex::Regex>, GroupError> {
         let Some(pattern) = &self.pattern else { return Ok(None) };

@@ -79,6 +79,27 @@ wire_enum! {
         /// metadata log yet, so its answer could be stale: retry shortly
         /// (or ask another node).
         BrokerNotReady = 34,
+        /// This broker does not coordinate the group (the leadership of its
+        /// offsets partition moved): find the coordinator again and retry.
+        NotCoordinator = 35,
+        /// The coordinator is rebuilding its groups from the offsets topic
+        /// (it just became their coordinator): retry shortly.
+        CoordinatorLoading = 36,
+        /// The member is not in the group (fenced for a missed session, or
+        /// it never joined): drop every partition without committing and
+        /// join again.
+        UnknownMember = 37,
+        /// The member's epoch is not the group's view of it (a zombie, or
+        /// an answer it lost): drop every partition and join again.
+        FencedMemberEpoch = 38,
+        /// The group has members: stop them first (delete, offset reset).
+        GroupNotEmpty = 39,
+        /// No group of this name exists (nothing committed, no members).
+        UnknownGroup = 40,
+        /// A static member's instance id is used by another active member.
+        InstanceInUse = 41,
+        /// A member committed an offset for a partition it does not own.
+        PartitionNotOwned = 42,
     }
 }
 
@@ -98,6 +119,8 @@ impl ErrorCode {
                 | ErrorCode::OutOfOrderSequence
                 | ErrorCode::BrokerBusy
                 | ErrorCode::BrokerNotReady
+                | ErrorCode::NotCoordinator
+                | ErrorCode::CoordinatorLoading
         )
     }
 
@@ -138,6 +161,14 @@ impl ErrorCode {
             ErrorCode::BrokerShuttingDown => "broker_shutting_down",
             ErrorCode::CorruptStoredBatch => "corrupt_stored_batch",
             ErrorCode::NotEnoughReplicas => "not_enough_replicas",
+            ErrorCode::NotCoordinator => "not_coordinator",
+            ErrorCode::CoordinatorLoading => "coordinator_loading",
+            ErrorCode::UnknownMember => "unknown_member",
+            ErrorCode::FencedMemberEpoch => "fenced_member_epoch",
+            ErrorCode::GroupNotEmpty => "group_not_empty",
+            ErrorCode::UnknownGroup => "unknown_group",
+            ErrorCode::InstanceInUse => "instance_in_use",
+            ErrorCode::PartitionNotOwned => "partition_not_owned",
         }
     }
 }

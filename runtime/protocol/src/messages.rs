@@ -36,10 +36,19 @@ pub enum ApiKey {
     ReassignPartition = 19,
     /// Gives an idempotent producer its producer id.
     InitProducerId = 20,
+    /// Which broker coordinates a consumer group.
+    FindCoordinator = 21,
+    /// A group member's heartbeat: join, stay, leave; its assignment.
+    GroupHeartbeat = 22,
+    OffsetCommit = 23,
+    OffsetFetch = 24,
+    ListGroups = 25,
+    DescribeGroup = 26,
+    DeleteGroup = 27,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 20] = [
+    pub const ALL: [ApiKey; 27] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -60,6 +69,13 @@ impl ApiKey {
         ApiKey::AlterVoters,
         ApiKey::ReassignPartition,
         ApiKey::InitProducerId,
+        ApiKey::FindCoordinator,
+        ApiKey::GroupHeartbeat,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::ListGroups,
+        ApiKey::DescribeGroup,
+        ApiKey::DeleteGroup,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -725,3 +741,186 @@ wire_struct! {
     }
 }
 request!(InitProducerIdRequest => InitProducerId, InitProducerIdResponse);
+
+/// The internal topic consumer groups live in.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+wire_struct! {
+    pub struct FindCoordinatorRequest {
+        pub group: String,
+    }
+}
+
+wire_struct! {
+    pub struct FindCoordinatorResponse {
+        /// The group's partition of `OFFSETS_TOPIC`: its leader coordinates
+        /// the group.
+        pub partition: u32,
+        /// That leader now (`NO_LEADER` when the partition is offline).
+        pub node_id: u32,
+        pub address: String,
+    }
+}
+request!(FindCoordinatorRequest => FindCoordinator, FindCoordinatorResponse);
+
+wire_struct! {
+    pub struct TopicPartitions {
+        pub topic: String,
+        pub partitions: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    pub struct GroupSubscription {
+        /// Topics by name.
+        pub topics: Vec<String>,
+        /// And (or) every topic whose whole name matches this regular
+        /// expression (empty: none), topics created later included.
+        pub pattern: String,
+    }
+}
+
+wire_struct! {
+    pub struct GroupHeartbeatRequest {
+        pub group: String,
+        /// Empty when joining.
+        pub member_id: String,
+        /// A static member's `group.instance.id` (empty: none).
+        pub instance_id: String,
+        /// 0 joins, -1 leaves, -2 leaves for a moment (a static member's
+        /// restart), else the epoch the member is at.
+        pub member_epoch: i32,
+        /// `None`: unchanged since the last heartbeat (required to join).
+        pub subscription: Option<GroupSubscription>,
+        /// The partitions the member owns now; `None`: unchanged.
+        pub owned: Option<Vec<TopicPartitions>>,
+    }
+}
+
+wire_struct! {
+    pub struct GroupHeartbeatResponse {
+        pub member_id: String,
+        pub member_epoch: i32,
+        pub heartbeat_interval_ms: u32,
+        /// What the member owns from now on: partitions missing from it are
+        /// to be revoked at once; new ones are its own.
+        pub assignment: Vec<TopicPartitions>,
+    }
+}
+request!(GroupHeartbeatRequest => GroupHeartbeat, GroupHeartbeatResponse);
+
+wire_struct! {
+    pub struct CommittedOffset {
+        pub topic: String,
+        pub partition: u32,
+        /// The next offset to read.
+        pub offset: i64,
+        pub metadata: String,
+        /// When the coordinator stored it (ms since the epoch; ignored in a
+        /// commit).
+        pub committed_at_ms: i64,
+    }
+}
+
+wire_struct! {
+    /// Commits offsets, all or none. A member commits with its id and
+    /// epoch, for partitions it owns; with an empty member id and epoch -1
+    /// (a consumer that assigns its own partitions, or an operator's
+    /// reset) only while the group has no members.
+    pub struct OffsetCommitRequest {
+        pub group: String,
+        pub member_id: String,
+        pub member_epoch: i32,
+        pub offsets: Vec<CommittedOffset>,
+    }
+}
+
+wire_struct! {
+    pub struct OffsetCommitResponse {}
+}
+request!(OffsetCommitRequest => OffsetCommit, OffsetCommitResponse);
+
+wire_struct! {
+    pub struct OffsetFetchRequest {
+        pub group: String,
+        /// `None`: every committed offset of the group.
+        pub partitions: Option<Vec<TopicPartitions>>,
+    }
+}
+
+wire_struct! {
+    pub struct OffsetFetchResponse {
+        /// The partitions with a committed offset (others are left out).
+        pub offsets: Vec<CommittedOffset>,
+    }
+}
+request!(OffsetFetchRequest => OffsetFetch, OffsetFetchResponse);
+
+wire_struct! {
+    pub struct ListGroupsRequest {}
+}
+
+wire_struct! {
+    pub struct GroupListing {
+        pub group: String,
+        /// empty | reconciling | stable
+        pub state: String,
+        pub members: u32,
+    }
+}
+
+wire_struct! {
+    /// The groups this broker coordinates (a client asks every broker).
+    pub struct ListGroupsResponse {
+        pub groups: Vec<GroupListing>,
+    }
+}
+request!(ListGroupsRequest => ListGroups, ListGroupsResponse);
+
+wire_struct! {
+    pub struct DescribeGroupRequest {
+        pub group: String,
+    }
+}
+
+wire_struct! {
+    pub struct GroupMemberDescription {
+        pub member_id: String,
+        pub instance_id: String,
+        pub member_epoch: i32,
+        /// stable | revoking | awaiting | away (a static member restarting)
+        pub state: String,
+        pub subscription: GroupSubscription,
+        pub assignment: Vec<TopicPartitions>,
+        /// Partitions it was asked to give up and still holds.
+        pub revoking: Vec<TopicPartitions>,
+        /// Where the coordinator is moving it.
+        pub target: Vec<TopicPartitions>,
+    }
+}
+
+wire_struct! {
+    pub struct DescribeGroupResponse {
+        pub group: String,
+        pub state: String,
+        pub group_epoch: i32,
+        pub assignor: String,
+        pub coordinator: u32,
+        pub members: Vec<GroupMemberDescription>,
+        pub offsets: Vec<CommittedOffset>,
+    }
+}
+request!(DescribeGroupRequest => DescribeGroup, DescribeGroupResponse);
+
+wire_struct! {
+    /// Deletes a group and its committed offsets; refused while it has
+    /// members.
+    pub struct DeleteGroupRequest {
+        pub group: String,
+    }
+}
+
+wire_struct! {
+    pub struct DeleteGroupResponse {}
+}
+request!(DeleteGroupRequest => DeleteGroup, DeleteGroupResponse);

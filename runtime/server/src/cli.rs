@@ -124,6 +124,13 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::plugin_cli::PluginCommand,
     },
+    /// Consumer groups: list, describe (members, offsets, lag), reset offsets, delete.
+    Group {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: crate::group_cli::GroupCommand,
+    },
     /// Load generator: produce, consume, end-to-end latency, raw QUIC baseline.
     Bench(crate::bench::BenchArgs),
 }
@@ -268,12 +275,26 @@ pub enum TopicCommand {
         max_block_ms: u64,
     },
     /// Print records: value per line, or JSON objects with --format json.
+    /// With --group, as a member of a consumer group: the group assigns the
+    /// partitions, and the positions of printed records are committed.
     Consume {
         name: String,
         /// start | end | OFFSET | @UNIX_MS, optionally ':end' to stop at the
-        /// end offsets as of launch (e.g. start:end).
+        /// end offsets as of launch (e.g. start:end). With --group: where a
+        /// partition the group has no committed offset for starts (start or
+        /// end).
         #[arg(short, long, default_value = "end")]
         offset: String,
+        /// Consume as a member of this consumer group.
+        #[arg(short, long)]
+        group: Option<String>,
+        /// A static member's id (group.instance.id): restarted within its
+        /// session, it gets its partitions back without a rebalance.
+        #[arg(long, requires = "group")]
+        instance_id: Option<String>,
+        /// How often the positions of printed records are committed.
+        #[arg(long, default_value_t = 5_000, requires = "group")]
+        commit_interval_ms: u64,
         #[arg(short, long)]
         partition: Option<u32>,
         /// Stop after this many records.
@@ -412,6 +433,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { records } => crate::demo::run(records).await.map(|()| ExitCode::SUCCESS),
         Command::Topic { conn, command } => topic(conn, command).await,
         Command::Plugin { conn, command } => crate::plugin_cli::run(conn, command).await,
+        Command::Group { conn, command } => crate::group_cli::run(conn, command).await,
         Command::Cluster { conn, command } => crate::cluster::run(conn, command).await,
         Command::Bench(args) => crate::bench::run(args).await.map(|()| ExitCode::SUCCESS),
     }
@@ -565,9 +587,33 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             };
             return produce_stdin(&client, name, key_sep, partition, headers, config).await;
         }
-        TopicCommand::Consume { name, offset, partition, count, format, key_sep, filter, filter_params, decode } => {
+        TopicCommand::Consume {
+            name,
+            offset,
+            group,
+            instance_id,
+            commit_interval_ms,
+            partition,
+            count,
+            format,
+            key_sep,
+            filter,
+            filter_params,
+            decode,
+        } => {
             let fetch = ConsumerConfig { filter, filter_params, decode_values: decode, ..ConsumerConfig::default() };
             let printer = Printer { format, sep: key_sep.as_deref().map(unescape) };
+            if let Some(group) = group {
+                if partition.is_some() {
+                    bail!("--partition and --group: a group member gets its partitions from the group");
+                }
+                let fetch = ConsumerConfig {
+                    instance_id,
+                    auto_commit_interval: Duration::from_millis(commit_interval_ms),
+                    ..fetch
+                };
+                return consume_group(&client, &name, &group, &offset, count, printer, fetch).await;
+            }
             return consume(&client, &name, &offset, partition, count, printer, fetch).await;
         }
     }
@@ -745,6 +791,91 @@ async fn consume(
         }
     }
     out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a group member's assignment changes on standard error, one line
+/// each: `assigned|revoked|lost TOPIC-P,...`.
+struct LogRebalance;
+
+impl quiver_client::RebalanceListener for LogRebalance {
+    fn on_assigned(&mut self, partitions: &[(String, u32)]) {
+        log_rebalance("assigned", partitions);
+    }
+
+    fn on_revoked(&mut self, partitions: &[(String, u32)]) {
+        log_rebalance("revoked", partitions);
+    }
+
+    fn on_lost(&mut self, partitions: &[(String, u32)]) {
+        log_rebalance("lost", partitions);
+    }
+}
+
+fn log_rebalance(what: &str, partitions: &[(String, u32)]) {
+    if partitions.is_empty() {
+        return;
+    }
+    let list: Vec<String> = partitions.iter().map(|(t, p)| format!("{t}-{p}")).collect();
+    eprintln!("{what} {}", list.join(","));
+}
+
+/// `topic consume --group`: prints records as a group member until SIGINT,
+/// SIGTERM or `-n` records; the positions of printed records are committed
+/// (every commit interval, before a partition is given up, and at the end),
+/// then the member leaves the group.
+async fn consume_group(
+    client: &Client,
+    topic: &str,
+    group: &str,
+    offset: &str,
+    count: Option<u64>,
+    printer: Printer,
+    mut config: ConsumerConfig,
+) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (spec, stop_at_end) = parse_offset_arg(offset)?;
+    config.auto_offset_reset = match (spec, stop_at_end) {
+        (OffsetSpec::Earliest, false) => quiver_client::OffsetReset::Earliest,
+        (OffsetSpec::Latest, false) => quiver_client::OffsetReset::Latest,
+        _ => bail!(
+            "-o '{offset}' with --group: a group resumes from its committed offsets; -o says where a partition without \
+             one starts: start or end"
+        ),
+    };
+    let mut consumer = client.consumer(config);
+    consumer.set_rebalance_listener(LogRebalance);
+    consumer.subscribe(group, &[topic]).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let limit = count.unwrap_or(u64::MAX);
+    while printed < limit {
+        let records = tokio::select! {
+            records = consumer.poll() => records?,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        // With -n, the records past the limit are not committed: the
+        // group reads them next.
+        let mut unprinted: std::collections::BTreeMap<(String, u32), i64> = Default::default();
+        for r in records {
+            if printed >= limit {
+                unprinted.entry((r.topic.to_string(), r.partition)).or_insert(r.offset);
+                continue;
+            }
+            printer.print(&mut out, &r)?;
+            printed += 1;
+        }
+        out.flush()?;
+        for ((t, p), offset) in unprinted {
+            consumer.seek(&t, p, OffsetSpec::Offset(offset)).await?;
+        }
+    }
+    out.flush()?;
+    consumer.close().await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub tls: TlsSection,
     #[serde(default)]
     pub cluster: ClusterSection,
+    #[serde(default)]
+    pub groups: GroupsSection,
     /// Defaults for new topics, e.g. `"retention.ms" = "86400000"`.
     #[serde(default)]
     pub topic_defaults: BTreeMap<String, toml::Value>,
@@ -119,6 +121,40 @@ impl Default for ClusterSection {
             heartbeat_interval_ms: 200,
             replica_lag_time_max_ms: 10_000,
             leader_rebalance_interval_ms: 30_000,
+        }
+    }
+}
+
+/// Consumer groups coordinated by this broker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupsSection {
+    /// A member not heard from for this long is fenced and its partitions
+    /// go to the others (Kafka's `group.consumer.session.timeout.ms`).
+    pub session_timeout_ms: u64,
+    /// How often members heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// How long a member may keep partitions it was asked to give up.
+    pub rebalance_timeout_ms: u64,
+    /// `uniform` (sticky, balanced) or `range`.
+    pub assignor: String,
+    /// Partitions of `__consumer_offsets`, when the first group request
+    /// creates it.
+    pub offsets_topic_partitions: u32,
+    /// Its replication factor; 0: three, or every broker when fewer.
+    pub offsets_topic_replication_factor: u16,
+}
+
+impl Default for GroupsSection {
+    fn default() -> Self {
+        let g = quiver_groups::GroupConfig::default();
+        GroupsSection {
+            session_timeout_ms: g.session_timeout_ms,
+            heartbeat_interval_ms: g.heartbeat_interval_ms,
+            rebalance_timeout_ms: g.rebalance_timeout_ms,
+            assignor: g.assignor.name().to_owned(),
+            offsets_topic_partitions: 50,
+            offsets_topic_replication_factor: 0,
         }
     }
 }
@@ -245,6 +281,22 @@ impl FileConfig {
         broker.retention_check_interval_ms = self.storage.retention_check_interval_ms.max(10);
         broker.topic_defaults = topic_defaults;
         broker.replica_lag_time_max_ms = self.cluster.replica_lag_time_max_ms.max(1);
+        let groups = &self.groups;
+        if groups.heartbeat_interval_ms == 0 || groups.session_timeout_ms <= groups.heartbeat_interval_ms {
+            bail!("groups.session_timeout_ms must be larger than groups.heartbeat_interval_ms (> 0)");
+        }
+        if groups.offsets_topic_partitions == 0 {
+            bail!("groups.offsets_topic_partitions must be at least 1");
+        }
+        broker.group_defaults = quiver_groups::GroupConfig {
+            session_timeout_ms: groups.session_timeout_ms,
+            heartbeat_interval_ms: groups.heartbeat_interval_ms,
+            rebalance_timeout_ms: groups.rebalance_timeout_ms.max(1),
+            assignor: quiver_groups::Assignor::parse(&groups.assignor)
+                .map_err(|e| anyhow::anyhow!("groups.assignor: {e}"))?,
+        };
+        broker.offsets_topic_partitions = groups.offsets_topic_partitions;
+        broker.offsets_topic_replication_factor = groups.offsets_topic_replication_factor;
         let client_ca = self.tls.ca.clone();
         Ok(NodeConfig { broker, listen, tls, client_ca, cluster })
     }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod group_cli;
 pub mod net;
 pub mod node;
 pub mod plugin_cli;

@@ -17,6 +17,10 @@ impl Client {
 }
 
 impl Admin {
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Creates a topic; `configs` are `key=value` topic configs. Returns the
     /// effective configs.
     pub async fn create_topic(

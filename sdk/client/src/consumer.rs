@@ -43,6 +43,18 @@ pub struct ConsumerConfig {
     pub filter_params: Vec<(String, String)>,
     /// Ask the broker to decode values with each topic's value serializer.
     pub decode_values: bool,
+    /// In a group: where to start a partition the group committed nothing
+    /// for (Kafka's `auto.offset.reset`, `latest` by default).
+    pub auto_offset_reset: OffsetReset,
+    /// In a group: commit the positions of the records `poll` returned,
+    /// every `auto_commit_interval` (at the next `poll`), before giving up
+    /// a partition, and at `close`.
+    pub enable_auto_commit: bool,
+    pub auto_commit_interval: Duration,
+    /// In a group: a static member's id (Kafka's `group.instance.id`). A
+    /// static member that closes and comes back within its session gets
+    /// its partitions back without a rebalance.
+    pub instance_id: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -55,6 +67,33 @@ impl Default for ConsumerConfig {
             filter: None,
             filter_params: Vec::new(),
             decode_values: false,
+            auto_offset_reset: OffsetReset::Latest,
+            enable_auto_commit: true,
+            auto_commit_interval: Duration::from_secs(5),
+            instance_id: None,
+        }
+    }
+}
+
+/// Where a group member starts a partition its group has no committed
+/// offset for (or one outside the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+    /// Fail with [`ConsumeError::NoOffset`].
+    None,
+}
+
+impl std::str::FromStr for OffsetReset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "earliest" => Ok(OffsetReset::Earliest),
+            "latest" => Ok(OffsetReset::Latest),
+            "none" => Ok(OffsetReset::None),
+            other => Err(format!("offset reset '{other}' is not one of earliest, latest, none")),
         }
     }
 }
@@ -92,6 +131,17 @@ pub enum ConsumeError {
     Corrupt { topic: String, partition: u32, offset: i64, reason: String },
     #[error("topic '{0}' does not exist")]
     UnknownTopic(String),
+    /// The group refused the member or its request (the message says
+    /// why: an invalid subscription, an instance id in use, ...).
+    #[error("group '{group}': {error}")]
+    Group { group: String, error: WireError },
+    /// `auto_offset_reset` is `none` and the group has no offset here.
+    #[error("group '{group}' has no committed offset for {topic}-{partition} and the reset policy is 'none'")]
+    NoOffset { group: String, topic: String, partition: u32 },
+    /// Mixing a group subscription with hand-assigned partitions, or a
+    /// group call on a consumer in no group.
+    #[error("{0}")]
+    Usage(String),
 }
 
 type Tp = (String, u32);
@@ -102,13 +152,19 @@ type InFlight = (Vec<(Tp, i64)>, JoinHandle<Result<FetchResponse, CallError>>);
 /// Reads assigned partitions in offset order. Not `Clone`: positions are
 /// the consumer's own state.
 pub struct Consumer {
-    client: Client,
-    config: ConsumerConfig,
-    positions: BTreeMap<Tp, i64>,
+    pub(crate) client: Client,
+    pub(crate) config: ConsumerConfig,
+    pub(crate) positions: BTreeMap<Tp, i64>,
     high_watermarks: BTreeMap<Tp, i64>,
     in_flight: Option<InFlight>,
     /// Rotates which partition is read first so none starves.
     rotation: usize,
+    /// Partitions not fetched for now (their positions are kept).
+    pub(crate) paused: std::collections::BTreeSet<Tp>,
+    /// Its group membership, once subscribed.
+    pub(crate) membership: Option<crate::membership::Membership>,
+    /// A listener set before `subscribe`.
+    pub(crate) pending_listener: Option<Box<dyn crate::membership::RebalanceListener>>,
 }
 
 impl Client {
@@ -120,6 +176,9 @@ impl Client {
             high_watermarks: BTreeMap::new(),
             in_flight: None,
             rotation: 0,
+            paused: Default::default(),
+            membership: None,
+            pending_listener: None,
         }
     }
 }
@@ -132,6 +191,11 @@ impl Consumer {
         partitions: Option<Vec<u32>>,
         start: OffsetSpec,
     ) -> Result<(), ConsumeError> {
+        if self.membership.is_some() {
+            return Err(ConsumeError::Usage(
+                "this consumer is subscribed to a group: the group assigns its partitions".into(),
+            ));
+        }
         let partitions = match partitions {
             Some(p) => p,
             None => {
@@ -150,8 +214,14 @@ impl Consumer {
         Ok(())
     }
 
-    /// Moves a partition's position (assigning it if needed).
+    /// Moves a partition's position (assigning it if needed; in a group,
+    /// only a partition the group gave this consumer).
     pub async fn seek(&mut self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<(), ConsumeError> {
+        if let Some(m) = &self.membership
+            && !m.owned.contains(&(topic.to_string(), partition))
+        {
+            return Err(ConsumeError::Usage(format!("{topic}-{partition} is not assigned to this group member")));
+        }
         let offset = match spec {
             OffsetSpec::Offset(o) => o,
             OffsetSpec::Earliest => self.lookup(topic, partition, OFFSET_EARLIEST).await?,
@@ -228,11 +298,26 @@ impl Consumer {
         self.positions.remove(&(topic.to_string(), partition));
     }
 
+    /// Stops fetching a partition, keeping its position (and, in a group,
+    /// its ownership) until [`Consumer::resume`].
+    pub fn pause(&mut self, topic: &str, partition: u32) {
+        self.paused.insert((topic.to_string(), partition));
+    }
+
+    pub fn resume(&mut self, topic: &str, partition: u32) {
+        self.paused.remove(&(topic.to_string(), partition));
+    }
+
+    pub fn paused(&self) -> Vec<(String, u32)> {
+        self.paused.iter().cloned().collect()
+    }
+
     fn start_fetch(&mut self) {
-        if self.positions.is_empty() {
+        let mut wanted: Vec<(Tp, i64)> =
+            self.positions.iter().filter(|(k, _)| !self.paused.contains(*k)).map(|(k, v)| (k.clone(), *v)).collect();
+        if wanted.is_empty() {
             return;
         }
-        let mut wanted: Vec<(Tp, i64)> = self.positions.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let n = wanted.len();
         wanted.rotate_left(self.rotation % n);
         self.rotation = self.rotation.wrapping_add(1);
@@ -261,10 +346,17 @@ impl Consumer {
     /// The next records of the assigned partitions, in offset order per
     /// partition; empty when nothing arrived within `fetch_max_wait`.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ConsumeError> {
+        if self.membership.is_some() {
+            self.auto_commit_if_due();
+            self.reconcile().await?;
+        }
         if self.in_flight.is_none() {
             self.start_fetch();
         }
         let Some((asked, handle)) = self.in_flight.take() else {
+            // Nothing to fetch (no partition yet, or all paused): wait as a
+            // fetch would, for a new assignment in a group.
+            self.wait_for_assignment(self.config.fetch_max_wait).await;
             return Ok(Vec::new());
         };
         let response = match handle.await {
@@ -419,3 +511,5 @@ impl Drop for Consumer {
         }
     }
 }
+
+pub(crate) type TopicPartition = Tp;

@@ -8,7 +8,11 @@
 //!   retries of retriable errors.
 //! - [`Consumer`]: assign / seek / poll, with the next fetch pipelined while
 //!   the caller processes the current records.
-//! - [`Admin`] for topics and plugins.
+//! - Consumer groups: [`Consumer::subscribe`] joins a group whose
+//!   coordinator (a broker) assigns partitions among its members, with
+//!   committed offsets, auto-commit, static membership and a
+//!   [`RebalanceListener`].
+//! - [`Admin`] for topics, plugins and groups.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,6 +34,8 @@ mod admin;
 mod connection;
 mod consumer;
 mod delivery;
+mod groups;
+mod membership;
 mod partitioning;
 pub use quiver_protocol::partitioner;
 mod producer;
@@ -40,8 +46,10 @@ pub use admin::Admin;
 pub use connection::{
     CallError, Client, ClientConfig, ConnectError, RequestStream, quic_client_config, transport_config,
 };
-pub use consumer::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, OffsetSpec};
+pub use consumer::{ConsumeError, Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, OffsetSpec};
 pub use delivery::DeliveryFuture;
+pub use groups::GroupOffset;
+pub use membership::RebalanceListener;
 pub use producer::{ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::batch::{Compression, Header};
 pub use quiver_protocol::messages::{Acks, PARTITION_ANY};

@@ -294,7 +294,7 @@ impl Client {
     }
 
     /// The connection to `address`, shared by every clone of this client.
-    fn peer(&self, address: &str) -> Client {
+    pub(crate) fn peer(&self, address: &str) -> Client {
         let routing = self.routing();
         // The bootstrap connection is that broker's only when it was given
         // alone (with several, it may be connected to any of them).

@@ -11,6 +11,8 @@
 //! - [`fetch`]: `Broker::read` — long-poll reads up to the high watermark,
 //!   off the runtime's threads, through a filter and value decoders; and
 //!   `Broker::find_offsets` (earliest, latest, by time).
+//! - [`groups`]: consumer groups — coordinator lookup, heartbeats,
+//!   offset commits and fetches, list, describe, delete.
 //! - [`admin`]: topics (create, delete), preferred-leader elections,
 //!   reassignments, voters — commands in the metadata log.
 //!
@@ -20,6 +22,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod fetch;
+pub(crate) mod groups;
 pub(crate) mod produce;
 
 pub(crate) use admin::NewTopic;

@@ -1,0 +1,263 @@
+//! Consumer groups: finding a group's coordinator (creating the offsets
+//! topic on first use), members' heartbeats, offset commits and fetches,
+//! and listing, describing and deleting groups. The rules are
+//! `quiver-groups`'; where a group lives and how it is stored,
+//! `coordinator.rs`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use quiver_controller::NodeId;
+use quiver_groups::{Committed, Group, Heartbeat, HeartbeatAnswer, MemberState, TopicPartition};
+use quiver_protocol::messages::OFFSETS_TOPIC;
+
+use crate::api::NewTopic;
+use crate::broker::{Broker, now_ms};
+use crate::coordinator::{group_partition, validate_group_name};
+use crate::errors::{AdminError, GroupOpError, MetadataError, PartitionError};
+
+/// Where a group is coordinated.
+#[derive(Debug, Clone)]
+pub(crate) struct Coordinates {
+    /// Its partition of the offsets topic.
+    pub(crate) partition: u32,
+    /// That partition's leader and its address; `None` while offline.
+    pub(crate) leader: Option<(NodeId, String)>,
+}
+
+/// One offset to commit.
+#[derive(Debug, Clone)]
+pub(crate) struct OffsetToCommit {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) offset: i64,
+    pub(crate) metadata: String,
+}
+
+/// A group as `ListGroups` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupSummary {
+    pub(crate) name: String,
+    pub(crate) state: &'static str,
+    pub(crate) members: usize,
+}
+
+/// Longest commit metadata kept (Kafka's `offset.metadata.max.bytes`).
+const COMMIT_METADATA_BYTES_MAX: usize = 4096;
+
+/// `empty` (no members), `stable` (every member owns its target at the
+/// group's epoch) or `reconciling`.
+pub(crate) fn group_state(g: &Group) -> &'static str {
+    if g.is_empty() {
+        "empty"
+    } else if g.members().all(|m| m.state == MemberState::Stable && m.epoch == g.epoch() && !m.away) {
+        "stable"
+    } else {
+        "reconciling"
+    }
+}
+
+impl Broker {
+    /// Where `group` is coordinated; creates the offsets topic if this is
+    /// the cluster's first group request.
+    pub(crate) async fn find_coordinator(&self, group: &str) -> Result<Coordinates, GroupOpError> {
+        validate_group_name(group)?;
+        let exists = self.controller.image().borrow().topics.contains_key(OFFSETS_TOPIC);
+        if !exists {
+            self.create_offsets_topic().await?;
+        }
+        let image = self.controller.image();
+        let image = image.borrow();
+        let topic = image.topics.get(OFFSETS_TOPIC).ok_or_else(|| {
+            GroupOpError::OffsetsTopic(AdminError::UnknownTopic(format!("{OFFSETS_TOPIC} (deleted meanwhile)")))
+        })?;
+        let partition = group_partition(group, topic.partitions.len() as u32);
+        let leader = topic
+            .partitions
+            .get(partition as usize)
+            .and_then(|p| p.leader)
+            .and_then(|leader| image.brokers.get(&leader).map(|b| (leader, b.address.clone())));
+        Ok(Coordinates { partition, leader })
+    }
+
+    async fn create_offsets_topic(&self) -> Result<(), GroupOpError> {
+        let replication_factor = match self.config.offsets_topic_replication_factor {
+            0 => {
+                let brokers = self.controller.image().borrow().brokers.values().filter(|b| !b.fenced).count();
+                brokers.clamp(1, 3) as u16
+            }
+            n => n,
+        };
+        let new = NewTopic {
+            name: OFFSETS_TOPIC.to_owned(),
+            partitions: self.config.offsets_topic_partitions,
+            replication_factor,
+            configs: Vec::new(),
+        };
+        tracing::info!(partitions = new.partitions, replication_factor, "creating the offsets topic");
+        match self.create_topic(&new).await {
+            Ok(_) => Ok(()),
+            // Another broker's first group request created it meanwhile.
+            Err(AdminError::TopicExists(_)) => Ok(()),
+            Err(AdminError::Metadata(MetadataError::Refused(r)))
+                if r.kind == quiver_controller::RefusalKind::TopicExists =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(GroupOpError::OffsetsTopic(e)),
+        }
+    }
+
+    /// A member's heartbeat (join, stay, leave).
+    pub(crate) async fn group_heartbeat(
+        self: &Arc<Self>,
+        group: &str,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatAnswer, GroupOpError> {
+        let topics = self.subscribable_topics();
+        let defaults = self.config.group_defaults;
+        self.with_group(group, |current, now| {
+            let mut g = match current {
+                Some(g) => g,
+                // Only a join creates a group.
+                None if hb.member_epoch == quiver_groups::JOIN_EPOCH => Group::new(group, defaults),
+                None => {
+                    let source = quiver_groups::GroupError::UnknownMember(hb.member_id.clone());
+                    return Err(GroupOpError::Member { group: group.to_owned(), source });
+                }
+            };
+            let answer = g.heartbeat(now, hb, &topics).map_err(|source| member_error(group, source))?;
+            Ok((Some(g), answer))
+        })
+        .await
+    }
+
+    /// Commits offsets for `group`, all or none: as member `member_id` at
+    /// `member_epoch` for partitions it owns, or (empty id, epoch -1) into
+    /// a group without members.
+    pub(crate) async fn commit_offsets(
+        self: &Arc<Self>,
+        group: &str,
+        member_id: &str,
+        member_epoch: i32,
+        offsets: Vec<OffsetToCommit>,
+    ) -> Result<(), GroupOpError> {
+        let committed = self.checked_commits(offsets)?;
+        let defaults = self.config.group_defaults;
+        self.with_group(group, |current, _| {
+            let mut g = current.unwrap_or_else(|| Group::new(group, defaults));
+            g.commit(member_id, member_epoch, committed).map_err(|source| match source {
+                quiver_groups::CommitError::GroupActive(_) => {
+                    GroupOpError::NotEmpty { group: group.to_owned(), members: g.members().count() }
+                }
+                quiver_groups::CommitError::Member(source) => member_error(group, source),
+                source => GroupOpError::Commit { group: group.to_owned(), source },
+            })?;
+            Ok((Some(g), ()))
+        })
+        .await
+    }
+
+    fn checked_commits(&self, offsets: Vec<OffsetToCommit>) -> Result<Vec<(TopicPartition, Committed)>, GroupOpError> {
+        let image = self.controller.image();
+        let image = image.borrow();
+        let at_ms = now_ms();
+        offsets
+            .into_iter()
+            .map(|o| {
+                let count = image
+                    .topics
+                    .get(&o.topic)
+                    .map(|t| t.partitions.len() as u32)
+                    .ok_or_else(|| PartitionError::UnknownTopic { topic: o.topic.clone() })?;
+                if o.partition >= count {
+                    return Err(
+                        PartitionError::UnknownPartition { topic: o.topic, partition: o.partition, count }.into()
+                    );
+                }
+                if o.offset < 0 {
+                    return Err(GroupOpError::Invalid(format!(
+                        "{}-{}: offset {} is negative",
+                        o.topic, o.partition, o.offset
+                    )));
+                }
+                if o.metadata.len() > COMMIT_METADATA_BYTES_MAX {
+                    return Err(GroupOpError::Invalid(format!(
+                        "{}-{}: commit metadata is longer than {COMMIT_METADATA_BYTES_MAX} bytes",
+                        o.topic, o.partition
+                    )));
+                }
+                Ok(((o.topic, o.partition), Committed { offset: o.offset, metadata: o.metadata, at_ms }))
+            })
+            .collect()
+    }
+
+    /// Committed offsets of `group` (of `partitions`, or all); a group
+    /// that does not exist has none.
+    pub(crate) async fn fetch_offsets(
+        &self,
+        group: &str,
+        partitions: Option<Vec<TopicPartition>>,
+    ) -> Result<Vec<(TopicPartition, Committed)>, GroupOpError> {
+        self.read_group(group, |g| {
+            let Some(g) = g else { return Vec::new() };
+            match partitions {
+                None => g.offsets().iter().map(|(tp, c)| (tp.clone(), c.clone())).collect(),
+                Some(wanted) => wanted
+                    .into_iter()
+                    .filter_map(|(topic, partition)| {
+                        let c = g.committed(&topic, partition)?.clone();
+                        Some(((topic, partition), c))
+                    })
+                    .collect(),
+            }
+        })
+        .await
+    }
+
+    /// The groups this broker coordinates.
+    pub(crate) async fn list_groups(&self) -> Vec<GroupSummary> {
+        self.all_groups(|g| GroupSummary {
+            name: g.name().to_owned(),
+            state: group_state(g),
+            members: g.members().count(),
+        })
+        .await
+    }
+
+    pub(crate) async fn describe_group(&self, group: &str) -> Result<Group, GroupOpError> {
+        self.read_group(group, |g| g.cloned()).await?.ok_or_else(|| GroupOpError::UnknownGroup(group.to_owned()))
+    }
+
+    /// Deletes a group without members, and its committed offsets.
+    pub(crate) async fn delete_group(self: &Arc<Self>, group: &str) -> Result<(), GroupOpError> {
+        self.with_group(group, |current, _| match current {
+            None => Err(GroupOpError::UnknownGroup(group.to_owned())),
+            Some(g) if !g.is_empty() => {
+                Err(GroupOpError::NotEmpty { group: group.to_owned(), members: g.members().count() })
+            }
+            Some(_) => Ok((None, ())),
+        })
+        .await
+    }
+
+    /// Every topic a group may subscribe to (internal ones are not), with
+    /// its partition count.
+    fn subscribable_topics(&self) -> BTreeMap<String, u32> {
+        self.controller
+            .image()
+            .borrow()
+            .topics
+            .iter()
+            .filter(|(name, _)| !name.starts_with("__"))
+            .map(|(name, t)| (name.clone(), t.partitions.len() as u32))
+            .collect()
+    }
+}
+
+fn member_error(group: &str, source: quiver_groups::GroupError) -> GroupOpError {
+    match source {
+        quiver_groups::GroupError::Invalid(reason) => GroupOpError::Invalid(format!("group '{group}': {reason}")),
+        source => GroupOpError::Member { group: group.to_owned(), source },
+    }
+}

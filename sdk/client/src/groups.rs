@@ -1,0 +1,181 @@
+//! Consumer groups from the client's side: reaching a group's coordinator
+//! (the leader of the group's partition of `__consumer_offsets`), and the
+//! group administration calls ([`Admin::list_groups`], describe, delete,
+//! offsets). A consumer's membership is `membership.rs`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use quiver_protocol::messages::*;
+use quiver_protocol::{ErrorCode, WireError};
+
+use crate::admin::Admin;
+use crate::connection::{CallError, Client};
+
+/// Pause before asking again after the coordinator moved or is loading.
+const COORDINATOR_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a coordinator request may stay unanswered before the client
+/// checks whether the coordinator's leadership moved (a killed broker).
+const COORDINATOR_PATIENCE: Duration = Duration::from_millis(500);
+
+/// One committed offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOffset {
+    pub topic: String,
+    pub partition: u32,
+    /// The next offset the group reads.
+    pub offset: i64,
+    pub metadata: String,
+    pub committed_at_ms: i64,
+}
+
+impl From<CommittedOffset> for GroupOffset {
+    fn from(c: CommittedOffset) -> Self {
+        GroupOffset {
+            topic: c.topic,
+            partition: c.partition,
+            offset: c.offset,
+            metadata: c.metadata,
+            committed_at_ms: c.committed_at_ms,
+        }
+    }
+}
+
+fn is_coordinator_moved(e: &CallError) -> bool {
+    match e {
+        CallError::Broker(e) => matches!(
+            e.code,
+            ErrorCode::NotCoordinator
+                | ErrorCode::CoordinatorLoading
+                | ErrorCode::NotLeader
+                | ErrorCode::BrokerShuttingDown
+                | ErrorCode::BrokerNotReady
+                | ErrorCode::NoQuorum
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::RequestTimedOut
+        ),
+        CallError::Connect(_) | CallError::ConnectionLost(_) | CallError::Timeout(_) | CallError::LeaderMoved(_) => {
+            true
+        }
+        CallError::ResponseTooLarge { .. } | CallError::Decode(_) => false,
+    }
+}
+
+impl Client {
+    /// Sends `request` to `group`'s coordinator, finding it first, and
+    /// again (for up to the request timeout) while it moves, loads, or its
+    /// broker is gone. Group requests are safe to repeat: a heartbeat
+    /// answers with the member's state, a commit stores the same offsets.
+    pub(crate) async fn group_call<R: Request>(&self, group: &str, request: &R) -> Result<R::Response, CallError> {
+        let deadline = Instant::now() + self.config().request_timeout;
+        loop {
+            let attempt = async {
+                let found = self.bootstrap().call(&FindCoordinatorRequest { group: group.to_owned() }).await?;
+                let route = self.for_partition(OFFSETS_TOPIC, found.partition).await?;
+                let partitions = [(OFFSETS_TOPIC, found.partition)];
+                self.unless_leadership_moves(partitions, COORDINATOR_PATIENCE, route.call(request)).await
+            };
+            match attempt.await {
+                Err(e) if is_coordinator_moved(&e) && Instant::now() + COORDINATOR_BACKOFF < deadline => {
+                    tracing::debug!(group, error = %e, "asking the group's coordinator again");
+                    self.forget_routes();
+                    tokio::time::sleep(COORDINATOR_BACKOFF).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Admin {
+    /// Every group of the cluster: each broker lists the groups it
+    /// coordinates. Sorted by name.
+    pub async fn list_groups(&self) -> Result<Vec<GroupListing>, CallError> {
+        let client = self.client();
+        let brokers = self.metadata(Some(Vec::new())).await?.brokers;
+        let mut all = BTreeMap::new();
+        let ask: Vec<Client> = match brokers.len() {
+            0 | 1 => vec![client.bootstrap()],
+            _ => brokers.iter().map(|b| client.peer(&b.address)).collect(),
+        };
+        for broker in ask {
+            for g in broker.call(&ListGroupsRequest {}).await?.groups {
+                all.insert(g.group.clone(), g);
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// A group's members, their assignments and its committed offsets
+    /// (`unknown_group` if it does not exist).
+    pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse, CallError> {
+        self.client().group_call(group, &DescribeGroupRequest { group: group.to_owned() }).await
+    }
+
+    /// Deletes a group and its offsets; refused while it has members.
+    pub async fn delete_group(&self, group: &str) -> Result<(), CallError> {
+        self.client().group_call(group, &DeleteGroupRequest { group: group.to_owned() }).await?;
+        Ok(())
+    }
+
+    /// The committed offsets of a group (of `partitions`, or all).
+    pub async fn group_offsets(
+        &self,
+        group: &str,
+        partitions: Option<Vec<(String, u32)>>,
+    ) -> Result<Vec<GroupOffset>, CallError> {
+        let request = OffsetFetchRequest { group: group.to_owned(), partitions: partitions.map(to_wire) };
+        let answer = self.client().group_call(group, &request).await?;
+        Ok(answer.offsets.into_iter().map(GroupOffset::from).collect())
+    }
+
+    /// Sets a group's offsets by hand (all or none): only while the group
+    /// has no members (`group_not_empty` otherwise).
+    pub async fn set_group_offsets(&self, group: &str, offsets: Vec<(String, u32, i64)>) -> Result<(), CallError> {
+        commit(self.client(), group, "", -1, offsets).await
+    }
+}
+
+/// Commits `offsets` for `group` as `member_id` at `member_epoch`.
+pub(crate) async fn commit(
+    client: &Client,
+    group: &str,
+    member_id: &str,
+    member_epoch: i32,
+    offsets: Vec<(String, u32, i64)>,
+) -> Result<(), CallError> {
+    let request = OffsetCommitRequest {
+        group: group.to_owned(),
+        member_id: member_id.to_owned(),
+        member_epoch,
+        offsets: offsets
+            .into_iter()
+            .map(|(topic, partition, offset)| CommittedOffset {
+                topic,
+                partition,
+                offset,
+                metadata: String::new(),
+                committed_at_ms: 0,
+            })
+            .collect(),
+    };
+    client.group_call(group, &request).await?;
+    Ok(())
+}
+
+/// Partitions grouped by topic, as group requests carry them.
+pub(crate) fn to_wire(partitions: impl IntoIterator<Item = (String, u32)>) -> Vec<TopicPartitions> {
+    let mut by_topic: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (topic, p) in partitions {
+        by_topic.entry(topic).or_default().push(p);
+    }
+    by_topic.into_iter().map(|(topic, partitions)| TopicPartitions { topic, partitions }).collect()
+}
+
+/// The error a group call failed with, if the broker refused it.
+pub(crate) fn broker_error(e: &CallError) -> Option<&WireError> {
+    match e {
+        CallError::Broker(e) => Some(e),
+        _ => None,
+    }
+}
