@@ -795,29 +795,41 @@ async fn consume(
 }
 
 /// Prints a group member's assignment changes on standard error, one line
-/// each: `assigned|revoked|lost TOPIC-P,...`.
-struct LogRebalance;
+/// each: `assigned|revoked|lost TOPIC-P,...`, or with `--format json`
+/// `{"event": .., "partitions": ["TOPIC-P", ..], "at_ms": ..}` (a checker
+/// can tell from these who owned what when).
+struct LogRebalance {
+    json: bool,
+}
 
-impl quiver_client::RebalanceListener for LogRebalance {
-    fn on_assigned(&mut self, partitions: &[(String, u32)]) {
-        log_rebalance("assigned", partitions);
-    }
-
-    fn on_revoked(&mut self, partitions: &[(String, u32)]) {
-        log_rebalance("revoked", partitions);
-    }
-
-    fn on_lost(&mut self, partitions: &[(String, u32)]) {
-        log_rebalance("lost", partitions);
+impl LogRebalance {
+    fn log(&self, event: &str, partitions: &[(String, u32)]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let list: Vec<String> = partitions.iter().map(|(t, p)| format!("{t}-{p}")).collect();
+        match self.json {
+            true => eprintln!(
+                "{}",
+                serde_json::json!({"event": event, "partitions": list, "at_ms": quiver_broker::now_ms()})
+            ),
+            false => eprintln!("{event} {}", list.join(",")),
+        }
     }
 }
 
-fn log_rebalance(what: &str, partitions: &[(String, u32)]) {
-    if partitions.is_empty() {
-        return;
+impl quiver_client::RebalanceListener for LogRebalance {
+    fn on_assigned(&mut self, partitions: &[(String, u32)]) {
+        self.log("assigned", partitions);
     }
-    let list: Vec<String> = partitions.iter().map(|(t, p)| format!("{t}-{p}")).collect();
-    eprintln!("{what} {}", list.join(","));
+
+    fn on_revoked(&mut self, partitions: &[(String, u32)]) {
+        self.log("revoked", partitions);
+    }
+
+    fn on_lost(&mut self, partitions: &[(String, u32)]) {
+        self.log("lost", partitions);
+    }
 }
 
 /// `topic consume --group`: prints records as a group member until SIGINT,
@@ -844,7 +856,7 @@ async fn consume_group(
         ),
     };
     let mut consumer = client.consumer(config);
-    consumer.set_rebalance_listener(LogRebalance);
+    consumer.set_rebalance_listener(LogRebalance { json: printer.format == Format::Json });
     consumer.subscribe(group, &[topic]).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

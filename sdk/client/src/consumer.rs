@@ -144,6 +144,24 @@ pub enum ConsumeError {
     Usage(String),
 }
 
+impl ConsumeError {
+    /// Whether reading the same positions again may succeed: the cluster
+    /// moves a leadership, a broker restarts, a connection is lost.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConsumeError::Call(e) => {
+                e.is_safe_to_retry()
+                    || matches!(e, CallError::ConnectionLost(_) | CallError::Timeout(_) | CallError::LeaderMoved(_))
+            }
+            ConsumeError::Partition { error, .. } | ConsumeError::Group { error, .. } => error.code.is_retriable(),
+            _ => false,
+        }
+    }
+}
+
+/// Pause of a group member's `poll` after a transient fetch failure.
+const TRANSIENT_RETRY: Duration = Duration::from_millis(100);
+
 type Tp = (String, u32);
 
 /// A fetch on its way: the positions it asked for, and its answer.
@@ -345,11 +363,31 @@ impl Consumer {
 
     /// The next records of the assigned partitions, in offset order per
     /// partition; empty when nothing arrived within `fetch_max_wait`.
+    ///
+    /// A group member's `poll` rides out what passes by itself (a leader
+    /// moving, a broker restarting, a lost connection): it answers with no
+    /// records and reads the same positions again, as Kafka's consumer
+    /// does; other consumers get those errors.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ConsumeError> {
-        if self.membership.is_some() {
-            self.auto_commit_if_due();
-            self.reconcile().await?;
+        if self.membership.is_none() {
+            return self.fetch_next().await;
         }
+        self.auto_commit_if_due();
+        let polled = match self.reconcile().await {
+            Ok(()) => self.fetch_next().await,
+            Err(e) => Err(e),
+        };
+        match polled {
+            Err(e) if e.is_transient() => {
+                tracing::debug!(error = %e, "poll failed; trying again");
+                tokio::time::sleep(TRANSIENT_RETRY).await;
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch_next(&mut self) -> Result<Vec<ConsumerRecord>, ConsumeError> {
         if self.in_flight.is_none() {
             self.start_fetch();
         }
@@ -400,15 +438,19 @@ impl Consumer {
                     }
                 }
             }
-            self.positions.insert(tp.clone(), next);
-            chunks.push((tp, asked_offset, r.records));
+            chunks.push((tp, asked_offset, next, r.records));
         }
+        // On an error no position moves: the records of the partitions
+        // that answered are not returned, so they are fetched again.
         if let Some(e) = first_error {
             return Err(e);
         }
+        for (tp, _, next, _) in &chunks {
+            self.positions.insert(tp.clone(), *next);
+        }
         self.start_fetch();
         let mut out = Vec::with_capacity(records_hint);
-        for ((topic, partition), asked_offset, records) in chunks {
+        for ((topic, partition), asked_offset, _, records) in chunks {
             let shared_topic: std::sync::Arc<str> = topic.as_str().into();
             for batch in Batches::new(records) {
                 let (header, bytes) = batch.map_err(|e| corrupt(&topic, partition, asked_offset, e))?;

@@ -69,21 +69,55 @@ impl Client {
     pub(crate) async fn group_call<R: Request>(&self, group: &str, request: &R) -> Result<R::Response, CallError> {
         let deadline = Instant::now() + self.config().request_timeout;
         loop {
-            let attempt = async {
-                let found = self.bootstrap().call(&FindCoordinatorRequest { group: group.to_owned() }).await?;
-                let route = self.for_partition(OFFSETS_TOPIC, found.partition).await?;
-                let partitions = [(OFFSETS_TOPIC, found.partition)];
-                self.unless_leadership_moves(partitions, COORDINATOR_PATIENCE, route.call(request)).await
-            };
-            match attempt.await {
+            match self.coordinator_call(group, request).await {
                 Err(e) if is_coordinator_moved(&e) && Instant::now() + COORDINATOR_BACKOFF < deadline => {
                     tracing::debug!(group, error = %e, "asking the group's coordinator again");
-                    self.forget_routes();
+                    // A broker that did not answer: ask the cluster again
+                    // (one that answered "not the coordinator" told us,
+                    // and a moved leadership is in the cache already).
+                    if matches!(e, CallError::Connect(_) | CallError::ConnectionLost(_) | CallError::Timeout(_)) {
+                        self.forget_routes();
+                    }
                     tokio::time::sleep(COORDINATOR_BACKOFF).await;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// One attempt at `request` on the leader of the group's partition.
+    async fn coordinator_call<R: Request>(&self, group: &str, request: &R) -> Result<R::Response, CallError> {
+        let partition = self.group_partition(group).await?;
+        let route = self.for_partition(OFFSETS_TOPIC, partition).await?;
+        let partitions = [(OFFSETS_TOPIC, partition)];
+        let answer = self.unless_leadership_moves(partitions, COORDINATOR_PATIENCE, route.call(request)).await;
+        if let Err(CallError::Broker(e)) = &answer
+            && matches!(e.code, ErrorCode::NotCoordinator | ErrorCode::NotLeader)
+        {
+            // That broker is alive: learn the partition's leader from it
+            // rather than from a bootstrap broker that may be gone.
+            let metadata = MetadataRequest { topics: Some(vec![OFFSETS_TOPIC.to_owned()]) };
+            if let Ok(found) = route.call(&metadata).await {
+                self.remember(found);
+            }
+        }
+        answer
+    }
+
+    /// The group's partition of the offsets topic: asked once (which
+    /// creates the topic on the cluster's first group request), then known.
+    pub(crate) async fn group_partition(&self, group: &str) -> Result<u32, CallError> {
+        let known = self.routing().group_partitions.lock().expect("group partitions lock").get(group).copied();
+        if let Some(p) = known {
+            return Ok(p);
+        }
+        let found = self.bootstrap().call(&FindCoordinatorRequest { group: group.to_owned() }).await?;
+        self.routing()
+            .group_partitions
+            .lock()
+            .expect("group partitions lock")
+            .insert(group.to_owned(), found.partition);
+        Ok(found.partition)
     }
 }
 

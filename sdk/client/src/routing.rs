@@ -28,6 +28,8 @@ pub(crate) struct Routing {
     /// When a leadership check last asked the cluster: concurrent checks
     /// share its answer (through the cache) instead of asking again.
     checked: Mutex<Option<Instant>>,
+    /// Each group's partition of the offsets topic (it never changes).
+    pub(crate) group_partitions: Mutex<HashMap<String, u32>>,
 }
 
 /// Addresses that lately failed to connect or to answer in time, and when:
@@ -88,6 +90,7 @@ impl Routing {
             peers: Mutex::default(),
             suspects: Suspects::default(),
             checked: Mutex::default(),
+            group_partitions: Mutex::default(),
         }
     }
 
@@ -161,7 +164,7 @@ impl Client {
     }
 
     /// Takes a metadata answer into the cache.
-    fn remember(&self, metadata: MetadataResponse) {
+    pub(crate) fn remember(&self, metadata: MetadataResponse) {
         let addresses: HashMap<u32, String> = metadata.brokers.iter().map(|b| (b.node_id, b.address.clone())).collect();
         let mut routes = self.routing().routes();
         routes.single = metadata.brokers.len() <= 1;
@@ -316,7 +319,7 @@ impl Client {
         Client { inner: self.routing().bootstrap.clone(), routing: self.routing().clone() }
     }
 
-    fn routing(&self) -> &Arc<Routing> {
+    pub(crate) fn routing(&self) -> &Arc<Routing> {
         &self.routing
     }
 }
