@@ -351,4 +351,20 @@ mod tests {
         let err = FileConfig::load(Some(&path), vec![]).unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("retention.weeks"), "{err}");
     }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n[broker]").expect("README has the config example") + "```toml\n".len();
+        let example = &readme[start..start + readme[start..].find("```").unwrap()];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quiver.toml");
+        std::fs::write(&path, example).unwrap();
+        let node = FileConfig::load(Some(&path), vec![]).unwrap().validate().unwrap();
+        assert_eq!(node.broker.group_defaults.session_timeout_ms, 45_000);
+        assert_eq!(node.broker.offsets_topic_partitions, 50);
+        let bad = vec![("QUIVER_GROUPS__ASSIGNOR".to_string(), "roundrobin".to_string())];
+        let err = FileConfig::load(Some(&path), bad).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("groups.assignor"), "{err}");
+    }
 }

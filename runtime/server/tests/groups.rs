@@ -453,3 +453,57 @@ async fn the_records_of_a_failed_fetch_are_read_again() {
     }
     assert_eq!(offsets, (0..10).collect::<Vec<i64>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_policies_pauses_and_manual_commits() {
+    let node = DevNode::start_with_env(&GROUP_ENV);
+    node.ok(&["topic", "create", "p", "-p", "2"]);
+    let client = Client::connect(node.client_config()).await.unwrap();
+    produce_keyed(&client, "p", 0, 20).await;
+
+    // `none`: a partition without a commit is an error, not a guess.
+    let (mut strict, _) =
+        member(&client, "strict", "p", ConsumerConfig { auto_offset_reset: OffsetReset::None, ..earliest() }).await;
+    let e = loop {
+        if let Err(e) = strict.poll().await {
+            break e;
+        }
+    };
+    assert!(matches!(e, ConsumeError::NoOffset { .. }), "{e}");
+    assert!(e.to_string().contains("no committed offset"), "{e}");
+    drop(strict);
+
+    // `latest`: only what comes after the member got its partitions.
+    let manual = ConsumerConfig { auto_offset_reset: OffsetReset::Latest, enable_auto_commit: false, ..earliest() };
+    let (mut late, _) = member(&client, "late", "p", manual).await;
+    poll_all(&mut [&mut late], Duration::from_secs(30), |_, c| owned(c[0]).len() == 2).await;
+    produce_keyed(&client, "p", 20, 30).await;
+    let read = poll_all(&mut [&mut late], Duration::from_secs(30), |r, _| r[0].len() >= 10).await;
+    let values: BTreeSet<String> = read[0].iter().map(|(_, _, v)| v.clone()).collect();
+    assert_eq!(values, (20..30).map(|i| format!("v{i}")).collect());
+    assert_eq!(late.committed("p", 0).await.unwrap(), None, "no auto-commit");
+    late.commit_async().unwrap().await.unwrap().unwrap();
+    let committed = late.committed("p", 0).await.unwrap().unwrap() + late.committed("p", 1).await.unwrap().unwrap();
+    assert_eq!(committed, 30);
+
+    // A paused partition keeps its place and is not read until resumed.
+    late.pause("p", 0);
+    assert_eq!(late.paused(), vec![("p".to_string(), 0)]);
+    produce_keyed(&client, "p", 30, 60).await;
+    let ends: Vec<i64> = {
+        let probe = client.consumer(ConsumerConfig::default());
+        let mut ends = Vec::new();
+        for p in 0..2 {
+            ends.push(probe.lookup("p", p, quiver_protocol::messages::OFFSET_LATEST).await.unwrap());
+        }
+        ends
+    };
+    let read = poll_all(&mut [&mut late], Duration::from_secs(30), |_, c| c[0].position("p", 1) == Some(ends[1])).await;
+    assert!(read[0].iter().all(|(p, _, _)| *p == 1), "read a paused partition");
+    late.resume("p", 0);
+    poll_all(&mut [&mut late], Duration::from_secs(30), |_, c| c[0].position("p", 0) == Some(ends[0])).await;
+    // Closing without auto-commit leaves the commits where they were.
+    late.close().await.unwrap();
+    let after = client.admin().group_offsets("late", None).await.unwrap();
+    assert_eq!(after.iter().map(|o| o.offset).sum::<i64>(), 30);
+}

@@ -408,8 +408,10 @@ impl Consumer {
         let mut records_hint = 0usize;
         for (r, ((topic, partition), asked_offset)) in response.partitions.into_iter().zip(asked) {
             let tp = (topic, partition);
-            if self.positions.get(&tp) != Some(&asked_offset) {
-                continue; // seeked or unassigned while the fetch was in flight
+            // Seeked, unassigned or paused while the fetch was in flight:
+            // its records are not returned, the position stays.
+            if self.positions.get(&tp) != Some(&asked_offset) || self.paused.contains(&tp) {
+                continue;
             }
             if r.error != ErrorCode::None {
                 first_error.get_or_insert(ConsumeError::Partition {

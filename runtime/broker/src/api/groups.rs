@@ -92,7 +92,9 @@ impl Broker {
             name: OFFSETS_TOPIC.to_owned(),
             partitions: self.config.offsets_topic_partitions,
             replication_factor,
-            configs: Vec::new(),
+            // Kept whole: retention would drop the records of groups that
+            // did not change lately. (Compaction will bound it.)
+            configs: vec![("retention.ms".into(), "-1".into()), ("retention.bytes".into(), "-1".into())],
         };
         tracing::info!(partitions = new.partitions, replication_factor, "creating the offsets topic");
         match self.create_topic(&new).await {
