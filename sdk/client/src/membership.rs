@@ -226,6 +226,7 @@ impl Consumer {
         let revoked: Vec<TopicPartition> = m.owned.difference(&target).cloned().collect();
         if !revoked.is_empty() {
             if self.config.enable_auto_commit {
+                self.settle_auto_commit().await;
                 let offsets = self.offsets_of(&revoked);
                 if let Err(e) = self.commit_offsets(offsets).await {
                     tracing::warn!(error = %e, "committing revoked partitions failed");
@@ -350,15 +351,22 @@ impl Consumer {
         }));
     }
 
+    /// Waits for an auto-commit on its way: a later commit must not be
+    /// overtaken by it (older positions stored last).
+    async fn settle_auto_commit(&mut self) {
+        let pending = self.membership.as_mut().and_then(|m| m.auto_commit.take());
+        if let Some(pending) = pending {
+            let _ = pending.await;
+        }
+    }
+
     /// Leaves the group: with auto-commit, commits the positions first; a
     /// static member leaves for a moment (its partitions wait for it for
     /// its session). Without `close` (a crash, a drop) the coordinator
     /// notices at the end of the session.
     pub async fn close(&mut self) -> Result<(), ConsumeError> {
         let Some(m) = &self.membership else { return Ok(()) };
-        if let Some(h) = &m.auto_commit {
-            h.abort();
-        }
+        self.settle_auto_commit().await;
         let committed = match self.config.enable_auto_commit {
             true => self.commit().await,
             false => Ok(()),

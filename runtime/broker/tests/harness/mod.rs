@@ -109,6 +109,8 @@ impl ReplicaLink for Wire {
 pub struct Cluster {
     pub net: Arc<Net>,
     dirs: BTreeMap<NodeId, tempfile::TempDir>,
+    /// Applied to every broker's configuration.
+    configure: fn(&mut BrokerConfig),
 }
 
 /// How long a test binary using the harness may run. A task that never
@@ -133,8 +135,14 @@ fn address(node: NodeId) -> String {
 
 impl Cluster {
     pub async fn start(n: u32) -> Cluster {
+        Cluster::start_with(n, |_| {}).await
+    }
+
+    /// Like [`Cluster::start`], with `configure` applied to every broker's
+    /// configuration.
+    pub async fn start_with(n: u32, configure: fn(&mut BrokerConfig)) -> Cluster {
         watchdog();
-        let mut cluster = Cluster { net: Arc::default(), dirs: BTreeMap::new() };
+        let mut cluster = Cluster { net: Arc::default(), dirs: BTreeMap::new(), configure };
         for node in 1..=n {
             cluster.dirs.insert(node, tempfile::tempdir().unwrap());
         }
@@ -160,6 +168,7 @@ impl Cluster {
         config.node_id = node;
         config.advertised_address = address(node);
         config.flush_interval_ms = None;
+        (self.configure)(&mut config);
         let wire = Arc::new(Wire { from: node, net: self.net.clone() });
         let controller = ControllerConfig::new(node, address(node), dir, voters);
         let membership = Membership { controller, transport: wire.clone(), link: wire };
