@@ -365,7 +365,9 @@ impl Consumer {
     /// its session). Without `close` (a crash, a drop) the coordinator
     /// notices at the end of the session.
     pub async fn close(&mut self) -> Result<(), ConsumeError> {
-        let Some(m) = &self.membership else { return Ok(()) };
+        if self.membership.is_none() {
+            return Ok(());
+        }
         self.settle_auto_commit().await;
         let committed = match self.config.enable_auto_commit {
             true => self.commit().await,
