@@ -107,6 +107,7 @@ pub fn operation_of(api: ApiKey) -> (Operation, Resource) {
         FindCoordinator | GroupHeartbeat | OffsetCommit | OffsetFetch => (Operation::Read, Resource::Group),
         ListGroups | DescribeGroup => (Operation::Describe, Resource::Group),
         DeleteGroup => (Operation::Delete, Resource::Group),
+        AlterGroupConfig => (Operation::Alter, Resource::Group),
     }
 }
 

@@ -47,7 +47,7 @@ pub struct Broker {
     /// The block of producer ids this broker hands out.
     pub(crate) producer_ids: ProducerIds,
     /// The consumer groups this broker coordinates.
-    pub(crate) coordinator: crate::coordinator::Coordinator,
+    pub(crate) coordinator: crate::group_shards::Coordinator,
 }
 
 /// The ids this broker may still hand out: `next..end`.

@@ -14,6 +14,9 @@
 //! shard stale, so it is loaded again from the log (which may hold the write
 //! after all); what members were told is always in the log.
 //!
+//! (The write itself, `store`, is in `api/groups.rs`: it goes through the
+//! produce path.)
+//!
 //! A loop (`coordinate_groups`) follows the leadership of the offsets
 //! topic's partitions (loading new shards, dropping lost ones) and, once a
 //! second, fences members whose session or rebalance timeout ran out and
@@ -24,74 +27,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use quiver_groups::{Group, Record, RecordKey, RecordValue, changes};
-use quiver_protocol::batch::{BatchBuilder, Batches, Compression, decode_records};
+use quiver_groups::{Group, changes};
 use quiver_protocol::messages::OFFSETS_TOPIC;
-use quiver_protocol::partitioner::murmur2;
-use serde::{Deserialize, Serialize};
 
-use crate::api::{Acks, Write};
-use crate::broker::{Broker, now_ms};
-use crate::errors::{GroupOpError, ProduceError};
+use crate::broker::Broker;
+use crate::errors::GroupOpError;
+use crate::group_shards::{Shard, group_partition, read_group_records, validate_group_name};
 use crate::partition::Partition;
 
 /// How often the coordinator looks at the offsets topic's leaderships.
 const LEADERSHIP_TICK: Duration = Duration::from_millis(200);
 /// How often members' sessions and rebalance timeouts are checked.
 const EXPIRY_TICK_MS: u64 = 1_000;
-/// Bound on one read while loading a partition.
-const LOAD_READ_BYTES: usize = 4 * 1024 * 1024;
-/// Longest group name accepted.
-const GROUP_NAME_BYTES_MAX: usize = 249;
-
-/// The shards of the offsets topic's partitions this broker leads.
-#[derive(Default)]
-pub(crate) struct Coordinator {
-    shards: std::sync::Mutex<HashMap<u32, Arc<Shard>>>,
-}
-
-/// The groups of one partition of the offsets topic, led here in `epoch`.
-pub(crate) struct Shard {
-    partition: Arc<Partition>,
-    epoch: i32,
-    /// `None` while loading.
-    groups: tokio::sync::Mutex<Option<BTreeMap<String, Group>>>,
-    /// A write failed or the load did: memory may not match the log.
-    stale: AtomicBool,
-}
-
-/// A record's key in the offsets topic.
-#[derive(Serialize, Deserialize)]
-struct StoredKey {
-    group: String,
-    key: RecordKey,
-}
-
-impl Coordinator {
-    fn shards(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Shard>>> {
-        self.shards.lock().expect("coordinator lock")
-    }
-}
-
-/// The partition of the offsets topic a group belongs to.
-pub(crate) fn group_partition(group: &str, partitions: u32) -> u32 {
-    (murmur2(group.as_bytes()) & 0x7fff_ffff) as u32 % partitions.max(1)
-}
-
-pub(crate) fn validate_group_name(group: &str) -> Result<(), GroupOpError> {
-    if group.is_empty() {
-        return Err(GroupOpError::Invalid("group name is empty".into()));
-    }
-    if group.len() > GROUP_NAME_BYTES_MAX {
-        return Err(GroupOpError::Invalid(format!("group name is longer than {GROUP_NAME_BYTES_MAX} bytes")));
-    }
-    if group.chars().any(char::is_control) {
-        return Err(GroupOpError::Invalid("group name contains a control character".into()));
-    }
-    Ok(())
-}
-
 impl Broker {
     /// Follows the offsets topic's leaderships and expires members, until
     /// shutdown.
@@ -170,7 +117,7 @@ impl Broker {
                 (name, group)
             })
             // A deleted group replays to nothing.
-            .filter(|(_, g)| !(g.epoch() == 0 && g.is_empty() && g.offsets().is_empty()))
+            .filter(|(_, g)| !(g.epoch() == 0 && g.is_empty() && g.offsets().is_empty() && g.overrides().is_empty()))
             .collect();
         tracing::info!(
             partition = shard.partition.id,
@@ -262,22 +209,6 @@ impl Broker {
         guard.as_mut().ok_or(GroupOpError::Loading { me, partition })
     }
 
-    /// Appends a group's changes to its partition, acks=all. On failure
-    /// the shard is marked stale (reloaded from the log).
-    async fn store(self: &Arc<Self>, shard: &Shard, group: &str, records: Vec<Record>) -> Result<(), GroupOpError> {
-        let batch = encode_records(group, &records);
-        let write = Write { topic: OFFSETS_TOPIC.to_owned(), partition: shard.partition.id, records: batch };
-        let written = match self.write(vec![write], Acks::All, None).await {
-            Ok(mut results) => results.pop().unwrap_or_else(|| Err(ProduceError::Internal("no write result".into()))),
-            Err(e) => Err(e),
-        };
-        written.map(drop).map_err(|source| {
-            shard.stale.store(true, Ordering::Release);
-            tracing::warn!(group, partition = shard.partition.id, error = %source, "storing a group change failed");
-            GroupOpError::Store { group: group.to_owned(), source }
-        })
-    }
-
     /// Fences members past their session or rebalance timeout, and forgets
     /// the committed offsets of deleted topics, in every loaded group.
     async fn expire_members(self: &Arc<Self>) {
@@ -319,92 +250,5 @@ impl Broker {
                 }
             }
         }
-    }
-}
-
-/// A group's changes as one record batch: key `{"group", "key"}` (JSON),
-/// value the new value (JSON), or none for a removed key (a tombstone).
-fn encode_records(group: &str, records: &[Record]) -> Bytes {
-    let mut batch = BatchBuilder::new(Compression::None);
-    let now = now_ms();
-    for r in records {
-        let key = serde_json::to_vec(&StoredKey { group: group.to_owned(), key: r.key.clone() })
-            .expect("group records serialize");
-        let value = r.value.as_ref().map(|v| serde_json::to_vec(v).expect("group records serialize"));
-        batch.append(now, Some(&key), value.as_deref(), &[]);
-    }
-    batch.build()
-}
-
-/// Every group's records in a partition's log, in log order. Records that
-/// do not decode (not written by a coordinator) are skipped.
-fn read_group_records(partition: &Partition) -> Result<BTreeMap<String, Vec<Record>>, quiver_log::ReadError> {
-    let log = &partition.log;
-    let end = log.log_end_offset();
-    let mut offset = log.log_start_offset();
-    let mut groups: BTreeMap<String, Vec<Record>> = BTreeMap::new();
-    while offset < end {
-        let bytes = log.read(offset, LOAD_READ_BYTES, end)?;
-        if bytes.is_empty() {
-            break;
-        }
-        for batch in Batches::new(bytes) {
-            let Ok((header, batch)) = batch else { break };
-            offset = offset.max(header.next_offset());
-            let Ok(records) = decode_records(&batch) else {
-                tracing::warn!(
-                    partition = partition.id,
-                    offset = header.base_offset,
-                    "skipping a batch that does not decode"
-                );
-                continue;
-            };
-            for record in records {
-                let Some(key) = record.key.as_deref().and_then(|k| serde_json::from_slice::<StoredKey>(k).ok()) else {
-                    tracing::warn!(
-                        partition = partition.id,
-                        offset = record.offset,
-                        "skipping a record with an unknown key"
-                    );
-                    continue;
-                };
-                let value = match record.value.as_deref() {
-                    None => None,
-                    Some(v) => match serde_json::from_slice::<RecordValue>(v) {
-                        Ok(v) => Some(v),
-                        Err(e) => {
-                            tracing::warn!(partition = partition.id, offset = record.offset, error = %e, "skipping a record with an unknown value");
-                            continue;
-                        }
-                    },
-                };
-                groups.entry(key.group).or_default().push(Record { key: key.key, value });
-            }
-        }
-    }
-    Ok(groups)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn groups_spread_over_partitions_stably() {
-        // The partition of a group must never change between versions: it
-        // is where its state lives.
-        assert_eq!(group_partition("orders-service", 50), group_partition("orders-service", 50));
-        let used: std::collections::BTreeSet<u32> = (0..500).map(|i| group_partition(&format!("g{i}"), 50)).collect();
-        assert!(used.len() > 40, "{used:?}");
-        assert!(used.iter().all(|p| *p < 50));
-        assert_eq!(group_partition("x", 1), 0);
-    }
-
-    #[test]
-    fn group_names_are_checked() {
-        assert!(validate_group_name("").is_err());
-        assert!(validate_group_name("a\nb").is_err());
-        assert!(validate_group_name(&"g".repeat(250)).is_err());
-        validate_group_name("payments.v2_workers-1").unwrap();
     }
 }

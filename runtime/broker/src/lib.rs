@@ -16,6 +16,7 @@ mod config;
 mod coordinator;
 mod errors;
 mod files;
+mod group_shards;
 mod long_poll;
 mod migrate;
 mod order;

@@ -18,7 +18,7 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::access::{self, RequestContext};
-use crate::api::groups::{OffsetToCommit, group_state};
+use crate::api::groups::{OffsetToCommit, group_configs, group_state, overridden};
 use crate::api::{self, NewTopic, OffsetQuery, Read, ReadOptions, Write};
 use crate::broker::Broker;
 use crate::errors::{
@@ -250,6 +250,13 @@ impl Broker {
                 })
                 .await
             }
+            ApiKey::AlterGroupConfig => {
+                self.run(body, |r: AlterGroupConfigRequest| async move {
+                    let configs = self.alter_group_config(&r.group, r.configs).await?;
+                    Ok::<_, GroupOpError>(AlterGroupConfigResponse { configs })
+                })
+                .await
+            }
             ApiKey::PluginLogs => {
                 self.run(body, |r: PluginLogsRequest| async move {
                     Ok::<_, PluginAdminError>(PluginLogsResponse { lines: self.plugin_logs(&r.name, r.since)? })
@@ -446,6 +453,8 @@ impl Broker {
             group_epoch: g.epoch(),
             assignor: g.config().assignor.name().to_owned(),
             coordinator: self.config.node_id,
+            configs: group_configs(g),
+            overridden: overridden(g),
             members,
             offsets: g.offsets().iter().map(|(tp, c)| committed_offset((tp.clone(), c.clone()))).collect(),
         }

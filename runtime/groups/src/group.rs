@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::assignor::assignment_partitions;
 use crate::{
-    Assignment, CommitError, Fenced, GroupConfig, GroupError, Heartbeat, HeartbeatAnswer, JOIN_EPOCH, LEAVE_EPOCH,
-    MemberId, STATIC_LEAVE_EPOCH, Subscription, TopicPartition,
+    Assignment, CommitError, Fenced, GroupConfig, GroupError, GroupOverrides, Heartbeat, HeartbeatAnswer, JOIN_EPOCH,
+    LEAVE_EPOCH, MemberId, STATIC_LEAVE_EPOCH, Subscription, TopicPartition,
 };
 
 /// Where a member is on its way to its target assignment.
@@ -75,7 +75,10 @@ impl Member {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Group {
     pub(crate) name: String,
+    /// The broker's defaults with the group's overrides.
     pub(crate) config: GroupConfig,
+    pub(crate) defaults: GroupConfig,
+    pub(crate) overrides: GroupOverrides,
     pub(crate) epoch: i32,
     pub(crate) target_epoch: i32,
     pub(crate) target: BTreeMap<MemberId, Assignment>,
@@ -92,6 +95,8 @@ impl Group {
         Group {
             name: name.to_owned(),
             config,
+            defaults: config,
+            overrides: GroupOverrides::default(),
             epoch: 0,
             target_epoch: 0,
             target: BTreeMap::new(),
@@ -145,8 +150,22 @@ impl Group {
         &self.name
     }
 
+    /// Its timings and assignor: the broker's defaults with its overrides.
     pub fn config(&self) -> &GroupConfig {
         &self.config
+    }
+
+    pub fn overrides(&self) -> GroupOverrides {
+        self.overrides
+    }
+
+    /// Sets the group's own timings (empty: the broker's defaults again).
+    /// Members learn the heartbeat interval at their next heartbeat; the
+    /// session applies from the next check.
+    pub fn set_overrides(&mut self, overrides: GroupOverrides) -> Result<(), GroupError> {
+        self.config = overrides.apply(self.defaults)?;
+        self.overrides = overrides;
+        Ok(())
     }
 
     /// The group epoch: it moves with every change of membership,

@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub use assignor::Assignor;
 pub use group::{Committed, Group, Member, MemberState};
+
 pub use records::{Record, RecordKey, RecordValue, changes};
 
 /// A member's id in its group, chosen by the coordinator at join.
@@ -74,6 +75,47 @@ impl Default for GroupConfig {
             rebalance_timeout_ms: 300_000,
             assignor: Assignor::Uniform,
         }
+    }
+}
+
+/// A group's own timings over the broker's defaults (Kafka 4's group
+/// configs `consumer.session.timeout.ms`, `consumer.heartbeat.interval.ms`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupOverrides {
+    pub session_timeout_ms: Option<u64>,
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+/// Shortest heartbeat interval a group may ask for.
+pub const HEARTBEAT_INTERVAL_MS_MIN: u64 = 50;
+
+impl GroupOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == GroupOverrides::default()
+    }
+
+    /// `defaults` with these overrides, if the result makes sense: a
+    /// heartbeat interval of at least [`HEARTBEAT_INTERVAL_MS_MIN`] and a
+    /// session longer than it.
+    pub fn apply(&self, defaults: GroupConfig) -> Result<GroupConfig, GroupError> {
+        let config = GroupConfig {
+            session_timeout_ms: self.session_timeout_ms.unwrap_or(defaults.session_timeout_ms),
+            heartbeat_interval_ms: self.heartbeat_interval_ms.unwrap_or(defaults.heartbeat_interval_ms),
+            ..defaults
+        };
+        if config.heartbeat_interval_ms < HEARTBEAT_INTERVAL_MS_MIN {
+            return Err(GroupError::Invalid(format!(
+                "heartbeat interval {} ms is below the minimum of {HEARTBEAT_INTERVAL_MS_MIN} ms",
+                config.heartbeat_interval_ms
+            )));
+        }
+        if config.session_timeout_ms <= config.heartbeat_interval_ms {
+            return Err(GroupError::Invalid(format!(
+                "session timeout {} ms must be longer than the heartbeat interval {} ms",
+                config.session_timeout_ms, config.heartbeat_interval_ms
+            )));
+        }
+        Ok(config)
     }
 }
 

@@ -13,12 +13,14 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::group::{Committed, Group, Member, MemberState};
-use crate::{Assignment, GroupConfig, MemberId, Subscription};
+use crate::{Assignment, GroupConfig, GroupOverrides, MemberId, Subscription};
 
 /// What a record is about, within one group.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum RecordKey {
     Group,
+    /// The group's own timings, when it has any.
+    Config,
     Member(MemberId),
     Target(MemberId),
     Current(MemberId),
@@ -33,6 +35,7 @@ pub enum RecordValue {
     Target(Assignment),
     Current { epoch: i32, previous_epoch: i32, assigned: Assignment, revoking: Assignment, state: MemberState },
     Offset(Committed),
+    Config(GroupOverrides),
 }
 
 /// One change: a key's new value, or `None` when the key is gone.
@@ -68,6 +71,9 @@ impl Group {
                 topics: self.topics.clone(),
             },
         );
+        if !self.overrides.is_empty() {
+            out.insert(RecordKey::Config, RecordValue::Config(self.overrides));
+        }
         for (id, m) in &self.members {
             out.insert(
                 RecordKey::Member(id.clone()),
@@ -128,6 +134,11 @@ impl Group {
                 }
                 (RecordKey::Offset(topic, partition), RecordValue::Offset(committed)) => {
                     group.offsets.insert((topic, partition), committed);
+                }
+                // Stored overrides were checked against the defaults of
+                // their day; with today's they may not fit: defaults then.
+                (RecordKey::Config, RecordValue::Config(overrides)) if group.set_overrides(overrides).is_err() => {
+                    group.overrides = overrides;
                 }
                 // A key with another kind of value is not ours to read.
                 _ => {}

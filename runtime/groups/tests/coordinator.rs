@@ -408,3 +408,44 @@ fn an_invalid_pattern_is_refused_at_join() {
     assert!(matches!(&err, GroupError::Invalid(m) if m.contains("orders-(")), "{err}");
     assert!(sim.group.is_empty());
 }
+
+#[test]
+fn a_group_with_its_own_session_fences_on_its_own_clock_and_keeps_it_across_failover() {
+    let mut sim = Sim::new(&[("t", 2)]);
+    let shorter = GroupOverrides { session_timeout_ms: Some(3_000), heartbeat_interval_ms: Some(500) };
+    sim.group.set_overrides(shorter).unwrap();
+    sim.join("a", None, &["t"]);
+    sim.join("b", None, &["t"]);
+    sim.settle(3);
+    let answer = sim.group.heartbeat(
+        sim.now,
+        Heartbeat {
+            member_id: sim.clients["a"].id.clone(),
+            member_epoch: sim.clients["a"].epoch,
+            owned: Some(sim.clients["a"].owned.clone()),
+            ..Default::default()
+        },
+        &sim.topics,
+    );
+    assert_eq!(answer.unwrap().heartbeat_interval_ms, 500, "members are told the group's interval");
+    // Replayed on a new coordinator, the group keeps its own timings.
+    let replayed = Group::replay("g", GroupConfig::default(), sim.now, changes(&BTreeMap::new(), &sim.group.records()));
+    assert_eq!(replayed.overrides(), shorter);
+    assert_eq!(replayed.config().session_timeout_ms, 3_000);
+    sim.group = replayed;
+    // b goes silent: fenced after 3 s, not the broker's 45 s.
+    sim.clients.remove("b");
+    sim.now += 2_000;
+    sim.beat("a").unwrap();
+    assert!(sim.group.tick(sim.now).is_empty());
+    sim.now += 1_500;
+    sim.beat("a").unwrap();
+    assert_eq!(sim.group.tick(sim.now).len(), 1);
+    // Back to the defaults; nonsense is refused and changes nothing.
+    let e = sim.group.set_overrides(GroupOverrides { session_timeout_ms: Some(100), heartbeat_interval_ms: None });
+    assert!(e.unwrap_err().to_string().contains("must be longer than the heartbeat interval"));
+    assert_eq!(sim.group.config().session_timeout_ms, 3_000);
+    sim.group.set_overrides(GroupOverrides::default()).unwrap();
+    assert_eq!(sim.group.config().session_timeout_ms, SESSION);
+    assert!(!sim.group.records().contains_key(&RecordKey::Config));
+}

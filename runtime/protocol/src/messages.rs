@@ -45,10 +45,12 @@ pub enum ApiKey {
     ListGroups = 25,
     DescribeGroup = 26,
     DeleteGroup = 27,
+    /// Sets a group's own timings over the broker's defaults.
+    AlterGroupConfig = 28,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 27] = [
+    pub const ALL: [ApiKey; 28] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -76,6 +78,7 @@ impl ApiKey {
         ApiKey::ListGroups,
         ApiKey::DescribeGroup,
         ApiKey::DeleteGroup,
+        ApiKey::AlterGroupConfig,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -906,6 +909,11 @@ wire_struct! {
         pub group_epoch: i32,
         pub assignor: String,
         pub coordinator: u32,
+        /// Effective timings (`session.timeout.ms`, `heartbeat.interval.ms`,
+        /// `rebalance.timeout.ms`), the group's own where it set them.
+        pub configs: Vec<(String, String)>,
+        /// The keys of `configs` the group set itself.
+        pub overridden: Vec<String>,
         pub members: Vec<GroupMemberDescription>,
         pub offsets: Vec<CommittedOffset>,
     }
@@ -924,3 +932,21 @@ wire_struct! {
     pub struct DeleteGroupResponse {}
 }
 request!(DeleteGroupRequest => DeleteGroup, DeleteGroupResponse);
+
+wire_struct! {
+    /// Sets a group's own `session.timeout.ms` and `heartbeat.interval.ms`
+    /// (an empty value: back to the broker's default); creates the group
+    /// if it does not exist.
+    pub struct AlterGroupConfigRequest {
+        pub group: String,
+        pub configs: Vec<(String, String)>,
+    }
+}
+
+wire_struct! {
+    pub struct AlterGroupConfigResponse {
+        /// The group's effective timings after the change.
+        pub configs: Vec<(String, String)>,
+    }
+}
+request!(AlterGroupConfigRequest => AlterGroupConfig, AlterGroupConfigResponse);

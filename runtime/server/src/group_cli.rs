@@ -9,7 +9,7 @@ use clap::Subcommand;
 use quiver_client::{Client, ErrorCode};
 use quiver_protocol::messages::{DescribeGroupResponse, OFFSET_EARLIEST, OFFSET_LATEST, TopicPartitions};
 
-use crate::cli::{ConnArgs, Format};
+use crate::cli::{ConnArgs, Format, parse_key_value};
 
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
@@ -46,6 +46,14 @@ pub enum GroupCommand {
     /// Deletes a group and its committed offsets; refused while it has
     /// members.
     Delete { name: String },
+    /// Sets a group's own timings over the broker's: `-c
+    /// session.timeout.ms=3000 -c heartbeat.interval.ms=500` (an empty
+    /// value: the broker's default again).
+    Configure {
+        name: String,
+        #[arg(short = 'c', long = "config", value_parser = parse_key_value, required = true)]
+        configs: Vec<(String, String)>,
+    },
 }
 
 /// Where `reset-offsets --to` moves a partition.
@@ -134,6 +142,11 @@ pub async fn run(conn: ConnArgs, command: GroupCommand) -> anyhow::Result<ExitCo
                 }
             }
         }
+        GroupCommand::Configure { name, configs } => {
+            for (key, value) in admin.alter_group_config(&name, &configs).await? {
+                println!("{key}={value}");
+            }
+        }
         GroupCommand::Delete { name } => {
             admin.delete_group(&name).await?;
             println!("deleted group '{name}'");
@@ -216,6 +229,15 @@ fn print_description(g: &DescribeGroupResponse, lags: &Lags) {
         g.coordinator,
         g.members.len()
     );
+    let configs: Vec<String> = g
+        .configs
+        .iter()
+        .map(|(k, v)| {
+            let own = if g.overridden.contains(k) { " (group)" } else { "" };
+            format!("{k}={v}{own}")
+        })
+        .collect();
+    println!("configs {}", configs.join("  "));
     if !g.members.is_empty() {
         println!("MEMBER\tINSTANCE\tEPOCH\tSTATE\tASSIGNED");
         for m in &g.members {
@@ -278,6 +300,8 @@ fn describe_json(g: &DescribeGroupResponse, lags: &Lags) -> serde_json::Value {
         "group_epoch": g.group_epoch,
         "assignor": g.assignor,
         "coordinator": g.coordinator,
+        "configs": g.configs.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+        "overridden": g.overridden,
         "members": members,
         "offsets": offsets,
     })

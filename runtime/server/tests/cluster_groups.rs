@@ -123,7 +123,23 @@ fn seen(members: &[Member]) -> BTreeSet<String> {
 }
 
 fn wait_for_count(cluster: &Cluster, members: &[Member], n: usize, what: &str) {
-    cluster.wait_for(what, Duration::from_secs(90), || seen(members).len() >= n);
+    wait(cluster, members, what, || seen(members).len() >= n);
+}
+
+/// Waits up to 90 s for `done`; on a timeout prints the members' logs (and
+/// the nodes', through `Cluster::wait_for`) before failing.
+fn wait(cluster: &Cluster, members: &[Member], what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            for m in members {
+                eprintln!("--- {} log\n{}", m.name, std::fs::read_to_string(&m.log).unwrap_or_default());
+            }
+            cluster.wait_for(what, Duration::ZERO, done);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -140,9 +156,7 @@ fn a_group_survives_killed_members_and_a_killed_coordinator() {
     cluster.ok(1, &["topic", "create", TOPIC, "-p", &PARTITIONS.to_string(), "-r", "3"]);
 
     let mut members = vec![Member::start(&cluster, "m1"), Member::start(&cluster, "m2"), Member::start(&cluster, "m3")];
-    cluster.wait_for("three members owning partitions", Duration::from_secs(60), || {
-        members.iter().all(Member::owns_something)
-    });
+    wait(&cluster, &members, "three members owning partitions", || members.iter().all(Member::owns_something));
     produce(&cluster, 1, 0, 1500);
     wait_for_count(&cluster, &members, 700, "the members to read");
 
@@ -152,7 +166,7 @@ fn a_group_survives_killed_members_and_a_killed_coordinator() {
     members[1].terminate();
     members.push(Member::start(&cluster, "m4"));
     wait_for_count(&cluster, &members, 2500, "every record so far to be read");
-    cluster.wait_for("m3 and m4 sharing the partitions", Duration::from_secs(60), || {
+    wait(&cluster, &members, "m3 and m4 sharing the partitions", || {
         members[3].owns_something() && members[2].owns_something()
     });
 

@@ -230,20 +230,33 @@ async fn a_static_member_restarting_within_its_session_moves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_members_partitions_go_to_the_others_after_its_session() {
-    let node = DevNode::start_with_env(&GROUP_ENV);
+async fn a_crashed_members_partitions_go_to_the_others_after_its_groups_session() {
+    // The broker's session is long; the group sets its own, shorter one.
+    let node = DevNode::start_with_env(&[
+        ("QUIVER_GROUPS__SESSION_TIMEOUT_MS", "60000"),
+        ("QUIVER_GROUPS__OFFSETS_TOPIC_PARTITIONS", "5"),
+    ]);
     node.ok(&["topic", "create", "jobs", "-p", "4"]);
+    let e = node.fails(&["group", "configure", "workers", "-c", "session.timeout.ms=100"]);
+    assert!(e.contains("must be longer than the heartbeat interval"), "{e}");
+    assert!(node.fails(&["group", "configure", "workers", "-c", "retention=1"]).contains("unknown group config"));
+    let set =
+        node.ok(&["group", "configure", "workers", "-c", "session.timeout.ms=3000", "-c", "heartbeat.interval.ms=200"]);
+    assert!(set.contains("session.timeout.ms=3000") && set.contains("heartbeat.interval.ms=200"), "{set}");
     let client = Client::connect(node.client_config()).await.unwrap();
     let (mut a, _) = member(&client, "workers", "jobs", earliest()).await;
     let (mut b, b_log) = member(&client, "workers", "jobs", earliest()).await;
     poll_all(&mut [&mut a, &mut b], Duration::from_secs(30), |_, c| owned(c[0]).len() == 2 && owned(c[1]).len() == 2)
         .await;
+    let described = node.ok(&["group", "describe", "workers"]);
+    assert!(described.contains("session.timeout.ms=3000 (group)"), "{described}");
     // A "crashes": no leave, no more heartbeats.
     let crashed_at = Instant::now();
     drop(a);
     poll_all(&mut [&mut b], Duration::from_secs(30), |_, c| owned(c[0]).len() == 4).await;
     let waited = crashed_at.elapsed();
     assert!(waited >= Duration::from_secs(2), "B got A's partitions before A's session (3 s) ended: {waited:?}");
+    assert!(waited < Duration::from_secs(20), "the group's session was not used: {waited:?}");
     assert!(matches!(b_log.events().last(), Some(Event::Assigned(p)) if p.len() == 2), "{:?}", b_log.events());
     b.close().await.unwrap();
 }

@@ -111,7 +111,19 @@ impl Client {
         if let Some(p) = known {
             return Ok(p);
         }
-        let found = self.bootstrap().call(&FindCoordinatorRequest { group: group.to_owned() }).await?;
+        let request = FindCoordinatorRequest { group: group.to_owned() };
+        let deadline = Instant::now() + self.config().request_timeout;
+        let found = loop {
+            // The first group request creates the offsets topic: a quorum
+            // busy or changing leader then is worth waiting for.
+            match self.bootstrap().call(&request).await {
+                Err(e) if is_coordinator_moved(&e) && Instant::now() + COORDINATOR_BACKOFF < deadline => {
+                    tracing::debug!(group, error = %e, "finding the group's coordinator again");
+                    tokio::time::sleep(COORDINATOR_BACKOFF).await;
+                }
+                found => break found?,
+            }
+        };
         self.routing()
             .group_partitions
             .lock()
@@ -144,6 +156,18 @@ impl Admin {
     /// (`unknown_group` if it does not exist).
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse, CallError> {
         self.client().group_call(group, &DescribeGroupRequest { group: group.to_owned() }).await
+    }
+
+    /// Sets a group's own `session.timeout.ms` and `heartbeat.interval.ms`
+    /// (an empty value: the broker's default again); returns its effective
+    /// timings.
+    pub async fn alter_group_config(
+        &self,
+        group: &str,
+        configs: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, CallError> {
+        let request = AlterGroupConfigRequest { group: group.to_owned(), configs: configs.to_vec() };
+        Ok(self.client().group_call(group, &request).await?.configs)
     }
 
     /// Deletes a group and its offsets; refused while it has members.

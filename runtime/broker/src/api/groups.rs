@@ -6,15 +6,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use quiver_controller::NodeId;
-use quiver_groups::{Committed, Group, Heartbeat, HeartbeatAnswer, MemberState, TopicPartition};
+use quiver_groups::{Committed, Group, Heartbeat, HeartbeatAnswer, MemberState, Record, TopicPartition};
+use quiver_protocol::batch::{BatchBuilder, Compression};
 use quiver_protocol::messages::OFFSETS_TOPIC;
 
 use crate::api::NewTopic;
+use crate::api::{Acks, Write};
 use crate::broker::{Broker, now_ms};
-use crate::coordinator::{group_partition, validate_group_name};
-use crate::errors::{AdminError, GroupOpError, MetadataError, PartitionError};
+use crate::errors::{AdminError, GroupOpError, MetadataError, PartitionError, ProduceError};
+use crate::group_shards::{Shard, StoredKey, group_partition, validate_group_name};
 
 /// Where a group is coordinated.
 #[derive(Debug, Clone)]
@@ -40,6 +44,33 @@ pub(crate) struct GroupSummary {
     pub(crate) name: String,
     pub(crate) state: &'static str,
     pub(crate) members: usize,
+}
+
+pub(crate) const SESSION_TIMEOUT: &str = "session.timeout.ms";
+pub(crate) const HEARTBEAT_INTERVAL: &str = "heartbeat.interval.ms";
+const REBALANCE_TIMEOUT: &str = "rebalance.timeout.ms";
+
+/// A group's effective timings, as configs.
+pub(crate) fn group_configs(g: &Group) -> Vec<(String, String)> {
+    let c = g.config();
+    vec![
+        (SESSION_TIMEOUT.to_owned(), c.session_timeout_ms.to_string()),
+        (HEARTBEAT_INTERVAL.to_owned(), c.heartbeat_interval_ms.to_string()),
+        (REBALANCE_TIMEOUT.to_owned(), c.rebalance_timeout_ms.to_string()),
+    ]
+}
+
+/// The keys of [`group_configs`] the group set itself.
+pub(crate) fn overridden(g: &Group) -> Vec<String> {
+    let o = g.overrides();
+    let mut keys = Vec::new();
+    if o.session_timeout_ms.is_some() {
+        keys.push(SESSION_TIMEOUT.to_owned());
+    }
+    if o.heartbeat_interval_ms.is_some() {
+        keys.push(HEARTBEAT_INTERVAL.to_owned());
+    }
+    keys
 }
 
 /// Longest commit metadata kept (Kafka's `offset.metadata.max.bytes`).
@@ -243,6 +274,64 @@ impl Broker {
         .await
     }
 
+    /// Sets a group's own timings (`session.timeout.ms`,
+    /// `heartbeat.interval.ms`; an empty value returns a key to the
+    /// broker's default), creating the group if needed; returns its
+    /// effective timings.
+    pub(crate) async fn alter_group_config(
+        self: &Arc<Self>,
+        group: &str,
+        configs: Vec<(String, String)>,
+    ) -> Result<Vec<(String, String)>, GroupOpError> {
+        let defaults = self.config.group_defaults;
+        self.with_group(group, |current, _| {
+            let mut g = current.unwrap_or_else(|| Group::new(group, defaults));
+            let mut overrides = g.overrides();
+            for (key, value) in &configs {
+                let parsed = match value.as_str() {
+                    "" => None,
+                    v => Some(v.parse::<u64>().map_err(|_| {
+                        GroupOpError::Invalid(format!("group config {key}: '{v}' is not a number of milliseconds"))
+                    })?),
+                };
+                match key.as_str() {
+                    SESSION_TIMEOUT => overrides.session_timeout_ms = parsed,
+                    HEARTBEAT_INTERVAL => overrides.heartbeat_interval_ms = parsed,
+                    other => {
+                        return Err(GroupOpError::Invalid(format!(
+                            "unknown group config '{other}': {SESSION_TIMEOUT} and {HEARTBEAT_INTERVAL} can be set"
+                        )));
+                    }
+                }
+            }
+            g.set_overrides(overrides).map_err(|source| member_error(group, source))?;
+            let effective = group_configs(&g);
+            Ok((Some(g), effective))
+        })
+        .await
+    }
+
+    /// Appends a group's changes to its partition, acks=all. On failure
+    /// the shard is marked stale (reloaded from the log).
+    pub(crate) async fn store(
+        self: &Arc<Self>,
+        shard: &Shard,
+        group: &str,
+        records: Vec<Record>,
+    ) -> Result<(), GroupOpError> {
+        let batch = encode_records(group, &records);
+        let write = Write { topic: OFFSETS_TOPIC.to_owned(), partition: shard.partition.id, records: batch };
+        let written = match self.write(vec![write], Acks::All, None).await {
+            Ok(mut results) => results.pop().unwrap_or_else(|| Err(ProduceError::Internal("no write result".into()))),
+            Err(e) => Err(e),
+        };
+        written.map(drop).map_err(|source| {
+            shard.stale.store(true, Ordering::Release);
+            tracing::warn!(group, partition = shard.partition.id, error = %source, "storing a group change failed");
+            GroupOpError::Store { group: group.to_owned(), source }
+        })
+    }
+
     /// Every topic a group may subscribe to (internal ones are not), with
     /// its partition count.
     fn subscribable_topics(&self) -> BTreeMap<String, u32> {
@@ -255,6 +344,20 @@ impl Broker {
             .map(|(name, t)| (name.clone(), t.partitions.len() as u32))
             .collect()
     }
+}
+
+/// A group's changes as one record batch: key `{"group", "key"}` (JSON),
+/// value the new value (JSON), or none for a removed key (a tombstone).
+fn encode_records(group: &str, records: &[Record]) -> Bytes {
+    let mut batch = BatchBuilder::new(Compression::None);
+    let now = now_ms();
+    for r in records {
+        let key = serde_json::to_vec(&StoredKey { group: group.to_owned(), key: r.key.clone() })
+            .expect("group records serialize");
+        let value = r.value.as_ref().map(|v| serde_json::to_vec(v).expect("group records serialize"));
+        batch.append(now, Some(&key), value.as_deref(), &[]);
+    }
+    batch.build()
 }
 
 fn member_error(group: &str, source: quiver_groups::GroupError) -> GroupOpError {
