@@ -520,3 +520,19 @@ async fn reset_policies_pauses_and_manual_commits() {
     let after = client.admin().group_offsets("late", None).await.unwrap();
     assert_eq!(after.iter().map(|o| o.offset).sum::<i64>(), 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_outside_the_log_starts_where_the_reset_policy_says() {
+    let node = DevNode::start_with_env(&GROUP_ENV);
+    node.ok(&["topic", "create", "short", "-p", "1"]);
+    let client = Client::connect(node.client_config()).await.unwrap();
+    produce_keyed(&client, "short", 0, 10).await;
+    // As if retention had passed the group by, or the topic was created
+    // again: the committed offset is past the log's end.
+    client.admin().set_group_offsets("behind", vec![("short".into(), 0, 1_000)]).await.unwrap();
+    let (mut m, _) = member(&client, "behind", "short", earliest()).await;
+    let read = poll_all(&mut [&mut m], Duration::from_secs(30), |r, _| r[0].len() >= 10).await;
+    assert_eq!(read[0].iter().map(|(_, o, _)| *o).collect::<Vec<_>>(), (0..10).collect::<Vec<i64>>());
+    m.close().await.unwrap();
+    assert_eq!(client.admin().group_offsets("behind", None).await.unwrap()[0].offset, 10);
+}

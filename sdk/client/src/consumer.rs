@@ -383,6 +383,21 @@ impl Consumer {
                 tokio::time::sleep(TRANSIENT_RETRY).await;
                 Ok(Vec::new())
             }
+            // A position outside the log (retention passed a lagging
+            // group's commit, or a topic was created again): where
+            // `auto_offset_reset` says, as Kafka's consumer does.
+            Err(ConsumeError::Partition { topic, partition, error })
+                if error.code == ErrorCode::OffsetOutOfRange && self.config.auto_offset_reset != OffsetReset::None =>
+            {
+                let at = match self.config.auto_offset_reset {
+                    OffsetReset::Earliest => OFFSET_EARLIEST,
+                    _ => OFFSET_LATEST,
+                };
+                let offset = self.lookup(&topic, partition, at).await?;
+                tracing::warn!(%topic, partition, offset, reason = %error.message, "position out of range; reset");
+                self.positions.insert((topic, partition), offset);
+                Ok(Vec::new())
+            }
             other => other,
         }
     }
