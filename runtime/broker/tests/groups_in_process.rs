@@ -135,3 +135,19 @@ async fn a_cut_off_coordinator_hands_the_group_over_with_its_members_and_commits
     assert_eq!(offsets.iter().map(|o| (o.partition, o.offset)).collect::<Vec<_>>(), vec![(2, 50)]);
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_group_requests_on_every_broker_at_once_all_find_their_coordinator() {
+    let cluster = Cluster::start_with(3, |c| c.offsets_topic_partitions = 3).await;
+    // Each broker creates the offsets topic; two are refused (it exists)
+    // before their own image has it.
+    let requests: Vec<FindCoordinatorRequest> =
+        (1..=3).map(|n| FindCoordinatorRequest { group: format!("g{n}") }).collect();
+    let (a, b, c) =
+        tokio::join!(cluster.call(1, &requests[0]), cluster.call(2, &requests[1]), cluster.call(3, &requests[2]));
+    for answer in [a, b, c] {
+        let found = answer.unwrap();
+        assert!(found.partition < 3);
+    }
+    cluster.stop().await;
+}

@@ -99,8 +99,12 @@ impl Broker {
         }
         let image = self.controller.image();
         let image = image.borrow();
-        let topic = image.topics.get(OFFSETS_TOPIC).ok_or_else(|| {
-            GroupOpError::OffsetsTopic(AdminError::UnknownTopic(format!("{OFFSETS_TOPIC} (deleted meanwhile)")))
+        // Created by another request and not in this broker's image yet
+        // (past the wait): the client asks again.
+        let topic = image.topics.get(OFFSETS_TOPIC).ok_or(GroupOpError::NotCoordinator {
+            me: self.config.node_id,
+            group: group.to_owned(),
+            partition: 0,
         })?;
         let partition = group_partition(group, topic.partitions.len() as u32);
         let leader = topic
@@ -130,13 +134,15 @@ impl Broker {
         tracing::info!(partitions = new.partitions, replication_factor, "creating the offsets topic");
         match self.create_topic(&new).await {
             Ok(_) => Ok(()),
-            // Another broker's first group request created it meanwhile.
-            Err(AdminError::TopicExists(_)) => Ok(()),
+            // Another group request created it meanwhile: the quorum has
+            // it, this broker's image may not yet.
             Err(AdminError::Metadata(MetadataError::Refused(r)))
                 if r.kind == quiver_controller::RefusalKind::TopicExists =>
             {
+                self.wait_applied(&self.controller, |image| image.topics.contains_key(OFFSETS_TOPIC)).await;
                 Ok(())
             }
+            Err(AdminError::TopicExists(_)) => Ok(()),
             Err(e) => Err(GroupOpError::OffsetsTopic(e)),
         }
     }
