@@ -104,7 +104,9 @@ pub fn operation_of(api: ApiKey) -> (Operation, Resource) {
         PluginDeploy | PluginControl => (Operation::Alter, Resource::Plugin),
         ElectLeaders | AlterVoters | ReassignPartition => (Operation::Alter, Resource::Cluster),
         Controller | ReplicaFetch => (Operation::ClusterAction, Resource::Cluster),
-        FindCoordinator | GroupHeartbeat | OffsetCommit | OffsetFetch => (Operation::Read, Resource::Group),
+        FindCoordinator | GroupHeartbeat | OffsetCommit | OffsetFetch | ShareFetch => {
+            (Operation::Read, Resource::Group)
+        }
         ListGroups | DescribeGroup => (Operation::Describe, Resource::Group),
         DeleteGroup => (Operation::Delete, Resource::Group),
         AlterGroupConfig => (Operation::Alter, Resource::Group),

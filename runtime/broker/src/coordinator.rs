@@ -223,7 +223,7 @@ impl Broker {
             for name in names {
                 let expired = self
                     .with_group(&name, |group, now| {
-                        let Some(mut group) = group else { return Ok((None, Vec::new())) };
+                        let Some(mut group) = group else { return Ok((None, (Vec::new(), false))) };
                         let fenced = group.tick(now);
                         let deleted: Vec<String> = group
                             .offsets()
@@ -234,13 +234,19 @@ impl Broker {
                         for topic in &deleted {
                             group.forget_topic(topic);
                         }
-                        Ok((Some(group), fenced))
+                        let dead_letters = group
+                            .share()
+                            .is_some_and(|s| s.partitions().values().any(|p| !p.dead_letters().is_empty()));
+                        Ok((Some(group), (fenced, dead_letters)))
                     })
                     .await;
                 match expired {
-                    Ok(fenced) => {
+                    Ok((fenced, dead_letters)) => {
                         for f in fenced {
                             tracing::info!(group = %name, member = %f.member_id, instance = ?f.instance_id, reason = f.reason, "member fenced");
+                        }
+                        if dead_letters && let Err(e) = self.copy_dead_letters(&name).await {
+                            tracing::warn!(group = %name, error = %e, "copying dead letters failed; will retry");
                         }
                     }
                     Err(e) => {

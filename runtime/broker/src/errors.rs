@@ -129,6 +129,9 @@ pub enum FetchError {
     Read(#[from] ReadError),
     #[error(transparent)]
     Plugin(#[from] PluginCallError),
+    /// Read from another broker, which refused or could not be reached.
+    #[error("broker {leader}: {error}")]
+    AtLeader { leader: NodeId, error: WireError },
     #[error("{0}")]
     Internal(String),
 }

@@ -98,6 +98,15 @@ pub trait ReplicaLink: Send + Sync {
         request: ProduceRequest,
     ) -> Pin<Box<dyn Future<Output = Result<ProduceResponse, WireError>> + Send>>;
 
+    /// Reads from the broker `leader` at `address` as a consumer would (a
+    /// share group's coordinator reading partitions another broker leads).
+    fn read(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: FetchRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchResponse, WireError>> + Send>>;
+
     /// Asks the broker `node` at `address` which plugins it runs (a deploy
     /// waits until every live broker loaded the new version).
     fn list_plugins(
@@ -135,6 +144,15 @@ impl ReplicaLink for NoPeers {
         _: String,
         _: ProduceRequest,
     ) -> Pin<Box<dyn Future<Output = Result<ProduceResponse, WireError>> + Send>> {
+        Self::refuse(leader)
+    }
+
+    fn read(
+        &self,
+        leader: NodeId,
+        _: String,
+        _: FetchRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchResponse, WireError>> + Send>> {
         Self::refuse(leader)
     }
 

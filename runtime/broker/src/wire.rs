@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Buf;
 use bytes::Bytes;
 use quiver_controller::RefusalKind;
+use quiver_groups::share::{Ack, Acquired, ShareError};
 use quiver_groups::{Assignment, Committed, Group, Heartbeat, MemberState, Subscription};
 use quiver_log::{AppendError, ReadError, SequenceError};
 use quiver_protocol::codec::{Wire, decode_exact};
@@ -18,7 +19,8 @@ use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::access::{self, RequestContext};
-use crate::api::groups::{OffsetToCommit, group_configs, group_state, overridden};
+use crate::api::groups::{OffsetToCommit, group_configs, group_kind, group_state, overridden};
+use crate::api::share_groups::{ShareAck, ShareFetch};
 use crate::api::{self, NewTopic, OffsetQuery, Read, ReadOptions, Write};
 use crate::broker::Broker;
 use crate::errors::{
@@ -229,6 +231,7 @@ impl Broker {
                 self.run(body, |_: ListGroupsRequest| async {
                     let groups = self.list_groups().await.into_iter().map(|g| GroupListing {
                         group: g.name,
+                        kind: g.kind.to_owned(),
                         state: g.state.to_owned(),
                         members: g.members as u32,
                     });
@@ -250,6 +253,7 @@ impl Broker {
                 })
                 .await
             }
+            ApiKey::ShareFetch => self.run(body, |r| self.wire_share_fetch(r)).await,
             ApiKey::AlterGroupConfig => {
                 self.run(body, |r: AlterGroupConfigRequest| async move {
                     let configs = self.alter_group_config(&r.group, r.configs).await?;
@@ -424,6 +428,76 @@ impl Broker {
         })
     }
 
+    async fn wire_share_fetch(self: &Arc<Self>, r: ShareFetchRequest) -> Result<ShareFetchResponse, GroupOpError> {
+        let acks = r
+            .acknowledgements
+            .into_iter()
+            .map(|a| {
+                let ack = match a.kind {
+                    SHARE_ACCEPT => Ack::Accept,
+                    SHARE_RELEASE => Ack::Release,
+                    SHARE_REJECT => Ack::Reject,
+                    other => return Err(GroupOpError::Invalid(format!("unknown acknowledgement kind {other}"))),
+                };
+                if a.first_offset < 0 || a.last_offset < a.first_offset {
+                    return Err(GroupOpError::Invalid(format!(
+                        "{}-{}: acknowledged range {}..={} is not valid",
+                        a.topic, a.partition, a.first_offset, a.last_offset
+                    )));
+                }
+                Ok(ShareAck { topic: a.topic, partition: a.partition, first: a.first_offset, last: a.last_offset, ack })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let fetch = ShareFetch {
+            member_id: r.member_id,
+            topics: r.topics,
+            acks,
+            max_records: r.max_records,
+            max_wait: Duration::from_millis(u64::from(r.max_wait_ms)),
+            max_bytes: r.max_bytes,
+            leave: r.leave,
+        };
+        let fetched = self.share_fetch(&r.group, fetch).await?;
+        let partitions = fetched
+            .reads
+            .into_iter()
+            .map(|read| {
+                let (error, message, records) = match read.records {
+                    Ok(records) => (ErrorCode::None, String::new(), records),
+                    Err(e) => (code_of_fetch(&e), e.to_string(), Bytes::new()),
+                };
+                ShareFetchPartition {
+                    topic: read.topic,
+                    partition: read.partition,
+                    error,
+                    message,
+                    records,
+                    acquired: acquired_ranges(&read.acquired),
+                }
+            })
+            .collect();
+        let acknowledgement_errors = fetched
+            .ack_errors
+            .into_iter()
+            .map(|((topic, partition), e)| {
+                let ShareError::NotHeld { offset, .. } = &e;
+                ShareAcknowledgementError {
+                    topic,
+                    partition,
+                    offset: *offset,
+                    error: ErrorCode::InvalidRecordState,
+                    message: e.to_string(),
+                }
+            })
+            .collect();
+        Ok(ShareFetchResponse {
+            member_id: fetched.member_id,
+            heartbeat_interval_ms: fetched.heartbeat_interval_ms.min(u64::from(u32::MAX)) as u32,
+            partitions,
+            acknowledgement_errors,
+        })
+    }
+
     fn group_description(&self, g: &Group) -> DescribeGroupResponse {
         let members = g
             .members()
@@ -447,8 +521,27 @@ impl Broker {
                 target: g.target(&m.id).map(to_wire_partitions).unwrap_or_default(),
             })
             .collect();
+        let share = g.share();
         DescribeGroupResponse {
             group: g.name().to_owned(),
+            kind: group_kind(g).to_owned(),
+            share_members: share
+                .into_iter()
+                .flat_map(|s| s.members())
+                .map(|m| ShareMemberDescription { member_id: m.id.clone(), topics: m.topics.clone() })
+                .collect(),
+            share_partitions: share
+                .into_iter()
+                .flat_map(|s| s.partitions())
+                .map(|((topic, partition), p)| SharePartitionDescription {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    start_offset: p.start(),
+                    end_offset: p.end(),
+                    acquired: p.in_flight() as u32,
+                    dead_letters: p.dead_letters().len() as u32,
+                })
+                .collect(),
             state: group_state(g).to_owned(),
             group_epoch: g.epoch(),
             assignor: g.config().assignor.name().to_owned(),
@@ -648,6 +741,7 @@ fn code_of_fetch(e: &FetchError) -> ErrorCode {
         FetchError::Partition(e) => code_of_partition(e),
         FetchError::Read(e) => code_of_read(e),
         FetchError::Plugin(e) => code_of_plugin_call(e),
+        FetchError::AtLeader { error, .. } => error.code,
         FetchError::Internal(_) => ErrorCode::Internal,
     }
 }
@@ -711,3 +805,22 @@ as_wire_error!(
     FetchError => code_of_fetch,
     GroupOpError => code_of_group
 );
+
+/// Acquired records as ranges of consecutive offsets with one delivery
+/// count each.
+fn acquired_ranges(acquired: &[Acquired]) -> Vec<AcquiredRecords> {
+    let mut out: Vec<AcquiredRecords> = Vec::new();
+    for a in acquired {
+        match out.last_mut() {
+            Some(r) if r.last_offset + 1 == a.offset && r.delivery_count == a.delivery_count => {
+                r.last_offset = a.offset
+            }
+            _ => out.push(AcquiredRecords {
+                first_offset: a.offset,
+                last_offset: a.offset,
+                delivery_count: a.delivery_count,
+            }),
+        }
+    }
+    out
+}

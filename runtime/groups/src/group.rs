@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::assignor::assignment_partitions;
+use crate::share::ShareGroup;
 use crate::{
     Assignment, CommitError, Fenced, GroupConfig, GroupError, GroupOverrides, Heartbeat, HeartbeatAnswer, JOIN_EPOCH,
     LEAVE_EPOCH, MemberId, STATIC_LEAVE_EPOCH, Subscription, TopicPartition,
@@ -88,6 +89,9 @@ pub struct Group {
     pub(crate) topics: BTreeMap<String, u32>,
     pub(crate) joined: u64,
     pub(crate) offsets: BTreeMap<TopicPartition, Committed>,
+    /// A share group's members and partitions (queue semantics); `None`
+    /// for a consumer group. A group is one kind for its whole life.
+    pub(crate) share: Option<ShareGroup>,
 }
 
 impl Group {
@@ -104,7 +108,46 @@ impl Group {
             topics: BTreeMap::new(),
             joined: 0,
             offsets: BTreeMap::new(),
+            share: None,
         }
+    }
+
+    /// A new share group.
+    pub fn new_share(name: &str, config: GroupConfig) -> Group {
+        Group { share: Some(ShareGroup::default()), ..Group::new(name, config) }
+    }
+
+    pub fn is_share(&self) -> bool {
+        self.share.is_some()
+    }
+
+    pub fn share(&self) -> Option<&ShareGroup> {
+        self.share.as_ref()
+    }
+
+    pub fn share_mut(&mut self) -> Option<&mut ShareGroup> {
+        self.share.as_mut()
+    }
+
+    /// A share member's fetch at `now_ms` ([`ShareGroup::visit`]); a new
+    /// member gets an id unique in the group's life.
+    pub fn share_visit(&mut self, member_id: &str, topics: Vec<String>, now_ms: u64) -> Result<MemberId, GroupError> {
+        let Some(share) = self.share.as_mut() else {
+            return Err(GroupError::Invalid(format!(
+                "group '{}' is a consumer group: its members heartbeat, they do not share fetches",
+                self.name
+            )));
+        };
+        let (name, joined) = (&self.name, &mut self.joined);
+        share.visit(
+            member_id,
+            || {
+                *joined += 1;
+                format!("{name}-share-{joined}")
+            },
+            topics,
+            now_ms,
+        )
     }
 
     /// The committed offset of a partition.
@@ -125,6 +168,13 @@ impl Group {
         member_epoch: i32,
         offsets: Vec<(TopicPartition, Committed)>,
     ) -> Result<(), CommitError> {
+        if self.is_share() {
+            return Err(GroupError::Invalid(format!(
+                "group '{}' is a share group: its members acknowledge records, they commit no offsets",
+                self.name
+            ))
+            .into());
+        }
         let partitions: Vec<TopicPartition> = offsets.iter().map(|(tp, _)| tp.clone()).collect();
         self.check_commit(member_id, member_epoch, &partitions)?;
         self.offsets.extend(offsets);
@@ -144,6 +194,9 @@ impl Group {
     /// Forgets the committed offsets of `topic` (a deleted topic).
     pub fn forget_topic(&mut self, topic: &str) {
         self.offsets.retain(|(t, _), _| t != topic);
+        if let Some(share) = &mut self.share {
+            share.forget_topic(topic);
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -189,7 +242,7 @@ impl Group {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.members.is_empty() && self.share.as_ref().is_none_or(|s| s.members.is_empty())
     }
 
     /// Answers a member's heartbeat at `now_ms`; `topics` is every
@@ -200,6 +253,12 @@ impl Group {
         hb: Heartbeat,
         topics: &BTreeMap<String, u32>,
     ) -> Result<HeartbeatAnswer, GroupError> {
+        if self.is_share() {
+            return Err(GroupError::Invalid(format!(
+                "group '{}' is a share group: its members read with share fetches",
+                self.name
+            )));
+        }
         if let Some(s) = &hb.subscription {
             s.matcher()?;
         }
@@ -233,9 +292,18 @@ impl Group {
     }
 
     /// Fences members whose session ended, or who hold partitions they
-    /// were asked to revoke past the rebalance timeout.
+    /// were asked to revoke past the rebalance timeout. In a share group:
+    /// members silent past their session, and expired acquisition locks
+    /// (the records offered again, or dead letters).
     pub fn tick(&mut self, now_ms: u64) -> Vec<Fenced> {
         let session = self.config.session_timeout_ms;
+        if let Some(share) = &mut self.share {
+            let (gone, _dead) = share.tick(&self.config.share, session, now_ms);
+            return gone
+                .into_iter()
+                .map(|member_id| Fenced { member_id, instance_id: None, reason: "session ended" })
+                .collect();
+        }
         let fenced: Vec<(MemberId, &'static str)> = self
             .members
             .values()

@@ -65,6 +65,10 @@ pub struct GroupConfig {
     /// How long a member may hold partitions it was asked to revoke.
     pub rebalance_timeout_ms: u64,
     pub assignor: Assignor,
+    /// Share groups: locks, deliveries, records in flight.
+    pub share: share::ShareConfig,
+    /// Share groups: where a partition the group never read starts.
+    pub share_reset: share::ShareReset,
 }
 
 impl Default for GroupConfig {
@@ -74,6 +78,8 @@ impl Default for GroupConfig {
             heartbeat_interval_ms: 5_000,
             rebalance_timeout_ms: 300_000,
             assignor: Assignor::Uniform,
+            share: share::ShareConfig::default(),
+            share_reset: share::ShareReset::Latest,
         }
     }
 }
@@ -84,6 +90,15 @@ impl Default for GroupConfig {
 pub struct GroupOverrides {
     pub session_timeout_ms: Option<u64>,
     pub heartbeat_interval_ms: Option<u64>,
+    /// Share groups (Kafka's `share.record.lock.duration.ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_lock_timeout_ms: Option<u64>,
+    /// Share groups (Kafka's `share.delivery.count.limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_delivery_attempts: Option<u32>,
+    /// Share groups (Kafka's `share.auto.offset.reset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_reset: Option<share::ShareReset>,
 }
 
 /// Shortest heartbeat interval a group may ask for.
@@ -101,8 +116,17 @@ impl GroupOverrides {
         let config = GroupConfig {
             session_timeout_ms: self.session_timeout_ms.unwrap_or(defaults.session_timeout_ms),
             heartbeat_interval_ms: self.heartbeat_interval_ms.unwrap_or(defaults.heartbeat_interval_ms),
+            share: share::ShareConfig {
+                lock_timeout_ms: self.share_lock_timeout_ms.unwrap_or(defaults.share.lock_timeout_ms),
+                max_delivery_attempts: self.share_delivery_attempts.unwrap_or(defaults.share.max_delivery_attempts),
+                ..defaults.share
+            },
+            share_reset: self.share_reset.unwrap_or(defaults.share_reset),
             ..defaults
         };
+        if config.share.lock_timeout_ms == 0 || config.share.max_delivery_attempts == 0 {
+            return Err(GroupError::Invalid("share lock timeout and delivery attempts must be at least 1".to_string()));
+        }
         if config.heartbeat_interval_ms < HEARTBEAT_INTERVAL_MS_MIN {
             return Err(GroupError::Invalid(format!(
                 "heartbeat interval {} ms is below the minimum of {HEARTBEAT_INTERVAL_MS_MIN} ms",

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::group::{Committed, Group, Member, MemberState};
+use crate::share::{ShareMember, SharePartition};
 use crate::{Assignment, GroupConfig, GroupOverrides, MemberId, Subscription};
 
 /// What a record is about, within one group.
@@ -25,17 +26,43 @@ pub enum RecordKey {
     Target(MemberId),
     Current(MemberId),
     Offset(String, u32),
+    /// A share group's member.
+    ShareMember(MemberId),
+    /// A share group's state of one partition.
+    SharePartition(String, u32),
 }
 
 /// A key's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecordValue {
-    Group { epoch: i32, target_epoch: i32, joined: u64, topics: BTreeMap<String, u32> },
-    Member { instance_id: Option<String>, subscription: Subscription, away: bool },
+    Group {
+        epoch: i32,
+        target_epoch: i32,
+        joined: u64,
+        topics: BTreeMap<String, u32>,
+        /// A share group (absent in records of consumer groups).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        share: bool,
+    },
+    Member {
+        instance_id: Option<String>,
+        subscription: Subscription,
+        away: bool,
+    },
     Target(Assignment),
-    Current { epoch: i32, previous_epoch: i32, assigned: Assignment, revoking: Assignment, state: MemberState },
+    Current {
+        epoch: i32,
+        previous_epoch: i32,
+        assigned: Assignment,
+        revoking: Assignment,
+        state: MemberState,
+    },
     Offset(Committed),
     Config(GroupOverrides),
+    ShareMember {
+        topics: Vec<String>,
+    },
+    SharePartition(SharePartition),
 }
 
 /// One change: a key's new value, or `None` when the key is gone.
@@ -69,8 +96,20 @@ impl Group {
                 target_epoch: self.target_epoch,
                 joined: self.joined,
                 topics: self.topics.clone(),
+                share: self.share.is_some(),
             },
         );
+        if let Some(share) = &self.share {
+            for (id, m) in &share.members {
+                out.insert(RecordKey::ShareMember(id.clone()), RecordValue::ShareMember { topics: m.topics.clone() });
+            }
+            for ((topic, partition), p) in &share.partitions {
+                out.insert(
+                    RecordKey::SharePartition(topic.clone(), *partition),
+                    RecordValue::SharePartition(p.clone()),
+                );
+            }
+        }
         if !self.overrides.is_empty() {
             out.insert(RecordKey::Config, RecordValue::Config(self.overrides));
         }
@@ -117,9 +156,19 @@ impl Group {
         let mut currents = BTreeMap::new();
         for (key, value) in state {
             match (key, value) {
-                (RecordKey::Group, RecordValue::Group { epoch, target_epoch, joined, topics }) => {
+                (RecordKey::Group, RecordValue::Group { epoch, target_epoch, joined, topics, share }) => {
                     (group.epoch, group.target_epoch, group.joined, group.topics) =
                         (epoch, target_epoch, joined, topics);
+                    if share && group.share.is_none() {
+                        group.share = Some(Default::default());
+                    }
+                }
+                (RecordKey::ShareMember(id), RecordValue::ShareMember { topics }) => {
+                    let share = group.share.get_or_insert_with(Default::default);
+                    share.members.insert(id.clone(), ShareMember { id, topics, last_seen_ms: now_ms });
+                }
+                (RecordKey::SharePartition(topic, partition), RecordValue::SharePartition(p)) => {
+                    group.share.get_or_insert_with(Default::default).partitions.insert((topic, partition), p);
                 }
                 (RecordKey::Member(id), RecordValue::Member { instance_id, subscription, away }) => {
                     let mut member = Member::new(id.clone(), instance_id, subscription, now_ms);

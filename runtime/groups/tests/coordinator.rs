@@ -412,7 +412,8 @@ fn an_invalid_pattern_is_refused_at_join() {
 #[test]
 fn a_group_with_its_own_session_fences_on_its_own_clock_and_keeps_it_across_failover() {
     let mut sim = Sim::new(&[("t", 2)]);
-    let shorter = GroupOverrides { session_timeout_ms: Some(3_000), heartbeat_interval_ms: Some(500) };
+    let shorter =
+        GroupOverrides { session_timeout_ms: Some(3_000), heartbeat_interval_ms: Some(500), ..Default::default() };
     sim.group.set_overrides(shorter).unwrap();
     sim.join("a", None, &["t"]);
     sim.join("b", None, &["t"]);
@@ -442,7 +443,11 @@ fn a_group_with_its_own_session_fences_on_its_own_clock_and_keeps_it_across_fail
     sim.beat("a").unwrap();
     assert_eq!(sim.group.tick(sim.now).len(), 1);
     // Back to the defaults; nonsense is refused and changes nothing.
-    let e = sim.group.set_overrides(GroupOverrides { session_timeout_ms: Some(100), heartbeat_interval_ms: None });
+    let e = sim.group.set_overrides(GroupOverrides {
+        session_timeout_ms: Some(100),
+        heartbeat_interval_ms: None,
+        ..Default::default()
+    });
     assert!(e.unwrap_err().to_string().contains("must be longer than the heartbeat interval"));
     assert_eq!(sim.group.config().session_timeout_ms, 3_000);
     sim.group.set_overrides(GroupOverrides::default()).unwrap();

@@ -100,6 +100,9 @@ wire_enum! {
         InstanceInUse = 41,
         /// A member committed an offset for a partition it does not own.
         PartitionNotOwned = 42,
+        /// A share member acknowledged a record it does not hold (never
+        /// handed to it, acknowledged already, or its lock expired).
+        InvalidRecordState = 43,
     }
 }
 
@@ -169,6 +172,7 @@ impl ErrorCode {
             ErrorCode::UnknownGroup => "unknown_group",
             ErrorCode::InstanceInUse => "instance_in_use",
             ErrorCode::PartitionNotOwned => "partition_not_owned",
+            ErrorCode::InvalidRecordState => "invalid_record_state",
         }
     }
 }

@@ -47,10 +47,13 @@ pub enum ApiKey {
     DeleteGroup = 27,
     /// Sets a group's own timings over the broker's defaults.
     AlterGroupConfig = 28,
+    /// A share group member's fetch: acknowledges what it processed,
+    /// receives records under acquisition locks (queue semantics).
+    ShareFetch = 29,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 28] = [
+    pub const ALL: [ApiKey; 29] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -79,6 +82,7 @@ impl ApiKey {
         ApiKey::DescribeGroup,
         ApiKey::DeleteGroup,
         ApiKey::AlterGroupConfig,
+        ApiKey::ShareFetch,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -866,6 +870,8 @@ wire_struct! {
 wire_struct! {
     pub struct GroupListing {
         pub group: String,
+        /// consumer | share
+        pub kind: String,
         /// empty | reconciling | stable
         pub state: String,
         pub members: u32,
@@ -905,6 +911,8 @@ wire_struct! {
 wire_struct! {
     pub struct DescribeGroupResponse {
         pub group: String,
+        /// consumer | share
+        pub kind: String,
         pub state: String,
         pub group_epoch: i32,
         pub assignor: String,
@@ -916,6 +924,32 @@ wire_struct! {
         pub overridden: Vec<String>,
         pub members: Vec<GroupMemberDescription>,
         pub offsets: Vec<CommittedOffset>,
+        /// A share group's members.
+        pub share_members: Vec<ShareMemberDescription>,
+        /// A share group's partitions.
+        pub share_partitions: Vec<SharePartitionDescription>,
+    }
+}
+
+wire_struct! {
+    pub struct ShareMemberDescription {
+        pub member_id: String,
+        pub topics: Vec<String>,
+    }
+}
+
+wire_struct! {
+    pub struct SharePartitionDescription {
+        pub topic: String,
+        pub partition: u32,
+        /// Every record below is done (accepted or dead-lettered).
+        pub start_offset: i64,
+        /// Nothing at or past was handed out yet.
+        pub end_offset: i64,
+        /// Records held by members now.
+        pub acquired: u32,
+        /// Records waiting for their copy to the dead-letter topic.
+        pub dead_letters: u32,
     }
 }
 request!(DescribeGroupRequest => DescribeGroup, DescribeGroupResponse);
@@ -950,3 +984,90 @@ wire_struct! {
     }
 }
 request!(AlterGroupConfigRequest => AlterGroupConfig, AlterGroupConfigResponse);
+
+wire_struct! {
+    /// Records `first_offset..=last_offset` of a partition, acknowledged.
+    pub struct ShareAcknowledgement {
+        pub topic: String,
+        pub partition: u32,
+        pub first_offset: i64,
+        pub last_offset: i64,
+        /// `SHARE_ACCEPT`, `SHARE_RELEASE` or `SHARE_REJECT`.
+        pub kind: u8,
+    }
+}
+
+/// Processed: done.
+pub const SHARE_ACCEPT: u8 = 1;
+/// Not processed: deliver it again (to any member), unless that was its
+/// last delivery.
+pub const SHARE_RELEASE: u8 = 2;
+/// Cannot be processed: to the dead-letter topic, never delivered again.
+pub const SHARE_REJECT: u8 = 3;
+
+wire_struct! {
+    /// A share group member's fetch, to the group's coordinator: first its
+    /// acknowledgements, then (unless `max_records` is 0) records of its
+    /// topics, each acquired for it until the group's lock timeout. An
+    /// empty `member_id` joins the group (creating it as a share group).
+    pub struct ShareFetchRequest {
+        pub group: String,
+        pub member_id: String,
+        /// The topics the member reads.
+        pub topics: Vec<String>,
+        pub acknowledgements: Vec<ShareAcknowledgement>,
+        pub max_records: u32,
+        /// How long to wait for records when there are none.
+        pub max_wait_ms: u32,
+        /// Bound on the response's records (at least one batch).
+        pub max_bytes: u32,
+        /// The member leaves after its acknowledgements: what it still holds
+        /// is offered to the others.
+        pub leave: bool,
+    }
+}
+
+wire_struct! {
+    /// Records `first_offset..=last_offset` acquired for the member, each
+    /// delivered for the `delivery_count`-th time.
+    pub struct AcquiredRecords {
+        pub first_offset: i64,
+        pub last_offset: i64,
+        pub delivery_count: u32,
+    }
+}
+
+wire_struct! {
+    pub struct ShareFetchPartition {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub message: String,
+        /// Whole batches: they may hold records outside `acquired`, which
+        /// are not the member's.
+        pub records: Bytes,
+        pub acquired: Vec<AcquiredRecords>,
+    }
+}
+
+wire_struct! {
+    /// An acknowledgement that was refused.
+    pub struct ShareAcknowledgementError {
+        pub topic: String,
+        pub partition: u32,
+        pub offset: i64,
+        pub error: ErrorCode,
+        pub message: String,
+    }
+}
+
+wire_struct! {
+    pub struct ShareFetchResponse {
+        pub member_id: String,
+        /// Send a fetch at least this often, or the member's session ends.
+        pub heartbeat_interval_ms: u32,
+        pub partitions: Vec<ShareFetchPartition>,
+        pub acknowledgement_errors: Vec<ShareAcknowledgementError>,
+    }
+}
+request!(ShareFetchRequest => ShareFetch, ShareFetchResponse);

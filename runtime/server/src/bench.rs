@@ -17,6 +17,8 @@ use serde::Serialize;
 use crate::cli::{AcksArg, ConnArgs, Format, connect_local};
 use crate::node::{Node, dev_config};
 
+mod group;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -50,6 +52,12 @@ pub enum BenchMode {
     /// idle after its start, its peak while `--records` are produced and
     /// read back, and idle again `--settle-secs` after the client left.
     Memory,
+    /// Consumer groups: consume throughput of a new three-member group
+    /// against three hand-assigned consumers in the same run (`--rounds`
+    /// pairs), then `--handoffs` times each the time from a member's
+    /// `kill -9` (group session 10 s) and from its clean leave to its
+    /// successor's first record of the partitions it held.
+    Group,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -97,6 +105,9 @@ pub struct BenchOpts {
     /// restarted and back in the ISR before the next).
     #[arg(long, global = true, default_value_t = 3)]
     pub failovers: u32,
+    /// Group bench: how many member kills and clean leaves to time.
+    #[arg(long, global = true, default_value_t = 5)]
+    pub handoffs: u32,
     /// Cluster bench: keep the nodes' data directories and broker logs
     /// (they are kept anyway when the bench fails).
     #[arg(long, global = true)]
@@ -138,6 +149,12 @@ pub struct BenchResult {
     /// Cluster: whether the killed partition leader also led the metadata
     /// quorum (its loss needs a Raft election as well).
     pub killed_controller_leader: Option<bool>,
+    /// Group: from a member's kill or leave to its successor's first
+    /// record of the partitions it held.
+    pub handoff_ms: Option<f64>,
+    /// Group: records a reader got again after a partition moved (read
+    /// before the position was committed).
+    pub records_read_twice: Option<u64>,
     /// Produce, consume and the baseline: CPU time (user and system) this
     /// process spent while measuring. With `--embedded` (and always for the
     /// baseline) both ends run in this process, so it is the whole cost.
@@ -167,6 +184,8 @@ impl BenchResult {
             first_output_ms: None,
             failover_ms: None,
             killed_controller_leader: None,
+            handoff_ms: None,
+            records_read_twice: None,
             cpu_seconds: None,
             rss_idle_mib: None,
             rss_peak_mib: None,
@@ -187,6 +206,10 @@ impl BenchResult {
     }
 
     fn print(&self) {
+        if let Some(ms) = self.handoff_ms {
+            println!("{:<16} {ms:>8.0} ms to the successor's first record", self.mode);
+            return;
+        }
         if let (Some(idle), Some(peak), Some(after)) = (self.rss_idle_mib, self.rss_peak_mib, self.rss_after_load_mib) {
             println!(
                 "{:<16} idle {idle:.1} MiB (aim: under {IDLE_RSS_AIM_MIB} MiB)  peak {peak:.1} MiB while {} records \
@@ -216,6 +239,9 @@ impl BenchResult {
         }
         if let Some(ms) = self.failover_ms {
             print!("  leader killed to first acks=all write {ms:.0} ms");
+        }
+        if let Some(n) = self.records_read_twice.filter(|&n| n > 0) {
+            print!("  ({n} read twice)");
         }
         if self.killed_controller_leader == Some(true) {
             print!(" (it also led the metadata quorum)");
@@ -312,6 +338,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 BenchMode::E2e => results.push(e2e(&target, &opts).await?),
                 BenchMode::Transform => results.extend(transform(&target, &opts).await?),
+                BenchMode::Group => {
+                    results.extend(group::group(&target, &opts).await?);
+                    break;
+                }
                 BenchMode::Quic | BenchMode::Cluster | BenchMode::Memory => unreachable!(),
             }
         }
@@ -338,6 +368,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         all.get(all.len() / 2).copied()
     };
     let ratio = |a: &str, b: &str| median(per_round(a, b));
+    let handoff_times =
+        |mode: &str| results.iter().filter(|r| r.mode == mode).filter_map(|r| r.handoff_ms).collect::<Vec<_>>();
     let ratio_cpu = |a: &str, b: &str| median(per_round_cpu(a, b));
     let listed = |all: &[f64]| {
         (all.len() > 1).then(|| all.iter().map(|r| format!("{:.1}", r * 100.0)).collect::<Vec<_>>().join(", "))
@@ -349,6 +381,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "consume_vs_quic_download_by_cpu": ratio_cpu("consume", "quic-download"),
         "wasm_vs_native_transform": ratio("transform-wasm", "transform-native"),
         "cluster3_vs_single_produce": ratio("produce-3-nodes", "produce-1-node"),
+        "group3_vs_assigned3_consume": ratio("group-3-members", "assigned-3-consumers"),
+        "handoff_after_kill_ms_median": median(handoff_times("handoff-kill")),
+        "handoff_after_leave_ms_median": median(handoff_times("handoff-leave")),
     });
     match opts.format {
         Format::Json => println!("{}", serde_json::json!({"results": results, "ratios": ratios})),
@@ -376,6 +411,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             if let Some(r) = ratio("produce-3-nodes", "produce-1-node") {
                 println!("3-node acks=all / 1-node acks=all = {:.1} %", r * 100.0);
+            }
+            let all = per_round("group-3-members", "assigned-3-consumers");
+            if let (rounds, Some(r)) = (listed(&all), median(all)) {
+                let rounds = rounds.map(|r| format!(" (median of rounds: {r} %)")).unwrap_or_default();
+                println!("3-member group / 3 hand-assigned consumers = {:.1} %{rounds}", r * 100.0);
+            }
+            for (mode, what) in [("handoff-kill", "kill -9, session 10 s"), ("handoff-leave", "clean leave")] {
+                let mut all = handoff_times(mode);
+                if let Some(m) = median(all.clone()) {
+                    all.sort_by(f64::total_cmp);
+                    println!(
+                        "hand-over after a {what} (heartbeat 1 s): median {m:.0} ms, min {:.0}, max {:.0} over {}",
+                        all[0],
+                        all[all.len() - 1],
+                        all.len()
+                    );
+                }
             }
             let mut failovers: Vec<f64> = results.iter().filter_map(|r| r.failover_ms).collect();
             if failovers.len() > 1 {

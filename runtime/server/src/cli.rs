@@ -295,6 +295,16 @@ pub enum TopicCommand {
         /// How often the positions of printed records are committed.
         #[arg(long, default_value_t = 5_000, requires = "group")]
         commit_interval_ms: u64,
+        /// Consume as a member of this share group (queue semantics): the
+        /// members share every partition, each record goes to one member at
+        /// a time and is acknowledged once printed.
+        #[arg(long, conflicts_with_all = ["group", "partition"])]
+        share_group: Option<String>,
+        /// How a share group member acknowledges each printed record:
+        /// accept, release (deliver it again) or reject (to the topic's
+        /// dead-letter topic, TOPIC-dlq).
+        #[arg(long, value_enum, default_value_t = AckArg::Accept, requires = "share_group")]
+        ack: AckArg,
         #[arg(short, long)]
         partition: Option<u32>,
         /// Stop after this many records.
@@ -593,6 +603,8 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             group,
             instance_id,
             commit_interval_ms,
+            share_group,
+            ack,
             partition,
             count,
             format,
@@ -603,6 +615,12 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
         } => {
             let fetch = ConsumerConfig { filter, filter_params, decode_values: decode, ..ConsumerConfig::default() };
             let printer = Printer { format, sep: key_sep.as_deref().map(unescape) };
+            if let Some(group) = share_group {
+                if fetch.filter.is_some() || decode {
+                    bail!("--share-group reads the records as stored: no --filter or --decode");
+                }
+                return consume_share(&client, &name, &group, count, printer, ack.into()).await;
+            }
             if let Some(group) = group {
                 if partition.is_some() {
                     bail!("--partition and --group: a group member gets its partitions from the group");
@@ -884,6 +902,81 @@ async fn consume_group(
         out.flush()?;
         for ((t, p), offset) in unprinted {
             consumer.seek(&t, p, OffsetSpec::Offset(offset)).await?;
+        }
+    }
+    out.flush()?;
+    consumer.close().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How `topic consume --share-group` acknowledges records.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum AckArg {
+    Accept,
+    Release,
+    Reject,
+}
+
+impl From<AckArg> for quiver_client::AckKind {
+    fn from(a: AckArg) -> Self {
+        match a {
+            AckArg::Accept => quiver_client::AckKind::Accept,
+            AckArg::Release => quiver_client::AckKind::Release,
+            AckArg::Reject => quiver_client::AckKind::Reject,
+        }
+    }
+}
+
+/// `topic consume --share-group`: prints records as a share group member
+/// until SIGINT, SIGTERM or `-n` records, acknowledging each printed one
+/// with `ack`; then leaves (what it still held goes to the others). With
+/// `--format json` each record has its `delivery_count`.
+async fn consume_share(
+    client: &Client,
+    topic: &str,
+    group: &str,
+    count: Option<u64>,
+    printer: Printer,
+    ack: quiver_client::AckKind,
+) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut consumer = client.share_consumer(group, &[topic], quiver_client::ShareConsumerConfig::default());
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let limit = count.unwrap_or(u64::MAX);
+    while printed < limit {
+        let records = tokio::select! {
+            records = consumer.poll() => records?,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        for r in records {
+            // Past -n: given back for another member (or a later run).
+            if printed >= limit {
+                consumer.acknowledge(&r, quiver_client::AckKind::Release);
+                continue;
+            }
+            match printer.format {
+                Format::Json => {
+                    let mut json = record_json(&r.record);
+                    json["delivery_count"] = r.delivery_count.into();
+                    serde_json::to_writer(&mut out, &json)?;
+                    out.write_all(b"\n")?;
+                }
+                Format::Text => printer.print(&mut out, &r.record)?,
+            }
+            consumer.acknowledge(&r, ack);
+            printed += 1;
+        }
+        out.flush()?;
+        for refused in consumer.refused() {
+            eprintln!(
+                "{}-{}@{}: acknowledgement refused: {}",
+                refused.topic, refused.partition, refused.offset, refused.error.message
+            );
         }
     }
     out.flush()?;

@@ -13,8 +13,9 @@ use anyhow::{Context, bail};
 use quiver_client::{CallError, Client, ClientConfig};
 use quiver_controller::{NodeId, SendError, Transport, TransportFuture};
 use quiver_protocol::messages::{
-    AlterVotersRequest, ClusterInfoRequest, ClusterInfoResponse, ControllerCall, ElectLeadersRequest, NO_LEADER,
-    PluginListRequest, PluginListResponse, ProduceRequest, ProduceResponse, ReplicaFetchRequest, ReplicaFetchResponse,
+    AlterVotersRequest, ClusterInfoRequest, ClusterInfoResponse, ControllerCall, ElectLeadersRequest, FetchRequest,
+    FetchResponse, NO_LEADER, PluginListRequest, PluginListResponse, ProduceRequest, ProduceResponse,
+    ReplicaFetchRequest, ReplicaFetchResponse,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -181,6 +182,16 @@ impl quiver_broker::ReplicaLink for QuicTransport {
         request: ProduceRequest,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<ProduceResponse, WireError>> + Send>> {
         self.broker_call(&self.producers, PRODUCE_TIMEOUT, leader, address, request)
+    }
+
+    fn read(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: FetchRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<FetchResponse, WireError>> + Send>> {
+        // These reads do not wait for records (the coordinator polls).
+        self.broker_call(&self.clients, Duration::from_secs(2), leader, address, request)
     }
 
     fn list_plugins(

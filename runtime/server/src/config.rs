@@ -143,6 +143,18 @@ pub struct GroupsSection {
     pub offsets_topic_partitions: u32,
     /// Its replication factor; 0: three, or every broker when fewer.
     pub offsets_topic_replication_factor: u16,
+    /// Share groups: how long a member may hold a record before it is
+    /// offered again (Kafka's `group.share.record.lock.duration.ms`).
+    pub share_lock_timeout_ms: u64,
+    /// Share groups: deliveries of a record before it goes to the
+    /// dead-letter topic (Kafka's `group.share.delivery.count.limit`).
+    pub share_delivery_attempts: u32,
+    /// Share groups: records in flight per partition (Kafka's
+    /// `group.share.partition.max.record.locks`).
+    pub share_max_in_flight: u64,
+    /// Share groups: where a partition the group never read starts,
+    /// `latest` or `earliest`.
+    pub share_auto_offset_reset: String,
 }
 
 impl Default for GroupsSection {
@@ -155,6 +167,10 @@ impl Default for GroupsSection {
             assignor: g.assignor.name().to_owned(),
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 0,
+            share_lock_timeout_ms: g.share.lock_timeout_ms,
+            share_delivery_attempts: g.share.max_delivery_attempts,
+            share_max_in_flight: g.share.max_in_flight,
+            share_auto_offset_reset: "latest".to_owned(),
         }
     }
 }
@@ -294,6 +310,16 @@ impl FileConfig {
             rebalance_timeout_ms: groups.rebalance_timeout_ms.max(1),
             assignor: quiver_groups::Assignor::parse(&groups.assignor)
                 .map_err(|e| anyhow::anyhow!("groups.assignor: {e}"))?,
+            share: quiver_groups::share::ShareConfig {
+                lock_timeout_ms: groups.share_lock_timeout_ms.max(1),
+                max_delivery_attempts: groups.share_delivery_attempts.max(1),
+                max_in_flight: groups.share_max_in_flight.max(1),
+            },
+            share_reset: match groups.share_auto_offset_reset.as_str() {
+                "latest" => quiver_groups::share::ShareReset::Latest,
+                "earliest" => quiver_groups::share::ShareReset::Earliest,
+                other => bail!("groups.share_auto_offset_reset: '{other}' is neither latest nor earliest"),
+            },
         };
         broker.offsets_topic_partitions = groups.offsets_topic_partitions;
         broker.offsets_topic_replication_factor = groups.offsets_topic_replication_factor;

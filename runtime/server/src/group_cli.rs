@@ -94,13 +94,15 @@ pub async fn run(conn: ConnArgs, command: GroupCommand) -> anyhow::Result<ExitCo
                 Format::Json => {
                     let list: Vec<_> = groups
                         .iter()
-                        .map(|g| serde_json::json!({"group": g.group, "state": g.state, "members": g.members}))
+                        .map(|g| {
+                            serde_json::json!({"group": g.group, "kind": g.kind, "state": g.state, "members": g.members})
+                        })
                         .collect();
                     println!("{}", serde_json::to_string(&list)?);
                 }
                 Format::Text => {
                     for g in groups {
-                        println!("{}\t{}\t{} member(s)", g.group, g.state, g.members);
+                        println!("{}\t{}\t{}\t{} member(s)", g.group, g.kind, g.state, g.members);
                     }
                 }
             }
@@ -220,15 +222,25 @@ fn owner_of<'a>(g: &'a DescribeGroupResponse, topic: &str, partition: u32) -> Op
 }
 
 fn print_description(g: &DescribeGroupResponse, lags: &Lags) {
-    println!(
-        "group {}  state {}  epoch {}  assignor {}  coordinator node {}  members {}",
-        g.group,
-        g.state,
-        g.group_epoch,
-        g.assignor,
-        g.coordinator,
-        g.members.len()
-    );
+    if g.kind == "share" {
+        println!(
+            "share group {}  state {}  coordinator node {}  members {}",
+            g.group,
+            g.state,
+            g.coordinator,
+            g.share_members.len()
+        );
+    } else {
+        println!(
+            "group {}  state {}  epoch {}  assignor {}  coordinator node {}  members {}",
+            g.group,
+            g.state,
+            g.group_epoch,
+            g.assignor,
+            g.coordinator,
+            g.members.len()
+        );
+    }
     let configs: Vec<String> = g
         .configs
         .iter()
@@ -249,6 +261,21 @@ fn print_description(g: &DescribeGroupResponse, lags: &Lags) {
                 m.member_epoch,
                 m.state,
                 partitions_text(&m.assignment)
+            );
+        }
+    }
+    if !g.share_members.is_empty() {
+        println!("MEMBER\tTOPICS");
+        for m in &g.share_members {
+            println!("{}\t{}", m.member_id, m.topics.join(","));
+        }
+    }
+    if !g.share_partitions.is_empty() {
+        println!("TOPIC\tPARTITION\tSTART\tEND\tACQUIRED\tDEAD_LETTERS");
+        for p in &g.share_partitions {
+            println!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                p.topic, p.partition, p.start_offset, p.end_offset, p.acquired, p.dead_letters
             );
         }
     }
@@ -294,8 +321,27 @@ fn describe_json(g: &DescribeGroupResponse, lags: &Lags) -> serde_json::Value {
             })
         })
         .collect();
+    let share_members: Vec<_> =
+        g.share_members.iter().map(|m| serde_json::json!({"member_id": m.member_id, "topics": m.topics})).collect();
+    let share_partitions: Vec<_> = g
+        .share_partitions
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "topic": p.topic,
+                "partition": p.partition,
+                "start": p.start_offset,
+                "end": p.end_offset,
+                "acquired": p.acquired,
+                "dead_letters": p.dead_letters,
+            })
+        })
+        .collect();
     serde_json::json!({
         "group": g.group,
+        "kind": g.kind,
+        "share_members": share_members,
+        "share_partitions": share_partitions,
         "state": g.state,
         "group_epoch": g.group_epoch,
         "assignor": g.assignor,

@@ -185,6 +185,12 @@ pub struct Consumer {
     pub(crate) pending_listener: Option<Box<dyn crate::membership::RebalanceListener>>,
 }
 
+// A consumer, and so each future of its methods, goes to any task.
+const _: fn() = || {
+    fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<Consumer>();
+};
+
 impl Client {
     pub fn consumer(&self, config: ConsumerConfig) -> Consumer {
         Consumer {
@@ -559,7 +565,7 @@ async fn routed_fetch(client: Client, request: FetchRequest) -> Result<FetchResp
     Ok(FetchResponse { partitions })
 }
 
-fn corrupt(topic: &str, partition: u32, offset: i64, e: impl std::fmt::Display) -> ConsumeError {
+pub(crate) fn corrupt(topic: &str, partition: u32, offset: i64, e: impl std::fmt::Display) -> ConsumeError {
     ConsumeError::Corrupt { topic: topic.to_string(), partition, offset, reason: e.to_string() }
 }
 

@@ -41,6 +41,7 @@ pub use quiver_protocol::partitioner;
 mod producer;
 mod routing;
 mod sequencer;
+mod share;
 
 pub use admin::Admin;
 pub use connection::{
@@ -54,3 +55,4 @@ pub use producer::{ProduceError, Producer, ProducerConfig, ProducerRecord, Recor
 pub use quiver_protocol::batch::{Compression, Header};
 pub use quiver_protocol::messages::{Acks, PARTITION_ANY};
 pub use quiver_protocol::{ErrorCode, WireError};
+pub use share::{AckError, AckKind, ShareConsumer, ShareConsumerConfig, ShareRecord};

@@ -37,8 +37,9 @@ const LEAVE_WITHIN: Duration = Duration::from_secs(10);
 const COMMIT_ATTEMPTS: usize = 5;
 
 /// What a consumer learns of its group's decisions, on the consumer's own
-/// task, inside `poll` (and `close`).
-pub trait RebalanceListener: Send {
+/// task, inside `poll` (and `close`). `Send + Sync`, so that a consumer
+/// (and the futures of its methods) can go to any task.
+pub trait RebalanceListener: Send + Sync {
     /// Partitions given to this consumer; their positions are set.
     fn on_assigned(&mut self, _partitions: &[(String, u32)]) {}
     /// Partitions taken away in a rebalance; with auto-commit their

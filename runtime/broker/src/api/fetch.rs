@@ -13,6 +13,7 @@ use quiver_protocol::messages::{OFFSET_EARLIEST, OFFSET_LATEST};
 
 use crate::broker::Broker;
 use crate::errors::{FetchError, ListOffsetsError, PluginCallError, blocking_as};
+use crate::partition::RemoteLeader;
 use crate::registry::{BatchMode, serializers};
 
 /// One partition to read from.
@@ -58,7 +59,144 @@ pub(crate) struct OffsetQuery {
     pub(crate) timestamp: i64,
 }
 
+/// How often a read of partitions led elsewhere looks again while it waits.
+const REMOTE_READ_POLL: Duration = Duration::from_millis(100);
+
 impl Broker {
+    /// Reads `reads` from wherever each partition is led: here, or from its
+    /// leader over the replica link (a share group's coordinator reads its
+    /// members' records). Returns at once if any has records (or fails),
+    /// else when records arrive, at the latest after `max_wait`. No filter
+    /// or decoders: the records as stored.
+    pub(crate) async fn read_anywhere(
+        self: &Arc<Self>,
+        reads: Vec<Read>,
+        max_bytes: u32,
+        max_wait: Duration,
+    ) -> Vec<PartitionRead> {
+        let mut local = Vec::new();
+        let mut remote: std::collections::BTreeMap<RemoteLeader, Vec<usize>> = Default::default();
+        let mut results: Vec<Option<PartitionRead>> = (0..reads.len()).map(|_| None).collect();
+        for (i, r) in reads.iter().enumerate() {
+            match self.remote_leader(&r.topic, r.partition) {
+                Ok(None) => local.push(i),
+                Ok(Some(leader)) => remote.entry(leader).or_default().push(i),
+                Err(e) => {
+                    results[i] =
+                        Some(PartitionRead { high_watermark: -1, log_start_offset: -1, records: Err(e.into()) })
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.fetch_wait(max_wait);
+        loop {
+            // Only here can a read wait for appends: with every partition
+            // local it does; else it looks again now and then.
+            let wait = if remote.is_empty() { max_wait } else { Duration::ZERO };
+            let local_reads: Vec<Read> = local.iter().map(|&i| reads[i].clone()).collect();
+            let options = ReadOptions { max_wait: wait, min_bytes: 1, max_bytes, ..ReadOptions::default() };
+            let here = async {
+                if local_reads.is_empty() {
+                    return Ok(Vec::new());
+                }
+                self.read(local_reads, options).await
+            };
+            // Remote reads do not wait: one round trip per leader.
+            let there = async {
+                let mut all = Vec::with_capacity(remote.len());
+                for (leader, indices) in &remote {
+                    let asked = indices.iter().map(|&i| reads[i].clone()).collect();
+                    all.push(self.read_at(leader.clone(), asked, max_bytes).await);
+                }
+                all
+            };
+            let (here, there) = tokio::join!(here, there);
+            let mut any = false;
+            let mut place = |i: usize, read: PartitionRead| {
+                any |= read.records.as_ref().map_or(true, |b| !b.is_empty());
+                results[i] = Some(read);
+            };
+            match here {
+                Ok(all) => local.iter().zip(all).for_each(|(&i, read)| place(i, read)),
+                Err(e) => {
+                    let message = e.to_string();
+                    for &i in &local {
+                        let records = Err(FetchError::Internal(message.clone()));
+                        place(i, PartitionRead { high_watermark: -1, log_start_offset: -1, records });
+                    }
+                }
+            }
+            for ((_, indices), answers) in remote.iter().zip(there) {
+                indices.iter().zip(answers).for_each(|(&i, read)| place(i, read));
+            }
+            if any || remote.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(REMOTE_READ_POLL.min(deadline.saturating_duration_since(tokio::time::Instant::now())))
+                .await;
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(PartitionRead { high_watermark: -1, log_start_offset: -1, records: Ok(Bytes::new()) }))
+            .collect()
+    }
+
+    /// One read without waiting at another broker; each partition's answer.
+    async fn read_at(&self, leader: RemoteLeader, reads: Vec<Read>, max_bytes: u32) -> Vec<PartitionRead> {
+        use quiver_protocol::messages::{FetchPartition, FetchRequest};
+        let count = reads.len();
+        let request = FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_bytes,
+            partitions: reads
+                .into_iter()
+                .map(|r| FetchPartition {
+                    topic: r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    max_bytes: r.max_bytes,
+                })
+                .collect(),
+            filter: String::new(),
+            filter_params: Vec::new(),
+            decode_values: false,
+        };
+        let node = leader.0;
+        match self.replica_link.read(leader.0, leader.1, request).await {
+            Ok(answer) if answer.partitions.len() == count => answer
+                .partitions
+                .into_iter()
+                .map(|p| PartitionRead {
+                    high_watermark: p.high_watermark,
+                    log_start_offset: p.log_start_offset,
+                    records: match p.error {
+                        quiver_protocol::ErrorCode::None => Ok(p.records),
+                        code => Err(FetchError::AtLeader {
+                            leader: node,
+                            error: quiver_protocol::WireError::new(code, p.message),
+                        }),
+                    },
+                })
+                .collect(),
+            answer => {
+                let error = match answer {
+                    Err(e) => e,
+                    Ok(_) => quiver_protocol::WireError::new(
+                        quiver_protocol::ErrorCode::Internal,
+                        "a fetch answer without every partition asked",
+                    ),
+                };
+                (0..count)
+                    .map(|_| PartitionRead {
+                        high_watermark: -1,
+                        log_start_offset: -1,
+                        records: Err(FetchError::AtLeader { leader: node, error: error.clone() }),
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// Reads `reads`: at once if any has records (or fails), else when
     /// records arrive, at the latest after `options.max_wait`.
     pub(crate) async fn read(

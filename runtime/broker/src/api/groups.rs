@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use quiver_controller::NodeId;
+use quiver_groups::share::ShareReset;
 use quiver_groups::{Committed, Group, Heartbeat, HeartbeatAnswer, MemberState, Record, TopicPartition};
 use quiver_protocol::batch::{BatchBuilder, Compression};
 use quiver_protocol::messages::OFFSETS_TOPIC;
@@ -42,6 +43,7 @@ pub(crate) struct OffsetToCommit {
 #[derive(Debug, Clone)]
 pub(crate) struct GroupSummary {
     pub(crate) name: String,
+    pub(crate) kind: &'static str,
     pub(crate) state: &'static str,
     pub(crate) members: usize,
 }
@@ -49,15 +51,35 @@ pub(crate) struct GroupSummary {
 pub(crate) const SESSION_TIMEOUT: &str = "session.timeout.ms";
 pub(crate) const HEARTBEAT_INTERVAL: &str = "heartbeat.interval.ms";
 const REBALANCE_TIMEOUT: &str = "rebalance.timeout.ms";
+pub(crate) const SHARE_LOCK: &str = "share.record.lock.duration.ms";
+pub(crate) const SHARE_ATTEMPTS: &str = "share.delivery.count.limit";
+pub(crate) const SHARE_RESET: &str = "share.auto.offset.reset";
 
-/// A group's effective timings, as configs.
+/// A group's effective timings (and a share group's limits), as configs.
 pub(crate) fn group_configs(g: &Group) -> Vec<(String, String)> {
     let c = g.config();
-    vec![
+    let mut configs = vec![
         (SESSION_TIMEOUT.to_owned(), c.session_timeout_ms.to_string()),
         (HEARTBEAT_INTERVAL.to_owned(), c.heartbeat_interval_ms.to_string()),
         (REBALANCE_TIMEOUT.to_owned(), c.rebalance_timeout_ms.to_string()),
-    ]
+    ];
+    let o = g.overrides();
+    let share_set = o.share_lock_timeout_ms.is_some() || o.share_delivery_attempts.is_some() || o.share_reset.is_some();
+    if g.is_share() || share_set {
+        configs.extend([
+            (SHARE_LOCK.to_owned(), c.share.lock_timeout_ms.to_string()),
+            (SHARE_ATTEMPTS.to_owned(), c.share.max_delivery_attempts.to_string()),
+            (SHARE_RESET.to_owned(), reset_name(c.share_reset).to_owned()),
+        ]);
+    }
+    configs
+}
+
+fn reset_name(reset: ShareReset) -> &'static str {
+    match reset {
+        ShareReset::Earliest => "earliest",
+        ShareReset::Latest => "latest",
+    }
 }
 
 /// The keys of [`group_configs`] the group set itself.
@@ -70,17 +92,34 @@ pub(crate) fn overridden(g: &Group) -> Vec<String> {
     if o.heartbeat_interval_ms.is_some() {
         keys.push(HEARTBEAT_INTERVAL.to_owned());
     }
+    if o.share_lock_timeout_ms.is_some() {
+        keys.push(SHARE_LOCK.to_owned());
+    }
+    if o.share_delivery_attempts.is_some() {
+        keys.push(SHARE_ATTEMPTS.to_owned());
+    }
+    if o.share_reset.is_some() {
+        keys.push(SHARE_RESET.to_owned());
+    }
     keys
 }
 
 /// Longest commit metadata kept (Kafka's `offset.metadata.max.bytes`).
 const COMMIT_METADATA_BYTES_MAX: usize = 4096;
 
+/// `consumer` or `share`.
+pub(crate) fn group_kind(g: &Group) -> &'static str {
+    if g.is_share() { "share" } else { "consumer" }
+}
+
 /// `empty` (no members), `stable` (every member owns its target at the
-/// group's epoch) or `reconciling`.
+/// group's epoch; a share group's members share every partition) or
+/// `reconciling`.
 pub(crate) fn group_state(g: &Group) -> &'static str {
     if g.is_empty() {
         "empty"
+    } else if g.is_share() {
+        "stable"
     } else if g.members().all(|m| m.state == MemberState::Stable && m.epoch == g.epoch() && !m.away) {
         "stable"
     } else {
@@ -258,8 +297,9 @@ impl Broker {
     pub(crate) async fn list_groups(&self) -> Vec<GroupSummary> {
         self.all_groups(|g| GroupSummary {
             name: g.name().to_owned(),
+            kind: group_kind(g),
             state: group_state(g),
-            members: g.members().count(),
+            members: g.members().count() + g.share().map_or(0, |s| s.members().count()),
         })
         .await
     }
@@ -294,18 +334,37 @@ impl Broker {
             let mut g = current.unwrap_or_else(|| Group::new(group, defaults));
             let mut overrides = g.overrides();
             for (key, value) in &configs {
-                let parsed = match value.as_str() {
-                    "" => None,
-                    v => Some(v.parse::<u64>().map_err(|_| {
-                        GroupOpError::Invalid(format!("group config {key}: '{v}' is not a number of milliseconds"))
-                    })?),
+                let number = || -> Result<Option<u64>, GroupOpError> {
+                    match value.as_str() {
+                        "" => Ok(None),
+                        v => v.parse::<u64>().map(Some).map_err(|_| {
+                            GroupOpError::Invalid(format!("group config {key}: '{v}' is not a non-negative integer"))
+                        }),
+                    }
                 };
                 match key.as_str() {
-                    SESSION_TIMEOUT => overrides.session_timeout_ms = parsed,
-                    HEARTBEAT_INTERVAL => overrides.heartbeat_interval_ms = parsed,
+                    SESSION_TIMEOUT => overrides.session_timeout_ms = number()?,
+                    HEARTBEAT_INTERVAL => overrides.heartbeat_interval_ms = number()?,
+                    SHARE_LOCK => overrides.share_lock_timeout_ms = number()?,
+                    SHARE_ATTEMPTS => {
+                        overrides.share_delivery_attempts = number()?.map(|n| n.min(u64::from(u32::MAX)) as u32)
+                    }
+                    SHARE_RESET => {
+                        overrides.share_reset = match value.as_str() {
+                            "" => None,
+                            "earliest" => Some(ShareReset::Earliest),
+                            "latest" => Some(ShareReset::Latest),
+                            v => {
+                                return Err(GroupOpError::Invalid(format!(
+                                    "group config {key}: '{v}' is neither earliest nor latest"
+                                )));
+                            }
+                        }
+                    }
                     other => {
                         return Err(GroupOpError::Invalid(format!(
-                            "unknown group config '{other}': {SESSION_TIMEOUT} and {HEARTBEAT_INTERVAL} can be set"
+                            "unknown group config '{other}': {SESSION_TIMEOUT}, {HEARTBEAT_INTERVAL}, {SHARE_LOCK}, \
+                             {SHARE_ATTEMPTS} and {SHARE_RESET} can be set"
                         )));
                     }
                 }

@@ -24,6 +24,7 @@ pub(crate) mod admin;
 pub(crate) mod fetch;
 pub(crate) mod groups;
 pub(crate) mod produce;
+pub(crate) mod share_groups;
 
 pub(crate) use admin::NewTopic;
 pub(crate) use fetch::{OffsetQuery, Read, ReadOptions};

@@ -100,6 +100,10 @@ impl ReplicaLink for Wire {
         self.call(leader, request)
     }
 
+    fn read(&self, leader: NodeId, _: String, request: FetchRequest) -> Answer<FetchResponse> {
+        self.call(leader, request)
+    }
+
     fn list_plugins(&self, node: NodeId, _: String, request: PluginListRequest) -> Answer<PluginListResponse> {
         self.call(node, request)
     }
