@@ -10,106 +10,44 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::cluster::Cluster;
+use common::member::Member;
 
 const TOPIC: &str = "work";
 const PARTITIONS: u32 = 12;
 const GROUP: &str = "workers";
 
-/// One `topic consume --group` process: its output and event log files.
-struct Member {
-    name: String,
-    child: Option<Child>,
-    out: PathBuf,
-    log: PathBuf,
-    /// When it was killed with kill -9 (its ownership ends there).
-    killed_at_ms: Option<i64>,
+/// A group member's consumer process.
+fn start_member(cluster: &Cluster, name: &str) -> Member {
+    let args = ["work", "--group", GROUP, "-o", "start", "--format", "json", "--commit-interval-ms", "300"];
+    Member::start(cluster, name, &args)
 }
 
-impl Member {
-    fn start(cluster: &Cluster, name: &str) -> Member {
-        let out = cluster.dir.path().join(format!("{name}.out"));
-        let log = cluster.dir.path().join(format!("{name}.log"));
-        let brokers: Vec<String> = (1..=3).map(|i| cluster.address(i)).collect();
-        let child = cluster
-            .anonymous(1, &["topic", "consume", TOPIC, "--group", GROUP, "-o", "start", "--format", "json"])
-            .args(["--commit-interval-ms", "300"])
-            .env("QUIVER_BROKERS", brokers.join(","))
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Member { name: name.into(), child: Some(child), out, log, killed_at_ms: None }
-    }
-
-    fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        self.killed_at_ms = Some(quiver_broker::now_ms());
-    }
-
-    fn terminate(&mut self) {
-        let mut child = self.child.take().unwrap();
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        assert!(
-            status.success(),
-            "{} exited with {status}: {}",
-            self.name,
-            std::fs::read_to_string(&self.log).unwrap()
-        );
-    }
-
-    /// The values it printed, in order.
-    fn values(&self) -> Vec<String> {
-        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        // The last line may be half written by a killed process.
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|r| r["value"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    /// Its rebalance events: (at_ms, event, partitions).
-    fn events(&self) -> Vec<(i64, String, Vec<String>)> {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e.get("event").is_some())
-            .map(|e| {
-                let partitions = e["partitions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string());
-                (e["at_ms"].as_i64().unwrap(), e["event"].as_str().unwrap().to_string(), partitions.collect())
-            })
-            .collect()
-    }
-
-    fn owns_something(&self) -> bool {
-        let mut owned = BTreeSet::new();
-        for (_, event, partitions) in self.events() {
-            for p in partitions {
-                match event.as_str() {
-                    "assigned" => owned.insert(p),
-                    _ => owned.remove(&p),
-                };
-            }
-        }
-        !owned.is_empty()
-    }
+/// A member's rebalance events: (at_ms, event, partitions).
+fn events(m: &Member) -> Vec<(i64, String, Vec<String>)> {
+    m.log_lines()
+        .into_iter()
+        .filter(|e| e.get("event").is_some())
+        .map(|e| {
+            let partitions = e["partitions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string());
+            (e["at_ms"].as_i64().unwrap(), e["event"].as_str().unwrap().to_string(), partitions.collect())
+        })
+        .collect()
 }
 
-impl Drop for Member {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+fn owns_something(m: &Member) -> bool {
+    let mut owned = BTreeSet::new();
+    for (_, event, partitions) in events(m) {
+        for p in partitions {
+            match event.as_str() {
+                "assigned" => owned.insert(p),
+                _ => owned.remove(&p),
+            };
         }
     }
+    !owned.is_empty()
 }
 
 fn produce(cluster: &Cluster, via: u32, from: usize, to: usize) {
@@ -155,8 +93,8 @@ fn a_group_survives_killed_members_and_a_killed_coordinator() {
     cluster.wait_formed();
     cluster.ok(1, &["topic", "create", TOPIC, "-p", &PARTITIONS.to_string(), "-r", "3"]);
 
-    let mut members = vec![Member::start(&cluster, "m1"), Member::start(&cluster, "m2"), Member::start(&cluster, "m3")];
-    wait(&cluster, &members, "three members owning partitions", || members.iter().all(Member::owns_something));
+    let mut members = vec![start_member(&cluster, "m1"), start_member(&cluster, "m2"), start_member(&cluster, "m3")];
+    wait(&cluster, &members, "three members owning partitions", || members.iter().all(owns_something));
     produce(&cluster, 1, 0, 1500);
     wait_for_count(&cluster, &members, 700, "the members to read");
 
@@ -164,10 +102,10 @@ fn a_group_survives_killed_members_and_a_killed_coordinator() {
     members[0].kill9();
     produce(&cluster, 2, 1500, 2500);
     members[1].terminate();
-    members.push(Member::start(&cluster, "m4"));
+    members.push(start_member(&cluster, "m4"));
     wait_for_count(&cluster, &members, 2500, "every record so far to be read");
     wait(&cluster, &members, "m3 and m4 sharing the partitions", || {
-        members[3].owns_something() && members[2].owns_something()
+        owns_something(&members[3]) && owns_something(&members[2])
     });
 
     // The coordinator's node is killed; the group goes on.
@@ -205,7 +143,7 @@ fn a_group_survives_killed_members_and_a_killed_coordinator() {
     let mut owners: BTreeMap<String, Vec<(i64, i64, String)>> = BTreeMap::new();
     for m in &members {
         let mut open: BTreeMap<String, i64> = BTreeMap::new();
-        for (at, event, partitions) in m.events() {
+        for (at, event, partitions) in events(m) {
             for p in partitions {
                 match event.as_str() {
                     "assigned" => {

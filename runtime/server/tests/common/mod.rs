@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod member;
 pub mod proxy;
 
 use std::io::Write;
