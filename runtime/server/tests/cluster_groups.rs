@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use common::member::Member;
+use common::member::{Member, wait};
 
 const TOPIC: &str = "work";
 const PARTITIONS: u32 = 12;
@@ -62,22 +62,6 @@ fn seen(members: &[Member]) -> BTreeSet<String> {
 
 fn wait_for_count(cluster: &Cluster, members: &[Member], n: usize, what: &str) {
     wait(cluster, members, what, || seen(members).len() >= n);
-}
-
-/// Waits up to 90 s for `done`; on a timeout prints the members' logs (and
-/// the nodes', through `Cluster::wait_for`) before failing.
-fn wait(cluster: &Cluster, members: &[Member], what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while !done() {
-        if std::time::Instant::now() > deadline {
-            for m in members {
-                eprintln!("--- {} log\n{}", m.name, std::fs::read_to_string(&m.log).unwrap_or_default());
-            }
-            cluster.wait_for(what, Duration::ZERO, done);
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use common::member::Member;
+use common::member::{Member, wait};
 
 const TOPIC: &str = "queue";
 const PARTITIONS: u32 = 6;
@@ -43,16 +43,7 @@ fn printed(members: &[Member]) -> BTreeMap<String, Vec<(String, i64)>> {
 }
 
 fn wait_for_count(cluster: &Cluster, members: &[Member], n: usize, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while printed(members).len() < n {
-        if std::time::Instant::now() > deadline {
-            for m in members {
-                eprintln!("--- {} log\n{}", m.name, std::fs::read_to_string(&m.log).unwrap_or_default());
-            }
-            cluster.wait_for(what, Duration::ZERO, || printed(members).len() >= n);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait(cluster, members, what, || printed(members).len() >= n);
 }
 
 #[test]
@@ -67,15 +58,18 @@ fn a_share_group_survives_killed_members_and_a_killed_coordinator() {
     );
     cluster.wait_formed();
     cluster.ok(1, &["topic", "create", TOPIC, "-p", &PARTITIONS.to_string(), "-r", "3"]);
-    cluster.ok(1, &[
-        "group",
-        "configure",
-        GROUP,
-        "-c",
-        "share.auto.offset.reset=earliest",
-        "-c",
-        "share.record.lock.duration.ms=3000",
-    ]);
+    cluster.ok(
+        1,
+        &[
+            "group",
+            "configure",
+            GROUP,
+            "-c",
+            "share.auto.offset.reset=earliest",
+            "-c",
+            "share.record.lock.duration.ms=3000",
+        ],
+    );
 
     // m1 hangs once its output pipe is full, holding what it fetched; the
     // others get those records once its locks expire.

@@ -4,8 +4,10 @@
 //! - Throughput: the topic read from its start by three hand-assigned
 //!   consumers, then by a new three-member group, alternating for
 //!   `--rounds` rounds; each until every partition was read to its end. The
-//!   group's time includes joining and the rebalances while its members
-//!   arrive.
+//!   group's members join with every partition paused and the clock starts
+//!   once the group is stable (three members sharing every partition):
+//!   this is the cost of reading as a group, not of joining one (the
+//!   hand-over figures below are that).
 //! - Hand-over: a member in a child `quiver topic consume --group` process
 //!   shares a topic with a member in this process; the child is killed
 //!   (`kill -9`, group session 10 s) or stopped (SIGTERM: it leaves), and
@@ -51,6 +53,10 @@ struct Progress {
     ends: Vec<i64>,
     done: AtomicBool,
     finished: std::sync::Mutex<Option<Instant>>,
+    /// Group: the partitions each member owns while joining.
+    owned: Vec<std::sync::atomic::AtomicUsize>,
+    /// Group: when the group became stable (the clock's start).
+    started: std::sync::OnceLock<Instant>,
 }
 
 impl Progress {
@@ -86,6 +92,8 @@ async fn read_all(target: &Target, opts: &BenchOpts, group: Option<&str>) -> any
         ends,
         done: AtomicBool::new(false),
         finished: std::sync::Mutex::new(None),
+        owned: (0..MEMBERS).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect(),
+        started: std::sync::OnceLock::new(),
     });
     let label = if group.is_some() { "group-3-members" } else { "assigned-3-consumers" };
     let bar = progress(total, label);
@@ -93,8 +101,10 @@ async fn read_all(target: &Target, opts: &BenchOpts, group: Option<&str>) -> any
     for _ in 0..MEMBERS {
         clients.push(Client::connect(ClientConfig::new(target.address.to_string(), target.ca_pem.clone())).await?);
     }
-    let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    if group.is_none() {
+        progress_of.started.set(Instant::now()).expect("set once");
+    }
     for (i, client) in clients.into_iter().enumerate() {
         let (progress_of, bar, topic) = (progress_of.clone(), bar.clone(), opts.topic.clone());
         let group = group.map(str::to_owned);
@@ -103,13 +113,38 @@ async fn read_all(target: &Target, opts: &BenchOpts, group: Option<&str>) -> any
             let config = ConsumerConfig { auto_offset_reset: OffsetReset::Earliest, ..ConsumerConfig::default() };
             let mut consumer = client.consumer(config);
             match &group {
-                Some(g) => consumer.subscribe(g, &[&topic]).await?,
+                Some(g) => {
+                    // Joins paused: nothing is read until the group is
+                    // stable.
+                    for p in 0..count {
+                        consumer.pause(&topic, p);
+                    }
+                    consumer.subscribe(g, &[&topic]).await?;
+                    let joining = Instant::now();
+                    while progress_of.started.get().is_none() {
+                        anyhow::ensure!(
+                            joining.elapsed() < Duration::from_secs(120),
+                            "the group was not stable in 2 minutes"
+                        );
+                        consumer.poll().await?;
+                        progress_of.owned[i].store(consumer.assignment().len(), Ordering::Relaxed);
+                        let owned: Vec<usize> = progress_of.owned.iter().map(|o| o.load(Ordering::Relaxed)).collect();
+                        if owned.iter().all(|&n| n > 0) && owned.iter().sum::<usize>() == count as usize {
+                            let _ = progress_of.started.set(Instant::now());
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    for p in 0..count {
+                        consumer.resume(&topic, p);
+                    }
+                }
                 None => {
                     let mine = (0..count).filter(|p| p % MEMBERS == i as u32).collect();
                     consumer.assign(&topic, Some(mine), OffsetSpec::Earliest).await?;
                 }
             }
             let (mut records, mut bytes) = (0u64, 0u64);
+            let started = *progress_of.started.get().expect("started");
             while !progress_of.done.load(Ordering::Relaxed) {
                 anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "not read within 5 minutes");
                 let batch = consumer.poll().await?;
@@ -133,6 +168,7 @@ async fn read_all(target: &Target, opts: &BenchOpts, group: Option<&str>) -> any
     }
     bar.finish_and_clear();
     let finished = progress_of.finished.lock().expect("not poisoned").context("the readers stopped early")?;
+    let started = *progress_of.started.get().expect("started");
     // Throughput of the records there were; a record read twice (a
     // partition handed over before its position was committed) costs time,
     // not credit.

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use super::cluster::Cluster;
 
@@ -100,5 +101,21 @@ impl Drop for Member {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Waits up to 90 s for `done`; on a timeout prints the members' logs (and
+/// the nodes', through `Cluster::wait_for`) before failing.
+pub fn wait(cluster: &Cluster, members: &[Member], what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            for m in members {
+                eprintln!("--- {} log\n{}", m.name, std::fs::read_to_string(&m.log).unwrap_or_default());
+            }
+            cluster.wait_for(what, Duration::ZERO, done);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
