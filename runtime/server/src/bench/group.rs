@@ -172,7 +172,7 @@ async fn read_all(target: &Target, opts: &BenchOpts, group: Option<&str>) -> any
     // Throughput of the records there were; a record read twice (a
     // partition handed over before its position was committed) costs time,
     // not credit.
-    let unique_bytes = if records > 0 { bytes * total / records } else { 0 };
+    let unique_bytes = (bytes * total).checked_div(records).unwrap_or(0);
     let mut result = BenchResult::new(label, total, unique_bytes, finished.duration_since(started), None);
     result.records_read_twice = Some(records.saturating_sub(total));
     Ok(result)
