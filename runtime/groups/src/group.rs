@@ -298,8 +298,8 @@ impl Group {
     pub fn tick(&mut self, now_ms: u64) -> Vec<Fenced> {
         let session = self.config.session_timeout_ms;
         if let Some(share) = &mut self.share {
-            let (gone, _dead) = share.tick(&self.config.share, session, now_ms);
-            return gone
+            return share
+                .tick(&self.config.share, session, now_ms)
                 .into_iter()
                 .map(|member_id| Fenced { member_id, instance_id: None, reason: "session ended" })
                 .collect();

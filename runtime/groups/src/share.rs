@@ -351,41 +351,35 @@ impl ShareGroup {
         Ok(id)
     }
 
-    /// `member` leaves: what it held is offered again.
-    pub fn leave(&mut self, config: &ShareConfig, member: &str) -> Vec<(TopicPartition, DeadLetter)> {
-        if self.members.remove(member).is_none() {
-            return Vec::new();
+    /// `member` leaves: what it held is offered again (or is a dead
+    /// letter after its last delivery: see
+    /// [`SharePartition::dead_letters`]).
+    pub fn leave(&mut self, config: &ShareConfig, member: &str) {
+        if self.members.remove(member).is_some() {
+            for p in self.partitions.values_mut() {
+                p.member_gone(config, member);
+            }
         }
-        let mut dead = Vec::new();
-        for (tp, p) in &mut self.partitions {
-            dead.extend(p.member_gone(config, member).into_iter().map(|d| (tp.clone(), d)));
-        }
-        dead
     }
 
     /// At `now_ms`: members silent for longer than `session_ms` are gone
     /// (their records offered again) and expired locks end. Returns the
-    /// fenced members and the new dead letters.
-    pub fn tick(
-        &mut self,
-        config: &ShareConfig,
-        session_ms: u64,
-        now_ms: u64,
-    ) -> (Vec<MemberId>, Vec<(TopicPartition, DeadLetter)>) {
+    /// fenced members; new dead letters are in their partitions'
+    /// [`SharePartition::dead_letters`].
+    pub fn tick(&mut self, config: &ShareConfig, session_ms: u64, now_ms: u64) -> Vec<MemberId> {
         let gone: Vec<MemberId> = self
             .members
             .values()
             .filter(|m| now_ms.saturating_sub(m.last_seen_ms) > session_ms)
             .map(|m| m.id.clone())
             .collect();
-        let mut dead = Vec::new();
         for id in &gone {
-            dead.extend(self.leave(config, id));
+            self.leave(config, id);
         }
-        for (tp, p) in &mut self.partitions {
-            dead.extend(p.tick(config, now_ms).into_iter().map(|d| (tp.clone(), d)));
+        for p in self.partitions.values_mut() {
+            p.tick(config, now_ms);
         }
-        (gone, dead)
+        gone
     }
 
     /// Forgets the partitions of `topic` (a deleted topic).
@@ -498,8 +492,9 @@ mod tests {
         let tp = ("t".to_string(), 0);
         g.add_partition(tp.clone(), 0).acquire(&CONFIG, &a, 0, 0..3, 3);
         g.visit(&b, || unreachable!(), vec!["t".into()], 9_000).unwrap();
-        let (gone, dead) = g.tick(&CONFIG, 10_000, 10_001);
-        assert_eq!((gone, dead), (vec![a.clone()], vec![]));
+        let gone = g.tick(&CONFIG, 10_000, 10_001);
+        assert_eq!(gone, vec![a.clone()]);
+        assert_eq!(g.partition_mut(&tp).unwrap().dead_letters(), vec![], "nothing dead: offered again");
         assert_eq!(
             g.visit(&a, || unreachable!(), vec![], 10_002),
             Err(GroupError::UnknownMember(a.clone())),

@@ -449,14 +449,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// SIGTERM and SIGINT: how a long-running command is asked to stop.
+pub(crate) struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(crate) fn new() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// Waits for either; its name.
+    pub(crate) async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
 /// Serves until SIGINT or SIGTERM, then shuts down cleanly.
 async fn run_until_signal(node: Node) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut stop = StopSignals::new()?;
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        signal = stop.recv() => tracing::info!("{signal}: shutting down"),
         message = node.fatal() => {
             node.shutdown().await;
             bail!("{message}");
@@ -863,7 +881,6 @@ async fn consume_group(
     printer: Printer,
     mut config: ConsumerConfig,
 ) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{SignalKind, signal};
     let (spec, stop_at_end) = parse_offset_arg(offset)?;
     config.auto_offset_reset = match (spec, stop_at_end) {
         (OffsetSpec::Earliest, false) => quiver_client::OffsetReset::Earliest,
@@ -876,8 +893,7 @@ async fn consume_group(
     let mut consumer = client.consumer(config);
     consumer.set_rebalance_listener(LogRebalance { json: printer.format == Format::Json });
     consumer.subscribe(group, &[topic]).await?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut stop = StopSignals::new()?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0u64;
@@ -885,8 +901,7 @@ async fn consume_group(
     while printed < limit {
         let records = tokio::select! {
             records = consumer.poll() => records?,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = stop.recv() => break,
         };
         // With -n, the records past the limit are not committed: the
         // group reads them next.
@@ -939,10 +954,8 @@ async fn consume_share(
     printer: Printer,
     ack: quiver_client::AckKind,
 ) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{SignalKind, signal};
     let mut consumer = client.share_consumer(group, &[topic], quiver_client::ShareConsumerConfig::default());
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut stop = StopSignals::new()?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0u64;
@@ -950,8 +963,7 @@ async fn consume_share(
     while printed < limit {
         let records = tokio::select! {
             records = consumer.poll() => records?,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = stop.recv() => break,
         };
         for r in records {
             // Past -n: given back for another member (or a later run).

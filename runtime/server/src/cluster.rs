@@ -509,12 +509,9 @@ async fn up(nodes: u32, dir: &Path, base_port: u16) -> anyhow::Result<std::proce
     println!("try: quiver cluster info; quiver topic create orders -p 6 -r 3");
     use std::io::Write;
     std::io::stdout().flush()?;
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut stop = crate::cli::StopSignals::new()?;
     let failed = tokio::select! {
-        _ = term.recv() => None,
-        _ = int.recv() => None,
+        _ = stop.recv() => None,
         (i, status) = cluster.exited() => Some((i, status)),
     };
     cluster.stop().await;

@@ -20,6 +20,30 @@ pub(crate) struct NewTopic {
 }
 
 impl Broker {
+    /// The replication factor of a topic the broker creates for itself
+    /// (the offsets topic, dead-letter topics): three, or every live broker
+    /// when fewer.
+    pub(crate) fn internal_replication_factor(&self) -> u16 {
+        let brokers = self.controller.image().borrow().brokers.values().filter(|b| !b.fenced).count();
+        brokers.clamp(1, 3) as u16
+    }
+
+    /// Creates a topic the broker needs for itself unless it exists. When
+    /// another request created it meanwhile, the quorum has it but this
+    /// broker's image may not yet: waits until it does.
+    pub(crate) async fn create_topic_unless_exists(&self, new: &NewTopic) -> Result<(), AdminError> {
+        match self.create_topic(new).await {
+            Ok(_) | Err(AdminError::TopicExists(_)) => Ok(()),
+            Err(AdminError::Metadata(crate::errors::MetadataError::Refused(r)))
+                if r.kind == quiver_controller::RefusalKind::TopicExists =>
+            {
+                self.wait_applied(&self.controller, |image| image.topics.contains_key(&new.name)).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates a topic through the metadata log; returns its effective
     /// configs once this broker's image has it.
     pub(crate) async fn create_topic(&self, r: &NewTopic) -> Result<Vec<(String, String)>, AdminError> {

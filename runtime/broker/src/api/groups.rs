@@ -18,7 +18,7 @@ use quiver_protocol::messages::OFFSETS_TOPIC;
 use crate::api::NewTopic;
 use crate::api::{Acks, Write};
 use crate::broker::{Broker, now_ms};
-use crate::errors::{AdminError, GroupOpError, MetadataError, PartitionError, ProduceError};
+use crate::errors::{GroupOpError, PartitionError, ProduceError};
 use crate::group_shards::{Shard, StoredKey, group_partition, validate_group_name};
 
 /// Where a group is coordinated.
@@ -118,9 +118,7 @@ pub(crate) fn group_kind(g: &Group) -> &'static str {
 pub(crate) fn group_state(g: &Group) -> &'static str {
     if g.is_empty() {
         "empty"
-    } else if g.is_share() {
-        "stable"
-    } else if g.members().all(|m| m.state == MemberState::Stable && m.epoch == g.epoch() && !m.away) {
+    } else if g.is_share() || g.members().all(|m| m.state == MemberState::Stable && m.epoch == g.epoch() && !m.away) {
         "stable"
     } else {
         "reconciling"
@@ -156,10 +154,7 @@ impl Broker {
 
     async fn create_offsets_topic(&self) -> Result<(), GroupOpError> {
         let replication_factor = match self.config.offsets_topic_replication_factor {
-            0 => {
-                let brokers = self.controller.image().borrow().brokers.values().filter(|b| !b.fenced).count();
-                brokers.clamp(1, 3) as u16
-            }
+            0 => self.internal_replication_factor(),
             n => n,
         };
         let new = NewTopic {
@@ -171,19 +166,8 @@ impl Broker {
             configs: vec![("retention.ms".into(), "-1".into()), ("retention.bytes".into(), "-1".into())],
         };
         tracing::info!(partitions = new.partitions, replication_factor, "creating the offsets topic");
-        match self.create_topic(&new).await {
-            Ok(_) => Ok(()),
-            // Another group request created it meanwhile: the quorum has
-            // it, this broker's image may not yet.
-            Err(AdminError::Metadata(MetadataError::Refused(r)))
-                if r.kind == quiver_controller::RefusalKind::TopicExists =>
-            {
-                self.wait_applied(&self.controller, |image| image.topics.contains_key(OFFSETS_TOPIC)).await;
-                Ok(())
-            }
-            Err(AdminError::TopicExists(_)) => Ok(()),
-            Err(e) => Err(GroupOpError::OffsetsTopic(e)),
-        }
+        // Another group request may have created it meanwhile.
+        self.create_topic_unless_exists(&new).await.map_err(GroupOpError::OffsetsTopic)
     }
 
     /// A member's heartbeat (join, stay, leave).
@@ -425,7 +409,7 @@ fn encode_records(group: &str, records: &[Record]) -> Bytes {
     batch.build()
 }
 
-fn member_error(group: &str, source: quiver_groups::GroupError) -> GroupOpError {
+pub(crate) fn member_error(group: &str, source: quiver_groups::GroupError) -> GroupOpError {
     match source {
         quiver_groups::GroupError::Invalid(reason) => GroupOpError::Invalid(format!("group '{group}': {reason}")),
         source => GroupOpError::Member { group: group.to_owned(), source },

@@ -17,18 +17,19 @@ use quiver_groups::{Group, MemberId, TopicPartition};
 use quiver_protocol::batch::{BatchBuilder, Batches, Compression, decode_records};
 use quiver_protocol::messages::PARTITION_ANY;
 
+use crate::api::groups::member_error;
 use crate::api::{Acks, NewTopic, Read, Write};
 use crate::broker::Broker;
-use crate::errors::{AdminError, FetchError, GroupOpError, PartitionError};
+use crate::errors::{FetchError, GroupOpError, PartitionError};
 use crate::group_shards::validate_group_name;
 
 /// The dead-letter topic of `topic`.
-pub(crate) fn dead_letter_topic(topic: &str) -> String {
+fn dead_letter_topic(topic: &str) -> String {
     format!("{topic}-dlq")
 }
 
 /// Headers a dead letter carries besides the record's own.
-pub(crate) const DLQ_HEADERS: [&str; 6] = [
+const DLQ_HEADERS: [&str; 6] = [
     "quiver.dlq.group",
     "quiver.dlq.topic",
     "quiver.dlq.partition",
@@ -107,14 +108,14 @@ impl Broker {
         let counts = self.share_topics(&f)?;
         let defaults = self.config.group_defaults;
         // Acknowledge, join or renew the session, and plan the reads.
-        let (member_id, heartbeat_interval_ms, plan, ack_errors) = self
+        let (member_id, heartbeat_interval_ms, reset, plan, ack_errors) = self
             .with_group(group, |current, now| {
                 let mut g = match current {
                     Some(g) if g.is_share() => g,
                     // A group only configured so far becomes a share group.
                     Some(g) if g.is_empty() && g.offsets().is_empty() => {
                         let mut share = Group::new_share(group, defaults);
-                        share.set_overrides(g.overrides()).map_err(|source| member(group, source))?;
+                        share.set_overrides(g.overrides()).map_err(|source| member_error(group, source))?;
                         share
                     }
                     Some(g) => {
@@ -126,7 +127,8 @@ impl Broker {
                     None if f.member_id.is_empty() => Group::new_share(group, defaults),
                     None => return Err(GroupOpError::UnknownGroup(group.to_owned())),
                 };
-                let id = g.share_visit(&f.member_id, f.topics.clone(), now).map_err(|source| member(group, source))?;
+                let id =
+                    g.share_visit(&f.member_id, f.topics.clone(), now).map_err(|source| member_error(group, source))?;
                 let config = g.config().share;
                 let share = g.share_mut().expect("a share group");
                 let mut ack_errors = Vec::new();
@@ -164,8 +166,8 @@ impl Broker {
                         }
                     }
                 }
-                let interval = g.config().heartbeat_interval_ms;
-                Ok((Some(g), (id, interval, plan, ack_errors)))
+                let (interval, reset) = (g.config().heartbeat_interval_ms, g.config().share_reset);
+                Ok((Some(g), (id, interval, reset, plan, ack_errors)))
             })
             .await?;
         let mut fetched = ShareFetched { member_id, heartbeat_interval_ms, reads: Vec::new(), ack_errors };
@@ -186,7 +188,6 @@ impl Broker {
                 }
             }
         }
-        let reset = self.share_reset(group).await?;
         let starts: Vec<(TopicPartition, i64)> = plan
             .iter()
             .filter_map(|p| match p.from {
@@ -274,11 +275,6 @@ impl Broker {
                 Ok((t.clone(), topic.partitions.len() as u32))
             })
             .collect()
-    }
-
-    async fn share_reset(&self, group: &str) -> Result<ShareReset, GroupOpError> {
-        let defaults = self.config.group_defaults.share_reset;
-        self.read_group(group, |g| g.map_or(defaults, |g| g.config().share_reset)).await
     }
 
     /// Copies the dead letters of `group` to their dead-letter topics
@@ -393,24 +389,16 @@ impl Broker {
         if self.controller.image().borrow().topics.contains_key(dlq) {
             return Ok(());
         }
-        let brokers = self.controller.image().borrow().brokers.values().filter(|b| !b.fenced).count();
         let new = NewTopic {
             name: dlq.to_owned(),
             partitions: 1,
-            replication_factor: brokers.clamp(1, 3) as u16,
+            replication_factor: self.internal_replication_factor(),
             configs: Vec::new(),
         };
         tracing::info!(topic = dlq, "creating a dead-letter topic");
-        match self.create_topic(&new).await {
-            Ok(_) | Err(AdminError::TopicExists(_)) => Ok(()),
-            Err(AdminError::Metadata(crate::errors::MetadataError::Refused(r)))
-                if r.kind == quiver_controller::RefusalKind::TopicExists =>
-            {
-                self.wait_applied(&self.controller, |image| image.topics.contains_key(dlq)).await;
-                Ok(())
-            }
-            Err(e) => Err(GroupOpError::Invalid(format!("creating dead-letter topic {dlq}: {e}"))),
-        }
+        self.create_topic_unless_exists(&new)
+            .await
+            .map_err(|e| GroupOpError::Invalid(format!("creating dead-letter topic {dlq}: {e}")))
     }
 }
 
@@ -422,10 +410,6 @@ fn readable_end(bytes: &Bytes, high_watermark: i64) -> i64 {
         end = end.max(header.next_offset());
     }
     end.min(high_watermark)
-}
-
-fn member(group: &str, source: quiver_groups::GroupError) -> GroupOpError {
-    GroupOpError::Member { group: group.to_owned(), source }
 }
 
 #[cfg(test)]
