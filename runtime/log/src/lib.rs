@@ -11,10 +11,14 @@
 //! - `segment`: one segment's file, bookkeeping and recovery scan.
 //! - `index`: the sparse offset and time indexes.
 //! - [`producers`]: idempotent producers' sequences, for deduplication.
+//! - [`compaction`]: what the cleaner of a compacted log decides (sans-IO);
+//!   `clean`: the cleaning pass itself (read, rewrite, swap).
 //!
 //! The crate does no networking and keeps no clock: time-dependent calls
-//! ([`Log::enforce_retention`]) take `now_ms`.
+//! ([`Log::enforce_retention`], [`Log::clean`]) take `now_ms`.
 
+mod clean;
+pub mod compaction;
 mod index;
 pub mod log;
 pub mod producers;
@@ -24,11 +28,13 @@ use std::path::PathBuf;
 
 use quiver_protocol::batch::BatchError;
 
+pub use crate::clean::{CleanOptions, CleanReport, CleanStep};
+pub use crate::compaction::{Cleanable, CompactionConfig};
 pub use crate::log::{Appended, Log};
 pub use crate::producers::SequenceError;
 
 /// Tuning of one log; can be changed at run time with [`Log::set_config`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     /// Roll the active segment when the next batch would make it larger than
     /// this. A single batch larger than this still goes into a fresh segment.
@@ -46,6 +52,10 @@ pub struct LogConfig {
     /// Write a sparse index entry every this many bytes of batches: smaller
     /// means less scanning per read and more memory.
     pub index_interval_bytes: u32,
+    /// `Some`: the log is compacted (`cleanup.policy` has `compact`):
+    /// [`Log::clean`] keeps each key's latest record. Retention applies as
+    /// well, unless both limits above are `None`.
+    pub compaction: Option<CompactionConfig>,
 }
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -58,6 +68,7 @@ impl Default for LogConfig {
             retention_ms: Some(7 * DAY_MS),
             retention_bytes: None,
             index_interval_bytes: 4096,
+            compaction: None,
         }
     }
 }
@@ -111,6 +122,9 @@ pub enum AppendError {
     /// epoch ([`Log::append_checked`] only).
     #[error("{0}")]
     Sequence(SequenceError),
+    /// A copied batch starts before the log end ([`Log::append_copy`]).
+    #[error("a batch at offset {base_offset} cannot follow the log end {log_end}")]
+    Behind { base_offset: i64, log_end: i64 },
 }
 
 /// Why [`Log::read`] or [`Log::offset_for_timestamp`] failed.

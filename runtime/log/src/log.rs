@@ -2,7 +2,11 @@
 //! together, assigns offsets, serves reads, rolls and deletes segments, and
 //! tracks what is durable.
 //!
-//! Locks, always taken in this order, none ever held across an fsync:
+//! Locks, always taken in this order, none but `clean_lock` and
+//! `swap_lock` ever held across an fsync:
+//! - `clean_lock`: one cleaning pass at a time (see `clean`).
+//! - `swap_lock` serialises changes to the sealed segments (retention,
+//!   truncation, reset, the cleaner's swaps); appends never wait for it.
 //! - `append_lock` serialises writers (append, roll). The batch is written to
 //!   the file under it but outside `state`, so readers never wait for I/O.
 //! - `state` guards the segment list and what is published. Readers hold it
@@ -22,6 +26,7 @@ use bytes::Bytes;
 use quiver_protocol::batch::{self, BATCH_HEADER_LEN, BatchError, BatchHeader};
 use tracing::{debug, info, warn};
 
+use crate::clean::CleanerCheckpoint;
 use crate::producers::{Check, Producers};
 use crate::segment::{
     self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, PRODUCERS_EXT, Segment, SegmentFile, TIME_INDEX_EXT, TMP_SUFFIX,
@@ -48,32 +53,42 @@ pub enum Appended {
 /// methods take `&self` and lock internally.
 #[derive(Debug)]
 pub struct Log {
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     config: RwLock<LogConfig>,
-    append_lock: Mutex<()>,
+    pub(crate) append_lock: Mutex<()>,
     /// Idempotent producers' sequences; changed only under `append_lock`.
     producers: Mutex<Producers>,
     state: RwLock<State>,
     sync_lock: Mutex<()>,
     durable_end_offset: AtomicI64,
+    /// Held for a whole cleaning pass: one cleaner per log at a time.
+    pub(crate) clean_lock: Mutex<()>,
+    /// Held by whatever removes or replaces sealed segments (retention,
+    /// truncation, reset, the cleaner's swap), before `append_lock`.
+    pub(crate) swap_lock: Mutex<()>,
+    /// What the cleaner has done (see [`crate::clean`]); changed under
+    /// `clean_lock`, or `append_lock` when a truncation moves it back.
+    pub(crate) cleaner: Mutex<CleanerCheckpoint>,
     /// Keeps the directory's flock for the lifetime of the `Log`.
     _dir_lock: File,
 }
 
 #[derive(Debug)]
-struct State {
-    /// Ordered by base offset, contiguous, never empty; the last is active.
-    segments: Vec<Segment>,
+pub(crate) struct State {
+    /// Ordered by base offset, contiguous (a segment covers the offsets up
+    /// to the next one's base, holes included), never empty; the last is
+    /// active.
+    pub(crate) segments: Vec<Segment>,
     /// Sealed segments whose files (and index files) have not been fsynced.
     unsynced_sealed: Vec<Arc<SegmentFile>>,
     /// A segment file was created or deleted since the directory was fsynced.
-    dir_dirty: bool,
+    pub(crate) dir_dirty: bool,
     /// The recovery point on disk (see [`RECOVERY_POINT_FILE`]).
-    recovery_point: i64,
+    pub(crate) recovery_point: i64,
 }
 
 impl State {
-    fn active(&self) -> &Segment {
+    pub(crate) fn active(&self) -> &Segment {
         self.segments.last().expect("a log always has an active segment")
     }
 
@@ -83,6 +98,19 @@ impl State {
 
     fn log_end(&self) -> i64 {
         self.active().next_offset
+    }
+
+    /// Where a segment's offsets end: the next segment's base, or the log
+    /// end for the active one.
+    pub(crate) fn segment_end(&self, i: usize) -> i64 {
+        self.segments.get(i + 1).map_or(self.log_end(), Segment::base_offset)
+    }
+
+    /// The base offset of the first segment after the one based at `base`
+    /// (the log end if there is none).
+    fn next_segment_base(&self, base: i64) -> i64 {
+        let n = self.segments.partition_point(|s| s.base_offset() <= base);
+        self.segments.get(n).map_or(self.log_end(), Segment::base_offset)
     }
 
     /// The segment holding `offset`, which must be in `[log_start, log_end)`.
@@ -119,6 +147,7 @@ impl Log {
             Err(TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
         }
 
+        crate::clean::recover_swaps(dir).map_err(io_err(dir))?;
         let mut bases = list_segments(dir).map_err(io_err(dir))?;
         if bases.is_empty() {
             SegmentFile::open(dir, 0, true).map_err(io_err(dir))?;
@@ -172,8 +201,12 @@ impl Log {
             segments = state.segments.len(),
             "opened log"
         );
+        let cleaner = CleanerCheckpoint::load(dir);
         Ok(Log {
             dir: dir.to_path_buf(),
+            clean_lock: Mutex::new(()),
+            swap_lock: Mutex::new(()),
+            cleaner: Mutex::new(cleaner),
             durable_end_offset: AtomicI64::new(state.log_end()),
             config: RwLock::new(config),
             append_lock: Mutex::new(()),
@@ -212,7 +245,7 @@ impl Log {
     /// Idempotent producers' batches update the producer state unchecked:
     /// this is how followers copy their leader's log.
     pub fn append(&self, batch: &[u8], leader_epoch: i32) -> Result<AppendInfo, AppendError> {
-        match self.append_inner(batch, leader_epoch, false)? {
+        match self.append_inner(batch, leader_epoch, false, None)? {
             Appended::New(info) | Appended::Duplicate(info) => Ok(info),
         }
     }
@@ -223,10 +256,26 @@ impl Log {
     /// the offsets it got; a gap or an older epoch is refused with
     /// [`AppendError::Sequence`].
     pub fn append_checked(&self, batch: &[u8], leader_epoch: i32) -> Result<Appended, AppendError> {
-        self.append_inner(batch, leader_epoch, true)
+        self.append_inner(batch, leader_epoch, true, None)
     }
 
-    fn append_inner(&self, batch: &[u8], leader_epoch: i32, check: bool) -> Result<Appended, AppendError> {
+    /// [`Log::append`] for a replica copying its leader's log: the batch
+    /// keeps its own base offset, which may be past the log end (the
+    /// leader's log is compacted and has a hole there) but not before it.
+    pub fn append_copy(&self, batch: &[u8], leader_epoch: i32) -> Result<AppendInfo, AppendError> {
+        let base_offset = BatchHeader::parse(batch)?.base_offset;
+        match self.append_inner(batch, leader_epoch, false, Some(base_offset))? {
+            Appended::New(info) | Appended::Duplicate(info) => Ok(info),
+        }
+    }
+
+    fn append_inner(
+        &self,
+        batch: &[u8],
+        leader_epoch: i32,
+        check: bool,
+        at: Option<i64>,
+    ) -> Result<Appended, AppendError> {
         let header = BatchHeader::parse(batch)?;
         if header.total_len() != batch.len() {
             return Err(BatchError::BadLength(batch.len() as i64).into());
@@ -241,7 +290,12 @@ impl Log {
             return Ok(Appended::Duplicate(info));
         }
 
-        let (mut file, mut position, base_offset) = self.active_end();
+        let (mut file, mut position, log_end) = self.active_end();
+        let base_offset = match at {
+            Some(at) if at < log_end => return Err(AppendError::Behind { base_offset: at, log_end }),
+            Some(at) => at,
+            None => log_end,
+        };
         // A roll does not change the log end offset, only the file.
         let roll = {
             let state = self.read_state();
@@ -288,7 +342,7 @@ impl Log {
         self.producers().last_sequence_of(producer_id)
     }
 
-    fn producers(&self) -> std::sync::MutexGuard<'_, Producers> {
+    pub(crate) fn producers(&self) -> std::sync::MutexGuard<'_, Producers> {
         self.producers.lock().expect("producer state lock poisoned")
     }
 
@@ -303,43 +357,57 @@ impl Log {
     /// the first. The result is one buffer filled by one positional read;
     /// batches are slices of it.
     pub fn read(&self, offset: i64, max_bytes: usize, up_to: i64) -> Result<Bytes, ReadError> {
-        let (file, mut position, end) = {
+        {
             let state = self.read_state();
             let (log_start, log_end) = (state.log_start(), state.log_end());
             if offset < log_start || offset > log_end {
                 return Err(ReadError::OffsetOutOfRange { offset, log_start, log_end });
             }
-            if offset == log_end || offset >= up_to {
-                return Ok(Bytes::new());
-            }
-            let segment = state.segment_for(offset);
-            let position = segment.offset_index.lookup(segment.relative(offset));
-            (segment.file.clone(), position, segment.size)
-        };
+        }
         let corrupt = |reason: String| ReadError::Corrupt { offset, reason };
-
-        // Find the batch containing `offset`, reading headers only.
-        let first_len = loop {
-            if position + BATCH_HEADER_LEN as u64 > end {
-                return Err(corrupt(format!(
-                    "offset not found before position {position} of {}",
-                    file.path(LOG_EXT).display()
-                )));
-            }
-            let raw = read_header_at(&file.file, position)?;
-            let header = BatchHeader::parse(&raw)
-                .map_err(|e| corrupt(format!("bad batch header at position {position}: {e}")))?;
-            let len = header.total_len() as u64;
-            if position + len > end {
-                return Err(corrupt(format!("batch at position {position} extends past the segment end")));
-            }
-            if header.last_offset() >= offset {
-                if header.last_offset() >= up_to {
+        // The segment to look in; a compacted log may hold nothing more in
+        // it (a hole up to the next segment), then the next one is tried.
+        let mut target = offset;
+        let (file, position, end, first_len) = 'segments: loop {
+            let (file, mut position, end) = {
+                let state = self.read_state();
+                if target >= state.log_end() || target >= up_to {
                     return Ok(Bytes::new());
                 }
-                break len;
+                let target = target.max(state.log_start());
+                let segment = state.segment_for(target);
+                let position = segment.offset_index.lookup(segment.relative(target));
+                (segment.file.clone(), position, segment.size)
+            };
+            // Find the first batch ending at or after `offset`, reading
+            // headers only.
+            loop {
+                if position + BATCH_HEADER_LEN as u64 > end {
+                    if position == end {
+                        let next = self.read_state().next_segment_base(file.base_offset);
+                        target = next.max(target + 1);
+                        continue 'segments;
+                    }
+                    return Err(corrupt(format!(
+                        "a partial batch header at position {position} of {}",
+                        file.path(LOG_EXT).display()
+                    )));
+                }
+                let raw = read_header_at(&file.file, position)?;
+                let header = BatchHeader::parse(&raw)
+                    .map_err(|e| corrupt(format!("bad batch header at position {position}: {e}")))?;
+                let len = header.total_len() as u64;
+                if position + len > end {
+                    return Err(corrupt(format!("batch at position {position} extends past the segment end")));
+                }
+                if header.last_offset() >= offset {
+                    if header.last_offset() >= up_to {
+                        return Ok(Bytes::new());
+                    }
+                    break 'segments (file, position, end, len);
+                }
+                position += len;
             }
-            position += len;
         };
 
         let want = (max_bytes as u64).max(first_len).min(end - position) as usize;
@@ -357,8 +425,8 @@ impl Log {
                 Err(e) => Some(format!("bad batch header: {e}")),
                 Ok(header) if header.total_len() > rest.len() => break, // cut by max_bytes
                 Ok(header) if header.last_offset() >= up_to => break,
-                Ok(header) if expected_base.is_some_and(|b| b != header.base_offset) => Some(format!(
-                    "base offset {} where {} was expected",
+                Ok(header) if expected_base.is_some_and(|b| header.base_offset < b) => Some(format!(
+                    "base offset {} where at least {} was expected",
                     header.base_offset,
                     expected_base.unwrap_or_default()
                 )),
@@ -525,14 +593,28 @@ impl Log {
     /// from their open file handle.
     pub fn enforce_retention(&self, now_ms: i64) -> io::Result<RetentionReport> {
         let config = self.config();
-        if let Some(age_max) = config.segment_ms_max {
+        {
             let _append = self.append_lock.lock().expect("append lock poisoned");
-            let first = self.read_state().active().first_batch_timestamp;
-            if first.is_some_and(|ts| now_ms.saturating_sub(ts) > i64::try_from(age_max).unwrap_or(i64::MAX)) {
+            let (first, overdue) = {
+                let state = self.read_state();
+                let active = state.active();
+                let overdue = config
+                    .compaction
+                    .as_ref()
+                    .is_some_and(|c| crate::compaction::active_overdue(&active.span(active.next_offset), c, now_ms));
+                (active.first_batch_timestamp, overdue)
+            };
+            let too_old = config.segment_ms_max.is_some_and(|age_max| {
+                first.is_some_and(|ts| now_ms.saturating_sub(ts) > i64::try_from(age_max).unwrap_or(i64::MAX))
+            });
+            // A compacted log's record may wait in the active segment no
+            // longer than `max_compaction_lag_ms`.
+            if too_old || overdue {
                 self.roll_locked()?;
             }
         }
 
+        let _swap = self.swap_lock.lock().expect("swap lock poisoned");
         let (removed, log_start_offset) = {
             let mut state = self.write_state();
             let sealed = state.segments.len() - 1;
@@ -581,6 +663,14 @@ impl Log {
         })
     }
 
+    /// Seals the active segment now (if it holds anything) and starts a new
+    /// one: for an operator's forced clean, which never touches the active
+    /// segment.
+    pub fn roll(&self) -> io::Result<()> {
+        let _append = self.append_lock.lock().expect("append lock poisoned");
+        self.roll_locked()
+    }
+
     /// Bytes of batches stored in all segments.
     pub fn size_bytes(&self) -> u64 {
         self.read_state().segments.iter().map(|s| s.size).sum()
@@ -616,6 +706,7 @@ impl Log {
     /// never read past.
     pub fn truncate_to(&self, end: i64) -> io::Result<i64> {
         let config = self.config();
+        let _swap = self.swap_lock.lock().expect("swap lock poisoned");
         let _append = self.append_lock.lock().expect("append lock poisoned");
         let (keep, file, cut) = {
             let state = self.read_state();
@@ -659,6 +750,7 @@ impl Log {
         sync_dir(&self.dir)?;
         let new_end = state.log_end();
         self.durable_end_offset.fetch_min(new_end, Ordering::SeqCst);
+        self.cleaner.lock().expect("cleaner lock poisoned").truncated_to(new_end);
         info!(dir = %self.dir.display(), requested = end, log_end_offset = new_end, "truncated log");
         Ok(new_end)
     }
@@ -669,6 +761,7 @@ impl Log {
     /// old segments are deleted before the new one is created, so a crash
     /// part way leaves an empty log, never one with a gap. Durable on return.
     pub fn reset_to(&self, offset: i64) -> io::Result<()> {
+        let _swap = self.swap_lock.lock().expect("swap lock poisoned");
         let _append = self.append_lock.lock().expect("append lock poisoned");
         let mut state = self.write_state();
         if offset <= state.log_end() {
@@ -746,11 +839,11 @@ impl Log {
         Ok(())
     }
 
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+    pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().expect("log state lock poisoned")
     }
 
-    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+    pub(crate) fn write_state(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().expect("log state lock poisoned")
     }
 }
@@ -867,7 +960,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<i64>> {
 
 /// Renames the `.log` away first, so a crash part way leaves no live-looking
 /// half segment; open() removes what is left.
-fn delete_segment_files(file: &SegmentFile) -> io::Result<()> {
+pub(crate) fn delete_segment_files(file: &SegmentFile) -> io::Result<()> {
     let log_path = file.path(LOG_EXT);
     let mut deleted = log_path.as_os_str().to_owned();
     deleted.push(DELETED_SUFFIX);
@@ -892,6 +985,6 @@ fn remove_files(file: &SegmentFile, extensions: &[&str]) -> io::Result<()> {
 }
 
 /// Makes file creations, renames and deletions in `dir` durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

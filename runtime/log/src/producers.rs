@@ -185,6 +185,12 @@ impl Producers {
         self.map.is_empty()
     }
 
+    /// The last offset of a producer's last batch, if known: the batch the
+    /// cleaner keeps (even emptied) so that replicas learn its sequence.
+    pub fn last_batch_end(&self, producer_id: i64) -> Option<i64> {
+        Some(self.map.get(&producer_id)?.batches.back()?.last_offset)
+    }
+
     /// A producer's epoch and last sequence, if known.
     pub fn last_sequence_of(&self, producer_id: i64) -> Option<(i16, i32)> {
         let entry = self.map.get(&producer_id)?;

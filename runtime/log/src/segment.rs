@@ -59,6 +59,12 @@ impl SegmentFile {
         Ok(Arc::new(SegmentFile { base_offset, dir: dir.to_path_buf(), file, checked }))
     }
 
+    /// A segment file this process wrote whole and just renamed into place
+    /// (a cleaned segment): every batch in it is checked.
+    pub(crate) fn adopt(dir: &Path, base_offset: i64, file: File) -> Arc<SegmentFile> {
+        Arc::new(SegmentFile { base_offset, dir: dir.to_path_buf(), file, checked: AtomicU64::new(u64::MAX) })
+    }
+
     /// See [`SegmentFile::checked`].
     pub(crate) fn checked(&self) -> u64 {
         self.checked.load(Ordering::Acquire)
@@ -116,6 +122,17 @@ impl Segment {
         self.file.base_offset
     }
 
+    /// This segment as the compaction planner sees it, ending at `next_offset`.
+    pub(crate) fn span(&self, next_offset: i64) -> crate::compaction::SegmentSpan {
+        crate::compaction::SegmentSpan {
+            base_offset: self.base_offset(),
+            next_offset,
+            size: self.size,
+            max_timestamp: self.max_timestamp,
+            first_timestamp: self.first_batch_timestamp,
+        }
+    }
+
     pub(crate) fn relative(&self, offset: i64) -> u32 {
         let rel = offset - self.base_offset();
         assert!((0..=i64::from(u32::MAX)).contains(&rel), "offset {offset} outside segment {}", self.base_offset());
@@ -127,7 +144,8 @@ impl Segment {
     /// entry every `index_interval_bytes`.
     pub(crate) fn record_batch(&mut self, header: &BatchHeader, position: u64, index_interval_bytes: u32) {
         assert_eq!(position, self.size, "batches are recorded in file order");
-        assert_eq!(header.base_offset, self.next_offset, "offsets continue");
+        // Offsets increase; a compacted log has holes between batches.
+        assert!(header.base_offset >= self.next_offset, "offsets increase");
         let rel = self.relative(header.base_offset);
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
         if position > 0 && self.bytes_since_index >= u64::from(index_interval_bytes) {
@@ -208,7 +226,8 @@ impl Segment {
                         "sealed segment is damaged; reads past this position will report corruption"
                     );
                 }
-                if outcome.next_offset != next_offset {
+                // Less is a compacted segment's hole at its end.
+                if outcome.next_offset > next_offset {
                     warn!(
                         file = %file.path(LOG_EXT).display(),
                         scanned_next_offset = outcome.next_offset,
@@ -256,8 +275,9 @@ pub(crate) struct ScanOutcome {
 
 /// Walks the batches of a segment file from its start, checking that each
 /// header parses, the batch fits in the file, its CRC-32C is valid and its
-/// base offset continues the previous batch; calls `on_batch` for each valid
-/// one and stops at the first that is not.
+/// base offset is at or past the previous batch's end (compacted logs, and
+/// replicas copying them, have holes); calls `on_batch` for each valid one
+/// and stops at the first that is not.
 pub(crate) fn scan(
     file: &File,
     file_len: u64,
@@ -289,11 +309,11 @@ pub(crate) fn scan(
         if len > remaining {
             return stop(position, expected, Some(format!("batch of {len} bytes extends past the end of the file")));
         }
-        if header.base_offset != expected {
+        if header.base_offset < expected {
             return stop(
                 position,
                 expected,
-                Some(format!("base offset {} where {expected} was expected", header.base_offset)),
+                Some(format!("base offset {} where at least {expected} was expected", header.base_offset)),
             );
         }
         if header.last_offset_delta < 0 {
@@ -308,6 +328,52 @@ pub(crate) fn scan(
         expected = header.next_offset();
         position += len;
     }
+}
+
+/// Calls `on_batch` with the header, position and bytes of each batch of a
+/// segment file of `file_len` bytes, in order, until it returns `false`.
+/// Reads in windows of about [`SCAN_CHUNK_BYTES`]; each batch is a slice of
+/// its window (no copy). Framing is checked (a header that does not parse,
+/// or a batch past the end, is `InvalidData`), CRCs are the caller's.
+pub(crate) fn for_each_batch(
+    file: &File,
+    file_len: u64,
+    mut on_batch: impl FnMut(&BatchHeader, u64, bytes::Bytes) -> io::Result<bool>,
+) -> io::Result<()> {
+    let mut window = bytes::Bytes::new();
+    let mut window_at = 0u64;
+    let mut position = 0u64;
+    let invalid =
+        |position: u64, what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what} at {position}"));
+    while position < file_len {
+        let header_end = position + BATCH_HEADER_LEN as u64;
+        if header_end > file_len {
+            return Err(invalid(position, "a partial batch header".into()));
+        }
+        if position < window_at || header_end > window_at + window.len() as u64 {
+            let len = (file_len - position).min(SCAN_CHUNK_BYTES as u64) as usize;
+            window = bytes::Bytes::from(read_vec_at(file, len, position)?);
+            window_at = position;
+        }
+        let at = (position - window_at) as usize;
+        let header =
+            BatchHeader::parse(&window[at..]).map_err(|e| invalid(position, format!("bad batch header: {e}")))?;
+        let len = header.total_len() as u64;
+        if position + len > file_len {
+            return Err(invalid(position, format!("a batch of {len} bytes past the end of the file")));
+        }
+        if at + len as usize > window.len() {
+            let want = (len.max(SCAN_CHUNK_BYTES as u64)).min(file_len - position) as usize;
+            window = bytes::Bytes::from(read_vec_at(file, want, position)?);
+            window_at = position;
+        }
+        let at = (position - window_at) as usize;
+        if !on_batch(&header, position, window.slice(at..at + len as usize))? {
+            return Ok(());
+        }
+        position += len;
+    }
+    Ok(())
 }
 
 /// Makes `buf` (holding the file from `buf_at`) cover `[position, position + len)`.

@@ -33,6 +33,12 @@ const ATTR_CODEC_MASK: i16 = 0x07;
 const ATTR_LOG_APPEND_TIME: i16 = 0x08;
 const ATTR_TRANSACTIONAL: i16 = 0x10;
 const ATTR_CONTROL: i16 = 0x20;
+/// Kafka's KIP-534 flag: the batch was compacted while holding tombstones,
+/// and its base timestamp is the time after which they may be dropped.
+const ATTR_DELETE_HORIZON: i16 = 0x40;
+/// Attributes a rebuilt batch keeps from the original (the codec is chosen
+/// again, the horizon set anew).
+const ATTR_KEPT_BY_REBUILD: i16 = ATTR_LOG_APPEND_TIME | ATTR_TRANSACTIONAL | ATTR_CONTROL;
 
 /// Upper bound on a decompressed batch, so a small "zip bomb" cannot make the
 /// broker or a client allocate without limit.
@@ -194,6 +200,12 @@ impl BatchHeader {
 
     pub fn is_control(&self) -> bool {
         self.attributes & ATTR_CONTROL != 0
+    }
+
+    /// When the compacted batch's tombstones may be dropped (Kafka's delete
+    /// horizon: its base timestamp, when the flag is set).
+    pub fn delete_horizon(&self) -> Option<i64> {
+        (self.attributes & ATTR_DELETE_HORIZON != 0).then_some(self.base_timestamp)
     }
 
     pub fn is_log_append_time(&self) -> bool {
@@ -534,6 +546,8 @@ pub struct BatchBuilder {
     /// Set when rebuilding a stored batch: its own last offset delta, so a
     /// filtered batch still covers the same offsets.
     last_offset_delta: Option<i32>,
+    /// Attribute bits besides the codec (rebuilt batches keep the original's).
+    attributes: i16,
 }
 
 impl BatchBuilder {
@@ -565,6 +579,7 @@ impl BatchBuilder {
             base_sequence: NO_SEQUENCE,
             next_delta: 0,
             last_offset_delta: None,
+            attributes: 0,
         }
     }
 
@@ -578,7 +593,19 @@ impl BatchBuilder {
         b.base_timestamp = header.base_timestamp;
         b.max_timestamp = header.max_timestamp;
         b.last_offset_delta = Some(header.last_offset_delta);
+        b.attributes = header.attributes & ATTR_KEPT_BY_REBUILD;
         b
+    }
+
+    /// Marks a rebuilt batch (before any record is appended) as compacted
+    /// with tombstones that may be dropped from `horizon_ms` on: the base
+    /// timestamp becomes the horizon and record timestamps are encoded
+    /// relative to it, so they read back unchanged (Kafka's KIP-534).
+    pub fn with_delete_horizon(mut self, horizon_ms: i64) -> Self {
+        debug_assert!(self.count == 0 && self.last_offset_delta.is_some(), "a rebuilt batch, before its records");
+        self.base_timestamp = horizon_ms;
+        self.attributes |= ATTR_DELETE_HORIZON;
+        self
     }
 
     /// Appends a record at this offset delta (rebuilt batches only; deltas
@@ -684,7 +711,7 @@ impl BatchBuilder {
         header.put_i32(-1); // leader epoch: set by the broker
         header.put_i8(MAGIC);
         header.put_u32(0); // CRC, filled below
-        header.put_i16(self.compression.id());
+        header.put_i16(self.compression.id() | self.attributes);
         header.put_i32(self.last_offset_delta.unwrap_or(self.count - 1));
         header.put_i64(self.base_timestamp);
         header.put_i64(self.max_timestamp);
@@ -761,6 +788,28 @@ mod tests {
             assert_eq!(records[7].key.as_deref(), Some(&b"k7"[..]));
             assert_eq!(records[7].timestamp, 1_007);
             assert_eq!(records[7].headers[0].value.as_deref(), Some(&b"v7"[..]));
+        }
+    }
+
+    #[test]
+    fn a_rebuilt_batch_with_a_delete_horizon_keeps_offsets_and_timestamps() {
+        for c in [Compression::None, Compression::Zstd] {
+            let original = sample(c, 10);
+            let header = BatchHeader::parse(&original).unwrap();
+            assert_eq!(header.delete_horizon(), None);
+            let records = decode_records(&original).unwrap();
+            let mut b = BatchBuilder::rebuild_of(&header, c).with_delete_horizon(9_999_999);
+            for r in records.iter().filter(|r| r.offset % 3 == 1) {
+                b.append_at(r.offset as i32, r.timestamp, r.key.as_deref(), None, &r.headers);
+            }
+            let rebuilt = b.build();
+            let h = BatchHeader::parse(&rebuilt).unwrap();
+            assert_eq!(h.delete_horizon(), Some(9_999_999));
+            assert_eq!((h.last_offset_delta, h.max_timestamp, h.record_count), (9, header.max_timestamp, 3));
+            assert_eq!(h.compression().unwrap(), c);
+            let kept = decode_records(&rebuilt).unwrap();
+            let offsets: Vec<_> = kept.iter().map(|r| (r.offset, r.timestamp, r.value.is_none())).collect();
+            assert_eq!(offsets, [(1, 1_001, true), (4, 1_004, true), (7, 1_007, true)]);
         }
     }
 

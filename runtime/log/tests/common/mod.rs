@@ -26,6 +26,7 @@ pub fn config(segment_bytes_max: u64) -> LogConfig {
         retention_ms: None,
         retention_bytes: None,
         index_interval_bytes: 256,
+        compaction: None,
     }
 }
 

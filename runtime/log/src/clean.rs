@@ -1,0 +1,487 @@
+//! The cleaning pass of a compacted log: [`Log::clean`] reads the dirty
+//! part into an [`OffsetMap`], then rewrites every segment up to where the
+//! map reaches, keeping what [`compaction::keep_record`] keeps, and swaps the
+//! new segments in. The decisions are in [`crate::compaction`]; this module
+//! is the I/O around them.
+//!
+//! Crash safety (Kafka's discipline): a group of segments `[B, E)` is
+//! written to `B.E.cleaned` and fsynced; renaming it to `B.E.swap` (and
+//! fsyncing the directory) commits the swap; the old segments are then
+//! deleted and the swap file renamed to `B.log`. [`Log::open`] deletes
+//! `.cleaned` files and completes any `.swap`: the old segments of `[B, E)`
+//! go, the swap file becomes `B.log`. A kill at any point leaves either the
+//! old segments or the new one, each whole. Segment-list surgery (retention,
+//! truncation, reset) waits on `swap_lock` while a group is swapped, so it
+//! never runs between the check that a group is still there and its swap.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use quiver_protocol::batch::{self, BatchBuilder, BatchHeader};
+use tracing::{info, warn};
+
+use crate::Log;
+use crate::compaction::{self, Cleanable, OffsetMap, SegmentSpan};
+use crate::log::{delete_segment_files, sync_dir};
+use crate::producers::Producers;
+use crate::segment::{self, LOG_EXT, Segment, SegmentFile};
+
+/// Where the cleaner's progress survives restarts: the first dirty offset
+/// and the time of the last clean.
+pub const CHECKPOINT_FILE: &str = "cleaner-checkpoint";
+const CLEANED_EXT: &str = "cleaned";
+const SWAP_EXT: &str = "swap";
+
+/// What the caller of [`Log::clean`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanOptions {
+    /// Memory for the map of keys to their latest offsets; a dirty part
+    /// with more keys than fit is cleaned over several passes.
+    pub dedupe_buffer_bytes: usize,
+    /// Clean whatever the dirty ratio (an operator asked).
+    pub force: bool,
+}
+
+impl Default for CleanOptions {
+    fn default() -> Self {
+        CleanOptions { dedupe_buffer_bytes: 128 * 1024 * 1024, force: false }
+    }
+}
+
+/// What one cleaning pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanReport {
+    /// The pass's clock.
+    pub now_ms: i64,
+    /// Offsets below this were clean before the pass...
+    pub first_dirty_offset: i64,
+    /// ...and below this after it (the next pass starts here).
+    pub cleaned_to: i64,
+    pub segments_read: usize,
+    pub segments_written: usize,
+    /// Bytes of batches read: the map pass and the copy.
+    pub bytes_read: u64,
+    /// Bytes of the segments rewritten, before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub records_before: u64,
+    pub records_after: u64,
+    /// Tombstones dropped because their delete horizon had passed.
+    pub tombstones_dropped: u64,
+    /// Distinct keys in the dirty part the map covered, and its size.
+    pub map_keys: usize,
+    pub map_bytes: usize,
+}
+
+/// Where a [`Log::clean_until`] stops, as if the process was killed there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleanStep {
+    /// The first group's `.cleaned` file is written and fsynced.
+    Cleaned,
+    /// ...and renamed to `.swap`: the swap is committed.
+    Committed,
+    /// ...and the old segments are deleted; the swap file is not renamed.
+    OldDeleted,
+}
+
+/// The cleaner's progress: in memory and in [`CHECKPOINT_FILE`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CleanerCheckpoint {
+    pub(crate) first_dirty: i64,
+    pub(crate) last_clean_ms: Option<i64>,
+    /// The last pass of this process.
+    pub(crate) last: Option<CleanReport>,
+}
+
+impl CleanerCheckpoint {
+    /// The checkpoint in `dir`; nothing cleaned when missing or unreadable.
+    pub(crate) fn load(dir: &Path) -> CleanerCheckpoint {
+        let text = fs::read_to_string(dir.join(CHECKPOINT_FILE)).unwrap_or_default();
+        let mut fields = text.split_whitespace().map(str::parse::<i64>);
+        match (fields.next(), fields.next()) {
+            (Some(Ok(first_dirty)), Some(Ok(last))) => {
+                CleanerCheckpoint { first_dirty, last_clean_ms: Some(last), last: None }
+            }
+            _ => CleanerCheckpoint::default(),
+        }
+    }
+
+    fn store(&self, dir: &Path) -> io::Result<()> {
+        let text = format!("{} {}\n", self.first_dirty, self.last_clean_ms.unwrap_or(0));
+        segment::write_file_atomically(&dir.join(CHECKPOINT_FILE), text.as_bytes(), true)
+    }
+
+    /// A truncation below the cleaned part (never above the high
+    /// watermark in practice): the data after `end` is new.
+    pub(crate) fn truncated_to(&mut self, end: i64) {
+        self.first_dirty = self.first_dirty.min(end);
+    }
+}
+
+/// `B.E.ext` for a group `[B, E)`.
+fn group_file(dir: &Path, base: i64, end: i64, ext: &str) -> std::path::PathBuf {
+    dir.join(format!("{base:020}.{end:020}.{ext}"))
+}
+
+/// At open, before the segments are listed: removes unfinished `.cleaned`
+/// files and completes committed swaps.
+pub(crate) fn recover_swaps(dir: &Path) -> io::Result<()> {
+    let mut swaps = Vec::new();
+    let mut logs = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let parts: Vec<&str> = name.split('.').collect();
+        let number = |s: &str| (s.len() == 20).then(|| s.parse::<i64>().ok()).flatten();
+        match parts[..] {
+            [base, end, CLEANED_EXT] if number(base).is_some() && number(end).is_some() => {
+                info!(file = %path.display(), "removing an unfinished cleaned segment");
+                fs::remove_file(&path)?;
+            }
+            [base, end, SWAP_EXT] => {
+                if let (Some(base), Some(end)) = (number(base), number(end)) {
+                    swaps.push((base, end, path.clone()));
+                }
+            }
+            [base, LOG_EXT] => logs.extend(number(base)),
+            _ => {}
+        }
+    }
+    for (base, end, swap) in swaps {
+        for &old in logs.iter().filter(|&&b| (base..end).contains(&b)) {
+            let file = SegmentFile::open(dir, old, false)?;
+            delete_segment_files(&file)?;
+        }
+        info!(file = %swap.display(), "completing the swap of a cleaned segment");
+        fs::rename(&swap, dir.join(segment::file_name(base, LOG_EXT)))?;
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn invalid(offset: i64, e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("batch at offset {offset}: {e}"))
+}
+
+/// What the copy keeps of the batches of a cleaned group.
+struct Copier<'a> {
+    map: &'a OffsetMap,
+    map_end: i64,
+    now_ms: i64,
+    delete_retention_ms: i64,
+    producers: &'a Producers,
+}
+
+impl Copier<'_> {
+    /// The batch as it goes into the cleaned segment (the same bytes when
+    /// nothing changes), or `None` when nothing of it stays.
+    fn batch(&self, header: &BatchHeader, bytes: Bytes, report: &mut CleanReport) -> io::Result<Option<Bytes>> {
+        if header.is_control() {
+            batch::verify_crc(&bytes).map_err(|e| invalid(header.base_offset, e))?;
+            return Ok(Some(bytes));
+        }
+        let records = batch::decode_records(&bytes).map_err(|e| invalid(header.base_offset, e))?;
+        let horizon_passed = header.delete_horizon().is_some_and(|h| self.now_ms >= h);
+        let keep: Vec<bool> = records
+            .iter()
+            .map(|r| {
+                compaction::keep_record(
+                    r.offset,
+                    r.key.as_deref(),
+                    r.value.is_none(),
+                    self.map,
+                    self.map_end,
+                    horizon_passed,
+                )
+            })
+            .collect();
+        let kept = keep.iter().filter(|&&k| k).count();
+        report.records_before += records.len() as u64;
+        report.records_after += kept as u64;
+        report.tombstones_dropped += records
+            .iter()
+            .zip(&keep)
+            .filter(|(r, k)| {
+                !**k && r.value.is_none() && r.key.as_deref().and_then(|k| self.map.get(k)) <= Some(r.offset)
+            })
+            .count() as u64;
+        let tombstone_kept = records.iter().zip(&keep).any(|(r, k)| *k && r.value.is_none());
+        // A batch's tombstones get their horizon the first time it is cleaned.
+        let horizon = header.delete_horizon().or_else(|| {
+            (tombstone_kept && header.last_offset() < self.map_end)
+                .then(|| self.now_ms.saturating_add(self.delete_retention_ms))
+        });
+        let horizon_changes = tombstone_kept && horizon != header.delete_horizon();
+        if kept == records.len() && !horizon_changes {
+            return Ok(Some(bytes));
+        }
+        let producers_last = header.producer_id != batch::NO_PRODUCER_ID
+            && self.producers.last_batch_end(header.producer_id) == Some(header.last_offset());
+        if kept == 0 && !producers_last {
+            return Ok(None);
+        }
+        let codec = header.compression().map_err(|e| invalid(header.base_offset, e))?;
+        let mut builder = BatchBuilder::rebuild_of(header, codec);
+        if let (true, Some(h)) = (tombstone_kept, horizon) {
+            builder = builder.with_delete_horizon(h);
+        }
+        for (r, _) in records.iter().zip(&keep).filter(|(_, k)| **k) {
+            let delta = i32::try_from(r.offset - header.base_offset).map_err(|e| invalid(header.base_offset, e))?;
+            builder.append_at(delta, r.timestamp, r.key.as_deref(), r.value.as_deref(), &r.headers);
+        }
+        let built = builder.build();
+        let mut out = BytesMut::from(&built[..]);
+        out[..16].copy_from_slice(&batch::patched_prefix(&built, header.base_offset, header.leader_epoch));
+        Ok(Some(out.freeze()))
+    }
+}
+
+impl Log {
+    /// What the cleaner could do with this log now, `None` unless it is
+    /// compacted. `bound`: offsets at or above it are off limits (the high
+    /// watermark); the recovery point bounds it too.
+    pub fn cleanable(&self, now_ms: i64, bound: i64) -> Option<Cleanable> {
+        let config = self.config().compaction?;
+        let first_dirty = self.cleaner().first_dirty;
+        let (spans, _) = self.spans();
+        let bound = bound.min(self.read_state().recovery_point);
+        Some(compaction::cleanable(&spans, first_dirty, bound, &config, now_ms))
+    }
+
+    /// The time and report of the last clean (the report only when this
+    /// process made it).
+    pub fn last_clean(&self) -> (Option<i64>, Option<CleanReport>) {
+        let cleaner = self.cleaner();
+        (cleaner.last_clean_ms, cleaner.last.clone())
+    }
+
+    /// One cleaning pass, if the log is compacted and due (or `force`):
+    /// keeps the latest record of every key in `[log start, cleaned_to)`
+    /// (see the module docs of [`crate::compaction`] for the rules).
+    /// `throttle` is called with the bytes read, as they are read (it may
+    /// sleep). Flushes the log first, so that what the pass may clean is
+    /// durable. `Ok(None)`: nothing to do (or another pass is running).
+    pub fn clean(
+        &self,
+        now_ms: i64,
+        bound: i64,
+        options: &CleanOptions,
+        throttle: &mut dyn FnMut(u64),
+    ) -> io::Result<Option<CleanReport>> {
+        self.clean_inner(now_ms, bound, options, throttle, None)
+    }
+
+    /// [`Log::clean`], stopping at `stop` as if the process died there:
+    /// for crash tests. The log must be dropped and opened again after.
+    #[doc(hidden)]
+    pub fn clean_until(
+        &self,
+        now_ms: i64,
+        bound: i64,
+        options: &CleanOptions,
+        stop: CleanStep,
+    ) -> io::Result<Option<CleanReport>> {
+        self.clean_inner(now_ms, bound, options, &mut |_| {}, Some(stop))
+    }
+
+    fn cleaner(&self) -> std::sync::MutexGuard<'_, CleanerCheckpoint> {
+        self.cleaner.lock().expect("cleaner lock poisoned")
+    }
+
+    /// The segments as the planner sees them, with their files.
+    fn spans(&self) -> (Vec<SegmentSpan>, Vec<Arc<SegmentFile>>) {
+        let state = self.read_state();
+        let spans = state.segments.iter().enumerate().map(|(i, s)| s.span(state.segment_end(i))).collect();
+        (spans, state.segments.iter().map(|s| s.file.clone()).collect())
+    }
+
+    fn clean_inner(
+        &self,
+        now_ms: i64,
+        bound: i64,
+        options: &CleanOptions,
+        throttle: &mut dyn FnMut(u64),
+        stop: Option<CleanStep>,
+    ) -> io::Result<Option<CleanReport>> {
+        let config = self.config();
+        let Some(compaction_config) = config.compaction.clone() else { return Ok(None) };
+        let Ok(_pass) = self.clean_lock.try_lock() else { return Ok(None) };
+        self.flush()?;
+        let first_dirty = self.cleaner().first_dirty;
+        let (spans, files) = self.spans();
+        let bound = bound.min(self.read_state().recovery_point);
+        let plan = compaction::cleanable(&spans, first_dirty, bound, &compaction_config, now_ms);
+        if plan.first_dirty_offset >= plan.end_offset || !(options.force || plan.is_due(&compaction_config)) {
+            return Ok(None);
+        }
+        let mut report = CleanReport { now_ms, first_dirty_offset: plan.first_dirty_offset, ..CleanReport::default() };
+
+        // 1. Each key's latest offset in the dirty part, as far as the map holds.
+        let mut map = OffsetMap::new(options.dedupe_buffer_bytes);
+        let mut map_end = plan.first_dirty_offset;
+        let mut full = false;
+        for (span, file) in spans.iter().zip(&files) {
+            if span.next_offset <= plan.first_dirty_offset {
+                continue;
+            }
+            if span.base_offset >= plan.end_offset || full {
+                break;
+            }
+            segment::for_each_batch(&file.file, span.size, |header, _, bytes| {
+                if header.last_offset() < plan.first_dirty_offset {
+                    return Ok(true);
+                }
+                if !header.is_control() {
+                    if usize::try_from(header.record_count).unwrap_or(usize::MAX) > map.room() {
+                        full = true;
+                        return Ok(false);
+                    }
+                    report.bytes_read += bytes.len() as u64;
+                    throttle(bytes.len() as u64);
+                    let records = batch::decode_records(&bytes).map_err(|e| invalid(header.base_offset, e))?;
+                    for r in records {
+                        if let Some(key) = &r.key {
+                            map.put(key, r.offset).expect("the map's room was checked");
+                        }
+                    }
+                }
+                map_end = header.next_offset();
+                Ok(true)
+            })?;
+            if !full {
+                map_end = span.next_offset;
+            }
+        }
+        if map_end == plan.first_dirty_offset {
+            return Err(io::Error::other(format!(
+                "the cleaner's dedupe buffer of {} bytes cannot hold the keys of one batch at offset {}",
+                options.dedupe_buffer_bytes, plan.first_dirty_offset
+            )));
+        }
+        report.cleaned_to = map_end;
+        report.map_keys = map.len();
+        report.map_bytes = map.memory_bytes();
+
+        // 2. Rewrite every segment below the map's end, group by group.
+        let rewrite = spans.partition_point(|s| s.base_offset < map_end);
+        let producers = self.producers().clone();
+        let copier = Copier {
+            map: &map,
+            map_end,
+            now_ms,
+            delete_retention_ms: i64::try_from(compaction_config.delete_retention_ms).unwrap_or(i64::MAX),
+            producers: &producers,
+        };
+        for group in compaction::group_segments(&spans[..rewrite], config.segment_bytes_max) {
+            let (base, end) = (spans[group.start].base_offset, spans[group.end - 1].next_offset);
+            let cleaned_path = group_file(&self.dir, base, end, CLEANED_EXT);
+            let out = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&cleaned_path)?;
+            let file = SegmentFile::adopt(&self.dir, base, out);
+            let mut segment = Segment::empty(file.clone());
+            let mut writer = BufWriter::with_capacity(1 << 20, &file.file);
+            for (span, old) in spans[group.clone()].iter().zip(&files[group.clone()]) {
+                report.segments_read += 1;
+                report.bytes_before += span.size;
+                segment::for_each_batch(&old.file, span.size, |header, _, bytes| {
+                    report.bytes_read += bytes.len() as u64;
+                    throttle(bytes.len() as u64);
+                    if let Some(kept) = copier.batch(header, bytes, &mut report)? {
+                        let mut stored = BatchHeader::parse(&kept).map_err(|e| invalid(header.base_offset, e))?;
+                        stored.base_offset = header.base_offset;
+                        writer.write_all(&kept)?;
+                        let position = segment.size;
+                        segment.record_batch(&stored, position, config.index_interval_bytes);
+                    }
+                    Ok(true)
+                })?;
+            }
+            writer.flush()?;
+            drop(writer);
+            file.file.sync_all()?;
+            segment.next_offset = end;
+            segment.time_index = segment.sealed_time_index();
+            report.segments_written += 1;
+            report.bytes_after += segment.size;
+            if stop == Some(CleanStep::Cleaned) {
+                return Ok(None);
+            }
+            if !self.swap_in(&cleaned_path, segment, &files[group], stop)? {
+                return Ok(None);
+            }
+        }
+
+        // 3. The next pass starts where this one's map ended.
+        {
+            let mut cleaner = self.cleaner();
+            cleaner.first_dirty = map_end;
+            cleaner.last_clean_ms = Some(now_ms);
+            cleaner.last = Some(report.clone());
+            cleaner.store(&self.dir)?;
+        }
+        info!(
+            dir = %self.dir.display(),
+            cleaned_to = map_end,
+            segments = report.segments_read,
+            bytes_before = report.bytes_before,
+            bytes_after = report.bytes_after,
+            records_before = report.records_before,
+            records_after = report.records_after,
+            keys = report.map_keys,
+            "cleaned log"
+        );
+        Ok(Some(report))
+    }
+
+    /// Replaces the segments `old` (consecutive, still in the log) with the
+    /// cleaned `segment` written at `cleaned`. `Ok(false)`: the pass must
+    /// stop (a crash test's stop, or the log changed under it: the cleaned
+    /// file is removed and the old segments stay).
+    fn swap_in(
+        &self,
+        cleaned: &Path,
+        segment: Segment,
+        old: &[Arc<SegmentFile>],
+        stop: Option<CleanStep>,
+    ) -> io::Result<bool> {
+        let _swap = self.swap_lock.lock().expect("swap lock poisoned");
+        let start = {
+            let state = self.read_state();
+            let start = state.segments.iter().position(|s| Arc::ptr_eq(&s.file, &old[0]));
+            let still_there = start.is_some_and(|start| {
+                state.segments.len() > start + old.len()
+                    && state.segments[start..start + old.len()].iter().zip(old).all(|(s, o)| Arc::ptr_eq(&s.file, o))
+            });
+            match (start, still_there) {
+                (Some(start), true) => start,
+                _ => {
+                    warn!(file = %cleaned.display(), "the log changed during the clean; discarding the cleaned segment");
+                    fs::remove_file(cleaned)?;
+                    return Ok(false);
+                }
+            }
+        };
+        let base = segment.base_offset();
+        let swap = cleaned.with_extension(SWAP_EXT);
+        fs::rename(cleaned, &swap)?;
+        sync_dir(&self.dir)?;
+        if stop == Some(CleanStep::Committed) {
+            return Ok(false);
+        }
+        for file in old {
+            delete_segment_files(file)?;
+        }
+        if stop == Some(CleanStep::OldDeleted) {
+            return Ok(false);
+        }
+        fs::rename(&swap, segment.file.path(LOG_EXT))?;
+        segment.write_index_files(true)?;
+        sync_dir(&self.dir)?;
+        let mut state = self.write_state();
+        state.segments.splice(start..start + old.len(), [segment]);
+        debug_assert_eq!(state.segments[start].base_offset(), base);
+        Ok(true)
+    }
+}
