@@ -102,7 +102,7 @@ pub fn operation_of(api: ApiKey) -> (Operation, Resource) {
         Fetch => (Operation::Read, Resource::Topic),
         PluginList | PluginFetch | PluginLogs => (Operation::Describe, Resource::Plugin),
         PluginDeploy | PluginControl => (Operation::Alter, Resource::Plugin),
-        ElectLeaders | AlterVoters | ReassignPartition => (Operation::Alter, Resource::Cluster),
+        ElectLeaders | AlterVoters | ReassignPartition | CompactTopic => (Operation::Alter, Resource::Cluster),
         Controller | ReplicaFetch => (Operation::ClusterAction, Resource::Cluster),
         FindCoordinator | GroupHeartbeat | OffsetCommit | OffsetFetch | ShareFetch => {
             (Operation::Read, Resource::Group)

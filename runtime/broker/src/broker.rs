@@ -48,6 +48,8 @@ pub struct Broker {
     pub(crate) producer_ids: ProducerIds,
     /// The consumer groups this broker coordinates.
     pub(crate) coordinator: crate::group_shards::Coordinator,
+    /// Which replicas the log cleaner is cleaning.
+    pub(crate) cleaners: crate::cleaner::Cleaners,
 }
 
 /// The ids this broker may still hand out: `next..end`.
@@ -160,6 +162,7 @@ impl Broker {
             started: std::time::Instant::now(),
             producer_ids: Default::default(),
             coordinator: Default::default(),
+            cleaners: Default::default(),
         }))
     }
 
@@ -345,7 +348,7 @@ impl Broker {
         write_records(&self.config.data_dir.join(METADATA_FILE), topics)
     }
 
-    /// Starts the background flush and retention loops; they stop when
+    /// Starts the background flush, retention and cleaner loops; they stop when
     /// [`Broker::shutdown`] is called.
     pub fn spawn_background(self: &Arc<Self>) {
         self.start_plugins();
@@ -361,6 +364,10 @@ impl Broker {
                     let _ = tokio::task::spawn_blocking(move || b.flush_all()).await;
                 }
             });
+        }
+        let throttle = Arc::new(crate::cleaner::Throttle::new(self.config.cleaner.io_bytes_per_second));
+        for _ in 0..self.config.cleaner.threads {
+            tokio::spawn(self.clone().run_cleaner(throttle.clone()));
         }
         let broker = self.clone();
         tokio::spawn(async move {
@@ -378,9 +385,10 @@ impl Broker {
     fn flush_all(&self) {
         for topic in self.sorted_topics() {
             for p in topic.local() {
-                if p.log.durable_end_offset() < p.log.log_end_offset()
-                    && let Err(e) = p.log.flush()
-                {
+                // Also syncs a segment rolled after its records were durable
+                // (acks=all): the recovery point, and what the cleaner may
+                // touch, move past it.
+                if let Err(e) = p.log.flush() {
                     tracing::error!(topic = %topic.record.name, partition = p.id, error = %e, "background flush failed");
                 }
             }

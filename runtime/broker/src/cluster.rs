@@ -253,6 +253,14 @@ impl Broker {
                         high_watermark: held.as_ref().map_or(-1, |h| h.high_watermark()),
                         size_bytes: held.as_ref().map_or(0, |h| h.log.size_bytes()),
                         segments: held.as_ref().map_or(0, |h| h.log.segment_count() as u32),
+                        compaction: held.as_ref().and_then(|h| {
+                            let cleanable = h.log.cleanable(crate::broker::now_ms(), h.high_watermark())?;
+                            Some(CompactionStatus {
+                                dirty_ratio_permille: (cleanable.dirty_ratio * 1000.0).round() as u32,
+                                first_dirty_offset: cleanable.first_dirty_offset,
+                                last_clean_ms: h.log.last_clean().0.unwrap_or(-1),
+                            })
+                        }),
                     }
                 })
                 .collect();

@@ -45,6 +45,34 @@ pub struct BrokerConfig {
     pub offsets_topic_partitions: u32,
     /// Its replication factor; 0: three, or every broker when fewer.
     pub offsets_topic_replication_factor: u16,
+    /// The log cleaner of compacted topics.
+    pub cleaner: CleanerConfig,
+}
+
+/// The log cleaner's resources (Kafka's `log.cleaner.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanerConfig {
+    /// Logs cleaned at once, each on its own blocking thread; 0 disables
+    /// the background cleaner (`topic compact` still cleans).
+    pub threads: usize,
+    /// Memory for the key maps of all threads together
+    /// (`log.cleaner.dedupe.buffer.size`).
+    pub dedupe_buffer_bytes: usize,
+    /// Bytes per second all threads read together; `None`: unthrottled.
+    pub io_bytes_per_second: Option<u64>,
+    /// How often a thread with nothing to clean looks again.
+    pub backoff_ms: u64,
+}
+
+impl Default for CleanerConfig {
+    fn default() -> Self {
+        CleanerConfig {
+            threads: 1,
+            dedupe_buffer_bytes: 128 * 1024 * 1024,
+            io_bytes_per_second: None,
+            backoff_ms: 15_000,
+        }
+    }
 }
 
 /// Default budget of request bytes in flight: four largest frames.
@@ -69,6 +97,7 @@ impl BrokerConfig {
             group_defaults: quiver_groups::GroupConfig::default(),
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 0,
+            cleaner: CleanerConfig::default(),
         }
     }
 }

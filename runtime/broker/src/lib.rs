@@ -11,6 +11,7 @@
 pub mod access;
 mod api;
 mod broker;
+mod cleaner;
 mod cluster;
 mod config;
 mod coordinator;
@@ -34,7 +35,7 @@ mod wire;
 
 pub use access::{Principal, RequestContext};
 pub use broker::{Broker, Membership, now_ms};
-pub use config::{BrokerConfig, OpenError, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT};
+pub use config::{BrokerConfig, CleanerConfig, OpenError, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT};
 pub use order::{AppendOrder, AppendTurn};
 pub use partition::ReplicaLink;
 pub use quiver_plugin_host::HostConfig as PluginHostConfig;

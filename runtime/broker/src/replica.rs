@@ -608,7 +608,8 @@ fn start_over_at(p: &Partition, name: &str, start: i64, leader: NodeId, epoch: i
 /// batch must not leave the ones before it appended and unflushed: the next
 /// fetch offset would promise them). Each batch is appended under the
 /// replica lock, only while this replica still follows `leader` in `epoch`
-/// and only at the log end (the follower checked the offsets against the end
+/// and only at or past the log end (a compacted leader's log has holes; the
+/// follower checked the offsets against the end
 /// it was told; this is the check right before the write). A batch that
 /// starts an epoch has the epoch history written first.
 fn append_copies(
@@ -625,14 +626,14 @@ fn append_copies(
         let mut state = p.replica.state();
         state.ensure_follows(leader, epoch)?;
         end = p.log.log_end_offset();
-        if copied.base_offset != end {
+        if copied.base_offset < end {
             return Err(ReplicaError::OutOfPlace { base_offset: copied.base_offset, log_end: end });
         }
         if starts_epoch {
             state.history.assign(copied.epoch, copied.base_offset);
             p.replica.persist(&state.history).map_err(ReplicaError::Storage)?;
         }
-        let info = p.log.append(&copied.data, copied.epoch).map_err(ReplicaError::Append)?;
+        let info = p.log.append_copy(&copied.data, copied.epoch).map_err(ReplicaError::Append)?;
         end = info.last_offset + 1;
     }
     p.log.sync_to(end).map_err(ReplicaError::Storage)

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use quiver_log::LogConfig;
+use quiver_log::{CompactionConfig, LogConfig};
 use quiver_protocol::batch::Compression;
 use serde::{Deserialize, Serialize};
 
@@ -39,10 +39,46 @@ pub enum TopicCompression {
     Codec(Compression),
 }
 
+/// What happens to a topic's old records (`cleanup.policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanupPolicy {
+    /// Segments past `retention.ms` / `retention.bytes` are deleted.
+    pub delete: bool,
+    /// Only the latest record of each key is kept.
+    pub compact: bool,
+}
+
+impl CleanupPolicy {
+    fn parse(key: &str, value: &str) -> Result<CleanupPolicy, String> {
+        let mut policy = CleanupPolicy { delete: false, compact: false };
+        for part in value.split(',').map(str::trim) {
+            match part {
+                "delete" => policy.delete = true,
+                "compact" => policy.compact = true,
+                _ => return Err(format!("{key}: '{value}' is not compact, delete or compact,delete")),
+            }
+        }
+        Ok(policy)
+    }
+}
+
+impl std::fmt::Display for CleanupPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.compact, self.delete) {
+            (true, true) => "compact,delete",
+            (true, false) => "compact",
+            _ => "delete",
+        })
+    }
+}
+
 /// A topic's typed configuration. Every key has a default; unknown keys and
 /// bad values are refused at creation with a message that names them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopicConfig {
+    pub cleanup_policy: CleanupPolicy,
+    /// How a compacted topic is cleaned (used when `cleanup_policy.compact`).
+    pub compaction: CompactionConfig,
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: u64,
@@ -69,6 +105,8 @@ pub struct TopicConfig {
 impl Default for TopicConfig {
     fn default() -> Self {
         TopicConfig {
+            cleanup_policy: CleanupPolicy { delete: true, compact: false },
+            compaction: CompactionConfig::default(),
             retention_ms: Some(7 * 24 * 3600 * 1000),
             retention_bytes: None,
             segment_bytes: 1024 * 1024 * 1024,
@@ -88,6 +126,17 @@ impl Default for TopicConfig {
 /// The keys `TopicConfig` understands, with what they mean (for `--help`
 /// texts and errors).
 pub const CONFIG_KEYS: &[(&str, &str)] = &[
+    (
+        "cleanup.policy",
+        "delete | compact | compact,delete: drop old segments by retention, keep each key's latest record, or both",
+    ),
+    (
+        "min.cleanable.dirty.ratio",
+        "compacted topics: clean once this share of the log (0..1) is new since the last clean",
+    ),
+    ("min.compaction.lag.ms", "compacted topics: a record stays uncompacted at least this long"),
+    ("max.compaction.lag.ms", "compacted topics: a record is compacted at the latest after this long; -1 = no bound"),
+    ("delete.retention.ms", "compacted topics: how long a tombstone (null value) stays readable after its first clean"),
     ("retention.ms", "delete segments older than this (ms); -1 keeps forever"),
     ("retention.bytes", "delete oldest segments while the partition is larger (bytes); -1 = no limit"),
     ("segment.bytes", "roll to a new segment at this size (bytes, >= 1024)"),
@@ -131,6 +180,16 @@ impl TopicConfig {
     ) -> Result<Self, String> {
         for (key, value) in overrides {
             match key {
+                "cleanup.policy" => self.cleanup_policy = CleanupPolicy::parse(key, value)?,
+                "min.cleanable.dirty.ratio" => {
+                    self.compaction.min_cleanable_dirty_ratio = match value.parse::<f64>() {
+                        Ok(r) if (0.0..=1.0).contains(&r) => r,
+                        _ => return Err(format!("{key}: '{value}' is not a number between 0 and 1")),
+                    }
+                }
+                "min.compaction.lag.ms" => self.compaction.min_compaction_lag_ms = positive(key, value, 0)?,
+                "max.compaction.lag.ms" => self.compaction.max_compaction_lag_ms = optional_ms(key, value)?,
+                "delete.retention.ms" => self.compaction.delete_retention_ms = positive(key, value, 0)?,
                 "retention.ms" => self.retention_ms = optional_ms(key, value)?,
                 "retention.bytes" => self.retention_bytes = optional_ms(key, value)?,
                 "segment.bytes" => self.segment_bytes = positive(key, value, 1024)?,
@@ -178,6 +237,7 @@ impl TopicConfig {
     pub fn to_pairs(&self) -> Vec<(String, String)> {
         let ms = |v: Option<u64>| v.map_or("-1".to_string(), |v| v.to_string());
         vec![
+            ("cleanup.policy".into(), self.cleanup_policy.to_string()),
             (
                 "compression".into(),
                 match self.compression {
@@ -185,9 +245,13 @@ impl TopicConfig {
                     TopicCompression::Codec(c) => c.to_string(),
                 },
             ),
+            ("delete.retention.ms".into(), self.compaction.delete_retention_ms.to_string()),
             ("index.interval.bytes".into(), self.index_interval_bytes.to_string()),
             ("key.serializer".into(), self.key_serializer.clone().unwrap_or_default()),
+            ("max.compaction.lag.ms".into(), ms(self.compaction.max_compaction_lag_ms)),
             ("max.message.bytes".into(), self.record_bytes_max.to_string()),
+            ("min.cleanable.dirty.ratio".into(), self.compaction.min_cleanable_dirty_ratio.to_string()),
+            ("min.compaction.lag.ms".into(), self.compaction.min_compaction_lag_ms.to_string()),
             ("min.insync.replicas".into(), self.min_insync_replicas.to_string()),
             ("partitioner".into(), self.partitioner.clone().unwrap_or_default()),
             ("retention.bytes".into(), ms(self.retention_bytes)),
@@ -199,13 +263,21 @@ impl TopicConfig {
         ]
     }
 
+    /// Whether produced records must have keys.
+    pub fn is_compacted(&self) -> bool {
+        self.cleanup_policy.compact
+    }
+
+    /// Retention applies only with `delete` in the policy.
     pub fn log_config(&self) -> LogConfig {
+        let delete = self.cleanup_policy.delete;
         LogConfig {
             segment_bytes_max: self.segment_bytes,
             segment_ms_max: self.segment_ms,
-            retention_ms: self.retention_ms,
-            retention_bytes: self.retention_bytes,
+            retention_ms: self.retention_ms.filter(|_| delete),
+            retention_bytes: self.retention_bytes.filter(|_| delete),
             index_interval_bytes: self.index_interval_bytes,
+            compaction: self.cleanup_policy.compact.then(|| self.compaction.clone()),
         }
     }
 }

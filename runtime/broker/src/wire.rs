@@ -134,6 +134,32 @@ impl Broker {
             ApiKey::DescribeTopics => {
                 self.run(body, |r: DescribeTopicsRequest| async move { self.describe(r.names) }).await
             }
+            ApiKey::CompactTopic => {
+                self.run(body, |r: CompactTopicRequest| async move {
+                    let broker = self.clone();
+                    let cleaned = tokio::task::spawn_blocking(move || broker.compact_topic(&r.topic))
+                        .await
+                        .map_err(|e| AdminError::Storage(Box::new(e)))??;
+                    let partitions = cleaned.into_iter().map(|(partition, report)| {
+                        let r = report.unwrap_or_default();
+                        CompactedPartition {
+                            partition,
+                            cleaned: r.segments_written > 0,
+                            first_dirty_offset: r.first_dirty_offset,
+                            cleaned_to: r.cleaned_to,
+                            bytes_before: r.bytes_before,
+                            bytes_after: r.bytes_after,
+                            records_before: r.records_before,
+                            records_after: r.records_after,
+                        }
+                    });
+                    Ok::<_, AdminError>(CompactTopicResponse {
+                        node_id: self.config.node_id,
+                        partitions: partitions.collect(),
+                    })
+                })
+                .await
+            }
             ApiKey::Produce => self.run(body, |r| self.produce(r, turn)).await,
             ApiKey::Fetch => self.run(body, |r| self.fetch(r)).await,
             ApiKey::ListOffsets => self.run(body, |r| self.list_offsets(r)).await,
@@ -639,6 +665,7 @@ pub(crate) fn code_of_produce(e: &ProduceError) -> ErrorCode {
     match e {
         ProduceError::Partition(e) => code_of_partition(e),
         ProduceError::ShuttingDown => ErrorCode::BrokerShuttingDown,
+        ProduceError::InvalidBatch(quiver_protocol::batch::BatchError::MissingKey { .. }) => ErrorCode::InvalidRecord,
         ProduceError::InvalidBatch(_) => ErrorCode::CorruptMessage,
         ProduceError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
         ProduceError::UnplacedIdempotent => ErrorCode::InvalidRequest,

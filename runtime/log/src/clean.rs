@@ -177,8 +177,17 @@ struct Copier<'a> {
 
 impl Copier<'_> {
     /// The batch as it goes into the cleaned segment (the same bytes when
-    /// nothing changes), or `None` when nothing of it stays.
-    fn batch(&self, header: &BatchHeader, bytes: Bytes, report: &mut CleanReport) -> io::Result<Option<Bytes>> {
+    /// nothing changes), or `None` when nothing of it stays. The batch
+    /// ending at `group_end` stays, emptied if need be, so that a cleaned
+    /// segment still ends where the next begins: a read below the log end
+    /// always finds a batch, and a replica copying the log reaches its end.
+    fn batch(
+        &self,
+        header: &BatchHeader,
+        bytes: Bytes,
+        group_end: i64,
+        report: &mut CleanReport,
+    ) -> io::Result<Option<Bytes>> {
         if header.is_control() {
             batch::verify_crc(&bytes).map_err(|e| invalid(header.base_offset, e))?;
             return Ok(Some(bytes));
@@ -220,7 +229,7 @@ impl Copier<'_> {
         }
         let producers_last = header.producer_id != batch::NO_PRODUCER_ID
             && self.producers.last_batch_end(header.producer_id) == Some(header.last_offset());
-        if kept == 0 && !producers_last {
+        if kept == 0 && !producers_last && header.next_offset() != group_end {
             return Ok(None);
         }
         let codec = header.compression().map_err(|e| invalid(header.base_offset, e))?;
@@ -263,7 +272,8 @@ impl Log {
     /// (see the module docs of [`crate::compaction`] for the rules).
     /// `throttle` is called with the bytes read, as they are read (it may
     /// sleep). Flushes the log first, so that what the pass may clean is
-    /// durable. `Ok(None)`: nothing to do (or another pass is running).
+    /// durable. `Ok(None)`: nothing to do (or, unless `force`, another pass
+    /// is running; a forced pass waits for it).
     pub fn clean(
         &self,
         now_ms: i64,
@@ -308,13 +318,28 @@ impl Log {
     ) -> io::Result<Option<CleanReport>> {
         let config = self.config();
         let Some(compaction_config) = config.compaction.clone() else { return Ok(None) };
-        let Ok(_pass) = self.clean_lock.try_lock() else { return Ok(None) };
+        // An operator's pass waits for a background one to finish.
+        let _pass = match self.clean_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::WouldBlock) if options.force => {
+                self.clean_lock.lock().expect("clean lock poisoned")
+            }
+            Err(_) => return Ok(None),
+        };
         self.flush()?;
         let first_dirty = self.cleaner().first_dirty;
         let (spans, files) = self.spans();
         let bound = bound.min(self.read_state().recovery_point);
         let plan = compaction::cleanable(&spans, first_dirty, bound, &compaction_config, now_ms);
-        if plan.first_dirty_offset >= plan.end_offset || !(options.force || plan.is_due(&compaction_config)) {
+        // Forced, a pass runs even with nothing dirty: it drops the
+        // tombstones whose horizon has passed.
+        let sealed_clean = plan.first_dirty_offset > spans[0].base_offset;
+        let wanted = if options.force {
+            plan.first_dirty_offset < plan.end_offset || sealed_clean
+        } else {
+            plan.is_due(&compaction_config)
+        };
+        if !wanted {
             return Ok(None);
         }
         let mut report = CleanReport { now_ms, first_dirty_offset: plan.first_dirty_offset, ..CleanReport::default() };
@@ -355,7 +380,7 @@ impl Log {
                 map_end = span.next_offset;
             }
         }
-        if map_end == plan.first_dirty_offset {
+        if full && map_end == plan.first_dirty_offset {
             return Err(io::Error::other(format!(
                 "the cleaner's dedupe buffer of {} bytes cannot hold the keys of one batch at offset {}",
                 options.dedupe_buffer_bytes, plan.first_dirty_offset
@@ -388,7 +413,7 @@ impl Log {
                 segment::for_each_batch(&old.file, span.size, |header, _, bytes| {
                     report.bytes_read += bytes.len() as u64;
                     throttle(bytes.len() as u64);
-                    if let Some(kept) = copier.batch(header, bytes, &mut report)? {
+                    if let Some(kept) = copier.batch(header, bytes, end, &mut report)? {
                         let mut stored = BatchHeader::parse(&kept).map_err(|e| invalid(header.base_offset, e))?;
                         stored.base_offset = header.base_offset;
                         writer.write_all(&kept)?;

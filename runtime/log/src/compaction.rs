@@ -12,8 +12,10 @@
 //! batch is cleaned: that time plus `delete_retention_ms`) and dropped by the
 //! first clean after it; control batches are never deduplicated by key; an
 //! idempotent producer's last batch is kept (empty if need be) so a replica
-//! copying the log still knows its sequence. Offsets never change: a
-//! compacted log has holes.
+//! copying the log still knows its sequence, and so is the last batch of
+//! each cleaned segment, so that segments still end where the next begins.
+//! Offsets never change: a compacted log has holes, but only between
+//! batches of a segment.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;

@@ -525,11 +525,19 @@ impl Log {
     /// appended so far, and the others find their records already durable.
     /// Appends continue during the fsync.
     pub fn sync_to(&self, end_offset: i64) -> io::Result<()> {
-        if self.durable_end_offset() >= end_offset {
+        self.sync_inner(end_offset, false)
+    }
+
+    /// `sealed`: also when the records are durable already but a roll since
+    /// left a sealed segment unsynced (the recovery point then moves past
+    /// it: what the cleaner may touch).
+    fn sync_inner(&self, end_offset: i64, sealed: bool) -> io::Result<()> {
+        let pending_roll = || sealed && !self.read_state().unsynced_sealed.is_empty();
+        if self.durable_end_offset() >= end_offset && !pending_roll() {
             return Ok(());
         }
         let _sync = self.sync_lock.lock().expect("sync lock poisoned");
-        if self.durable_end_offset() >= end_offset {
+        if self.durable_end_offset() >= end_offset && !pending_roll() {
             return Ok(());
         }
         let (snapshot_end, active, sealed, dir_dirty) = {
@@ -580,9 +588,10 @@ impl Log {
         Ok(())
     }
 
-    /// Fsyncs everything appended so far.
+    /// Fsyncs everything appended so far, and the segments rolled since
+    /// the last fsync (moving the recovery point).
     pub fn flush(&self) -> io::Result<()> {
-        self.sync_to(self.log_end_offset())
+        self.sync_inner(self.log_end_offset(), true)
     }
 
     /// Rolls the active segment if it is older than `segment_ms_max`, then

@@ -68,6 +68,8 @@ pub enum BatchError {
     Decompress(String),
     #[error("batch holds no records")]
     Empty,
+    #[error("record {index} has no key, which a compacted topic needs: it keeps the latest record of each key")]
+    MissingKey { index: usize },
 }
 
 /// Per-batch compression codec. The ids are Kafka's (gzip=1 and snappy=2 are
@@ -256,11 +258,13 @@ pub fn peek_total_len(buf: &[u8]) -> Option<usize> {
 pub struct ValidationLimits {
     /// Largest single record (key + value + headers), in bytes.
     pub record_bytes_max: usize,
+    /// Refuse records without a key (compacted topics).
+    pub keys_required: bool,
 }
 
 impl Default for ValidationLimits {
     fn default() -> Self {
-        ValidationLimits { record_bytes_max: 1024 * 1024 }
+        ValidationLimits { record_bytes_max: 1024 * 1024, keys_required: false }
     }
 }
 
@@ -297,6 +301,9 @@ pub fn validate(batch: &[u8], limits: &ValidationLimits) -> Result<BatchHeader, 
         let view = RecordView::decode(&mut rest, index)?;
         if view.offset_delta as usize != index {
             return Err(bad_record(index, format!("offset delta {} out of sequence", view.offset_delta)));
+        }
+        if limits.keys_required && view.key.is_none() {
+            return Err(BatchError::MissingKey { index });
         }
         if view.size > limits.record_bytes_max {
             return Err(BatchError::RecordTooLarge { index, size: view.size, limit: limits.record_bytes_max });
@@ -846,7 +853,7 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(matches!(validate(&bad, &ValidationLimits::default()), Err(BatchError::BadCrc { .. })));
-        let limits = ValidationLimits { record_bytes_max: 50 };
+        let limits = ValidationLimits { record_bytes_max: 50, ..ValidationLimits::default() };
         assert!(matches!(validate(&batch, &limits), Err(BatchError::RecordTooLarge { index: 0, .. })));
     }
 

@@ -103,6 +103,9 @@ wire_enum! {
         /// A share member acknowledged a record it does not hold (never
         /// handed to it, acknowledged already, or its lock expired).
         InvalidRecordState = 43,
+        /// A record without a key for a compacted topic (Kafka's
+        /// INVALID_RECORD): compaction keeps the latest record per key.
+        InvalidRecord = 44,
     }
 }
 
@@ -173,6 +176,7 @@ impl ErrorCode {
             ErrorCode::InstanceInUse => "instance_in_use",
             ErrorCode::PartitionNotOwned => "partition_not_owned",
             ErrorCode::InvalidRecordState => "invalid_record_state",
+            ErrorCode::InvalidRecord => "invalid_record",
         }
     }
 }

@@ -50,10 +50,12 @@ pub enum ApiKey {
     /// A share group member's fetch: acknowledges what it processed,
     /// receives records under acquisition locks (queue semantics).
     ShareFetch = 29,
+    /// Cleans a compacted topic's partitions on the answering broker now.
+    CompactTopic = 30,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 29] = [
+    pub const ALL: [ApiKey; 30] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -83,6 +85,7 @@ impl ApiKey {
         ApiKey::DeleteGroup,
         ApiKey::AlterGroupConfig,
         ApiKey::ShareFetch,
+        ApiKey::CompactTopic,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -100,8 +103,8 @@ impl ApiKey {
             ApiKey::Produce => (1, 1),
             // v1 added built-in plugins.
             ApiKey::PluginDeploy => (1, 1),
-            // v1 added replicas and in-sync replicas.
-            ApiKey::DescribeTopics => (1, 1),
+            // v1 added replicas and in-sync replicas, v2 compaction.
+            ApiKey::DescribeTopics => (2, 2),
             // v1 added cancellation.
             ApiKey::ReassignPartition => (1, 1),
             _ => (0, 0),
@@ -275,6 +278,20 @@ wire_struct! {
         pub high_watermark: i64,
         pub size_bytes: u64,
         pub segments: u32,
+        /// For a compacted topic's replica on the answering broker.
+        pub compaction: Option<CompactionStatus>,
+    }
+}
+
+wire_struct! {
+    /// Where the cleaner of one replica stands.
+    pub struct CompactionStatus {
+        /// Dirty bytes over all bytes the cleaner may touch, in thousandths.
+        pub dirty_ratio_permille: u32,
+        /// Offsets below this are cleaned.
+        pub first_dirty_offset: i64,
+        /// -1 when never cleaned.
+        pub last_clean_ms: i64,
     }
 }
 
@@ -291,7 +308,7 @@ wire_struct! {
         pub topics: Vec<TopicDescription>,
     }
 }
-request!(DescribeTopicsRequest => DescribeTopics version 1, DescribeTopicsResponse);
+request!(DescribeTopicsRequest => DescribeTopics version 2, DescribeTopicsResponse);
 
 wire_struct! {
     pub struct ProducePartition {
@@ -1071,3 +1088,34 @@ wire_struct! {
     }
 }
 request!(ShareFetchRequest => ShareFetch, ShareFetchResponse);
+
+wire_struct! {
+    pub struct CompactTopicRequest {
+        pub topic: String,
+    }
+}
+
+wire_struct! {
+    /// One replica's cleaning pass.
+    pub struct CompactedPartition {
+        pub partition: u32,
+        /// False when there was nothing to clean.
+        pub cleaned: bool,
+        pub first_dirty_offset: i64,
+        pub cleaned_to: i64,
+        pub bytes_before: u64,
+        pub bytes_after: u64,
+        pub records_before: u64,
+        pub records_after: u64,
+    }
+}
+
+wire_struct! {
+    pub struct CompactTopicResponse {
+        /// The answering broker.
+        pub node_id: u32,
+        /// The partitions it holds a replica of.
+        pub partitions: Vec<CompactedPartition>,
+    }
+}
+request!(CompactTopicRequest => CompactTopic, CompactTopicResponse);

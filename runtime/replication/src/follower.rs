@@ -309,7 +309,9 @@ impl<B> PartitionFollower<B> {
         let mut latest = history.latest_epoch();
         let mut appends = Vec::with_capacity(batches.len());
         for batch in batches {
-            if batch.base_offset != end || batch.end_offset <= batch.base_offset {
+            // A batch may start past the end: the leader's log is compacted
+            // and the batches between were removed. Never before it.
+            if batch.base_offset < end || batch.end_offset <= batch.base_offset {
                 let cause = Failure::BatchOutOfPlace { base_offset: batch.base_offset, log_end: end };
                 return Err(self.on_error(now_ms, cause));
             }
@@ -528,19 +530,24 @@ mod tests {
     #[test]
     fn refuses_batches_that_do_not_continue_the_log() {
         let h = history(&[(1, 0)]);
-        // A batch past the log end.
+        // A batch before the log end.
         let mut f = copying(5, &h);
-        let retry = f.on_fetch_answer(1, 5, records(vec![batch(6, 8, 1)], 8), 5, &h).unwrap_err();
-        assert_eq!(retry.cause, Failure::BatchOutOfPlace { base_offset: 6, log_end: 5 });
+        let retry = f.on_fetch_answer(1, 5, records(vec![batch(4, 8, 1)], 8), 5, &h).unwrap_err();
+        assert_eq!(retry.cause, Failure::BatchOutOfPlace { base_offset: 4, log_end: 5 });
         assert!(!f.is_reconciled());
         assert_eq!(f.poll(1 + BACKOFF_MS, 5, &h), Action::Send(Request::AskEpoch { epoch: 1 }));
 
-        // A gap after a good batch: nothing of the answer is appended.
+        // An overlap after a good batch: nothing of the answer is appended.
         let mut f = copying(5, &h);
-        let answer = records(vec![batch(5, 7, 1), batch(8, 9, 1)], 9);
+        let answer = records(vec![batch(5, 7, 1), batch(6, 9, 1)], 9);
         let retry = f.on_fetch_answer(1, 5, answer, 5, &h).unwrap_err();
-        assert_eq!(retry.cause, Failure::BatchOutOfPlace { base_offset: 8, log_end: 7 });
+        assert_eq!(retry.cause, Failure::BatchOutOfPlace { base_offset: 6, log_end: 7 });
         assert_eq!(f.poll(1, 5, &h), Action::WaitUntil { at_ms: 1 + BACKOFF_MS });
+
+        // Holes (a compacted leader's) are fine.
+        let mut f = copying(5, &h);
+        let answer = records(vec![batch(6, 7, 1), batch(9, 12, 1)], 12);
+        f.on_fetch_answer(1, 5, answer, 5, &h).unwrap();
 
         // An answer to an older fetch is ignored.
         let mut f = copying(5, &h);

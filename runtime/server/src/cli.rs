@@ -215,8 +215,10 @@ pub enum TopicCommand {
         /// Replicas per partition, on distinct brokers.
         #[arg(short = 'r', long, default_value_t = 1)]
         replication_factor: u16,
-        /// Topic config KEY=VALUE (repeatable): retention.ms, retention.bytes,
-        /// segment.bytes, segment.ms, compression, max.message.bytes, index.interval.bytes.
+        /// Topic config KEY=VALUE (repeatable): cleanup.policy (delete, compact,
+        /// compact,delete), retention.ms, retention.bytes, segment.bytes,
+        /// segment.ms, compression, max.message.bytes, delete.retention.ms,
+        /// min.cleanable.dirty.ratio, ... (`topic describe` lists them all).
         #[arg(short, long = "config", value_parser = parse_key_value)]
         configs: Vec<(String, String)>,
     },
@@ -233,12 +235,23 @@ pub enum TopicCommand {
     },
     /// Delete a topic and its data.
     Delete { name: String },
+    /// Clean a compacted topic now on every broker (admin): each replica
+    /// keeps the latest record of each key, whatever its dirty ratio.
+    Compact {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Produce one record per line of standard input.
     Produce {
         name: String,
         /// Split each line at the first SEP into key and value (e.g. '\t').
         #[arg(long)]
         key_sep: Option<String>,
+        /// A value equal to this is sent as no value: a tombstone, which
+        /// deletes its key from a compacted topic (Kafka's null.marker).
+        #[arg(long)]
+        null_marker: Option<String>,
         #[arg(long, value_enum, default_value_t = AcksArg::All)]
         acks: AcksArg,
         /// Fixed partition (default: the topic's partitioner plugin if it
@@ -529,6 +542,11 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                                 "leader_epoch": p.leader_epoch, "replicas": p.replicas, "isr": p.isr,
                                 "log_start_offset": p.log_start_offset, "high_watermark": p.high_watermark,
                                 "size_bytes": p.size_bytes, "segments": p.segments,
+                                "compaction": p.compaction.as_ref().map(|c| serde_json::json!({
+                                    "dirty_ratio": f64::from(c.dirty_ratio_permille) / 1000.0,
+                                    "first_dirty_offset": c.first_dirty_offset,
+                                    "last_clean_ms": (c.last_clean_ms >= 0).then_some(c.last_clean_ms),
+                                })),
                             })
                         })
                         .collect();
@@ -539,7 +557,9 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                 }
                 Format::Text => {
                     println!("topic {}", t.name);
-                    println!("partition\tleader\treplicas\tisr\tstart\thigh_watermark\tbytes\tsegments");
+                    let compacted = t.partitions.iter().any(|p| p.compaction.is_some());
+                    let extra = if compacted { "\tdirty_ratio\tlast_clean" } else { "" };
+                    println!("partition\tleader\treplicas\tisr\tstart\thigh_watermark\tbytes\tsegments{extra}");
                     let list = |l: &[u32]| l.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
                     for p in &t.partitions {
                         let leader = if p.leader == quiver_protocol::messages::NO_LEADER {
@@ -547,8 +567,17 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                         } else {
                             p.leader.to_string()
                         };
+                        let compaction = match &p.compaction {
+                            Some(c) => format!(
+                                "\t{:.3}\t{}",
+                                f64::from(c.dirty_ratio_permille) / 1000.0,
+                                if c.last_clean_ms < 0 { "never".into() } else { ago(c.last_clean_ms) }
+                            ),
+                            None if compacted => "\t-\t-".into(),
+                            None => String::new(),
+                        };
                         println!(
-                            "{}\t{leader}\t{}\t{}\t{}\t{}\t{}\t{}",
+                            "{}\t{leader}\t{}\t{}\t{}\t{}\t{}\t{}{compaction}",
                             p.partition,
                             list(&p.replicas),
                             list(&p.isr),
@@ -588,9 +617,47 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             admin.delete_topic(&name).await?;
             println!("deleted topic '{name}'");
         }
+        TopicCommand::Compact { name, format } => {
+            let answers = admin.compact_topic(&name).await?;
+            let rows = answers.iter().flat_map(|a| a.partitions.iter().map(move |p| (a.node_id, p)));
+            match format {
+                Format::Json => {
+                    let rows: Vec<_> = rows
+                        .map(|(node, p)| {
+                            serde_json::json!({
+                                "node": node, "partition": p.partition, "cleaned": p.cleaned,
+                                "first_dirty_offset": p.first_dirty_offset, "cleaned_to": p.cleaned_to,
+                                "bytes_before": p.bytes_before, "bytes_after": p.bytes_after,
+                                "records_before": p.records_before, "records_after": p.records_after,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string(&rows)?);
+                }
+                Format::Text => {
+                    println!("node\tpartition\tcleaned_to\tbytes_before\tbytes_after\trecords_before\trecords_after");
+                    for (node, p) in rows {
+                        if p.cleaned {
+                            println!(
+                                "{node}\t{}\t{}\t{}\t{}\t{}\t{}",
+                                p.partition,
+                                p.cleaned_to,
+                                p.bytes_before,
+                                p.bytes_after,
+                                p.records_before,
+                                p.records_after
+                            );
+                        } else {
+                            println!("{node}\t{}\tnothing to clean", p.partition);
+                        }
+                    }
+                }
+            }
+        }
         TopicCommand::Produce {
             name,
             key_sep,
+            null_marker,
             acks,
             partition,
             compression,
@@ -613,7 +680,7 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                 max_block: Duration::from_millis(max_block_ms),
                 ..ProducerConfig::default()
             };
-            return produce_stdin(&client, name, key_sep, partition, headers, config).await;
+            return produce_stdin(&client, name, (key_sep, null_marker), partition, headers, config).await;
         }
         TopicCommand::Consume {
             name,
@@ -660,11 +727,12 @@ fn unescape(sep: &str) -> String {
     sep.replace("\\t", "\t").replace("\\n", "\n")
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `(key_sep, null_marker)`: how a line splits into a key and a value, and
+/// the value that means none.
 async fn produce_stdin(
     client: &Client,
     topic: String,
-    key_sep: Option<String>,
+    (key_sep, null_marker): (Option<String>, Option<String>),
     partition: Option<u32>,
     headers: Vec<(String, String)>,
     config: ProducerConfig,
@@ -709,6 +777,9 @@ async fn produce_stdin(
             None => (None, line),
         };
         let mut record = ProducerRecord::new(topic.clone(), value);
+        if null_marker.as_ref().is_some_and(|m| record.value.as_deref() == Some(m.as_bytes())) {
+            record.value = None;
+        }
         record.key = key.map(Into::into);
         record.partition = partition;
         record.headers = headers.clone();
@@ -1036,4 +1107,15 @@ pub fn record_json(r: &quiver_client::ConsumerRecord) -> serde_json::Value {
 pub async fn connect_local(address: SocketAddr, ca: &Path) -> anyhow::Result<Client> {
     let ca_pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
     Ok(Client::connect(ClientConfig::new(address.to_string(), ca_pem)).await?)
+}
+
+/// How long ago a wall-clock time in ms was, for people: `42s ago`.
+fn ago(ms: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let seconds = (now - ms).max(0) / 1000;
+    match seconds {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s => format!("{}h ago", s / 3600),
+    }
 }

@@ -73,11 +73,27 @@ pub struct StorageSection {
     /// still fsyncs before it answers).
     pub flush_interval_ms: u64,
     pub retention_check_interval_ms: u64,
+    /// Log cleaner threads for compacted topics; 0: only `topic compact`.
+    pub cleaner_threads: usize,
+    /// Memory of the cleaners' key maps, all threads together.
+    pub cleaner_dedupe_buffer_bytes: usize,
+    /// Bytes per second the cleaners read together; 0: unthrottled.
+    pub cleaner_io_bytes_per_second: u64,
+    /// How often an idle cleaner looks for a log to clean.
+    pub cleaner_backoff_ms: u64,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { flush_interval_ms: 1_000, retention_check_interval_ms: 60_000 }
+        let cleaner = quiver_broker::CleanerConfig::default();
+        StorageSection {
+            flush_interval_ms: 1_000,
+            retention_check_interval_ms: 60_000,
+            cleaner_threads: cleaner.threads,
+            cleaner_dedupe_buffer_bytes: cleaner.dedupe_buffer_bytes,
+            cleaner_io_bytes_per_second: 0,
+            cleaner_backoff_ms: cleaner.backoff_ms,
+        }
     }
 }
 
@@ -295,6 +311,14 @@ impl FileConfig {
         broker.fetch_wait_ms_max = self.broker.fetch_wait_ms_max;
         broker.flush_interval_ms = (self.storage.flush_interval_ms > 0).then_some(self.storage.flush_interval_ms);
         broker.retention_check_interval_ms = self.storage.retention_check_interval_ms.max(10);
+        broker.cleaner = quiver_broker::CleanerConfig {
+            threads: self.storage.cleaner_threads,
+            // At least a few thousand keys per pass.
+            dedupe_buffer_bytes: self.storage.cleaner_dedupe_buffer_bytes.max(1 << 20),
+            io_bytes_per_second: (self.storage.cleaner_io_bytes_per_second > 0)
+                .then_some(self.storage.cleaner_io_bytes_per_second),
+            backoff_ms: self.storage.cleaner_backoff_ms.max(10),
+        };
         broker.topic_defaults = topic_defaults;
         broker.replica_lag_time_max_ms = self.cluster.replica_lag_time_max_ms.max(1);
         let groups = &self.groups;

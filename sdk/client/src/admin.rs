@@ -53,6 +53,20 @@ impl Admin {
         Ok(())
     }
 
+    /// Cleans every replica of compacted topic `name` now, on every broker
+    /// of the cluster (each cleans the replicas it holds, whatever their
+    /// dirty ratio): one answer per broker. Admin: needs a client
+    /// certificate unless the brokers allow anonymous admin.
+    pub async fn compact_topic(&self, name: &str) -> Result<Vec<CompactTopicResponse>, CallError> {
+        let metadata = self.client.call(&MetadataRequest { topics: Some(vec![name.into()]) }).await?;
+        let request = CompactTopicRequest { topic: name.into() };
+        let mut answers = Vec::with_capacity(metadata.brokers.len());
+        for broker in &metadata.brokers {
+            answers.push(self.client.peer(&broker.address).call(&request).await?);
+        }
+        Ok(answers)
+    }
+
     /// Describes the named topics, or every topic with `None`.
     pub async fn describe_topics(&self, names: Option<Vec<String>>) -> Result<Vec<TopicDescription>, CallError> {
         Ok(self.client.call(&DescribeTopicsRequest { names }).await?.topics)

@@ -153,6 +153,13 @@ impl ProducerRecord {
         }
     }
 
+    /// A tombstone: `key` with no value. In a compacted topic it deletes
+    /// the key (its older records go at the next clean, the tombstone
+    /// itself after the topic's `delete.retention.ms`).
+    pub fn tombstone(topic: impl Into<Arc<str>>, key: impl Into<Bytes>) -> Self {
+        ProducerRecord { value: None, ..ProducerRecord::new(topic, Bytes::new()).key(key) }
+    }
+
     pub fn key(mut self, key: impl Into<Bytes>) -> Self {
         self.key = Some(key.into());
         self

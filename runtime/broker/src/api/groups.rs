@@ -161,9 +161,13 @@ impl Broker {
             name: OFFSETS_TOPIC.to_owned(),
             partitions: self.config.offsets_topic_partitions,
             replication_factor,
-            // Kept whole: retention would drop the records of groups that
-            // did not change lately. (Compaction will bound it.)
-            configs: vec![("retention.ms".into(), "-1".into()), ("retention.bytes".into(), "-1".into())],
+            // Compacted, never deleted by age: retention would drop the
+            // records of groups that did not change lately; compaction
+            // keeps each key's latest (Kafka's offsets.topic.segment.bytes).
+            configs: vec![
+                ("cleanup.policy".into(), "compact".into()),
+                ("segment.bytes".into(), (100 * 1024 * 1024).to_string()),
+            ],
         };
         tracing::info!(partitions = new.partitions, replication_factor, "creating the offsets topic");
         // Another group request may have created it meanwhile.

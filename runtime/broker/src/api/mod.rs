@@ -15,12 +15,14 @@
 //!   offset commits and fetches, list, describe, delete.
 //! - [`admin`]: topics (create, delete), preferred-leader elections,
 //!   reassignments, voters — commands in the metadata log.
+//! - [`compaction`]: the log cleaner's loops and `topic compact`.
 //!
 //! Not here yet: describing topics and the cluster, and the plugin
 //! operations (`cluster.rs`, `plugins.rs`, `plugin_sync.rs`) take or answer
 //! wire structs; they already fail with typed errors.
 
 pub(crate) mod admin;
+pub(crate) mod compaction;
 pub(crate) mod fetch;
 pub(crate) mod groups;
 pub(crate) mod produce;

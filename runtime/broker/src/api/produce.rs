@@ -213,7 +213,10 @@ impl Broker {
             let (topic, partition) = self.partition(&w.topic, w.partition)?;
             (topic, Some(partition))
         };
-        let limits = ValidationLimits { record_bytes_max: topic.config.record_bytes_max };
+        let limits = ValidationLimits {
+            record_bytes_max: topic.config.record_bytes_max,
+            keys_required: topic.config.is_compacted(),
+        };
         let header = batch::validate(&w.records, &limits).map_err(|e| match e {
             BatchError::RecordTooLarge { .. } => ProduceError::RecordTooLarge { topic: w.topic.clone(), source: e },
             other => ProduceError::InvalidBatch(other),

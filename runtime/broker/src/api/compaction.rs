@@ -1,0 +1,121 @@
+//! Compacted topics on this broker: the background cleaner loops (the
+//! choice of a log and the throttle are `crate::cleaner`'s) and an
+//! operator's `topic compact`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use quiver_log::{CleanOptions, CleanReport};
+
+use crate::broker::Broker;
+use crate::cleaner::{Candidate, Throttle, pick};
+use crate::errors::AdminError;
+use crate::partition::Partition;
+
+impl Broker {
+    /// One background cleaner loop, until shutdown.
+    pub(crate) async fn run_cleaner(self: Arc<Self>, throttle: Arc<Throttle>) {
+        let backoff = Duration::from_millis(self.config.cleaner.backoff_ms.max(10));
+        while !self.shutting_down.load(Ordering::Relaxed) {
+            let (broker, throttle) = (self.clone(), throttle.clone());
+            let cleaned = tokio::task::spawn_blocking(move || broker.clean_one(&throttle)).await.unwrap_or(false);
+            if !cleaned {
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+
+    /// Cleans the local replica most in need, if one is due. Whether it did.
+    fn clean_one(&self, throttle: &Throttle) -> bool {
+        let now = crate::broker::now_ms();
+        let mut candidates = Vec::new();
+        let mut partitions = Vec::new();
+        for topic in self.sorted_topics() {
+            if !topic.config.is_compacted() {
+                continue;
+            }
+            for p in topic.local() {
+                if let Some(cleanable) = p.log.cleanable(now, p.high_watermark()) {
+                    candidates.push(Candidate {
+                        topic: topic.record.name.clone(),
+                        partition: p.id,
+                        cleanable,
+                        min_dirty_ratio: topic.config.compaction.min_cleanable_dirty_ratio,
+                    });
+                    partitions.push(p.clone());
+                }
+            }
+        }
+        let chosen = {
+            let mut busy = self.cleaners.busy.lock().expect("cleaner lock poisoned");
+            let Some(c) = pick(&candidates, &busy) else { return false };
+            busy.insert((c.topic.clone(), c.partition));
+            (c.topic.clone(), c.partition)
+        };
+        let p = &partitions[candidates.iter().position(|c| (&c.topic, c.partition) == (&chosen.0, chosen.1)).unwrap()];
+        let result = self.clean_partition(&chosen.0, p, now, false, throttle);
+        self.cleaners.busy.lock().expect("cleaner lock poisoned").remove(&chosen);
+        result.is_some()
+    }
+
+    /// One pass over one replica; failures are logged (the pass leaves the
+    /// log as it was: see `quiver_log::clean`).
+    fn clean_partition(
+        &self,
+        topic: &str,
+        p: &Partition,
+        now: i64,
+        force: bool,
+        throttle: &Throttle,
+    ) -> Option<CleanReport> {
+        let threads = self.config.cleaner.threads.max(1);
+        let options = CleanOptions { dedupe_buffer_bytes: self.config.cleaner.dedupe_buffer_bytes / threads, force };
+        let started = Instant::now();
+        match p.log.clean(now, p.high_watermark(), &options, &mut |bytes| throttle.consume(bytes)) {
+            Ok(Some(report)) => {
+                tracing::info!(
+                    topic,
+                    partition = p.id,
+                    cleaned_to = report.cleaned_to,
+                    bytes_before = report.bytes_before,
+                    bytes_after = report.bytes_after,
+                    records_before = report.records_before,
+                    records_after = report.records_after,
+                    keys = report.map_keys,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "cleaned a compacted partition"
+                );
+                Some(report)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(topic, partition = p.id, error = %e, "cleaning failed; the log is unchanged");
+                None
+            }
+        }
+    }
+
+    /// Rolls and cleans every local replica of compacted `topic` now
+    /// (an operator's `topic compact`), whatever their dirty ratio.
+    pub(crate) fn compact_topic(&self, name: &str) -> Result<Vec<(u32, Option<CleanReport>)>, AdminError> {
+        let topic = self.current_topic(name).map_err(|_| AdminError::UnknownTopic(name.to_owned()))?;
+        if !topic.config.is_compacted() {
+            return Err(AdminError::InvalidConfig(format!(
+                "topic '{name}' is not compacted (cleanup.policy={}): set cleanup.policy=compact to compact it",
+                topic.config.cleanup_policy
+            )));
+        }
+        let throttle = Throttle::new(self.config.cleaner.io_bytes_per_second);
+        let mut out = Vec::new();
+        for p in topic.local() {
+            // What the active segment holds becomes cleanable once sealed,
+            // durable and below the high watermark.
+            p.log.roll().map_err(|e| AdminError::Storage(Box::new(e)))?;
+            p.log.flush().map_err(|e| AdminError::Storage(Box::new(e)))?;
+            let report = self.clean_partition(name, p, crate::broker::now_ms(), true, &throttle);
+            out.push((p.id, report));
+        }
+        Ok(out)
+    }
+}
