@@ -13,34 +13,8 @@
 # the binary; default: `quiver` on PATH, else a release build of this tree)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-if [[ -z "${QUIVER:-}" ]]; then
-    if command -v quiver >/dev/null; then
-        QUIVER=quiver
-    else
-        cargo build --release -q -p quiver-server --manifest-path "$root/Cargo.toml"
-        QUIVER="$root/target/release/quiver"
-    fi
-fi
-q() { "$QUIVER" "$@"; }
-
-data="$(mktemp -d)"
-port=$((20000 + RANDOM % 20000))
-export QUIVER_DEV_DIR="$data"
-q dev --data-dir "$data" --listen "127.0.0.1:$port" >"$data/node.log" 2>&1 &
-node=$!
-cleanup() {
-    local status=$?
-    if [[ $status -ne 0 ]]; then q plugin list 2>/dev/null; q plugin logs by-country 2>/dev/null | tail -n 5; fi
-    kill "$node" 2>/dev/null || true
-    wait "$node" 2>/dev/null || true
-    rm -rf "$data"
-    exit "$status"
-}
-trap cleanup EXIT
-for _ in $(seq 100); do [[ -s "$data/address" ]] && break; sleep 0.1; done
-[[ -s "$data/address" ]] || { cat "$data/node.log"; echo "the node did not start" >&2; exit 1; }
-echo "== node on 127.0.0.1:$port (data in $data)"
+on_failure() { q plugin list 2>/dev/null; q plugin logs by-country 2>/dev/null | tail -n 5; }
+source "$here/../node.sh"
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
 # `quiver plugin build` prints the component's path first; cargo's output

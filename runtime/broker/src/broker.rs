@@ -365,10 +365,7 @@ impl Broker {
                 }
             });
         }
-        let throttle = Arc::new(crate::cleaner::Throttle::new(self.config.cleaner.io_bytes_per_second));
-        for _ in 0..self.config.cleaner.threads {
-            tokio::spawn(self.clone().run_cleaner(throttle.clone()));
-        }
+        self.start_cleaners(Arc::new(crate::cleaner::Throttle::new(self.config.cleaner.io_bytes_per_second)));
         let broker = self.clone();
         tokio::spawn(async move {
             let mut tick =

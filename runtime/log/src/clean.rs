@@ -162,6 +162,22 @@ pub(crate) fn recover_swaps(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Lowers the calling thread's CPU priority (nice 10; on Linux the nice
+/// value is per thread) for cleaning passes: on a busy machine the appends
+/// and reads of the data path go first, and the cleaner takes what is left
+/// (Redpanda runs its compaction in a scheduling group with fewer shares for
+/// the same reason). Call it on a thread that runs only cleaning: an
+/// unprivileged process cannot raise a thread's priority back.
+pub fn lower_thread_priority() -> io::Result<()> {
+    // SAFETY: gettid has no preconditions; setpriority only reads its
+    // arguments (a thread id of this process and a nice value).
+    let done = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10)
+    };
+    if done == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 fn invalid(offset: i64, e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("batch at offset {offset}: {e}"))
 }
@@ -192,39 +208,34 @@ impl Copier<'_> {
             batch::verify_crc(&bytes).map_err(|e| invalid(header.base_offset, e))?;
             return Ok(Some(bytes));
         }
-        let records = batch::decode_records(&bytes).map_err(|e| invalid(header.base_offset, e))?;
+        // Each record's fate from its key alone, without decoding values
+        // or headers: most batches of a changelog stay whole or go whole.
+        let (_, body) = batch::records_section(&bytes).map_err(|e| invalid(header.base_offset, e))?;
         let horizon_passed = header.delete_horizon().is_some_and(|h| self.now_ms >= h);
-        let keep: Vec<bool> = records
-            .iter()
-            .map(|r| {
-                compaction::keep_record(
-                    r.offset,
-                    r.key.as_deref(),
-                    r.value.is_none(),
-                    self.map,
-                    self.map_end,
-                    horizon_passed,
-                )
-            })
-            .collect();
+        let mut keep = Vec::with_capacity(header.record_count.clamp(0, 1 << 16) as usize);
+        let (mut tombstone_kept, mut tombstones_dropped) = (false, 0u64);
+        batch::for_each_key(&body, |delta, key, tombstone| {
+            let offset = header.base_offset + i64::from(delta);
+            let kept = compaction::keep_record(offset, key, tombstone, self.map, self.map_end, horizon_passed);
+            tombstone_kept |= kept && tombstone;
+            // Dropped for its horizon, not because a newer record replaced it.
+            tombstones_dropped += u64::from(
+                !kept && tombstone && key.and_then(|k| self.map.get(k)).is_none_or(|latest| latest <= offset),
+            );
+            keep.push(kept);
+        })
+        .map_err(|e| invalid(header.base_offset, e))?;
         let kept = keep.iter().filter(|&&k| k).count();
-        report.records_before += records.len() as u64;
+        report.records_before += keep.len() as u64;
         report.records_after += kept as u64;
-        report.tombstones_dropped += records
-            .iter()
-            .zip(&keep)
-            .filter(|(r, k)| {
-                !**k && r.value.is_none() && r.key.as_deref().and_then(|k| self.map.get(k)) <= Some(r.offset)
-            })
-            .count() as u64;
-        let tombstone_kept = records.iter().zip(&keep).any(|(r, k)| *k && r.value.is_none());
+        report.tombstones_dropped += tombstones_dropped;
         // A batch's tombstones get their horizon the first time it is cleaned.
         let horizon = header.delete_horizon().or_else(|| {
             (tombstone_kept && header.last_offset() < self.map_end)
                 .then(|| self.now_ms.saturating_add(self.delete_retention_ms))
         });
         let horizon_changes = tombstone_kept && horizon != header.delete_horizon();
-        if kept == records.len() && !horizon_changes {
+        if kept == keep.len() && !horizon_changes {
             return Ok(Some(bytes));
         }
         let producers_last = header.producer_id != batch::NO_PRODUCER_ID
@@ -232,6 +243,7 @@ impl Copier<'_> {
         if kept == 0 && !producers_last && header.next_offset() != group_end {
             return Ok(None);
         }
+        let records = batch::decode_section(header, &body).map_err(|e| invalid(header.base_offset, e))?;
         let codec = header.compression().map_err(|e| invalid(header.base_offset, e))?;
         let mut builder = BatchBuilder::rebuild_of(header, codec);
         if let (true, Some(h)) = (tombstone_kept, horizon) {
@@ -366,12 +378,14 @@ impl Log {
                     }
                     report.bytes_read += bytes.len() as u64;
                     throttle(bytes.len() as u64);
-                    let records = batch::decode_records(&bytes).map_err(|e| invalid(header.base_offset, e))?;
-                    for r in records {
-                        if let Some(key) = &r.key {
-                            map.put(key, r.offset).expect("the map's room was checked");
+                    let (_, body) = batch::records_section(&bytes).map_err(|e| invalid(header.base_offset, e))?;
+                    batch::for_each_key(&body, |delta, key, _| {
+                        if let Some(key) = key {
+                            let offset = header.base_offset + i64::from(delta);
+                            map.put(key, offset).expect("the map's room was checked");
                         }
-                    }
+                    })
+                    .map_err(|e| invalid(header.base_offset, e))?;
                 }
                 map_end = header.next_offset();
                 Ok(true)
@@ -446,17 +460,6 @@ impl Log {
             cleaner.last = Some(report.clone());
             cleaner.store(&self.dir)?;
         }
-        info!(
-            dir = %self.dir.display(),
-            cleaned_to = map_end,
-            segments = report.segments_read,
-            bytes_before = report.bytes_before,
-            bytes_after = report.bytes_after,
-            records_before = report.records_before,
-            records_after = report.records_after,
-            keys = report.map_keys,
-            "cleaned log"
-        );
         Ok(Some(report))
     }
 

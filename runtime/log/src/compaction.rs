@@ -176,17 +176,17 @@ const FIRST_SLOTS: usize = 1 << 12;
 const MIN_SLOTS: usize = 16;
 
 /// Each key's latest offset in the dirty part of a log, in at most a fixed
-/// number of bytes: an open-addressing table of 128-bit key hashes (two
-/// independent SipHash-1-3 with per-map random keys; a collision would
-/// drop a live record, at odds of about n²/2¹²⁹) that doubles until its
-/// budget and then refuses new keys, so a clean covers what fits and the
-/// rest waits for the next pass.
+/// number of bytes: an open-addressing table of 128-bit key hashes (XXH3-128
+/// with a per-map random seed; a collision would drop a live record, at
+/// odds of about n²/2¹²⁹) that doubles until its budget and then refuses
+/// new keys, so a clean covers what fits and the rest waits for the next
+/// pass.
 #[derive(Debug)]
 pub struct OffsetMap {
     slots: Vec<Slot>,
     used: usize,
     max_slots: usize,
-    hashers: (RandomState, RandomState),
+    seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -210,16 +210,12 @@ impl OffsetMap {
         while max_slots * 2 <= budget_slots {
             max_slots *= 2;
         }
-        OffsetMap {
-            slots: vec![Slot::default(); first],
-            used: 0,
-            max_slots,
-            hashers: (RandomState::new(), RandomState::new()),
-        }
+        OffsetMap { slots: vec![Slot::default(); first], used: 0, max_slots, seed: RandomState::new().hash_one(0u8) }
     }
 
     fn hash(&self, key: &[u8]) -> [u64; 2] {
-        [self.hashers.0.hash_one(key) | 1, self.hashers.1.hash_one(key)]
+        let h = twox_hash::XxHash3_128::oneshot_with_seed(self.seed, key);
+        [(h as u64) | 1, (h >> 64) as u64]
     }
 
     /// Bytes the table holds now (what the cleaner's memory bound counts).

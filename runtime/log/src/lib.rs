@@ -28,7 +28,7 @@ use std::path::PathBuf;
 
 use quiver_protocol::batch::BatchError;
 
-pub use crate::clean::{CleanOptions, CleanReport, CleanStep};
+pub use crate::clean::{CleanOptions, CleanReport, CleanStep, lower_thread_priority};
 pub use crate::compaction::{Cleanable, CompactionConfig};
 pub use crate::log::{Appended, Log};
 pub use crate::producers::SequenceError;

@@ -357,13 +357,6 @@ impl Log {
     /// the first. The result is one buffer filled by one positional read;
     /// batches are slices of it.
     pub fn read(&self, offset: i64, max_bytes: usize, up_to: i64) -> Result<Bytes, ReadError> {
-        {
-            let state = self.read_state();
-            let (log_start, log_end) = (state.log_start(), state.log_end());
-            if offset < log_start || offset > log_end {
-                return Err(ReadError::OffsetOutOfRange { offset, log_start, log_end });
-            }
-        }
         let corrupt = |reason: String| ReadError::Corrupt { offset, reason };
         // The segment to look in; a compacted log may hold nothing more in
         // it (a hole up to the next segment), then the next one is tried.
@@ -371,7 +364,11 @@ impl Log {
         let (file, position, end, first_len) = 'segments: loop {
             let (file, mut position, end) = {
                 let state = self.read_state();
-                if target >= state.log_end() || target >= up_to {
+                let (log_start, log_end) = (state.log_start(), state.log_end());
+                if target == offset && (offset < log_start || offset > log_end) {
+                    return Err(ReadError::OffsetOutOfRange { offset, log_start, log_end });
+                }
+                if target >= log_end || target >= up_to {
                     return Ok(Bytes::new());
                 }
                 let target = target.max(state.log_start());

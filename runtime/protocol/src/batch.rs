@@ -488,6 +488,20 @@ pub fn records_section(batch: &Bytes) -> Result<(BatchHeader, Bytes), BatchError
     Ok((header, body))
 }
 
+/// Walks the records of a records section without copying them: calls
+/// `on_record` with each record's offset delta, key, and whether it has no
+/// value (a tombstone). What the log cleaner needs of every record.
+pub fn for_each_key(body: &[u8], mut on_record: impl FnMut(i32, Option<&[u8]>, bool)) -> Result<(), BatchError> {
+    let mut rest = body;
+    let mut index = 0;
+    while !rest.is_empty() {
+        let view = RecordView::decode(&mut rest, index)?;
+        on_record(view.offset_delta, view.key, view.value.is_none());
+        index += 1;
+    }
+    Ok(())
+}
+
 /// Byte ranges of each record within a records section, in order.
 pub fn record_spans(body: &[u8]) -> Result<Vec<std::ops::Range<usize>>, BatchError> {
     let mut spans = Vec::new();

@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::cli::{AcksArg, ConnArgs, Format, connect_local};
 use crate::node::{Node, dev_config};
 
+mod compact;
 mod group;
 
 #[derive(Args, Debug)]
@@ -58,6 +59,12 @@ pub enum BenchMode {
     /// `kill -9` (group session 10 s) and from its clean leave to its
     /// successor's first record of the partitions it held.
     Group,
+    /// Compacted topics: the log cleaner's throughput in MiB/s of input
+    /// against a sequential copy of the same segment files (`--rounds`
+    /// pairs; `--records` updates over `--keys` keys), its key map's peak
+    /// against its buffer, then produce throughput while another topic is
+    /// cleaned over and over against produce alone.
+    Compact,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -105,6 +112,9 @@ pub struct BenchOpts {
     /// restarted and back in the ISR before the next).
     #[arg(long, global = true, default_value_t = 3)]
     pub failovers: u32,
+    /// Compact bench: distinct keys the updates cycle over.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    pub keys: u64,
     /// Group bench: how many member kills and clean leaves to time.
     #[arg(long, global = true, default_value_t = 5)]
     pub handoffs: u32,
@@ -164,6 +174,13 @@ pub struct BenchResult {
     pub rss_idle_mib: Option<f64>,
     pub rss_peak_mib: Option<f64>,
     pub rss_after_load_mib: Option<f64>,
+    /// Compact: the cleaner's key map at its largest, and its budget.
+    pub cleaner_map_mib: Option<f64>,
+    pub cleaner_buffer_mib: Option<f64>,
+    /// Compact: records left after the clean.
+    pub records_after_clean: Option<u64>,
+    /// Compact: bytes of segments the cleaner rewrote while this ran.
+    pub cleaned_mib: Option<f64>,
 }
 
 impl BenchResult {
@@ -190,6 +207,10 @@ impl BenchResult {
             rss_idle_mib: None,
             rss_peak_mib: None,
             rss_after_load_mib: None,
+            cleaner_map_mib: None,
+            cleaner_buffer_mib: None,
+            records_after_clean: None,
+            cleaned_mib: None,
         }
     }
 
@@ -239,6 +260,14 @@ impl BenchResult {
         }
         if let Some(ms) = self.failover_ms {
             print!("  leader killed to first acks=all write {ms:.0} ms");
+        }
+        if let (Some(map), Some(buffer), Some(after)) =
+            (self.cleaner_map_mib, self.cleaner_buffer_mib, self.records_after_clean)
+        {
+            print!("  {after} records left, key map {map:.2} MiB of {buffer:.0} MiB");
+        }
+        if let Some(mib) = self.cleaned_mib {
+            print!("  while {mib:.0} MiB were cleaned");
         }
         if let Some(n) = self.records_read_twice.filter(|&n| n > 0) {
             print!("  ({n} read twice)");
@@ -342,6 +371,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     results.extend(group::group(&target, &opts).await?);
                     break;
                 }
+                BenchMode::Compact => {
+                    results.extend(compact::compact(&target, &opts).await?);
+                    break;
+                }
                 BenchMode::Quic | BenchMode::Cluster | BenchMode::Memory => unreachable!(),
             }
         }
@@ -382,6 +415,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "wasm_vs_native_transform": ratio("transform-wasm", "transform-native"),
         "cluster3_vs_single_produce": ratio("produce-3-nodes", "produce-1-node"),
         "group3_vs_assigned3_consume": ratio("group-3-members", "assigned-3-consumers"),
+        "clean_vs_copy": ratio("clean", "sequential-copy"),
+        "produce_cleaning_vs_alone": ratio("produce-cleaning", "produce-alone"),
         "handoff_after_kill_ms_median": median(handoff_times("handoff-kill")),
         "handoff_after_leave_ms_median": median(handoff_times("handoff-leave")),
     });
@@ -408,6 +443,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             if let Some(r) = ratio("transform-wasm", "transform-native") {
                 println!("Wasm identity / native pass-through = {:.1} %", r * 100.0);
+            }
+            for (a, b, label) in [
+                ("clean", "sequential-copy", "cleaner / sequential copy (MiB/s of input)"),
+                ("produce-cleaning", "produce-alone", "produce while cleaning / produce alone"),
+            ] {
+                let all = per_round(a, b);
+                if let (rounds, Some(r)) = (listed(&all), median(all)) {
+                    let rounds = rounds.map(|r| format!(" (median of rounds: {r} %)")).unwrap_or_default();
+                    println!("{label} = {:.1} %{rounds}", r * 100.0);
+                }
             }
             if let Some(r) = ratio("produce-3-nodes", "produce-1-node") {
                 println!("3-node acks=all / 1-node acks=all = {:.1} %", r * 100.0);

@@ -328,6 +328,10 @@ pub enum TopicCommand {
         /// Print key and value separated by this string (text format).
         #[arg(long)]
         key_sep: Option<String>,
+        /// Print this for a record without a value (a tombstone), so that it
+        /// differs from an empty value (text format).
+        #[arg(long)]
+        null_marker: Option<String>,
         /// A deployed filter plugin the broker runs before sending.
         #[arg(long)]
         filter: Option<String>,
@@ -694,12 +698,13 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             count,
             format,
             key_sep,
+            null_marker,
             filter,
             filter_params,
             decode,
         } => {
             let fetch = ConsumerConfig { filter, filter_params, decode_values: decode, ..ConsumerConfig::default() };
-            let printer = Printer { format, sep: key_sep.as_deref().map(unescape) };
+            let printer = Printer { format, sep: key_sep.as_deref().map(unescape), null: null_marker };
             if let Some(group) = share_group {
                 if fetch.filter.is_some() || decode {
                     bail!("--share-group reads the records as stored: no --filter or --decode");
@@ -834,6 +839,8 @@ struct Printer {
     format: Format,
     /// Text: print the key, then this, then the value.
     sep: Option<String>,
+    /// Text: what a missing value prints as.
+    null: Option<String>,
 }
 
 impl Printer {
@@ -848,7 +855,10 @@ impl Printer {
                     out.write_all(r.key.as_deref().unwrap_or_default())?;
                     out.write_all(sep.as_bytes())?;
                 }
-                out.write_all(r.value.as_deref().unwrap_or_default())?;
+                match (&r.value, &self.null) {
+                    (None, Some(null)) => out.write_all(null.as_bytes())?,
+                    (value, _) => out.write_all(value.as_deref().unwrap_or_default())?,
+                }
                 out.write_all(b"\n")?;
             }
         }

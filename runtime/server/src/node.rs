@@ -26,7 +26,7 @@ pub struct Node {
 impl Node {
     /// Starts a node. Without TLS files, development certificates are made
     /// (once) in `<data_dir>/tls`.
-    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+    pub async fn start(mut config: NodeConfig) -> anyhow::Result<Node> {
         let (cert, key, ca_cert) = match &config.tls {
             Some((c, k)) => (c.clone(), k.clone(), None),
             None => {
@@ -39,6 +39,11 @@ impl Node {
         let endpoint = quinn::Endpoint::server(server_config, config.listen)
             .with_context(|| format!("cannot listen on {} (UDP)", config.listen))?;
         let address = endpoint.local_addr()?;
+        // Told to listen on port 0 (tests, `bench --embedded`): clients are
+        // told the port the system chose.
+        if config.listen.port() == 0 && config.broker.advertised_address == config.listen.to_string() {
+            config.broker.advertised_address = address.to_string();
+        }
         let mut membership = None;
         if let Some(cluster) = &config.cluster {
             let transport = Arc::new(crate::cluster::QuicTransport::new(&cluster.ca, &cert, &key, address)?);

@@ -2,8 +2,8 @@
 //! choice of a log and the throttle are `crate::cleaner`'s) and an
 //! operator's `topic compact`.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use quiver_log::{CleanOptions, CleanReport};
@@ -14,14 +14,18 @@ use crate::errors::AdminError;
 use crate::partition::Partition;
 
 impl Broker {
-    /// One background cleaner loop, until shutdown.
-    pub(crate) async fn run_cleaner(self: Arc<Self>, throttle: Arc<Throttle>) {
-        let backoff = Duration::from_millis(self.config.cleaner.backoff_ms.max(10));
-        while !self.shutting_down.load(Ordering::Relaxed) {
-            let (broker, throttle) = (self.clone(), throttle.clone());
-            let cleaned = tokio::task::spawn_blocking(move || broker.clean_one(&throttle)).await.unwrap_or(false);
-            if !cleaned {
-                tokio::time::sleep(backoff).await;
+    /// Starts the background cleaner threads (`cleaner.threads`): OS
+    /// threads at a lower CPU priority, so that on a busy machine the data
+    /// path goes first. Each holds the broker only while it cleans, and
+    /// ends after shutdown.
+    pub(crate) fn start_cleaners(self: &Arc<Self>, throttle: Arc<Throttle>) {
+        for n in 0..self.config.cleaner.threads {
+            let (broker, throttle) = (Arc::downgrade(self), throttle.clone());
+            let started = std::thread::Builder::new()
+                .name(format!("quiver-cleaner-{n}"))
+                .spawn(move || run_cleaner(&broker, &throttle));
+            if let Err(e) = started {
+                tracing::error!(error = %e, "cannot start a log cleaner thread");
             }
         }
     }
@@ -97,7 +101,8 @@ impl Broker {
     }
 
     /// Rolls and cleans every local replica of compacted `topic` now
-    /// (an operator's `topic compact`), whatever their dirty ratio.
+    /// (an operator's `topic compact`), whatever their dirty ratio, on a
+    /// thread of its own at the cleaners' priority.
     pub(crate) fn compact_topic(&self, name: &str) -> Result<Vec<(u32, Option<CleanReport>)>, AdminError> {
         let topic = self.current_topic(name).map_err(|_| AdminError::UnknownTopic(name.to_owned()))?;
         if !topic.config.is_compacted() {
@@ -107,15 +112,53 @@ impl Broker {
             )));
         }
         let throttle = Throttle::new(self.config.cleaner.io_bytes_per_second);
-        let mut out = Vec::new();
-        for p in topic.local() {
-            // What the active segment holds becomes cleanable once sealed,
-            // durable and below the high watermark.
-            p.log.roll().map_err(|e| AdminError::Storage(Box::new(e)))?;
-            p.log.flush().map_err(|e| AdminError::Storage(Box::new(e)))?;
-            let report = self.clean_partition(name, p, crate::broker::now_ms(), true, &throttle);
-            out.push((p.id, report));
+        std::thread::scope(|scope| {
+            let pass = scope.spawn(|| {
+                background();
+                let mut out = Vec::new();
+                for p in topic.local() {
+                    // What the active segment holds becomes cleanable once
+                    // sealed, durable and below the high watermark.
+                    p.log.roll().map_err(|e| AdminError::Storage(Box::new(e)))?;
+                    p.log.flush().map_err(|e| AdminError::Storage(Box::new(e)))?;
+                    let report = self.clean_partition(name, p, crate::broker::now_ms(), true, &throttle);
+                    out.push((p.id, report));
+                }
+                Ok(out)
+            });
+            pass.join().unwrap_or_else(|_| Err(AdminError::Storage("the cleaning pass panicked".into())))
+        })
+    }
+}
+
+/// A cleaner thread's loop: clean the replica most in need, or wait
+/// `backoff` (checking for shutdown every 100 ms) when none is due.
+fn run_cleaner(broker: &Weak<Broker>, throttle: &Throttle) {
+    background();
+    loop {
+        let backoff = {
+            let Some(b) = broker.upgrade() else { return };
+            if b.shutting_down.load(Ordering::Relaxed) {
+                return;
+            }
+            if b.clean_one(throttle) {
+                continue;
+            }
+            Duration::from_millis(b.config.cleaner.backoff_ms.max(10))
+        };
+        let until = Instant::now() + backoff;
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100).min(backoff));
+            if broker.upgrade().is_none_or(|b| b.shutting_down.load(Ordering::Relaxed)) {
+                return;
+            }
         }
-        Ok(out)
+    }
+}
+
+/// This thread cleans only: it yields the CPU to the data path.
+fn background() {
+    if let Err(e) = quiver_log::lower_thread_priority() {
+        tracing::debug!(error = %e, "cannot lower the cleaner thread's priority");
     }
 }

@@ -108,7 +108,7 @@ fn clean_vs_copy(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
     let options = CleanOptions { dedupe_buffer_bytes: DEDUPE_BUFFER_BYTES, force: true };
     let started = Instant::now();
     let report = log
-        .clean(crate::now_ms_i64(), i64::MAX, &options, &mut |_| {})?
+        .clean(quiver_broker::now_ms(), i64::MAX, &options, &mut |_| {})?
         .ok_or_else(|| anyhow::anyhow!("the cleaner found nothing to clean"))?;
     let mut clean = BenchResult::new("clean", report.records_before, input, started.elapsed(), None);
     clean.cleaner_map_mib = Some(report.map_bytes as f64 / MIB);
