@@ -414,36 +414,19 @@ impl Log {
             delete_retention_ms: i64::try_from(compaction_config.delete_retention_ms).unwrap_or(i64::MAX),
             producers: &producers,
         };
-        for group in compaction::group_segments(&spans[..rewrite], config.segment_bytes_max) {
+        // Positions in a segment are u32, as for appends.
+        let group_bytes_max = config.segment_bytes_max.min(u64::from(u32::MAX));
+        for group in compaction::group_segments(&spans[..rewrite], group_bytes_max) {
             let (base, end) = (spans[group.start].base_offset, spans[group.end - 1].next_offset);
             let cleaned_path = group_file(&self.dir, base, end, CLEANED_EXT);
-            let out = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&cleaned_path)?;
-            let file = SegmentFile::adopt(&self.dir, base, out);
-            let mut segment = Segment::empty(file.clone());
-            let mut writer = BufWriter::with_capacity(1 << 20, &file.file);
-            for (span, old) in spans[group.clone()].iter().zip(&files[group.clone()]) {
-                report.segments_read += 1;
-                report.bytes_before += span.size;
-                segment::for_each_batch(&old.file, span.size, |header, _, bytes| {
-                    report.bytes_read += bytes.len() as u64;
-                    throttle(bytes.len() as u64);
-                    if let Some(kept) = copier.batch(header, bytes, end, &mut report)? {
-                        let mut stored = BatchHeader::parse(&kept).map_err(|e| invalid(header.base_offset, e))?;
-                        stored.base_offset = header.base_offset;
-                        writer.write_all(&kept)?;
-                        let position = segment.size;
-                        segment.record_batch(&stored, position, config.index_interval_bytes);
-                    }
-                    Ok(true)
-                })?;
-            }
-            writer.flush()?;
-            drop(writer);
-            file.file.sync_all()?;
-            segment.next_offset = end;
-            segment.time_index = segment.sealed_time_index();
-            report.segments_written += 1;
-            report.bytes_after += segment.size;
+            let inputs = spans[group.clone()].iter().zip(&files[group.clone()]);
+            let segment = match self.write_cleaned(&cleaned_path, (base, end), inputs, &copier, throttle, &mut report) {
+                Ok(segment) => segment,
+                Err(e) => {
+                    let _ = fs::remove_file(&cleaned_path);
+                    return Err(e);
+                }
+            };
             if stop == Some(CleanStep::Cleaned) {
                 return Ok(None);
             }
@@ -461,6 +444,48 @@ impl Log {
             cleaner.store(&self.dir)?;
         }
         Ok(Some(report))
+    }
+
+    /// Writes the cleaned segment of the group `[base, end)` (its segments
+    /// `inputs`) to `path` and fsyncs it.
+    fn write_cleaned<'a>(
+        &self,
+        path: &Path,
+        (base, end): (i64, i64),
+        inputs: impl Iterator<Item = (&'a SegmentSpan, &'a Arc<SegmentFile>)>,
+        copier: &Copier<'_>,
+        throttle: &mut dyn FnMut(u64),
+        report: &mut CleanReport,
+    ) -> io::Result<Segment> {
+        let index_interval_bytes = self.config().index_interval_bytes;
+        let out = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let file = SegmentFile::adopt(&self.dir, base, out);
+        let mut segment = Segment::empty(file.clone());
+        let mut writer = BufWriter::with_capacity(1 << 20, &file.file);
+        for (span, old) in inputs {
+            report.segments_read += 1;
+            report.bytes_before += span.size;
+            segment::for_each_batch(&old.file, span.size, |header, _, bytes| {
+                report.bytes_read += bytes.len() as u64;
+                throttle(bytes.len() as u64);
+                if let Some(kept) = copier.batch(header, bytes, end, report)? {
+                    let mut stored = BatchHeader::parse(&kept).map_err(|e| invalid(header.base_offset, e))?;
+                    stored.base_offset = header.base_offset;
+                    writer.write_all(&kept)?;
+                    let position = segment.size;
+                    segment.record_batch(&stored, position, index_interval_bytes);
+                }
+                Ok(true)
+            })?;
+        }
+        writer.flush()?;
+        drop(writer);
+        file.file.sync_all()?;
+        segment.next_offset = end;
+        segment.time_index = segment.sealed_time_index();
+        report.segments_written += 1;
+        report.bytes_after += segment.size;
+        Ok(segment)
     }
 
     /// Replaces the segments `old` (consecutive, still in the log) with the

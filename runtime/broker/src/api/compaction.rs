@@ -57,14 +57,22 @@ impl Broker {
             busy.insert((c.topic.clone(), c.partition));
             (c.topic.clone(), c.partition)
         };
-        let p = &partitions[candidates.iter().position(|c| (&c.topic, c.partition) == (&chosen.0, chosen.1)).unwrap()];
+        let at = candidates.iter().position(|c| (&c.topic, c.partition) == (&chosen.0, chosen.1));
+        let p = &partitions[at.expect("the pick is a candidate")];
         let result = self.clean_partition(&chosen.0, p, now, false, throttle);
         self.cleaners.busy.lock().expect("cleaner lock poisoned").remove(&chosen);
-        result.is_some()
+        match result {
+            Ok(report) => report.is_some(),
+            Err(e) => {
+                // Every segment is the old one or a cleaned one (see
+                // `quiver_log::clean`); the next pass starts over.
+                tracing::error!(topic = %chosen.0, partition = chosen.1, error = %e, "cleaning failed");
+                false
+            }
+        }
     }
 
-    /// One pass over one replica; failures are logged (the pass leaves the
-    /// log as it was: see `quiver_log::clean`).
+    /// One pass over one replica, logged when it cleaned something.
     fn clean_partition(
         &self,
         topic: &str,
@@ -72,32 +80,26 @@ impl Broker {
         now: i64,
         force: bool,
         throttle: &Throttle,
-    ) -> Option<CleanReport> {
+    ) -> std::io::Result<Option<CleanReport>> {
         let threads = self.config.cleaner.threads.max(1);
         let options = CleanOptions { dedupe_buffer_bytes: self.config.cleaner.dedupe_buffer_bytes / threads, force };
         let started = Instant::now();
-        match p.log.clean(now, p.high_watermark(), &options, &mut |bytes| throttle.consume(bytes)) {
-            Ok(Some(report)) => {
-                tracing::info!(
-                    topic,
-                    partition = p.id,
-                    cleaned_to = report.cleaned_to,
-                    bytes_before = report.bytes_before,
-                    bytes_after = report.bytes_after,
-                    records_before = report.records_before,
-                    records_after = report.records_after,
-                    keys = report.map_keys,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "cleaned a compacted partition"
-                );
-                Some(report)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::error!(topic, partition = p.id, error = %e, "cleaning failed; the log is unchanged");
-                None
-            }
+        let report = p.log.clean(now, p.high_watermark(), &options, &mut |bytes| throttle.consume(bytes))?;
+        if let Some(report) = &report {
+            tracing::info!(
+                topic,
+                partition = p.id,
+                cleaned_to = report.cleaned_to,
+                bytes_before = report.bytes_before,
+                bytes_after = report.bytes_after,
+                records_before = report.records_before,
+                records_after = report.records_after,
+                keys = report.map_keys,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "cleaned a compacted partition"
+            );
         }
+        Ok(report)
     }
 
     /// Rolls and cleans every local replica of compacted `topic` now
@@ -121,7 +123,9 @@ impl Broker {
                     // sealed, durable and below the high watermark.
                     p.log.roll().map_err(|e| AdminError::Storage(Box::new(e)))?;
                     p.log.flush().map_err(|e| AdminError::Storage(Box::new(e)))?;
-                    let report = self.clean_partition(name, p, crate::broker::now_ms(), true, &throttle);
+                    let report = self
+                        .clean_partition(name, p, crate::broker::now_ms(), true, &throttle)
+                        .map_err(|e| AdminError::Storage(format!("cleaning {name}-{}: {e}", p.id).into()))?;
                     out.push((p.id, report));
                 }
                 Ok(out)
