@@ -189,11 +189,19 @@ async fn a_changelog_compacts_to_one_record_per_key_and_tombstones_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_clean_loses_no_latest_value() {
-    let mut node = DevNode::start_with_env(&[("QUIVER_STORAGE__CLEANER_THREADS", "0")]);
+    // The cleaner's reads throttled to 10 MB/s: a clean of the ~15 MB each
+    // round writes takes seconds, so the kills land in its middle.
+    let mut node = DevNode::start_with_env(&[
+        ("QUIVER_STORAGE__CLEANER_THREADS", "0"),
+        ("QUIVER_STORAGE__CLEANER_IO_BYTES_PER_SECOND", "10000000"),
+    ]);
     node.ok(&["topic", "create", "ledger", "-c", "cleanup.policy=compact", "-c", "segment.bytes=1048576"]);
     let mut model = Table::new();
-    let delays_ms = [300u64, 900, 1_800];
-    let mut cut_mid_clean = 0;
+    // Each round's clean reads its input twice (key map, then copy) at
+    // 10 MB/s: 2.2 s and 6 s land in the copy of rounds 0 and 2 (round 1's
+    // clean has round 0's uncleaned data to map too), 0.9 s in a key map.
+    let delays_ms = [2_200u64, 900, 6_000];
+    let (mut cut_mid_clean, mut cut_while_writing) = (0, 0);
     for (round, delay) in delays_ms.into_iter().enumerate() {
         let client = Client::connect(node.client_config()).await.unwrap();
         produce_rounds(&client, "ledger", round * 30..round * 30 + 30, &mut model).await;
@@ -213,15 +221,23 @@ async fn kill_9_during_a_clean_loses_no_latest_value() {
                 name.ends_with(".cleaned") || name.ends_with(".swap")
             })
             .count();
-        if !finished && leftovers > 0 {
+        // The command returns once the clean is done: still running, the
+        // broker was killed in the middle of it (a `.cleaned` or `.swap`
+        // file left behind says it was writing or swapping segments).
+        if !finished {
             cut_mid_clean += 1;
+            cut_while_writing += usize::from(leftovers > 0);
         }
+        eprintln!(
+            "round {round}: killed {delay} ms into `topic compact`, finished: {finished}, files left: {leftovers}"
+        );
         node.spawn();
         let client = Client::connect(node.client_config()).await.unwrap();
         let (table, _) = read_table(&client, "ledger").await;
         assert_eq!(table, model, "round {round}: every key's latest value survives");
     }
     assert!(cut_mid_clean > 0, "no kill landed during a clean (delays {delays_ms:?}); the test proves nothing");
+    assert!(cut_while_writing > 0, "no kill landed while cleaned segments were written or swapped");
     // A clean after the restarts finishes the job.
     let rows = compact(&node, "ledger");
     assert_eq!(sum(&rows, "records_after"), KEYS as u64, "{rows:?}");
