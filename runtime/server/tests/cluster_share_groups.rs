@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use common::member::{Member, wait};
+use common::member::{Member, group_cluster, wait};
 
 const TOPIC: &str = "queue";
 const PARTITIONS: u32 = 6;
@@ -48,16 +48,7 @@ fn wait_for_count(cluster: &Cluster, members: &[Member], n: usize, what: &str) {
 
 #[test]
 fn a_share_group_survives_killed_members_and_a_killed_coordinator() {
-    let mut cluster = Cluster::start(
-        3,
-        &[
-            ("QUIVER_GROUPS__HEARTBEAT_INTERVAL_MS", "300"),
-            ("QUIVER_GROUPS__SESSION_TIMEOUT_MS", "4000"),
-            ("QUIVER_GROUPS__OFFSETS_TOPIC_PARTITIONS", "10"),
-        ],
-    );
-    cluster.wait_formed();
-    cluster.ok(1, &["topic", "create", TOPIC, "-p", &PARTITIONS.to_string(), "-r", "3"]);
+    let mut cluster = group_cluster(TOPIC, PARTITIONS);
     cluster.ok(
         1,
         &[

@@ -7,6 +7,22 @@ use std::time::Duration;
 
 use super::cluster::Cluster;
 
+/// A formed 3-node cluster for group tests (heartbeat 300 ms, session 4 s,
+/// 10 offsets partitions) with `topic` created, `partitions` × 3 replicas.
+pub fn group_cluster(topic: &str, partitions: u32) -> Cluster {
+    let cluster = Cluster::start(
+        3,
+        &[
+            ("QUIVER_GROUPS__HEARTBEAT_INTERVAL_MS", "300"),
+            ("QUIVER_GROUPS__SESSION_TIMEOUT_MS", "4000"),
+            ("QUIVER_GROUPS__OFFSETS_TOPIC_PARTITIONS", "10"),
+        ],
+    );
+    cluster.wait_formed();
+    cluster.ok(1, &["topic", "create", topic, "-p", &partitions.to_string(), "-r", "3"]);
+    cluster
+}
+
 /// One consumer process: its output and log files.
 pub struct Member {
     pub name: String,
