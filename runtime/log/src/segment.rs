@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use quiver_protocol::batch::{self, BATCH_HEADER_LEN, BatchHeader};
 use tracing::warn;
 
@@ -284,7 +285,7 @@ pub(crate) fn scan(
     base_offset: i64,
     mut on_batch: impl FnMut(&BatchHeader, u64),
 ) -> io::Result<ScanOutcome> {
-    let mut buf = Vec::new();
+    let mut buf = Bytes::new();
     let mut buf_at = 0u64;
     let mut position = 0u64;
     let mut expected = base_offset;
@@ -338,35 +339,25 @@ pub(crate) fn scan(
 pub(crate) fn for_each_batch(
     file: &File,
     file_len: u64,
-    mut on_batch: impl FnMut(&BatchHeader, u64, bytes::Bytes) -> io::Result<bool>,
+    mut on_batch: impl FnMut(&BatchHeader, u64, Bytes) -> io::Result<bool>,
 ) -> io::Result<()> {
-    let mut window = bytes::Bytes::new();
+    let mut window = Bytes::new();
     let mut window_at = 0u64;
     let mut position = 0u64;
     let invalid =
         |position: u64, what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what} at {position}"));
     while position < file_len {
-        let header_end = position + BATCH_HEADER_LEN as u64;
-        if header_end > file_len {
+        if position + BATCH_HEADER_LEN as u64 > file_len {
             return Err(invalid(position, "a partial batch header".into()));
         }
-        if position < window_at || header_end > window_at + window.len() as u64 {
-            let len = (file_len - position).min(SCAN_CHUNK_BYTES as u64) as usize;
-            window = bytes::Bytes::from(read_vec_at(file, len, position)?);
-            window_at = position;
-        }
-        let at = (position - window_at) as usize;
-        let header =
-            BatchHeader::parse(&window[at..]).map_err(|e| invalid(position, format!("bad batch header: {e}")))?;
+        fill_window(file, &mut window, &mut window_at, position, BATCH_HEADER_LEN as u64, file_len)?;
+        let header = BatchHeader::parse(&window[(position - window_at) as usize..])
+            .map_err(|e| invalid(position, format!("bad batch header: {e}")))?;
         let len = header.total_len() as u64;
         if position + len > file_len {
             return Err(invalid(position, format!("a batch of {len} bytes past the end of the file")));
         }
-        if at + len as usize > window.len() {
-            let want = (len.max(SCAN_CHUNK_BYTES as u64)).min(file_len - position) as usize;
-            window = bytes::Bytes::from(read_vec_at(file, want, position)?);
-            window_at = position;
-        }
+        fill_window(file, &mut window, &mut window_at, position, len, file_len)?;
         let at = (position - window_at) as usize;
         if !on_batch(&header, position, window.slice(at..at + len as usize))? {
             return Ok(());
@@ -376,22 +367,23 @@ pub(crate) fn for_each_batch(
     Ok(())
 }
 
-/// Makes `buf` (holding the file from `buf_at`) cover `[position, position + len)`.
+/// Makes `window` (holding the file from `window_at`) cover `[position,
+/// position + len)`, reading at least [`SCAN_CHUNK_BYTES`] into a fresh
+/// buffer when it does not (batches handed out keep the old one alive).
 fn fill_window(
     file: &File,
-    buf: &mut Vec<u8>,
-    buf_at: &mut u64,
+    window: &mut Bytes,
+    window_at: &mut u64,
     position: u64,
     len: u64,
     file_len: u64,
 ) -> io::Result<()> {
-    if position >= *buf_at && position + len <= *buf_at + buf.len() as u64 {
+    if position >= *window_at && position + len <= *window_at + window.len() as u64 {
         return Ok(());
     }
     let want = len.max(SCAN_CHUNK_BYTES as u64).min(file_len - position) as usize;
-    buf.resize(want, 0);
-    file.read_exact_at(buf, position)?;
-    *buf_at = position;
+    *window = Bytes::from(read_vec_at(file, want, position)?);
+    *window_at = position;
     Ok(())
 }
 
