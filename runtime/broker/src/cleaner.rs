@@ -24,23 +24,21 @@ pub(crate) struct Candidate {
     pub(crate) min_dirty_ratio: f64,
 }
 
-/// The candidate to clean next, if any is due and not being cleaned by
-/// another thread: overdue logs first (a record waited past
+/// The index of the candidate to clean next, if any is due and not being
+/// cleaned by another thread: overdue logs first (a record waited past
 /// `max.compaction.lag.ms`), then the highest dirty ratio.
-pub(crate) fn pick<'a>(candidates: &'a [Candidate], busy: &HashSet<(String, u32)>) -> Option<&'a Candidate> {
+pub(crate) fn pick(candidates: &[Candidate], busy: &HashSet<(String, u32)>) -> Option<usize> {
     candidates
         .iter()
-        .filter(|c| !busy.contains(&(c.topic.clone(), c.partition)))
-        .filter(|c| {
-            let config =
-                quiver_log::CompactionConfig { min_cleanable_dirty_ratio: c.min_dirty_ratio, ..Default::default() };
-            c.cleanable.is_due(&config)
-        })
-        .max_by(|a, b| {
+        .enumerate()
+        .filter(|(_, c)| !busy.contains(&(c.topic.clone(), c.partition)))
+        .filter(|(_, c)| c.cleanable.is_due(c.min_dirty_ratio))
+        .max_by(|(_, a), (_, b)| {
             (a.cleanable.overdue, a.cleanable.dirty_ratio)
                 .partial_cmp(&(b.cleanable.overdue, b.cleanable.dirty_ratio))
                 .unwrap_or(std::cmp::Ordering::Equal)
         })
+        .map(|(i, _)| i)
 }
 
 /// Shared by every cleaner thread: bytes read per second, together.
@@ -99,12 +97,12 @@ mod tests {
     fn the_dirtiest_due_log_goes_first_and_overdue_before_all() {
         let none = HashSet::new();
         let list = [candidate(0, 0.6, false), candidate(1, 0.9, false), candidate(2, 0.4, false)];
-        assert_eq!(pick(&list, &none).map(|c| c.partition), Some(1));
+        assert_eq!(pick(&list, &none).map(|i| list[i].partition), Some(1));
         let busy: HashSet<_> = [("t".to_string(), 1)].into();
-        assert_eq!(pick(&list, &busy).map(|c| c.partition), Some(0));
+        assert_eq!(pick(&list, &busy).map(|i| list[i].partition), Some(0));
         assert_eq!(pick(&list[2..], &none), None, "below the ratio");
         let list = [candidate(0, 0.9, false), candidate(1, 0.1, true)];
-        assert_eq!(pick(&list, &none).map(|c| c.partition), Some(1), "overdue first");
+        assert_eq!(pick(&list, &none).map(|i| list[i].partition), Some(1), "overdue first");
         let mut clean = candidate(3, 1.0, true);
         clean.cleanable.first_dirty_offset = 10;
         assert_eq!(pick(&[clean], &none), None, "nothing dirty");

@@ -258,7 +258,7 @@ impl Broker {
                             Some(CompactionStatus {
                                 dirty_ratio_permille: (cleanable.dirty_ratio * 1000.0).round() as u32,
                                 first_dirty_offset: cleanable.first_dirty_offset,
-                                last_clean_ms: h.log.last_clean().0.unwrap_or(-1),
+                                last_clean_ms: h.log.last_clean_ms().unwrap_or(-1),
                             })
                         }),
                     }

@@ -24,7 +24,7 @@ use quiver_protocol::batch::{self, BatchBuilder, BatchHeader};
 use tracing::{info, warn};
 
 use crate::Log;
-use crate::compaction::{self, Cleanable, OffsetMap, SegmentSpan};
+use crate::compaction::{self, Cleanable, CompactionConfig, OffsetMap, SegmentSpan};
 use crate::log::{delete_segment_files, sync_dir};
 use crate::producers::Producers;
 use crate::segment::{self, LOG_EXT, Segment, SegmentFile};
@@ -92,8 +92,6 @@ pub enum CleanStep {
 pub(crate) struct CleanerCheckpoint {
     pub(crate) first_dirty: i64,
     pub(crate) last_clean_ms: Option<i64>,
-    /// The last pass of this process.
-    pub(crate) last: Option<CleanReport>,
 }
 
 impl CleanerCheckpoint {
@@ -102,9 +100,7 @@ impl CleanerCheckpoint {
         let text = fs::read_to_string(dir.join(CHECKPOINT_FILE)).unwrap_or_default();
         let mut fields = text.split_whitespace().map(str::parse::<i64>);
         match (fields.next(), fields.next()) {
-            (Some(Ok(first_dirty)), Some(Ok(last))) => {
-                CleanerCheckpoint { first_dirty, last_clean_ms: Some(last), last: None }
-            }
+            (Some(Ok(first_dirty)), Some(Ok(last))) => CleanerCheckpoint { first_dirty, last_clean_ms: Some(last) },
             _ => CleanerCheckpoint::default(),
         }
     }
@@ -266,17 +262,12 @@ impl Log {
     /// watermark); the recovery point bounds it too.
     pub fn cleanable(&self, now_ms: i64, bound: i64) -> Option<Cleanable> {
         let config = self.config().compaction?;
-        let first_dirty = self.cleaner().first_dirty;
-        let (spans, _) = self.spans();
-        let bound = bound.min(self.read_state().recovery_point);
-        Some(compaction::cleanable(&spans, first_dirty, bound, &config, now_ms))
+        Some(self.plan(now_ms, bound, &config).0)
     }
 
-    /// The time and report of the last clean (the report only when this
-    /// process made it).
-    pub fn last_clean(&self) -> (Option<i64>, Option<CleanReport>) {
-        let cleaner = self.cleaner();
-        (cleaner.last_clean_ms, cleaner.last.clone())
+    /// When the last clean ran (wall clock, ms), if ever.
+    pub fn last_clean_ms(&self) -> Option<i64> {
+        self.cleaner().last_clean_ms
     }
 
     /// One cleaning pass, if the log is compacted and due (or `force`):
@@ -313,11 +304,22 @@ impl Log {
         self.cleaner.lock().expect("cleaner lock poisoned")
     }
 
-    /// The segments as the planner sees them, with their files.
-    fn spans(&self) -> (Vec<SegmentSpan>, Vec<Arc<SegmentFile>>) {
+    /// What the cleaner may do now ([`compaction::cleanable`], bounded by
+    /// `bound` and the recovery point), with the segments as the planner
+    /// saw them and their files.
+    fn plan(
+        &self,
+        now_ms: i64,
+        bound: i64,
+        config: &CompactionConfig,
+    ) -> (Cleanable, Vec<SegmentSpan>, Vec<Arc<SegmentFile>>) {
+        let first_dirty = self.cleaner().first_dirty;
         let state = self.read_state();
-        let spans = state.segments.iter().enumerate().map(|(i, s)| s.span(state.segment_end(i))).collect();
-        (spans, state.segments.iter().map(|s| s.file.clone()).collect())
+        let spans: Vec<SegmentSpan> =
+            state.segments.iter().enumerate().map(|(i, s)| s.span(state.segment_end(i))).collect();
+        let files = state.segments.iter().map(|s| s.file.clone()).collect();
+        let bound = bound.min(state.recovery_point);
+        (compaction::cleanable(&spans, first_dirty, bound, config, now_ms), spans, files)
     }
 
     fn clean_inner(
@@ -339,17 +341,14 @@ impl Log {
             Err(_) => return Ok(None),
         };
         self.flush()?;
-        let first_dirty = self.cleaner().first_dirty;
-        let (spans, files) = self.spans();
-        let bound = bound.min(self.read_state().recovery_point);
-        let plan = compaction::cleanable(&spans, first_dirty, bound, &compaction_config, now_ms);
+        let (plan, spans, files) = self.plan(now_ms, bound, &compaction_config);
         // Forced, a pass runs even with nothing dirty: it drops the
         // tombstones whose horizon has passed.
         let sealed_clean = plan.first_dirty_offset > spans[0].base_offset;
         let wanted = if options.force {
             plan.first_dirty_offset < plan.end_offset || sealed_clean
         } else {
-            plan.is_due(&compaction_config)
+            plan.is_due(compaction_config.min_cleanable_dirty_ratio)
         };
         if !wanted {
             return Ok(None);
@@ -440,7 +439,6 @@ impl Log {
             let mut cleaner = self.cleaner();
             cleaner.first_dirty = map_end;
             cleaner.last_clean_ms = Some(now_ms);
-            cleaner.last = Some(report.clone());
             cleaner.store(&self.dir)?;
         }
         Ok(Some(report))

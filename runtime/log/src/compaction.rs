@@ -81,10 +81,10 @@ pub struct Cleanable {
 }
 
 impl Cleanable {
-    /// Whether the cleaner should pick this log on its own.
-    pub fn is_due(&self, config: &CompactionConfig) -> bool {
-        self.first_dirty_offset < self.end_offset
-            && (self.overdue || self.dirty_ratio >= config.min_cleanable_dirty_ratio)
+    /// Whether the cleaner should pick this log on its own, given its
+    /// topic's `min.cleanable.dirty.ratio`.
+    pub fn is_due(&self, min_cleanable_dirty_ratio: f64) -> bool {
+        self.first_dirty_offset < self.end_offset && (self.overdue || self.dirty_ratio >= min_cleanable_dirty_ratio)
     }
 }
 
@@ -346,15 +346,15 @@ mod tests {
         // Nothing cleaned yet: the third segment is too young at now=1000.
         let c = cleanable(&segments, 0, i64::MAX, &config, 1000);
         assert_eq!((c.first_dirty_offset, c.end_offset, c.dirty_ratio), (0, 20, 1.0));
-        assert!(c.is_due(&config));
+        assert!(c.is_due(config.min_cleanable_dirty_ratio));
         // The bound (recovery point / high watermark) cuts too.
         assert_eq!(cleanable(&segments, 0, 15, &config, 1000).end_offset, 10);
         // After a clean up to 20 only the third segment is dirty, once old enough.
         let c = cleanable(&segments, 20, i64::MAX, &config, 2000);
         assert_eq!((c.end_offset, c.dirty_ratio), (30, 1.0 / 3.0));
-        assert!(!c.is_due(&config));
+        assert!(!c.is_due(config.min_cleanable_dirty_ratio));
         let overdue = CompactionConfig { max_compaction_lag_ms: Some(500), ..config.clone() };
-        assert!(cleanable(&segments, 20, i64::MAX, &overdue, 2000).is_due(&overdue));
+        assert!(cleanable(&segments, 20, i64::MAX, &overdue, 2000).is_due(overdue.min_cleanable_dirty_ratio));
         // The active segment is never cleanable.
         assert_eq!(cleanable(&segments[..1], 0, i64::MAX, &config, 5000).end_offset, 0);
     }

@@ -55,7 +55,7 @@ pub enum Appended {
 pub struct Log {
     pub(crate) dir: PathBuf,
     config: RwLock<LogConfig>,
-    pub(crate) append_lock: Mutex<()>,
+    append_lock: Mutex<()>,
     /// Idempotent producers' sequences; changed only under `append_lock`.
     producers: Mutex<Producers>,
     state: RwLock<State>,
@@ -82,13 +82,13 @@ pub(crate) struct State {
     /// Sealed segments whose files (and index files) have not been fsynced.
     unsynced_sealed: Vec<Arc<SegmentFile>>,
     /// A segment file was created or deleted since the directory was fsynced.
-    pub(crate) dir_dirty: bool,
+    dir_dirty: bool,
     /// The recovery point on disk (see [`RECOVERY_POINT_FILE`]).
     pub(crate) recovery_point: i64,
 }
 
 impl State {
-    pub(crate) fn active(&self) -> &Segment {
+    fn active(&self) -> &Segment {
         self.segments.last().expect("a log always has an active segment")
     }
 

@@ -51,14 +51,13 @@ impl Broker {
                 }
             }
         }
-        let chosen = {
+        let (chosen, p) = {
             let mut busy = self.cleaners.busy.lock().expect("cleaner lock poisoned");
-            let Some(c) = pick(&candidates, &busy) else { return false };
-            busy.insert((c.topic.clone(), c.partition));
-            (c.topic.clone(), c.partition)
+            let Some(i) = pick(&candidates, &busy) else { return false };
+            let chosen = (candidates[i].topic.clone(), candidates[i].partition);
+            busy.insert(chosen.clone());
+            (chosen, &partitions[i])
         };
-        let at = candidates.iter().position(|c| (&c.topic, c.partition) == (&chosen.0, chosen.1));
-        let p = &partitions[at.expect("the pick is a candidate")];
         let result = self.clean_partition(&chosen.0, p, now, false, throttle);
         self.cleaners.busy.lock().expect("cleaner lock poisoned").remove(&chosen);
         match result {
