@@ -58,8 +58,7 @@ async fn delete_keys(client: &Client, topic: &str, keys: std::ops::Range<usize>,
 /// Reads the topic from the start up to its high watermarks as of now and
 /// replays it into a table; also returns how many records it read.
 async fn read_table(client: &Client, topic: &str) -> (Table, usize) {
-    let described = client.admin().describe_topics(Some(vec![topic.into()])).await.unwrap();
-    let ends: HashMap<u32, i64> = described[0].partitions.iter().map(|p| (p.partition, p.high_watermark)).collect();
+    let ends = high_watermarks(client, topic).await;
     let mut consumer = client.consumer(ConsumerConfig::default());
     consumer.assign(topic, None, OffsetSpec::Earliest).await.unwrap();
     let mut table = Table::new();
@@ -77,6 +76,25 @@ async fn read_table(client: &Client, topic: &str) -> (Table, usize) {
         }
     }
     (table, read)
+}
+
+/// Each partition's high watermark.
+async fn high_watermarks(client: &Client, topic: &str) -> HashMap<u32, i64> {
+    let described = client.admin().describe_topics(Some(vec![topic.into()])).await.unwrap();
+    described[0].partitions.iter().map(|p| (p.partition, p.high_watermark)).collect()
+}
+
+/// Connects to a restarted node once every partition's high watermark is
+/// back to `before` (it starts at 0 until the node leads the partition
+/// again; a table read before that would be empty).
+async fn reconnect(node: &DevNode, topic: &str, before: &HashMap<u32, i64>) -> Client {
+    let client = Client::connect(node.client_config()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while high_watermarks(&client, topic).await != *before {
+        assert!(Instant::now() < deadline, "{topic}'s high watermarks did not come back to {before:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client
 }
 
 fn compact(node: &DevNode, topic: &str) -> Vec<serde_json::Value> {
@@ -180,9 +198,10 @@ async fn a_changelog_compacts_to_one_record_per_key_and_tombstones_expire() {
     assert_eq!(table, model);
 
     // The compacted log survives a kill -9 as it is.
+    let before = high_watermarks(&client, "profiles").await;
     node.kill9();
     node.spawn();
-    let client = Client::connect(node.client_config()).await.unwrap();
+    let client = reconnect(&node, "profiles", &before).await;
     let (table, _) = read_table(&client, "profiles").await;
     assert_eq!(table, model);
 }
@@ -205,6 +224,7 @@ async fn kill_9_during_a_clean_loses_no_latest_value() {
     for (round, delay) in delays_ms.into_iter().enumerate() {
         let client = Client::connect(node.client_config()).await.unwrap();
         produce_rounds(&client, "ledger", round * 30..round * 30 + 30, &mut model).await;
+        let before = high_watermarks(&client, "ledger").await;
         drop(client);
         // A clean of ~300,000 records (plus what earlier rounds left), cut
         // by kill -9 part way.
@@ -232,7 +252,7 @@ async fn kill_9_during_a_clean_loses_no_latest_value() {
             "round {round}: killed {delay} ms into `topic compact`, finished: {finished}, files left: {leftovers}"
         );
         node.spawn();
-        let client = Client::connect(node.client_config()).await.unwrap();
+        let client = reconnect(&node, "ledger", &before).await;
         let (table, _) = read_table(&client, "ledger").await;
         assert_eq!(table, model, "round {round}: every key's latest value survives");
     }
