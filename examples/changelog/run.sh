@@ -5,12 +5,17 @@
 # table; the script checks it equals the source of truth (the last update of
 # each customer, deleted ones absent) before and after compaction, that
 # compaction left about one record per customer, and that deletions
-# (tombstones) are gone once delete.retention.ms has passed.
+# (tombstones) are gone once delete.retention.ms has passed. Next to it, the
+# stateful `aggregate` transform keeps a running count and sum of each
+# customer's orders in its durable state store (changelog `spend-state`) and
+# emits them to the compacted topic `spend`; the broker is killed (-9) while
+# it works, and the totals must still equal the orders exactly.
 #
 # Usage: examples/changelog/run.sh   (QUIVER=path/to/quiver to choose the
 # binary; default: `quiver` on PATH, else a release build of this tree)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+on_failure() { q plugin list 2>/dev/null; q plugin logs spend 2>/dev/null | tail -n 5; }
 source "$here/../node.sh"
 
 q topic create profiles -p 3 -c cleanup.policy=compact -c segment.bytes=65536 -c delete.retention.ms=2000 >/dev/null
@@ -59,4 +64,41 @@ tombstones=$(rebuild | awk -F '\t' '$2 == "NULL"' | wc -l)
 check "after the tombstones expired"
 echo "== tombstones dropped after delete.retention.ms; $(rebuild | wc -l) records, the table unchanged"
 q topic describe profiles | head -n 5
+
+# Orders per customer, summed by the stateful aggregate transform.
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
+aggregate=$(q plugin build "$root/plugins/aggregate" 2>>"$data/build.log" | head -n 1) ||
+    { cat "$data/build.log" >&2; exit 1; }
+q topic create orders -p 3 >/dev/null
+q topic create spend -p 3 -c cleanup.policy=compact >/dev/null
+q plugin deploy spend "$aggregate" --kind transform --input orders --output spend --param field=amount
+orders() {
+    awk -v seed="$1" 'BEGIN { srand(seed); for (i = 0; i < 5000; i++)
+        printf "cust-%03d\t{\"order\":%d,\"amount\":%d}\n", int(rand() * 500), i, 1 + int(rand() * 200) }'
+}
+orders 11 >"$data/orders.tsv"
+q topic produce orders --key-sep '\t' <"$data/orders.tsv"
+kill9_node # while the transform works on them
+orders 12 >>"$data/orders.tsv"
+q topic produce orders --key-sep '\t' < <(tail -n 5000 "$data/orders.tsv")
+echo "== produced $(wc -l <"$data/orders.tsv") orders, the broker killed (-9) and restarted in between"
+# Truth: each customer's order count and sum; the totals: each key's last
+# output ({"count":N,"sum":S}).
+awk -F '\t' '{ split($2, f, "\"amount\":"); n[$1]++; s[$1] += f[2] + 0 }
+    END { for (k in n) printf "%s\t{\"count\":%d,\"sum\":%d}\n", k, n[k], s[k] }' "$data/orders.tsv" | sort >"$data/spend-truth.tsv"
+totals() { q topic consume spend -o start:end --key-sep '\t' | table; }
+for _ in $(seq 300); do
+    totals >"$data/spend.tsv"
+    diff -q "$data/spend-truth.tsv" "$data/spend.tsv" >/dev/null && break
+    sleep 0.1
+done
+if ! diff -q "$data/spend-truth.tsv" "$data/spend.tsv" >/dev/null; then
+    diff "$data/spend-truth.tsv" "$data/spend.tsv" | head >&2
+    echo "the totals differ from the orders" >&2
+    exit 1
+fi
+echo "== the aggregate's totals of $(wc -l <"$data/spend.tsv") customers equal their orders exactly"
+q topic compact spend-state >/dev/null
+state=$(q topic consume spend-state -o start:end --key-sep '\t' | grep -c '^cust-')
+echo "== its state changelog 'spend-state', compacted: $state customers"
 echo "== changelog OK"

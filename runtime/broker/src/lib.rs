@@ -30,6 +30,7 @@ mod reconcile;
 mod registry;
 mod replica;
 pub mod topic;
+mod transform_state;
 mod waiters;
 mod wire;
 

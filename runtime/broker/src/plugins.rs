@@ -11,6 +11,15 @@
 //!   transform will process. Written after the outputs of everything before
 //!   it are appended and fsynced: a restart resumes there, so no input is
 //!   lost (at-least-once: a crash between the two repeats some outputs).
+//!
+//! A transform whose component imports the WIT `state` interface keeps a
+//! state store per input partition (`quiver_plugin_host::StateStore`),
+//! changelogged to the compacted topic `<name>-state` (created at deploy;
+//! `transform_state.rs` has the record layout). Each step writes its
+//! outputs, then its state changes and progress in one batch; the store is
+//! rebuilt from the changelog whenever this broker starts leading the input
+//! partition, and the transform resumes from the progress in it. Outputs
+//! stay at-least-once; the state never counts an input twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_controller::Command;
-use quiver_plugin_host::{BUILTIN_PREFIX, CallError, Entry, Input, Instance, Kind, Plugin};
+use quiver_plugin_host::{BUILTIN_PREFIX, CallError, Entry, Input, Instance, Kind, Plugin, SharedState, StateStore};
 use quiver_protocol::ErrorCode;
 use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record};
 use quiver_protocol::messages::{
@@ -27,17 +36,22 @@ use quiver_protocol::messages::{
 };
 use quiver_protocol::partitioner::partition_for_key;
 
-use crate::api::{self, Write};
+use crate::api::{self, NewTopic, Read, Write};
 use crate::broker::{Broker, now_ms};
 use crate::errors::{AdminError, PluginAdminError, PluginCallError, ProduceError};
 use crate::files::write_atomic;
 use crate::partition::Topic;
 use crate::registry::{BatchMode, Deployed, Deployment, OnError, StartAt, invalid, serializers, unknown};
 use crate::topic::{TopicCompression, TopicConfig};
+use crate::transform_state::{Rebuild, barrier_batch, state_topic, state_topic_configs, step_batch};
 use crate::wire::code_of_produce;
 
 /// Input read per transform step, at most.
 const READ_BYTES_MAX: usize = 1 << 20;
+/// Changelog read per fetch while a state store is rebuilt.
+const REBUILD_READ_BYTES: u32 = 4 << 20;
+/// How long a rebuild waits for the changelog to reach its barrier.
+const REBUILD_WAIT: Duration = Duration::from_secs(10);
 
 impl Broker {
     /// Starts the tasks of every deployed transform (at open).
@@ -83,6 +97,9 @@ impl Broker {
         r: PluginDeployRequest,
     ) -> Result<(u32, String, String), PluginAdminError> {
         let (plugin, deployment) = self.validate_deployment(&r).await?;
+        if plugin.uses_state() {
+            self.ensure_state_topic(&r.name, &r.input).await?;
+        }
         self.deploy_in_metadata(&r, &plugin, deployment).await
     }
 
@@ -123,6 +140,12 @@ impl Broker {
         }
         if kind == Kind::Transform {
             self.check_transform_topics(&r.input, &r.outputs, &on_error)?;
+            let state = state_topic(&r.name);
+            if plugin.uses_state() && (state == r.input || r.outputs.contains(&state)) {
+                return Err(invalid(format!(
+                    "topic '{state}' is this transform's state changelog; it cannot be its input or an output"
+                )));
+            }
         } else if !r.input.is_empty() || !r.outputs.is_empty() {
             return Err(invalid(format!("--input and --output are for transforms; this plugin is a {kind}")));
         }
@@ -172,6 +195,33 @@ impl Broker {
             return Err(invalid(format!("topic '{input}' cannot be both the input and an output")));
         }
         Ok(())
+    }
+
+    /// Creates `<name>-state` for a stateful transform reading `input`
+    /// (compacted, as many partitions as the input, its replication
+    /// factor), or checks the one there can hold the state.
+    async fn ensure_state_topic(&self, name: &str, input: &str) -> Result<(), PluginAdminError> {
+        let topic = state_topic(name);
+        let image = self.controller.image().borrow().clone();
+        let source = image.topics.get(input).ok_or_else(|| PluginAdminError::UnknownTopic(input.to_owned()))?;
+        let partitions = source.partitions.len() as u32;
+        if let Some(existing) = image.topics.get(&topic) {
+            let overrides = existing.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            let compacted =
+                self.config.topic_defaults.clone().with_overrides(overrides).is_ok_and(|c| c.is_compacted());
+            if compacted && existing.partitions.len() as u32 >= partitions {
+                return Ok(());
+            }
+            return Err(invalid(format!(
+                "topic '{topic}' exists but cannot hold this transform's state: it must be compacted \
+                 (cleanup.policy=compact) and have at least {partitions} partitions, as '{input}' has"
+            )));
+        }
+        let replication_factor = source.partitions.first().map_or(1, |p| p.replicas.len()) as u16;
+        let new = NewTopic { name: topic.clone(), partitions, replication_factor, configs: state_topic_configs() };
+        self.create_topic_unless_exists(&new)
+            .await
+            .map_err(|e| invalid(format!("cannot create the state changelog '{topic}': {e}")))
     }
 
     pub(crate) async fn control_plugin(
@@ -283,6 +333,10 @@ impl Broker {
         let mut wake_all = self.wake_all.subscribe();
         let waiter = Arc::new(tokio::sync::Notify::new());
         let mut instance: Option<Instance> = None;
+        let mut state = d
+            .plugin
+            .uses_state()
+            .then(|| TaskState { store: StateStore::shared(self.plugins.host.config().state_max_bytes), ready: None });
         loop {
             if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
@@ -300,23 +354,49 @@ impl Broker {
             if let Some(p) = self.topic(&input).and_then(|t| t.held(partition)) {
                 p.waiters.register(&waiter);
             }
-            let (broker, d2) = (self.clone(), d.clone());
-            let mut inst = instance.take();
-            let step = tokio::task::spawn_blocking(move || {
-                let r = broker.transform_step(&d2, partition, &mut inst);
-                (r, inst)
-            })
-            .await;
-            let (result, inst) = match step {
-                Ok(x) => x,
-                Err(e) => (Err(StepError::Policy(format!("transform task failed: {e}"))), None),
+            let stateful = match &mut state {
+                None => Ok(None),
+                Some(s) => self.prepare_state(&d, partition, s).await,
             };
-            instance = inst;
-            let result = match result {
-                Ok(Some(step)) => self.finish_step(&d, partition, step).await,
-                Ok(None) => Ok(false),
+            let result = match stateful {
                 Err(e) => Err(e),
+                // A stateful transform runs only on a store rebuilt while
+                // this broker leads the input partition.
+                Ok(None) if state.is_some() => Ok(false),
+                Ok(stateful) => {
+                    let (broker, d2) = (self.clone(), d.clone());
+                    let mut inst = instance.take();
+                    let step = tokio::task::spawn_blocking(move || {
+                        let r = broker.transform_step(&d2, partition, &mut inst, stateful.as_ref());
+                        (r, inst)
+                    })
+                    .await;
+                    let (result, inst) = match step {
+                        Ok(x) => x,
+                        Err(e) => (Err(StepError::Policy(format!("transform task failed: {e}"))), None),
+                    };
+                    instance = inst;
+                    match result {
+                        Ok(Some(step)) => {
+                            let cursor = step.cursor;
+                            let finished = self.finish_step(&d, partition, step, state.as_ref()).await;
+                            if let (Ok(_), Some(s)) = (&finished, &mut state)
+                                && let Some(ready) = &mut s.ready
+                            {
+                                ready.next = Some(cursor);
+                            }
+                            finished
+                        }
+                        Ok(None) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                }
             };
+            if let (Err(_), Some(s)) = (&result, &mut state) {
+                // The store may hold a step that was not written: rebuild
+                // it from the changelog before the next one.
+                s.ready = None;
+            }
             match result {
                 Ok(true) => continue,
                 Ok(false) => {
@@ -366,12 +446,21 @@ impl Broker {
         d: &Deployed,
         partition: u32,
         instance: &mut Option<Instance>,
+        state: Option<&StepState>,
     ) -> Result<Option<Step>, StepError> {
         let dep = d.deployment.read().expect("deployment lock").clone();
         let Some(input) = self.topic(&dep.input).and_then(|t| t.held(partition)).filter(|p| p.leads()) else {
             return Ok(None);
         };
-        let next = self.transform_next(d, &dep, partition, &input);
+        if state.is_some_and(|s| input.leader_epoch() != Some(s.epoch)) {
+            // Led by another epoch than the store was rebuilt in.
+            return Ok(None);
+        }
+        let next = match state.and_then(|s| s.next) {
+            Some(n) => n.max(input.log.log_start_offset()),
+            None => self.transform_next(d, &dep, partition, &input),
+        };
+        let store = state.map(|s| &s.store);
         let mut step = Step { from: next, cursor: next, outputs: Outputs::new() };
         let hw = input.high_watermark();
         if next >= hw {
@@ -384,7 +473,7 @@ impl Broker {
                 continue;
             }
             step.cursor = self
-                .transform_batch(d, &dep, partition, &batch, step.cursor, instance, &mut step.outputs)
+                .transform_batch(d, &dep, partition, &batch, step.cursor, instance, store, &mut step.outputs)
                 .map_err(StepError::Policy)?;
         }
         Ok(Some(step))
@@ -435,6 +524,7 @@ impl Broker {
         stored: &Bytes,
         from: i64,
         instance: &mut Option<Instance>,
+        store: Option<&SharedState>,
         outputs: &mut Outputs,
     ) -> Result<i64, String> {
         let (header, body) = batch::records_section(stored).map_err(|e| e.to_string())?;
@@ -452,7 +542,7 @@ impl Broker {
             if instance.as_ref().is_none_or(|i| !i.is_usable()) {
                 *instance = Some(
                     d.plugin
-                        .instantiate(&dep.params, &dep.outputs, d.monitor.clone())
+                        .instantiate_with_state(&dep.params, &dep.outputs, d.monitor.clone(), store.cloned())
                         .map_err(|e| format!("cannot start the plugin: {e}"))?,
                 );
             }
@@ -590,13 +680,26 @@ impl Broker {
         Ok(())
     }
 
-    /// Produces a step's outputs, then stores its progress: never the other
-    /// way round. Ok(true) if the step moved on.
-    async fn finish_step(self: &Arc<Self>, d: &Deployed, partition: u32, step: Step) -> Result<bool, StepError> {
+    /// Produces a step's outputs, then its state changes with its progress
+    /// (a stateful transform), then stores its progress: never in another
+    /// order. Ok(true) if the step moved on.
+    async fn finish_step(
+        self: &Arc<Self>,
+        d: &Deployed,
+        partition: u32,
+        step: Step,
+        state: Option<&TaskState>,
+    ) -> Result<bool, StepError> {
         for ((topic, p), b) in step.outputs {
             self.produce_output(&topic, p, b.build()).await?;
         }
         let name = d.deployment.read().expect("deployment lock").name.clone();
+        if let Some(s) = state
+            && step.cursor > step.from
+        {
+            let changes = s.store.lock().expect("state lock").take_changes();
+            self.produce_output(&state_topic(&name), partition, step_batch(&changes, step.cursor, now_ms())).await?;
+        }
         {
             let mut progress = d.progress.lock().expect("progress lock");
             if progress.get(&partition) != Some(&step.cursor) {
@@ -613,8 +716,8 @@ impl Broker {
 
     /// Writes one output batch as a producer with acks=all would: to the
     /// partition's leader, here or on another broker, acknowledged once the
-    /// in-sync replicas have it on disk.
-    async fn produce_output(self: &Arc<Self>, topic: &str, partition: u32, records: Bytes) -> Result<(), StepError> {
+    /// in-sync replicas have it on disk. Returns the batch's base offset.
+    async fn produce_output(self: &Arc<Self>, topic: &str, partition: u32, records: Bytes) -> Result<i64, StepError> {
         let output = |message: String| format!("output {topic}-{partition}: {message}");
         let (code, message) = match self
             .remote_leader(topic, partition)
@@ -624,7 +727,7 @@ impl Broker {
                 let write = Write { topic: topic.to_owned(), partition, records };
                 let written = self.write(vec![write], api::Acks::All, None).await;
                 match written.and_then(|mut all| all.pop().unwrap_or(Err(ProduceError::Internal("no answer".into())))) {
-                    Ok(_) => return Ok(()),
+                    Ok(written) => return Ok(written.base_offset),
                     Err(e) => (code_of_produce(&e), e.to_string()),
                 }
             }
@@ -642,7 +745,7 @@ impl Broker {
                     .pop()
                     .ok_or_else(|| StepError::Retry(output("an empty produce answer".into())))?;
                 match result.error {
-                    ErrorCode::None => return Ok(()),
+                    ErrorCode::None => return Ok(result.base_offset),
                     code => (code, result.message),
                 }
             }
@@ -656,6 +759,77 @@ impl Broker {
         } else {
             Err(StepError::Policy(message))
         }
+    }
+
+    /// Makes a stateful transform's store ready for a step: rebuilt from
+    /// the changelog once per leader epoch of the input partition. `None`
+    /// while this broker does not lead the input partition.
+    async fn prepare_state(
+        self: &Arc<Self>,
+        d: &Deployed,
+        partition: u32,
+        s: &mut TaskState,
+    ) -> Result<Option<StepState>, StepError> {
+        let input = d.deployment.read().expect("deployment lock").input.clone();
+        let epoch = self.topic(&input).and_then(|t| t.held(partition)).and_then(|p| p.leader_epoch());
+        let Some(epoch) = epoch else {
+            s.ready = None;
+            return Ok(None);
+        };
+        if s.ready.as_ref().is_none_or(|r| r.epoch != epoch) {
+            s.ready = None;
+            let started = Instant::now();
+            let next = self.rebuild_state(d, partition, &s.store).await?;
+            let keys = s.store.lock().expect("state lock").len();
+            d.monitor.log(
+                "info",
+                format!(
+                    "state of partition {partition} rebuilt from '{}' in {:?}: {keys} keys, input offset {}",
+                    state_topic(&d.deployment.read().expect("deployment lock").name),
+                    started.elapsed(),
+                    next.map_or("none yet".to_owned(), |n| n.to_string())
+                ),
+            );
+            s.ready = Some(StepState { store: s.store.clone(), epoch, next });
+        }
+        Ok(s.ready.clone())
+    }
+
+    /// Empties `store` and replays `<name>-state` partition `partition`
+    /// into it, up to a barrier written first; returns the input offset the
+    /// rebuilt store stands for (none before the first step).
+    async fn rebuild_state(
+        self: &Arc<Self>,
+        d: &Deployed,
+        partition: u32,
+        store: &SharedState,
+    ) -> Result<Option<i64>, StepError> {
+        let topic = state_topic(&d.deployment.read().expect("deployment lock").name);
+        let barrier = self.produce_output(&topic, partition, barrier_batch(self.config.node_id, now_ms())).await?;
+        store.lock().expect("state lock").clear();
+        let mut rebuild = Rebuild::default();
+        let deadline = Instant::now() + REBUILD_WAIT;
+        while rebuild.next <= barrier {
+            let read = Read { topic: topic.clone(), partition, offset: rebuild.next, max_bytes: REBUILD_READ_BYTES };
+            let answer = self.read_anywhere(vec![read], REBUILD_READ_BYTES, Duration::ZERO).await.pop();
+            let records = answer
+                .map_or(Ok(Bytes::new()), |a| a.records)
+                .map_err(|e| StepError::Retry(format!("rebuilding the state from '{topic}': {e}")))?;
+            if records.is_empty() {
+                if Instant::now() >= deadline {
+                    return Err(StepError::Retry(format!(
+                        "rebuilding the state from '{topic}': the changelog stopped at offset {} before the \
+                         barrier at {barrier}",
+                        rebuild.next
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let mut store = store.lock().expect("state lock");
+            rebuild.apply(&mut store, records).map_err(StepError::Policy)?;
+        }
+        Ok(rebuild.progress)
     }
 
     /// Writes this broker's new progress to the metadata log (at most once
@@ -700,6 +874,24 @@ const PROGRESS_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// Output batches of one transform step, per output topic and partition, in
 /// input order.
 type Outputs = BTreeMap<(String, u32), BatchBuilder>;
+
+/// A stateful transform's store, as its partition's task holds it.
+struct TaskState {
+    store: SharedState,
+    /// Set once the store is rebuilt for the input's current leader epoch.
+    ready: Option<StepState>,
+}
+
+/// What a step of a stateful transform runs on.
+#[derive(Clone)]
+struct StepState {
+    store: SharedState,
+    /// The input partition's leader epoch the store was rebuilt in.
+    epoch: i32,
+    /// The next input offset the store stands for (none before the first
+    /// step: the deployment's start position).
+    next: Option<i64>,
+}
 
 /// What one transform step read and produced.
 struct Step {

@@ -41,5 +41,5 @@ pub mod partitioner {
     });
 }
 
-pub use transform::quiver::plugin::host;
 pub use transform::quiver::plugin::types::{Batch, BatchOutput};
+pub use transform::quiver::plugin::{host, state};

@@ -14,6 +14,7 @@ mod bindings;
 pub mod builder;
 pub mod entries;
 mod monitor;
+pub mod state;
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use bindings::{filter, partitioner, serializer, transform};
 pub use entries::Entry;
 pub use monitor::{LOG_LINES_MAX, LogLine, Monitor, Stats};
+pub use state::{SharedState, StateStore};
 
 /// The ABI versions (WIT package versions) this host runs.
 pub const ABI_VERSIONS: &[&str] = &["0.1.0"];
@@ -92,6 +94,9 @@ pub struct HostConfig {
     pub call_deadline: Duration,
     /// Instances alive at once (the pooling allocator's slots).
     pub instances_max: u32,
+    /// Keys, values and overhead one transform's state store may hold per
+    /// input partition (in the broker's memory, not the instance's).
+    pub state_max_bytes: usize,
 }
 
 impl Default for HostConfig {
@@ -101,6 +106,7 @@ impl Default for HostConfig {
             memory_max_bytes: 64 << 20,
             call_deadline: Duration::from_millis(500),
             instances_max: 256,
+            state_max_bytes: 64 << 20,
         }
     }
 }
@@ -188,6 +194,8 @@ impl PluginHost {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         bindings::host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        bindings::state::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), stop_ticker.clone());
@@ -232,7 +240,8 @@ impl PluginHost {
             Kind::Partitioner => Pre::Partitioner(partitioner::PartitionerPluginPre::new(pre).map_err(bad_exports)?),
         };
         let engine = self.engine.clone();
-        Ok(Arc::new(Plugin { sha256, kind, abi, pre, from_cache, config: self.config.clone(), engine }))
+        let uses_state = imports_state(&self.engine, &component);
+        Ok(Arc::new(Plugin { sha256, kind, abi, pre, from_cache, uses_state, config: self.config.clone(), engine }))
     }
 
     /// A transform built into the host, not a component: `identity`, a
@@ -249,6 +258,7 @@ impl PluginHost {
             abi: ABI_VERSIONS[ABI_VERSIONS.len() - 1].to_owned(),
             pre: Pre::NativeIdentity,
             from_cache: false,
+            uses_state: false,
             config: self.config.clone(),
             engine: self.engine.clone(),
         }))
@@ -356,6 +366,13 @@ fn inspect(engine: &Engine, component: &Component) -> Result<(Kind, String), Plu
     Err(PluginError::NotAPlugin)
 }
 
+/// Whether a component imports the `state` interface: a transform that does
+/// has a state store.
+fn imports_state(engine: &Engine, component: &Component) -> bool {
+    let prefix = format!("{WIT_PACKAGE}/state");
+    component.component_type().imports(engine).any(|(name, _)| name.starts_with(&prefix))
+}
+
 /// A compiled, linked plugin: instantiate it as often as needed.
 pub struct Plugin {
     sha256: String,
@@ -363,6 +380,7 @@ pub struct Plugin {
     abi: String,
     pre: Pre,
     from_cache: bool,
+    uses_state: bool,
     config: HostConfig,
     engine: Engine,
 }
@@ -394,6 +412,11 @@ impl Plugin {
         self.from_cache
     }
 
+    /// Whether this transform keeps keyed state (it imports `state`).
+    pub fn uses_state(&self) -> bool {
+        self.uses_state
+    }
+
     /// Refuses a plugin of another kind than the caller needs.
     pub fn expect_kind(&self, expected: Kind) -> Result<(), PluginError> {
         if self.kind != expected {
@@ -411,6 +434,18 @@ impl Plugin {
         outputs: &[String],
         monitor: Arc<Monitor>,
     ) -> Result<Instance, PluginError> {
+        self.instantiate_with_state(params, outputs, monitor, None)
+    }
+
+    /// [`instantiate`](Self::instantiate), with the state store its `state`
+    /// calls read and write (a transform's, for one input partition).
+    pub fn instantiate_with_state(
+        self: &Arc<Self>,
+        params: &[(String, String)],
+        outputs: &[String],
+        monitor: Arc<Monitor>,
+        state: Option<SharedState>,
+    ) -> Result<Instance, PluginError> {
         let stderr = MemoryOutputPipe::new(64 * 1024);
         let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
         let state = HostState {
@@ -418,6 +453,7 @@ impl Plugin {
             table: ResourceTable::new(),
             limiter: Limiter { memory_max: self.config.memory_max_bytes, hit: false },
             monitor: monitor.clone(),
+            state,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -632,9 +668,15 @@ impl Instance {
         self.arm();
         let started = Instant::now();
         let batch = Self::batch(input);
+        let mark = self.store.data().state.as_ref().map(|s| s.lock().expect("state lock").mark());
         let Some(result) = f(&self.exports, &mut self.store, batch) else {
             return Err(self.wrong_kind());
         };
+        if let (Err(_), Some(mark)) = (&result, mark) {
+            // A call that did not return processed nothing: its writes go.
+            let state = self.store.data().state.clone().expect("marked above");
+            state.lock().expect("state lock").rollback(mark);
+        }
         match result {
             Ok(out) => {
                 let refusal = out.error.map(|e| Refusal { index: e.index, message: e.message });
@@ -684,6 +726,8 @@ struct HostState {
     table: ResourceTable,
     limiter: Limiter,
     monitor: Arc<Monitor>,
+    /// A transform's state store, if it has one.
+    state: Option<SharedState>,
 }
 
 impl WasiView for HostState {
@@ -707,6 +751,24 @@ impl bindings::host::Host for HostState {
 
     fn now_ms(&mut self) -> i64 {
         monitor::now_ms()
+    }
+}
+
+impl bindings::state::Host for HostState {
+    fn get(&mut self, key: Vec<u8>) -> Option<Vec<u8>> {
+        let state = self.state.as_ref()?;
+        state.lock().expect("state lock").get(&key).map(<[u8]>::to_vec)
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
+        let state = self.state.as_ref().ok_or("this plugin has no state store (only transforms have one)")?;
+        state.lock().expect("state lock").put(&key, &value)
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        if let Some(state) = &self.state {
+            state.lock().expect("state lock").delete(&key);
+        }
     }
 }
 

@@ -185,3 +185,48 @@ fn a_damaged_cache_entry_is_recompiled() {
         assert!(PluginHost::new(config.clone()).unwrap().load(&bytes).unwrap().from_cache());
     }
 }
+
+/// A transform that imports `state` has a store: its writes are visible to
+/// later reads, survive the instance (a new one on the same store goes
+/// on), and are the store's changes for the broker to changelog. A plugin
+/// that does not import it has none, and a stateful plugin given no store
+/// refuses the record that writes.
+#[test]
+fn a_stateful_transform_keeps_its_store_across_instances() {
+    use quiver_plugin_host::StateStore;
+    let host = host(1000);
+    let aggregate = host.load(&wasm("aggregate")).unwrap();
+    assert!(aggregate.uses_state());
+    assert!(!host.load(&wasm("identity")).unwrap().uses_state());
+    let params = [("field".to_owned(), "amount".to_owned())];
+    let outputs = ["totals".to_owned()];
+    let store = StateStore::shared(1 << 20);
+    let totals = |out: &quiver_plugin_host::Output, n: u32| -> Vec<String> {
+        out.decode(n, 1)
+            .unwrap()
+            .iter()
+            .map(|e| match e {
+                Entry::New { value, .. } => String::from_utf8(value.unwrap().to_vec()).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let buf = records(&[("a", r#"{"amount":2}"#), ("b", r#"{"amount":5}"#), ("a", r#"{"amount":3}"#)]);
+    let mut inst =
+        aggregate.instantiate_with_state(&params, &outputs, Arc::new(Monitor::default()), Some(store.clone())).unwrap();
+    let out = inst.transform(&input(&buf, 3)).unwrap();
+    assert_eq!(totals(&out, 3), [r#"{"count":1,"sum":2}"#, r#"{"count":1,"sum":5}"#, r#"{"count":2,"sum":5}"#]);
+    drop(inst);
+    let mut inst =
+        aggregate.instantiate_with_state(&params, &outputs, Arc::new(Monitor::default()), Some(store.clone())).unwrap();
+    let buf = records(&[("a", r#"{"amount":10}"#)]);
+    assert_eq!(totals(&inst.transform(&input(&buf, 1)).unwrap(), 1), [r#"{"count":3,"sum":15}"#]);
+    let changes = store.lock().unwrap().take_changes();
+    let keys: Vec<&[u8]> = changes.iter().map(|(k, _)| k.as_slice()).collect();
+    assert_eq!(keys, [&b"a"[..], b"b"]);
+    assert_eq!(changes[0].1.as_deref(), Some(&br#"{"count":3,"sum":15}"#[..]));
+
+    let mut stateless = aggregate.instantiate(&params, &outputs, Arc::new(Monitor::default())).unwrap();
+    let out = stateless.transform(&input(&buf, 1)).unwrap();
+    assert!(out.refusal.unwrap().message.contains("no state store"));
+}

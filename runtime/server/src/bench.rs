@@ -40,8 +40,9 @@ pub enum BenchMode {
     Quic,
     /// In-stream transform throughput through the broker (input topic to
     /// output topic): a Wasm identity transform against the built-in native
-    /// pass-through over the same records, and the time from deploy to the
-    /// first output record.
+    /// pass-through over the same records, the stateful `aggregate` (a count
+    /// per key, changelogged) against Wasm identity over a keyed copy
+    /// (`--keys`), and the time from deploy to the first output record.
     Transform,
     /// Replication on this machine: acks=all produce throughput of a
     /// 3-node cluster (replication factor 3, min.insync.replicas 2) against
@@ -112,7 +113,7 @@ pub struct BenchOpts {
     /// restarted and back in the ISR before the next).
     #[arg(long, global = true, default_value_t = 3)]
     pub failovers: u32,
-    /// Compact bench: distinct keys the updates cycle over.
+    /// Compact and transform benches: distinct keys the records cycle over.
     #[arg(long, global = true, default_value_t = 10_000)]
     pub keys: u64,
     /// Group bench: how many member kills and clean leaves to time.
@@ -443,6 +444,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             if let Some(r) = ratio("transform-wasm", "transform-native") {
                 println!("Wasm identity / native pass-through = {:.1} %", r * 100.0);
+            }
+            if let Some(r) = ratio("transform-stateful", "transform-keyed-wasm") {
+                println!("stateful aggregate / Wasm identity, keyed input = {:.1} %", r * 100.0);
             }
             for (a, b, label) in [
                 ("clean", "sequential-copy", "cleaner / sequential copy (MiB/s of input)"),
@@ -1054,7 +1058,6 @@ async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<Benc
     if (records_in(&target.client, &opts.topic).await? as u64) < opts.records {
         produce(target, opts, &opts.topic).await?;
     }
-    let total = records_in(&target.client, &opts.topic).await?;
     let wasm = match &opts.wasm {
         Some(file) => std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?,
         None => {
@@ -1062,11 +1065,27 @@ async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<Benc
             std::fs::read(built.map_err(anyhow::Error::msg)?)?
         }
     };
+    // The stateful pair reads a keyed copy of the input (`--keys` keys).
+    let keyed = format!("{}-keyed", opts.topic);
+    if admin.create_topic(&keyed, opts.partitions, &[]).await.is_ok() {
+        compact::fill_keyed(target, opts, &keyed, "fill the keyed input").await?;
+    }
+    let aggregate = tokio::task::spawn_blocking(|| quiver_plugin_host::builder::first_party("aggregate")).await?;
+    let aggregate = std::fs::read(aggregate.map_err(anyhow::Error::msg)?)?;
+    let runs = [
+        ("transform-native", "identity", Vec::new(), &opts.topic),
+        ("transform-wasm", "", wasm.clone(), &opts.topic),
+        ("transform-keyed-wasm", "", wasm, &keyed),
+        ("transform-stateful", "", aggregate, &keyed),
+    ];
     let mut results = Vec::new();
-    for (label, builtin, wasm) in [("transform-native", "identity", Vec::new()), ("transform-wasm", "", wasm)] {
+    for (label, builtin, wasm, input) in runs {
+        let total = records_in(&target.client, input).await?;
         let (name, output) = (format!("bench-{label}"), format!("{}-{label}", opts.topic));
         unless(ErrorCode::UnknownPlugin, admin.control_plugin(&name, PluginAction::Remove).await)?;
         unless(ErrorCode::UnknownTopic, admin.delete_topic(&output).await)?;
+        // A stateful run starts from an empty changelog.
+        unless(ErrorCode::UnknownTopic, admin.delete_topic(&format!("{name}-state")).await)?;
         admin.create_topic(&output, opts.partitions, &[]).await?;
         let bar = progress(total as u64, label);
         let deployed = Instant::now();
@@ -1077,7 +1096,7 @@ async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<Benc
                 wasm: wasm.into(),
                 builtin: builtin.into(),
                 params: vec![],
-                input: opts.topic.clone(),
+                input: input.clone(),
                 outputs: vec![output.clone()],
                 on_error: "fail".into(),
                 start: "start".into(),

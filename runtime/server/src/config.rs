@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub groups: GroupsSection,
+    #[serde(default)]
+    pub plugins: PluginsSection,
     /// Defaults for new topics, e.g. `"retention.ms" = "86400000"`.
     #[serde(default)]
     pub topic_defaults: BTreeMap<String, toml::Value>,
@@ -93,6 +95,33 @@ impl Default for StorageSection {
             cleaner_dedupe_buffer_bytes: cleaner.dedupe_buffer_bytes,
             cleaner_io_bytes_per_second: 0,
             cleaner_backoff_ms: cleaner.backoff_ms,
+        }
+    }
+}
+
+/// Limits of WebAssembly plugins.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    /// Linear memory one plugin instance may grow to.
+    pub memory_max_bytes: usize,
+    /// Wall-clock time one batch call may take.
+    pub call_deadline_ms: u64,
+    /// Plugin instances alive at once on this broker.
+    pub instances_max: u32,
+    /// Keys and values one stateful transform may keep per input partition
+    /// (in the broker's memory; a `put` past it fails).
+    pub state_max_bytes: usize,
+}
+
+impl Default for PluginsSection {
+    fn default() -> Self {
+        let host = quiver_broker::PluginHostConfig::default();
+        PluginsSection {
+            memory_max_bytes: host.memory_max_bytes,
+            call_deadline_ms: host.call_deadline.as_millis() as u64,
+            instances_max: host.instances_max,
+            state_max_bytes: host.state_max_bytes,
         }
     }
 }
@@ -320,6 +349,14 @@ impl FileConfig {
             backoff_ms: self.storage.cleaner_backoff_ms.max(10),
         };
         broker.topic_defaults = topic_defaults;
+        let plugins = &self.plugins;
+        if plugins.memory_max_bytes < (1 << 20) || plugins.call_deadline_ms == 0 || plugins.instances_max == 0 {
+            bail!("plugins: memory_max_bytes must be at least 1 MiB, call_deadline_ms and instances_max at least 1");
+        }
+        broker.plugins.memory_max_bytes = plugins.memory_max_bytes;
+        broker.plugins.call_deadline = std::time::Duration::from_millis(plugins.call_deadline_ms);
+        broker.plugins.instances_max = plugins.instances_max;
+        broker.plugins.state_max_bytes = plugins.state_max_bytes;
         broker.replica_lag_time_max_ms = self.cluster.replica_lag_time_max_ms.max(1);
         let groups = &self.groups;
         if groups.heartbeat_interval_ms == 0 || groups.session_timeout_ms <= groups.heartbeat_interval_ms {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use quiver_plugin_host::{Entry, HostConfig, Input, Kind, Monitor, PluginHost, builder};
+use quiver_plugin_host::{Entry, HostConfig, Input, Kind, Monitor, PluginHost, StateStore, builder};
 use quiver_protocol::messages::{OFFSET_LATEST, PluginAction, PluginDeployRequest};
 
 use crate::cli::{ConnArgs, Format, parse_key_value};
@@ -318,7 +318,10 @@ fn test(
     let plugin = host.load(&wasm)?;
     let monitor = Arc::new(Monitor::default());
     let outputs: Vec<String> = if plugin.kind() == Kind::Transform { outputs.to_vec() } else { Vec::new() };
-    let mut inst = plugin.instantiate(params, &outputs, monitor.clone())?;
+    // A stateful transform gets a store of its own for the run (empty: the
+    // broker's changelog is not read).
+    let state = plugin.uses_state().then(|| StateStore::shared(HostConfig::default().state_max_bytes));
+    let mut inst = plugin.instantiate_with_state(params, &outputs, monitor.clone(), state)?;
     let stored = read_samples(input)?;
     let (header, body) = quiver_protocol::batch::records_section(&stored)?;
     let records = quiver_protocol::batch::decode_section(&header, &body)?;

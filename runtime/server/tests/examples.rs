@@ -29,5 +29,6 @@ fn changelog_example_runs() {
     assert!(stdout.contains("rebuilds the table of"), "{stdout}");
     assert!(stdout.contains("hold the same table"), "{stdout}");
     assert!(stdout.contains("tombstones dropped after delete.retention.ms"), "{stdout}");
+    assert!(stdout.contains("customers equal their orders exactly"), "{stdout}");
     assert!(stdout.contains("== changelog OK"), "{stdout}");
 }

@@ -479,3 +479,129 @@ async fn a_running_producer_picks_up_a_redeployed_partitioner() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+fn deploy_aggregate(node: &DevNode, name: &str, input: &str, output: &str, extra: &[&str]) -> std::process::Output {
+    let wasm = plugin("aggregate");
+    let mut args = vec!["plugin", "deploy", name, &wasm, "--kind", "transform", "--input", input, "--output", output];
+    args.extend(["--param", "field=amount"]);
+    args.extend(extra);
+    node.quiver(&args)
+}
+
+/// The aggregate transform keeps its totals in a state store changelogged
+/// to `totals-state`. The broker is killed (-9) at random points of the
+/// transform's work on a backlog and restarted, again and again. No input is lost or counted twice: every total emitted is the
+/// key's totals after a prefix of its inputs (as the input topic holds
+/// them), every prefix is emitted, and the changelog holds each key's whole
+/// total. Outputs may repeat (at-least-once): a step redone after a crash
+/// emits the same totals again.
+#[test]
+fn a_stateful_transform_keeps_exact_totals_across_kill9() {
+    use common::totals::Inputs;
+    let mut node = DevNode::start();
+    node.ok(&["topic", "create", "payments", "-p", "2"]);
+    node.ok(&["topic", "create", "spend", "-p", "2"]);
+    let out = deploy_aggregate(&node, "totals", "payments", "spend", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The changelog: as many partitions as the input, compacted.
+    let described = node.ok(&["topic", "describe", "totals-state", "--format", "json"]);
+    let described: serde_json::Value = serde_json::from_str(&described).unwrap();
+    assert_eq!(described["partitions"].as_array().unwrap().len(), 2, "{described}");
+    assert!(described["configs"].to_string().contains("\"compact\""), "{described}");
+
+    // Rounds: a backlog piles up while the transform is paused; it resumes
+    // and the broker is killed somewhere in its work on the backlog.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let kills = 5;
+    for round in 0..kills {
+        node.ok(&["plugin", "pause", "totals"]);
+        let text: String = (0..40_000u64)
+            .map(|i| format!("c{}\t{{\"amount\":{}}}\n", (i * 7 + round) % 50, (i % 13) as i64 - 3))
+            .collect();
+        let out = node.produce(&["topic", "produce", "payments", "--key-sep", "\\t"], text.as_bytes());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        node.ok(&["plugin", "resume", "totals"]);
+        // Once it is at work (the first records through the plugin in
+        // this broker's life), somewhere in the middle.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = &json_lines(&node.ok(&["plugin", "describe", "totals", "--format", "json"]))[0];
+            if d["stats"]["records_in"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the transform did not start: {d}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 200));
+        node.kill9();
+        node.spawn();
+    }
+    caught_up(&node, "totals");
+    let inputs = Inputs::from_records(&values(&node, "payments"));
+    let repeated = inputs.check_outputs(&values(&node, "spend")).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{repeated} outputs of {} inputs repeated after {kills} kills", inputs.len());
+    // At most one step (1 MiB of input) per partition redone per kill.
+    assert!(repeated < inputs.len() / 2, "{repeated} outputs repeated");
+    inputs.check_state(&values(&node, "totals-state")).unwrap_or_else(|e| panic!("{e}"));
+    // Compacting the changelog keeps what a rebuild needs.
+    node.ok(&["topic", "compact", "totals-state"]);
+    inputs.check_state(&values(&node, "totals-state")).unwrap_or_else(|e| panic!("{e}"));
+    let logs = node.ok(&["plugin", "logs", "totals"]);
+    assert!(logs.contains("rebuilt from 'totals-state'"), "{logs}");
+
+    // A restart after compaction rebuilds from the compacted changelog and
+    // goes on from there.
+    node.kill9();
+    node.spawn();
+    let out = node.produce(&["topic", "produce", "payments", "--key-sep", "\\t"], b"c1\t{\"amount\":1000}\n");
+    assert!(out.status.success());
+    caught_up(&node, "totals");
+    let inputs = Inputs::from_records(&values(&node, "payments"));
+    inputs.check_outputs(&values(&node, "spend")).unwrap_or_else(|e| panic!("{e}"));
+    inputs.check_state(&values(&node, "totals-state")).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Bad input to a stateful transform: a changelog topic that cannot hold
+/// state refuses the deploy; keyless and malformed records go to the
+/// dead-letter topic and change no total.
+#[test]
+fn a_stateful_transform_refuses_bad_input_clearly() {
+    use common::totals::Inputs;
+    let node = DevNode::start();
+    for (t, p) in [("in", "1"), ("out", "1"), ("dlq", "1"), ("agg-state", "1"), ("bad-state", "1")] {
+        node.ok(&["topic", "create", t, "-p", p]);
+    }
+    let refused = deploy_aggregate(&node, "agg", "in", "out", &[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("cannot hold this transform's state"), "{err}");
+    let refused = deploy_aggregate(&node, "bad", "in", "bad-state", &[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("is this transform's state changelog"), "{err}");
+    node.ok(&["topic", "delete", "agg-state"]);
+    let out = deploy_aggregate(&node, "agg", "in", "out", &["--on-error", "dead-letter=dlq"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let keyed = "k1\t{\"amount\":2}\nk1\t{\"amount\":\"x\"}\nk2\t{}\nk1\t{\"amount\":3}\n";
+    assert!(node.produce(&["topic", "produce", "in", "--key-sep", "\\t"], keyed.as_bytes()).status.success());
+    assert!(node.produce(&["topic", "produce", "in"], b"{\"amount\":5}\n").status.success());
+    caught_up(&node, "agg");
+    let mut inputs = Inputs::default();
+    inputs.push("k1", 2);
+    inputs.push("k1", 3);
+    inputs.check_outputs(&values(&node, "out")).unwrap_or_else(|e| panic!("{e}"));
+    inputs.check_state(&values(&node, "agg-state")).unwrap_or_else(|e| panic!("{e}"));
+    let dlq = values(&node, "dlq");
+    let reasons: Vec<String> = dlq
+        .iter()
+        .map(|r| {
+            let h = r["headers"].as_array().unwrap().iter().find(|h| h["key"] == "quiver.error").unwrap();
+            h["value"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("not a number") && reasons[1].contains("missing"), "{reasons:?}");
+    assert!(reasons[2].contains("keyed records"), "{reasons:?}");
+}

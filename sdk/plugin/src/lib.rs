@@ -15,12 +15,16 @@
 //! quiver_plugin::transform!(fn shout);
 //! ```
 //!
+//! A transform may keep durable keyed state with [`state::get`],
+//! [`state::put`] and [`state::delete`].
+//!
 //! The same code runs natively, so plugins are unit-tested with plain
 //! `cargo test` through [`testing`].
 
 mod output;
 mod params;
 mod record;
+pub mod state;
 pub mod testing;
 
 #[doc(hidden)]

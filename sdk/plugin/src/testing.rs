@@ -109,6 +109,19 @@ pub fn partition<T: Partitioner>(
     glue::call_partitioner::<T>(&encode(records), 0, 0, partitions)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
+/// The state store's content on this thread (what a transform's
+/// [`crate::state`] calls left), in key order.
+pub fn state() -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+    crate::state::imp::snapshot()
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+/// Empties this thread's state store (between test cases).
+pub fn clear_state() {
+    crate::state::imp::clear()
+}
+
 /// Checks a plugin's parameters the way the host does at deploy time.
 pub fn init<T: 'static>(params_: &[(&str, &str)], init: fn(&Params) -> Result<T, Error>) -> Result<(), String> {
     glue::init_plugin::<T>(params(params_), init)

@@ -27,6 +27,10 @@ use quiver_protocol::{ErrorCode, WireError};
 pub struct Net {
     brokers: Mutex<HashMap<NodeId, Arc<Broker>>>,
     cut: Mutex<HashSet<NodeId>>,
+    /// Per topic, how many more produce answers between brokers to lose
+    /// after the write was applied (a transform's write that happened but
+    /// whose acknowledgement never arrived).
+    lost_answers: Mutex<HashMap<String, u32>>,
 }
 
 impl Net {
@@ -97,7 +101,22 @@ impl ReplicaLink for Wire {
     }
 
     fn produce(&self, leader: NodeId, _: String, request: ProduceRequest) -> Answer<ProduceResponse> {
-        self.call(leader, request)
+        let topic = request.partitions.first().map(|p| p.topic.clone()).unwrap_or_default();
+        let (answer, net) = (self.call(leader, request), self.net.clone());
+        Box::pin(async move {
+            let answer = answer.await?;
+            let mut lost = net.lost_answers.lock().unwrap();
+            match lost.get_mut(&topic) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    Err(WireError::new(
+                        ErrorCode::RequestTimedOut,
+                        format!("the answer of a produce to {topic} was lost"),
+                    ))
+                }
+                _ => Ok(answer),
+            }
+        })
     }
 
     fn read(&self, leader: NodeId, _: String, request: FetchRequest) -> Answer<FetchResponse> {
@@ -200,6 +219,12 @@ impl Cluster {
         } else {
             set.remove(&node);
         }
+    }
+
+    /// Loses the answers of the next `n` produce requests between brokers
+    /// to `topic`, after their writes were applied.
+    pub fn lose_produce_answers(&self, topic: &str, n: u32) {
+        self.net.lost_answers.lock().unwrap().insert(topic.to_owned(), n);
     }
 
     /// A request to `node` from a client (the broker's own principal).

@@ -117,16 +117,12 @@ fn clean_vs_copy(opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
     Ok(vec![copy, clean])
 }
 
-/// Produce throughput alone and while another topic is cleaned in a loop.
-async fn produce_while_cleaning(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
-    let compacted = format!("{}-compacted", opts.topic);
-    let configs = [("cleanup.policy".to_string(), "compact".to_string()), ("segment.bytes".into(), "8388608".into())];
-    let admin = target.client.admin();
-    unless(ErrorCode::TopicAlreadyExists, admin.create_topic(&compacted, 1, &configs).await.map(drop))?;
-    // Its dirty changelog, written untimed.
+/// Writes `--records` records of `--record-bytes` over `--keys` keys to
+/// `topic`, untimed.
+pub(super) async fn fill_keyed(target: &Target, opts: &BenchOpts, topic: &str, label: &str) -> anyhow::Result<()> {
     let producer = target.client.producer(super::producer_config(opts));
-    let bar = progress(opts.records, "fill the compacted topic");
-    let topic: Arc<str> = compacted.as_str().into();
+    let bar = progress(opts.records, label);
+    let topic: Arc<str> = topic.into();
     let value = Bytes::from(payload(opts.record_bytes, 9));
     let keys = opts.keys.max(1);
     let mut deliveries = Vec::new();
@@ -144,6 +140,17 @@ async fn produce_while_cleaning(target: &Target, opts: &BenchOpts) -> anyhow::Re
         d.await?;
     }
     bar.finish_and_clear();
+    Ok(())
+}
+
+/// Produce throughput alone and while another topic is cleaned in a loop.
+async fn produce_while_cleaning(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<BenchResult>> {
+    let compacted = format!("{}-compacted", opts.topic);
+    let configs = [("cleanup.policy".to_string(), "compact".to_string()), ("segment.bytes".into(), "8388608".into())];
+    let admin = target.client.admin();
+    unless(ErrorCode::TopicAlreadyExists, admin.create_topic(&compacted, 1, &configs).await.map(drop))?;
+    // Its dirty changelog, written untimed.
+    fill_keyed(target, opts, &compacted, "fill the compacted topic").await?;
 
     let mut results = Vec::new();
     for round in 0..opts.rounds.max(1) {

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod member;
 pub mod proxy;
+pub mod totals;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
