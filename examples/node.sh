@@ -21,7 +21,7 @@ port=$((20000 + RANDOM % 20000))
 export QUIVER_DEV_DIR="$data"
 start_node() {
     rm -f "$data/address"
-    q dev --data-dir "$data" --listen "127.0.0.1:$port" >>"$data/node.log" 2>&1 &
+    "$QUIVER" dev --data-dir "$data" --listen "127.0.0.1:$port" >>"$data/node.log" 2>&1 &
     node=$!
 }
 start_node

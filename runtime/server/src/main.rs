@@ -56,6 +56,15 @@ fn main() -> std::process::ExitCode {
         }
     });
     let cli = quiver_server::cli::Cli::parse();
+    if !matches!(cli.command, quiver_server::cli::Command::Dev { .. } | quiver_server::cli::Command::Broker { .. }) {
+        // A client command whose reader went away (`quiver topic consume
+        // ... | head`) ends quietly, as other command-line tools do, instead
+        // of failing on a write to a closed pipe. The nodes keep Rust's
+        // default (SIGPIPE ignored: a closed socket is an error to handle).
+        // SAFETY: restoring a signal's default disposition, before any
+        // other thread than mi-collect (which never writes) exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     quiver_server::cli::init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
