@@ -648,6 +648,21 @@ impl BatchBuilder {
         }
     }
 
+    /// Marks the batch as a control batch of a transaction (attribute bits 4
+    /// and 5): its one record is a commit or abort marker
+    /// (`crate::control`), never given to applications.
+    pub fn control(mut self) -> Self {
+        self.attributes |= ATTR_TRANSACTIONAL | ATTR_CONTROL;
+        self
+    }
+
+    /// Marks the batch as written inside a transaction (attribute bit 4):
+    /// read_committed consumers see it only once its transaction committed.
+    pub fn transactional(mut self) -> Self {
+        self.attributes |= ATTR_TRANSACTIONAL;
+        self
+    }
+
     pub fn with_producer(mut self, producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Self {
         self.producer_id = producer_id;
         self.producer_epoch = producer_epoch;

@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod codec;
+pub mod control;
 pub mod error;
 pub mod frame;
 pub mod messages;

@@ -28,6 +28,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub mod partition;
+
 /// (topic, partition)
 pub type TopicPartition = (String, u32);
 
