@@ -265,6 +265,7 @@ impl Broker {
                             .map_or(-1, |(_, part)| part.high_watermark()),
                     })
                     .collect();
+                let (state_topic, state_keys, state_bytes) = self.describe_stores(d, &dep);
                 let (state, reason) = match &dep.paused {
                     None => ("running", String::new()),
                     Some(r) if r.starts_with("failed") => ("failed", r.clone()),
@@ -290,10 +291,32 @@ impl Broker {
                     records_out: stats.records_out,
                     errors: stats.errors,
                     busy_ns: stats.busy_ns,
+                    state_topic,
+                    state_keys,
+                    state_bytes,
                 }
             })
             .collect();
         Ok(PluginListResponse { plugins })
+    }
+
+    /// A stateful transform's changelog topic and the keys and bytes of its
+    /// stores for the input partitions led here (empty and zeros for any
+    /// other plugin).
+    fn describe_stores(&self, d: &Deployed, dep: &Deployment) -> (String, u64, u64) {
+        if !d.plugin.uses_state() {
+            return (String::new(), 0, 0);
+        }
+        let leads = |p: u32| self.topic(&dep.input).and_then(|t| t.held(p)).is_some_and(|p| p.leads());
+        let (mut keys, mut bytes) = (0, 0);
+        for (p, store) in d.stores.lock().expect("stores lock").iter() {
+            if leads(*p) {
+                let store = store.lock().expect("state lock");
+                keys += store.len() as u64;
+                bytes += store.bytes() as u64;
+            }
+        }
+        (state_topic(&dep.name), keys, bytes)
     }
 
     /// A deployed plugin's component and deployment, for a client that runs
@@ -337,6 +360,9 @@ impl Broker {
             .plugin
             .uses_state()
             .then(|| TaskState { store: StateStore::shared(self.plugins.host.config().state_max_bytes), ready: None });
+        if let Some(s) = &state {
+            d.stores.lock().expect("stores lock").insert(partition, s.store.clone());
+        }
         loop {
             if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
                 return;

@@ -123,6 +123,9 @@ pub(crate) struct Deployed {
     pub(crate) committed: Mutex<(Option<Instant>, BTreeMap<u32, i64>)>,
     /// Idle instances for request-path kinds (serializer, filter), by params.
     pub(crate) pool: Mutex<HashMap<Params, Vec<Instance>>>,
+    /// A stateful transform's store per input partition whose task runs
+    /// here (for describing it).
+    pub(crate) stores: Mutex<BTreeMap<u32, quiver_plugin_host::SharedState>>,
 }
 
 /// A deployment's parameters, as given.
@@ -215,6 +218,7 @@ impl Plugins {
             tasks: Mutex::new(BTreeMap::new()),
             committed: Mutex::new((None, BTreeMap::new())),
             pool: Mutex::new(HashMap::new()),
+            stores: Mutex::new(BTreeMap::new()),
         })
     }
 

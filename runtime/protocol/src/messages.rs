@@ -93,7 +93,7 @@ impl ApiKey {
     }
 
     /// The versions of this API this build understands (inclusive).
-    pub fn supported_versions(self) -> (u16, u16) {
+    pub const fn supported_versions(self) -> (u16, u16) {
         match self {
             // v1 added the read-side filter and value decoding.
             ApiKey::Fetch => (1, 1),
@@ -107,6 +107,8 @@ impl ApiKey {
             ApiKey::DescribeTopics => (2, 2),
             // v1 added cancellation.
             ApiKey::ReassignPartition => (1, 1),
+            // v1 added the state store's topic, keys and bytes.
+            ApiKey::PluginList => (1, 1),
             _ => (0, 0),
         }
     }
@@ -121,10 +123,7 @@ pub trait Request: Wire + Send + Sync {
 
 macro_rules! request {
     ($req:ident => $api:ident, $resp:ident) => {
-        impl Request for $req {
-            const API: ApiKey = ApiKey::$api;
-            type Response = $resp;
-        }
+        request!($req => $api version 0, $resp);
     };
     ($req:ident => $api:ident version $version:literal, $resp:ident) => {
         impl Request for $req {
@@ -132,6 +131,14 @@ macro_rules! request {
             const VERSION: u16 = $version;
             type Response = $resp;
         }
+        // The version a request is sent with is one this build serves: a
+        // bump here without one in `supported_versions` (or the other way
+        // round) does not compile.
+        const _: () = {
+            let (min, max) = ApiKey::$api.supported_versions();
+            let version: u16 = $version;
+            assert!(min <= version && version <= max, "a request version outside supported_versions");
+        };
     };
 }
 
@@ -515,6 +522,12 @@ wire_struct! {
         pub records_out: u64,
         pub errors: u64,
         pub busy_ns: u64,
+        /// A stateful transform's changelog topic (empty for any other
+        /// plugin), and the keys and bytes of its stores for the input
+        /// partitions the answering broker leads.
+        pub state_topic: String,
+        pub state_keys: u64,
+        pub state_bytes: u64,
     }
 }
 
@@ -523,7 +536,7 @@ wire_struct! {
         pub plugins: Vec<PluginInfo>,
     }
 }
-request!(PluginListRequest => PluginList, PluginListResponse);
+request!(PluginListRequest => PluginList version 1, PluginListResponse);
 
 wire_enum! {
     pub enum PluginAction {

@@ -162,7 +162,7 @@ async fn describe(conn: &ConnArgs, names: Option<Vec<String>>, format: Format) -
             .iter()
             .map(|x| serde_json::json!({"partition": x.partition, "next_offset": x.next_offset, "high_watermark": x.high_watermark, "lag": (x.high_watermark >= 0).then(|| (x.high_watermark - x.next_offset).max(0))}))
             .collect();
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "name": p.name, "version": p.version, "kind": p.kind, "sha256": p.sha256, "abi_version": p.abi_version,
             "size_bytes": p.size_bytes, "deployed_ms": p.deployed_ms,
             "params": p.params.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
@@ -170,6 +170,12 @@ async fn describe(conn: &ConnArgs, names: Option<Vec<String>>, format: Format) -
             "progress": progress,
             "stats": {"calls": p.calls, "records_in": p.records_in, "records_out": p.records_out, "errors": p.errors, "busy_ns": p.busy_ns},
         });
+        if !p.state_topic.is_empty() {
+            // Keys and bytes of the stores of the partitions the answering
+            // broker leads.
+            json["state_store"] =
+                serde_json::json!({"changelog": p.state_topic, "keys": p.state_keys, "bytes": p.state_bytes});
+        }
         match format {
             Format::Json => println!("{json}"),
             Format::Text if !single => {

@@ -562,6 +562,11 @@ fn a_stateful_transform_keeps_exact_totals_across_kill9() {
     let inputs = Inputs::from_records(&values(&node, "payments"));
     inputs.check_outputs(&values(&node, "spend")).unwrap_or_else(|e| panic!("{e}"));
     inputs.check_state(&values(&node, "totals-state")).unwrap_or_else(|e| panic!("{e}"));
+    // `plugin describe` shows the store: its changelog and its 50 keys.
+    let d = &json_lines(&node.ok(&["plugin", "describe", "totals", "--format", "json"]))[0];
+    assert_eq!(d["state_store"]["changelog"], "totals-state", "{d}");
+    assert_eq!(d["state_store"]["keys"], 50, "{d}");
+    assert!(d["state_store"]["bytes"].as_u64().unwrap() > 50 * 48, "{d}");
 }
 
 /// Bad input to a stateful transform: a changelog topic that cannot hold

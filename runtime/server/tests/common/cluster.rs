@@ -309,6 +309,10 @@ impl Cluster {
                         .unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(15).collect();
                     eprintln!("--- node {i} log (last lines, newest first)\n{}", tail.join("\n"));
+                    // A panic is the first thing to know, wherever it is.
+                    for line in log.lines().filter(|l| l.contains("panicked")).take(5) {
+                        eprintln!("--- node {i} panicked: {line}");
+                    }
                 }
                 panic!("timed out waiting for {what}");
             }

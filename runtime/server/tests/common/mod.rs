@@ -23,10 +23,24 @@ pub struct DevNode {
     env: Vec<(String, String)>,
 }
 
-/// A UDP port that is free right now on loopback.
+/// A UDP port on loopback that is free right now, for a node to listen on.
+/// It is taken below the kernel's ephemeral range (32768 and up), where
+/// client sockets get theirs: a port picked there could be taken by a
+/// concurrently running test's client before the node binds it (seen as
+/// "Address already in use"). Each call in this process gets another one;
+/// processes start at different places.
 pub fn free_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % COUNT;
+    loop {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl DevNode {
