@@ -18,7 +18,7 @@ use crate::broker::{Broker, now_ms};
 use crate::errors::{AdminError, NotReady, PartitionError, check_leader, unknown_topic_metadata};
 use crate::partition::RemoteLeader;
 use crate::reconcile::{Local, Step, plan};
-use crate::topic::TopicRecord;
+use crate::topic::{TopicConfig, TopicRecord};
 
 /// How long topic admin waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
@@ -117,6 +117,12 @@ impl Broker {
         self.reconcile_plugins(image, complete).await;
     }
 
+    /// A topic's effective config: this broker's topic defaults with the
+    /// overrides the metadata image holds for it.
+    pub(crate) fn image_topic_config(&self, configs: &[(String, String)]) -> Result<TopicConfig, String> {
+        self.config.topic_defaults.clone().with_overrides(configs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
     /// Opens the replicas `held` of the image's topic `id`.
     async fn open_from_image(
         &self,
@@ -126,12 +132,8 @@ impl Broker {
         configs: Vec<(String, String)>,
         held: Vec<u32>,
     ) -> Result<(), String> {
-        let overrides = configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         let config = self
-            .config
-            .topic_defaults
-            .clone()
-            .with_overrides(overrides)
+            .image_topic_config(&configs)
             .map_err(|e| format!("its configs in the metadata are invalid here: {e}"))?;
         let record = TopicRecord {
             name: name.to_owned(),

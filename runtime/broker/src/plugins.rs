@@ -206,9 +206,7 @@ impl Broker {
         let source = image.topics.get(input).ok_or_else(|| PluginAdminError::UnknownTopic(input.to_owned()))?;
         let partitions = source.partitions.len() as u32;
         if let Some(existing) = image.topics.get(&topic) {
-            let overrides = existing.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-            let compacted =
-                self.config.topic_defaults.clone().with_overrides(overrides).is_ok_and(|c| c.is_compacted());
+            let compacted = self.image_topic_config(&existing.configs).is_ok_and(|c| c.is_compacted());
             if compacted && existing.partitions.len() as u32 >= partitions {
                 return Ok(());
             }
@@ -356,13 +354,12 @@ impl Broker {
         let mut wake_all = self.wake_all.subscribe();
         let waiter = Arc::new(tokio::sync::Notify::new());
         let mut instance: Option<Instance> = None;
-        let mut state = d
-            .plugin
-            .uses_state()
-            .then(|| TaskState { store: StateStore::shared(self.plugins.host.config().state_max_bytes), ready: None });
-        if let Some(s) = &state {
-            d.stores.lock().expect("stores lock").insert(partition, s.store.clone());
-        }
+        // The store is kept in the deployment too, for `plugin describe`.
+        let mut state = d.plugin.uses_state().then(|| {
+            let store = StateStore::shared(self.plugins.host.config().state_max_bytes);
+            d.stores.lock().expect("stores lock").insert(partition, store.clone());
+            TaskState { store, ready: None }
+        });
         loop {
             if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
@@ -802,7 +799,7 @@ impl Broker {
             s.ready = None;
             return Ok(None);
         };
-        if s.ready.as_ref().is_none_or(|r| r.epoch != epoch) {
+        if s.ready.is_none_or(|r| r.epoch != epoch) {
             s.ready = None;
             let started = Instant::now();
             let next = self.rebuild_state(d, partition, &s.store).await?;
@@ -816,9 +813,9 @@ impl Broker {
                     next.map_or("none yet".to_owned(), |n| n.to_string())
                 ),
             );
-            s.ready = Some(StepState { store: s.store.clone(), epoch, next });
+            s.ready = Some(Ready { epoch, next });
         }
-        Ok(s.ready.clone())
+        Ok(s.ready.map(|r| StepState { store: s.store.clone(), epoch: r.epoch, next: r.next }))
     }
 
     /// Empties `store` and replays `<name>-state` partition `partition`
@@ -905,17 +902,23 @@ type Outputs = BTreeMap<(String, u32), BatchBuilder>;
 struct TaskState {
     store: SharedState,
     /// Set once the store is rebuilt for the input's current leader epoch.
-    ready: Option<StepState>,
+    ready: Option<Ready>,
 }
 
-/// What a step of a stateful transform runs on.
-#[derive(Clone)]
-struct StepState {
-    store: SharedState,
+/// Where a rebuilt store stands.
+#[derive(Clone, Copy)]
+struct Ready {
     /// The input partition's leader epoch the store was rebuilt in.
     epoch: i32,
     /// The next input offset the store stands for (none before the first
     /// step: the deployment's start position).
+    next: Option<i64>,
+}
+
+/// What a step of a stateful transform runs on (off the runtime).
+struct StepState {
+    store: SharedState,
+    epoch: i32,
     next: Option<i64>,
 }
 
@@ -973,14 +976,7 @@ impl Broker {
         image
             .topics
             .iter()
-            .filter(|(_, t)| {
-                let overrides = t.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-                self.config
-                    .topic_defaults
-                    .clone()
-                    .with_overrides(overrides)
-                    .is_ok_and(|c| c.plugins().any(|(_, n)| n == name))
-            })
+            .filter(|(_, t)| self.image_topic_config(&t.configs).is_ok_and(|c| c.plugins().any(|(_, n)| n == name)))
             .map(|(n, _)| n.clone())
             .collect()
     }

@@ -7,6 +7,10 @@
 //! halfway redoes it from its changelog, counting each input once.
 
 mod harness;
+/// The server tests' checker of the aggregate transform, shared.
+#[allow(dead_code)]
+#[path = "../../server/tests/common/totals.rs"]
+mod totals;
 
 use std::time::Duration;
 
@@ -190,9 +194,10 @@ async fn a_leader_shutting_down_refuses_replica_fetches() {
     cluster.stop().await;
 }
 
-/// Every record of `topic`-`partition` as (key, value), read through its
-/// leader.
-async fn keyed_records(cluster: &Cluster, topic: &str, partition: u32) -> Vec<(String, Option<String>)> {
+/// Every record of `topic`-`partition`, read through its leader, as `topic
+/// consume --format json` shows it (`key` and `value` as text): what the
+/// checker of the server tests reads.
+async fn keyed_records(cluster: &Cluster, topic: &str, partition: u32) -> Vec<serde_json::Value> {
     let Some((leader, _)) = cluster.leader(1, topic, partition) else { return Vec::new() };
     let request = FetchRequest {
         partitions: vec![FetchPartition { topic: topic.into(), partition, offset: 0, max_bytes: 1 << 20 }],
@@ -203,49 +208,9 @@ async fn keyed_records(cluster: &Cluster, topic: &str, partition: u32) -> Vec<(S
         .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
         .map(|r| {
             let text = |b: Option<Bytes>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
-            (text(r.key).unwrap(), text(r.value))
+            serde_json::json!({"key": text(r.key), "value": text(r.value)})
         })
         .collect()
-}
-
-/// Checks the aggregate's outputs and changelog against `inputs` (each
-/// key's amounts in order): every output is the key's totals after a
-/// prefix of its inputs, every prefix is emitted, the changelog holds each
-/// key's whole total. Returns how many outputs repeat an earlier one.
-fn exact_totals(
-    inputs: &std::collections::BTreeMap<String, Vec<i64>>,
-    outputs: &[(String, Option<String>)],
-    changelog: &[(String, Option<String>)],
-) -> Result<usize, String> {
-    let totals = |v: &Option<String>| -> (usize, i64) {
-        let v: serde_json::Value = serde_json::from_str(v.as_deref().unwrap_or("null")).unwrap();
-        (v["count"].as_u64().unwrap_or(0) as usize, v["sum"].as_i64().unwrap_or(0))
-    };
-    let prefix = |key: &str, n: usize| -> (usize, i64) { (n, inputs[key][..n].iter().sum()) };
-    let mut counts: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
-    for (key, value) in outputs {
-        let (n, sum) = totals(value);
-        if n == 0 || n > inputs[key].len() || (n, sum) != prefix(key, n) {
-            return Err(format!("key {key}: output {value:?} is not its totals after any prefix of its inputs"));
-        }
-        counts.entry(key).or_default().push(n);
-    }
-    let mut repeated = 0;
-    for (key, amounts) in inputs {
-        let mut seen = counts.remove(key.as_str()).unwrap_or_default();
-        let emitted = seen.len();
-        seen.sort_unstable();
-        seen.dedup();
-        repeated += emitted - seen.len();
-        if seen != (1..=amounts.len()).collect::<Vec<_>>() {
-            return Err(format!("key {key}: {} of its {} totals emitted", seen.len(), amounts.len()));
-        }
-        let stored = changelog.iter().rev().find(|(k, _)| k == key).map(|(_, v)| totals(v));
-        if stored != Some(prefix(key, amounts.len())) {
-            return Err(format!("key {key}: the changelog holds {stored:?}"));
-        }
-    }
-    Ok(repeated)
 }
 
 /// The stateful `aggregate` transform across brokers: the answer of one of
@@ -281,12 +246,12 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
     // write to another broker happens, its answer is lost.
     cluster.lose_produce_answers("spend", 1);
 
-    let mut inputs: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    let mut inputs = totals::Inputs::default();
     let mut b = BatchBuilder::new(Compression::None);
     for i in 0..300i64 {
         let (key, amount) = (format!("k{}", i % 12), i % 7 + 1);
         b.append(1_000, Some(key.as_bytes()), Some(format!("{{\"amount\":{amount}}}").as_bytes()), &[]);
-        inputs.entry(key).or_default().push(amount);
+        inputs.push(&key, amount);
     }
     let records = b.build();
     let (leader, _) = cluster.leader(1, "payments", 0).expect("a leader");
@@ -305,7 +270,7 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
             outputs.extend(keyed_records(&cluster, "spend", p).await);
         }
         let changelog = keyed_records(&cluster, "totals-state", 0).await;
-        match exact_totals(&inputs, &outputs, &changelog) {
+        match inputs.check_outputs(&outputs).and_then(|repeated| inputs.check_state(&changelog).map(|()| repeated)) {
             Ok(repeated) => break repeated,
             Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
         }
