@@ -178,6 +178,19 @@ fn invalid(offset: i64, e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("batch at offset {offset}: {e}"))
 }
 
+/// Whether a batch is data of an aborted transaction: the cleaner drops it
+/// (its abort marker stays, so replicas and readers still see the
+/// transaction end).
+fn in_aborted(aborted: &[quiver_transactions::partition::AbortedTxn], header: &BatchHeader) -> bool {
+    header.is_transactional()
+        && !header.is_control()
+        && aborted.iter().any(|a| {
+            a.producer_id == header.producer_id
+                && a.first_offset <= header.base_offset
+                && header.last_offset() < a.last_offset
+        })
+}
+
 /// What the copy keeps of the batches of a cleaned group.
 struct Copier<'a> {
     map: &'a OffsetMap,
@@ -208,11 +221,13 @@ impl Copier<'_> {
         // or headers: most batches of a changelog stay whole or go whole.
         let (_, body) = batch::records_section(&bytes).map_err(|e| invalid(header.base_offset, e))?;
         let horizon_passed = header.delete_horizon().is_some_and(|h| self.now_ms >= h);
+        let aborted = in_aborted(self.producers.txns().aborted(), header);
         let mut keep = Vec::with_capacity(header.record_count.clamp(0, 1 << 16) as usize);
         let (mut tombstone_kept, mut tombstones_dropped) = (false, 0u64);
         batch::for_each_key(&body, |delta, key, tombstone| {
             let offset = header.base_offset + i64::from(delta);
-            let kept = compaction::keep_record(offset, key, tombstone, self.map, self.map_end, horizon_passed);
+            let kept =
+                !aborted && compaction::keep_record(offset, key, tombstone, self.map, self.map_end, horizon_passed);
             tombstone_kept |= kept && tombstone;
             // Dropped for its horizon, not because a newer record replaced it.
             tombstones_dropped += u64::from(
@@ -359,6 +374,9 @@ impl Log {
         let mut map = OffsetMap::new(options.dedupe_buffer_bytes);
         let mut map_end = plan.first_dirty_offset;
         let mut full = false;
+        // Below the bound (the last stable offset) every transaction is
+        // decided.
+        let aborted = self.producers().txns().aborted().to_vec();
         for (span, file) in spans.iter().zip(&files) {
             if span.next_offset <= plan.first_dirty_offset {
                 continue;
@@ -370,7 +388,9 @@ impl Log {
                 if header.last_offset() < plan.first_dirty_offset {
                     return Ok(true);
                 }
-                if !header.is_control() {
+                // An aborted transaction's records never replace a key's
+                // value: they are dropped below.
+                if !header.is_control() && !in_aborted(&aborted, header) {
                     if usize::try_from(header.record_count).unwrap_or(usize::MAX) > map.room() {
                         full = true;
                         return Ok(false);

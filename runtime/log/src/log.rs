@@ -33,6 +33,7 @@ use crate::segment::{
     read_header_at,
 };
 use crate::{AppendError, AppendInfo, LogConfig, OpenError, ReadError, RetentionReport};
+pub use quiver_transactions::partition::AbortedTxn;
 
 /// Held with an exclusive `flock` while a [`Log`] has the directory open.
 pub const LOCK_FILE_NAME: &str = ".lock";
@@ -325,7 +326,8 @@ impl Log {
         let mut stored = header;
         stored.base_offset = base_offset;
         stored.leader_epoch = leader_epoch;
-        self.producers().record(&stored);
+        let marker = if stored.is_control() { control_marker(batch) } else { None };
+        self.producers().record(&stored, marker);
         let mut state = self.write_state();
         let active = state.segments.last_mut().expect("active segment");
         assert!(Arc::ptr_eq(&active.file, &file), "only appends change the active segment");
@@ -340,6 +342,23 @@ impl Log {
     /// A producer's epoch and last sequence in this log, if known.
     pub fn producer_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
         self.producers().last_sequence_of(producer_id)
+    }
+
+    /// The first offset a read_committed reader may not read yet: the
+    /// oldest open transaction's first offset, never above `high_watermark`.
+    pub fn last_stable_offset(&self, high_watermark: i64) -> i64 {
+        self.producers().txns().last_stable_offset(high_watermark)
+    }
+
+    /// The aborted transactions with data in `from..to`, for a
+    /// read_committed read of that range.
+    pub fn aborted_transactions(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
+        self.producers().txns().aborted_overlapping(from, to)
+    }
+
+    /// Open transactions: (producer id, first offset), oldest first.
+    pub fn open_transactions(&self) -> Vec<(i64, i64)> {
+        self.producers().txns().open()
     }
 
     pub(crate) fn producers(&self) -> std::sync::MutexGuard<'_, Producers> {
@@ -645,6 +664,7 @@ impl Log {
             }
             (removed, state.log_start())
         };
+        self.producers().trim(log_start_offset);
 
         let mut first_error = None;
         for segment in &removed {
@@ -904,10 +924,29 @@ fn first_damaged_sealed(dir: &Path, bases: &[i64], recovery_point: Option<i64>) 
 fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: &mut Producers) -> io::Result<Segment> {
     let len = file.file.metadata()?.len();
     let mut segment = Segment::empty(file.clone());
+    let mut control_unread = None;
     let outcome = segment::scan(&file.file, len, file.base_offset, |header, position| {
-        producers.record(header);
+        // A marker's type is in its record: read it back (control batches
+        // are one small record).
+        let marker = match header.is_control() {
+            false => None,
+            true => {
+                let mut batch = vec![0; header.total_len()];
+                match file.file.read_exact_at(&mut batch, position) {
+                    Ok(()) => control_marker(&batch),
+                    Err(e) => {
+                        control_unread.get_or_insert(e);
+                        None
+                    }
+                }
+            }
+        };
+        producers.record(header, marker);
         segment.record_batch(header, position, index_interval_bytes)
     })?;
+    if let Some(e) = control_unread {
+        return Err(e);
+    }
     if let Some(reason) = outcome.problem {
         warn!(
             file = %file.path(LOG_EXT).display(),
@@ -922,6 +961,14 @@ fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: 
     // Every batch in it was checked, and appends only add checked ones.
     file.mark_checked(u64::MAX);
     Ok(segment)
+}
+
+/// What the marker of a control batch says: `Some(true)` commit,
+/// `Some(false)` abort, `None` if it holds no marker this build knows.
+fn control_marker(batch: &[u8]) -> Option<bool> {
+    let records = batch::decode_records(&Bytes::copy_from_slice(batch)).ok()?;
+    let marker = quiver_protocol::control::parse_marker(records.first()?.key.as_deref()?)?;
+    Some(marker == quiver_protocol::control::Marker::Commit)
 }
 
 /// Base offsets of the `.log` files in `dir`, sorted; removes leftovers of

@@ -9,6 +9,10 @@
 //! each segment roll (`<base offset>.producers`: the state after every
 //! batch below that offset) plus the scan of the active segment that
 //! recovery does anyway.
+//!
+//! The same replay keeps the partition's side of transactions
+//! ([`PartitionTxns`]: each producer's open transaction, the aborted ones,
+//! the last stable offset), snapshotted with the sequences.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
@@ -16,6 +20,7 @@ use std::io;
 use std::path::Path;
 
 use quiver_protocol::batch::{BatchHeader, NO_PRODUCER_ID};
+use quiver_transactions::partition::{AbortedTxn, PartitionTxns};
 
 use crate::AppendInfo;
 
@@ -28,7 +33,10 @@ pub const BATCHES_KEPT: usize = 16;
 /// `transactional.id.expiration.ms` default.
 pub const PRODUCER_EXPIRY_MS: i64 = 7 * 24 * 3600 * 1000;
 
-const SNAPSHOT_MAGIC: &[u8; 4] = b"QPS1";
+/// Snapshots with transactions; `QPS1` ones (sequences only, from before
+/// transactions) are still read.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"QPS2";
+const SNAPSHOT_MAGIC_V1: &[u8; 4] = b"QPS1";
 
 /// One remembered batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +106,7 @@ fn next_sequence(last: i32) -> i32 {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Producers {
     map: HashMap<i64, ProducerEntry>,
+    txns: PartitionTxns,
 }
 
 impl Producers {
@@ -144,10 +153,19 @@ impl Producers {
     }
 
     /// Remembers a batch as stored (real offsets), leader or follower alike.
-    pub fn record(&mut self, stored: &BatchHeader) {
+    /// `marker` is what a control batch holds: `Some(true)` a commit,
+    /// `Some(false)` an abort.
+    pub fn record(&mut self, stored: &BatchHeader, marker: Option<bool>) {
         if stored.producer_id == NO_PRODUCER_ID {
             return;
         }
+        self.txns.on_batch(
+            stored.producer_id,
+            stored.base_offset,
+            stored.last_offset(),
+            stored.is_transactional(),
+            marker,
+        );
         let entry = self
             .map
             .entry(stored.producer_id)
@@ -155,6 +173,11 @@ impl Producers {
         if stored.producer_epoch > entry.epoch {
             entry.epoch = stored.producer_epoch;
             entry.batches.clear();
+        }
+        // A marker fences the epochs below its own (its transaction's
+        // producer moves on to it) but is no sequence of the producer's.
+        if stored.is_control() {
+            return;
         }
         if entry.batches.len() == BATCHES_KEPT {
             entry.batches.pop_front();
@@ -174,6 +197,16 @@ impl Producers {
         let newest = self.map.values().map(ProducerEntry::last_timestamp).max().unwrap_or(i64::MIN);
         let cutoff = newest.saturating_sub(PRODUCER_EXPIRY_MS);
         self.map.retain(|_, e| e.last_timestamp() >= cutoff);
+    }
+
+    /// The partition's transactions.
+    pub fn txns(&self) -> &PartitionTxns {
+        &self.txns
+    }
+
+    /// Forgets aborted transactions wholly below `log_start`.
+    pub fn trim(&mut self, log_start: i64) {
+        self.txns.trim(log_start);
     }
 
     /// How many producers are known.
@@ -218,6 +251,19 @@ impl Producers {
                 out.extend_from_slice(&b.max_timestamp.to_be_bytes());
             }
         }
+        let open = self.txns.open();
+        out.extend_from_slice(&(open.len() as u32).to_be_bytes());
+        for (producer_id, first_offset) in open {
+            out.extend_from_slice(&producer_id.to_be_bytes());
+            out.extend_from_slice(&first_offset.to_be_bytes());
+        }
+        let aborted = self.txns.aborted();
+        out.extend_from_slice(&(aborted.len() as u32).to_be_bytes());
+        for a in aborted {
+            out.extend_from_slice(&a.producer_id.to_be_bytes());
+            out.extend_from_slice(&a.first_offset.to_be_bytes());
+            out.extend_from_slice(&a.last_offset.to_be_bytes());
+        }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_be_bytes());
         out
@@ -227,7 +273,8 @@ impl Producers {
     /// not a snapshot.
     pub fn decode(bytes: &[u8]) -> Option<Producers> {
         let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-        if crc32c::crc32c(body).to_be_bytes() != crc || !body.starts_with(SNAPSHOT_MAGIC) {
+        let v1 = body.starts_with(SNAPSHOT_MAGIC_V1);
+        if crc32c::crc32c(body).to_be_bytes() != crc || !(v1 || body.starts_with(SNAPSHOT_MAGIC)) {
             return None;
         }
         let mut r = Reader(&body[SNAPSHOT_MAGIC.len()..]);
@@ -249,7 +296,23 @@ impl Producers {
             }
             map.insert(id, ProducerEntry { epoch, batches });
         }
-        r.0.is_empty().then_some(Producers { map })
+        let mut txns = PartitionTxns::default();
+        if !v1 {
+            let open = r.u32()?;
+            for _ in 0..open {
+                let (producer_id, first_offset) = (r.i64()?, r.i64()?);
+                txns.on_batch(producer_id, first_offset, first_offset, true, None);
+            }
+            let aborted = r.u32()?;
+            for _ in 0..aborted {
+                txns.restore_aborted(AbortedTxn {
+                    producer_id: r.i64()?,
+                    first_offset: r.i64()?,
+                    last_offset: r.i64()?,
+                });
+            }
+        }
+        r.0.is_empty().then_some(Producers { map, txns })
     }
 
     /// The snapshot in `path`, or an empty state when there is none or it
@@ -321,9 +384,9 @@ mod tests {
     fn sequences_continue_repeat_or_fail() {
         let mut p = Producers::default();
         assert_eq!(p.check(&header(7, 0, 40, 3, 0)), Ok(Check::Append), "an unknown producer starts anywhere");
-        p.record(&header(7, 0, 40, 3, 100));
+        p.record(&header(7, 0, 40, 3, 100), None);
         assert_eq!(p.check(&header(7, 0, 43, 2, 0)), Ok(Check::Append));
-        p.record(&header(7, 0, 43, 2, 103));
+        p.record(&header(7, 0, 43, 2, 103), None);
         let Ok(Check::Duplicate(info)) = p.check(&header(7, 0, 40, 3, 0)) else { panic!("a retry is a duplicate") };
         assert_eq!((info.base_offset, info.last_offset), (100, 102));
         assert_eq!(
@@ -332,7 +395,7 @@ mod tests {
         );
         assert!(matches!(p.check(&header(7, 1, 3, 1, 0)), Err(SequenceError::OutOfOrder { expected: 0, .. })));
         assert_eq!(p.check(&header(7, 1, 0, 1, 0)), Ok(Check::Append), "a new epoch starts at 0");
-        p.record(&header(7, 1, 0, 1, 105));
+        p.record(&header(7, 1, 0, 1, 105), None);
         assert!(matches!(p.check(&header(7, 0, 45, 1, 0)), Err(SequenceError::Fenced { current: 1, .. })));
         assert_eq!(p.check(&header(NO_PRODUCER_ID, -1, -1, 4, 0)), Ok(Check::Append));
     }
@@ -343,7 +406,7 @@ mod tests {
         let mut seq = i32::MAX - 3;
         let batches = BATCHES_KEPT as i64 + 3;
         for i in 0..batches {
-            p.record(&header(1, 0, seq, 2, i * 2));
+            p.record(&header(1, 0, seq, 2, i * 2), None);
             seq = next_sequence(last_sequence(seq, 1));
         }
         let end = (2 * batches - 4) as i32;
@@ -359,7 +422,7 @@ mod tests {
         let mut p = Producers::default();
         for id in 0..20 {
             for b in 0..(id % 7) {
-                p.record(&header(id, (id % 3) as i16, b as i32 * 10, 10, id * 1000 + b * 10));
+                p.record(&header(id, (id % 3) as i16, b as i32 * 10, 10, id * 1000 + b * 10), None);
             }
         }
         let bytes = p.encode();
@@ -379,8 +442,8 @@ mod tests {
         old.max_timestamp = 0;
         let mut new = header(2, 0, 0, 1, 1);
         new.max_timestamp = PRODUCER_EXPIRY_MS + 1;
-        p.record(&old);
-        p.record(&new);
+        p.record(&old, None);
+        p.record(&new, None);
         p.expire();
         assert_eq!((p.last_sequence_of(1), p.last_sequence_of(2)), (None, Some((0, 0))));
     }

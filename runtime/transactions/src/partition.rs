@@ -23,7 +23,7 @@ pub enum Ended {
     Aborted(AbortedTxn),
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PartitionTxns {
     /// Producer id → first offset of its open transaction.
     open: BTreeMap<i64, i64>,
@@ -83,6 +83,16 @@ impl PartitionTxns {
         let mut open: Vec<_> = self.open.iter().map(|(p, f)| (*p, *f)).collect();
         open.sort_by_key(|&(_, first)| first);
         open
+    }
+
+    /// Every aborted transaction remembered, oldest marker first.
+    pub fn aborted(&self) -> &[AbortedTxn] {
+        &self.aborted
+    }
+
+    /// An aborted transaction read back from a snapshot.
+    pub fn restore_aborted(&mut self, aborted: AbortedTxn) {
+        self.aborted.push(aborted);
     }
 
     /// Forgets aborted transactions wholly below `log_start` (retention
