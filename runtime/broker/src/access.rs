@@ -88,6 +88,7 @@ pub enum Resource {
     Topic,
     Plugin,
     Group,
+    TransactionalId,
 }
 
 /// The operation and resource of an API.
@@ -110,6 +111,11 @@ pub fn operation_of(api: ApiKey) -> (Operation, Resource) {
         ListGroups | DescribeGroup => (Operation::Describe, Resource::Group),
         DeleteGroup => (Operation::Delete, Resource::Group),
         AlterGroupConfig => (Operation::Alter, Resource::Group),
+        EndTxn | AddPartitionsToTxn => (Operation::Write, Resource::TransactionalId),
+        ListTransactions | DescribeTransaction => (Operation::Describe, Resource::TransactionalId),
+        // An operator's: it fences the id's producer.
+        AbortTransaction => (Operation::Alter, Resource::Cluster),
+        WriteTxnMarkers => (Operation::ClusterAction, Resource::Cluster),
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Broker {
     pub(crate) coordinator: crate::group_shards::Coordinator,
     /// Which replicas the log cleaner is cleaning.
     pub(crate) cleaners: crate::cleaner::Cleaners,
+    /// The transactions this broker coordinates.
+    pub(crate) txn_shards: crate::txn_shards::TxnShards,
 }
 
 /// The ids this broker may still hand out: `next..end`.
@@ -163,6 +165,7 @@ impl Broker {
             producer_ids: Default::default(),
             coordinator: Default::default(),
             cleaners: Default::default(),
+            txn_shards: Default::default(),
         }))
     }
 
@@ -353,6 +356,7 @@ impl Broker {
     pub fn spawn_background(self: &Arc<Self>) {
         self.start_plugins();
         tokio::spawn(self.clone().coordinate_groups());
+        tokio::spawn(self.clone().coordinate_transactions());
         if let Some(interval_ms) = self.config.flush_interval_ms {
             let broker = self.clone();
             tokio::spawn(async move {

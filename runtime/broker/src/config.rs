@@ -47,6 +47,31 @@ pub struct BrokerConfig {
     pub offsets_topic_replication_factor: u16,
     /// The log cleaner of compacted topics.
     pub cleaner: CleanerConfig,
+    /// Transaction coordination.
+    pub transactions: TransactionsConfig,
+}
+
+/// Transaction coordination (Kafka's `transaction.*` broker settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionsConfig {
+    /// Partitions of `__transaction_state` when a first transactional
+    /// producer creates it (`transaction.state.log.num.partitions`, 50).
+    pub state_topic_partitions: u32,
+    /// Its replication factor; 0: three, or every broker when fewer.
+    pub state_topic_replication_factor: u16,
+    /// The largest transaction timeout a producer may ask, and how long an
+    /// idle transactional id is remembered.
+    pub limits: quiver_transactions::TxnConfig,
+}
+
+impl Default for TransactionsConfig {
+    fn default() -> Self {
+        TransactionsConfig {
+            state_topic_partitions: quiver_transactions::STATE_PARTITIONS,
+            state_topic_replication_factor: 0,
+            limits: quiver_transactions::TxnConfig::default(),
+        }
+    }
 }
 
 /// The log cleaner's resources (Kafka's `log.cleaner.*`).
@@ -98,6 +123,7 @@ impl BrokerConfig {
             offsets_topic_partitions: 50,
             offsets_topic_replication_factor: 0,
             cleaner: CleanerConfig::default(),
+            transactions: TransactionsConfig::default(),
         }
     }
 }

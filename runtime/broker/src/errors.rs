@@ -118,6 +118,13 @@ pub enum ProduceError {
     AtLeader { topic: String, partition: u32, leader: NodeId, error: WireError },
     #[error("{topic}-{partition} forwarded to its leader, broker {leader}: {message}: it may or may not be kept")]
     ForwardUnknown { topic: String, partition: u32, leader: NodeId, message: String },
+    /// A transactional batch without the request's transactional id, or
+    /// a transactional id with batches that are not transactional.
+    #[error("{0}")]
+    TransactionalMismatch(&'static str),
+    /// The partition could not join the producer's transaction.
+    #[error("{topic}-{partition}: {source}")]
+    Transaction { topic: String, partition: u32, source: Box<TxnOpError> },
 }
 
 /// Why a read from a partition failed.
@@ -352,6 +359,46 @@ pub enum GroupOpError {
     /// Creating the offsets topic failed.
     #[error("creating {OFFSETS_TOPIC}: {0}")]
     OffsetsTopic(AdminError),
+}
+
+/// Why a transaction request (init, add, end, markers, list, describe,
+/// abort) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnOpError {
+    /// The id's partition of the state topic is not led here (any more):
+    /// the producer finds the coordinator again.
+    #[error(
+        "broker {me} does not coordinate transactional id '{id}' (partition {partition} of {TRANSACTION_STATE_TOPIC} \
+         is not led here): find the coordinator again"
+    )]
+    NotCoordinator { me: NodeId, id: String, partition: u32 },
+    #[error(
+        "broker {me} is loading the transactions of partition {partition} of {TRANSACTION_STATE_TOPIC}; retry shortly"
+    )]
+    Loading { me: NodeId, partition: u32 },
+    #[error("transactional id '{id}': {source}")]
+    Txn { id: String, source: quiver_transactions::TxnError },
+    #[error("{0}")]
+    Invalid(String),
+    /// Writing the decision to the state topic failed: nothing changed
+    /// (the coordinator reloads its transactions from the log).
+    #[error("transactional id '{id}': storing the change in {TRANSACTION_STATE_TOPIC} failed: {source}")]
+    Store { id: String, source: Box<ProduceError> },
+    #[error("creating {TRANSACTION_STATE_TOPIC}: {0}")]
+    StateTopic(AdminError),
+    #[error("transactional id '{id}': a new producer id: {source}")]
+    ProducerIds { id: String, source: AdminError },
+    /// The end is decided and stored, but not every partition has its
+    /// marker yet: the coordinator keeps writing them; the producer retries
+    /// its end, which is answered once they are written.
+    #[error("transactional id '{id}': {detail}; the coordinator keeps writing the markers: retry")]
+    MarkersPending { id: String, detail: String },
+    /// The coordinator, reached from a partition's leader, refused.
+    #[error("transactional id '{id}' at its coordinator, broker {coordinator}: {}", .error.message)]
+    AtCoordinator { id: String, coordinator: NodeId, error: WireError },
+    /// A marker for a partition this broker cannot write.
+    #[error(transparent)]
+    Marker(Box<ProduceError>),
 }
 
 /// A blocking task that died (panicked) is an internal error of the

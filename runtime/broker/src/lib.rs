@@ -31,12 +31,14 @@ mod registry;
 mod replica;
 pub mod topic;
 mod transform_state;
+mod txn_coordinator;
+mod txn_shards;
 mod waiters;
 mod wire;
 
 pub use access::{Principal, RequestContext};
 pub use broker::{Broker, Membership, now_ms};
-pub use config::{BrokerConfig, CleanerConfig, OpenError, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT};
+pub use config::{BrokerConfig, CleanerConfig, OpenError, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT, TransactionsConfig};
 pub use order::{AppendOrder, AppendTurn};
 pub use partition::ReplicaLink;
 pub use quiver_plugin_host::HostConfig as PluginHostConfig;

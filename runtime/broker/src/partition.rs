@@ -115,6 +115,25 @@ pub trait ReplicaLink: Send + Sync {
         address: String,
         request: PluginListRequest,
     ) -> Pin<Box<dyn Future<Output = Result<PluginListResponse, WireError>> + Send>>;
+
+    /// Asks the coordinator `node` at `address` to add partitions to a
+    /// transaction (a partition's leader, on a transaction's first write
+    /// there).
+    fn add_partitions_to_txn(
+        &self,
+        node: NodeId,
+        address: String,
+        request: AddPartitionsToTxnRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<AddPartitionsToTxnResponse, WireError>> + Send>>;
+
+    /// Sends a coordinator's transaction markers to the broker `leader`
+    /// at `address`, which leads their partitions.
+    fn write_txn_markers(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: WriteTxnMarkersRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<WriteTxnMarkersResponse, WireError>> + Send>>;
 }
 
 /// The link of a single node: there is no other broker to reach.
@@ -163,6 +182,24 @@ impl ReplicaLink for NoPeers {
         _: PluginListRequest,
     ) -> Pin<Box<dyn Future<Output = Result<PluginListResponse, WireError>> + Send>> {
         Self::refuse(node)
+    }
+
+    fn add_partitions_to_txn(
+        &self,
+        node: NodeId,
+        _: String,
+        _: AddPartitionsToTxnRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<AddPartitionsToTxnResponse, WireError>> + Send>> {
+        Self::refuse(node)
+    }
+
+    fn write_txn_markers(
+        &self,
+        leader: NodeId,
+        _: String,
+        _: WriteTxnMarkersRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<WriteTxnMarkersResponse, WireError>> + Send>> {
+        Self::refuse(leader)
     }
 }
 

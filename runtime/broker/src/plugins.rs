@@ -747,7 +747,7 @@ impl Broker {
             .map_err(|e| StepError::Retry(output(e.to_string())))?
         {
             None => {
-                let write = Write { topic: topic.to_owned(), partition, records };
+                let write = Write::new(topic, partition, records);
                 let written = self.write(vec![write], api::Acks::All, None).await;
                 match written.and_then(|mut all| all.pop().unwrap_or(Err(ProduceError::Internal("no answer".into())))) {
                     Ok(written) => return Ok(written.base_offset),
@@ -756,6 +756,7 @@ impl Broker {
             }
             Some(remote) => {
                 let request = ProduceRequest {
+                    transactional_id: None,
                     acks: Acks::All,
                     timeout_ms: 10_000,
                     partitions: vec![ProducePartition { topic: topic.to_owned(), partition, records }],

@@ -25,7 +25,7 @@ use crate::api::{self, NewTopic, OffsetQuery, Read, ReadOptions, Write};
 use crate::broker::Broker;
 use crate::errors::{
     AdminError, FetchError, GroupOpError, ListOffsetsError, MetadataError, PartitionError, PluginAdminError,
-    PluginCallError, ProduceError, ReplicaError,
+    PluginCallError, ProduceError, ReplicaError, TxnOpError,
 };
 use crate::order::AppendTurn;
 
@@ -211,17 +211,76 @@ impl Broker {
                 .await
             }
             ApiKey::InitProducerId => {
-                self.run(body, |_: InitProducerIdRequest| async {
-                    let producer_id = self.init_producer_id().await?;
-                    Ok::<_, AdminError>(InitProducerIdResponse { producer_id, producer_epoch: 0 })
+                self.run(body, |r: InitProducerIdRequest| async move {
+                    let (producer_id, producer_epoch) = match r.transactional_id {
+                        None => (self.init_producer_id().await?, 0),
+                        Some(id) => self.init_transactional(&id, u64::from(r.transaction_timeout_ms)).await?,
+                    };
+                    Ok::<_, WireError>(InitProducerIdResponse { producer_id, producer_epoch })
                 })
                 .await
             }
             ApiKey::FindCoordinator => {
                 self.run(body, |r: FindCoordinatorRequest| async move {
-                    let found = self.find_coordinator(&r.group).await?;
+                    let found = match r.kind {
+                        CoordinatorKind::Group => self.find_coordinator(&r.group).await?,
+                        CoordinatorKind::Transaction => self.find_txn_coordinator(&r.group).await?,
+                    };
                     let (node_id, address) = found.leader.unwrap_or((NO_LEADER, String::new()));
-                    Ok::<_, GroupOpError>(FindCoordinatorResponse { partition: found.partition, node_id, address })
+                    Ok::<_, WireError>(FindCoordinatorResponse { partition: found.partition, node_id, address })
+                })
+                .await
+            }
+            ApiKey::EndTxn => {
+                self.run(body, |r: EndTxnRequest| async move {
+                    let (producer_id, producer_epoch) =
+                        self.end_txn(&r.transactional_id, r.producer_id, r.producer_epoch, r.commit).await?;
+                    Ok::<_, TxnOpError>(EndTxnResponse { producer_id, producer_epoch })
+                })
+                .await
+            }
+            ApiKey::AddPartitionsToTxn => {
+                self.run(body, |r: AddPartitionsToTxnRequest| async move {
+                    let partitions = r.partitions.into_iter().map(|p| (p.topic, p.partition)).collect();
+                    self.add_to_txn(&r.transactional_id, r.producer_id, r.producer_epoch, partitions, r.groups).await?;
+                    Ok::<_, TxnOpError>(AddPartitionsToTxnResponse {})
+                })
+                .await
+            }
+            ApiKey::WriteTxnMarkers => {
+                self.run(body, |r: WriteTxnMarkersRequest| async move {
+                    let asked: Vec<(String, u32)> = r.markers.iter().map(|m| (m.topic.clone(), m.partition)).collect();
+                    let written = self.write_txn_markers(r.markers, r.coordinator_epoch).await;
+                    let results = asked.into_iter().zip(written).map(|((topic, partition), result)| {
+                        let (error, message) = match result {
+                            Ok(()) => (ErrorCode::None, String::new()),
+                            Err(e) => (code_of_produce(&e), e.to_string()),
+                        };
+                        TxnMarkerResult { topic, partition, error, message }
+                    });
+                    Ok::<_, WireError>(WriteTxnMarkersResponse { results: results.collect() })
+                })
+                .await
+            }
+            ApiKey::ListTransactions => {
+                self.run(body, |_: ListTransactionsRequest| async {
+                    let all = self.all_transactions().await;
+                    let transactions = all.iter().map(|t| self.transaction_info(t)).collect();
+                    Ok::<_, WireError>(ListTransactionsResponse { transactions })
+                })
+                .await
+            }
+            ApiKey::DescribeTransaction => {
+                self.run(body, |r: DescribeTransactionRequest| async move {
+                    let t = self.describe_transaction(&r.transactional_id).await?;
+                    Ok::<_, TxnOpError>(DescribeTransactionResponse { transaction: self.transaction_info(&t) })
+                })
+                .await
+            }
+            ApiKey::AbortTransaction => {
+                self.run(body, |r: AbortTransactionRequest| async move {
+                    let t = self.abort_transaction(&r.transactional_id).await?;
+                    Ok::<_, TxnOpError>(AbortTransactionResponse { transaction: self.transaction_info(&t) })
                 })
                 .await
             }
@@ -355,7 +414,12 @@ impl Broker {
         let writes = r
             .partitions
             .into_iter()
-            .map(|p| Write { topic: p.topic, partition: p.partition, records: p.records })
+            .map(|p| Write {
+                topic: p.topic,
+                partition: p.partition,
+                records: p.records,
+                transactional_id: r.transactional_id.clone(),
+            })
             .collect();
         let results = self.write(writes, acks, turn).await?;
         let partitions = asked
@@ -402,6 +466,7 @@ impl Broker {
             max_bytes: r.max_bytes,
             filter: (!r.filter.is_empty()).then_some((r.filter, r.filter_params)),
             decode_values: r.decode_values,
+            read_committed: r.isolation == Isolation::ReadCommitted,
         };
         let results = self.read(reads, options).await?;
         let partitions = asked
@@ -419,6 +484,12 @@ impl Broker {
                     message,
                     high_watermark: read.high_watermark,
                     log_start_offset: read.log_start_offset,
+                    last_stable_offset: read.last_stable_offset,
+                    aborted: read
+                        .aborted
+                        .into_iter()
+                        .map(|a| AbortedTransaction { producer_id: a.producer_id, first_offset: a.first_offset })
+                        .collect(),
                     records,
                 }
             })
@@ -524,6 +595,25 @@ impl Broker {
         })
     }
 
+    fn transaction_info(&self, t: &quiver_transactions::Transaction) -> TransactionInfo {
+        TransactionInfo {
+            transactional_id: t.transactional_id.clone(),
+            state: t.state.name().to_owned(),
+            producer_id: t.producer_id,
+            producer_epoch: t.producer_epoch,
+            timeout_ms: t.timeout_ms,
+            partitions: t
+                .partitions
+                .iter()
+                .map(|(topic, partition)| PartitionRef { topic: topic.clone(), partition: *partition })
+                .collect(),
+            groups: t.groups.iter().cloned().collect(),
+            started_ms: t.started_ms,
+            updated_ms: t.updated_ms,
+            coordinator: self.config.node_id,
+        }
+    }
+
     fn group_description(&self, g: &Group) -> DescribeGroupResponse {
         let members = g
             .members()
@@ -618,13 +708,15 @@ fn committed_offset(((topic, partition), c): ((String, u32), Committed)) -> Comm
 /// Clients read the offsets topic but never create, delete or write it:
 /// only coordinators do.
 fn refuse_internal(topic: &str) -> Result<(), WireError> {
-    match topic == OFFSETS_TOPIC {
-        true => Err(WireError::new(
-            ErrorCode::InvalidRequest,
-            format!("'{OFFSETS_TOPIC}' is an internal topic: only group coordinators create and write it"),
-        )),
-        false => Ok(()),
-    }
+    let owner = match topic {
+        OFFSETS_TOPIC => "group coordinators",
+        TRANSACTION_STATE_TOPIC => "transaction coordinators",
+        _ => return Ok(()),
+    };
+    Err(WireError::new(
+        ErrorCode::InvalidRequest,
+        format!("'{topic}' is an internal topic: only {owner} create and write it"),
+    ))
 }
 
 /// A request frame that does not decode.
@@ -688,6 +780,41 @@ pub(crate) fn code_of_produce(e: &ProduceError) -> ErrorCode {
         ProduceError::Forward(e) => e.code,
         ProduceError::AtLeader { error, .. } => error.code,
         ProduceError::Internal(_) => ErrorCode::Internal,
+        ProduceError::TransactionalMismatch(_) => ErrorCode::InvalidRequest,
+        // A partition leader that cannot reach the coordinator: the
+        // producer retries its write.
+        ProduceError::Transaction { source, .. } => match code_of_txn(source) {
+            ErrorCode::CoordinatorLoading => ErrorCode::NotCoordinator,
+            code => code,
+        },
+    }
+}
+
+fn code_of_txn(e: &TxnOpError) -> ErrorCode {
+    use quiver_transactions::TxnError;
+    match e {
+        TxnOpError::NotCoordinator { .. } => ErrorCode::NotCoordinator,
+        TxnOpError::Loading { .. } => ErrorCode::CoordinatorLoading,
+        TxnOpError::Txn { source, .. } => match source {
+            TxnError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+            TxnError::Unknown(_) => ErrorCode::UnknownTransactionalId,
+            TxnError::WrongProducer { .. } => ErrorCode::InvalidProducerIdMapping,
+            TxnError::Concurrent(_) => ErrorCode::ConcurrentTransactions,
+            TxnError::InvalidState { .. } => ErrorCode::InvalidTxnState,
+            TxnError::InvalidTimeout { .. } => ErrorCode::InvalidTransactionTimeout,
+        },
+        TxnOpError::Invalid(_) => ErrorCode::InvalidRequest,
+        // The coordinator reloads from the log: the producer asks again.
+        TxnOpError::Store { source, .. } => match code_of_produce(source) {
+            ErrorCode::NotLeader | ErrorCode::NotReplicated | ErrorCode::BrokerShuttingDown => {
+                ErrorCode::NotCoordinator
+            }
+            code => code,
+        },
+        TxnOpError::StateTopic(e) | TxnOpError::ProducerIds { source: e, .. } => code_of_admin(e),
+        TxnOpError::MarkersPending { .. } => ErrorCode::ConcurrentTransactions,
+        TxnOpError::AtCoordinator { error, .. } => error.code,
+        TxnOpError::Marker(e) => code_of_produce(e),
     }
 }
 
@@ -830,7 +957,8 @@ as_wire_error!(
     ReplicaError => code_of_replica,
     ProduceError => code_of_produce,
     FetchError => code_of_fetch,
-    GroupOpError => code_of_group
+    GroupOpError => code_of_group,
+    TxnOpError => code_of_txn
 );
 
 /// Acquired records as ranges of consecutive offsets with one delivery

@@ -35,6 +35,7 @@ async fn produce(cluster: &Cluster, via: u32, value: &str) -> i64 {
             continue;
         };
         let request = ProduceRequest {
+            transactional_id: None,
             acks: Acks::All,
             timeout_ms: 5_000,
             partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records: batch(value) }],
@@ -53,6 +54,7 @@ async fn produce(cluster: &Cluster, via: u32, value: &str) -> i64 {
 
 fn fetch_all() -> FetchRequest {
     FetchRequest {
+        isolation: Isolation::ReadUncommitted,
         max_wait_ms: 0,
         min_bytes: 1,
         max_bytes: 1 << 20,
@@ -97,6 +99,7 @@ async fn a_leader_cut_off_fails_over_and_every_acknowledged_record_stays() {
     // The cut-off leader still takes a write it cannot replicate: a tail
     // the others never see, which it must cut when it comes back.
     let diverging = ProduceRequest {
+        transactional_id: None,
         acks: Acks::All,
         timeout_ms: 1_000,
         partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records: batch("diverged") }],
@@ -200,6 +203,7 @@ async fn a_leader_shutting_down_refuses_replica_fetches() {
 async fn keyed_records(cluster: &Cluster, topic: &str, partition: u32) -> Vec<serde_json::Value> {
     let Some((leader, _)) = cluster.leader(1, topic, partition) else { return Vec::new() };
     let request = FetchRequest {
+        isolation: Isolation::ReadUncommitted,
         partitions: vec![FetchPartition { topic: topic.into(), partition, offset: 0, max_bytes: 1 << 20 }],
         ..fetch_all()
     };
@@ -256,6 +260,7 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
     let records = b.build();
     let (leader, _) = cluster.leader(1, "payments", 0).expect("a leader");
     let request = ProduceRequest {
+        transactional_id: None,
         acks: Acks::All,
         timeout_ms: 5_000,
         partitions: vec![ProducePartition { topic: "payments".into(), partition: 0, records }],

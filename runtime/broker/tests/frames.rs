@@ -37,6 +37,7 @@ fn batch(values: &[&str]) -> Bytes {
 /// `max_wait_ms` for a first byte.
 fn fetch_request(partition: u32, offset: i64, max_wait_ms: u32) -> FetchRequest {
     FetchRequest {
+        isolation: Isolation::ReadUncommitted,
         max_wait_ms,
         min_bytes: 1,
         max_bytes: 1 << 20,
@@ -66,6 +67,7 @@ async fn fetch_values(broker: &std::sync::Arc<Broker>, offset: i64) -> (i64, Vec
 
 fn produce(records: Bytes) -> ProduceRequest {
     ProduceRequest {
+        transactional_id: None,
         acks: Acks::All,
         timeout_ms: 1000,
         partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records }],
@@ -169,6 +171,7 @@ async fn long_polls_wake_for_their_own_partitions() {
     use std::time::Duration;
     let (_dir, broker) = broker_with_topic(2).await;
     let to = |partition: u32, value: &str| ProduceRequest {
+        transactional_id: None,
         acks: Acks::Leader,
         timeout_ms: 1000,
         partitions: vec![ProducePartition { topic: "t".into(), partition, records: batch(&[value]) }],

@@ -87,7 +87,8 @@ async fn a_cut_off_coordinator_hands_the_group_over_with_its_members_and_commits
     .await;
     let create = CreateTopicRequest { name: "t".into(), partitions: 4, replication_factor: 3, configs: vec![] };
     cluster.call(1, &create).await.unwrap();
-    let found = cluster.call(1, &FindCoordinatorRequest { group: GROUP.into() }).await.unwrap();
+    let found =
+        cluster.call(1, &FindCoordinatorRequest { group: GROUP.into(), kind: CoordinatorKind::Group }).await.unwrap();
     let p = found.partition;
     cluster
         .wait_for("the offsets partition led with a full ISR", Duration::from_secs(30), |c| {
@@ -142,7 +143,7 @@ async fn first_group_requests_on_every_broker_at_once_all_find_their_coordinator
     // Each broker creates the offsets topic; two are refused (it exists)
     // before their own image has it.
     let requests: Vec<FindCoordinatorRequest> =
-        (1..=3).map(|n| FindCoordinatorRequest { group: format!("g{n}") }).collect();
+        (1..=3).map(|n| FindCoordinatorRequest { group: format!("g{n}"), kind: CoordinatorKind::Group }).collect();
     let (a, b, c) =
         tokio::join!(cluster.call(1, &requests[0]), cluster.call(2, &requests[1]), cluster.call(3, &requests[2]));
     for answer in [a, b, c] {

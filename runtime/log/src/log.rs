@@ -356,6 +356,12 @@ impl Log {
         self.producers().txns().aborted_overlapping(from, to)
     }
 
+    /// The newest epoch of a producer this log has seen (its batches or a
+    /// transaction marker), if known.
+    pub fn producer_epoch(&self, producer_id: i64) -> Option<i16> {
+        self.producers().epoch_of(producer_id)
+    }
+
     /// Open transactions: (producer id, first offset), oldest first.
     pub fn open_transactions(&self) -> Vec<(i64, i64)> {
         self.producers().txns().open()

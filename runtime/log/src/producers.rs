@@ -126,6 +126,10 @@ impl Producers {
         if epoch < entry.epoch {
             return Err(SequenceError::Fenced { producer_id, epoch, current: entry.epoch });
         }
+        // A transaction marker has no sequence: only its epoch counts.
+        if header.is_control() {
+            return Ok(Check::Append);
+        }
         if epoch > entry.epoch {
             return match got {
                 0 => Ok(Check::Append),
@@ -222,6 +226,11 @@ impl Producers {
     /// cleaner keeps (even emptied) so that replicas learn its sequence.
     pub fn last_batch_end(&self, producer_id: i64) -> Option<i64> {
         Some(self.map.get(&producer_id)?.batches.back()?.last_offset)
+    }
+
+    /// The newest epoch of a producer this partition has seen, if known.
+    pub fn epoch_of(&self, producer_id: i64) -> Option<i16> {
+        Some(self.map.get(&producer_id)?.epoch)
     }
 
     /// A producer's epoch and last sequence, if known.

@@ -106,6 +106,21 @@ wire_enum! {
         /// A record without a key for a compacted topic (Kafka's
         /// INVALID_RECORD): compaction keeps the latest record per key.
         InvalidRecord = 44,
+        /// The transaction cannot do this in its state (e.g. write to a
+        /// partition while it is not open, commit one that was aborted):
+        /// abort the transaction and begin another.
+        InvalidTxnState = 45,
+        /// A transaction of this transactional id is ending (its markers
+        /// are being written): retry shortly.
+        ConcurrentTransactions = 46,
+        /// The transactional id is unknown to its coordinator (never
+        /// initialised, or expired): call init_transactions.
+        UnknownTransactionalId = 47,
+        /// The transaction timeout asked is out of the broker's range.
+        InvalidTransactionTimeout = 48,
+        /// The transactional id belongs to another producer id: the
+        /// producer must initialise again.
+        InvalidProducerIdMapping = 49,
     }
 }
 
@@ -127,6 +142,7 @@ impl ErrorCode {
                 | ErrorCode::BrokerNotReady
                 | ErrorCode::NotCoordinator
                 | ErrorCode::CoordinatorLoading
+                | ErrorCode::ConcurrentTransactions
         )
     }
 
@@ -177,6 +193,11 @@ impl ErrorCode {
             ErrorCode::PartitionNotOwned => "partition_not_owned",
             ErrorCode::InvalidRecordState => "invalid_record_state",
             ErrorCode::InvalidRecord => "invalid_record",
+            ErrorCode::InvalidTxnState => "invalid_txn_state",
+            ErrorCode::ConcurrentTransactions => "concurrent_transactions",
+            ErrorCode::UnknownTransactionalId => "unknown_transactional_id",
+            ErrorCode::InvalidTransactionTimeout => "invalid_transaction_timeout",
+            ErrorCode::InvalidProducerIdMapping => "invalid_producer_id_mapping",
         }
     }
 }

@@ -93,6 +93,7 @@ mod tests {
     #[test]
     fn request_roundtrip() {
         let req = ProduceRequest {
+            transactional_id: None,
             acks: Acks::All,
             timeout_ms: 30_000,
             partitions: vec![ProducePartition {
@@ -113,6 +114,7 @@ mod tests {
     fn large_byte_fields_are_sent_by_reference() {
         let batch = Bytes::from(vec![7u8; 10_000]);
         let req = ProduceRequest {
+            transactional_id: None,
             acks: Acks::Leader,
             timeout_ms: 1,
             partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records: batch.clone() }],

@@ -52,10 +52,24 @@ pub enum ApiKey {
     ShareFetch = 29,
     /// Cleans a compacted topic's partitions on the answering broker now.
     CompactTopic = 30,
+    /// Commits or aborts a producer's transaction (at its coordinator).
+    EndTxn = 31,
+    /// Partitions or groups' offsets join a transaction (at its
+    /// coordinator): sent by a partition's leader on a transaction's first
+    /// write there, and by a producer sending offsets.
+    AddPartitionsToTxn = 32,
+    /// Between brokers only: a coordinator's commit or abort markers, to
+    /// the partitions' leaders.
+    WriteTxnMarkers = 33,
+    /// The transactions the answering broker coordinates.
+    ListTransactions = 34,
+    DescribeTransaction = 35,
+    /// An operator aborts a hanging transaction (at its coordinator).
+    AbortTransaction = 36,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 30] = [
+    pub const ALL: [ApiKey; 36] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -86,6 +100,12 @@ impl ApiKey {
         ApiKey::AlterGroupConfig,
         ApiKey::ShareFetch,
         ApiKey::CompactTopic,
+        ApiKey::EndTxn,
+        ApiKey::AddPartitionsToTxn,
+        ApiKey::WriteTxnMarkers,
+        ApiKey::ListTransactions,
+        ApiKey::DescribeTransaction,
+        ApiKey::AbortTransaction,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -95,12 +115,18 @@ impl ApiKey {
     /// The versions of this API this build understands (inclusive).
     pub const fn supported_versions(self) -> (u16, u16) {
         match self {
-            // v1 added the read-side filter and value decoding.
-            ApiKey::Fetch => (1, 1),
+            // v1 added the read-side filter and value decoding, v2 the
+            // isolation level.
+            ApiKey::Fetch => (2, 2),
             // v1 added each topic's partitioner.
             ApiKey::Metadata => (1, 1),
-            // v1 added per-record placements for `PARTITION_ANY`.
-            ApiKey::Produce => (1, 1),
+            // v1 added per-record placements for `PARTITION_ANY`, v2 the
+            // transactional id.
+            ApiKey::Produce => (2, 2),
+            // v1 added transactional ids.
+            ApiKey::InitProducerId => (1, 1),
+            // v1 added coordinators of transactions.
+            ApiKey::FindCoordinator => (1, 1),
             // v1 added built-in plugins.
             ApiKey::PluginDeploy => (1, 1),
             // v1 added replicas and in-sync replicas, v2 compaction.
@@ -330,6 +356,9 @@ wire_struct! {
 
 wire_struct! {
     pub struct ProduceRequest {
+        /// The transactional producer's id, when its batches are
+        /// transactional: the leader checks with its coordinator.
+        pub transactional_id: Option<String>,
         pub acks: Acks,
         pub timeout_ms: u32,
         pub partitions: Vec<ProducePartition>,
@@ -364,7 +393,7 @@ wire_struct! {
         pub partitions: Vec<ProducePartitionResult>,
     }
 }
-request!(ProduceRequest => Produce version 1, ProduceResponse);
+request!(ProduceRequest => Produce version 2, ProduceResponse);
 
 wire_struct! {
     pub struct FetchPartition {
@@ -390,6 +419,29 @@ wire_struct! {
         pub filter_params: Vec<(String, String)>,
         /// Run each topic's key and value serializers' decode on the records.
         pub decode_values: bool,
+        pub isolation: Isolation,
+    }
+}
+
+wire_enum! {
+    /// What a fetch may return of transactional data.
+    pub enum Isolation {
+        /// Everything up to the high watermark, aborted and open
+        /// transactions' records included (Kafka's default).
+        ReadUncommitted = 0,
+        /// Only up to the last stable offset, with the aborted transactions
+        /// in the range named so the reader drops their records.
+        ReadCommitted = 1,
+    }
+}
+
+wire_struct! {
+    /// An aborted transaction with data in a read_committed fetch: its
+    /// producer's transactional batches from `first_offset` up to the
+    /// producer's abort marker are to be dropped.
+    pub struct AbortedTransaction {
+        pub producer_id: i64,
+        pub first_offset: i64,
     }
 }
 
@@ -401,8 +453,15 @@ wire_struct! {
         pub message: String,
         pub high_watermark: i64,
         pub log_start_offset: i64,
+        /// Below it every transaction is decided (read_committed reads end
+        /// there); `-1` when unknown.
+        pub last_stable_offset: i64,
+        /// read_committed only: the aborted transactions with data among
+        /// `records`.
+        pub aborted: Vec<AbortedTransaction>,
         /// Whole batches, concatenated. The first may start before the
-        /// requested offset: clients skip records below it.
+        /// requested offset: clients skip records below it. Control
+        /// batches (transaction markers) are never an application's.
         pub records: Bytes,
     }
 }
@@ -412,7 +471,7 @@ wire_struct! {
         pub partitions: Vec<FetchPartitionResult>,
     }
 }
-request!(FetchRequest => Fetch version 1, FetchResponse);
+request!(FetchRequest => Fetch version 2, FetchResponse);
 
 wire_struct! {
     pub struct ListOffsetsPartition {
@@ -766,25 +825,176 @@ wire_struct! {
 request!(ReassignPartitionRequest => ReassignPartition version 1, ReassignPartitionResponse);
 
 wire_struct! {
-    pub struct InitProducerIdRequest {}
+    pub struct InitProducerIdRequest {
+        /// `None`: an idempotent producer (any broker answers). `Some`: a
+        /// transactional one, sent to the id's coordinator, which bumps the
+        /// id's epoch and so fences every older instance.
+        pub transactional_id: Option<String>,
+        pub transaction_timeout_ms: u32,
+    }
 }
 
 wire_struct! {
     pub struct InitProducerIdResponse {
         /// Unique in the cluster, never handed out twice.
         pub producer_id: i64,
-        /// The epoch to start at (0).
+        /// The epoch to start at.
         pub producer_epoch: i16,
     }
 }
-request!(InitProducerIdRequest => InitProducerId, InitProducerIdResponse);
+request!(InitProducerIdRequest => InitProducerId version 1, InitProducerIdResponse);
+
+/// The internal topic transactions' state lives in.
+pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
+
+wire_struct! {
+    pub struct EndTxnRequest {
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        /// Commit, else abort.
+        pub commit: bool,
+    }
+}
+
+wire_struct! {
+    /// The transaction is ended (its markers written): the producer id and
+    /// epoch for the next one.
+    pub struct EndTxnResponse {
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+    }
+}
+request!(EndTxnRequest => EndTxn, EndTxnResponse);
+
+wire_struct! {
+    pub struct AddPartitionsToTxnRequest {
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub partitions: Vec<PartitionRef>,
+        /// Consumer groups whose offsets the transaction commits.
+        pub groups: Vec<String>,
+    }
+}
+
+wire_struct! {
+    pub struct AddPartitionsToTxnResponse {}
+}
+request!(AddPartitionsToTxnRequest => AddPartitionsToTxn, AddPartitionsToTxnResponse);
+
+wire_struct! {
+    pub struct TxnMarker {
+        pub producer_id: i64,
+        /// The epoch the transaction's end bumped to.
+        pub producer_epoch: i16,
+        pub commit: bool,
+        pub topic: String,
+        pub partition: u32,
+    }
+}
+
+wire_struct! {
+    pub struct WriteTxnMarkersRequest {
+        /// The coordinator's leader epoch of the id's state partition
+        /// (kept in each marker's value).
+        pub coordinator_epoch: i32,
+        pub markers: Vec<TxnMarker>,
+    }
+}
+
+wire_struct! {
+    pub struct TxnMarkerResult {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub message: String,
+    }
+}
+
+wire_struct! {
+    pub struct WriteTxnMarkersResponse {
+        pub results: Vec<TxnMarkerResult>,
+    }
+}
+request!(WriteTxnMarkersRequest => WriteTxnMarkers, WriteTxnMarkersResponse);
+
+wire_struct! {
+    pub struct TransactionInfo {
+        pub transactional_id: String,
+        /// empty | ongoing | prepare-commit | prepare-abort |
+        /// complete-commit | complete-abort
+        pub state: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub timeout_ms: u64,
+        pub partitions: Vec<PartitionRef>,
+        pub groups: Vec<String>,
+        /// When the current (or last) transaction began (ms since the epoch).
+        pub started_ms: u64,
+        pub updated_ms: u64,
+        /// The broker that coordinates it.
+        pub coordinator: u32,
+    }
+}
+
+wire_struct! {
+    pub struct ListTransactionsRequest {}
+}
+
+wire_struct! {
+    /// The transactions this broker coordinates (a client asks every broker).
+    pub struct ListTransactionsResponse {
+        pub transactions: Vec<TransactionInfo>,
+    }
+}
+request!(ListTransactionsRequest => ListTransactions, ListTransactionsResponse);
+
+wire_struct! {
+    pub struct DescribeTransactionRequest {
+        pub transactional_id: String,
+    }
+}
+
+wire_struct! {
+    pub struct DescribeTransactionResponse {
+        pub transaction: TransactionInfo,
+    }
+}
+request!(DescribeTransactionRequest => DescribeTransaction, DescribeTransactionResponse);
+
+wire_struct! {
+    pub struct AbortTransactionRequest {
+        pub transactional_id: String,
+    }
+}
+
+wire_struct! {
+    /// The open transaction was aborted (markers written); its producer is
+    /// fenced.
+    pub struct AbortTransactionResponse {
+        pub transaction: TransactionInfo,
+    }
+}
+request!(AbortTransactionRequest => AbortTransaction, AbortTransactionResponse);
 
 /// The internal topic consumer groups live in.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 
 wire_struct! {
     pub struct FindCoordinatorRequest {
+        /// The group's name, or the transactional id.
         pub group: String,
+        pub kind: CoordinatorKind,
+    }
+}
+
+wire_enum! {
+    pub enum CoordinatorKind {
+        /// A consumer or share group's (`OFFSETS_TOPIC`).
+        Group = 0,
+        /// A transactional id's (`TRANSACTION_STATE_TOPIC`).
+        Transaction = 1,
     }
 }
 
@@ -798,7 +1008,7 @@ wire_struct! {
         pub address: String,
     }
 }
-request!(FindCoordinatorRequest => FindCoordinator, FindCoordinatorResponse);
+request!(FindCoordinatorRequest => FindCoordinator version 1, FindCoordinatorResponse);
 
 wire_struct! {
     pub struct TopicPartitions {

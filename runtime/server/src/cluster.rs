@@ -13,9 +13,10 @@ use anyhow::{Context, bail};
 use quiver_client::{CallError, Client, ClientConfig};
 use quiver_controller::{NodeId, SendError, Transport, TransportFuture};
 use quiver_protocol::messages::{
-    AlterVotersRequest, ClusterInfoRequest, ClusterInfoResponse, ControllerCall, ElectLeadersRequest, FetchRequest,
-    FetchResponse, NO_LEADER, PluginListRequest, PluginListResponse, ProduceRequest, ProduceResponse,
-    ReplicaFetchRequest, ReplicaFetchResponse,
+    AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, AlterVotersRequest, ClusterInfoRequest, ClusterInfoResponse,
+    ControllerCall, ElectLeadersRequest, FetchRequest, FetchResponse, NO_LEADER, PluginListRequest, PluginListResponse,
+    ProduceRequest, ProduceResponse, ReplicaFetchRequest, ReplicaFetchResponse, WriteTxnMarkersRequest,
+    WriteTxnMarkersResponse,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -201,6 +202,25 @@ impl quiver_broker::ReplicaLink for QuicTransport {
         request: PluginListRequest,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<PluginListResponse, WireError>> + Send>> {
         self.broker_call(&self.clients, Duration::from_secs(2), node, address, request)
+    }
+
+    fn add_partitions_to_txn(
+        &self,
+        node: NodeId,
+        address: String,
+        request: AddPartitionsToTxnRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<AddPartitionsToTxnResponse, WireError>> + Send>> {
+        // The coordinator stores the change with acks=all before it answers.
+        self.broker_call(&self.clients, PRODUCE_TIMEOUT, node, address, request)
+    }
+
+    fn write_txn_markers(
+        &self,
+        leader: NodeId,
+        address: String,
+        request: WriteTxnMarkersRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<WriteTxnMarkersResponse, WireError>> + Send>> {
+        self.broker_call(&self.producers, PRODUCE_TIMEOUT, leader, address, request)
     }
 }
 

@@ -28,6 +28,7 @@ fn stamped(producer_id: i64, epoch: i16, sequence: i32, values: &[&str]) -> Byte
 
 async fn produce_raw(client: &Client, partition: u32, records: Bytes) -> ProducePartitionResult {
     let request = ProduceRequest {
+        transactional_id: None,
         acks: Acks::All,
         timeout_ms: 10_000,
         partitions: vec![ProducePartition { topic: "idem".into(), partition, records }],

@@ -436,6 +436,26 @@ impl Coordinator {
             .collect()
     }
 
+    /// An operator's abort of a hanging transaction: an open one is aborted
+    /// as at its timeout (its producer fenced); one already ending gives
+    /// the markers still to write.
+    pub fn force_abort(
+        &self,
+        transactional_id: &str,
+        now_ms: u64,
+        fresh_id: &mut dyn FnMut() -> i64,
+    ) -> Result<(Option<Transaction>, Markers), TxnError> {
+        let t = self.txns.get(transactional_id).ok_or_else(|| TxnError::Unknown(transactional_id.to_owned()))?;
+        match t.state {
+            TxnState::Ongoing => {
+                let (t, m) = prepare(t, false, true, now_ms, fresh_id);
+                Ok((Some(t), m))
+            }
+            s if s.preparing() => Ok((None, markers(t))),
+            state => Err(TxnError::InvalidState { state, operation: "abort: no transaction is open" }),
+        }
+    }
+
     /// Markers still to write: every `Prepare*` transaction (after a
     /// coordinator takes over, the ones its predecessor left half done).
     pub fn pending(&self) -> Vec<Markers> {

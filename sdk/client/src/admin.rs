@@ -78,7 +78,7 @@ impl Admin {
 
     /// A producer id for an idempotent producer, unique in the cluster.
     pub async fn init_producer_id(&self) -> Result<InitProducerIdResponse, CallError> {
-        self.client.call(&InitProducerIdRequest {}).await
+        self.client.call(&InitProducerIdRequest { transactional_id: None, transaction_timeout_ms: 0 }).await
     }
 
     /// Offsets for each partition: `OFFSET_EARLIEST`, `OFFSET_LATEST` or a timestamp.

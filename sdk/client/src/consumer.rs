@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::batch::{Batches, Header, decode_records};
+use quiver_protocol::control::{ReadCommitted, parse_marker};
 use quiver_protocol::messages::{
-    FetchPartition, FetchRequest, FetchResponse, ListOffsetsPartition, OFFSET_EARLIEST, OFFSET_LATEST,
+    FetchPartition, FetchRequest, FetchResponse, Isolation, ListOffsetsPartition, OFFSET_EARLIEST, OFFSET_LATEST,
 };
 use quiver_protocol::{ErrorCode, WireError};
 use tokio::task::JoinHandle;
@@ -55,6 +56,12 @@ pub struct ConsumerConfig {
     /// static member that closes and comes back within its session gets
     /// its partitions back without a rebalance.
     pub instance_id: Option<String>,
+    /// `ReadCommitted`: only committed transactions' records (and those
+    /// written outside transactions), read up to each partition's last
+    /// stable offset; `ReadUncommitted` (the default, as Kafka's): every
+    /// record, aborted and open transactions' included. Transaction
+    /// markers are never returned.
+    pub isolation: Isolation,
 }
 
 impl Default for ConsumerConfig {
@@ -71,6 +78,7 @@ impl Default for ConsumerConfig {
             enable_auto_commit: true,
             auto_commit_interval: Duration::from_secs(5),
             instance_id: None,
+            isolation: Isolation::ReadUncommitted,
         }
     }
 }
@@ -349,6 +357,7 @@ impl Consumer {
             filter: self.config.filter.clone().unwrap_or_default(),
             filter_params: self.config.filter_params.clone(),
             decode_values: self.config.decode_values,
+            isolation: self.config.isolation,
             max_wait_ms: self.config.fetch_max_wait.as_millis() as u32,
             min_bytes: self.config.fetch_min_bytes,
             max_bytes: self.config.fetch_bytes_max,
@@ -461,23 +470,36 @@ impl Consumer {
                     }
                 }
             }
-            chunks.push((tp, asked_offset, next, r.records));
+            let aborted = r.aborted.iter().map(|a| (a.producer_id, a.first_offset)).collect();
+            chunks.push((tp, asked_offset, next, r.records, aborted));
         }
         // On an error no position moves: the records of the partitions
         // that answered are not returned, so they are fetched again.
         if let Some(e) = first_error {
             return Err(e);
         }
-        for (tp, _, next, _) in &chunks {
+        for (tp, _, next, _, _) in &chunks {
             self.positions.insert(tp.clone(), *next);
         }
         self.start_fetch();
         let mut out = Vec::with_capacity(records_hint);
-        for ((topic, partition), asked_offset, _, records) in chunks {
+        let committed = self.config.isolation == Isolation::ReadCommitted;
+        for ((topic, partition), asked_offset, _, records, aborted) in chunks {
             let shared_topic: std::sync::Arc<str> = topic.as_str().into();
+            let mut filter = ReadCommitted::new(aborted);
             for batch in Batches::new(records) {
                 let (header, bytes) = batch.map_err(|e| corrupt(&topic, partition, asked_offset, e))?;
                 let decoded = decode_records(&bytes).map_err(|e| corrupt(&topic, partition, header.base_offset, e))?;
+                // Markers are the reader's bookkeeping, never records; an
+                // aborted transaction's data is dropped when reading
+                // committed.
+                let marker = match header.is_control() {
+                    true => decoded.first().and_then(|r| r.key.as_deref()).and_then(parse_marker),
+                    false => None,
+                };
+                if !filter.keep(&header, marker) && (committed || header.is_control()) {
+                    continue;
+                }
                 for r in decoded.into_iter().filter(|r| r.offset >= asked_offset) {
                     out.push(ConsumerRecord {
                         topic: shared_topic.clone(),

@@ -67,11 +67,22 @@ impl Client {
     /// broker is gone. Group requests are safe to repeat: a heartbeat
     /// answers with the member's state, a commit stores the same offsets.
     pub(crate) async fn group_call<R: Request>(&self, group: &str, request: &R) -> Result<R::Response, CallError> {
+        self.coordinated_call(CoordinatorKind::Group, group, request).await
+    }
+
+    /// Sends `request` to the coordinator of `key` (a group, or a
+    /// transactional id), as [`Client::group_call`] does.
+    pub(crate) async fn coordinated_call<R: Request>(
+        &self,
+        kind: CoordinatorKind,
+        key: &str,
+        request: &R,
+    ) -> Result<R::Response, CallError> {
         let deadline = Instant::now() + self.config().request_timeout;
         loop {
-            match self.coordinator_call(group, request).await {
+            match self.coordinator_call(kind, key, request).await {
                 Err(e) if is_coordinator_moved(&e) && Instant::now() + COORDINATOR_BACKOFF < deadline => {
-                    tracing::debug!(group, error = %e, "asking the group's coordinator again");
+                    tracing::debug!(key, error = %e, "asking the coordinator again");
                     // A broker that did not answer: ask the cluster again
                     // (one that answered "not the coordinator" told us,
                     // and a moved leadership is in the cache already).
@@ -85,18 +96,24 @@ impl Client {
         }
     }
 
-    /// One attempt at `request` on the leader of the group's partition.
-    async fn coordinator_call<R: Request>(&self, group: &str, request: &R) -> Result<R::Response, CallError> {
-        let partition = self.group_partition(group).await?;
-        let route = self.for_partition(OFFSETS_TOPIC, partition).await?;
-        let partitions = [(OFFSETS_TOPIC, partition)];
+    /// One attempt at `request` on the leader of the key's partition.
+    async fn coordinator_call<R: Request>(
+        &self,
+        kind: CoordinatorKind,
+        key: &str,
+        request: &R,
+    ) -> Result<R::Response, CallError> {
+        let topic = coordinator_topic(kind);
+        let partition = self.coordinator_partition(kind, key).await?;
+        let route = self.for_partition(topic, partition).await?;
+        let partitions = [(topic, partition)];
         let answer = self.unless_leadership_moves(partitions, COORDINATOR_PATIENCE, route.call(request)).await;
         if let Err(CallError::Broker(e)) = &answer
             && matches!(e.code, ErrorCode::NotCoordinator | ErrorCode::NotLeader)
         {
             // That broker is alive: learn the partition's leader from it
             // rather than from a bootstrap broker that may be gone.
-            let metadata = MetadataRequest { topics: Some(vec![OFFSETS_TOPIC.to_owned()]) };
+            let metadata = MetadataRequest { topics: Some(vec![topic.to_owned()]) };
             if let Ok(found) = route.call(&metadata).await {
                 self.remember(found);
             }
@@ -104,14 +121,16 @@ impl Client {
         answer
     }
 
-    /// The group's partition of the offsets topic: asked once (which
-    /// creates the topic on the cluster's first group request), then known.
-    pub(crate) async fn group_partition(&self, group: &str) -> Result<u32, CallError> {
-        let known = self.routing().group_partitions.lock().expect("group partitions lock").get(group).copied();
+    /// The key's partition of its coordinators' topic: asked once (which
+    /// creates the topic on the cluster's first request), then known.
+    pub(crate) async fn coordinator_partition(&self, kind: CoordinatorKind, key: &str) -> Result<u32, CallError> {
+        let cache_key = (kind as u8, key.to_owned());
+        let known = self.routing().group_partitions.lock().expect("group partitions lock").get(&cache_key).copied();
         if let Some(p) = known {
             return Ok(p);
         }
-        let request = FindCoordinatorRequest { group: group.to_owned() };
+        let group = key;
+        let request = FindCoordinatorRequest { group: key.to_owned(), kind };
         let deadline = Instant::now() + self.config().request_timeout;
         let found = loop {
             // The first group request creates the offsets topic: a quorum
@@ -124,12 +143,16 @@ impl Client {
                 found => break found?,
             }
         };
-        self.routing()
-            .group_partitions
-            .lock()
-            .expect("group partitions lock")
-            .insert(group.to_owned(), found.partition);
+        self.routing().group_partitions.lock().expect("group partitions lock").insert(cache_key, found.partition);
         Ok(found.partition)
+    }
+}
+
+/// The internal topic whose partitions' leaders coordinate `kind`.
+pub(crate) fn coordinator_topic(kind: CoordinatorKind) -> &'static str {
+    match kind {
+        CoordinatorKind::Group => OFFSETS_TOPIC,
+        CoordinatorKind::Transaction => TRANSACTION_STATE_TOPIC,
     }
 }
 

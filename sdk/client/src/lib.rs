@@ -12,7 +12,10 @@
 //!   coordinator (a broker) assigns partitions among its members, with
 //!   committed offsets, auto-commit, static membership and a
 //!   [`RebalanceListener`].
-//! - [`Admin`] for topics, plugins and groups.
+//! - [`TransactionalProducer`]: records written in transactions, visible to
+//!   read_committed consumers ([`ConsumerConfig::isolation`]) all together
+//!   at the commit, or never.
+//! - [`Admin`] for topics, plugins, groups and transactions.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,6 +45,7 @@ mod producer;
 mod routing;
 mod sequencer;
 mod share;
+mod transactions;
 
 pub use admin::Admin;
 pub use connection::{
@@ -53,6 +57,8 @@ pub use groups::GroupOffset;
 pub use membership::RebalanceListener;
 pub use producer::{ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::batch::{Compression, Header};
+pub use quiver_protocol::messages::Isolation;
 pub use quiver_protocol::messages::{Acks, PARTITION_ANY};
 pub use quiver_protocol::{ErrorCode, WireError};
 pub use share::{AckError, AckKind, ShareConsumer, ShareConsumerConfig, ShareRecord};
+pub use transactions::{TransactionError, TransactionalProducer};

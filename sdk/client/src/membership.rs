@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quiver_protocol::ErrorCode;
-use quiver_protocol::messages::{GroupHeartbeatRequest, GroupSubscription};
+use quiver_protocol::messages::{CoordinatorKind, GroupHeartbeatRequest, GroupSubscription};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -150,7 +150,7 @@ impl Consumer {
         }
         // Checks the group name, and creates the offsets topic on the
         // cluster's first group request.
-        self.client.group_partition(group).await.map_err(|e| group_error(group, e))?;
+        self.client.coordinator_partition(CoordinatorKind::Group, group).await.map_err(|e| group_error(group, e))?;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let report = Arc::new(Notify::new());
         let changed = Arc::new(Notify::new());

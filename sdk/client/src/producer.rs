@@ -90,6 +90,13 @@ pub struct ProducerConfig {
     /// a restarted node catching up) or cannot be reached, before it fails
     /// (Kafka's `max.block.ms`).
     pub max_block: Duration,
+    /// Makes it a transactional producer's (see
+    /// [`crate::TransactionalProducer`]): its batches are transactional,
+    /// numbered with the producer id and epoch the id's coordinator gave.
+    pub transactional_id: Option<String>,
+    /// A transaction open longer is aborted by its coordinator (Kafka's
+    /// `transaction.timeout.ms`, 60 s).
+    pub transaction_timeout: Duration,
 }
 
 /// Batches of one partition an idempotent producer has in flight at most,
@@ -121,6 +128,8 @@ impl Default for ProducerConfig {
             metadata_max_age: Duration::from_secs(300),
             idempotent: true,
             max_block: Duration::from_secs(60),
+            transactional_id: None,
+            transaction_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -328,7 +337,7 @@ fn random(rng: &mut u64, below: u32) -> u32 {
     (x % u64::from(below)) as u32
 }
 
-struct Shared {
+pub(crate) struct Shared {
     client: Client,
     config: ProducerConfig,
     state: Mutex<State>,
@@ -346,6 +355,20 @@ struct Shared {
     window_moved: Notify,
     /// Buffers of completed batches, and their capacity in all.
     spare: Mutex<(Vec<BytesMut>, usize)>,
+    /// A transactional producer's identity and the fate of its current
+    /// transaction.
+    pub(crate) txn: Option<TxnIdentity>,
+}
+
+/// What a transactional producer's batches are numbered with.
+pub(crate) struct TxnIdentity {
+    pub(crate) id: String,
+    /// The producer id and epoch the coordinator gave (`None` before
+    /// `init`).
+    pub(crate) current: Mutex<Option<(i64, i16)>>,
+    /// A batch of the current transaction failed for good: it can only be
+    /// aborted.
+    pub(crate) failed: Mutex<Option<String>>,
 }
 
 /// Sends records to a Quiver cluster. Cheap to clone.
@@ -368,7 +391,13 @@ impl Producer {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
             | 1;
+        let txn = config.transactional_id.clone().map(|id| TxnIdentity {
+            id,
+            current: Mutex::new(None),
+            failed: Mutex::new(None),
+        });
         let shared = Arc::new(Shared {
+            txn,
             client,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             config,
@@ -383,6 +412,10 @@ impl Producer {
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), ready_rx, open_rx));
         Producer { shared }
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// Queues a record. Waits only for buffer space and, the first time a
@@ -774,9 +807,23 @@ impl Shared {
         let Some(stamp) = seq.stamp(batch.count, IDEMPOTENT_IN_FLIGHT_MAX) else {
             return false;
         };
-        batch.builder = batch.builder.take().map(|b| b.with_producer(producer_id, stamp.epoch, stamp.sequence));
+        batch.builder = batch.builder.take().map(|b| match &self.txn {
+            // The coordinator's producer id and epoch: the sequences start
+            // at 0 in each transaction (its end bumps the epoch).
+            Some(txn) => {
+                let (id, epoch) = txn.current.lock().expect("transactional identity").unwrap_or((-1, -1));
+                b.with_producer(id, epoch, stamp.sequence).transactional()
+            }
+            None => b.with_producer(producer_id, stamp.epoch, stamp.sequence),
+        });
         batch.stamp = Some(stamp);
         true
+    }
+
+    /// A transaction ended (or began with a new epoch): every partition's
+    /// numbering starts again at 0. Called with nothing in flight.
+    pub(crate) fn reset_sequences(&self) {
+        self.sequences.lock().expect("producer sequences").clear();
     }
 
     /// What is known of a batch whose attempt just ended.
@@ -791,7 +838,11 @@ impl Shared {
     /// Fails a batch for good. Its sequence numbers will never be filled,
     /// so the next batches of its partition start a new epoch at 0.
     fn fail(&self, batch: ReadyBatch, error: ProduceError) {
-        if let Some(stamp) = batch.stamp {
+        if let Some(txn) = &self.txn {
+            // In a transaction the epoch is the coordinator's: the
+            // transaction can only be aborted.
+            txn.failed.lock().expect("transaction failure").get_or_insert_with(|| error.to_string());
+        } else if let Some(stamp) = batch.stamp {
             let mut sequences = self.sequences.lock().expect("producer sequences");
             if let Some(seq) = sequences.get_mut(&(batch.topic.clone(), batch.partition))
                 && seq.failed(stamp)
@@ -895,6 +946,11 @@ async fn dispatch(
             let Some(shared) = weak.upgrade() else {
                 return;
             };
+            if shared.txn.is_some() {
+                // Numbered with the coordinator's id and epoch (`stamp`).
+                producer_id = Some(-1);
+                continue;
+            }
             producer_id = obtain_producer_id(&shared, &mut ready_rx, &mut queued).await;
             idempotent = producer_id.is_some();
             continue;
@@ -1021,6 +1077,7 @@ async fn send_once(
 ) -> (Vec<ReadyBatch>, String) {
     let config = &shared.config;
     let request = ProduceRequest {
+        transactional_id: shared.txn.as_ref().map(|t| t.id.clone()),
         acks: config.acks,
         timeout_ms: config.delivery_timeout.as_millis() as u32,
         partitions: pending

@@ -29,7 +29,8 @@ pub(crate) struct Routing {
     /// share its answer (through the cache) instead of asking again.
     checked: Mutex<Option<Instant>>,
     /// Each group's partition of the offsets topic (it never changes).
-    pub(crate) group_partitions: Mutex<HashMap<String, u32>>,
+    /// Coordinators' partitions by (kind, group or transactional id).
+    pub(crate) group_partitions: Mutex<HashMap<(u8, String), u32>>,
 }
 
 /// Addresses that lately failed to connect or to answer in time, and when:

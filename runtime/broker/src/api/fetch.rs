@@ -11,6 +11,8 @@ use bytes::Bytes;
 use quiver_protocol::batch;
 use quiver_protocol::messages::{OFFSET_EARLIEST, OFFSET_LATEST};
 
+use quiver_log::log::AbortedTxn;
+
 use crate::broker::Broker;
 use crate::errors::{FetchError, ListOffsetsError, PluginCallError, blocking_as};
 use crate::partition::RemoteLeader;
@@ -39,6 +41,9 @@ pub(crate) struct ReadOptions {
     pub(crate) filter: Option<(String, Vec<(String, String)>)>,
     /// Run the topics' value (and key) decoders too.
     pub(crate) decode_values: bool,
+    /// Only up to each partition's last stable offset, with the aborted
+    /// transactions in the range named.
+    pub(crate) read_committed: bool,
 }
 
 /// What one partition answered.
@@ -47,7 +52,33 @@ pub(crate) struct PartitionRead {
     /// `-1` when the partition could not be looked up.
     pub(crate) high_watermark: i64,
     pub(crate) log_start_offset: i64,
+    /// `-1` when the partition could not be looked up.
+    pub(crate) last_stable_offset: i64,
+    /// read_committed: the aborted transactions with data in the range read.
+    pub(crate) aborted: Vec<AbortedTxn>,
     pub(crate) records: Result<Bytes, FetchError>,
+}
+
+impl PartitionRead {
+    fn failed(e: FetchError) -> PartitionRead {
+        PartitionRead {
+            high_watermark: -1,
+            log_start_offset: -1,
+            last_stable_offset: -1,
+            aborted: Vec::new(),
+            records: Err(e),
+        }
+    }
+
+    fn empty() -> PartitionRead {
+        PartitionRead {
+            high_watermark: -1,
+            log_start_offset: -1,
+            last_stable_offset: -1,
+            aborted: Vec::new(),
+            records: Ok(Bytes::new()),
+        }
+    }
 }
 
 /// Where to find an offset.
@@ -81,10 +112,7 @@ impl Broker {
             match self.remote_leader(&r.topic, r.partition) {
                 Ok(None) => local.push(i),
                 Ok(Some(leader)) => remote.entry(leader).or_default().push(i),
-                Err(e) => {
-                    results[i] =
-                        Some(PartitionRead { high_watermark: -1, log_start_offset: -1, records: Err(e.into()) })
-                }
+                Err(e) => results[i] = Some(PartitionRead::failed(e.into())),
             }
         }
         let deadline = tokio::time::Instant::now() + self.fetch_wait(max_wait);
@@ -120,8 +148,7 @@ impl Broker {
                 Err(e) => {
                     let message = e.to_string();
                     for &i in &local {
-                        let records = Err(FetchError::Internal(message.clone()));
-                        place(i, PartitionRead { high_watermark: -1, log_start_offset: -1, records });
+                        place(i, PartitionRead::failed(FetchError::Internal(message.clone())));
                     }
                 }
             }
@@ -134,10 +161,7 @@ impl Broker {
             tokio::time::sleep(REMOTE_READ_POLL.min(deadline.saturating_duration_since(tokio::time::Instant::now())))
                 .await;
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or(PartitionRead { high_watermark: -1, log_start_offset: -1, records: Ok(Bytes::new()) }))
-            .collect()
+        results.into_iter().map(|r| r.unwrap_or_else(PartitionRead::empty)).collect()
     }
 
     /// One read without waiting at another broker; each partition's answer.
@@ -160,6 +184,7 @@ impl Broker {
             filter: String::new(),
             filter_params: Vec::new(),
             decode_values: false,
+            isolation: quiver_protocol::messages::Isolation::ReadUncommitted,
         };
         let node = leader.0;
         match self.replica_link.read(leader.0, leader.1, request).await {
@@ -169,6 +194,8 @@ impl Broker {
                 .map(|p| PartitionRead {
                     high_watermark: p.high_watermark,
                     log_start_offset: p.log_start_offset,
+                    last_stable_offset: p.last_stable_offset,
+                    aborted: Vec::new(),
                     records: match p.error {
                         quiver_protocol::ErrorCode::None => Ok(p.records),
                         code => Err(FetchError::AtLeader {
@@ -187,11 +214,7 @@ impl Broker {
                     ),
                 };
                 (0..count)
-                    .map(|_| PartitionRead {
-                        high_watermark: -1,
-                        log_start_offset: -1,
-                        records: Err(FetchError::AtLeader { leader: node, error: error.clone() }),
-                    })
+                    .map(|_| PartitionRead::failed(FetchError::AtLeader { leader: node, error: error.clone() }))
                     .collect()
             }
         }
@@ -220,9 +243,9 @@ impl Broker {
                 .await;
             seen = Some(watermarks(&held));
             let (broker, all) = (self.clone(), reads.clone());
-            let max_bytes = options.max_bytes;
+            let (max_bytes, committed) = (options.max_bytes, options.read_committed);
             let (results, bytes, failed) =
-                blocking_as(move || Ok::<_, FetchError>(broker.read_partitions(&all, max_bytes))).await?;
+                blocking_as(move || Ok::<_, FetchError>(broker.read_partitions(&all, max_bytes, committed))).await?;
             if last
                 || failed
                 || bytes >= options.min_bytes.max(1) as usize
@@ -249,25 +272,34 @@ impl Broker {
 
     /// Reads every partition once (blocking); returns the results, the
     /// bytes read, and whether any partition failed.
-    fn read_partitions(&self, reads: &[Read], max_bytes: u32) -> (Vec<PartitionRead>, usize, bool) {
+    fn read_partitions(&self, reads: &[Read], max_bytes: u32, committed: bool) -> (Vec<PartitionRead>, usize, bool) {
         let mut remaining = max_bytes as usize;
         let mut total = 0usize;
         let mut failed = false;
         let results = reads
             .iter()
             .map(|r| {
-                let mut read = PartitionRead { high_watermark: -1, log_start_offset: -1, records: Ok(Bytes::new()) };
+                let mut read = PartitionRead::empty();
                 read.records = self.partition(&r.topic, r.partition).map_err(FetchError::from).and_then(|(_, p)| {
                     let hw = p.high_watermark();
+                    let lso = p.log.last_stable_offset(hw);
                     read.high_watermark = hw;
                     read.log_start_offset = p.log.log_start_offset();
-                    if r.offset == hw || remaining == 0 {
+                    read.last_stable_offset = lso;
+                    // read_committed stops where the oldest open
+                    // transaction begins.
+                    let end = if committed { lso } else { hw };
+                    if (r.offset >= end && r.offset <= hw) || remaining == 0 {
                         return Ok(Bytes::new());
                     }
                     // Always allow one whole batch, so a batch larger than
                     // the limit cannot stall a consumer.
                     let limit = (r.max_bytes as usize).min(remaining).max(1);
-                    Ok(p.log.read(r.offset, limit, hw)?)
+                    let records = p.log.read(r.offset, limit, end)?;
+                    if committed && !records.is_empty() {
+                        read.aborted = p.log.aborted_transactions(r.offset, end);
+                    }
+                    Ok(records)
                 });
                 match &read.records {
                     Ok(records) => {
@@ -305,7 +337,12 @@ impl Broker {
                 let decoders = topic.as_ref().map(|t| serializers(&t.config, false)).unwrap_or_default();
                 let mut out = Vec::new();
                 for item in batch::Batches::new(records.clone()) {
-                    let (_, mut stored) = item.map_err(PluginCallError::Corrupt)?;
+                    let (header, mut stored) = item.map_err(PluginCallError::Corrupt)?;
+                    // Transaction markers are the reader's, never a plugin's.
+                    if header.is_control() {
+                        out.push(stored);
+                        continue;
+                    }
                     for (name, mode) in &decoders {
                         stored = broker.apply_plugin(name, None, *mode, &stored)?;
                     }

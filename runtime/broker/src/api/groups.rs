@@ -373,7 +373,7 @@ impl Broker {
         records: Vec<Record>,
     ) -> Result<(), GroupOpError> {
         let batch = encode_records(group, &records);
-        let write = Write { topic: OFFSETS_TOPIC.to_owned(), partition: shard.partition.id, records: batch };
+        let write = Write::new(OFFSETS_TOPIC, shard.partition.id, batch);
         let written = match self.write(vec![write], Acks::All, None).await {
             Ok(mut results) => results.pop().unwrap_or_else(|| Err(ProduceError::Internal("no write result".into()))),
             Err(e) => Err(e),

@@ -16,6 +16,9 @@
 //! - [`admin`]: topics (create, delete), preferred-leader elections,
 //!   reassignments, voters — commands in the metadata log.
 //! - [`compaction`]: the log cleaner's loops and `topic compact`.
+//! - [`transactions`]: transactional producers' init, partitions joining
+//!   on their first write, commit and abort, markers at partitions' leaders,
+//!   list, describe and an operator's abort.
 //!
 //! Not here yet: describing topics and the cluster, and the plugin
 //! operations (`cluster.rs`, `plugins.rs`, `plugin_sync.rs`) take or answer
@@ -27,6 +30,7 @@ pub(crate) mod fetch;
 pub(crate) mod groups;
 pub(crate) mod produce;
 pub(crate) mod share_groups;
+pub(crate) mod transactions;
 
 pub(crate) use admin::NewTopic;
 pub(crate) use fetch::{OffsetQuery, Read, ReadOptions};

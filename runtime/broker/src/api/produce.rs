@@ -37,6 +37,16 @@ pub(crate) struct Write {
     pub(crate) topic: String,
     pub(crate) partition: u32,
     pub(crate) records: Bytes,
+    /// The transactional producer's id: its batches must be transactional,
+    /// and a partition joins the producer's transaction (checked with the
+    /// coordinator) on its first write there.
+    pub(crate) transactional_id: Option<String>,
+}
+
+impl Write {
+    pub(crate) fn new(topic: impl Into<String>, partition: u32, records: Bytes) -> Write {
+        Write { topic: topic.into(), partition, records, transactional_id: None }
+    }
 }
 
 /// Where a written batch went.
@@ -125,16 +135,7 @@ impl Broker {
             // Group commit: concurrent writes to the same partition share
             // the fsync inside `Log::sync_to`.
             for (index, partition, end, epoch) in to_sync {
-                let synced = {
-                    let partition = partition.clone();
-                    tokio::task::spawn_blocking(move || partition.log.sync_to(end)).await
-                };
-                let failure = match synced {
-                    Ok(Ok(())) => self.replicated(&partition, end, epoch).await.err(),
-                    Ok(Err(e)) => Some(ProduceError::Sync(e.to_string())),
-                    Err(e) => Some(ProduceError::Sync(e.to_string())),
-                };
-                if let Some(e) = failure {
+                if let Err(e) = self.confirm(&partition, end, epoch).await {
                     results[index] = Err(e);
                 }
             }
@@ -155,6 +156,7 @@ impl Broker {
     ) -> Result<i64, ProduceError> {
         let at = leader.0;
         let request = ProduceRequest {
+            transactional_id: None,
             acks: match acks {
                 Acks::Leader => wire::Acks::Leader,
                 Acks::All => wire::Acks::All,
@@ -183,6 +185,20 @@ impl Broker {
                 leader: at,
                 error: WireError::new(code, result.message),
             }),
+        }
+    }
+
+    /// An `acks=all` append's confirmation: the records below `end` are on
+    /// this broker's disk, then on every in-sync replica's.
+    pub(crate) async fn confirm(&self, partition: &Arc<Partition>, end: i64, epoch: i32) -> Result<(), ProduceError> {
+        let synced = {
+            let partition = partition.clone();
+            tokio::task::spawn_blocking(move || partition.log.sync_to(end)).await
+        };
+        match synced {
+            Ok(Ok(())) => self.replicated(partition, end, epoch).await,
+            Ok(Err(e)) => Err(ProduceError::Sync(e.to_string())),
+            Err(e) => Err(ProduceError::Sync(e.to_string())),
         }
     }
 
@@ -223,6 +239,25 @@ impl Broker {
         })?;
         if any && header.producer_id != batch::NO_PRODUCER_ID {
             return Err(ProduceError::UnplacedIdempotent);
+        }
+        if header.is_control() {
+            return Err(ProduceError::TransactionalMismatch(
+                "control batches (transaction markers) are written by transaction coordinators only",
+            ));
+        }
+        match (&w.transactional_id, &partition) {
+            (None, _) if header.is_transactional() => {
+                return Err(ProduceError::TransactionalMismatch(
+                    "a transactional batch needs the request's transactional id",
+                ));
+            }
+            (Some(_), _) if !header.is_transactional() => {
+                return Err(ProduceError::TransactionalMismatch(
+                    "a request with a transactional id carries transactional batches only",
+                ));
+            }
+            (Some(id), Some(partition)) => self.join_transaction(id, &header, &w.topic, partition).await?,
+            _ => {}
         }
         let stored = match topic.config.compression {
             TopicCompression::Codec(codec) if !any && header.compression().ok() != Some(codec) => {

@@ -374,7 +374,7 @@ impl Broker {
         );
         let mut batch = BatchBuilder::new(Compression::None);
         batch.append(record.timestamp, record.key.as_deref(), record.value.as_deref(), &headers);
-        let write = Write { topic: dlq.clone(), partition: PARTITION_ANY, records: batch.build() };
+        let write = Write::new(dlq.clone(), PARTITION_ANY, batch.build());
         let written = self.write(vec![write], Acks::All, None).await;
         match written.map(|mut all| all.pop()) {
             Ok(Some(Ok(_))) => Ok(()),

@@ -126,6 +126,24 @@ impl ReplicaLink for Wire {
     fn list_plugins(&self, node: NodeId, _: String, request: PluginListRequest) -> Answer<PluginListResponse> {
         self.call(node, request)
     }
+
+    fn add_partitions_to_txn(
+        &self,
+        node: NodeId,
+        _: String,
+        request: AddPartitionsToTxnRequest,
+    ) -> Answer<AddPartitionsToTxnResponse> {
+        self.call(node, request)
+    }
+
+    fn write_txn_markers(
+        &self,
+        leader: NodeId,
+        _: String,
+        request: WriteTxnMarkersRequest,
+    ) -> Answer<WriteTxnMarkersResponse> {
+        self.call(leader, request)
+    }
 }
 
 /// `n` brokers, every one a voter.

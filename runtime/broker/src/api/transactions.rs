@@ -1,0 +1,234 @@
+//! Transactions: a transactional producer's init, its partitions joining
+//! (on their first write, checked by the partition's leader with the
+//! coordinator), commit and abort; markers arriving at a partition's
+//! leader; listing, describing and an operator's abort. The coordinator's
+//! shell (shards, storing, markers, timeouts) is `txn_coordinator.rs`.
+
+use std::sync::Arc;
+
+use quiver_protocol::batch::BatchHeader;
+use quiver_protocol::messages::{AddPartitionsToTxnRequest, PartitionRef, TRANSACTION_STATE_TOPIC, TxnMarker};
+use quiver_transactions::{End, Init, Transaction, TxnError, state_partition};
+
+use crate::api::NewTopic;
+use crate::api::groups::Coordinates;
+use crate::broker::Broker;
+use crate::errors::{ProduceError, TxnOpError};
+use crate::partition::Partition;
+use crate::txn_coordinator::{Decided, at_coordinator};
+use crate::txn_shards::validate_transactional_id;
+
+/// How many times an init waits for an earlier instance's transaction to
+/// be aborted before it answers "retry".
+const INIT_ROUNDS: usize = 3;
+
+impl Broker {
+    /// Where `id`'s coordinator is: the leader of its state partition
+    /// (creating the state topic on first use).
+    pub(crate) async fn find_txn_coordinator(&self, id: &str) -> Result<Coordinates, TxnOpError> {
+        validate_transactional_id(id)?;
+        if !self.controller.image().borrow().topics.contains_key(TRANSACTION_STATE_TOPIC) {
+            self.create_state_topic().await?;
+        }
+        let image = self.controller.image();
+        let image = image.borrow();
+        let topic = image.topics.get(TRANSACTION_STATE_TOPIC).ok_or(TxnOpError::NotCoordinator {
+            me: self.config.node_id,
+            id: id.to_owned(),
+            partition: 0,
+        })?;
+        let partition = state_partition(id, topic.partitions.len() as u32);
+        let leader = topic
+            .partitions
+            .get(partition as usize)
+            .and_then(|p| p.leader)
+            .and_then(|leader| image.brokers.get(&leader).map(|b| (leader, b.address.clone())));
+        Ok(Coordinates { partition, leader })
+    }
+
+    async fn create_state_topic(&self) -> Result<(), TxnOpError> {
+        let settings = &self.config.transactions;
+        let replication_factor = match settings.state_topic_replication_factor {
+            0 => self.internal_replication_factor(),
+            n => n,
+        };
+        let new = NewTopic {
+            name: TRANSACTION_STATE_TOPIC.to_owned(),
+            partitions: settings.state_topic_partitions,
+            replication_factor,
+            // Each id's latest record is its state: compacted, never
+            // deleted by age.
+            configs: vec![
+                ("cleanup.policy".into(), "compact".into()),
+                ("segment.bytes".into(), (100 * 1024 * 1024).to_string()),
+            ],
+        };
+        tracing::info!(partitions = new.partitions, replication_factor, "creating the transaction state topic");
+        self.create_topic_unless_exists(&new).await.map_err(TxnOpError::StateTopic)
+    }
+
+    /// `init_transactions`: the id's producer id and a new epoch, fencing
+    /// every older instance; an older instance's open transaction is
+    /// aborted first.
+    pub(crate) async fn init_transactional(
+        self: &Arc<Self>,
+        id: &str,
+        timeout_ms: u64,
+    ) -> Result<(i64, i16), TxnOpError> {
+        for _ in 0..INIT_ROUNDS {
+            let (decided, epoch) = self
+                .with_txn(id, |c, now, fresh| {
+                    Ok(match c.init(id, timeout_ms, now, fresh)? {
+                        Init::Ready(t) => Decided::store(vec![t.clone()], Ok(t)),
+                        Init::AbortFirst(t, markers) => Decided::store(vec![t], Err(markers)),
+                    })
+                })
+                .await?;
+            match decided {
+                Ok(t) => {
+                    tracing::info!(
+                        id,
+                        producer_id = t.producer_id,
+                        epoch = t.producer_epoch,
+                        "transactional producer initialised"
+                    );
+                    return Ok((t.producer_id, t.producer_epoch));
+                }
+                Err(markers) => {
+                    tracing::info!(id, "a new instance: aborting the open transaction of the previous one");
+                    self.finish_transaction(&markers, epoch).await?;
+                }
+            }
+        }
+        Err(TxnOpError::Txn { id: id.to_owned(), source: TxnError::Concurrent(id.to_owned()) })
+    }
+
+    /// Partitions (and groups) join the producer's transaction.
+    pub(crate) async fn add_to_txn(
+        self: &Arc<Self>,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        partitions: Vec<(String, u32)>,
+        groups: Vec<String>,
+    ) -> Result<(), TxnOpError> {
+        self.with_txn(id, |c, now, _| {
+            let added = c.add(id, producer_id, epoch, &partitions, &groups, now)?;
+            Ok(Decided::store(added.into_iter().collect(), ()))
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Commits or aborts: answered once every partition has its marker,
+    /// with the producer id and epoch for the next transaction.
+    pub(crate) async fn end_txn(
+        self: &Arc<Self>,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        commit: bool,
+    ) -> Result<(i64, i16), TxnOpError> {
+        let (end, shard_epoch) = self
+            .with_txn(id, |c, now, fresh| {
+                Ok(match c.end(id, producer_id, epoch, commit, now, fresh)? {
+                    End::Prepare(t, markers) => Decided::store(vec![t.clone()], End::Prepare(t, markers)),
+                    End::Empty(t) => Decided::store(vec![t.clone()], End::Empty(t)),
+                    done @ End::AlreadyDone { .. } => Decided::store(Vec::new(), done),
+                })
+            })
+            .await?;
+        match end {
+            End::Prepare(t, markers) => {
+                self.finish_transaction(&markers, shard_epoch).await?;
+                Ok((t.producer_id, t.producer_epoch))
+            }
+            End::Empty(t) => Ok((t.producer_id, t.producer_epoch)),
+            End::AlreadyDone { producer_id, producer_epoch } => Ok((producer_id, producer_epoch)),
+        }
+    }
+
+    /// An operator aborts `id`'s open transaction (its producer is fenced).
+    pub(crate) async fn abort_transaction(self: &Arc<Self>, id: &str) -> Result<Transaction, TxnOpError> {
+        let (markers, epoch) = self
+            .with_txn(id, |c, now, fresh| {
+                let (t, markers) = c.force_abort(id, now, fresh)?;
+                Ok(Decided::store(t.into_iter().collect(), markers))
+            })
+            .await?;
+        tracing::warn!(id, "transaction aborted by an operator");
+        self.finish_transaction(&markers, epoch).await
+    }
+
+    pub(crate) async fn describe_transaction(&self, id: &str) -> Result<Transaction, TxnOpError> {
+        self.read_txn(id, |c| c.get(id).cloned())
+            .await?
+            .ok_or_else(|| TxnOpError::Txn { id: id.to_owned(), source: TxnError::Unknown(id.to_owned()) })
+    }
+
+    /// A transactional batch's partition joins its producer's transaction,
+    /// unless it already has: the partition holds an open transaction of
+    /// the producer in the batch's epoch (its end would have written a
+    /// marker here, closing it). Else the coordinator — here, or at its
+    /// broker — checks the producer's epoch and adds the partition.
+    pub(crate) async fn join_transaction(
+        self: &Arc<Self>,
+        id: &str,
+        header: &BatchHeader,
+        topic: &str,
+        partition: &Partition,
+    ) -> Result<(), ProduceError> {
+        let producer = header.producer_id;
+        let open = partition.log.open_transactions().iter().any(|(p, _)| *p == producer);
+        if open && partition.log.producer_epoch(producer) == Some(header.producer_epoch) {
+            return Ok(());
+        }
+        let joined = async {
+            validate_transactional_id(id)?;
+            let coordinates = self.find_txn_coordinator(id).await?;
+            let me = self.config.node_id;
+            let not_coordinator =
+                || TxnOpError::NotCoordinator { me, id: id.to_owned(), partition: coordinates.partition };
+            match coordinates.leader {
+                Some((node, _)) if node == me => {
+                    self.add_to_txn(id, producer, header.producer_epoch, vec![(topic.to_owned(), partition.id)], vec![])
+                        .await
+                }
+                Some((node, address)) => {
+                    let request = AddPartitionsToTxnRequest {
+                        transactional_id: id.to_owned(),
+                        producer_id: producer,
+                        producer_epoch: header.producer_epoch,
+                        partitions: vec![PartitionRef { topic: topic.to_owned(), partition: partition.id }],
+                        groups: Vec::new(),
+                    };
+                    self.replica_link
+                        .add_partitions_to_txn(node, address, request)
+                        .await
+                        .map(drop)
+                        .map_err(|e| at_coordinator(id, node, e))
+                }
+                None => Err(not_coordinator()),
+            }
+        };
+        joined.await.map_err(|source| ProduceError::Transaction {
+            topic: topic.to_owned(),
+            partition: partition.id,
+            source: Box::new(source),
+        })
+    }
+
+    /// A coordinator's markers for partitions led here: each written (or
+    /// found written) and on the in-sync replicas, or why not.
+    pub(crate) async fn write_txn_markers(
+        self: &Arc<Self>,
+        markers: Vec<TxnMarker>,
+        coordinator_epoch: i32,
+    ) -> Vec<Result<(), ProduceError>> {
+        let mut results = Vec::with_capacity(markers.len());
+        for marker in &markers {
+            results.push(self.write_marker_here(marker, coordinator_epoch).await);
+        }
+        results
+    }
+}

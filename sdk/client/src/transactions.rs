@@ -1,0 +1,276 @@
+//! The transactional producer: records sent between `begin` and `commit`
+//! become visible to read_committed consumers all together, or (after
+//! `abort`, a failure, or the transaction's timeout) never.
+//!
+//! `init` asks the transactional id's coordinator (the leader of its
+//! partition of `__transaction_state`) for the id's producer id and a new
+//! epoch, which fences every older instance of the producer: their writes
+//! and commits fail with `producer_fenced`, and a transaction one of them
+//! left open is aborted. A partition joins the transaction on its first
+//! write (its leader checks with the coordinator). `commit` and `abort`
+//! send every buffered record first, then end the transaction at the
+//! coordinator, which writes a commit or abort marker to each partition in
+//! it and gives the producer its next epoch.
+//!
+//! Errors say what the producer may do next ([`TransactionError`]):
+//! fatal ones (fenced, another instance took over) mean close it; an
+//! abortable one means abort the transaction and begin another.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use quiver_protocol::messages::{CoordinatorKind, EndTxnRequest, InitProducerIdRequest};
+use quiver_protocol::{ErrorCode, WireError};
+
+use crate::connection::{CallError, Client};
+use crate::delivery::DeliveryFuture;
+use crate::producer::{ProduceError, Producer, ProducerConfig, ProducerRecord};
+
+/// Pause before asking the coordinator again while a transaction ends.
+const CONCURRENT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why a transactional operation failed, and what the producer may do.
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionError {
+    /// Another instance initialised the transactional id, or the
+    /// transaction timed out and the coordinator aborted it: close this
+    /// producer (nothing it sends can be written again).
+    #[error("producer fenced: {0}")]
+    Fenced(WireError),
+    /// A record of the transaction failed, or a commit was refused: abort
+    /// the transaction; a new one may begin after.
+    #[error("the transaction must be aborted: {0}")]
+    Abortable(String),
+    /// Called out of order (e.g. `send` outside a transaction, `begin`
+    /// twice, anything before `init`).
+    #[error("{0}")]
+    Usage(&'static str),
+    /// The coordinator could not be reached or answered with an error
+    /// that retrying did not clear.
+    #[error("transaction coordinator: {0}")]
+    Coordinator(CallError),
+}
+
+impl TransactionError {
+    /// The producer can do nothing more: close it.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            TransactionError::Fenced(_) => true,
+            TransactionError::Coordinator(CallError::Broker(e)) => matches!(
+                e.code,
+                ErrorCode::ProducerFenced | ErrorCode::InvalidProducerIdMapping | ErrorCode::UnknownTransactionalId
+            ),
+            _ => false,
+        }
+    }
+}
+
+fn coordinator_error(e: CallError) -> TransactionError {
+    match e {
+        CallError::Broker(e) if e.code == ErrorCode::ProducerFenced => TransactionError::Fenced(e),
+        e => TransactionError::Coordinator(e),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Before `init`, or after a fatal error.
+    Uninitialised,
+    Ready,
+    InTransaction,
+    /// Only `abort` (or closing) is possible.
+    Abortable(String),
+    Fenced(String),
+}
+
+/// A producer whose records are written in transactions. Not `Clone`: one
+/// instance per transactional id.
+pub struct TransactionalProducer {
+    producer: Producer,
+    client: Client,
+    id: String,
+    timeout: Duration,
+    phase: Mutex<Phase>,
+}
+
+impl Client {
+    /// A transactional producer for `transactional_id` (call
+    /// [`TransactionalProducer::init`] before anything else). `config`'s
+    /// acks are forced to all and idempotence on, as Kafka requires.
+    pub fn transactional_producer(&self, transactional_id: &str, config: ProducerConfig) -> TransactionalProducer {
+        let timeout = config.transaction_timeout;
+        let config = ProducerConfig {
+            acks: quiver_protocol::messages::Acks::All,
+            idempotent: true,
+            transactional_id: Some(transactional_id.to_owned()),
+            ..config
+        };
+        TransactionalProducer {
+            producer: Producer::new(self.clone(), config),
+            client: self.clone(),
+            id: transactional_id.to_owned(),
+            timeout,
+            phase: Mutex::new(Phase::Uninitialised),
+        }
+    }
+}
+
+impl TransactionalProducer {
+    pub fn transactional_id(&self) -> &str {
+        &self.id
+    }
+
+    /// The producer id and epoch the coordinator gave (`None` before
+    /// `init`).
+    pub fn producer_id_and_epoch(&self) -> Option<(i64, i16)> {
+        *self.producer.shared().txn.as_ref()?.current.lock().expect("transactional identity")
+    }
+
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().expect("transaction phase")
+    }
+
+    /// Registers the transactional id with its coordinator: fences every
+    /// older instance (aborting a transaction one left open) and takes the
+    /// id's producer id and new epoch.
+    pub async fn init(&self) -> Result<(), TransactionError> {
+        let request = InitProducerIdRequest {
+            transactional_id: Some(self.id.clone()),
+            transaction_timeout_ms: self.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        let answer = self.coordinator_call(&request).await?;
+        self.set_identity(answer.producer_id, answer.producer_epoch);
+        *self.phase() = Phase::Ready;
+        Ok(())
+    }
+
+    /// Begins a transaction: the records sent until `commit` or `abort`
+    /// belong to it.
+    pub fn begin(&self) -> Result<(), TransactionError> {
+        let mut phase = self.phase();
+        match &*phase {
+            Phase::Ready => {
+                *phase = Phase::InTransaction;
+                Ok(())
+            }
+            Phase::InTransaction => Err(TransactionError::Usage("a transaction is open already")),
+            Phase::Uninitialised => Err(TransactionError::Usage("call init before begin")),
+            Phase::Abortable(e) => Err(TransactionError::Abortable(e.clone())),
+            Phase::Fenced(e) => Err(TransactionError::Fenced(WireError::new(ErrorCode::ProducerFenced, e.clone()))),
+        }
+    }
+
+    /// Queues a record in the open transaction; the returned future
+    /// resolves when its partition's leader has it (still invisible to
+    /// read_committed consumers until the commit).
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture, ProduceError> {
+        if *self.phase() != Phase::InTransaction {
+            return Err(ProduceError::Rejected(WireError::new(
+                ErrorCode::InvalidTxnState,
+                "send is for an open transaction: call begin first (and init before)",
+            )));
+        }
+        self.producer.send(record).await
+    }
+
+    /// Sends every buffered record of the transaction, then commits it: its
+    /// records become visible to read_committed consumers together. If a
+    /// record failed, nothing is committed and the transaction must be
+    /// aborted.
+    pub async fn commit(&self) -> Result<(), TransactionError> {
+        match &*self.phase() {
+            Phase::InTransaction => {}
+            Phase::Abortable(e) => return Err(TransactionError::Abortable(e.clone())),
+            Phase::Fenced(e) => {
+                return Err(TransactionError::Fenced(WireError::new(ErrorCode::ProducerFenced, e.clone())));
+            }
+            _ => return Err(TransactionError::Usage("no transaction is open")),
+        }
+        self.producer.flush().await;
+        if let Some(failed) = self.take_failure() {
+            let fenced = failed.contains(ErrorCode::ProducerFenced.name());
+            *self.phase() = if fenced { Phase::Fenced(failed.clone()) } else { Phase::Abortable(failed.clone()) };
+            return Err(match fenced {
+                true => TransactionError::Fenced(WireError::new(ErrorCode::ProducerFenced, failed)),
+                false => TransactionError::Abortable(failed),
+            });
+        }
+        self.end(true).await
+    }
+
+    /// Sends what is buffered (so nothing of it is written later), then
+    /// aborts the transaction: none of its records will ever be visible to
+    /// read_committed consumers.
+    pub async fn abort(&self) -> Result<(), TransactionError> {
+        match &*self.phase() {
+            Phase::InTransaction | Phase::Abortable(_) => {}
+            Phase::Fenced(e) => {
+                return Err(TransactionError::Fenced(WireError::new(ErrorCode::ProducerFenced, e.clone())));
+            }
+            _ => return Err(TransactionError::Usage("no transaction is open")),
+        }
+        self.producer.flush().await;
+        self.take_failure();
+        self.end(false).await
+    }
+
+    async fn end(&self, commit: bool) -> Result<(), TransactionError> {
+        let Some((producer_id, producer_epoch)) = self.producer_id_and_epoch() else {
+            return Err(TransactionError::Usage("call init first"));
+        };
+        let request = EndTxnRequest { transactional_id: self.id.clone(), producer_id, producer_epoch, commit };
+        match self.coordinator_call(&request).await {
+            Ok(answer) => {
+                self.set_identity(answer.producer_id, answer.producer_epoch);
+                *self.phase() = Phase::Ready;
+                Ok(())
+            }
+            Err(e) => {
+                *self.phase() = match &e {
+                    e if e.is_fatal() => Phase::Fenced(e.to_string()),
+                    e => Phase::Abortable(e.to_string()),
+                };
+                Err(e)
+            }
+        }
+    }
+
+    /// A coordinator request, again while the coordinator moves, loads or
+    /// is ending the transaction (for up to the request timeout).
+    async fn coordinator_call<R: quiver_protocol::messages::Request>(
+        &self,
+        request: &R,
+    ) -> Result<R::Response, TransactionError> {
+        let deadline = Instant::now() + self.client.config().request_timeout;
+        loop {
+            match self.client.coordinated_call(CoordinatorKind::Transaction, &self.id, request).await {
+                Err(CallError::Broker(e))
+                    if e.code == ErrorCode::ConcurrentTransactions
+                        && Instant::now() + CONCURRENT_BACKOFF < deadline =>
+                {
+                    tracing::debug!(id = %self.id, error = %e, "the coordinator is ending a transaction; asking again");
+                    tokio::time::sleep(CONCURRENT_BACKOFF).await;
+                }
+                other => return other.map_err(coordinator_error),
+            }
+        }
+    }
+
+    fn set_identity(&self, producer_id: i64, epoch: i16) {
+        let shared = self.producer.shared();
+        let txn = shared.txn.as_ref().expect("a transactional producer has an identity");
+        *txn.current.lock().expect("transactional identity") = Some((producer_id, epoch));
+        shared.reset_sequences();
+    }
+
+    fn take_failure(&self) -> Option<String> {
+        self.producer.shared().txn.as_ref()?.failed.lock().expect("transaction failure").take()
+    }
+
+    /// Sends what is buffered; an open transaction stays open (its
+    /// coordinator aborts it at its timeout unless a new instance does
+    /// first).
+    pub async fn close(self) {
+        self.producer.flush().await;
+    }
+}
