@@ -131,6 +131,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::group_cli::GroupCommand,
     },
+    /// Transactions: list, describe (state, partitions, age, producer),
+    /// abort a hanging one.
+    Transaction {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: crate::txn_cli::TransactionCommand,
+    },
     /// Load generator: produce, consume, end-to-end latency, raw QUIC baseline.
     Bench(crate::bench::BenchArgs),
 }
@@ -286,6 +294,20 @@ pub enum TopicCommand {
         /// reached, before giving up (Kafka's max.block.ms).
         #[arg(long, default_value_t = 60_000)]
         max_block_ms: u64,
+        /// Write in transactions as this transactional id: every
+        /// --transaction-size records are committed together (read_committed
+        /// consumers see them all at once, or none); a new instance with the
+        /// same id fences this one.
+        #[arg(long, conflicts_with = "no_idempotence")]
+        transactional_id: Option<String>,
+        /// Records per transaction (the last one commits what is left at
+        /// the end of the input).
+        #[arg(long, default_value_t = 1_000, requires = "transactional_id")]
+        transaction_size: u64,
+        /// The transaction timeout (ms): an open transaction is aborted by
+        /// its coordinator past it.
+        #[arg(long, default_value_t = 60_000, requires = "transactional_id")]
+        transaction_timeout_ms: u64,
     },
     /// Print records: value per line, or JSON objects with --format json.
     /// With --group, as a member of a consumer group: the group assigns the
@@ -340,7 +362,28 @@ pub enum TopicCommand {
         /// Decode values with the topic's value serializer.
         #[arg(long)]
         decode: bool,
+        /// read-committed: only committed transactions' records (and those
+        /// written outside transactions), up to each partition's last stable
+        /// offset. read-uncommitted (the default): every record.
+        #[arg(long, value_enum, default_value_t = IsolationArg::ReadUncommitted, conflicts_with = "share_group")]
+        isolation: IsolationArg,
     },
+}
+
+/// `topic consume --isolation`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationArg {
+    ReadUncommitted,
+    ReadCommitted,
+}
+
+impl From<IsolationArg> for quiver_client::Isolation {
+    fn from(i: IsolationArg) -> Self {
+        match i {
+            IsolationArg::ReadUncommitted => quiver_client::Isolation::ReadUncommitted,
+            IsolationArg::ReadCommitted => quiver_client::Isolation::ReadCommitted,
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -461,6 +504,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topic { conn, command } => topic(conn, command).await,
         Command::Plugin { conn, command } => crate::plugin_cli::run(conn, command).await,
         Command::Group { conn, command } => crate::group_cli::run(conn, command).await,
+        Command::Transaction { conn, command } => crate::txn_cli::run(conn, command).await,
         Command::Cluster { conn, command } => crate::cluster::run(conn, command).await,
         Command::Bench(args) => crate::bench::run(args).await.map(|()| ExitCode::SUCCESS),
     }
@@ -672,8 +716,12 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             timeout_ms,
             no_idempotence,
             max_block_ms,
+            transactional_id,
+            transaction_size,
+            transaction_timeout_ms,
         } => {
             let config = ProducerConfig {
+                transaction_timeout: Duration::from_millis(transaction_timeout_ms),
                 delivery_timeout: Duration::from_millis(timeout_ms),
                 acks: acks.into(),
                 compression,
@@ -684,7 +732,12 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
                 max_block: Duration::from_millis(max_block_ms),
                 ..ProducerConfig::default()
             };
-            return produce_stdin(&client, name, (key_sep, null_marker), partition, headers, config).await;
+            if transaction_size == 0 {
+                bail!("--transaction-size must be at least 1");
+            }
+            let transactions = transactional_id.map(|id| (id, transaction_size));
+            return produce_stdin(&client, name, (key_sep, null_marker), partition, headers, config, transactions)
+                .await;
         }
         TopicCommand::Consume {
             name,
@@ -702,8 +755,15 @@ async fn topic(conn: ConnArgs, command: TopicCommand) -> anyhow::Result<ExitCode
             filter,
             filter_params,
             decode,
+            isolation,
         } => {
-            let fetch = ConsumerConfig { filter, filter_params, decode_values: decode, ..ConsumerConfig::default() };
+            let fetch = ConsumerConfig {
+                filter,
+                filter_params,
+                decode_values: decode,
+                isolation: isolation.into(),
+                ..ConsumerConfig::default()
+            };
             let printer = Printer { format, sep: key_sep.as_deref().map(unescape), null: null_marker };
             if let Some(group) = share_group {
                 if fetch.filter.is_some() || decode {
@@ -741,8 +801,16 @@ async fn produce_stdin(
     partition: Option<u32>,
     headers: Vec<(String, String)>,
     config: ProducerConfig,
+    transactions: Option<(String, u64)>,
 ) -> anyhow::Result<ExitCode> {
-    let producer = client.producer(config);
+    let mut sink = match transactions {
+        None => Sink::Plain(client.producer(config)),
+        Some((id, size)) => {
+            let producer = client.transactional_producer(&id, config);
+            producer.init().await.with_context(|| format!("initialising transactional id '{id}'"))?;
+            Sink::Transactional { producer, size, open: 0, committed: 0, transactions: 0 }
+        }
+    };
     let topic: std::sync::Arc<str> = topic.into();
     let key_sep = key_sep.map(|s| unescape(&s));
     let headers: Vec<Header> = headers.into_iter().map(|(k, v)| Header { key: k, value: Some(v.into()) }).collect();
@@ -788,7 +856,7 @@ async fn produce_stdin(
         record.key = key.map(Into::into);
         record.partition = partition;
         record.headers = headers.clone();
-        match producer.send(record).await {
+        match sink.send(record).await {
             Ok(delivery) => {
                 if tx.send(delivery).await.is_err() {
                     break;
@@ -799,11 +867,31 @@ async fn produce_stdin(
                 break;
             }
         }
+        if let Err(e) = sink.commit_if_full().await {
+            send_error = Some(e);
+            break;
+        }
     }
-    producer.flush().await;
+    let finished = match send_error {
+        None => sink.finish().await,
+        Some(e) => {
+            sink.abandon().await;
+            Err(e)
+        }
+    };
     drop(tx);
     let (ok, failed, first_error) = checker.await?;
-    if let Some(e) = send_error {
+    if let Sink::Transactional { committed, transactions, .. } = &sink {
+        if let Err(e) = finished {
+            bail!(
+                "{e}: the open transaction was aborted; {committed} record(s) were committed in {transactions} \
+                 transaction(s) before"
+            );
+        }
+        eprintln!("produced {committed} record(s) to '{topic}' in {transactions} transaction(s)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Err(e) = finished {
         bail!("{e} ({ok} record(s) acknowledged before)");
     }
     if failed > 0 {
@@ -812,6 +900,81 @@ async fn produce_stdin(
     }
     eprintln!("produced {ok} record(s) to '{topic}'");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `topic produce` sends: a plain producer, or a transactional one
+/// committing every `size` records.
+enum Sink {
+    Plain(quiver_client::Producer),
+    Transactional {
+        producer: quiver_client::TransactionalProducer,
+        size: u64,
+        /// Records in the open transaction.
+        open: u64,
+        committed: u64,
+        transactions: u64,
+    },
+}
+
+impl Sink {
+    async fn send(&mut self, record: ProducerRecord) -> anyhow::Result<quiver_client::DeliveryFuture> {
+        match self {
+            Sink::Plain(p) => Ok(p.send(record).await?),
+            Sink::Transactional { producer, open, .. } => {
+                if *open == 0 {
+                    producer.begin()?;
+                }
+                *open += 1;
+                Ok(producer.send(record).await?)
+            }
+        }
+    }
+
+    async fn commit_if_full(&mut self) -> anyhow::Result<()> {
+        match self {
+            Sink::Transactional { size, open, .. } if *open >= *size => self.commit().await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        let Sink::Transactional { producer, open, committed, transactions, .. } = self else { return Ok(()) };
+        if *open == 0 {
+            return Ok(());
+        }
+        producer.commit().await?;
+        *committed += *open;
+        *transactions += 1;
+        *open = 0;
+        Ok(())
+    }
+
+    /// Everything sent: the plain producer flushed, the last transaction
+    /// committed.
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        match self {
+            Sink::Plain(p) => {
+                p.flush().await;
+                Ok(())
+            }
+            Sink::Transactional { .. } => self.commit().await,
+        }
+    }
+
+    /// After a failure: what was sent is flushed, an open transaction
+    /// aborted (unless its producer was fenced).
+    async fn abandon(&mut self) {
+        match self {
+            Sink::Plain(p) => p.flush().await,
+            Sink::Transactional { producer, open, .. } => {
+                if *open > 0
+                    && let Err(e) = producer.abort().await
+                {
+                    eprintln!("aborting the open transaction: {e}");
+                }
+            }
+        }
+    }
 }
 
 /// Parses `-o`: start | end | OFFSET | @UNIX_MS, with an optional `:end`.

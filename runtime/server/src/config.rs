@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub groups: GroupsSection,
     #[serde(default)]
     pub plugins: PluginsSection,
+    #[serde(default)]
+    pub transactions: TransactionsSection,
     /// Defaults for new topics, e.g. `"retention.ms" = "86400000"`.
     #[serde(default)]
     pub topic_defaults: BTreeMap<String, toml::Value>,
@@ -220,6 +222,35 @@ impl Default for GroupsSection {
     }
 }
 
+/// Transactions coordinated by this broker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransactionsSection {
+    /// Partitions of `__transaction_state`, when the first transactional
+    /// producer creates it (Kafka's `transaction.state.log.num.partitions`).
+    pub state_topic_partitions: u32,
+    /// Its replication factor; 0: three, or every broker when fewer.
+    pub state_topic_replication_factor: u16,
+    /// The largest transaction timeout a producer may ask for (Kafka's
+    /// `transaction.max.timeout.ms`, 15 minutes).
+    pub timeout_max_ms: u64,
+    /// An idle transactional id is forgotten after this long (Kafka's
+    /// `transactional.id.expiration.ms`, 7 days).
+    pub id_expiration_ms: u64,
+}
+
+impl Default for TransactionsSection {
+    fn default() -> Self {
+        let t = quiver_broker::TransactionsConfig::default();
+        TransactionsSection {
+            state_topic_partitions: t.state_topic_partitions,
+            state_topic_replication_factor: t.state_topic_replication_factor,
+            timeout_max_ms: t.limits.timeout_max_ms,
+            id_expiration_ms: t.limits.id_expiration_ms,
+        }
+    }
+}
+
 /// A validated cluster membership.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
@@ -384,6 +415,21 @@ impl FileConfig {
         };
         broker.offsets_topic_partitions = groups.offsets_topic_partitions;
         broker.offsets_topic_replication_factor = groups.offsets_topic_replication_factor;
+        let txns = &self.transactions;
+        if txns.state_topic_partitions == 0 {
+            bail!("transactions.state_topic_partitions must be at least 1");
+        }
+        if txns.timeout_max_ms == 0 {
+            bail!("transactions.timeout_max_ms must be at least 1");
+        }
+        broker.transactions = quiver_broker::TransactionsConfig {
+            state_topic_partitions: txns.state_topic_partitions,
+            state_topic_replication_factor: txns.state_topic_replication_factor,
+            limits: quiver_transactions::TxnConfig {
+                timeout_max_ms: txns.timeout_max_ms,
+                id_expiration_ms: txns.id_expiration_ms.max(1),
+            },
+        };
         let client_ca = self.tls.ca.clone();
         Ok(NodeConfig { broker, listen, tls, client_ca, cluster })
     }

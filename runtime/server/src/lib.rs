@@ -12,3 +12,4 @@ pub mod net;
 pub mod node;
 pub mod plugin_cli;
 pub mod tls;
+pub mod txn_cli;

@@ -19,7 +19,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use quiver_protocol::messages::{CoordinatorKind, EndTxnRequest, InitProducerIdRequest};
+use quiver_protocol::messages::{
+    AbortTransactionRequest, CoordinatorKind, DescribeTransactionRequest, EndTxnRequest, InitProducerIdRequest,
+    ListTransactionsRequest, TransactionInfo,
+};
 use quiver_protocol::{ErrorCode, WireError};
 
 use crate::connection::{CallError, Client};
@@ -272,5 +275,41 @@ impl TransactionalProducer {
     /// first).
     pub async fn close(self) {
         self.producer.flush().await;
+    }
+}
+
+impl crate::admin::Admin {
+    /// Every transactional id of the cluster with its transaction: each
+    /// broker lists those it coordinates. Sorted by id.
+    pub async fn list_transactions(&self) -> Result<Vec<TransactionInfo>, CallError> {
+        let client = self.client();
+        let brokers = self.metadata(Some(Vec::new())).await?.brokers;
+        let ask: Vec<Client> = match brokers.len() {
+            0 | 1 => vec![client.bootstrap()],
+            _ => brokers.iter().map(|b| client.peer(&b.address)).collect(),
+        };
+        let mut all = std::collections::BTreeMap::new();
+        for broker in ask {
+            for t in broker.call(&ListTransactionsRequest {}).await?.transactions {
+                all.insert(t.transactional_id.clone(), t);
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// A transactional id's state, producer id and epoch, partitions and
+    /// age (`unknown_transactional_id` if there is none).
+    pub async fn describe_transaction(&self, transactional_id: &str) -> Result<TransactionInfo, CallError> {
+        let request = DescribeTransactionRequest { transactional_id: transactional_id.to_owned() };
+        let answer = self.client().coordinated_call(CoordinatorKind::Transaction, transactional_id, &request).await?;
+        Ok(answer.transaction)
+    }
+
+    /// Aborts a hanging transaction (its producer is fenced); answers once
+    /// every partition has its abort marker.
+    pub async fn abort_transaction(&self, transactional_id: &str) -> Result<TransactionInfo, CallError> {
+        let request = AbortTransactionRequest { transactional_id: transactional_id.to_owned() };
+        let answer = self.client().coordinated_call(CoordinatorKind::Transaction, transactional_id, &request).await?;
+        Ok(answer.transaction)
     }
 }
