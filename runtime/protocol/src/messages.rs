@@ -192,6 +192,10 @@ pub const NO_LEADER: u32 = u32::MAX;
 pub const OFFSET_EARLIEST: i64 = -2;
 /// `ListOffsets` timestamp meaning "the offset the next record will get".
 pub const OFFSET_LATEST: i64 = -1;
+/// `ListOffsets` timestamp meaning "the last stable offset": where a
+/// read_committed reader's log ends for now (Kafka's LATEST with
+/// isolation read_committed).
+pub const OFFSET_LAST_STABLE: i64 = -3;
 
 wire_struct! {
     pub struct ApiVersionsRequest {

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use quiver_protocol::batch::{Batches, Header, decode_records};
 use quiver_protocol::control::{ReadCommitted, parse_marker};
 use quiver_protocol::messages::{
-    FetchPartition, FetchRequest, FetchResponse, Isolation, ListOffsetsPartition, OFFSET_EARLIEST, OFFSET_LATEST,
+    FetchPartition, FetchRequest, FetchResponse, Isolation, ListOffsetsPartition, OFFSET_EARLIEST, OFFSET_LAST_STABLE,
+    OFFSET_LATEST,
 };
 use quiver_protocol::{ErrorCode, WireError};
 use tokio::task::JoinHandle;
@@ -268,6 +269,11 @@ impl Consumer {
     /// partition's leader; once more after a `not_leader` answer, and again
     /// for a while when a new leader's offsets are not available yet).
     pub async fn lookup(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ConsumeError> {
+        // A read_committed reader's end is the last stable offset.
+        let timestamp = match (timestamp, self.config.isolation) {
+            (OFFSET_LATEST, Isolation::ReadCommitted) => OFFSET_LAST_STABLE,
+            _ => timestamp,
+        };
         let mut results;
         let mut asked_again = false;
         let deadline = tokio::time::Instant::now() + LEADER_READY_WITHIN;

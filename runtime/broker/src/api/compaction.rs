@@ -40,7 +40,7 @@ impl Broker {
                 continue;
             }
             for p in topic.local() {
-                if let Some(cleanable) = p.log.cleanable(now, p.high_watermark()) {
+                if let Some(cleanable) = p.log.cleanable(now, clean_bound(p)) {
                     candidates.push(Candidate {
                         topic: topic.record.name.clone(),
                         partition: p.id,
@@ -83,7 +83,7 @@ impl Broker {
         let threads = self.config.cleaner.threads.max(1);
         let options = CleanOptions { dedupe_buffer_bytes: self.config.cleaner.dedupe_buffer_bytes / threads, force };
         let started = Instant::now();
-        let report = p.log.clean(now, p.high_watermark(), &options, &mut |bytes| throttle.consume(bytes))?;
+        let report = p.log.clean(now, clean_bound(p), &options, &mut |bytes| throttle.consume(bytes))?;
         if let Some(report) = &report {
             tracing::info!(
                 topic,
@@ -132,6 +132,13 @@ impl Broker {
             pass.join().unwrap_or_else(|_| Err(AdminError::Storage("the cleaning pass panicked".into())))
         })
     }
+}
+
+/// Where cleaning stops: the last stable offset (the high watermark, or
+/// the first offset of the oldest open transaction, whose fate is not
+/// known yet: its records may still be aborted).
+fn clean_bound(p: &Partition) -> i64 {
+    p.log.last_stable_offset(p.high_watermark())
 }
 
 /// A cleaner thread's loop: clean the replica most in need, or wait

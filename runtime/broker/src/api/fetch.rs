@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::batch;
-use quiver_protocol::messages::{OFFSET_EARLIEST, OFFSET_LATEST};
+use quiver_protocol::messages::{OFFSET_EARLIEST, OFFSET_LAST_STABLE, OFFSET_LATEST};
 
 use quiver_log::log::AbortedTxn;
 
@@ -379,6 +379,7 @@ impl Broker {
                 Err(ListOffsetsError::NotAvailable { topic: q.topic.clone(), partition: q.partition })
             }
             OFFSET_LATEST => Ok((p.high_watermark(), -1)),
+            OFFSET_LAST_STABLE => Ok((p.log.last_stable_offset(p.high_watermark()), -1)),
             ts if ts >= 0 => match p.log.offset_for_timestamp(ts)? {
                 Some((offset, _)) if offset >= p.high_watermark() => Ok((p.high_watermark(), -1)),
                 Some(found) => Ok(found),
