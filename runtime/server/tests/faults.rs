@@ -25,27 +25,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
+use common::faults::{self, Rng};
 use common::json_lines;
-use common::proxy::Mode;
 use quiver_client::{Acks, Client, ClientConfig, ProduceError, ProducerConfig, ProducerRecord};
 
 const TOPIC: &str = "chk";
 const PARTITIONS: u32 = 3;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What the producer was told.
 #[derive(Default)]
@@ -141,7 +126,7 @@ fn round(seed: u64) {
     if let Ok(filter) = std::env::var("QUIVER_TEST_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     }
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::seeded(seed);
     // Leaderships also move back to preferred replicas every 3 s: more
     // leader changes under load.
     let env =
@@ -159,45 +144,7 @@ fn round(seed: u64) {
         std::thread::spawn(move || produce_until(addresses, ca, stop))
     };
 
-    // One fault at a time, so a majority is always meant to be reachable.
-    let until = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
-        let node = 1 + rng.below(3) as u32;
-        let hold = Duration::from_millis(500 + rng.below(2500));
-        match rng.below(5) {
-            0 => {
-                eprintln!("seed {seed}: kill -9 node {node}, restart after {hold:?}");
-                cluster.kill9(node);
-                std::thread::sleep(hold);
-                cluster.start_node(node);
-            }
-            1 => {
-                eprintln!("seed {seed}: SIGSTOP node {node} for {hold:?}");
-                cluster.pause(node, true);
-                std::thread::sleep(hold);
-                cluster.pause(node, false);
-            }
-            2 => {
-                eprintln!("seed {seed}: cut node {node}'s inbound network for {hold:?}");
-                cluster.proxies[node as usize - 1].set(Mode::Cut);
-                std::thread::sleep(hold);
-                cluster.proxies[node as usize - 1].set(Mode::Pass);
-            }
-            3 => {
-                eprintln!("seed {seed}: partition node {node} from the other nodes for {hold:?}");
-                cluster.isolate(node, true);
-                std::thread::sleep(hold);
-                cluster.isolate(node, false);
-            }
-            _ => {
-                eprintln!("seed {seed}: drop 30% of node {node}'s packets for {hold:?}");
-                cluster.proxies[node as usize - 1].set(Mode::Lossy(30));
-                std::thread::sleep(hold);
-                cluster.proxies[node as usize - 1].set(Mode::Pass);
-            }
-        }
-    }
+    faults::inject(&mut cluster, &mut rng, seed, Duration::from_secs(20));
     stop.store(true, Ordering::Relaxed);
     let produced = producer.join().expect("the producer thread");
     eprintln!(
@@ -265,21 +212,7 @@ fn round(seed: u64) {
 
 #[test]
 fn acknowledged_records_survive_kills_pauses_and_partitions() {
-    let seeds: Vec<u64> = std::env::var("QUIVER_FAULT_SEEDS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 2]);
-    for seed in seeds {
-        eprintln!("fault round: seed {seed}");
-        if let Err(e) = std::panic::catch_unwind(|| round(seed)) {
-            let message = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("fault round with seed {seed} failed (rerun with QUIVER_FAULT_SEEDS={seed}): {message}");
-        }
-    }
+    faults::for_each_seed(&[1, 2], round);
 }
 
 /// A partition leader cut off from the other nodes (clients still reach it)

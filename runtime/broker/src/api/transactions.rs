@@ -58,9 +58,12 @@ impl Broker {
             replication_factor,
             // Each id's latest record is its state: compacted, never
             // deleted by age.
+            // A decision is stored on two replicas at least before it is
+            // acted on (Kafka's transaction.state.log.min.isr).
             configs: vec![
                 ("cleanup.policy".into(), "compact".into()),
                 ("segment.bytes".into(), (100 * 1024 * 1024).to_string()),
+                ("min.insync.replicas".into(), replication_factor.min(2).to_string()),
             ],
         };
         tracing::info!(partitions = new.partitions, replication_factor, "creating the transaction state topic");

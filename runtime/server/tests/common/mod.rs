@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod faults;
 pub mod member;
 pub mod proxy;
 pub mod totals;
