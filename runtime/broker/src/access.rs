@@ -105,7 +105,7 @@ pub fn operation_of(api: ApiKey) -> (Operation, Resource) {
         PluginDeploy | PluginControl => (Operation::Alter, Resource::Plugin),
         ElectLeaders | AlterVoters | ReassignPartition | CompactTopic => (Operation::Alter, Resource::Cluster),
         Controller | ReplicaFetch => (Operation::ClusterAction, Resource::Cluster),
-        FindCoordinator | GroupHeartbeat | OffsetCommit | OffsetFetch | ShareFetch => {
+        FindCoordinator | GroupHeartbeat | OffsetCommit | OffsetFetch | ShareFetch | TxnOffsetCommit => {
             (Operation::Read, Resource::Group)
         }
         ListGroups | DescribeGroup => (Operation::Describe, Resource::Group),

@@ -117,7 +117,13 @@ impl Broker {
                 (name, group)
             })
             // A deleted group replays to nothing.
-            .filter(|(_, g)| !(g.epoch() == 0 && g.is_empty() && g.offsets().is_empty() && g.overrides().is_empty()))
+            .filter(|(_, g)| {
+                !(g.epoch() == 0
+                    && g.is_empty()
+                    && g.offsets().is_empty()
+                    && g.overrides().is_empty()
+                    && g.pending_transactions() == 0)
+            })
             .collect();
         tracing::info!(
             partition = shard.partition.id,

@@ -359,6 +359,8 @@ pub enum GroupOpError {
     /// Creating the offsets topic failed.
     #[error("creating {OFFSETS_TOPIC}: {0}")]
     OffsetsTopic(AdminError),
+    #[error("group '{group}': an open transaction holds an offset of {topic}-{partition}; retry once it ends")]
+    Unstable { group: String, topic: String, partition: u32 },
 }
 
 /// Why a transaction request (init, add, end, markers, list, describe,

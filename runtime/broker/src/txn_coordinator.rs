@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use quiver_protocol::control::{Marker, marker_batch};
-use quiver_protocol::messages::{TRANSACTION_STATE_TOPIC, TxnMarker, WriteTxnMarkersRequest};
+use quiver_protocol::messages::{GroupTxnMarker, TRANSACTION_STATE_TOPIC, TxnMarker, WriteTxnMarkersRequest};
 use quiver_protocol::{ErrorCode, WireError};
 use quiver_transactions::{Coordinator, Markers, Transaction, TxnError, state_partition};
 
@@ -273,46 +273,67 @@ impl Broker {
         }
     }
 
-    /// Writes `markers` to every partition in them: here, or at their
-    /// leaders. A partition whose topic was deleted needs none.
+    /// Writes `markers` to every partition in them, and ends the
+    /// transaction in every group whose offsets it committed: here, or at
+    /// the partitions' leaders and the groups' coordinators. A partition
+    /// whose topic was deleted needs none.
     async fn write_markers(self: &Arc<Self>, markers: &Markers, coordinator_epoch: i32) -> Result<(), String> {
-        let mut remote: BTreeMap<RemoteLeader, Vec<TxnMarker>> = BTreeMap::new();
+        let mut remote: BTreeMap<RemoteLeader, WriteTxnMarkersRequest> = BTreeMap::new();
+        let empty = || WriteTxnMarkersRequest { coordinator_epoch, markers: Vec::new(), groups: Vec::new() };
         let mut failures = Vec::new();
         for (topic, partition) in &markers.partitions {
+            let marker = TxnMarker {
+                producer_id: markers.producer_id,
+                producer_epoch: markers.producer_epoch,
+                commit: markers.commit,
+                topic: topic.clone(),
+                partition: *partition,
+            };
             match self.remote_leader(topic, *partition) {
                 Ok(None) => {
-                    let marker = TxnMarker {
-                        producer_id: markers.producer_id,
-                        producer_epoch: markers.producer_epoch,
-                        commit: markers.commit,
-                        topic: topic.clone(),
-                        partition: *partition,
-                    };
                     if let Err(e) = self.write_marker_here(&marker, coordinator_epoch).await {
                         failures.push(format!("{topic}-{partition}: {e}"));
                     }
                 }
-                Ok(Some(leader)) => remote.entry(leader).or_default().push(TxnMarker {
-                    producer_id: markers.producer_id,
-                    producer_epoch: markers.producer_epoch,
-                    commit: markers.commit,
-                    topic: topic.clone(),
-                    partition: *partition,
-                }),
+                Ok(Some(leader)) => remote.entry(leader).or_insert_with(empty).markers.push(marker),
                 Err(PartitionError::UnknownTopic { .. } | PartitionError::UnknownPartition { .. }) => {}
                 Err(e) => failures.push(e.to_string()),
             }
         }
-        for ((node, address), markers) in remote {
-            let request = WriteTxnMarkersRequest { coordinator_epoch, markers };
+        for group in &markers.groups {
+            let marker =
+                GroupTxnMarker { group: group.clone(), producer_id: markers.producer_id, commit: markers.commit };
+            match self.find_coordinator(group).await.map(|c| c.leader) {
+                Ok(Some((node, _))) if node == self.config.node_id => {
+                    if let Err(e) = self.end_group_transaction(group, markers.producer_id, markers.commit).await {
+                        failures.push(format!("group '{group}': {e}"));
+                    }
+                }
+                Ok(Some(leader)) => remote.entry(leader).or_insert_with(empty).groups.push(marker),
+                Ok(None) => failures.push(format!("group '{group}': its coordinator is offline")),
+                Err(e) => failures.push(format!("group '{group}': {e}")),
+            }
+        }
+        for ((node, address), request) in remote {
             match self.replica_link.write_txn_markers(node, address, request).await {
-                Ok(answer) => failures.extend(
-                    answer
-                        .results
-                        .into_iter()
-                        .filter(|r| !matches!(r.error, ErrorCode::None | ErrorCode::UnknownTopic))
-                        .map(|r| format!("{}-{} at broker {node}: {}: {}", r.topic, r.partition, r.error, r.message)),
-                ),
+                Ok(answer) => {
+                    failures.extend(
+                        answer
+                            .results
+                            .into_iter()
+                            .filter(|r| !matches!(r.error, ErrorCode::None | ErrorCode::UnknownTopic))
+                            .map(|r| {
+                                format!("{}-{} at broker {node}: {}: {}", r.topic, r.partition, r.error, r.message)
+                            }),
+                    );
+                    failures.extend(
+                        answer
+                            .group_results
+                            .into_iter()
+                            .filter(|r| r.error != ErrorCode::None)
+                            .map(|r| format!("group '{}' at broker {node}: {}: {}", r.group, r.error, r.message)),
+                    );
+                }
                 Err(e) => failures.push(format!("broker {node}: {e}")),
             }
         }

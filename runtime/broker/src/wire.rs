@@ -258,7 +258,33 @@ impl Broker {
                         };
                         TxnMarkerResult { topic, partition, error, message }
                     });
-                    Ok::<_, WireError>(WriteTxnMarkersResponse { results: results.collect() })
+                    let mut group_results = Vec::with_capacity(r.groups.len());
+                    for m in r.groups {
+                        let (error, message) = match self.end_group_transaction(&m.group, m.producer_id, m.commit).await
+                        {
+                            Ok(()) => (ErrorCode::None, String::new()),
+                            Err(e) => (code_of_group(&e), e.to_string()),
+                        };
+                        group_results.push(GroupTxnMarkerResult { group: m.group, error, message });
+                    }
+                    Ok::<_, WireError>(WriteTxnMarkersResponse { results: results.collect(), group_results })
+                })
+                .await
+            }
+            ApiKey::TxnOffsetCommit => {
+                self.run(body, |r: TxnOffsetCommitRequest| async move {
+                    let offsets = r
+                        .offsets
+                        .into_iter()
+                        .map(|o| OffsetToCommit {
+                            topic: o.topic,
+                            partition: o.partition,
+                            offset: o.offset,
+                            metadata: o.metadata,
+                        })
+                        .collect();
+                    self.txn_commit_offsets(&r.group, &r.member_id, r.member_epoch, r.producer_id, offsets).await?;
+                    Ok::<_, GroupOpError>(TxnOffsetCommitResponse {})
                 })
                 .await
             }
@@ -937,6 +963,7 @@ fn code_of_group(e: &GroupOpError) -> ErrorCode {
             code => code,
         },
         GroupOpError::OffsetsTopic(e) => code_of_admin(e),
+        GroupOpError::Unstable { .. } => ErrorCode::UnstableOffsetCommit,
     }
 }
 

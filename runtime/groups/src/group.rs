@@ -89,6 +89,10 @@ pub struct Group {
     pub(crate) topics: BTreeMap<String, u32>,
     pub(crate) joined: u64,
     pub(crate) offsets: BTreeMap<TopicPartition, Committed>,
+    /// Offsets committed inside open transactions, by producer id: they
+    /// become the group's offsets when the transaction commits, and are
+    /// dropped when it aborts.
+    pub(crate) pending: BTreeMap<i64, BTreeMap<TopicPartition, Committed>>,
     /// A share group's members and partitions (queue semantics); `None`
     /// for a consumer group. A group is one kind for its whole life.
     pub(crate) share: Option<ShareGroup>,
@@ -108,6 +112,7 @@ impl Group {
             topics: BTreeMap::new(),
             joined: 0,
             offsets: BTreeMap::new(),
+            pending: BTreeMap::new(),
             share: None,
         }
     }
@@ -181,6 +186,53 @@ impl Group {
         Ok(())
     }
 
+    /// Offsets committed in producer `producer_id`'s open transaction
+    /// (Kafka's TxnOffsetCommit): checked as [`Group::commit`] checks them
+    /// (a fenced or rebalanced member cannot commit), kept apart until the
+    /// transaction ends ([`Group::end_transaction`]).
+    pub fn commit_transactional(
+        &mut self,
+        member_id: &str,
+        member_epoch: i32,
+        producer_id: i64,
+        offsets: Vec<(TopicPartition, Committed)>,
+    ) -> Result<(), CommitError> {
+        if self.is_share() {
+            return Err(GroupError::Invalid(format!(
+                "group '{}' is a share group: its members acknowledge records, they commit no offsets",
+                self.name
+            ))
+            .into());
+        }
+        let partitions: Vec<TopicPartition> = offsets.iter().map(|(tp, _)| tp.clone()).collect();
+        self.check_commit(member_id, member_epoch, &partitions)?;
+        self.pending.entry(producer_id).or_default().extend(offsets);
+        Ok(())
+    }
+
+    /// Producer `producer_id`'s transaction ended: its offsets become the
+    /// group's (`commit`) or are dropped. Nothing pending: nothing changes
+    /// (a marker written again by a new transaction coordinator).
+    pub fn end_transaction(&mut self, producer_id: i64, commit: bool) {
+        if let Some(offsets) = self.pending.remove(&producer_id)
+            && commit
+        {
+            self.offsets.extend(offsets);
+        }
+    }
+
+    /// Producers with offsets pending in an open transaction.
+    pub fn pending_transactions(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether an open transaction holds an offset of this partition: a
+    /// member fetching its offsets waits until it ends.
+    pub fn has_pending(&self, topic: &str, partition: u32) -> bool {
+        let tp = (topic.to_owned(), partition);
+        self.pending.values().any(|offsets| offsets.contains_key(&tp))
+    }
+
     /// Sets offsets by hand (an operator's reset): only while the group
     /// has no members, so nobody consumes from the old positions meanwhile.
     pub fn reset_offsets(&mut self, offsets: Vec<(TopicPartition, Committed)>) -> Result<(), CommitError> {
@@ -194,6 +246,9 @@ impl Group {
     /// Forgets the committed offsets of `topic` (a deleted topic).
     pub fn forget_topic(&mut self, topic: &str) {
         self.offsets.retain(|(t, _), _| t != topic);
+        for offsets in self.pending.values_mut() {
+            offsets.retain(|(t, _), _| t != topic);
+        }
         if let Some(share) = &mut self.share {
             share.forget_topic(topic);
         }

@@ -30,6 +30,8 @@ pub enum RecordKey {
     ShareMember(MemberId),
     /// A share group's state of one partition.
     SharePartition(String, u32),
+    /// An offset committed in a producer's open transaction.
+    PendingOffset(i64, String, u32),
 }
 
 /// A key's value.
@@ -139,6 +141,14 @@ impl Group {
         for ((topic, partition), committed) in &self.offsets {
             out.insert(RecordKey::Offset(topic.clone(), *partition), RecordValue::Offset(committed.clone()));
         }
+        for (producer_id, offsets) in &self.pending {
+            for ((topic, partition), committed) in offsets {
+                out.insert(
+                    RecordKey::PendingOffset(*producer_id, topic.clone(), *partition),
+                    RecordValue::Offset(committed.clone()),
+                );
+            }
+        }
         out
     }
 
@@ -183,6 +193,9 @@ impl Group {
                 }
                 (RecordKey::Offset(topic, partition), RecordValue::Offset(committed)) => {
                     group.offsets.insert((topic, partition), committed);
+                }
+                (RecordKey::PendingOffset(producer_id, topic, partition), RecordValue::Offset(committed)) => {
+                    group.pending.entry(producer_id).or_default().insert((topic, partition), committed);
                 }
                 // Stored overrides were checked against the defaults of
                 // their day; with today's they may not fit: defaults then.

@@ -454,3 +454,33 @@ fn a_group_with_its_own_session_fences_on_its_own_clock_and_keeps_it_across_fail
     assert_eq!(sim.group.config().session_timeout_ms, SESSION);
     assert!(!sim.group.records().contains_key(&RecordKey::Config));
 }
+
+#[test]
+fn transactional_commits_wait_for_their_transaction_and_survive_replay() {
+    let mut sim = Sim::new(&[("t", 2)]);
+    sim.join("a", None, &["t"]);
+    let a = sim.clients["a"].clone();
+    let committed = |offset| Committed { offset, metadata: String::new(), at_ms: 1 };
+    sim.group.commit(&a.id, a.epoch, vec![(("t".into(), 0), committed(5))]).unwrap();
+    // Offsets in producer 7's transaction: not the group's yet.
+    sim.group.commit_transactional(&a.id, a.epoch, 7, vec![(("t".into(), 0), committed(9))]).unwrap();
+    assert_eq!(sim.group.committed("t", 0).unwrap().offset, 5);
+    assert!(sim.group.has_pending("t", 0) && !sim.group.has_pending("t", 1));
+    // A fenced member cannot commit in a transaction either.
+    let fenced = sim.group.commit_transactional(&a.id, a.epoch + 1, 8, vec![(("t".into(), 1), committed(1))]);
+    assert!(fenced.is_err());
+    // The records carry the pending offsets: a new coordinator knows them.
+    let records = sim.group.records();
+    let log = records.into_iter().map(|(key, value)| Record { key, value: Some(value) });
+    let mut replayed = Group::replay("g", GroupConfig::default(), 0, log);
+    assert!(replayed.has_pending("t", 0));
+    // An abort drops them; a commit makes them the group's.
+    let mut aborted = replayed.clone();
+    aborted.end_transaction(7, false);
+    assert_eq!((aborted.committed("t", 0).unwrap().offset, aborted.has_pending("t", 0)), (5, false));
+    replayed.end_transaction(7, true);
+    assert_eq!((replayed.committed("t", 0).unwrap().offset, replayed.has_pending("t", 0)), (9, false));
+    // A marker written again changes nothing.
+    replayed.end_transaction(7, false);
+    assert_eq!(replayed.committed("t", 0).unwrap().offset, 9);
+}

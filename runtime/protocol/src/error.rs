@@ -121,6 +121,9 @@ wire_enum! {
         /// The transactional id belongs to another producer id: the
         /// producer must initialise again.
         InvalidProducerIdMapping = 49,
+        /// An open transaction holds offsets of the group for these
+        /// partitions: retry once it ends (Kafka's UNSTABLE_OFFSET_COMMIT).
+        UnstableOffsetCommit = 50,
     }
 }
 
@@ -143,6 +146,7 @@ impl ErrorCode {
                 | ErrorCode::NotCoordinator
                 | ErrorCode::CoordinatorLoading
                 | ErrorCode::ConcurrentTransactions
+                | ErrorCode::UnstableOffsetCommit
         )
     }
 
@@ -198,6 +202,7 @@ impl ErrorCode {
             ErrorCode::UnknownTransactionalId => "unknown_transactional_id",
             ErrorCode::InvalidTransactionTimeout => "invalid_transaction_timeout",
             ErrorCode::InvalidProducerIdMapping => "invalid_producer_id_mapping",
+            ErrorCode::UnstableOffsetCommit => "unstable_offset_commit",
         }
     }
 }

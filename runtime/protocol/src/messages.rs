@@ -66,10 +66,13 @@ pub enum ApiKey {
     DescribeTransaction = 35,
     /// An operator aborts a hanging transaction (at its coordinator).
     AbortTransaction = 36,
+    /// A transactional producer commits a group's offsets in its
+    /// transaction (at the group's coordinator).
+    TxnOffsetCommit = 37,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 36] = [
+    pub const ALL: [ApiKey; 37] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopic,
@@ -106,6 +109,7 @@ impl ApiKey {
         ApiKey::ListTransactions,
         ApiKey::DescribeTransaction,
         ApiKey::AbortTransaction,
+        ApiKey::TxnOffsetCommit,
     ];
 
     pub fn from_u16(key: u16) -> Option<ApiKey> {
@@ -904,6 +908,17 @@ wire_struct! {
         /// (kept in each marker's value).
         pub coordinator_epoch: i32,
         pub markers: Vec<TxnMarker>,
+        /// Groups coordinated by the receiver whose offsets the
+        /// transactions committed: made the groups' (or dropped).
+        pub groups: Vec<GroupTxnMarker>,
+    }
+}
+
+wire_struct! {
+    pub struct GroupTxnMarker {
+        pub group: String,
+        pub producer_id: i64,
+        pub commit: bool,
     }
 }
 
@@ -919,9 +934,39 @@ wire_struct! {
 wire_struct! {
     pub struct WriteTxnMarkersResponse {
         pub results: Vec<TxnMarkerResult>,
+        /// Per group marker: (group, error, message).
+        pub group_results: Vec<GroupTxnMarkerResult>,
+    }
+}
+
+wire_struct! {
+    pub struct GroupTxnMarkerResult {
+        pub group: String,
+        pub error: ErrorCode,
+        pub message: String,
     }
 }
 request!(WriteTxnMarkersRequest => WriteTxnMarkers, WriteTxnMarkersResponse);
+
+wire_struct! {
+    /// Offsets committed inside a transaction: the group's once the
+    /// transaction commits, dropped if it aborts. The member must be the
+    /// group's current owner of the partitions (as for `OffsetCommit`).
+    pub struct TxnOffsetCommitRequest {
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub group: String,
+        pub member_id: String,
+        pub member_epoch: i32,
+        pub offsets: Vec<CommittedOffset>,
+    }
+}
+
+wire_struct! {
+    pub struct TxnOffsetCommitResponse {}
+}
+request!(TxnOffsetCommitRequest => TxnOffsetCommit, TxnOffsetCommitResponse);
 
 wire_struct! {
     pub struct TransactionInfo {

@@ -22,7 +22,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::faults::{self, Rng};

@@ -219,3 +219,89 @@ fn bad_transactional_input_gets_a_clear_error_and_loses_nothing() {
     assert!(good.status.success(), "{}", stderr(&good));
     assert_eq!(read(&node, "t", "read-committed"), vec!["x"]);
 }
+
+/// Consume → transform → produce in transactions (`send_offsets`): outputs
+/// and the group's offsets commit together. An aborted round (a crash
+/// before the commit, in effect) leaves neither its outputs nor its
+/// offsets: the next round reads the same inputs again and the outputs a
+/// read_committed reader sees are each input's, once. A member the group
+/// fenced cannot commit offsets in a transaction.
+#[test]
+fn consume_transform_produce_is_exactly_once_with_offsets_in_the_transaction() {
+    use quiver_client::{ConsumerConfig, OffsetReset};
+    let node = DevNode::start();
+    node.ok(&["topic", "create", "in", "-p", "2"]);
+    node.ok(&["topic", "create", "out", "-p", "2"]);
+    // Four batches per partition: polls of one batch each make several
+    // rounds.
+    for chunk in 0..4 {
+        let input: String = (chunk * 50..chunk * 50 + 50).map(|i| format!("k{i}=v{i}\n")).collect();
+        assert!(node.produce(&["topic", "produce", "in", "--key-sep", "="], input.as_bytes()).status.success());
+    }
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(node.client_config()).await.unwrap();
+        let config = || ConsumerConfig {
+            auto_offset_reset: OffsetReset::Earliest,
+            enable_auto_commit: false,
+            isolation: quiver_client::Isolation::ReadCommitted,
+            fetch_max_wait: Duration::from_millis(100),
+            partition_fetch_bytes_max: 1,
+            ..ConsumerConfig::default()
+        };
+        let mut consumer = client.consumer(config());
+        consumer.subscribe("upper", &["in"]).await.unwrap();
+        let producer = client.transactional_producer("upper-0", ProducerConfig::default());
+        producer.init().await.unwrap();
+        let (mut processed, mut rounds) = (0usize, 0usize);
+        while processed < 200 {
+            let records = consumer.poll().await.unwrap();
+            if records.is_empty() {
+                continue;
+            }
+            rounds += 1;
+            producer.begin().unwrap();
+            for r in &records {
+                let value = String::from_utf8(r.value.as_deref().unwrap().to_vec()).unwrap().to_uppercase();
+                producer.send(ProducerRecord::new("out", value).key(r.key.clone().unwrap())).await.unwrap();
+            }
+            let offsets: Vec<(String, u32, i64)> = consumer
+                .assignment()
+                .into_iter()
+                .filter_map(|(t, p)| consumer.position(&t, p).map(|o| (t, p, o)))
+                .collect();
+            producer.send_offsets(&offsets, &consumer.group_metadata().unwrap()).await.unwrap();
+            if rounds == 2 {
+                // As if the process died before committing: abort, and
+                // read again from the group's committed offsets.
+                producer.abort().await.unwrap();
+                for (t, p, _) in &offsets {
+                    let committed = consumer.committed(t, *p).await.unwrap().unwrap_or(0);
+                    consumer.seek(t, *p, quiver_client::OffsetSpec::Offset(committed)).await.unwrap();
+                }
+                continue;
+            }
+            producer.commit().await.unwrap();
+            processed += records.len();
+        }
+        assert!(rounds > 3, "{rounds} rounds: the aborted one and others");
+        // A member whose epoch is stale (fenced) cannot commit offsets in a
+        // transaction: the transaction can only be aborted.
+        let (group, member, epoch) = consumer.group_metadata().unwrap();
+        producer.begin().unwrap();
+        let stale = producer.send_offsets(&[("in".into(), 0, 1)], &(group, member, epoch + 5)).await.unwrap_err();
+        assert!(stale.to_string().contains("fenced_member_epoch"), "{stale}");
+        assert!(producer.commit().await.is_err(), "a failed send_offsets makes the transaction abortable");
+        producer.abort().await.unwrap();
+        consumer.close().await.unwrap();
+    });
+    let out = read(&node, "out", "read-committed");
+    let expected: BTreeSet<String> = (0..200).map(|i| format!("V{i}")).collect();
+    assert_eq!(out.len(), 200, "each input's output once: {} outputs", out.len());
+    assert_eq!(out.into_iter().collect::<BTreeSet<_>>(), expected);
+    let described = node.ok(&["group", "describe", "upper", "--format", "json"]);
+    let g: serde_json::Value = serde_json::from_str(&described).unwrap();
+    let lag: i64 = g["offsets"].as_array().unwrap().iter().map(|o| o["lag"].as_i64().unwrap()).sum();
+    assert_eq!(lag, 0, "the group's offsets reached the ends: {described}");
+}

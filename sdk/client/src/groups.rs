@@ -53,6 +53,8 @@ fn is_coordinator_moved(e: &CallError) -> bool {
                 | ErrorCode::NoQuorum
                 | ErrorCode::NotEnoughReplicas
                 | ErrorCode::RequestTimedOut
+                // An open transaction holds the offsets asked for.
+                | ErrorCode::UnstableOffsetCommit
         ),
         CallError::Connect(_) | CallError::ConnectionLost(_) | CallError::Timeout(_) | CallError::LeaderMoved(_) => {
             true

@@ -20,8 +20,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use quiver_protocol::messages::{
-    AbortTransactionRequest, CoordinatorKind, DescribeTransactionRequest, EndTxnRequest, InitProducerIdRequest,
-    ListTransactionsRequest, TransactionInfo,
+    AbortTransactionRequest, AddPartitionsToTxnRequest, CommittedOffset, CoordinatorKind, DescribeTransactionRequest,
+    EndTxnRequest, InitProducerIdRequest, ListTransactionsRequest, TransactionInfo, TxnOffsetCommitRequest,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -176,6 +176,64 @@ impl TransactionalProducer {
         self.producer.send(record).await
     }
 
+    /// Commits a consumer group's offsets in the open transaction (Kafka's
+    /// `sendOffsetsToTransaction`): they become the group's when the
+    /// transaction commits, and are dropped if it aborts, so records read,
+    /// processed and written in one transaction are processed once.
+    /// `group` is the consumer's [`Consumer::group_metadata`](crate::Consumer::group_metadata)
+    /// (group, member id, member epoch): a member fenced or rebalanced away
+    /// from a partition cannot commit it. `offsets` are (topic, partition,
+    /// next offset to read).
+    pub async fn send_offsets(
+        &self,
+        offsets: &[(String, u32, i64)],
+        (group, member_id, member_epoch): &(String, String, i32),
+    ) -> Result<(), TransactionError> {
+        if *self.phase() != Phase::InTransaction {
+            return Err(TransactionError::Usage("send_offsets is for an open transaction: call begin first"));
+        }
+        let Some((producer_id, producer_epoch)) = self.producer_id_and_epoch() else {
+            return Err(TransactionError::Usage("call init first"));
+        };
+        let add = AddPartitionsToTxnRequest {
+            transactional_id: self.id.clone(),
+            producer_id,
+            producer_epoch,
+            partitions: Vec::new(),
+            groups: vec![group.clone()],
+        };
+        self.coordinator_call(&add).await.inspect_err(|e| self.failed_with(e))?;
+        let commit = TxnOffsetCommitRequest {
+            transactional_id: self.id.clone(),
+            producer_id,
+            producer_epoch,
+            group: group.clone(),
+            member_id: member_id.clone(),
+            member_epoch: *member_epoch,
+            offsets: offsets
+                .iter()
+                .map(|(topic, partition, offset)| CommittedOffset {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    metadata: String::new(),
+                    committed_at_ms: 0,
+                })
+                .collect(),
+        };
+        let committed = self.client.group_call(group, &commit).await.map(drop).map_err(coordinator_error);
+        committed.inspect_err(|e| self.failed_with(e))
+    }
+
+    /// A failed step of the open transaction: only an abort (or, fenced,
+    /// closing) remains.
+    fn failed_with(&self, e: &TransactionError) {
+        *self.phase() = match e.is_fatal() {
+            true => Phase::Fenced(e.to_string()),
+            false => Phase::Abortable(e.to_string()),
+        };
+    }
+
     /// Sends every buffered record of the transaction, then commits it: its
     /// records become visible to read_committed consumers together. If a
     /// record failed, nothing is committed and the transaction must be
@@ -229,10 +287,7 @@ impl TransactionalProducer {
                 Ok(())
             }
             Err(e) => {
-                *self.phase() = match &e {
-                    e if e.is_fatal() => Phase::Fenced(e.to_string()),
-                    e => Phase::Abortable(e.to_string()),
-                };
+                self.failed_with(&e);
                 Err(e)
             }
         }

@@ -224,6 +224,49 @@ impl Broker {
         .await
     }
 
+    /// Offsets committed in producer `producer_id`'s transaction: checked as
+    /// a commit is (the member must own the partitions in its current
+    /// epoch), held apart until the transaction ends.
+    pub(crate) async fn txn_commit_offsets(
+        self: &Arc<Self>,
+        group: &str,
+        member_id: &str,
+        member_epoch: i32,
+        producer_id: i64,
+        offsets: Vec<OffsetToCommit>,
+    ) -> Result<(), GroupOpError> {
+        let committed = self.checked_commits(offsets)?;
+        let defaults = self.config.group_defaults;
+        self.with_group(group, |current, _| {
+            let mut g = current.unwrap_or_else(|| Group::new(group, defaults));
+            g.commit_transactional(member_id, member_epoch, producer_id, committed).map_err(|source| match source {
+                quiver_groups::CommitError::GroupActive(_) => {
+                    GroupOpError::NotEmpty { group: group.to_owned(), members: g.members().count() }
+                }
+                quiver_groups::CommitError::Member(source) => member_error(group, source),
+                source => GroupOpError::Commit { group: group.to_owned(), source },
+            })?;
+            Ok((Some(g), ()))
+        })
+        .await
+    }
+
+    /// A transaction that committed offsets of `group` ended (its
+    /// coordinator's marker): they become the group's, or are dropped.
+    pub(crate) async fn end_group_transaction(
+        self: &Arc<Self>,
+        group: &str,
+        producer_id: i64,
+        commit: bool,
+    ) -> Result<(), GroupOpError> {
+        self.with_group(group, |current, _| {
+            let Some(mut g) = current else { return Ok((None, ())) };
+            g.end_transaction(producer_id, commit);
+            Ok((Some(g), ()))
+        })
+        .await
+    }
+
     fn checked_commits(&self, offsets: Vec<OffsetToCommit>) -> Result<Vec<(TopicPartition, Committed)>, GroupOpError> {
         let image = self.controller.image();
         let image = image.borrow();
@@ -266,19 +309,30 @@ impl Broker {
         partitions: Option<Vec<TopicPartition>>,
     ) -> Result<Vec<(TopicPartition, Committed)>, GroupOpError> {
         self.read_group(group, |g| {
-            let Some(g) = g else { return Vec::new() };
+            let Some(g) = g else { return Ok(Vec::new()) };
             match partitions {
-                None => g.offsets().iter().map(|(tp, c)| (tp.clone(), c.clone())).collect(),
-                Some(wanted) => wanted
-                    .into_iter()
-                    .filter_map(|(topic, partition)| {
-                        let c = g.committed(&topic, partition)?.clone();
-                        Some(((topic, partition), c))
-                    })
-                    .collect(),
+                None => Ok(g.offsets().iter().map(|(tp, c)| (tp.clone(), c.clone())).collect()),
+                Some(wanted) => {
+                    // A member starting from an offset an open transaction
+                    // is about to move would read its records again.
+                    if let Some((topic, partition)) = wanted.iter().find(|(t, p)| g.has_pending(t, *p)) {
+                        return Err(GroupOpError::Unstable {
+                            group: group.to_owned(),
+                            topic: topic.clone(),
+                            partition: *partition,
+                        });
+                    }
+                    Ok(wanted
+                        .into_iter()
+                        .filter_map(|(topic, partition)| {
+                            let c = g.committed(&topic, partition)?.clone();
+                            Some(((topic, partition), c))
+                        })
+                        .collect())
+                }
             }
         })
-        .await
+        .await?
     }
 
     /// The groups this broker coordinates.
