@@ -29,7 +29,8 @@ use bytes::Bytes;
 use quiver_controller::Command;
 use quiver_plugin_host::{BUILTIN_PREFIX, CallError, Entry, Input, Instance, Kind, Plugin, SharedState, StateStore};
 use quiver_protocol::ErrorCode;
-use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record};
+use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record, decode_records};
+use quiver_protocol::control::{ReadCommitted, parse_marker};
 use quiver_protocol::messages::{
     Acks, PluginDeployRequest, PluginFetchResponse, PluginInfo, PluginListResponse, PluginLogLine,
     PluginPartitionProgress, ProducePartition, ProduceRequest,
@@ -485,14 +486,28 @@ impl Broker {
         };
         let store = state.map(|s| &s.store);
         let mut step = Step { from: next, cursor: next, outputs: Outputs::new() };
-        let hw = input.high_watermark();
-        if next >= hw {
+        // Transforms read committed: up to the last stable offset, without
+        // aborted transactions' records or transaction markers.
+        let end = input.log.last_stable_offset(input.high_watermark());
+        if next >= end {
             return Ok(Some(step));
         }
-        let data = input.log.read(next, READ_BYTES_MAX, hw).map_err(|e| StepError::Retry(e.to_string()))?;
+        let data = input.log.read(next, READ_BYTES_MAX, end).map_err(|e| StepError::Retry(e.to_string()))?;
+        let aborted = input.log.aborted_transactions(next, end);
+        let mut committed = ReadCommitted::new(aborted.iter().map(|a| (a.producer_id, a.first_offset)).collect());
         for item in Batches::new(data) {
             let (header, batch) = item.map_err(|e| StepError::Policy(e.to_string()))?;
             if header.next_offset() <= step.cursor {
+                continue;
+            }
+            let marker = match header.is_control() {
+                true => decode_records(&batch)
+                    .ok()
+                    .and_then(|r| r.first().and_then(|r| r.key.as_deref()).and_then(parse_marker)),
+                false => None,
+            };
+            if !committed.keep(&header, marker) {
+                step.cursor = header.next_offset();
                 continue;
             }
             step.cursor = self

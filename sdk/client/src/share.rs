@@ -162,6 +162,10 @@ impl ShareConsumer {
                 for r in decoded {
                     let Some(delivery_count) = count_of(r.offset) else { continue };
                     self.delivered.insert((topic.clone(), p.partition, r.offset), None);
+                    // A transaction marker is no record: accepted unseen.
+                    if header.is_control() {
+                        continue;
+                    }
                     out.push(ShareRecord {
                         record: ConsumerRecord {
                             topic: topic.clone(),
