@@ -19,6 +19,7 @@ use crate::node::{Node, dev_config};
 
 mod compact;
 mod group;
+mod txn;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -66,6 +67,11 @@ pub enum BenchMode {
     /// against its buffer, then produce throughput while another topic is
     /// cleaned over and over against produce alone.
     Compact,
+    /// Transactions: acks=all produce throughput of a transactional
+    /// producer committing every 100, 1,000 and 10,000 records against an
+    /// idempotent producer in the same run (`--rounds` rounds), with the
+    /// commit latency.
+    Txn,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -376,6 +382,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     results.extend(compact::compact(&target, &opts).await?);
                     break;
                 }
+                BenchMode::Txn => {
+                    results.extend(txn::txn(&target, &opts).await?);
+                    break;
+                }
                 BenchMode::Quic | BenchMode::Cluster | BenchMode::Memory => unreachable!(),
             }
         }
@@ -418,6 +428,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "group3_vs_assigned3_consume": ratio("group-3-members", "assigned-3-consumers"),
         "clean_vs_copy": ratio("clean", "sequential-copy"),
         "produce_cleaning_vs_alone": ratio("produce-cleaning", "produce-alone"),
+        "txn100_vs_idempotent": ratio(&txn::mode(100), "produce-idempotent"),
+        "txn1000_vs_idempotent": ratio(&txn::mode(1_000), "produce-idempotent"),
+        "txn10000_vs_idempotent": ratio(&txn::mode(10_000), "produce-idempotent"),
         "handoff_after_kill_ms_median": median(handoff_times("handoff-kill")),
         "handoff_after_leave_ms_median": median(handoff_times("handoff-leave")),
     });
@@ -456,6 +469,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 if let (rounds, Some(r)) = (listed(&all), median(all)) {
                     let rounds = rounds.map(|r| format!(" (median of rounds: {r} %)")).unwrap_or_default();
                     println!("{label} = {:.1} %{rounds}", r * 100.0);
+                }
+            }
+            for size in txn::SIZES {
+                let all = per_round(&txn::mode(size), "produce-idempotent");
+                if let (rounds, Some(r)) = (listed(&all), median(all)) {
+                    let rounds = rounds.map(|r| format!(" (median of rounds: {r} %)")).unwrap_or_default();
+                    println!("transactions of {size} records / idempotent produce = {:.1} %{rounds}", r * 100.0);
                 }
             }
             if let Some(r) = ratio("produce-3-nodes", "produce-1-node") {

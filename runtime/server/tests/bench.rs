@@ -118,4 +118,15 @@ fn bench_modes_report_throughput_latency_and_ratios() {
         assert!(f["killed_controller_leader"].is_boolean(), "{f}");
     }
     assert!(report["ratios"]["cluster3_vs_single_produce"].as_f64().unwrap() > 0.0);
+
+    // Transactions against idempotent produce, with commit latencies.
+    let args = ["bench", "txn", "--embedded", "--records", "20000", "--record-bytes", "100", "--format", "json"];
+    let report = run_json(&node, &args);
+    assert_eq!(result(&report, "produce-idempotent")["records"], 20000);
+    for size in [100, 1_000, 10_000] {
+        let r = result(&report, &format!("produce-txn-{size}"));
+        assert_eq!(r["records"], 20000, "{report}");
+        assert!(r["latency_ms_p99"].as_f64().unwrap() > 0.0, "commit latency: {r}");
+        assert!(report["ratios"][format!("txn{size}_vs_idempotent")].as_f64().unwrap() > 0.0, "{report}");
+    }
 }
