@@ -126,6 +126,23 @@ pub trait ReplicaLink: Send + Sync {
         request: AddPartitionsToTxnRequest,
     ) -> Pin<Box<dyn Future<Output = Result<AddPartitionsToTxnResponse, WireError>> + Send>>;
 
+    /// Initialises a transactional id at its coordinator `node` (a
+    /// transform's exactly-once producer).
+    fn init_producer_id(
+        &self,
+        node: NodeId,
+        address: String,
+        request: InitProducerIdRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<InitProducerIdResponse, WireError>> + Send>>;
+
+    /// Ends a transaction at its coordinator `node`.
+    fn end_txn(
+        &self,
+        node: NodeId,
+        address: String,
+        request: EndTxnRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<EndTxnResponse, WireError>> + Send>>;
+
     /// Sends a coordinator's transaction markers to the broker `leader`
     /// at `address`, which leads their partitions.
     fn write_txn_markers(
@@ -200,6 +217,24 @@ impl ReplicaLink for NoPeers {
         _: WriteTxnMarkersRequest,
     ) -> Pin<Box<dyn Future<Output = Result<WriteTxnMarkersResponse, WireError>> + Send>> {
         Self::refuse(leader)
+    }
+
+    fn init_producer_id(
+        &self,
+        node: NodeId,
+        _: String,
+        _: InitProducerIdRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<InitProducerIdResponse, WireError>> + Send>> {
+        Self::refuse(node)
+    }
+
+    fn end_txn(
+        &self,
+        node: NodeId,
+        _: String,
+        _: EndTxnRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<EndTxnResponse, WireError>> + Send>> {
+        Self::refuse(node)
     }
 }
 

@@ -42,7 +42,7 @@ use crate::broker::{Broker, now_ms};
 use crate::errors::{AdminError, PluginAdminError, PluginCallError, ProduceError};
 use crate::files::write_atomic;
 use crate::partition::Topic;
-use crate::registry::{BatchMode, Deployed, Deployment, OnError, StartAt, invalid, serializers, unknown};
+use crate::registry::{BatchMode, Deployed, Deployment, Guarantee, OnError, StartAt, invalid, serializers, unknown};
 use crate::topic::{TopicCompression, TopicConfig};
 use crate::transform_state::{Rebuild, barrier_batch, state_topic, state_topic_configs, step_batch};
 use crate::wire::code_of_produce;
@@ -98,7 +98,7 @@ impl Broker {
         r: PluginDeployRequest,
     ) -> Result<(u32, String, String), PluginAdminError> {
         let (plugin, deployment) = self.validate_deployment(&r).await?;
-        if plugin.uses_state() {
+        if deployment.keeps_changelog(&plugin) {
             self.ensure_state_topic(&r.name, &r.input).await?;
         }
         self.deploy_in_metadata(&r, &plugin, deployment).await
@@ -116,6 +116,7 @@ impl Broker {
         let kind: Kind = r.kind.parse().map_err(invalid)?;
         let on_error = OnError::parse(&r.on_error).map_err(invalid)?;
         let start = StartAt::parse(&r.start).map_err(invalid)?;
+        let guarantee = Guarantee::parse(&r.guarantee).map_err(invalid)?;
         let plugins = &self.plugins;
         let (broker, wasm, builtin) = (self.clone(), r.wasm.clone(), r.builtin.clone());
         let plugin = tokio::task::spawn_blocking(move || match builtin.as_str() {
@@ -142,13 +143,16 @@ impl Broker {
         if kind == Kind::Transform {
             self.check_transform_topics(&r.input, &r.outputs, &on_error)?;
             let state = state_topic(&r.name);
-            if plugin.uses_state() && (state == r.input || r.outputs.contains(&state)) {
+            let changelog = plugin.uses_state() || guarantee == Guarantee::ExactlyOnce;
+            if changelog && (state == r.input || r.outputs.contains(&state)) {
                 return Err(invalid(format!(
                     "topic '{state}' is this transform's state changelog; it cannot be its input or an output"
                 )));
             }
         } else if !r.input.is_empty() || !r.outputs.is_empty() {
             return Err(invalid(format!("--input and --output are for transforms; this plugin is a {kind}")));
+        } else if !r.guarantee.is_empty() {
+            return Err(invalid(format!("--guarantee is for transforms; this plugin is a {kind}")));
         }
         // Start one instance now: bad parameters are refused at deploy time.
         let monitor = plugins.get(&r.name).map(|d| d.monitor.clone()).unwrap_or_default();
@@ -170,6 +174,7 @@ impl Broker {
             on_error,
             start,
             paused: None,
+            guarantee,
         };
         Ok((plugin, deployment))
     }
@@ -293,6 +298,11 @@ impl Broker {
                     state_topic,
                     state_keys,
                     state_bytes,
+                    guarantee: if dep.kind == Kind::Transform {
+                        dep.guarantee.name().to_owned()
+                    } else {
+                        String::new()
+                    },
                 }
             })
             .collect();
@@ -303,7 +313,7 @@ impl Broker {
     /// stores for the input partitions led here (empty and zeros for any
     /// other plugin).
     fn describe_stores(&self, d: &Deployed, dep: &Deployment) -> (String, u64, u64) {
-        if !d.plugin.uses_state() {
+        if !dep.keeps_changelog(&d.plugin) {
             return (String::new(), 0, 0);
         }
         let leads = |p: u32| self.topic(&dep.input).and_then(|t| t.held(p)).is_some_and(|p| p.leads());
@@ -356,10 +366,13 @@ impl Broker {
         let waiter = Arc::new(tokio::sync::Notify::new());
         let mut instance: Option<Instance> = None;
         // The store is kept in the deployment too, for `plugin describe`.
-        let mut state = d.plugin.uses_state().then(|| {
+        // An exactly-once transform has one (empty for a stateless plugin):
+        // its progress is in its changelog, committed with its outputs.
+        let changelog = d.deployment.read().expect("deployment lock").keeps_changelog(&d.plugin);
+        let mut state = changelog.then(|| {
             let store = StateStore::shared(self.plugins.host.config().state_max_bytes);
             d.stores.lock().expect("stores lock").insert(partition, store.clone());
-            TaskState { store, ready: None }
+            TaskState { store, ready: None, txn: None }
         });
         loop {
             if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
@@ -403,7 +416,7 @@ impl Broker {
                     match result {
                         Ok(Some(step)) => {
                             let cursor = step.cursor;
-                            let finished = self.finish_step(&d, partition, step, state.as_ref()).await;
+                            let finished = self.finish_step(&d, partition, step, state.as_mut()).await;
                             if let (Ok(_), Some(s)) = (&finished, &mut state)
                                 && let Some(ready) = &mut s.ready
                             {
@@ -726,18 +739,31 @@ impl Broker {
         d: &Deployed,
         partition: u32,
         step: Step,
-        state: Option<&TaskState>,
+        state: Option<&mut TaskState>,
     ) -> Result<bool, StepError> {
-        for ((topic, p), b) in step.outputs {
-            self.produce_output(&topic, p, b.build()).await?;
-        }
         let name = d.deployment.read().expect("deployment lock").name.clone();
-        if let Some(s) = state
-            && step.cursor > step.from
-        {
-            let changes = s.store.lock().expect("state lock").take_changes();
-            self.produce_output(&state_topic(&name), partition, step_batch(&changes, step.cursor, now_ms())).await?;
+        let Step { from, cursor, outputs } = step;
+        match state {
+            Some(s) if s.txn.is_some() => {
+                if cursor == from {
+                    return Ok(false);
+                }
+                self.commit_step(&name, partition, cursor, outputs, s).await?;
+            }
+            state => {
+                for ((topic, p), b) in outputs {
+                    self.produce_output(&topic, p, b.build(), None).await?;
+                }
+                if let Some(s) = state
+                    && cursor > from
+                {
+                    let changes = s.store.lock().expect("state lock").take_changes();
+                    let batch = step_batch(&changes, cursor, now_ms(), None);
+                    self.produce_output(&state_topic(&name), partition, batch, None).await?;
+                }
+            }
         }
+        let step = Step { from, cursor, outputs: Outputs::new() };
         {
             let mut progress = d.progress.lock().expect("progress lock");
             if progress.get(&partition) != Some(&step.cursor) {
@@ -752,17 +778,63 @@ impl Broker {
         Ok(step.cursor > step.from)
     }
 
+    /// An exactly-once step: its outputs, then its state changes with its
+    /// progress, in one transaction of the task's producer, committed. On
+    /// any failure the transaction is aborted (as its coordinator would at
+    /// its timeout) and the task's producer is initialised again before the
+    /// next step, which rebuilds the store from what was committed.
+    async fn commit_step(
+        self: &Arc<Self>,
+        name: &str,
+        partition: u32,
+        cursor: i64,
+        outputs: Outputs,
+        s: &mut TaskState,
+    ) -> Result<(), StepError> {
+        let (producer_id, epoch) = s.txn.take().expect("an exactly-once task's producer");
+        let id = transform_txn_id(name, partition);
+        let written = async {
+            for ((topic, p), b) in outputs {
+                let batch = b.with_producer(producer_id, epoch, 0).transactional().build();
+                self.produce_output(&topic, p, batch, Some(&id)).await?;
+            }
+            let changes = s.store.lock().expect("state lock").take_changes();
+            let batch = step_batch(&changes, cursor, now_ms(), Some((producer_id, epoch)));
+            self.produce_output(&state_topic(name), partition, batch, Some(&id)).await
+        }
+        .await;
+        let ended = self.end_anywhere(&id, producer_id, epoch, written.is_ok()).await;
+        match (written, ended) {
+            (Ok(_), Ok(next)) => {
+                s.txn = Some(next);
+                Ok(())
+            }
+            (Ok(_), Err(e)) => Err(StepError::Retry(format!("committing the step's transaction: {e}"))),
+            (Err(e), _) => Err(e),
+        }
+    }
+
     /// Writes one output batch as a producer with acks=all would: to the
     /// partition's leader, here or on another broker, acknowledged once the
-    /// in-sync replicas have it on disk. Returns the batch's base offset.
-    async fn produce_output(self: &Arc<Self>, topic: &str, partition: u32, records: Bytes) -> Result<i64, StepError> {
+    /// in-sync replicas have it on disk (in the transaction of
+    /// `transactional_id`, if given). Returns the batch's base offset.
+    async fn produce_output(
+        self: &Arc<Self>,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        transactional_id: Option<&str>,
+    ) -> Result<i64, StepError> {
         let output = |message: String| format!("output {topic}-{partition}: {message}");
         let (code, message) = match self
             .remote_leader(topic, partition)
             .map_err(|e| StepError::Retry(output(e.to_string())))?
         {
             None => {
-                let write = Write::new(topic, partition, records);
+                let write = Write {
+                    transactional_id: transactional_id.map(str::to_owned),
+                    ..Write::new(topic, partition, records)
+                };
                 let written = self.write(vec![write], api::Acks::All, None).await;
                 match written.and_then(|mut all| all.pop().unwrap_or(Err(ProduceError::Internal("no answer".into())))) {
                     Ok(written) => return Ok(written.base_offset),
@@ -771,7 +843,7 @@ impl Broker {
             }
             Some(remote) => {
                 let request = ProduceRequest {
-                    transactional_id: None,
+                    transactional_id: transactional_id.map(str::to_owned),
                     acks: Acks::All,
                     timeout_ms: 10_000,
                     partitions: vec![ProducePartition { topic: topic.to_owned(), partition, records }],
@@ -793,7 +865,13 @@ impl Broker {
         // (and a transform's outputs are at-least-once anyway), or the error
         // policy decides.
         let message = output(format!("{}: {message}", code.name()));
-        if code.is_retriable() || matches!(code, ErrorCode::NotReplicated | ErrorCode::StorageError) {
+        // An exactly-once task fenced (a newer instance of it runs, or its
+        // transaction timed out) starts again as a new instance.
+        let fenced = matches!(
+            code,
+            ErrorCode::ProducerFenced | ErrorCode::InvalidTxnState | ErrorCode::InvalidProducerIdMapping
+        );
+        if code.is_retriable() || fenced || matches!(code, ErrorCode::NotReplicated | ErrorCode::StorageError) {
             Err(StepError::Retry(message))
         } else {
             Err(StepError::Policy(message))
@@ -817,6 +895,18 @@ impl Broker {
         };
         if s.ready.is_none_or(|r| r.epoch != epoch) {
             s.ready = None;
+            let (name, exactly_once) = {
+                let dep = d.deployment.read().expect("deployment lock");
+                (dep.name.clone(), dep.guarantee == Guarantee::ExactlyOnce)
+            };
+            if exactly_once {
+                // Fences every earlier instance of this task (another
+                // broker's, before a failover) and aborts what it left
+                // open: the rebuild below reads only what was committed.
+                let id = transform_txn_id(&name, partition);
+                let initialised = self.init_anywhere(&id, TRANSFORM_TXN_TIMEOUT_MS).await;
+                s.txn = Some(initialised.map_err(|e| StepError::Retry(format!("initialising '{id}': {e}")))?);
+            }
             let started = Instant::now();
             let next = self.rebuild_state(d, partition, &s.store).await?;
             let keys = s.store.lock().expect("state lock").len();
@@ -844,16 +934,21 @@ impl Broker {
         store: &SharedState,
     ) -> Result<Option<i64>, StepError> {
         let topic = state_topic(&d.deployment.read().expect("deployment lock").name);
-        let barrier = self.produce_output(&topic, partition, barrier_batch(self.config.node_id, now_ms())).await?;
+        let barrier =
+            self.produce_output(&topic, partition, barrier_batch(self.config.node_id, now_ms()), None).await?;
         store.lock().expect("state lock").clear();
         let mut rebuild = Rebuild::default();
         let deadline = Instant::now() + REBUILD_WAIT;
         while rebuild.next <= barrier {
             let read = Read { topic: topic.clone(), partition, offset: rebuild.next, max_bytes: REBUILD_READ_BYTES };
-            let answer = self.read_anywhere(vec![read], REBUILD_READ_BYTES, Duration::ZERO).await.pop();
-            let records = answer
-                .map_or(Ok(Bytes::new()), |a| a.records)
-                .map_err(|e| StepError::Retry(format!("rebuilding the state from '{topic}': {e}")))?;
+            // Read committed: an exactly-once step that did not commit is
+            // not in the store.
+            let answer = self.read_anywhere(vec![read], REBUILD_READ_BYTES, Duration::ZERO, true).await.pop();
+            let (records, aborted) = match answer {
+                None => (Ok(Bytes::new()), Vec::new()),
+                Some(a) => (a.records, a.aborted),
+            };
+            let records = records.map_err(|e| StepError::Retry(format!("rebuilding the state from '{topic}': {e}")))?;
             if records.is_empty() {
                 if Instant::now() >= deadline {
                     return Err(StepError::Retry(format!(
@@ -866,7 +961,7 @@ impl Broker {
                 continue;
             }
             let mut store = store.lock().expect("state lock");
-            rebuild.apply(&mut store, records).map_err(StepError::Policy)?;
+            rebuild.apply(&mut store, records, aborted).map_err(StepError::Policy)?;
         }
         Ok(rebuild.progress)
     }
@@ -914,11 +1009,26 @@ const PROGRESS_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// input order.
 type Outputs = BTreeMap<(String, u32), BatchBuilder>;
 
-/// A stateful transform's store, as its partition's task holds it.
+/// A stateful (or exactly-once) transform's store, as its partition's task
+/// holds it.
 struct TaskState {
     store: SharedState,
     /// Set once the store is rebuilt for the input's current leader epoch.
     ready: Option<Ready>,
+    /// An exactly-once task's transactional producer: its producer id and
+    /// epoch (set when the store is rebuilt; taken while a step commits).
+    txn: Option<(i64, i16)>,
+}
+
+/// How long an exactly-once step's transaction may stay open before its
+/// coordinator aborts it.
+const TRANSFORM_TXN_TIMEOUT_MS: u64 = 60_000;
+
+/// The transactional id of an exactly-once transform's task for one input
+/// partition: the same on every broker, so a new leader's task fences the
+/// old one's.
+fn transform_txn_id(name: &str, partition: u32) -> String {
+    format!("__transform-{name}-{partition}")
 }
 
 /// Where a rebuilt store stands.

@@ -21,6 +21,36 @@ use crate::topic::TopicConfig;
 
 pub(crate) const REGISTRY_FILE: &str = "registry.json";
 
+/// What a transform promises about its outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Guarantee {
+    /// A step's outputs may be written again after a failure or failover.
+    #[default]
+    AtLeastOnce,
+    /// Each step's outputs, state changes and progress are one transaction:
+    /// read_committed consumers of the outputs see each input's outputs
+    /// once.
+    ExactlyOnce,
+}
+
+impl Guarantee {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "at-least-once" => Ok(Guarantee::AtLeastOnce),
+            "exactly-once" => Ok(Guarantee::ExactlyOnce),
+            other => Err(format!("--guarantee '{other}': expected at-least-once or exactly-once")),
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Guarantee::AtLeastOnce => "at-least-once",
+            Guarantee::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
 /// What happens to a record a transform refuses (or a batch it fails on).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -100,6 +130,18 @@ pub struct Deployment {
     pub start: StartAt,
     /// Why the transform is paused (by a user or by its policy); none = running.
     pub paused: Option<String>,
+    /// Transforms: at-least-once (deployments from before transactions) or
+    /// exactly-once.
+    #[serde(default)]
+    pub guarantee: Guarantee,
+}
+
+impl Deployment {
+    /// A transform that keeps a changelog (`<name>-state`): a stateful one,
+    /// or an exactly-once one (its progress commits with its outputs).
+    pub(crate) fn keeps_changelog(&self, plugin: &Plugin) -> bool {
+        self.kind == Kind::Transform && (plugin.uses_state() || self.guarantee == Guarantee::ExactlyOnce)
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]

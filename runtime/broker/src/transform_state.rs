@@ -35,9 +35,19 @@ pub(crate) fn state_topic_configs() -> Vec<(String, String)> {
 }
 
 /// One step's batch: the changes, then the progress (`next`, the next input
-/// offset).
-pub(crate) fn step_batch(changes: &[(Vec<u8>, Option<Vec<u8>>)], next: i64, now_ms: i64) -> Bytes {
-    let mut b = BatchBuilder::new(Compression::None);
+/// offset). With `producer` (an exactly-once transform's id and epoch) it
+/// is the transaction's batch for the changelog partition (sequence 0: the
+/// epoch is new in every transaction).
+pub(crate) fn step_batch(
+    changes: &[(Vec<u8>, Option<Vec<u8>>)],
+    next: i64,
+    now_ms: i64,
+    producer: Option<(i64, i16)>,
+) -> Bytes {
+    let mut b = match producer {
+        None => BatchBuilder::new(Compression::None),
+        Some((id, epoch)) => BatchBuilder::new(Compression::None).with_producer(id, epoch, 0).transactional(),
+    };
     for (key, value) in changes {
         b.append(now_ms, Some(key), value.as_deref(), &[]);
     }
@@ -63,14 +73,28 @@ pub(crate) struct Rebuild {
 
 impl Rebuild {
     /// Applies fetched changelog batches to `store` (records below `next`
-    /// skipped, so a fetch may start inside a batch).
-    pub(crate) fn apply(&mut self, store: &mut StateStore, data: Bytes) -> Result<(), String> {
+    /// skipped, so a fetch may start inside a batch), without the records
+    /// of the `aborted` transactions the fetch named (producer id, first
+    /// offset): an exactly-once step that did not commit.
+    pub(crate) fn apply(
+        &mut self,
+        store: &mut StateStore,
+        data: Bytes,
+        aborted: Vec<(i64, i64)>,
+    ) -> Result<(), String> {
+        let mut committed = quiver_protocol::control::ReadCommitted::new(aborted);
         for item in Batches::new(data) {
             let (header, stored) = item.map_err(|e| format!("the state changelog is damaged: {e}"))?;
             if header.next_offset() <= self.next {
                 continue;
             }
-            if !header.is_control() {
+            let marker = match header.is_control() {
+                true => batch::decode_records(&stored).ok().and_then(|r| {
+                    r.first().and_then(|r| r.key.as_deref()).and_then(quiver_protocol::control::parse_marker)
+                }),
+                false => None,
+            };
+            if committed.keep(&header, marker) {
                 let (h, body) = batch::records_section(&stored).map_err(|e| e.to_string())?;
                 for r in batch::decode_section(&h, &body).map_err(|e| e.to_string())? {
                     if r.offset < self.next {
@@ -121,20 +145,20 @@ mod tests {
     #[test]
     fn a_rebuild_replays_steps_and_stands_for_the_last_progress() {
         let data = log(&[
-            step_batch(&[change("a", Some("1")), change("b", Some("2"))], 10, 0),
+            step_batch(&[change("a", Some("1")), change("b", Some("2"))], 10, 0, None),
             barrier_batch(2, 0),
-            step_batch(&[change("a", Some("3")), change("b", None)], 25, 0),
+            step_batch(&[change("a", Some("3")), change("b", None)], 25, 0, None),
         ]);
         let mut store = StateStore::new(1 << 20);
         let mut rebuild = Rebuild::default();
-        rebuild.apply(&mut store, data.clone()).unwrap();
+        rebuild.apply(&mut store, data.clone(), Vec::new()).unwrap();
         assert_eq!((rebuild.progress, rebuild.next), (Some(25), 7));
         assert_eq!((store.get(b"a"), store.get(b"b"), store.len()), (Some(&b"3"[..]), None, 1));
         // Nothing it restored is a change to write back.
         assert!(store.take_changes().is_empty());
         // Reading the same bytes again (a fetch starting inside what was
         // read) applies nothing twice.
-        rebuild.apply(&mut store, data).unwrap();
+        rebuild.apply(&mut store, data, Vec::new()).unwrap();
         assert_eq!((rebuild.progress, rebuild.next, store.len()), (Some(25), 7, 1));
     }
 
@@ -142,7 +166,7 @@ mod tests {
     fn a_damaged_progress_record_is_an_error() {
         let mut b = BatchBuilder::new(Compression::None);
         b.append(0, Some(PROGRESS_KEY), Some(b"ten"), &[]);
-        let err = Rebuild::default().apply(&mut StateStore::new(1024), log(&[b.build()])).unwrap_err();
+        let err = Rebuild::default().apply(&mut StateStore::new(1024), log(&[b.build()]), Vec::new()).unwrap_err();
         assert!(err.contains("not a number"), "{err}");
     }
 }

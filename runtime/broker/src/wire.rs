@@ -514,7 +514,7 @@ impl Broker {
                     aborted: read
                         .aborted
                         .into_iter()
-                        .map(|a| AbortedTransaction { producer_id: a.producer_id, first_offset: a.first_offset })
+                        .map(|(producer_id, first_offset)| AbortedTransaction { producer_id, first_offset })
                         .collect(),
                     records,
                 }

@@ -201,15 +201,35 @@ async fn a_leader_shutting_down_refuses_replica_fetches() {
 /// consume --format json` shows it (`key` and `value` as text): what the
 /// checker of the server tests reads.
 async fn keyed_records(cluster: &Cluster, topic: &str, partition: u32) -> Vec<serde_json::Value> {
+    read_keyed(cluster, topic, partition, Isolation::ReadUncommitted).await
+}
+
+/// [`keyed_records`] as a reader with `isolation` sees them (markers
+/// dropped, and aborted transactions' records when reading committed).
+async fn read_keyed(cluster: &Cluster, topic: &str, partition: u32, isolation: Isolation) -> Vec<serde_json::Value> {
     let Some((leader, _)) = cluster.leader(1, topic, partition) else { return Vec::new() };
     let request = FetchRequest {
-        isolation: Isolation::ReadUncommitted,
+        isolation,
         partitions: vec![FetchPartition { topic: topic.into(), partition, offset: 0, max_bytes: 1 << 20 }],
         ..fetch_all()
     };
     let Ok(f) = cluster.call(leader, &request).await else { return Vec::new() };
-    Batches::new(f.partitions[0].records.clone())
-        .flat_map(|b| decode_records(&b.unwrap().1).unwrap())
+    let p = &f.partitions[0];
+    let mut filter = quiver_protocol::control::ReadCommitted::new(
+        p.aborted.iter().map(|a| (a.producer_id, a.first_offset)).collect(),
+    );
+    Batches::new(p.records.clone())
+        .map(|b| b.unwrap())
+        .filter(|(header, batch)| {
+            let marker = header
+                .is_control()
+                .then(|| {
+                    decode_records(batch).unwrap()[0].key.as_deref().and_then(quiver_protocol::control::parse_marker)
+                })
+                .flatten();
+            filter.keep(header, marker) || (isolation == Isolation::ReadUncommitted && !header.is_control())
+        })
+        .flat_map(|(_, b)| decode_records(&b).unwrap())
         .map(|r| {
             let text = |b: Option<Bytes>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
             serde_json::json!({"key": text(r.key), "value": text(r.value)})
@@ -244,6 +264,7 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
         outputs: vec!["spend".into()],
         on_error: "fail".into(),
         start: "start".into(),
+        guarantee: String::new(),
     };
     cluster.call(2, &deploy).await.expect("deploy");
     // Outputs go to every broker (one partition of `spend` each): the first
@@ -283,5 +304,77 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
     };
     assert!(repeated > 0, "the failed step was redone, so some of its outputs repeat");
     eprintln!("{repeated} outputs of 300 inputs repeated after one lost answer");
+    cluster.stop().await;
+}
+
+/// The same with `--guarantee exactly-once`: the failed step's transaction
+/// is aborted, so a read_committed reader of the outputs and of the
+/// changelog sees each input's outputs once, the totals exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exactly_once_transform_commits_each_step_once_despite_a_lost_answer() {
+    let wasm = tokio::task::spawn_blocking(|| quiver_plugin_host::builder::first_party("aggregate"))
+        .await
+        .unwrap()
+        .expect("build the aggregate plugin");
+    let cluster = Cluster::start_with(3, |c| c.transactions.state_topic_partitions = 3).await;
+    for (name, partitions, replication_factor) in [("payments", 1, 3), ("spend", 3, 1)] {
+        let create = CreateTopicRequest { name: name.into(), partitions, replication_factor, configs: vec![] };
+        cluster.call(1, &create).await.unwrap();
+    }
+    let deploy = PluginDeployRequest {
+        name: "totals".into(),
+        kind: "transform".into(),
+        wasm: std::fs::read(wasm).unwrap().into(),
+        builtin: String::new(),
+        params: vec![("field".into(), "amount".into())],
+        input: "payments".into(),
+        outputs: vec!["spend".into()],
+        on_error: "fail".into(),
+        start: "start".into(),
+        guarantee: "exactly-once".into(),
+    };
+    cluster.call(2, &deploy).await.expect("deploy");
+    cluster.lose_produce_answers("spend", 1);
+
+    let mut inputs = totals::Inputs::default();
+    let mut b = BatchBuilder::new(Compression::None);
+    for i in 0..300i64 {
+        let (key, amount) = (format!("k{}", i % 12), i % 7 + 1);
+        b.append(1_000, Some(key.as_bytes()), Some(format!("{{\"amount\":{amount}}}").as_bytes()), &[]);
+        inputs.push(&key, amount);
+    }
+    let records = b.build();
+    let (leader, _) = cluster.leader(1, "payments", 0).expect("a leader");
+    let request = ProduceRequest {
+        transactional_id: None,
+        acks: Acks::All,
+        timeout_ms: 5_000,
+        partitions: vec![ProducePartition { topic: "payments".into(), partition: 0, records }],
+    };
+    let answer = cluster.call(leader, &request).await.unwrap();
+    assert_eq!(answer.partitions[0].error, ErrorCode::None, "{}", answer.partitions[0].message);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut outputs = Vec::new();
+        for p in 0..3 {
+            outputs.extend(read_keyed(&cluster, "spend", p, Isolation::ReadCommitted).await);
+        }
+        let changelog = read_keyed(&cluster, "totals-state", 0, Isolation::ReadCommitted).await;
+        match inputs.check_outputs(&outputs).and_then(|repeated| inputs.check_state(&changelog).map(|()| repeated)) {
+            Ok(repeated) => {
+                assert_eq!(repeated, 0, "read committed, no output repeats");
+                break;
+            }
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The lost answer did abort a step: its outputs are in the log, aborted.
+    let mut uncommitted = 0;
+    for p in 0..3 {
+        uncommitted += keyed_records(&cluster, "spend", p).await.len();
+    }
+    assert!(uncommitted > 300, "the aborted step's outputs are in the log ({uncommitted} records)");
     cluster.stop().await;
 }

@@ -131,14 +131,15 @@ impl ApiKey {
             ApiKey::InitProducerId => (1, 1),
             // v1 added coordinators of transactions.
             ApiKey::FindCoordinator => (1, 1),
-            // v1 added built-in plugins.
-            ApiKey::PluginDeploy => (1, 1),
+            // v1 added built-in plugins, v2 the delivery guarantee.
+            ApiKey::PluginDeploy => (2, 2),
             // v1 added replicas and in-sync replicas, v2 compaction.
             ApiKey::DescribeTopics => (2, 2),
             // v1 added cancellation.
             ApiKey::ReassignPartition => (1, 1),
-            // v1 added the state store's topic, keys and bytes.
-            ApiKey::PluginList => (1, 1),
+            // v1 added the state store's topic, keys and bytes, v2 the
+            // guarantee.
+            ApiKey::PluginList => (2, 2),
             _ => (0, 0),
         }
     }
@@ -538,6 +539,10 @@ wire_struct! {
         pub outputs: Vec<String>,
         pub on_error: String,
         pub start: String,
+        /// Transforms: `at-least-once` (empty: the default) or
+        /// `exactly-once` (each step's outputs, state and progress in one
+        /// transaction).
+        pub guarantee: String,
     }
 }
 
@@ -548,7 +553,7 @@ wire_struct! {
         pub abi_version: String,
     }
 }
-request!(PluginDeployRequest => PluginDeploy version 1, PluginDeployResponse);
+request!(PluginDeployRequest => PluginDeploy version 2, PluginDeployResponse);
 
 wire_struct! {
     pub struct PluginListRequest {
@@ -595,6 +600,8 @@ wire_struct! {
         pub state_topic: String,
         pub state_keys: u64,
         pub state_bytes: u64,
+        /// Transforms: at-least-once | exactly-once.
+        pub guarantee: String,
     }
 }
 
@@ -603,7 +610,7 @@ wire_struct! {
         pub plugins: Vec<PluginInfo>,
     }
 }
-request!(PluginListRequest => PluginList version 1, PluginListResponse);
+request!(PluginListRequest => PluginList version 2, PluginListResponse);
 
 wire_enum! {
     pub enum PluginAction {

@@ -1120,6 +1120,7 @@ async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<Benc
                 outputs: vec![output.clone()],
                 on_error: "fail".into(),
                 start: "start".into(),
+                guarantee: String::new(),
             })
             .await?;
         let (mut first, mut done) = (None, 0);

@@ -14,9 +14,9 @@ use quiver_client::{CallError, Client, ClientConfig};
 use quiver_controller::{NodeId, SendError, Transport, TransportFuture};
 use quiver_protocol::messages::{
     AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, AlterVotersRequest, ClusterInfoRequest, ClusterInfoResponse,
-    ControllerCall, ElectLeadersRequest, FetchRequest, FetchResponse, NO_LEADER, PluginListRequest, PluginListResponse,
-    ProduceRequest, ProduceResponse, ReplicaFetchRequest, ReplicaFetchResponse, WriteTxnMarkersRequest,
-    WriteTxnMarkersResponse,
+    ControllerCall, ElectLeadersRequest, EndTxnRequest, EndTxnResponse, FetchRequest, FetchResponse,
+    InitProducerIdRequest, InitProducerIdResponse, NO_LEADER, PluginListRequest, PluginListResponse, ProduceRequest,
+    ProduceResponse, ReplicaFetchRequest, ReplicaFetchResponse, WriteTxnMarkersRequest, WriteTxnMarkersResponse,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -221,6 +221,24 @@ impl quiver_broker::ReplicaLink for QuicTransport {
         request: WriteTxnMarkersRequest,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<WriteTxnMarkersResponse, WireError>> + Send>> {
         self.broker_call(&self.producers, PRODUCE_TIMEOUT, leader, address, request)
+    }
+
+    fn init_producer_id(
+        &self,
+        node: NodeId,
+        address: String,
+        request: InitProducerIdRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<InitProducerIdResponse, WireError>> + Send>> {
+        self.broker_call(&self.clients, PRODUCE_TIMEOUT, node, address, request)
+    }
+
+    fn end_txn(
+        &self,
+        node: NodeId,
+        address: String,
+        request: EndTxnRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<EndTxnResponse, WireError>> + Send>> {
+        self.broker_call(&self.clients, PRODUCE_TIMEOUT, node, address, request)
     }
 }
 

@@ -119,6 +119,7 @@ async fn transform(client: &Client, records: u64) -> anyhow::Result<()> {
             outputs: vec!["demo-big-orders".into()],
             on_error: "fail".into(),
             start: "start".into(),
+            guarantee: String::new(),
         })
         .await?;
     let expected = (0..records).filter(|i| (i * 37) % 500 > 400).count();

@@ -66,6 +66,12 @@ pub enum PluginCommand {
         /// start | end | offset:N | @UNIX_MS (first deploy only)
         #[arg(long, default_value = "start")]
         start: String,
+        /// Transforms: at-least-once, or exactly-once (each step's outputs,
+        /// state and progress commit in one transaction: read_committed
+        /// consumers of the outputs see each input's outputs once, across
+        /// broker crashes and failovers).
+        #[arg(long, default_value = "")]
+        guarantee: String,
     },
     List {
         #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -100,7 +106,7 @@ pub async fn run(conn: ConnArgs, command: PluginCommand) -> anyhow::Result<ExitC
         PluginCommand::Test { file, input, params, outputs, partitions, decode } => {
             test(&file, &input, &params, &outputs, partitions, decode)
         }
-        PluginCommand::Deploy { name, file, builtin, kind, input, outputs, params, on_error, start } => {
+        PluginCommand::Deploy { name, file, builtin, kind, input, outputs, params, on_error, start, guarantee } => {
             let wasm = match &file {
                 Some(file) => std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?,
                 None => Vec::new(),
@@ -116,6 +122,7 @@ pub async fn run(conn: ConnArgs, command: PluginCommand) -> anyhow::Result<ExitC
                 outputs,
                 on_error,
                 start,
+                guarantee,
             };
             let r = client.admin().deploy_plugin(request).await?;
             println!("deployed plugin '{name}' version {} (sha256 {}, ABI {})", r.version, r.sha256, r.abi_version);
@@ -166,7 +173,7 @@ async fn describe(conn: &ConnArgs, names: Option<Vec<String>>, format: Format) -
             "name": p.name, "version": p.version, "kind": p.kind, "sha256": p.sha256, "abi_version": p.abi_version,
             "size_bytes": p.size_bytes, "deployed_ms": p.deployed_ms,
             "params": p.params.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
-            "input": p.input, "outputs": p.outputs, "on_error": p.on_error, "state": p.state, "reason": p.reason,
+            "input": p.input, "outputs": p.outputs, "on_error": p.on_error, "guarantee": p.guarantee, "state": p.state, "reason": p.reason,
             "progress": progress,
             "stats": {"calls": p.calls, "records_in": p.records_in, "records_out": p.records_out, "errors": p.errors, "busy_ns": p.busy_ns},
         });

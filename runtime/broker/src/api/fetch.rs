@@ -11,8 +11,6 @@ use bytes::Bytes;
 use quiver_protocol::batch;
 use quiver_protocol::messages::{OFFSET_EARLIEST, OFFSET_LAST_STABLE, OFFSET_LATEST};
 
-use quiver_log::log::AbortedTxn;
-
 use crate::broker::Broker;
 use crate::errors::{FetchError, ListOffsetsError, PluginCallError, blocking_as};
 use crate::partition::RemoteLeader;
@@ -54,8 +52,9 @@ pub(crate) struct PartitionRead {
     pub(crate) log_start_offset: i64,
     /// `-1` when the partition could not be looked up.
     pub(crate) last_stable_offset: i64,
-    /// read_committed: the aborted transactions with data in the range read.
-    pub(crate) aborted: Vec<AbortedTxn>,
+    /// read_committed: the aborted transactions with data in the range
+    /// read, as (producer id, first offset).
+    pub(crate) aborted: Vec<(i64, i64)>,
     pub(crate) records: Result<Bytes, FetchError>,
 }
 
@@ -98,12 +97,13 @@ impl Broker {
     /// leader over the replica link (a share group's coordinator reads its
     /// members' records). Returns at once if any has records (or fails),
     /// else when records arrive, at the latest after `max_wait`. No filter
-    /// or decoders: the records as stored.
+    /// or decoders: the records as stored; `committed`: read_committed.
     pub(crate) async fn read_anywhere(
         self: &Arc<Self>,
         reads: Vec<Read>,
         max_bytes: u32,
         max_wait: Duration,
+        committed: bool,
     ) -> Vec<PartitionRead> {
         let mut local = Vec::new();
         let mut remote: std::collections::BTreeMap<RemoteLeader, Vec<usize>> = Default::default();
@@ -121,7 +121,13 @@ impl Broker {
             // local it does; else it looks again now and then.
             let wait = if remote.is_empty() { max_wait } else { Duration::ZERO };
             let local_reads: Vec<Read> = local.iter().map(|&i| reads[i].clone()).collect();
-            let options = ReadOptions { max_wait: wait, min_bytes: 1, max_bytes, ..ReadOptions::default() };
+            let options = ReadOptions {
+                max_wait: wait,
+                min_bytes: 1,
+                max_bytes,
+                read_committed: committed,
+                ..ReadOptions::default()
+            };
             let here = async {
                 if local_reads.is_empty() {
                     return Ok(Vec::new());
@@ -133,7 +139,7 @@ impl Broker {
                 let mut all = Vec::with_capacity(remote.len());
                 for (leader, indices) in &remote {
                     let asked = indices.iter().map(|&i| reads[i].clone()).collect();
-                    all.push(self.read_at(leader.clone(), asked, max_bytes).await);
+                    all.push(self.read_at(leader.clone(), asked, max_bytes, committed).await);
                 }
                 all
             };
@@ -165,8 +171,14 @@ impl Broker {
     }
 
     /// One read without waiting at another broker; each partition's answer.
-    async fn read_at(&self, leader: RemoteLeader, reads: Vec<Read>, max_bytes: u32) -> Vec<PartitionRead> {
-        use quiver_protocol::messages::{FetchPartition, FetchRequest};
+    async fn read_at(
+        &self,
+        leader: RemoteLeader,
+        reads: Vec<Read>,
+        max_bytes: u32,
+        committed: bool,
+    ) -> Vec<PartitionRead> {
+        use quiver_protocol::messages::{FetchPartition, FetchRequest, Isolation};
         let count = reads.len();
         let request = FetchRequest {
             max_wait_ms: 0,
@@ -184,7 +196,7 @@ impl Broker {
             filter: String::new(),
             filter_params: Vec::new(),
             decode_values: false,
-            isolation: quiver_protocol::messages::Isolation::ReadUncommitted,
+            isolation: if committed { Isolation::ReadCommitted } else { Isolation::ReadUncommitted },
         };
         let node = leader.0;
         match self.replica_link.read(leader.0, leader.1, request).await {
@@ -195,7 +207,7 @@ impl Broker {
                     high_watermark: p.high_watermark,
                     log_start_offset: p.log_start_offset,
                     last_stable_offset: p.last_stable_offset,
-                    aborted: Vec::new(),
+                    aborted: p.aborted.iter().map(|a| (a.producer_id, a.first_offset)).collect(),
                     records: match p.error {
                         quiver_protocol::ErrorCode::None => Ok(p.records),
                         code => Err(FetchError::AtLeader {
@@ -297,7 +309,8 @@ impl Broker {
                     let limit = (r.max_bytes as usize).min(remaining).max(1);
                     let records = p.log.read(r.offset, limit, end)?;
                     if committed && !records.is_empty() {
-                        read.aborted = p.log.aborted_transactions(r.offset, end);
+                        let aborted = p.log.aborted_transactions(r.offset, end);
+                        read.aborted = aborted.iter().map(|a| (a.producer_id, a.first_offset)).collect();
                     }
                     Ok(records)
                 });

@@ -182,7 +182,7 @@ impl Broker {
             .collect();
         let mut bounds = BTreeMap::new();
         if !new.is_empty() {
-            for (read, got) in new.iter().zip(self.read_anywhere(new.clone(), 0, Duration::ZERO).await) {
+            for (read, got) in new.iter().zip(self.read_anywhere(new.clone(), 0, Duration::ZERO, false).await) {
                 if got.records.is_ok() && got.high_watermark >= 0 {
                     bounds.insert((read.topic.clone(), read.partition), (got.log_start_offset, got.high_watermark));
                 }
@@ -208,7 +208,7 @@ impl Broker {
                 max_bytes: per_partition,
             })
             .collect();
-        let got = self.read_anywhere(reads, f.max_bytes, f.max_wait).await;
+        let got = self.read_anywhere(reads, f.max_bytes, f.max_wait, false).await;
         // Acquire what was read, for this member, and store it.
         let mut readable = Vec::new();
         for ((tp, from), read) in starts.into_iter().zip(got) {
@@ -328,7 +328,7 @@ impl Broker {
         dead: DeadLetter,
     ) -> Result<(), GroupOpError> {
         let read = Read { topic: topic.clone(), partition: *partition, offset: dead.offset, max_bytes: 1 };
-        let got = self.read_anywhere(vec![read], 1, Duration::ZERO).await.pop().expect("one read");
+        let got = self.read_anywhere(vec![read], 1, Duration::ZERO, false).await.pop().expect("one read");
         let bytes = match got.records {
             Ok(bytes) => bytes,
             // Gone from the log (retention): nothing left to copy.

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use quiver_protocol::batch::BatchHeader;
-use quiver_protocol::messages::{AddPartitionsToTxnRequest, PartitionRef, TRANSACTION_STATE_TOPIC, TxnMarker};
+use quiver_protocol::messages::{
+    AddPartitionsToTxnRequest, EndTxnRequest, InitProducerIdRequest, PartitionRef, TRANSACTION_STATE_TOPIC, TxnMarker,
+};
 use quiver_transactions::{End, Init, Transaction, TxnError, state_partition};
 
 use crate::api::NewTopic;
@@ -219,6 +221,54 @@ impl Broker {
             partition: partition.id,
             source: Box::new(source),
         })
+    }
+
+    /// `init_transactions` for a producer inside the broker (a transform):
+    /// at the id's coordinator, here or on another broker.
+    pub(crate) async fn init_anywhere(self: &Arc<Self>, id: &str, timeout_ms: u64) -> Result<(i64, i16), TxnOpError> {
+        let coordinates = self.find_txn_coordinator(id).await?;
+        match coordinates.leader {
+            Some((node, _)) if node == self.config.node_id => self.init_transactional(id, timeout_ms).await,
+            Some((node, address)) => {
+                let request = InitProducerIdRequest {
+                    transactional_id: Some(id.to_owned()),
+                    transaction_timeout_ms: timeout_ms.min(u64::from(u32::MAX)) as u32,
+                };
+                let answer = self.replica_link.init_producer_id(node, address, request).await;
+                answer.map(|a| (a.producer_id, a.producer_epoch)).map_err(|e| at_coordinator(id, node, e))
+            }
+            None => Err(TxnOpError::NotCoordinator {
+                me: self.config.node_id,
+                id: id.to_owned(),
+                partition: coordinates.partition,
+            }),
+        }
+    }
+
+    /// Ends a transaction of a producer inside the broker, at its
+    /// coordinator here or on another broker.
+    pub(crate) async fn end_anywhere(
+        self: &Arc<Self>,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        commit: bool,
+    ) -> Result<(i64, i16), TxnOpError> {
+        let coordinates = self.find_txn_coordinator(id).await?;
+        match coordinates.leader {
+            Some((node, _)) if node == self.config.node_id => self.end_txn(id, producer_id, epoch, commit).await,
+            Some((node, address)) => {
+                let request =
+                    EndTxnRequest { transactional_id: id.to_owned(), producer_id, producer_epoch: epoch, commit };
+                let answer = self.replica_link.end_txn(node, address, request).await;
+                answer.map(|a| (a.producer_id, a.producer_epoch)).map_err(|e| at_coordinator(id, node, e))
+            }
+            None => Err(TxnOpError::NotCoordinator {
+                me: self.config.node_id,
+                id: id.to_owned(),
+                partition: coordinates.partition,
+            }),
+        }
     }
 
     /// A coordinator's markers for partitions led here: each written (or

@@ -144,6 +144,19 @@ impl ReplicaLink for Wire {
     ) -> Answer<WriteTxnMarkersResponse> {
         self.call(leader, request)
     }
+
+    fn init_producer_id(
+        &self,
+        node: NodeId,
+        _: String,
+        request: InitProducerIdRequest,
+    ) -> Answer<InitProducerIdResponse> {
+        self.call(node, request)
+    }
+
+    fn end_txn(&self, node: NodeId, _: String, request: EndTxnRequest) -> Answer<EndTxnResponse> {
+        self.call(node, request)
+    }
 }
 
 /// `n` brokers, every one a voter.
