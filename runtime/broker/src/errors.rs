@@ -124,7 +124,7 @@ pub enum ProduceError {
     TransactionalMismatch(&'static str),
     /// The partition could not join the producer's transaction.
     #[error("{topic}-{partition}: {source}")]
-    Transaction { topic: String, partition: u32, source: Box<TxnOpError> },
+    Transaction { topic: String, partition: u32, source: std::sync::Arc<TxnOpError> },
 }
 
 /// Why a read from a partition failed.

@@ -46,11 +46,14 @@ pub(crate) struct Decided<T> {
     /// New records (`Err(id)`: a tombstone).
     pub(crate) changes: Vec<Result<Transaction, String>>,
     pub(crate) answer: T,
+    /// Answer only once the in-sync replicas hold the records (else once
+    /// this broker appended them: for what a new coordinator can redo).
+    pub(crate) durable: bool,
 }
 
 impl<T> Decided<T> {
     pub(crate) fn store(changes: Vec<Transaction>, answer: T) -> Decided<T> {
-        Decided { changes: changes.into_iter().map(Ok).collect(), answer }
+        Decided { changes: changes.into_iter().map(Ok).collect(), answer, durable: true }
     }
 }
 
@@ -185,7 +188,7 @@ impl Broker {
             decided = decide(coordinator, now, &mut || fresh).map_err(txn)?;
         }
         if !decided.changes.is_empty() {
-            self.store_txns(&shard, id, &decided.changes).await?;
+            self.store_txns(&shard, id, &decided.changes, decided.durable).await?;
             for change in decided.changes {
                 match change {
                     Ok(t) => coordinator.apply(t),
@@ -224,13 +227,17 @@ impl Broker {
         shard: &TxnShard,
         id: &str,
         changes: &[Result<Transaction, String>],
+        durable: bool,
     ) -> Result<(), TxnOpError> {
         // Appended directly (not through `write`, which may itself join a
         // transaction and so come back here).
         let batch = encode_changes(changes, now_ms());
         let partition = &shard.partition;
         let written = match partition.append_as_leader(TRANSACTION_STATE_TOPIC, &batch, true) {
-            Ok((info, epoch)) if epoch == shard.epoch => self.confirm(partition, info.last_offset + 1, epoch).await,
+            Ok((info, epoch)) if epoch == shard.epoch && durable => {
+                self.confirm(partition, info.last_offset + 1, epoch).await
+            }
+            Ok((_, epoch)) if epoch == shard.epoch => Ok(()),
             // Led again, in a new epoch: this shard's memory is not the truth.
             Ok(_) => Err(ProduceError::LeadershipMoved),
             Err(e) => Err(e),
@@ -254,10 +261,12 @@ impl Broker {
             tracing::info!(id, commit = markers.commit, %detail, "markers not all written yet");
             return Err(TxnOpError::MarkersPending { id: id.to_owned(), detail });
         }
+        // Not waited for on the replicas: lost, it leaves `Prepare*`, whose
+        // markers a new coordinator finds written and completes again.
         let (done, _) = self
             .with_txn(id, |c, now, _| {
                 let done = c.complete(id, now);
-                Ok(Decided::store(done.iter().cloned().collect(), done.clone()))
+                Ok(Decided { durable: false, ..Decided::store(done.iter().cloned().collect(), done.clone()) })
             })
             .await?;
         match done {
@@ -281,6 +290,9 @@ impl Broker {
         let mut remote: BTreeMap<RemoteLeader, WriteTxnMarkersRequest> = BTreeMap::new();
         let empty = || WriteTxnMarkersRequest { coordinator_epoch, markers: Vec::new(), groups: Vec::new() };
         let mut failures = Vec::new();
+        // Every partition's marker at once: each waits for its own fsync
+        // and in-sync replicas.
+        let mut writing = tokio::task::JoinSet::new();
         for (topic, partition) in &markers.partitions {
             let marker = TxnMarker {
                 producer_id: markers.producer_id,
@@ -291,9 +303,11 @@ impl Broker {
             };
             match self.remote_leader(topic, *partition) {
                 Ok(None) => {
-                    if let Err(e) = self.write_marker_here(&marker, coordinator_epoch).await {
-                        failures.push(format!("{topic}-{partition}: {e}"));
-                    }
+                    let broker = self.clone();
+                    writing.spawn(async move {
+                        let written = broker.write_marker_here(&marker, coordinator_epoch).await;
+                        written.map_err(|e| format!("{}-{}: {e}", marker.topic, marker.partition))
+                    });
                 }
                 Ok(Some(leader)) => remote.entry(leader).or_insert_with(empty).markers.push(marker),
                 Err(PartitionError::UnknownTopic { .. } | PartitionError::UnknownPartition { .. }) => {}
@@ -305,9 +319,12 @@ impl Broker {
                 GroupTxnMarker { group: group.clone(), producer_id: markers.producer_id, commit: markers.commit };
             match self.find_coordinator(group).await.map(|c| c.leader) {
                 Ok(Some((node, _))) if node == self.config.node_id => {
-                    if let Err(e) = self.end_group_transaction(group, markers.producer_id, markers.commit).await {
-                        failures.push(format!("group '{group}': {e}"));
-                    }
+                    let broker = self.clone();
+                    writing.spawn(async move {
+                        let ended =
+                            broker.end_group_transaction(&marker.group, marker.producer_id, marker.commit).await;
+                        ended.map_err(|e| format!("group '{}': {e}", marker.group))
+                    });
                 }
                 Ok(Some(leader)) => remote.entry(leader).or_insert_with(empty).groups.push(marker),
                 Ok(None) => failures.push(format!("group '{group}': its coordinator is offline")),
@@ -315,26 +332,34 @@ impl Broker {
             }
         }
         for ((node, address), request) in remote {
-            match self.replica_link.write_txn_markers(node, address, request).await {
-                Ok(answer) => {
-                    failures.extend(
-                        answer
-                            .results
-                            .into_iter()
-                            .filter(|r| !matches!(r.error, ErrorCode::None | ErrorCode::UnknownTopic))
-                            .map(|r| {
-                                format!("{}-{} at broker {node}: {}: {}", r.topic, r.partition, r.error, r.message)
-                            }),
-                    );
-                    failures.extend(
+            let broker = self.clone();
+            writing.spawn(async move {
+                let answer = broker.replica_link.write_txn_markers(node, address, request).await;
+                let answer = answer.map_err(|e| format!("broker {node}: {e}"))?;
+                let refused: Vec<String> = answer
+                    .results
+                    .into_iter()
+                    .filter(|r| !matches!(r.error, ErrorCode::None | ErrorCode::UnknownTopic))
+                    .map(|r| format!("{}-{} at broker {node}: {}: {}", r.topic, r.partition, r.error, r.message))
+                    .chain(
                         answer
                             .group_results
                             .into_iter()
                             .filter(|r| r.error != ErrorCode::None)
                             .map(|r| format!("group '{}' at broker {node}: {}: {}", r.group, r.error, r.message)),
-                    );
+                    )
+                    .collect();
+                match refused.is_empty() {
+                    true => Ok(()),
+                    false => Err(refused.join("; ")),
                 }
-                Err(e) => failures.push(format!("broker {node}: {e}")),
+            });
+        }
+        while let Some(done) = writing.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(e),
+                Err(e) => failures.push(format!("writing a marker failed: {e}")),
             }
         }
         match failures.is_empty() {
@@ -408,7 +433,8 @@ impl Broker {
                 let forgotten = self
                     .with_txn(&id, |c, now, _| {
                         let still = c.expired_ids(now).contains(&id);
-                        Ok(Decided { changes: if still { vec![Err(id.clone())] } else { Vec::new() }, answer: still })
+                        let changes = if still { vec![Err(id.clone())] } else { Vec::new() };
+                        Ok(Decided { changes, answer: still, durable: true })
                     })
                     .await;
                 if let Ok((true, _)) = forgotten {

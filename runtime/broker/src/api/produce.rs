@@ -74,11 +74,17 @@ impl Broker {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ProduceError::ShuttingDown);
         }
+        // A transactional request's partitions new to its transaction join
+        // it together: one coordinator decision (one stored record) for all.
+        let joined = self.join_transactions(&writes).await;
         // A refused record rejects its whole batch and nothing of it is
         // appended.
         let mut prepared = Vec::with_capacity(writes.len());
-        for w in &writes {
-            prepared.push(self.prepare(w).await);
+        for (w, joined) in writes.iter().zip(joined) {
+            prepared.push(match joined {
+                Ok(()) => self.prepare(w).await,
+                Err(e) => Err(e),
+            });
         }
         if let Some(turn) = &turn {
             turn.wait().await;
@@ -256,7 +262,6 @@ impl Broker {
                     "a request with a transactional id carries transactional batches only",
                 ));
             }
-            (Some(id), Some(partition)) => self.join_transaction(id, &header, &w.topic, partition).await?,
             _ => {}
         }
         let stored = match topic.config.compression {

@@ -13,10 +13,10 @@ use quiver_protocol::messages::{
 use quiver_transactions::{End, Init, Transaction, TxnError, state_partition};
 
 use crate::api::NewTopic;
+use crate::api::Write;
 use crate::api::groups::Coordinates;
 use crate::broker::Broker;
 use crate::errors::{ProduceError, TxnOpError};
-use crate::partition::Partition;
 use crate::txn_coordinator::{Decided, at_coordinator};
 use crate::txn_shards::validate_transactional_id;
 
@@ -171,56 +171,87 @@ impl Broker {
             .ok_or_else(|| TxnOpError::Txn { id: id.to_owned(), source: TxnError::Unknown(id.to_owned()) })
     }
 
-    /// A transactional batch's partition joins its producer's transaction,
-    /// unless it already has: the partition holds an open transaction of
+    /// The transactional batches of a request join their producer's
+    /// transaction: each partition that does not hold an open transaction of
     /// the producer in the batch's epoch (its end would have written a
-    /// marker here, closing it). Else the coordinator — here, or at its
-    /// broker — checks the producer's epoch and adds the partition.
-    pub(crate) async fn join_transaction(
+    /// marker there, closing it) is added at the coordinator — here, or at
+    /// its broker — all in one call, which checks the producer's epoch. One
+    /// answer per write: a write that is not transactional, or whose
+    /// partition is not led here, is left to `prepare` (Ok).
+    pub(crate) async fn join_transactions(self: &Arc<Self>, writes: &[Write]) -> Vec<Result<(), ProduceError>> {
+        let mut results: Vec<Result<(), ProduceError>> = writes.iter().map(|_| Ok(())).collect();
+        let mut wanted: Vec<(usize, BatchHeader)> = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            let Some(_) = &w.transactional_id else { continue };
+            let Ok(header) = BatchHeader::parse(&w.records) else { continue };
+            if !header.is_transactional() || header.is_control() {
+                continue;
+            }
+            let Ok((_, partition)) = self.partition(&w.topic, w.partition) else { continue };
+            let producer = header.producer_id;
+            let open = partition.log.open_transactions().iter().any(|(p, _)| *p == producer);
+            if !(open && partition.log.producer_epoch(producer) == Some(header.producer_epoch)) {
+                wanted.push((i, header));
+            }
+        }
+        let Some((first, header)) = wanted.first() else { return results };
+        let id = writes[*first].transactional_id.clone().expect("transactional");
+        // One producer per request: a batch of another producer or epoch
+        // is checked on its own.
+        let (together, alone): (Vec<_>, Vec<_>) = wanted.iter().partition(|(i, h)| {
+            writes[*i].transactional_id.as_deref() == Some(id.as_str())
+                && (h.producer_id, h.producer_epoch) == (header.producer_id, header.producer_epoch)
+        });
+        let mut groups = vec![together];
+        groups.extend(alone.into_iter().map(|one| vec![one]));
+        for group in groups {
+            let Some((i, header)) = group.first() else { continue };
+            let id = writes[*i].transactional_id.clone().expect("transactional");
+            let partitions: Vec<(String, u32)> =
+                group.iter().map(|(i, _)| (writes[*i].topic.clone(), writes[*i].partition)).collect();
+            if let Err(source) = self.join_anywhere(&id, header.producer_id, header.producer_epoch, partitions).await {
+                let source = std::sync::Arc::new(source);
+                for (i, _) in &group {
+                    let (topic, partition) = (writes[*i].topic.clone(), writes[*i].partition);
+                    results[*i] = Err(ProduceError::Transaction { topic, partition, source: source.clone() });
+                }
+            }
+        }
+        results
+    }
+
+    /// `add` at `id`'s coordinator, here or at its broker.
+    async fn join_anywhere(
         self: &Arc<Self>,
         id: &str,
-        header: &BatchHeader,
-        topic: &str,
-        partition: &Partition,
-    ) -> Result<(), ProduceError> {
-        let producer = header.producer_id;
-        let open = partition.log.open_transactions().iter().any(|(p, _)| *p == producer);
-        if open && partition.log.producer_epoch(producer) == Some(header.producer_epoch) {
-            return Ok(());
-        }
-        let joined = async {
-            validate_transactional_id(id)?;
-            let coordinates = self.find_txn_coordinator(id).await?;
-            let me = self.config.node_id;
-            let not_coordinator =
-                || TxnOpError::NotCoordinator { me, id: id.to_owned(), partition: coordinates.partition };
-            match coordinates.leader {
-                Some((node, _)) if node == me => {
-                    self.add_to_txn(id, producer, header.producer_epoch, vec![(topic.to_owned(), partition.id)], vec![])
-                        .await
-                }
-                Some((node, address)) => {
-                    let request = AddPartitionsToTxnRequest {
-                        transactional_id: id.to_owned(),
-                        producer_id: producer,
-                        producer_epoch: header.producer_epoch,
-                        partitions: vec![PartitionRef { topic: topic.to_owned(), partition: partition.id }],
-                        groups: Vec::new(),
-                    };
-                    self.replica_link
-                        .add_partitions_to_txn(node, address, request)
-                        .await
-                        .map(drop)
-                        .map_err(|e| at_coordinator(id, node, e))
-                }
-                None => Err(not_coordinator()),
+        producer_id: i64,
+        epoch: i16,
+        partitions: Vec<(String, u32)>,
+    ) -> Result<(), TxnOpError> {
+        validate_transactional_id(id)?;
+        let coordinates = self.find_txn_coordinator(id).await?;
+        let me = self.config.node_id;
+        match coordinates.leader {
+            Some((node, _)) if node == me => self.add_to_txn(id, producer_id, epoch, partitions, vec![]).await,
+            Some((node, address)) => {
+                let request = AddPartitionsToTxnRequest {
+                    transactional_id: id.to_owned(),
+                    producer_id,
+                    producer_epoch: epoch,
+                    partitions: partitions
+                        .into_iter()
+                        .map(|(topic, partition)| PartitionRef { topic, partition })
+                        .collect(),
+                    groups: Vec::new(),
+                };
+                self.replica_link
+                    .add_partitions_to_txn(node, address, request)
+                    .await
+                    .map(drop)
+                    .map_err(|e| at_coordinator(id, node, e))
             }
-        };
-        joined.await.map_err(|source| ProduceError::Transaction {
-            topic: topic.to_owned(),
-            partition: partition.id,
-            source: Box::new(source),
-        })
+            None => Err(TxnOpError::NotCoordinator { me, id: id.to_owned(), partition: coordinates.partition }),
+        }
     }
 
     /// `init_transactions` for a producer inside the broker (a transform):
