@@ -55,14 +55,20 @@ pub(crate) fn group_partition(group: &str, partitions: u32) -> u32 {
 }
 
 pub(crate) fn validate_group_name(group: &str) -> Result<(), GroupOpError> {
-    if group.is_empty() {
-        return Err(GroupOpError::Invalid("group name is empty".into()));
+    check_name("group name", group).map_err(GroupOpError::Invalid)
+}
+
+/// A group name or transactional id: not empty, at most 249 bytes (as
+/// Kafka's), no control character.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} is empty"));
     }
-    if group.len() > GROUP_NAME_BYTES_MAX {
-        return Err(GroupOpError::Invalid(format!("group name is longer than {GROUP_NAME_BYTES_MAX} bytes")));
+    if name.len() > GROUP_NAME_BYTES_MAX {
+        return Err(format!("{what} is longer than {GROUP_NAME_BYTES_MAX} bytes"));
     }
-    if group.chars().any(char::is_control) {
-        return Err(GroupOpError::Invalid("group name contains a control character".into()));
+    if name.chars().any(char::is_control) {
+        return Err(format!("{what} contains a control character"));
     }
     Ok(())
 }

@@ -20,8 +20,6 @@ use crate::partition::Partition;
 
 /// Bound on one read while loading a partition.
 const LOAD_READ_BYTES: usize = 4 * 1024 * 1024;
-/// Longest transactional id accepted (as Kafka's group ids).
-const TRANSACTIONAL_ID_BYTES_MAX: usize = 249;
 
 /// The shards of the state topic's partitions this broker leads.
 #[derive(Default)]
@@ -47,16 +45,7 @@ pub(crate) struct TxnShard {
 }
 
 pub(crate) fn validate_transactional_id(id: &str) -> Result<(), TxnOpError> {
-    if id.is_empty() {
-        return Err(TxnOpError::Invalid("transactional id is empty".into()));
-    }
-    if id.len() > TRANSACTIONAL_ID_BYTES_MAX {
-        return Err(TxnOpError::Invalid(format!("transactional id is longer than {TRANSACTIONAL_ID_BYTES_MAX} bytes")));
-    }
-    if id.chars().any(char::is_control) {
-        return Err(TxnOpError::Invalid("transactional id contains a control character".into()));
-    }
-    Ok(())
+    crate::group_shards::check_name("transactional id", id).map_err(TxnOpError::Invalid)
 }
 
 /// Records for `changes`: each transaction's new state, or (`Err(id)`) a

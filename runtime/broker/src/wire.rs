@@ -273,17 +273,8 @@ impl Broker {
             }
             ApiKey::TxnOffsetCommit => {
                 self.run(body, |r: TxnOffsetCommitRequest| async move {
-                    let offsets = r
-                        .offsets
-                        .into_iter()
-                        .map(|o| OffsetToCommit {
-                            topic: o.topic,
-                            partition: o.partition,
-                            offset: o.offset,
-                            metadata: o.metadata,
-                        })
-                        .collect();
-                    self.txn_commit_offsets(&r.group, &r.member_id, r.member_epoch, r.producer_id, offsets).await?;
+                    let offsets = to_commit(r.offsets);
+                    self.commit_offsets(&r.group, &r.member_id, r.member_epoch, Some(r.producer_id), offsets).await?;
                     Ok::<_, GroupOpError>(TxnOffsetCommitResponse {})
                 })
                 .await
@@ -313,17 +304,8 @@ impl Broker {
             ApiKey::GroupHeartbeat => self.run(body, |r| self.wire_group_heartbeat(r)).await,
             ApiKey::OffsetCommit => {
                 self.run(body, |r: OffsetCommitRequest| async move {
-                    let offsets = r
-                        .offsets
-                        .into_iter()
-                        .map(|o| OffsetToCommit {
-                            topic: o.topic,
-                            partition: o.partition,
-                            offset: o.offset,
-                            metadata: o.metadata,
-                        })
-                        .collect();
-                    self.commit_offsets(&r.group, &r.member_id, r.member_epoch, offsets).await?;
+                    let offsets = to_commit(r.offsets);
+                    self.commit_offsets(&r.group, &r.member_id, r.member_epoch, None, offsets).await?;
                     Ok::<_, GroupOpError>(OffsetCommitResponse {})
                 })
                 .await
@@ -715,6 +697,14 @@ impl Broker {
             .collect();
         Ok(ListOffsetsResponse { partitions })
     }
+}
+
+/// Offsets to commit, from the wire.
+fn to_commit(offsets: Vec<CommittedOffset>) -> Vec<OffsetToCommit> {
+    offsets
+        .into_iter()
+        .map(|o| OffsetToCommit { topic: o.topic, partition: o.partition, offset: o.offset, metadata: o.metadata })
+        .collect()
 }
 
 fn from_wire_partitions(list: Vec<TopicPartitions>) -> impl Iterator<Item = (String, u32)> {

@@ -245,11 +245,34 @@ async fn read_keyed(cluster: &Cluster, topic: &str, partition: u32, isolation: I
 /// counted twice, in the outputs or in the changelog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
+    let (cluster, inputs) = totals_with_a_lost_answer("").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let repeated = loop {
+        let mut outputs = Vec::new();
+        for p in 0..3 {
+            outputs.extend(keyed_records(&cluster, "spend", p).await);
+        }
+        let changelog = keyed_records(&cluster, "totals-state", 0).await;
+        match inputs.check_outputs(&outputs).and_then(|repeated| inputs.check_state(&changelog).map(|()| repeated)) {
+            Ok(repeated) => break repeated,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(repeated > 0, "the failed step was redone, so some of its outputs repeat");
+    eprintln!("{repeated} outputs of 300 inputs repeated after one lost answer");
+    cluster.stop().await;
+}
+
+/// The `totals` aggregate (guarantee `guarantee`) over 300 payments on
+/// three brokers, with the answer of its first output write to another
+/// broker lost after the write happened.
+async fn totals_with_a_lost_answer(guarantee: &str) -> (Cluster, totals::Inputs) {
     let wasm = tokio::task::spawn_blocking(|| quiver_plugin_host::builder::first_party("aggregate"))
         .await
         .unwrap()
         .expect("build the aggregate plugin");
-    let cluster = Cluster::start(3).await;
+    let cluster = Cluster::start_with(3, |c| c.transactions.state_topic_partitions = 3).await;
     for (name, partitions, replication_factor) in [("payments", 1, 3), ("spend", 3, 1)] {
         let create = CreateTopicRequest { name: name.into(), partitions, replication_factor, configs: vec![] };
         cluster.call(1, &create).await.unwrap();
@@ -264,7 +287,7 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
         outputs: vec!["spend".into()],
         on_error: "fail".into(),
         start: "start".into(),
-        guarantee: String::new(),
+        guarantee: guarantee.into(),
     };
     cluster.call(2, &deploy).await.expect("deploy");
     // Outputs go to every broker (one partition of `spend` each): the first
@@ -288,23 +311,7 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
     };
     let answer = cluster.call(leader, &request).await.unwrap();
     assert_eq!(answer.partitions[0].error, ErrorCode::None, "{}", answer.partitions[0].message);
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let repeated = loop {
-        let mut outputs = Vec::new();
-        for p in 0..3 {
-            outputs.extend(keyed_records(&cluster, "spend", p).await);
-        }
-        let changelog = keyed_records(&cluster, "totals-state", 0).await;
-        match inputs.check_outputs(&outputs).and_then(|repeated| inputs.check_state(&changelog).map(|()| repeated)) {
-            Ok(repeated) => break repeated,
-            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(repeated > 0, "the failed step was redone, so some of its outputs repeat");
-    eprintln!("{repeated} outputs of 300 inputs repeated after one lost answer");
-    cluster.stop().await;
+    (cluster, inputs)
 }
 
 /// The same with `--guarantee exactly-once`: the failed step's transaction
@@ -312,48 +319,7 @@ async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
 /// changelog sees each input's outputs once, the totals exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exactly_once_transform_commits_each_step_once_despite_a_lost_answer() {
-    let wasm = tokio::task::spawn_blocking(|| quiver_plugin_host::builder::first_party("aggregate"))
-        .await
-        .unwrap()
-        .expect("build the aggregate plugin");
-    let cluster = Cluster::start_with(3, |c| c.transactions.state_topic_partitions = 3).await;
-    for (name, partitions, replication_factor) in [("payments", 1, 3), ("spend", 3, 1)] {
-        let create = CreateTopicRequest { name: name.into(), partitions, replication_factor, configs: vec![] };
-        cluster.call(1, &create).await.unwrap();
-    }
-    let deploy = PluginDeployRequest {
-        name: "totals".into(),
-        kind: "transform".into(),
-        wasm: std::fs::read(wasm).unwrap().into(),
-        builtin: String::new(),
-        params: vec![("field".into(), "amount".into())],
-        input: "payments".into(),
-        outputs: vec!["spend".into()],
-        on_error: "fail".into(),
-        start: "start".into(),
-        guarantee: "exactly-once".into(),
-    };
-    cluster.call(2, &deploy).await.expect("deploy");
-    cluster.lose_produce_answers("spend", 1);
-
-    let mut inputs = totals::Inputs::default();
-    let mut b = BatchBuilder::new(Compression::None);
-    for i in 0..300i64 {
-        let (key, amount) = (format!("k{}", i % 12), i % 7 + 1);
-        b.append(1_000, Some(key.as_bytes()), Some(format!("{{\"amount\":{amount}}}").as_bytes()), &[]);
-        inputs.push(&key, amount);
-    }
-    let records = b.build();
-    let (leader, _) = cluster.leader(1, "payments", 0).expect("a leader");
-    let request = ProduceRequest {
-        transactional_id: None,
-        acks: Acks::All,
-        timeout_ms: 5_000,
-        partitions: vec![ProducePartition { topic: "payments".into(), partition: 0, records }],
-    };
-    let answer = cluster.call(leader, &request).await.unwrap();
-    assert_eq!(answer.partitions[0].error, ErrorCode::None, "{}", answer.partitions[0].message);
-
+    let (cluster, inputs) = totals_with_a_lost_answer("exactly-once").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mut outputs = Vec::new();

@@ -173,6 +173,18 @@ impl Group {
         member_epoch: i32,
         offsets: Vec<(TopicPartition, Committed)>,
     ) -> Result<(), CommitError> {
+        self.check_offsets(member_id, member_epoch, &offsets)?;
+        self.offsets.extend(offsets);
+        Ok(())
+    }
+
+    /// A consumer group's member may commit `offsets` now.
+    fn check_offsets(
+        &self,
+        member_id: &str,
+        member_epoch: i32,
+        offsets: &[(TopicPartition, Committed)],
+    ) -> Result<(), CommitError> {
         if self.is_share() {
             return Err(GroupError::Invalid(format!(
                 "group '{}' is a share group: its members acknowledge records, they commit no offsets",
@@ -181,9 +193,7 @@ impl Group {
             .into());
         }
         let partitions: Vec<TopicPartition> = offsets.iter().map(|(tp, _)| tp.clone()).collect();
-        self.check_commit(member_id, member_epoch, &partitions)?;
-        self.offsets.extend(offsets);
-        Ok(())
+        self.check_commit(member_id, member_epoch, &partitions)
     }
 
     /// Offsets committed in producer `producer_id`'s open transaction
@@ -197,15 +207,7 @@ impl Group {
         producer_id: i64,
         offsets: Vec<(TopicPartition, Committed)>,
     ) -> Result<(), CommitError> {
-        if self.is_share() {
-            return Err(GroupError::Invalid(format!(
-                "group '{}' is a share group: its members acknowledge records, they commit no offsets",
-                self.name
-            ))
-            .into());
-        }
-        let partitions: Vec<TopicPartition> = offsets.iter().map(|(tp, _)| tp.clone()).collect();
-        self.check_commit(member_id, member_epoch, &partitions)?;
+        self.check_offsets(member_id, member_epoch, &offsets)?;
         self.pending.entry(producer_id).or_default().extend(offsets);
         Ok(())
     }

@@ -137,6 +137,7 @@ mod tests {
     #[test]
     fn hostile_list_length_is_rejected_without_allocating() {
         let mut buf = bytes::BytesMut::new();
+        buf.put_u8(0); // transactional_id: none
         buf.put_u8(1); // acks
         buf.put_u32(5); // timeout
         buf.put_u32(u32::MAX); // partitions count

@@ -26,8 +26,7 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::faults::{self, Rng};
-use common::json_lines;
-use quiver_client::{Acks, Client, ClientConfig, ProduceError, ProducerConfig, ProducerRecord};
+use quiver_client::{Acks, ClientConfig, ProduceError, ProducerConfig, ProducerRecord};
 
 const TOPIC: &str = "chk";
 const PARTITIONS: u32 = 3;
@@ -59,12 +58,7 @@ fn produce_until(addresses: Vec<String>, ca: Vec<u8>, stop: Arc<AtomicBool>) -> 
         config.brokers = addresses;
         config.connect_timeout = Duration::from_secs(2);
         config.request_timeout = Duration::from_secs(2);
-        let client = loop {
-            match Client::connect(config.clone()).await {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        };
+        let client = faults::connect_until_up(config).await;
         let producer = client.producer(ProducerConfig {
             acks: Acks::All,
             in_flight_max: 1,
@@ -112,14 +106,7 @@ fn produce_until(addresses: Vec<String>, ca: Vec<u8>, stop: Arc<AtomicBool>) -> 
 
 /// Every record of `partition` up to the high watermark: offset → value.
 fn read_back(cluster: &Cluster, partition: u32) -> Option<BTreeMap<i64, String>> {
-    let p = partition.to_string();
-    let out = cluster.quiver(1, &["topic", "consume", TOPIC, "-p", &p, "-o", "start:end", "--format", "json"]);
-    out.status.success().then(|| {
-        json_lines(&String::from_utf8_lossy(&out.stdout))
-            .iter()
-            .map(|r| (r["offset"].as_i64().unwrap(), r["value"].as_str().unwrap().to_string()))
-            .collect()
-    })
+    faults::read_partition(cluster, TOPIC, partition, &[]).map(|records| records.into_iter().collect())
 }
 
 fn round(seed: u64) {

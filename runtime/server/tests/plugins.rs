@@ -488,6 +488,38 @@ fn deploy_aggregate(node: &DevNode, name: &str, input: &str, output: &str, extra
     node.quiver(&args)
 }
 
+/// Rounds: a backlog of `records` payments piles up while transform `name`
+/// (reading `payments`) is paused; it resumes, and once it is at work (the
+/// first records through the plugin in this broker's life) the broker is
+/// killed (-9) somewhere in the middle, a random while (`seed`) later, and
+/// restarted.
+fn kill_during_backlogs(node: &mut DevNode, name: &str, kills: u64, records: u64, mut seed: u64) {
+    for round in 0..kills {
+        node.ok(&["plugin", "pause", name]);
+        let text: String = (0..records)
+            .map(|i| format!("c{}\t{{\"amount\":{}}}\n", (i * 7 + round) % 50, (i % 13) as i64 - 3))
+            .collect();
+        let out = node.produce(&["topic", "produce", "payments", "--key-sep", "\\t"], text.as_bytes());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        node.ok(&["plugin", "resume", name]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = &json_lines(&node.ok(&["plugin", "describe", name, "--format", "json"]))[0];
+            if d["stats"]["records_in"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the transform did not start: {d}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 200));
+        node.kill9();
+        node.spawn();
+    }
+}
+
 /// The aggregate transform keeps its totals in a state store changelogged
 /// to `totals-state`. The broker is killed (-9) at random points of the
 /// transform's work on a backlog and restarted, again and again. No input is lost or counted twice: every total emitted is the
@@ -509,36 +541,8 @@ fn a_stateful_transform_keeps_exact_totals_across_kill9() {
     assert_eq!(described["partitions"].as_array().unwrap().len(), 2, "{described}");
     assert!(described["configs"].to_string().contains("\"compact\""), "{described}");
 
-    // Rounds: a backlog piles up while the transform is paused; it resumes
-    // and the broker is killed somewhere in its work on the backlog.
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let kills = 5;
-    for round in 0..kills {
-        node.ok(&["plugin", "pause", "totals"]);
-        let text: String = (0..40_000u64)
-            .map(|i| format!("c{}\t{{\"amount\":{}}}\n", (i * 7 + round) % 50, (i % 13) as i64 - 3))
-            .collect();
-        let out = node.produce(&["topic", "produce", "payments", "--key-sep", "\\t"], text.as_bytes());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        node.ok(&["plugin", "resume", "totals"]);
-        // Once it is at work (the first records through the plugin in
-        // this broker's life), somewhere in the middle.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = &json_lines(&node.ok(&["plugin", "describe", "totals", "--format", "json"]))[0];
-            if d["stats"]["records_in"].as_u64().unwrap_or(0) > 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the transform did not start: {d}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(seed % 200));
-        node.kill9();
-        node.spawn();
-    }
+    kill_during_backlogs(&mut node, "totals", kills, 40_000, 0x9e37_79b9_7f4a_7c15);
     caught_up(&node, "totals");
     let inputs = Inputs::from_records(&values(&node, "payments"));
     let repeated = inputs.check_outputs(&values(&node, "spend")).unwrap_or_else(|e| panic!("{e}"));
@@ -630,32 +634,8 @@ fn an_exactly_once_transform_emits_each_total_once_across_kill9() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d = &json_lines(&node.ok(&["plugin", "describe", "totals", "--format", "json"]))[0];
     assert_eq!(d["guarantee"], "exactly-once", "{d}");
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
     let kills = 3;
-    for round in 0..kills {
-        node.ok(&["plugin", "pause", "totals"]);
-        let text: String = (0..20_000u64)
-            .map(|i| format!("c{}\t{{\"amount\":{}}}\n", (i * 7 + round) % 50, (i % 13) as i64 - 3))
-            .collect();
-        let out = node.produce(&["topic", "produce", "payments", "--key-sep", "\\t"], text.as_bytes());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        node.ok(&["plugin", "resume", "totals"]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = &json_lines(&node.ok(&["plugin", "describe", "totals", "--format", "json"]))[0];
-            if d["stats"]["records_in"].as_u64().unwrap_or(0) > 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the transform did not start: {d}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(seed % 200));
-        node.kill9();
-        node.spawn();
-    }
+    kill_during_backlogs(&mut node, "totals", kills, 40_000, 0x2545_f491_4f6c_dd1d);
     caught_up(&node, "totals");
     let inputs = Inputs::from_records(&values(&node, "payments"));
     // The last step's transaction may still be ending: read until whole.

@@ -26,9 +26,8 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::faults::{self, Rng};
-use common::json_lines;
 use quiver_client::{
-    Client, ClientConfig, ConsumerConfig, Isolation, OffsetSpec, ProducerConfig, ProducerRecord, TransactionalProducer,
+    ClientConfig, ConsumerConfig, Isolation, OffsetSpec, ProducerConfig, ProducerRecord, TransactionalProducer,
 };
 
 const TOPIC: &str = "txchk";
@@ -137,12 +136,7 @@ fn check(h: &History) -> Vec<String> {
 fn produce_transactions(id: u32, config: ClientConfig, seed: u64, stop: Arc<AtomicBool>) -> Vec<Txn> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     runtime.block_on(async move {
-        let client = loop {
-            match Client::connect(config.clone()).await {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        };
+        let client = faults::connect_until_up(config).await;
         let mut rng = Rng::seeded(seed * 31 + u64::from(id));
         let mut txns = Vec::new();
         let mut producer: Option<TransactionalProducer> = None;
@@ -215,12 +209,7 @@ fn produce_transactions(id: u32, config: ClientConfig, seed: u64, stop: Arc<Atom
 fn consume_committed(config: ClientConfig, stop: Arc<AtomicBool>) -> Vec<(u32, i64, String)> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     runtime.block_on(async move {
-        let client = loop {
-            match Client::connect(config.clone()).await {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        };
+        let client = faults::connect_until_up(config).await;
         let mut consumer = client.consumer(ConsumerConfig {
             isolation: Isolation::ReadCommitted,
             fetch_max_wait: Duration::from_millis(200),
@@ -251,16 +240,7 @@ fn consume_committed(config: ClientConfig, stop: Arc<AtomicBool>) -> Vec<(u32, i
 }
 
 fn read_committed(cluster: &Cluster, partition: u32) -> Option<Vec<(i64, String)>> {
-    let p = partition.to_string();
-    let args =
-        ["topic", "consume", TOPIC, "-p", &p, "-o", "start:end", "--isolation", "read-committed", "--format", "json"];
-    let out = cluster.quiver(1, &args);
-    out.status.success().then(|| {
-        json_lines(&String::from_utf8_lossy(&out.stdout))
-            .iter()
-            .map(|r| (r["offset"].as_i64().unwrap(), r["value"].as_str().unwrap().to_string()))
-            .collect()
-    })
+    faults::read_partition(cluster, TOPIC, partition, &["--isolation", "read-committed"])
 }
 
 fn round(seed: u64) {
@@ -365,7 +345,8 @@ fn the_checker_reports_every_anomaly() {
         last: BTreeMap::from([(0, vec![(0, "p1-t1-0of2".into()), (3, "p1-t1-1of2".into())]), (1, vec![])]),
     };
     assert_eq!(check(&good()), Vec::<String>::new());
-    let cases: Vec<(&str, Box<dyn Fn(&mut History)>)> = vec![
+    type Corrupt<'a> = Box<dyn Fn(&mut History) + 'a>;
+    let cases: Vec<(&str, Corrupt)> = vec![
         ("aborted read", Box::new(|h| h.last.get_mut(&1).unwrap().push((0, "p1-t2-0of1".into())))),
         (
             "lost write",

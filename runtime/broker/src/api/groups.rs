@@ -134,22 +134,29 @@ impl Broker {
         if !exists {
             self.create_offsets_topic().await?;
         }
-        let image = self.controller.image();
-        let image = image.borrow();
         // Created by another request and not in this broker's image yet
         // (past the wait): the client asks again.
-        let topic = image.topics.get(OFFSETS_TOPIC).ok_or(GroupOpError::NotCoordinator {
+        self.coordinates_in(OFFSETS_TOPIC, |count| group_partition(group, count)).ok_or(GroupOpError::NotCoordinator {
             me: self.config.node_id,
             group: group.to_owned(),
             partition: 0,
-        })?;
-        let partition = group_partition(group, topic.partitions.len() as u32);
+        })
+    }
+
+    /// The leader of partition `partition_of(partition count)` of the
+    /// internal `topic` as this broker's image has it (`None` while the
+    /// topic is not in the image).
+    pub(crate) fn coordinates_in(&self, topic: &str, partition_of: impl FnOnce(u32) -> u32) -> Option<Coordinates> {
+        let image = self.controller.image();
+        let image = image.borrow();
+        let topic = image.topics.get(topic)?;
+        let partition = partition_of(topic.partitions.len() as u32);
         let leader = topic
             .partitions
             .get(partition as usize)
             .and_then(|p| p.leader)
             .and_then(|leader| image.brokers.get(&leader).map(|b| (leader, b.address.clone())));
-        Ok(Coordinates { partition, leader })
+        Some(Coordinates { partition, leader })
     }
 
     async fn create_offsets_topic(&self) -> Result<(), GroupOpError> {
@@ -200,52 +207,27 @@ impl Broker {
 
     /// Commits offsets for `group`, all or none: as member `member_id` at
     /// `member_epoch` for partitions it owns, or (empty id, epoch -1) into
-    /// a group without members.
+    /// a group without members. With `producer_id`, in that producer's
+    /// transaction: checked the same, held apart until the transaction
+    /// ends.
     pub(crate) async fn commit_offsets(
         self: &Arc<Self>,
         group: &str,
         member_id: &str,
         member_epoch: i32,
+        producer_id: Option<i64>,
         offsets: Vec<OffsetToCommit>,
     ) -> Result<(), GroupOpError> {
         let committed = self.checked_commits(offsets)?;
         let defaults = self.config.group_defaults;
         self.with_group(group, |current, _| {
             let mut g = current.unwrap_or_else(|| Group::new(group, defaults));
-            g.commit(member_id, member_epoch, committed).map_err(|source| match source {
-                quiver_groups::CommitError::GroupActive(_) => {
-                    GroupOpError::NotEmpty { group: group.to_owned(), members: g.members().count() }
-                }
-                quiver_groups::CommitError::Member(source) => member_error(group, source),
-                source => GroupOpError::Commit { group: group.to_owned(), source },
-            })?;
-            Ok((Some(g), ()))
-        })
-        .await
-    }
-
-    /// Offsets committed in producer `producer_id`'s transaction: checked as
-    /// a commit is (the member must own the partitions in its current
-    /// epoch), held apart until the transaction ends.
-    pub(crate) async fn txn_commit_offsets(
-        self: &Arc<Self>,
-        group: &str,
-        member_id: &str,
-        member_epoch: i32,
-        producer_id: i64,
-        offsets: Vec<OffsetToCommit>,
-    ) -> Result<(), GroupOpError> {
-        let committed = self.checked_commits(offsets)?;
-        let defaults = self.config.group_defaults;
-        self.with_group(group, |current, _| {
-            let mut g = current.unwrap_or_else(|| Group::new(group, defaults));
-            g.commit_transactional(member_id, member_epoch, producer_id, committed).map_err(|source| match source {
-                quiver_groups::CommitError::GroupActive(_) => {
-                    GroupOpError::NotEmpty { group: group.to_owned(), members: g.members().count() }
-                }
-                quiver_groups::CommitError::Member(source) => member_error(group, source),
-                source => GroupOpError::Commit { group: group.to_owned(), source },
-            })?;
+            let members = g.members().count();
+            match producer_id {
+                None => g.commit(member_id, member_epoch, committed),
+                Some(producer_id) => g.commit_transactional(member_id, member_epoch, producer_id, committed),
+            }
+            .map_err(|e| commit_error(group, members, e))?;
             Ok((Some(g), ()))
         })
         .await
@@ -450,6 +432,16 @@ impl Broker {
             .filter(|(name, _)| !name.starts_with("__"))
             .map(|(name, t)| (name.clone(), t.partitions.len() as u32))
             .collect()
+    }
+}
+
+/// Why a commit (plain or transactional) of `group`, which has `members`,
+/// was refused.
+fn commit_error(group: &str, members: usize, e: quiver_groups::CommitError) -> GroupOpError {
+    match e {
+        quiver_groups::CommitError::GroupActive(_) => GroupOpError::NotEmpty { group: group.to_owned(), members },
+        quiver_groups::CommitError::Member(source) => member_error(group, source),
+        source => GroupOpError::Commit { group: group.to_owned(), source },
     }
 }
 

@@ -32,20 +32,8 @@ impl Broker {
         if !self.controller.image().borrow().topics.contains_key(TRANSACTION_STATE_TOPIC) {
             self.create_state_topic().await?;
         }
-        let image = self.controller.image();
-        let image = image.borrow();
-        let topic = image.topics.get(TRANSACTION_STATE_TOPIC).ok_or(TxnOpError::NotCoordinator {
-            me: self.config.node_id,
-            id: id.to_owned(),
-            partition: 0,
-        })?;
-        let partition = state_partition(id, topic.partitions.len() as u32);
-        let leader = topic
-            .partitions
-            .get(partition as usize)
-            .and_then(|p| p.leader)
-            .and_then(|leader| image.brokers.get(&leader).map(|b| (leader, b.address.clone())));
-        Ok(Coordinates { partition, leader })
+        self.coordinates_in(TRANSACTION_STATE_TOPIC, |count| state_partition(id, count))
+            .ok_or(TxnOpError::NotCoordinator { me: self.config.node_id, id: id.to_owned(), partition: 0 })
     }
 
     async fn create_state_topic(&self) -> Result<(), TxnOpError> {
@@ -228,52 +216,39 @@ impl Broker {
         epoch: i16,
         partitions: Vec<(String, u32)>,
     ) -> Result<(), TxnOpError> {
-        validate_transactional_id(id)?;
-        let coordinates = self.find_txn_coordinator(id).await?;
-        let me = self.config.node_id;
-        match coordinates.leader {
-            Some((node, _)) if node == me => self.add_to_txn(id, producer_id, epoch, partitions, vec![]).await,
-            Some((node, address)) => {
-                let request = AddPartitionsToTxnRequest {
-                    transactional_id: id.to_owned(),
-                    producer_id,
-                    producer_epoch: epoch,
-                    partitions: partitions
-                        .into_iter()
-                        .map(|(topic, partition)| PartitionRef { topic, partition })
-                        .collect(),
-                    groups: Vec::new(),
-                };
-                self.replica_link
-                    .add_partitions_to_txn(node, address, request)
-                    .await
-                    .map(drop)
-                    .map_err(|e| at_coordinator(id, node, e))
-            }
-            None => Err(TxnOpError::NotCoordinator { me, id: id.to_owned(), partition: coordinates.partition }),
-        }
+        let refs =
+            partitions.iter().map(|(topic, partition)| PartitionRef { topic: topic.clone(), partition: *partition });
+        let request = AddPartitionsToTxnRequest {
+            transactional_id: id.to_owned(),
+            producer_id,
+            producer_epoch: epoch,
+            partitions: refs.collect(),
+            groups: Vec::new(),
+        };
+        self.at_txn_coordinator(
+            id,
+            || self.add_to_txn(id, producer_id, epoch, partitions, vec![]),
+            |node, address| async move { self.replica_link.add_partitions_to_txn(node, address, request).await.map(drop) },
+        )
+        .await
     }
 
     /// `init_transactions` for a producer inside the broker (a transform):
     /// at the id's coordinator, here or on another broker.
     pub(crate) async fn init_anywhere(self: &Arc<Self>, id: &str, timeout_ms: u64) -> Result<(i64, i16), TxnOpError> {
-        let coordinates = self.find_txn_coordinator(id).await?;
-        match coordinates.leader {
-            Some((node, _)) if node == self.config.node_id => self.init_transactional(id, timeout_ms).await,
-            Some((node, address)) => {
-                let request = InitProducerIdRequest {
-                    transactional_id: Some(id.to_owned()),
-                    transaction_timeout_ms: timeout_ms.min(u64::from(u32::MAX)) as u32,
-                };
-                let answer = self.replica_link.init_producer_id(node, address, request).await;
-                answer.map(|a| (a.producer_id, a.producer_epoch)).map_err(|e| at_coordinator(id, node, e))
-            }
-            None => Err(TxnOpError::NotCoordinator {
-                me: self.config.node_id,
-                id: id.to_owned(),
-                partition: coordinates.partition,
-            }),
-        }
+        let request = InitProducerIdRequest {
+            transactional_id: Some(id.to_owned()),
+            transaction_timeout_ms: timeout_ms.min(u64::from(u32::MAX)) as u32,
+        };
+        self.at_txn_coordinator(
+            id,
+            || self.init_transactional(id, timeout_ms),
+            |node, address| async move {
+                let answer = self.replica_link.init_producer_id(node, address, request).await?;
+                Ok((answer.producer_id, answer.producer_epoch))
+            },
+        )
+        .await
     }
 
     /// Ends a transaction of a producer inside the broker, at its
@@ -285,20 +260,34 @@ impl Broker {
         epoch: i16,
         commit: bool,
     ) -> Result<(i64, i16), TxnOpError> {
+        let request = EndTxnRequest { transactional_id: id.to_owned(), producer_id, producer_epoch: epoch, commit };
+        self.at_txn_coordinator(
+            id,
+            || self.end_txn(id, producer_id, epoch, commit),
+            |node, address| async move {
+                let answer = self.replica_link.end_txn(node, address, request).await?;
+                Ok((answer.producer_id, answer.producer_epoch))
+            },
+        )
+        .await
+    }
+
+    /// Runs a coordinator operation for `id`: `here` when this broker
+    /// coordinates it, else `there` with the coordinator's node and address.
+    async fn at_txn_coordinator<T, H, HF, R, RF>(self: &Arc<Self>, id: &str, here: H, there: R) -> Result<T, TxnOpError>
+    where
+        H: FnOnce() -> HF,
+        HF: std::future::Future<Output = Result<T, TxnOpError>>,
+        R: FnOnce(u32, String) -> RF,
+        RF: std::future::Future<Output = Result<T, quiver_protocol::WireError>>,
+    {
+        validate_transactional_id(id)?;
         let coordinates = self.find_txn_coordinator(id).await?;
+        let me = self.config.node_id;
         match coordinates.leader {
-            Some((node, _)) if node == self.config.node_id => self.end_txn(id, producer_id, epoch, commit).await,
-            Some((node, address)) => {
-                let request =
-                    EndTxnRequest { transactional_id: id.to_owned(), producer_id, producer_epoch: epoch, commit };
-                let answer = self.replica_link.end_txn(node, address, request).await;
-                answer.map(|a| (a.producer_id, a.producer_epoch)).map_err(|e| at_coordinator(id, node, e))
-            }
-            None => Err(TxnOpError::NotCoordinator {
-                me: self.config.node_id,
-                id: id.to_owned(),
-                partition: coordinates.partition,
-            }),
+            Some((node, _)) if node == me => here().await,
+            Some((node, address)) => there(node, address).await.map_err(|e| at_coordinator(id, node, e)),
+            None => Err(TxnOpError::NotCoordinator { me, id: id.to_owned(), partition: coordinates.partition }),
         }
     }
 

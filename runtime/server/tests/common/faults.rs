@@ -71,6 +71,32 @@ pub fn inject(cluster: &mut Cluster, rng: &mut Rng, seed: u64, duration: Duratio
     }
 }
 
+/// A client of the cluster, once one of its brokers answers.
+pub async fn connect_until_up(config: quiver_client::ClientConfig) -> quiver_client::Client {
+    loop {
+        match quiver_client::Client::connect(config.clone()).await {
+            Ok(c) => return c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Every record of `topic`-`partition` from the start up to its end as of
+/// now, through node 1's CLI with `extra` arguments: (offset, value).
+/// `None` when the read failed (a node still recovering).
+pub fn read_partition(cluster: &Cluster, topic: &str, partition: u32, extra: &[&str]) -> Option<Vec<(i64, String)>> {
+    let p = partition.to_string();
+    let mut args = vec!["topic", "consume", topic, "-p", &p, "-o", "start:end", "--format", "json"];
+    args.extend_from_slice(extra);
+    let out = cluster.quiver(1, &args);
+    out.status.success().then(|| {
+        super::json_lines(&String::from_utf8_lossy(&out.stdout))
+            .iter()
+            .map(|r| (r["offset"].as_i64().unwrap(), r["value"].as_str().unwrap().to_string()))
+            .collect()
+    })
+}
+
 /// Seeds from `QUIVER_FAULT_SEEDS=1,2,3` (default `default`); runs `round`
 /// for each, naming the seed of a failure.
 pub fn for_each_seed(default: &[u64], round: impl Fn(u64) + std::panic::RefUnwindSafe) {
