@@ -63,7 +63,7 @@ async fn malformed_frames_get_clear_errors_and_the_broker_stays_up() {
     node.ok(&["topic", "create", "t", "-p", "1"]);
     let conn = raw_connection(&node).await;
 
-    let (code, msg) = error_of(raw_request(&conn, &frame(6, 1, b"\x02garbage")).await.unwrap());
+    let (code, msg) = error_of(raw_request(&conn, &frame(6, 2, b"\x02garbage")).await.unwrap());
     assert_eq!(code, ErrorCode::CorruptMessage, "{msg}");
 
     let (code, msg) = error_of(raw_request(&conn, &frame(99, 0, b"")).await.unwrap());
@@ -82,6 +82,7 @@ async fn malformed_frames_get_clear_errors_and_the_broker_stays_up() {
 
     // A produce whose batch is garbage, inside a well-formed request.
     let mut body = BytesMut::new();
+    body.put_u8(0); // no transactional id
     body.put_u8(2); // acks=all
     body.put_u32(1000);
     body.put_u32(1);
@@ -90,7 +91,7 @@ async fn malformed_frames_get_clear_errors_and_the_broker_stays_up() {
     body.put_u32(0);
     body.put_u32(70);
     body.put_slice(&[0xAB; 70]);
-    let response = raw_request(&conn, &frame(6, 1, &body)).await.unwrap();
+    let response = raw_request(&conn, &frame(6, 2, &body)).await.unwrap();
     let produce = decode_response::<quiver_protocol::messages::ProduceResponse>(response).unwrap().unwrap();
     assert_eq!(produce.partitions[0].error, ErrorCode::CorruptMessage);
     assert!(produce.partitions[0].message.contains("invalid record batch"), "{}", produce.partitions[0].message);
@@ -185,7 +186,7 @@ async fn slow_large_requests_are_bounded_and_others_are_served() {
                 let mut head = BytesMut::new();
                 head.put_u32(64 << 20); // the largest frame the broker takes
                 head.put_u16(6); // Produce
-                head.put_u16(1);
+                head.put_u16(2);
                 let junk = vec![0x5a; 64 * 1024];
                 let sending = async {
                     send.write_all(&head).await?;

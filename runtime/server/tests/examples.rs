@@ -32,3 +32,12 @@ fn changelog_example_runs() {
     assert!(stdout.contains("customers equal their orders exactly"), "{stdout}");
     assert!(stdout.contains("== changelog OK"), "{stdout}");
 }
+
+#[test]
+fn exactly_once_example_runs() {
+    let stdout = run_example("exactly-once");
+    assert!(stdout.contains("aborted at its timeout"), "{stdout}");
+    assert!(stdout.contains("equal their committed payments exactly"), "{stdout}");
+    assert!(stdout.contains("none repeated, none missing"), "{stdout}");
+    assert!(stdout.contains("== exactly-once OK"), "{stdout}");
+}
