@@ -50,13 +50,14 @@ mkfifo "$data/pipe"
 crashed=$!
 exec 3>"$data/pipe"
 for i in $(seq 50); do printf 'acct-%02d\t{"payment":%d,"amount":100000}\n' $((i % 40)) $((100000 + i)) >&3; done
-for _ in $(seq 100); do q transaction describe crashed-writer 2>/dev/null | grep -q 'ongoing' && break; sleep 0.1; done
+# (Read whole, then matched: `grep -q` would stop reading early.)
+txn_state() { q transaction describe crashed-writer --format json 2>/dev/null | sed -n 's/.*"state": "\([^"]*\)".*/\1/p'; }
+for _ in $(seq 100); do [[ "$(txn_state)" == ongoing ]] && break; sleep 0.1; done
 kill -9 "$crashed"; wait "$crashed" 2>/dev/null || true
 exec 3>&-
-for _ in $(seq 100); do q transaction describe crashed-writer | grep -q 'complete-abort' && break; sleep 0.1; done
-q transaction describe crashed-writer | grep -q 'complete-abort' ||
-    { echo "the killed producer's transaction was not aborted" >&2; exit 1; }
-echo "== a producer killed in a transaction: aborted at its timeout ($(q transaction describe crashed-writer | grep state))"
+for _ in $(seq 100); do [[ "$(txn_state)" == complete-abort ]] && break; sleep 0.1; done
+[[ "$(txn_state)" == complete-abort ]] || { echo "the killed producer's transaction was not aborted" >&2; exit 1; }
+echo "== a producer killed in a transaction: aborted at its timeout (state $(txn_state))"
 
 # Truth: each account's committed payments (count, sum); every total the
 # transform may emit is the account's after one more of its payments.
