@@ -78,10 +78,37 @@ pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
 pub(crate) fn read_group_records(
     partition: &Partition,
 ) -> Result<BTreeMap<String, Vec<Record>>, quiver_log::ReadError> {
+    let mut groups: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+    for_each_record(partition, |record| {
+        let Some(key) = record.key.as_deref().and_then(|k| serde_json::from_slice::<StoredKey>(k).ok()) else {
+            tracing::warn!(partition = partition.id, offset = record.offset, "skipping a record with an unknown key");
+            return;
+        };
+        let value = match record.value.as_deref() {
+            None => None,
+            Some(v) => match serde_json::from_slice::<RecordValue>(v) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(partition = partition.id, offset = record.offset, error = %e, "skipping a record with an unknown value");
+                    return;
+                }
+            },
+        };
+        groups.entry(key.group).or_default().push(Record { key: key.key, value });
+    })?;
+    Ok(groups)
+}
+
+/// Every record of a coordinator's partition, from the log start, in log
+/// order: what loading its state replays. Control batches and batches that
+/// do not decode (logged) are skipped.
+pub(crate) fn for_each_record(
+    partition: &Partition,
+    mut f: impl FnMut(quiver_protocol::batch::Record),
+) -> Result<(), quiver_log::ReadError> {
     let log = &partition.log;
     let end = log.log_end_offset();
     let mut offset = log.log_start_offset();
-    let mut groups: BTreeMap<String, Vec<Record>> = BTreeMap::new();
     while offset < end {
         let bytes = log.read(offset, LOAD_READ_BYTES, end)?;
         if bytes.is_empty() {
@@ -90,6 +117,9 @@ pub(crate) fn read_group_records(
         for batch in Batches::new(bytes) {
             let Ok((header, batch)) = batch else { break };
             offset = offset.max(header.next_offset());
+            if header.is_control() {
+                continue;
+            }
             let Ok(records) = decode_records(&batch) else {
                 tracing::warn!(
                     partition = partition.id,
@@ -98,30 +128,10 @@ pub(crate) fn read_group_records(
                 );
                 continue;
             };
-            for record in records {
-                let Some(key) = record.key.as_deref().and_then(|k| serde_json::from_slice::<StoredKey>(k).ok()) else {
-                    tracing::warn!(
-                        partition = partition.id,
-                        offset = record.offset,
-                        "skipping a record with an unknown key"
-                    );
-                    continue;
-                };
-                let value = match record.value.as_deref() {
-                    None => None,
-                    Some(v) => match serde_json::from_slice::<RecordValue>(v) {
-                        Ok(v) => Some(v),
-                        Err(e) => {
-                            tracing::warn!(partition = partition.id, offset = record.offset, error = %e, "skipping a record with an unknown value");
-                            continue;
-                        }
-                    },
-                };
-                groups.entry(key.group).or_default().push(Record { key: key.key, value });
-            }
+            records.into_iter().for_each(&mut f);
         }
     }
-    Ok(groups)
+    Ok(())
 }
 
 #[cfg(test)]

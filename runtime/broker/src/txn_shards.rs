@@ -12,14 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
-use quiver_protocol::batch::{BatchBuilder, Batches, Compression, decode_records};
+use quiver_protocol::batch::{BatchBuilder, Compression};
 use quiver_transactions::{Coordinator, Transaction};
 
 use crate::errors::TxnOpError;
 use crate::partition::Partition;
-
-/// Bound on one read while loading a partition.
-const LOAD_READ_BYTES: usize = 4 * 1024 * 1024;
 
 /// The shards of the state topic's partitions this broker leads.
 #[derive(Default)]
@@ -67,44 +64,19 @@ pub(crate) fn read_transactions(
     partition: &Partition,
     coordinator: &mut Coordinator,
 ) -> Result<(), quiver_log::ReadError> {
-    let log = &partition.log;
-    let end = log.log_end_offset();
-    let mut offset = log.log_start_offset();
-    while offset < end {
-        let bytes = log.read(offset, LOAD_READ_BYTES, end)?;
-        if bytes.is_empty() {
-            break;
-        }
-        for batch in Batches::new(bytes) {
-            let Ok((header, batch)) = batch else { break };
-            offset = offset.max(header.next_offset());
-            if header.is_control() {
-                continue;
-            }
-            let Ok(records) = decode_records(&batch) else {
-                tracing::warn!(
-                    partition = partition.id,
-                    offset = header.base_offset,
-                    "skipping a batch that does not decode"
-                );
-                continue;
-            };
-            for record in records {
-                let Some(id) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
-                    tracing::warn!(partition = partition.id, offset = record.offset, "skipping a record without an id");
-                    continue;
-                };
-                match record.value.as_deref().map(Transaction::decode) {
-                    None => coordinator.remove(id),
-                    Some(Ok(t)) => coordinator.apply(t),
-                    Some(Err(e)) => {
-                        tracing::warn!(partition = partition.id, offset = record.offset, error = %e, "skipping a record")
-                    }
-                }
+    crate::group_shards::for_each_record(partition, |record| {
+        let Some(id) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
+            tracing::warn!(partition = partition.id, offset = record.offset, "skipping a record without an id");
+            return;
+        };
+        match record.value.as_deref().map(Transaction::decode) {
+            None => coordinator.remove(id),
+            Some(Ok(t)) => coordinator.apply(t),
+            Some(Err(e)) => {
+                tracing::warn!(partition = partition.id, offset = record.offset, error = %e, "skipping a record")
             }
         }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
