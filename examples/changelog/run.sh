@@ -67,8 +67,10 @@ q topic describe profiles | sed -n 1,5p
 
 # Orders per customer, summed by the stateful aggregate transform.
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
-aggregate=$(q plugin build "$root/plugins/aggregate" 2>>"$data/build.log" | head -n 1) ||
-    { cat "$data/build.log" >&2; exit 1; }
+# Its first line is the component's path (read whole: `| head` could cut the
+# command off with SIGPIPE under pipefail).
+aggregate=$(q plugin build "$root/plugins/aggregate" 2>>"$data/build.log") || { cat "$data/build.log" >&2; exit 1; }
+aggregate=${aggregate%%$'\n'*}
 q topic create orders -p 3 >/dev/null
 q topic create spend -p 3 -c cleanup.policy=compact >/dev/null
 q plugin deploy spend "$aggregate" --kind transform --input orders --output spend --param field=amount

@@ -20,8 +20,10 @@ on_failure() { q plugin describe balances 2>/dev/null; q plugin logs balances 2>
 source "$here/../node.sh"
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
-aggregate=$(q plugin build "$root/plugins/aggregate" 2>>"$data/build.log" | head -n 1) ||
-    { cat "$data/build.log" >&2; exit 1; }
+# Its first line is the component's path (read whole: `| head` could cut the
+# command off with SIGPIPE under pipefail).
+aggregate=$(q plugin build "$root/plugins/aggregate" 2>>"$data/build.log") || { cat "$data/build.log" >&2; exit 1; }
+aggregate=${aggregate%%$'\n'*}
 q topic create payments -p 3 >/dev/null
 q topic create balances -p 3 >/dev/null
 q plugin deploy balances "$aggregate" --kind transform --input payments --output balances \
