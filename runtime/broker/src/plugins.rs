@@ -29,8 +29,8 @@ use bytes::Bytes;
 use quiver_controller::Command;
 use quiver_plugin_host::{BUILTIN_PREFIX, CallError, Entry, Input, Instance, Kind, Plugin, SharedState, StateStore};
 use quiver_protocol::ErrorCode;
-use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record, decode_records};
-use quiver_protocol::control::{ReadCommitted, parse_marker};
+use quiver_protocol::batch::{self, BatchBuilder, Batches, Compression, Header, Record};
+use quiver_protocol::control::ReadCommitted;
 use quiver_protocol::messages::{
     Acks, PluginDeployRequest, PluginFetchResponse, PluginInfo, PluginListResponse, PluginLogLine,
     PluginPartitionProgress, ProducePartition, ProduceRequest,
@@ -513,13 +513,7 @@ impl Broker {
             if header.next_offset() <= step.cursor {
                 continue;
             }
-            let marker = match header.is_control() {
-                true => decode_records(&batch)
-                    .ok()
-                    .and_then(|r| r.first().and_then(|r| r.key.as_deref()).and_then(parse_marker)),
-                false => None,
-            };
-            if !committed.keep(&header, marker) {
+            if !committed.keep_batch(&header, &batch) {
                 step.cursor = header.next_offset();
                 continue;
             }

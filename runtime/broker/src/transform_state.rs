@@ -88,13 +88,7 @@ impl Rebuild {
             if header.next_offset() <= self.next {
                 continue;
             }
-            let marker = match header.is_control() {
-                true => batch::decode_records(&stored).ok().and_then(|r| {
-                    r.first().and_then(|r| r.key.as_deref()).and_then(quiver_protocol::control::parse_marker)
-                }),
-                false => None,
-            };
-            if committed.keep(&header, marker) {
+            if committed.keep_batch(&header, &stored) {
                 let (h, body) = batch::records_section(&stored).map_err(|e| e.to_string())?;
                 for r in batch::decode_section(&h, &body).map_err(|e| e.to_string())? {
                     if r.offset < self.next {

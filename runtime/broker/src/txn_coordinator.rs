@@ -379,7 +379,7 @@ impl Broker {
     ) -> Result<(), ProduceError> {
         let (_, partition) = self.partition(&marker.topic, marker.partition)?;
         let producer = marker.producer_id;
-        let open = partition.log.open_transactions().iter().any(|(p, _)| *p == producer);
+        let open = partition.log.open_transaction(producer).is_some();
         if !open && partition.log.producer_epoch(producer).is_some_and(|e| e >= marker.producer_epoch) {
             return Ok(());
         }

@@ -221,13 +221,7 @@ async fn read_keyed(cluster: &Cluster, topic: &str, partition: u32, isolation: I
     Batches::new(p.records.clone())
         .map(|b| b.unwrap())
         .filter(|(header, batch)| {
-            let marker = header
-                .is_control()
-                .then(|| {
-                    decode_records(batch).unwrap()[0].key.as_deref().and_then(quiver_protocol::control::parse_marker)
-                })
-                .flatten();
-            filter.keep(header, marker) || (isolation == Isolation::ReadUncommitted && !header.is_control())
+            filter.keep_batch(header, batch) || (isolation == Isolation::ReadUncommitted && !header.is_control())
         })
         .flat_map(|(_, b)| decode_records(&b).unwrap())
         .map(|r| {

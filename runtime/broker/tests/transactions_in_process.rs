@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use harness::Cluster;
 use quiver_protocol::batch::{BatchBuilder, Batches, Compression, decode_records};
-use quiver_protocol::control::{ReadCommitted, parse_marker};
+use quiver_protocol::control::ReadCommitted;
 use quiver_protocol::messages::*;
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -164,8 +164,7 @@ async fn read(cluster: &Cluster, partition: u32, isolation: Isolation) -> (Vec<S
     for batch in Batches::new(p.records.clone()) {
         let (header, bytes) = batch.unwrap();
         let records = decode_records(&bytes).unwrap();
-        let marker = header.is_control().then(|| parse_marker(records[0].key.as_deref().unwrap())).flatten();
-        let keep = filter.keep(&header, marker);
+        let keep = filter.keep_batch(&header, &bytes);
         if header.is_control() || (isolation == Isolation::ReadCommitted && !keep) {
             continue;
         }

@@ -326,7 +326,7 @@ impl Log {
         let mut stored = header;
         stored.base_offset = base_offset;
         stored.leader_epoch = leader_epoch;
-        let marker = if stored.is_control() { control_marker(batch) } else { None };
+        let marker = control_marker(&stored, batch);
         self.producers().record(&stored, marker);
         let mut state = self.write_state();
         let active = state.segments.last_mut().expect("active segment");
@@ -360,6 +360,11 @@ impl Log {
     /// transaction marker), if known.
     pub fn producer_epoch(&self, producer_id: i64) -> Option<i16> {
         self.producers().epoch_of(producer_id)
+    }
+
+    /// The first offset of `producer_id`'s open transaction here, if any.
+    pub fn open_transaction(&self, producer_id: i64) -> Option<i64> {
+        self.producers().txns().open_of(producer_id)
     }
 
     /// Open transactions: (producer id, first offset), oldest first.
@@ -939,7 +944,7 @@ fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: 
             true => {
                 let mut batch = vec![0; header.total_len()];
                 match file.file.read_exact_at(&mut batch, position) {
-                    Ok(()) => control_marker(&batch),
+                    Ok(()) => control_marker(header, &batch),
                     Err(e) => {
                         control_unread.get_or_insert(e);
                         None
@@ -970,10 +975,14 @@ fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: 
 }
 
 /// What the marker of a control batch says: `Some(true)` commit,
-/// `Some(false)` abort, `None` if it holds no marker this build knows.
-fn control_marker(batch: &[u8]) -> Option<bool> {
-    let records = batch::decode_records(&Bytes::copy_from_slice(batch)).ok()?;
-    let marker = quiver_protocol::control::parse_marker(records.first()?.key.as_deref()?)?;
+/// `Some(false)` abort, `None` for another batch or a marker this build
+/// does not know (copied only for a control batch: they are one small
+/// record).
+fn control_marker(header: &BatchHeader, batch: &[u8]) -> Option<bool> {
+    if !header.is_control() {
+        return None;
+    }
+    let marker = quiver_protocol::control::batch_marker(header, &Bytes::copy_from_slice(batch))?;
     Some(marker == quiver_protocol::control::Marker::Commit)
 }
 

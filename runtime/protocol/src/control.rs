@@ -51,6 +51,16 @@ pub fn parse_marker(mut key: &[u8]) -> Option<Marker> {
     }
 }
 
+/// The marker a control batch holds; `None` for any other batch, or a
+/// control batch without a marker this build knows.
+pub fn batch_marker(header: &crate::batch::BatchHeader, batch: &Bytes) -> Option<Marker> {
+    if !header.is_control() {
+        return None;
+    }
+    let records = crate::batch::decode_records(batch).ok()?;
+    parse_marker(records.first()?.key.as_deref()?)
+}
+
 /// What a read_committed reader does with the batches it reads, in offset
 /// order (Kafka's consumer algorithm): the data of aborted transactions
 /// and every control batch are dropped. `aborted` lists the (producer id,
@@ -86,6 +96,12 @@ impl ReadCommitted {
             return false;
         }
         !(header.is_transactional() && self.inside.contains(&header.producer_id))
+    }
+
+    /// [`ReadCommitted::keep`] for a whole stored batch (its marker read
+    /// from it when it is a control batch).
+    pub fn keep_batch(&mut self, header: &crate::batch::BatchHeader, batch: &Bytes) -> bool {
+        self.keep(header, batch_marker(header, batch))
     }
 }
 

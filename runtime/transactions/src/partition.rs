@@ -78,6 +78,11 @@ impl PartitionTxns {
         self.aborted.iter().filter(|a| a.first_offset < to && a.last_offset >= from).copied().collect()
     }
 
+    /// The first offset of `producer_id`'s open transaction, if it has one.
+    pub fn open_of(&self, producer_id: i64) -> Option<i64> {
+        self.open.get(&producer_id).copied()
+    }
+
     /// Open transactions: (producer id, first offset), oldest first.
     pub fn open(&self) -> Vec<(i64, i64)> {
         let mut open: Vec<_> = self.open.iter().map(|(p, f)| (*p, *f)).collect();

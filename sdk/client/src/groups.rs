@@ -231,19 +231,24 @@ pub(crate) async fn commit(
         group: group.to_owned(),
         member_id: member_id.to_owned(),
         member_epoch,
-        offsets: offsets
-            .into_iter()
-            .map(|(topic, partition, offset)| CommittedOffset {
-                topic,
-                partition,
-                offset,
-                metadata: String::new(),
-                committed_at_ms: 0,
-            })
-            .collect(),
+        offsets: to_commit(offsets),
     };
     client.group_call(group, &request).await?;
     Ok(())
+}
+
+/// (topic, partition, next offset to read) as offsets to commit.
+pub(crate) fn to_commit(offsets: impl IntoIterator<Item = (String, u32, i64)>) -> Vec<CommittedOffset> {
+    offsets
+        .into_iter()
+        .map(|(topic, partition, offset)| CommittedOffset {
+            topic,
+            partition,
+            offset,
+            metadata: String::new(),
+            committed_at_ms: 0,
+        })
+        .collect()
 }
 
 /// Partitions grouped by topic, as group requests carry them.

@@ -20,8 +20,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use quiver_protocol::messages::{
-    AbortTransactionRequest, AddPartitionsToTxnRequest, CommittedOffset, CoordinatorKind, DescribeTransactionRequest,
-    EndTxnRequest, InitProducerIdRequest, ListTransactionsRequest, TransactionInfo, TxnOffsetCommitRequest,
+    AbortTransactionRequest, AddPartitionsToTxnRequest, CoordinatorKind, DescribeTransactionRequest, EndTxnRequest,
+    InitProducerIdRequest, ListTransactionsRequest, TransactionInfo, TxnOffsetCommitRequest,
 };
 use quiver_protocol::{ErrorCode, WireError};
 
@@ -210,16 +210,7 @@ impl TransactionalProducer {
             group: group.clone(),
             member_id: member_id.clone(),
             member_epoch: *member_epoch,
-            offsets: offsets
-                .iter()
-                .map(|(topic, partition, offset)| CommittedOffset {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    offset: *offset,
-                    metadata: String::new(),
-                    committed_at_ms: 0,
-                })
-                .collect(),
+            offsets: crate::groups::to_commit(offsets.iter().cloned()),
         };
         let committed = self.client.group_call(group, &commit).await.map(drop).map_err(coordinator_error);
         committed.inspect_err(|e| self.failed_with(e))

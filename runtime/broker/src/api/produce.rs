@@ -251,13 +251,13 @@ impl Broker {
                 "control batches (transaction markers) are written by transaction coordinators only",
             ));
         }
-        match (&w.transactional_id, &partition) {
-            (None, _) if header.is_transactional() => {
+        match (w.transactional_id.is_some(), header.is_transactional()) {
+            (false, true) => {
                 return Err(ProduceError::TransactionalMismatch(
                     "a transactional batch needs the request's transactional id",
                 ));
             }
-            (Some(_), _) if !header.is_transactional() => {
+            (true, false) => {
                 return Err(ProduceError::TransactionalMismatch(
                     "a request with a transactional id carries transactional batches only",
                 ));

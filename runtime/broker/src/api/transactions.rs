@@ -4,6 +4,7 @@
 //! leader; listing, describing and an operator's abort. The coordinator's
 //! shell (shards, storing, markers, timeouts) is `txn_coordinator.rs`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use quiver_protocol::batch::BatchHeader;
@@ -168,40 +169,30 @@ impl Broker {
     /// partition is not led here, is left to `prepare` (Ok).
     pub(crate) async fn join_transactions(self: &Arc<Self>, writes: &[Write]) -> Vec<Result<(), ProduceError>> {
         let mut results: Vec<Result<(), ProduceError>> = writes.iter().map(|_| Ok(())).collect();
-        let mut wanted: Vec<(usize, BatchHeader)> = Vec::new();
+        // The writes to join, by producer: (transactional id, producer id,
+        // epoch) → their indices.
+        let mut joining: BTreeMap<(&str, i64, i16), Vec<usize>> = BTreeMap::new();
         for (i, w) in writes.iter().enumerate() {
-            let Some(_) = &w.transactional_id else { continue };
+            let Some(id) = &w.transactional_id else { continue };
             let Ok(header) = BatchHeader::parse(&w.records) else { continue };
             if !header.is_transactional() || header.is_control() {
                 continue;
             }
             let Ok((_, partition)) = self.partition(&w.topic, w.partition) else { continue };
-            let producer = header.producer_id;
-            let open = partition.log.open_transactions().iter().any(|(p, _)| *p == producer);
-            if !(open && partition.log.producer_epoch(producer) == Some(header.producer_epoch)) {
-                wanted.push((i, header));
+            let (producer, epoch) = (header.producer_id, header.producer_epoch);
+            let joined = partition.log.open_transaction(producer).is_some()
+                && partition.log.producer_epoch(producer) == Some(epoch);
+            if !joined {
+                joining.entry((id.as_str(), producer, epoch)).or_default().push(i);
             }
         }
-        let Some((first, header)) = wanted.first() else { return results };
-        let id = writes[*first].transactional_id.clone().expect("transactional");
-        // One producer per request: a batch of another producer or epoch
-        // is checked on its own.
-        let (together, alone): (Vec<_>, Vec<_>) = wanted.iter().partition(|(i, h)| {
-            writes[*i].transactional_id.as_deref() == Some(id.as_str())
-                && (h.producer_id, h.producer_epoch) == (header.producer_id, header.producer_epoch)
-        });
-        let mut groups = vec![together];
-        groups.extend(alone.into_iter().map(|one| vec![one]));
-        for group in groups {
-            let Some((i, header)) = group.first() else { continue };
-            let id = writes[*i].transactional_id.clone().expect("transactional");
-            let partitions: Vec<(String, u32)> =
-                group.iter().map(|(i, _)| (writes[*i].topic.clone(), writes[*i].partition)).collect();
-            if let Err(source) = self.join_anywhere(&id, header.producer_id, header.producer_epoch, partitions).await {
-                let source = std::sync::Arc::new(source);
-                for (i, _) in &group {
-                    let (topic, partition) = (writes[*i].topic.clone(), writes[*i].partition);
-                    results[*i] = Err(ProduceError::Transaction { topic, partition, source: source.clone() });
+        for ((id, producer, epoch), indices) in joining {
+            let partitions = indices.iter().map(|&i| (writes[i].topic.clone(), writes[i].partition)).collect();
+            if let Err(source) = self.join_anywhere(id, producer, epoch, partitions).await {
+                let source = Arc::new(source);
+                for i in indices {
+                    let (topic, partition) = (writes[i].topic.clone(), writes[i].partition);
+                    results[i] = Err(ProduceError::Transaction { topic, partition, source: source.clone() });
                 }
             }
         }
@@ -281,7 +272,7 @@ impl Broker {
         R: FnOnce(u32, String) -> RF,
         RF: std::future::Future<Output = Result<T, quiver_protocol::WireError>>,
     {
-        validate_transactional_id(id)?;
+        // (`find_txn_coordinator` checks the id.)
         let coordinates = self.find_txn_coordinator(id).await?;
         let me = self.config.node_id;
         match coordinates.leader {
