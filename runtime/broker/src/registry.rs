@@ -21,7 +21,9 @@ use crate::topic::TopicConfig;
 
 pub(crate) const REGISTRY_FILE: &str = "registry.json";
 
-/// What a transform promises about its outputs.
+/// What a transform promises about its outputs. New deployments are
+/// exactly-once unless they ask otherwise; a stored deployment without one
+/// (from before transactions) stays at-least-once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Guarantee {
@@ -37,8 +39,8 @@ pub enum Guarantee {
 impl Guarantee {
     pub(crate) fn parse(s: &str) -> Result<Self, String> {
         match s {
-            "" | "at-least-once" => Ok(Guarantee::AtLeastOnce),
-            "exactly-once" => Ok(Guarantee::ExactlyOnce),
+            "at-least-once" => Ok(Guarantee::AtLeastOnce),
+            "" | "exactly-once" => Ok(Guarantee::ExactlyOnce),
             other => Err(format!("--guarantee '{other}': expected at-least-once or exactly-once")),
         }
     }

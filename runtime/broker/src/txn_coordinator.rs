@@ -40,6 +40,9 @@ use crate::txn_shards::{TxnShard, encode_changes, read_transactions, validate_tr
 const LEADERSHIP_TICK: Duration = Duration::from_millis(200);
 /// How often timeouts, half-done ends and expired ids are looked at.
 const EXPIRY_TICK_MS: u64 = 1_000;
+/// How long an id's next request waits for its previous end's markers
+/// before going on (and meeting `concurrent_transactions`, retriable).
+const FINISH_WAIT: Duration = Duration::from_secs(10);
 
 /// What a decision stores and answers.
 pub(crate) struct Decided<T> {
@@ -100,6 +103,7 @@ impl Broker {
                 epoch,
                 coordinator: tokio::sync::Mutex::new(None),
                 stale: AtomicBool::new(false),
+                finishing: std::sync::Mutex::default(),
             });
             shards.insert(id, shard.clone());
             tokio::spawn(self.clone().load_txn_shard(shard));
@@ -282,6 +286,38 @@ impl Broker {
         }
     }
 
+    /// Finishes a decided end in the background (its producer was answered
+    /// once `Prepare*` was stored, as Kafka's coordinator answers): the
+    /// id's next add, end or init waits for it ([`Broker::await_finishing`]),
+    /// so the next transaction's data never precedes a marker of this one.
+    pub(crate) fn finish_in_background(self: &Arc<Self>, markers: Markers, coordinator_epoch: i32) {
+        let Ok(shard) = self.txn_shard_of(&markers.transactional_id) else { return };
+        let (done, waiting) = tokio::sync::watch::channel(false);
+        let id = markers.transactional_id.clone();
+        shard.finishing.lock().expect("finishing ends").insert(id.clone(), waiting.clone());
+        let broker = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = broker.finish_transaction(&markers, coordinator_epoch).await {
+                // Left `Prepare*`: the expiry loop tries again.
+                tracing::info!(id, error = %e, "finishing a transaction: will retry");
+            }
+            let mut finishing = shard.finishing.lock().expect("finishing ends");
+            if finishing.get(&id).is_some_and(|w| w.same_channel(&waiting)) {
+                finishing.remove(&id);
+            }
+            drop(finishing);
+            let _ = done.send(true);
+        });
+    }
+
+    /// Waits (at most `FINISH_WAIT`) for the end of `id` being finished in
+    /// the background, if there is one.
+    pub(crate) async fn await_finishing(&self, id: &str) {
+        let Some(mut finishing) = self.txn_shard_of(id).ok().and_then(|shard| shard.finishing(id)) else { return };
+        // Gone (the task ended) counts as done.
+        let _ = tokio::time::timeout(FINISH_WAIT, finishing.wait_for(|done| *done)).await;
+    }
+
     /// Writes `markers` to every partition in them, and ends the
     /// transaction in every group whose offsets it committed: here, or at
     /// the partitions' leaders and the groups' coordinators. A partition
@@ -425,6 +461,9 @@ impl Broker {
                 }
             }
             for markers in pending {
+                if shard.finishing(&markers.transactional_id).is_some() {
+                    continue;
+                }
                 if let Err(e) = self.finish_transaction(&markers, shard.epoch).await {
                     tracing::debug!(id = markers.transactional_id, error = %e, "finishing a transaction: will retry");
                 }

@@ -39,6 +39,16 @@ pub(crate) struct TxnShard {
     pub(crate) coordinator: tokio::sync::Mutex<Option<Coordinator>>,
     /// A write failed or the load did: memory may not match the log.
     pub(crate) stale: AtomicBool,
+    /// Ends answered once `Prepare*` was stored whose markers are still
+    /// being written, by id: set to true when done (or given up on).
+    pub(crate) finishing: std::sync::Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
+}
+
+impl TxnShard {
+    /// Until `id`'s end being finished, if any, is done.
+    pub(crate) fn finishing(&self, id: &str) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.finishing.lock().expect("finishing ends").get(id).cloned()
+    }
 }
 
 pub(crate) fn validate_transactional_id(id: &str) -> Result<(), TxnOpError> {

@@ -239,7 +239,7 @@ async fn read_keyed(cluster: &Cluster, topic: &str, partition: u32, isolation: I
 /// counted twice, in the outputs or in the changelog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateful_transform_redoes_a_failed_step_from_its_changelog() {
-    let (cluster, inputs) = totals_with_a_lost_answer("").await;
+    let (cluster, inputs) = totals_with_a_lost_answer("at-least-once").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let repeated = loop {
         let mut outputs = Vec::new();

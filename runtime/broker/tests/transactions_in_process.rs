@@ -114,6 +114,21 @@ async fn end(
     at_leader(cluster, TRANSACTION_STATE_TOPIC, p, &request).await.map(|r| (r.producer_id, r.producer_epoch))
 }
 
+/// Waits until `id`'s last end is complete: `EndTxn` is answered once the
+/// decision is stored, the markers follow.
+async fn settled(cluster: &Cluster, id: &str) -> String {
+    let p = coordinator_partition(cluster, id).await;
+    let request = DescribeTransactionRequest { transactional_id: id.into() };
+    for _ in 0..400 {
+        let state = at_leader(cluster, TRANSACTION_STATE_TOPIC, p, &request).await.unwrap().transaction.state;
+        if !state.starts_with("prepare") {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("'{id}' never completed");
+}
+
 /// Writes `values` to `partition` in the producer's transaction (sequence
 /// `sequence`), at the partition's leader: the partition's error, if any.
 async fn write(
@@ -201,6 +216,7 @@ async fn commits_are_seen_whole_aborts_never_and_new_instances_fence_old_ones() 
 
     let second = end(&cluster, id, first, true).await.unwrap();
     assert_eq!(second, (first.0, 1), "the end bumps the epoch");
+    assert_eq!(settled(&cluster, id).await, "complete-commit");
     for p in 0..PARTITIONS {
         let (seen, lso) = read(&cluster, p, Isolation::ReadCommitted).await;
         assert_eq!(seen, strings(&[&format!("c{p}a"), &format!("c{p}b")]));
@@ -216,6 +232,7 @@ async fn commits_are_seen_whole_aborts_never_and_new_instances_fence_old_ones() 
     write(&cluster, id, second, 1, 0, &["aborted"]).await.unwrap();
     let third = end(&cluster, id, second, false).await.unwrap();
     assert_eq!(third, (first.0, 2));
+    settled(&cluster, id).await;
     assert_eq!(read(&cluster, 1, Isolation::ReadCommitted).await.0, strings(&["c1a", "c1b"]));
     assert_eq!(read(&cluster, 1, Isolation::ReadUncommitted).await.0, strings(&["c1a", "c1b", "aborted"]));
 
@@ -228,7 +245,15 @@ async fn commits_are_seen_whole_aborts_never_and_new_instances_fence_old_ones() 
     assert_eq!(end(&cluster, id, third, true).await.unwrap_err().code, ErrorCode::ProducerFenced);
     assert_eq!(read(&cluster, 2, Isolation::ReadCommitted).await.0, strings(&["c2a", "c2b"]));
     write(&cluster, id, newer, 2, 0, &["new"]).await.unwrap();
-    end(&cluster, id, newer, true).await.unwrap();
+    let next = end(&cluster, id, newer, true).await.unwrap();
+    // The next transaction's first write waits for the markers of this one:
+    // in the log, the commit marker comes first.
+    write(&cluster, id, next, 2, 0, &["next"]).await.unwrap();
+    let (uncommitted, lso) = read(&cluster, 2, Isolation::ReadUncommitted).await;
+    assert_eq!(uncommitted, strings(&["c2a", "c2b", "zombie", "new", "next"]));
+    assert_eq!(lso, 7, "c2a c2b, commit, zombie, abort, new, commit | next (open)");
+    end(&cluster, id, next, false).await.unwrap();
+    settled(&cluster, id).await;
     assert_eq!(read(&cluster, 2, Isolation::ReadCommitted).await.0, strings(&["c2a", "c2b", "new"]));
 
     // Describe and list at the coordinator.
@@ -238,7 +263,7 @@ async fn commits_are_seen_whole_aborts_never_and_new_instances_fence_old_ones() 
             .await
             .unwrap()
             .transaction;
-    assert_eq!(described.state, "complete-commit");
+    assert_eq!(described.state, "complete-abort");
     assert_eq!(described.producer_id, first.0);
     cluster.stop().await;
 }
@@ -302,6 +327,7 @@ async fn a_new_coordinator_finishes_what_a_cut_off_one_began() {
     let ended = retry(|| cluster.call(new, &request)).await.unwrap();
     assert_eq!((ended.producer_id, ended.producer_epoch), (producer.0, producer.1 + 1));
     cluster.cut(old, false);
+    settled(&cluster, id).await;
     for q in 0..PARTITIONS {
         let seen = retry(|| async {
             let (node, _) = cluster.leader(via, TOPIC, q).ok_or(WireError::new(ErrorCode::NotLeader, ""))?;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use quiver_protocol::batch::{self, BatchBuilder, BatchHeader};
+use quiver_transactions::partition::AbortedTxn;
 use tracing::{info, warn};
 
 use crate::Log;
@@ -181,7 +182,7 @@ fn invalid(offset: i64, e: impl std::fmt::Display) -> io::Error {
 /// Whether a batch is data of an aborted transaction: the cleaner drops it
 /// (its abort marker stays, so replicas and readers still see the
 /// transaction end).
-fn in_aborted(aborted: &[quiver_transactions::partition::AbortedTxn], header: &BatchHeader) -> bool {
+fn in_aborted(aborted: &[AbortedTxn], header: &BatchHeader) -> bool {
     header.is_transactional()
         && !header.is_control()
         && aborted.iter().any(|a| {
@@ -198,6 +199,8 @@ struct Copier<'a> {
     now_ms: i64,
     delete_retention_ms: i64,
     producers: &'a Producers,
+    /// Every abort the log's segments index.
+    aborted: &'a [AbortedTxn],
 }
 
 impl Copier<'_> {
@@ -221,7 +224,7 @@ impl Copier<'_> {
         // or headers: most batches of a changelog stay whole or go whole.
         let (_, body) = batch::records_section(&bytes).map_err(|e| invalid(header.base_offset, e))?;
         let horizon_passed = header.delete_horizon().is_some_and(|h| self.now_ms >= h);
-        let aborted = in_aborted(self.producers.txns().aborted(), header);
+        let aborted = in_aborted(self.aborted, header);
         let mut keep = Vec::with_capacity(header.record_count.clamp(0, 1 << 16) as usize);
         let (mut tombstone_kept, mut tombstones_dropped) = (false, 0u64);
         batch::for_each_key(&body, |delta, key, tombstone| {
@@ -376,7 +379,7 @@ impl Log {
         let mut full = false;
         // Below the bound (the last stable offset) every transaction is
         // decided.
-        let aborted = self.producers().txns().aborted().to_vec();
+        let aborted: Vec<AbortedTxn> = self.read_state().segments.iter().flat_map(|s| s.aborted.clone()).collect();
         for (span, file) in spans.iter().zip(&files) {
             if span.next_offset <= plan.first_dirty_offset {
                 continue;
@@ -432,6 +435,7 @@ impl Log {
             now_ms,
             delete_retention_ms: i64::try_from(compaction_config.delete_retention_ms).unwrap_or(i64::MAX),
             producers: &producers,
+            aborted: &aborted,
         };
         // Positions in a segment are u32, as for appends.
         let group_bytes_max = config.segment_bytes_max.min(u64::from(u32::MAX));
@@ -499,6 +503,13 @@ impl Log {
         writer.flush()?;
         drop(writer);
         file.file.sync_all()?;
+        // The aborts indexed by the group's segments, markers being kept.
+        // (An abort whose data is gone now is harmless to list.)
+        segment.aborted = {
+            let state = self.read_state();
+            let inputs = state.segments.iter().filter(|s| (base..end).contains(&s.base_offset()));
+            inputs.flat_map(|s| s.aborted.clone()).collect()
+        };
         segment.next_offset = end;
         segment.time_index = segment.sealed_time_index();
         report.segments_written += 1;

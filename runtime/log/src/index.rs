@@ -5,11 +5,61 @@
 //! Offsets in both indexes are relative to the segment's base offset (u32),
 //! positions are byte positions in the segment's `.log` file (u32), all
 //! big-endian, so an entry is 8 (offset index) or 12 (time index) bytes.
+//!
+//! A third, `.txnindex`, lists the transactions aborted by a marker in the
+//! segment, in marker order (Kafka's aborted-transaction index): producer
+//! id, first offset, marker offset, the LSO after the marker — four i64,
+//! 32 bytes an entry.
+
+use quiver_transactions::partition::AbortedTxn;
 
 /// Bytes per `.index` entry: u32 relative offset + u32 file position.
 pub(crate) const OFFSET_ENTRY_LEN: usize = 8;
 /// Bytes per `.timeindex` entry: i64 timestamp + u32 relative offset.
 pub(crate) const TIME_ENTRY_LEN: usize = 12;
+/// Bytes per `.txnindex` entry.
+pub(crate) const TXN_ENTRY_LEN: usize = 32;
+
+/// A segment's aborted transactions as a `.txnindex` file.
+pub(crate) fn encode_aborts(aborts: &[AbortedTxn]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(aborts.len() * TXN_ENTRY_LEN);
+    for a in aborts {
+        for field in [a.producer_id, a.first_offset, a.last_offset, a.last_stable_offset] {
+            out.extend_from_slice(&field.to_be_bytes());
+        }
+    }
+    out
+}
+
+/// Decodes the `.txnindex` of the segment holding offsets `base..next`: any
+/// inconsistency (a marker outside the segment or out of order, a first
+/// offset after its marker) is an error, so a torn or stale file is rebuilt.
+pub(crate) fn decode_aborts(bytes: &[u8], base: i64, next: i64) -> Result<Vec<AbortedTxn>, String> {
+    if !bytes.len().is_multiple_of(TXN_ENTRY_LEN) {
+        return Err(format!("size {} is not a multiple of {TXN_ENTRY_LEN}", bytes.len()));
+    }
+    let mut aborts: Vec<AbortedTxn> = Vec::with_capacity(bytes.len() / TXN_ENTRY_LEN);
+    for chunk in bytes.chunks_exact(TXN_ENTRY_LEN) {
+        let field = |i: usize| i64::from_be_bytes(chunk[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let a = AbortedTxn {
+            producer_id: field(0),
+            first_offset: field(1),
+            last_offset: field(2),
+            last_stable_offset: field(3),
+        };
+        if !(base..next).contains(&a.last_offset) {
+            return Err(format!("marker offset {} outside the segment's {base}..{next}", a.last_offset));
+        }
+        if a.first_offset > a.last_offset || a.last_stable_offset > a.last_offset + 1 {
+            return Err(format!("entry {a:?} is not an abort"));
+        }
+        if aborts.last().is_some_and(|last| last.last_offset >= a.last_offset) {
+            return Err(format!("marker offset {} does not follow the previous one", a.last_offset));
+        }
+        aborts.push(a);
+    }
+    Ok(aborts)
+}
 
 /// Maps the relative base offset of some batches to their file position.
 /// Every entry points at the start of a batch; positions and offsets both
@@ -152,6 +202,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn damaged_txn_indexes_are_refused() {
+        let a = AbortedTxn { producer_id: 7, first_offset: 2, last_offset: 12, last_stable_offset: 5 };
+        let bytes = encode_aborts(&[a]);
+        assert!(decode_aborts(&bytes[..31], 10, 20).is_err(), "torn");
+        assert!(decode_aborts(&bytes, 13, 20).is_err(), "the marker before the segment");
+        assert!(decode_aborts(&bytes, 0, 12).is_err(), "the marker after the segment");
+        assert!(decode_aborts(&encode_aborts(&[a, a]), 10, 20).is_err(), "not in marker order");
+        let inverted = AbortedTxn { first_offset: 13, ..a };
+        assert!(decode_aborts(&encode_aborts(&[inverted]), 10, 20).is_err(), "data after its marker");
+    }
+
+    #[test]
     fn offset_lookup_finds_floor_entry() {
         let mut index = OffsetIndex::default();
         assert_eq!(index.lookup(5), 0);
@@ -192,6 +254,12 @@ mod tests {
         times.push(-5, 0);
         times.push(1_700_000_000_000, 9);
         assert_eq!(TimeIndex::decode(&times.encode(), 10, 6000).unwrap(), times);
+        let aborts = [
+            AbortedTxn { producer_id: 7, first_offset: 2, last_offset: 12, last_stable_offset: 5 },
+            AbortedTxn { producer_id: 8, first_offset: 14, last_offset: 15, last_stable_offset: 16 },
+        ];
+        assert_eq!(decode_aborts(&encode_aborts(&aborts), 10, 20).unwrap(), aborts);
+        assert_eq!(decode_aborts(&[], 10, 20).unwrap(), []);
     }
 
     #[test]

@@ -29,8 +29,8 @@ use tracing::{debug, info, warn};
 use crate::clean::CleanerCheckpoint;
 use crate::producers::{Check, Producers};
 use crate::segment::{
-    self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, PRODUCERS_EXT, Segment, SegmentFile, TIME_INDEX_EXT, TMP_SUFFIX,
-    read_header_at,
+    self, DELETED_SUFFIX, INDEX_EXT, LOG_EXT, PRODUCERS_EXT, ScanOutcome, Segment, SegmentFile, TIME_INDEX_EXT,
+    TMP_SUFFIX, TXN_INDEX_EXT, read_header_at,
 };
 use crate::{AppendError, AppendInfo, LogConfig, OpenError, ReadError, RetentionReport};
 pub use quiver_transactions::partition::AbortedTxn;
@@ -177,7 +177,15 @@ impl Log {
             let path = dir.join(segment::file_name(base, LOG_EXT));
             let file = SegmentFile::open(dir, base, false).map_err(io_err(&path))?;
             let segment = match bases.get(i + 1) {
-                Some(&next) => Segment::load_sealed(file, next, config.index_interval_bytes),
+                Some(&next) => Segment::load_sealed(file.clone(), next).and_then(|loaded| match loaded {
+                    Ok(segment) => Ok(segment),
+                    Err(reason) => Segment::rebuild_sealed(file, next, &reason, |file, len| {
+                        // Its transactions as of its base: the aborts it
+                        // holds get their first offsets right.
+                        let mut producers = Producers::load(&file.path(PRODUCERS_EXT));
+                        replay(file, len, config.index_interval_bytes, &mut producers)
+                    }),
+                }),
                 None => recover_active(file, config.index_interval_bytes, &mut producers),
             }
             .map_err(io_err(&path))?;
@@ -327,11 +335,12 @@ impl Log {
         stored.base_offset = base_offset;
         stored.leader_epoch = leader_epoch;
         let marker = control_marker(&stored, batch);
-        self.producers().record(&stored, marker);
+        let aborted = self.producers().record(&stored, marker);
         let mut state = self.write_state();
         let active = state.segments.last_mut().expect("active segment");
         assert!(Arc::ptr_eq(&active.file, &file), "only appends change the active segment");
         active.record_batch(&stored, position, config.index_interval_bytes);
+        active.aborted.extend(aborted);
         Ok(Appended::New(AppendInfo {
             base_offset,
             last_offset: stored.last_offset(),
@@ -351,9 +360,13 @@ impl Log {
     }
 
     /// The aborted transactions with data in `from..to`, for a
-    /// read_committed read of that range.
+    /// read_committed read of that range: from the segments' aborted
+    /// transaction indexes, starting with the segment that holds `from` (an
+    /// abort's marker is never before its data).
     pub fn aborted_transactions(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
-        self.producers().txns().aborted_overlapping(from, to)
+        let state = self.read_state();
+        let segments = state.segments.iter().filter(|s| s.next_offset > from);
+        quiver_transactions::partition::aborted_overlapping(segments.flat_map(|s| &s.aborted), from, to)
     }
 
     /// The newest epoch of a producer this log has seen (its batches or a
@@ -675,7 +688,6 @@ impl Log {
             }
             (removed, state.log_start())
         };
-        self.producers().trim(log_start_offset);
 
         let mut first_error = None;
         for segment in &removed {
@@ -934,6 +946,32 @@ fn first_damaged_sealed(dir: &Path, bases: &[i64], recovery_point: Option<i64>) 
 /// Replays its batches into `producers` (the state as of its base offset).
 fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: &mut Producers) -> io::Result<Segment> {
     let len = file.file.metadata()?.len();
+    let (segment, outcome) = replay(&file, len, index_interval_bytes, producers)?;
+    if let Some(reason) = outcome.problem {
+        warn!(
+            file = %file.path(LOG_EXT).display(),
+            position = outcome.valid_len,
+            truncated_bytes = len - outcome.valid_len,
+            %reason,
+            "truncating the torn or corrupt tail of the active segment"
+        );
+        file.file.set_len(outcome.valid_len)?;
+        file.file.sync_all()?;
+    }
+    // Every batch in it was checked, and appends only add checked ones.
+    file.mark_checked(u64::MAX);
+    Ok(segment)
+}
+
+/// Scans the first `len` bytes of a segment up to its first torn or corrupt
+/// batch, recording each batch (its bookkeeping, and in `producers` its
+/// producer's state and the transaction it opens or ends).
+fn replay(
+    file: &Arc<SegmentFile>,
+    len: u64,
+    index_interval_bytes: u32,
+    producers: &mut Producers,
+) -> io::Result<(Segment, ScanOutcome)> {
     let mut segment = Segment::empty(file.clone());
     let mut control_unread = None;
     let outcome = segment::scan(&file.file, len, file.base_offset, |header, position| {
@@ -952,26 +990,13 @@ fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: 
                 }
             }
         };
-        producers.record(header, marker);
+        segment.aborted.extend(producers.record(header, marker));
         segment.record_batch(header, position, index_interval_bytes)
     })?;
-    if let Some(e) = control_unread {
-        return Err(e);
+    match control_unread {
+        Some(e) => Err(e),
+        None => Ok((segment, outcome)),
     }
-    if let Some(reason) = outcome.problem {
-        warn!(
-            file = %file.path(LOG_EXT).display(),
-            position = outcome.valid_len,
-            truncated_bytes = len - outcome.valid_len,
-            %reason,
-            "truncating the torn or corrupt tail of the active segment"
-        );
-        file.file.set_len(outcome.valid_len)?;
-        file.file.sync_all()?;
-    }
-    // Every batch in it was checked, and appends only add checked ones.
-    file.mark_checked(u64::MAX);
-    Ok(segment)
 }
 
 /// What the marker of a control batch says: `Some(true)` commit,
@@ -1012,7 +1037,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<i64>> {
             .and_then(|(stem, ext)| Some((stem.parse::<i64>().ok()?, ext)));
         match parsed {
             Some((base, LOG_EXT)) => bases.push(base),
-            Some((base, INDEX_EXT | TIME_INDEX_EXT | PRODUCERS_EXT)) => index_files.push((base, path)),
+            Some((base, INDEX_EXT | TIME_INDEX_EXT | TXN_INDEX_EXT | PRODUCERS_EXT)) => index_files.push((base, path)),
             _ => debug!(file = %path.display(), "ignoring unknown file in log directory"),
         }
     }
@@ -1033,13 +1058,13 @@ pub(crate) fn delete_segment_files(file: &SegmentFile) -> io::Result<()> {
     let mut deleted = log_path.as_os_str().to_owned();
     deleted.push(DELETED_SUFFIX);
     fs::rename(&log_path, &deleted)?;
-    remove_files(file, &[INDEX_EXT, TIME_INDEX_EXT, PRODUCERS_EXT])?;
+    remove_files(file, &[INDEX_EXT, TIME_INDEX_EXT, TXN_INDEX_EXT, PRODUCERS_EXT])?;
     fs::remove_file(deleted)
 }
 
 /// Removes a segment's index files, if it has any.
 fn remove_index_files(file: &SegmentFile) -> io::Result<()> {
-    remove_files(file, &[INDEX_EXT, TIME_INDEX_EXT])
+    remove_files(file, &[INDEX_EXT, TIME_INDEX_EXT, TXN_INDEX_EXT])
 }
 
 fn remove_files(file: &SegmentFile, extensions: &[&str]) -> io::Result<()> {

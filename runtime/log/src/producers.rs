@@ -11,8 +11,9 @@
 //! recovery does anyway.
 //!
 //! The same replay keeps the partition's side of transactions
-//! ([`PartitionTxns`]: each producer's open transaction, the aborted ones,
-//! the last stable offset), snapshotted with the sequences.
+//! ([`PartitionTxns`]: each producer's open transaction and the last stable
+//! offset), snapshotted with the sequences; [`Producers::record`] hands the
+//! aborts it sees to the log, which indexes them per segment.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
@@ -20,7 +21,7 @@ use std::io;
 use std::path::Path;
 
 use quiver_protocol::batch::{BatchHeader, NO_PRODUCER_ID};
-use quiver_transactions::partition::{AbortedTxn, PartitionTxns};
+use quiver_transactions::partition::{AbortedTxn, Ended, PartitionTxns};
 
 use crate::AppendInfo;
 
@@ -33,9 +34,12 @@ pub const BATCHES_KEPT: usize = 16;
 /// `transactional.id.expiration.ms` default.
 pub const PRODUCER_EXPIRY_MS: i64 = 7 * 24 * 3600 * 1000;
 
-/// Snapshots with transactions; `QPS1` ones (sequences only, from before
-/// transactions) are still read.
-const SNAPSHOT_MAGIC: &[u8; 4] = b"QPS2";
+/// Snapshots with open transactions. Older ones are still read: `QPS1`
+/// (sequences only, from before transactions) and `QPS2` (which also listed
+/// the aborted transactions, now in each segment's `.txnindex`: read and
+/// dropped).
+const SNAPSHOT_MAGIC: &[u8; 4] = b"QPS3";
+const SNAPSHOT_MAGIC_V2: &[u8; 4] = b"QPS2";
 const SNAPSHOT_MAGIC_V1: &[u8; 4] = b"QPS1";
 
 /// One remembered batch.
@@ -158,18 +162,23 @@ impl Producers {
 
     /// Remembers a batch as stored (real offsets), leader or follower alike.
     /// `marker` is what a control batch holds: `Some(true)` a commit,
-    /// `Some(false)` an abort.
-    pub fn record(&mut self, stored: &BatchHeader, marker: Option<bool>) {
+    /// `Some(false)` an abort. Returns the transaction the batch aborted, if
+    /// it did: the log indexes it with the segment.
+    pub fn record(&mut self, stored: &BatchHeader, marker: Option<bool>) -> Option<AbortedTxn> {
         if stored.producer_id == NO_PRODUCER_ID {
-            return;
+            return None;
         }
-        self.txns.on_batch(
+        let ended = self.txns.on_batch(
             stored.producer_id,
             stored.base_offset,
             stored.last_offset(),
             stored.is_transactional(),
             marker,
         );
+        let aborted = match ended {
+            Some(Ended::Aborted(a)) => Some(a),
+            _ => None,
+        };
         let entry = self
             .map
             .entry(stored.producer_id)
@@ -181,7 +190,7 @@ impl Producers {
         // A marker fences the epochs below its own (its transaction's
         // producer moves on to it) but is no sequence of the producer's.
         if stored.is_control() {
-            return;
+            return aborted;
         }
         if entry.batches.len() == BATCHES_KEPT {
             entry.batches.pop_front();
@@ -193,6 +202,7 @@ impl Producers {
             last_offset: stored.last_offset(),
             max_timestamp: stored.max_timestamp,
         });
+        aborted
     }
 
     /// Forgets producers whose last batch is more than [`PRODUCER_EXPIRY_MS`]
@@ -206,11 +216,6 @@ impl Producers {
     /// The partition's transactions.
     pub fn txns(&self) -> &PartitionTxns {
         &self.txns
-    }
-
-    /// Forgets aborted transactions wholly below `log_start`.
-    pub fn trim(&mut self, log_start: i64) {
-        self.txns.trim(log_start);
     }
 
     /// How many producers are known.
@@ -266,13 +271,6 @@ impl Producers {
             out.extend_from_slice(&producer_id.to_be_bytes());
             out.extend_from_slice(&first_offset.to_be_bytes());
         }
-        let aborted = self.txns.aborted();
-        out.extend_from_slice(&(aborted.len() as u32).to_be_bytes());
-        for a in aborted {
-            out.extend_from_slice(&a.producer_id.to_be_bytes());
-            out.extend_from_slice(&a.first_offset.to_be_bytes());
-            out.extend_from_slice(&a.last_offset.to_be_bytes());
-        }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_be_bytes());
         out
@@ -282,8 +280,8 @@ impl Producers {
     /// not a snapshot.
     pub fn decode(bytes: &[u8]) -> Option<Producers> {
         let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-        let v1 = body.starts_with(SNAPSHOT_MAGIC_V1);
-        if crc32c::crc32c(body).to_be_bytes() != crc || !(v1 || body.starts_with(SNAPSHOT_MAGIC)) {
+        let (v1, v2) = (body.starts_with(SNAPSHOT_MAGIC_V1), body.starts_with(SNAPSHOT_MAGIC_V2));
+        if crc32c::crc32c(body).to_be_bytes() != crc || !(v1 || v2 || body.starts_with(SNAPSHOT_MAGIC)) {
             return None;
         }
         let mut r = Reader(&body[SNAPSHOT_MAGIC.len()..]);
@@ -312,13 +310,14 @@ impl Producers {
                 let (producer_id, first_offset) = (r.i64()?, r.i64()?);
                 txns.on_batch(producer_id, first_offset, first_offset, true, None);
             }
-            let aborted = r.u32()?;
-            for _ in 0..aborted {
-                txns.restore_aborted(AbortedTxn {
-                    producer_id: r.i64()?,
-                    first_offset: r.i64()?,
-                    last_offset: r.i64()?,
-                });
+        }
+        if v2 {
+            // The aborted transactions, indexed by the segments now (a
+            // sealed segment without a `.txnindex` rebuilds it from its
+            // own snapshot).
+            // Three i64 each: producer id, first and last offset.
+            for _ in 0..3 * u64::from(r.u32()?) {
+                r.i64()?;
             }
         }
         r.0.is_empty().then_some(Producers { map, txns })

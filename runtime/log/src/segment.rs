@@ -13,11 +13,15 @@ use bytes::Bytes;
 use quiver_protocol::batch::{self, BATCH_HEADER_LEN, BatchHeader};
 use tracing::warn;
 
-use crate::index::{OffsetIndex, TimeIndex};
+use quiver_transactions::partition::AbortedTxn;
+
+use crate::index::{self, OffsetIndex, TimeIndex};
 
 pub(crate) const LOG_EXT: &str = "log";
 pub(crate) const INDEX_EXT: &str = "index";
 pub(crate) const TIME_INDEX_EXT: &str = "timeindex";
+/// The transactions aborted by a marker in the segment (see `index`).
+pub(crate) const TXN_INDEX_EXT: &str = "txnindex";
 /// The producer state as of the segment's base offset (see `producers`).
 pub(crate) const PRODUCERS_EXT: &str = "producers";
 /// Suffix of a segment being deleted: renamed first, so a crash in the
@@ -99,6 +103,9 @@ pub(crate) struct Segment {
     pub(crate) max_timestamp: i64,
     /// The first batch's max timestamp, for rolling by age.
     pub(crate) first_batch_timestamp: Option<i64>,
+    /// The transactions aborted by a marker in this segment, in marker
+    /// order (`.txnindex`).
+    pub(crate) aborted: Vec<AbortedTxn>,
     last_batch_base_offset: i64,
     bytes_since_index: u64,
 }
@@ -114,6 +121,7 @@ impl Segment {
             time_index: TimeIndex::default(),
             max_timestamp: i64::MIN,
             first_batch_timestamp: None,
+            aborted: Vec::new(),
             last_batch_base_offset: base_offset,
             bytes_since_index: 0,
         }
@@ -173,23 +181,20 @@ impl Segment {
         index
     }
 
-    /// Writes `.index` and `.timeindex`, each to a temporary file renamed
-    /// into place, so that a crash leaves no file or a complete one. With
-    /// `sync`, each is fsynced before its rename.
+    /// Writes `.index`, `.timeindex` and `.txnindex`, each to a temporary
+    /// file renamed into place, so that a crash leaves no file or a
+    /// complete one. With `sync`, each is fsynced before its rename.
     pub(crate) fn write_index_files(&self, sync: bool) -> io::Result<()> {
         write_file_atomically(&self.file.path(INDEX_EXT), &self.offset_index.encode(), sync)?;
-        write_file_atomically(&self.file.path(TIME_INDEX_EXT), &self.sealed_time_index().encode(), sync)
+        write_file_atomically(&self.file.path(TIME_INDEX_EXT), &self.sealed_time_index().encode(), sync)?;
+        write_file_atomically(&self.file.path(TXN_INDEX_EXT), &index::encode_aborts(&self.aborted), sync)
     }
 
-    /// A sealed segment as found on disk. `next_offset` is the next
-    /// segment's base offset. Its index files are trusted if they are
-    /// consistent; otherwise the segment is scanned (and its index files
-    /// rewritten). The data itself is checked only when read.
-    pub(crate) fn load_sealed(
-        file: Arc<SegmentFile>,
-        next_offset: i64,
-        index_interval_bytes: u32,
-    ) -> io::Result<Segment> {
+    /// A sealed segment as found on disk, `Err` with the reason when its
+    /// index files are missing or inconsistent (the caller then rebuilds
+    /// them with [`Segment::rebuild_sealed`]). `next_offset` is the next
+    /// segment's base offset. The data itself is checked only when read.
+    pub(crate) fn load_sealed(file: Arc<SegmentFile>, next_offset: i64) -> io::Result<Result<Segment, String>> {
         let size = file.file.metadata()?.len();
         let span = u64::try_from(next_offset - file.base_offset).unwrap_or(0);
         let loaded = read_index_file(&file.path(INDEX_EXT))
@@ -197,52 +202,60 @@ impl Segment {
             .and_then(|offsets| {
                 let times = read_index_file(&file.path(TIME_INDEX_EXT))
                     .and_then(|bytes| TimeIndex::decode(&bytes, span, size))?;
-                Ok((offsets, times))
+                let aborted = read_index_file(&file.path(TXN_INDEX_EXT))
+                    .and_then(|bytes| index::decode_aborts(&bytes, file.base_offset, next_offset))?;
+                Ok((offsets, times, aborted))
             });
-        match loaded {
-            Ok((offset_index, time_index)) => Ok(Segment {
-                max_timestamp: time_index.max_timestamp().unwrap_or(i64::MIN),
-                file,
-                size,
-                next_offset,
-                offset_index,
-                time_index,
-                first_batch_timestamp: None,
-                last_batch_base_offset: next_offset - 1,
-                bytes_since_index: 0,
-            }),
-            Err(reason) => {
-                warn!(file = %file.path(LOG_EXT).display(), %reason, "rebuilding the indexes of a sealed segment");
-                let mut segment = Segment::empty(file.clone());
-                let outcome = scan(&file.file, size, file.base_offset, |header, position| {
-                    segment.record_batch(header, position, index_interval_bytes)
-                })?;
-                if let Some(reason) = &outcome.problem {
-                    // Not truncated: later segments exist. Reads of the bad
-                    // part fail their checks and return Corrupt.
-                    warn!(
-                        file = %file.path(LOG_EXT).display(),
-                        position = outcome.valid_len,
-                        %reason,
-                        "sealed segment is damaged; reads past this position will report corruption"
-                    );
-                }
-                // Less is a compacted segment's hole at its end.
-                if outcome.next_offset > next_offset {
-                    warn!(
-                        file = %file.path(LOG_EXT).display(),
-                        scanned_next_offset = outcome.next_offset,
-                        next_segment_base_offset = next_offset,
-                        "sealed segment does not end where the next segment starts"
-                    );
-                }
-                segment.time_index = segment.sealed_time_index();
-                segment.size = size;
-                segment.next_offset = next_offset;
-                segment.write_index_files(true)?;
-                Ok(segment)
-            }
+        Ok(loaded.map(|(offset_index, time_index, aborted)| Segment {
+            max_timestamp: time_index.max_timestamp().unwrap_or(i64::MIN),
+            file,
+            size,
+            next_offset,
+            offset_index,
+            time_index,
+            first_batch_timestamp: None,
+            aborted,
+            last_batch_base_offset: next_offset - 1,
+            bytes_since_index: 0,
+        }))
+    }
+
+    /// Rebuilds a sealed segment's bookkeeping and index files by scanning
+    /// it: `replay` is the log's scan of a segment (batches and the aborts
+    /// they make), here from the segment's own producer snapshot.
+    pub(crate) fn rebuild_sealed(
+        file: Arc<SegmentFile>,
+        next_offset: i64,
+        reason: &str,
+        replay: impl FnOnce(&Arc<SegmentFile>, u64) -> io::Result<(Segment, ScanOutcome)>,
+    ) -> io::Result<Segment> {
+        warn!(file = %file.path(LOG_EXT).display(), %reason, "rebuilding the indexes of a sealed segment");
+        let size = file.file.metadata()?.len();
+        let (mut segment, outcome) = replay(&file, size)?;
+        if let Some(reason) = &outcome.problem {
+            // Not truncated: later segments exist. Reads of the bad
+            // part fail their checks and return Corrupt.
+            warn!(
+                file = %file.path(LOG_EXT).display(),
+                position = outcome.valid_len,
+                %reason,
+                "sealed segment is damaged; reads past this position will report corruption"
+            );
         }
+        // Less is a compacted segment's hole at its end.
+        if outcome.next_offset > next_offset {
+            warn!(
+                file = %file.path(LOG_EXT).display(),
+                scanned_next_offset = outcome.next_offset,
+                next_segment_base_offset = next_offset,
+                "sealed segment does not end where the next segment starts"
+            );
+        }
+        segment.time_index = segment.sealed_time_index();
+        segment.size = size;
+        segment.next_offset = next_offset;
+        segment.write_index_files(true)?;
+        Ok(segment)
     }
 }
 

@@ -171,7 +171,7 @@ fn retention_by_time_keeps_bytes_held_by_readers_valid() {
     assert_eq!(report.log_start_offset, 6);
     assert_eq!(log.log_start_offset(), 6);
     assert_eq!(log_files(dir.path(), ".log").len(), 3);
-    assert_eq!(log_files(dir.path(), "index").len(), 2 * 2, "only sealed segments have index files");
+    assert_eq!(log_files(dir.path(), "index").len(), 2 * 3, "only sealed segments have index files");
     verify_crc(&held).unwrap();
     assert!(same_batch(&held, &batch(0, 2, 0, 50)));
     assert!(matches!(log.read(4, 100, 12), Err(ReadError::OffsetOutOfRange { log_start: 6, .. })));
@@ -406,6 +406,7 @@ fn stray_files_are_removed_or_ignored() {
     write("00000000000000000500.index");
     write("00000000000000000500.timeindex");
     write("00000000000000000500.producers");
+    write("00000000000000000500.txnindex");
     write("notes.txt");
     let log = Log::open(dir.path(), config(1)).unwrap();
     assert_eq!(read_all(&log).len(), 2);
@@ -419,10 +420,12 @@ fn stray_files_are_removed_or_ignored() {
             "00000000000000000000.index",
             "00000000000000000000.log",
             "00000000000000000000.timeindex",
+            "00000000000000000000.txnindex",
             "00000000000000000001.index",
             "00000000000000000001.log",
             "00000000000000000001.producers",
             "00000000000000000001.timeindex",
+            "00000000000000000001.txnindex",
             "notes.txt",
             "recovery-point"
         ]

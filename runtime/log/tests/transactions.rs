@@ -1,8 +1,9 @@
 //! A partition's side of transactions, as the log keeps it: open
 //! transactions and the last stable offset, aborted ranges, through
-//! reopen (the active segment's scan), rolls (the producer snapshot),
-//! truncation, retention and compaction (aborted data dropped, markers
-//! and committed data kept).
+//! reopen (the active segment's scan), rolls (the producer snapshot and the
+//! sealed segment's `.txnindex`), a lost index (rebuilt from the segment's
+//! own snapshot), truncation, retention and compaction (aborted data
+//! dropped, markers and committed data kept).
 
 mod common;
 
@@ -34,6 +35,9 @@ fn marker(producer_id: i64, epoch: i16, commit: bool) -> Bytes {
     marker_batch(producer_id, epoch, if commit { Marker::Commit } else { Marker::Abort }, 0, 1_000)
 }
 
+/// What [`mixed`] aborts.
+const ABORTED_8: AbortedTxn = AbortedTxn { producer_id: 8, first_offset: 3, last_offset: 5, last_stable_offset: 6 };
+
 /// Writes: plain (0), txn 7 (1..=2), txn 8 (3), commit 7 (4), abort 8 (5).
 fn mixed(log: &Log) {
     log.append_checked(&plain(&["a"], "p0"), 0).unwrap();
@@ -53,10 +57,7 @@ fn the_lso_and_aborted_ranges_survive_reopen_roll_and_truncation() {
     {
         let log = Log::open(dir.path(), config(1 << 20)).unwrap();
         mixed(&log);
-        assert_eq!(
-            log.aborted_transactions(0, 6),
-            vec![AbortedTxn { producer_id: 8, first_offset: 3, last_offset: 5 }]
-        );
+        assert_eq!(log.aborted_transactions(0, 6), vec![ABORTED_8]);
         assert_eq!(log.aborted_transactions(0, 3), vec![], "the range read ends before it");
         // A new transaction of 7, still open at the crash.
         log.append_checked(&txn_batch(7, 1, 0, &["c"], "t7b"), 0).unwrap();
@@ -71,7 +72,7 @@ fn the_lso_and_aborted_ranges_survive_reopen_roll_and_truncation() {
     drop(log);
     let log = Log::open(dir.path(), config(1 << 20)).unwrap();
     assert_eq!(log.open_transactions(), vec![(7, 6)]);
-    assert_eq!(log.aborted_transactions(0, 7), vec![AbortedTxn { producer_id: 8, first_offset: 3, last_offset: 5 }]);
+    assert_eq!(log.aborted_transactions(0, 7), vec![ABORTED_8]);
     // A late write of the epoch the commit marker fenced is refused.
     assert!(log.append_checked(&txn_batch(7, 0, 1, &["z"], "late"), 0).is_err());
     // Truncating the open transaction away closes it.
@@ -124,4 +125,58 @@ fn compaction_drops_aborted_data_and_keeps_markers_and_committed_values() {
     assert!(!values.iter().any(|(_, v)| v == "t8"), "aborted data dropped: {values:?}");
     assert!(!values.contains(&("a".into(), "p0".into())), "superseded by the committed t7: {values:?}");
     assert!(values.contains(&("b".into(), "t7".into())));
+    // The cleaned segment indexes the abort its marker still ends, also
+    // after a reopen (from its `.txnindex`).
+    assert_eq!(log.aborted_transactions(0, end), vec![ABORTED_8]);
+    drop(log);
+    let log = Log::open(dir.path(), config(1 << 20)).unwrap();
+    assert_eq!(log.aborted_transactions(0, end), vec![ABORTED_8]);
+}
+
+fn txn_index(dir: &std::path::Path, base: i64) -> std::path::PathBuf {
+    dir.join(format!("{base:020}.txnindex"))
+}
+
+#[test]
+fn each_segment_indexes_its_aborts_and_a_lost_index_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), config(1 << 20)).unwrap();
+    // Segment 0: txn 9 opens (0..=1) and stays open across the roll.
+    log.append_checked(&txn_batch(9, 0, 0, &["a", "b"], "t9"), 0).unwrap();
+    log.roll().unwrap();
+    // Segment 2: txn 10 (2), abort 9 (3), abort 10 (4).
+    log.append_checked(&txn_batch(10, 0, 0, &["c"], "t10"), 0).unwrap();
+    log.append(&marker(9, 1, false), 0).unwrap();
+    log.append(&marker(10, 1, false), 0).unwrap();
+    log.roll().unwrap();
+    // Segment 5: plain data.
+    log.append(&plain(&["d"], "p"), 0).unwrap();
+    let nine = AbortedTxn { producer_id: 9, first_offset: 0, last_offset: 3, last_stable_offset: 2 };
+    let ten = AbortedTxn { producer_id: 10, first_offset: 2, last_offset: 4, last_stable_offset: 5 };
+    assert_eq!(log.aborted_transactions(0, 6), vec![nine, ten]);
+    assert_eq!(log.aborted_transactions(1, 2), vec![nine], "10's data starts at 2");
+    assert_eq!(log.aborted_transactions(5, 6), vec![], "both markers are before the range");
+    drop(log);
+    assert_eq!(std::fs::read(txn_index(dir.path(), 0)).unwrap(), b"", "segment 0 holds no marker");
+    assert_eq!(std::fs::read(txn_index(dir.path(), 2)).unwrap().len(), 64, "two aborts of 32 bytes");
+
+    // Lost (a crash before the index files of a roll were synced, or a log
+    // from before the index): rebuilt by a scan from the segment's own
+    // snapshot, which knows 9 opened in the segment before.
+    std::fs::remove_file(txn_index(dir.path(), 2)).unwrap();
+    let log = Log::open(dir.path(), config(1 << 20)).unwrap();
+    assert_eq!(log.aborted_transactions(0, 6), vec![nine, ten]);
+    assert_eq!(std::fs::read(txn_index(dir.path(), 2)).unwrap().len(), 64, "written again");
+    drop(log);
+    // Damaged: the same.
+    std::fs::write(txn_index(dir.path(), 2), [0u8; 40]).unwrap();
+    let log = Log::open(dir.path(), config(1 << 20)).unwrap();
+    assert_eq!(log.aborted_transactions(0, 6), vec![nine, ten]);
+
+    // Retention takes a segment's index with it.
+    log.roll().unwrap();
+    log.set_config(LogConfig { retention_bytes: Some(1), ..config(1 << 20) });
+    assert_eq!(log.enforce_retention(0).unwrap().segments_deleted, 3);
+    assert_eq!(log.aborted_transactions(0, 10), vec![]);
+    assert!(!txn_index(dir.path(), 2).exists());
 }

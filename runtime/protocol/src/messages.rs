@@ -539,9 +539,9 @@ wire_struct! {
         pub outputs: Vec<String>,
         pub on_error: String,
         pub start: String,
-        /// Transforms: `at-least-once` (empty: the default) or
-        /// `exactly-once` (each step's outputs, state and progress in one
-        /// transaction).
+        /// Transforms: `exactly-once` (empty: the default; each step's
+        /// outputs, state and progress in one transaction) or
+        /// `at-least-once`.
         pub guarantee: String,
     }
 }

@@ -1103,7 +1103,7 @@ async fn transform(target: &Target, opts: &BenchOpts) -> anyhow::Result<Vec<Benc
     // Exactly-once runs count their output partitions' transaction markers
     // as records too (one per partition per step of up to 1 MiB of input):
     // they finish a few records early.
-    let (alo, eos) = ("", "exactly-once");
+    let (alo, eos) = ("at-least-once", "exactly-once");
     let runs = [
         ("transform-native", "identity", Vec::new(), &opts.topic, alo),
         ("transform-wasm", "", wasm.clone(), &opts.topic, alo),

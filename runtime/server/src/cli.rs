@@ -950,14 +950,20 @@ impl Sink {
     }
 
     /// Everything sent: the plain producer flushed, the last transaction
-    /// committed.
+    /// committed and its markers written (a reader started next sees it).
     async fn finish(&mut self) -> anyhow::Result<()> {
         match self {
             Sink::Plain(p) => {
                 p.flush().await;
                 Ok(())
             }
-            Sink::Transactional { .. } => self.commit().await,
+            Sink::Transactional { .. } => {
+                self.commit().await?;
+                if let Sink::Transactional { producer, transactions: 1.., .. } = self {
+                    producer.settled().await?;
+                }
+                Ok(())
+            }
         }
     }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::ensure;
-use quiver_client::{ConsumerConfig, OffsetReset, OffsetSpec, ProducerConfig, ProducerRecord};
+use quiver_client::{ConsumerConfig, Isolation, OffsetReset, OffsetSpec, ProducerConfig, ProducerRecord};
 
 use crate::cli::connect_local;
 use crate::node::{Node, dev_config};
@@ -123,7 +123,10 @@ async fn transform(client: &Client, records: u64) -> anyhow::Result<()> {
         })
         .await?;
     let expected = (0..records).filter(|i| (i * 37) % 500 > 400).count();
-    let mut consumer = client.consumer(ConsumerConfig::default());
+    // The transform is exactly-once (the default): its outputs are read
+    // committed.
+    let mut consumer =
+        client.consumer(ConsumerConfig { isolation: Isolation::ReadCommitted, ..ConsumerConfig::default() });
     consumer.assign("demo-big-orders", None, OffsetSpec::Earliest).await?;
     let mut seen = 0usize;
     while seen < expected {
@@ -138,7 +141,7 @@ async fn transform(client: &Client, records: u64) -> anyhow::Result<()> {
         }
     }
     println!(
-        "6. deployed Wasm transform 'big-orders' (json-filter: amount > 400) from demo-orders to demo-big-orders: \
+        "6. deployed exactly-once Wasm transform 'big-orders' (json-filter: amount > 400) from demo-orders to demo-big-orders: \
          {seen} of {records} orders came out in {:.0} ms after the deploy, each with amount > 400",
         deployed.elapsed().as_secs_f64() * 1000.0
     );

@@ -66,11 +66,12 @@ pub enum PluginCommand {
         /// start | end | offset:N | @UNIX_MS (first deploy only)
         #[arg(long, default_value = "start")]
         start: String,
-        /// Transforms: at-least-once, or exactly-once (each step's outputs,
-        /// state and progress commit in one transaction: read_committed
+        /// Transforms: exactly-once (the default: each step's outputs,
+        /// state and progress commit in one transaction, so read_committed
         /// consumers of the outputs see each input's outputs once, across
-        /// broker crashes and failovers).
-        #[arg(long, default_value = "")]
+        /// broker crashes and failovers) or at-least-once (a step redone
+        /// after a failure writes its outputs again).
+        #[arg(long, default_value = "exactly-once")]
         guarantee: String,
     },
     List {

@@ -9,11 +9,15 @@ use std::collections::BTreeMap;
 
 /// An aborted transaction in this partition: its data lies in
 /// `first_offset..=last_offset` (the abort marker's offset).
+/// `last_stable_offset` is the partition's LSO right after the marker: every
+/// transaction aborted later started at or after it, which is what lets a
+/// reader of the aborted-transaction index stop early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AbortedTxn {
     pub producer_id: i64,
     pub first_offset: i64,
     pub last_offset: i64,
+    pub last_stable_offset: i64,
 }
 
 /// How a batch ended a transaction, if it did.
@@ -23,12 +27,12 @@ pub enum Ended {
     Aborted(AbortedTxn),
 }
 
+/// The open transactions of a partition. The aborted ones are kept by the
+/// log, in each segment's index of the aborts whose marker it holds.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PartitionTxns {
     /// Producer id → first offset of its open transaction.
     open: BTreeMap<i64, i64>,
-    /// Aborted transactions by marker offset.
-    aborted: Vec<AbortedTxn>,
 }
 
 impl PartitionTxns {
@@ -58,9 +62,8 @@ impl PartitionTxns {
                 if commit {
                     return Some(Ended::Committed { producer_id, first_offset });
                 }
-                let aborted = AbortedTxn { producer_id, first_offset, last_offset };
-                self.aborted.push(aborted);
-                Some(Ended::Aborted(aborted))
+                let last_stable_offset = self.last_stable_offset(last_offset + 1);
+                Some(Ended::Aborted(AbortedTxn { producer_id, first_offset, last_offset, last_stable_offset }))
             }
         }
     }
@@ -70,12 +73,6 @@ impl PartitionTxns {
     /// watermark.
     pub fn last_stable_offset(&self, high_watermark: i64) -> i64 {
         self.open.values().copied().min().map_or(high_watermark, |first| first.min(high_watermark))
-    }
-
-    /// The aborted transactions with data in `from..to`: what a
-    /// read_committed read of that range must be told to drop.
-    pub fn aborted_overlapping(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
-        self.aborted.iter().filter(|a| a.first_offset < to && a.last_offset >= from).copied().collect()
     }
 
     /// The first offset of `producer_id`'s open transaction, if it has one.
@@ -89,22 +86,27 @@ impl PartitionTxns {
         open.sort_by_key(|&(_, first)| first);
         open
     }
+}
 
-    /// Every aborted transaction remembered, oldest marker first.
-    pub fn aborted(&self) -> &[AbortedTxn] {
-        &self.aborted
+/// The aborted transactions with data in `from..to`, from aborts listed in
+/// marker order (`aborts`: the segments' indexes one after another): what a
+/// read_committed read of that range must be told to drop. Stops at the
+/// first abort whose LSO reaches `to`: every later one started after it.
+pub fn aborted_overlapping<'a>(
+    aborts: impl IntoIterator<Item = &'a AbortedTxn>,
+    from: i64,
+    to: i64,
+) -> Vec<AbortedTxn> {
+    let mut found = Vec::new();
+    for a in aborts {
+        if a.first_offset < to && a.last_offset >= from {
+            found.push(*a);
+        }
+        if a.last_stable_offset >= to {
+            break;
+        }
     }
-
-    /// An aborted transaction read back from a snapshot.
-    pub fn restore_aborted(&mut self, aborted: AbortedTxn) {
-        self.aborted.push(aborted);
-    }
-
-    /// Forgets aborted transactions wholly below `log_start` (retention
-    /// deleted their data and marker).
-    pub fn trim(&mut self, log_start: i64) {
-        self.aborted.retain(|a| a.last_offset >= log_start);
-    }
+    found
 }
 
 #[cfg(test)]
@@ -126,15 +128,33 @@ mod tests {
         );
         assert_eq!(p.last_stable_offset(41), 20);
         let ended = p.on_batch(2, 41, 41, true, Some(false));
-        assert_eq!(ended, Some(Ended::Aborted(AbortedTxn { producer_id: 2, first_offset: 20, last_offset: 41 })));
+        let aborted = AbortedTxn { producer_id: 2, first_offset: 20, last_offset: 41, last_stable_offset: 42 };
+        assert_eq!(ended, Some(Ended::Aborted(aborted)));
         assert_eq!(p.last_stable_offset(42), 42);
-        assert_eq!(p.aborted_overlapping(0, 20), vec![]);
-        assert_eq!(p.aborted_overlapping(25, 26).len(), 1);
-        assert_eq!(p.aborted_overlapping(41, 50).len(), 1);
-        assert_eq!(p.aborted_overlapping(42, 50), vec![]);
         // A marker without an open transaction ends nothing.
         assert_eq!(p.on_batch(3, 42, 42, true, Some(false)), None);
-        p.trim(42);
-        assert_eq!(p.aborted_overlapping(0, 100), vec![]);
+    }
+
+    #[test]
+    fn aborts_are_found_by_range_and_the_search_stops_at_their_lso() {
+        let mut p = PartitionTxns::default();
+        // 1 opens at 0 and stays open; 2 aborts over 10..=12, then 3 over 20..=30.
+        p.on_batch(1, 0, 4, true, None);
+        p.on_batch(2, 10, 11, true, None);
+        let Some(Ended::Aborted(a2)) = p.on_batch(2, 12, 12, true, Some(false)) else { panic!() };
+        assert_eq!(a2.last_stable_offset, 0, "1 is still open");
+        p.on_batch(1, 13, 13, true, Some(true));
+        p.on_batch(3, 20, 29, true, None);
+        let Some(Ended::Aborted(a3)) = p.on_batch(3, 30, 30, true, Some(false)) else { panic!() };
+        assert_eq!(a3.last_stable_offset, 31);
+        let aborts = [a2, a3];
+        assert_eq!(aborted_overlapping(&aborts, 0, 10), vec![]);
+        assert_eq!(aborted_overlapping(&aborts, 0, 11), vec![a2]);
+        assert_eq!(aborted_overlapping(&aborts, 12, 21), vec![a2, a3]);
+        assert_eq!(aborted_overlapping(&aborts, 13, 100), vec![a3]);
+        // The search stops at an abort whose LSO reaches the range's end,
+        // even with later (wrongly placed) entries after it.
+        let bogus = AbortedTxn { producer_id: 9, first_offset: 0, last_offset: 40, last_stable_offset: 41 };
+        assert_eq!(aborted_overlapping(&[a2, a3, bogus], 13, 31), vec![a3]);
     }
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use quiver_protocol::batch::{self, BatchBuilder, BatchHeader, Compression, decode_records};
 use quiver_protocol::control::{Marker, ReadCommitted, marker_batch, parse_marker};
-use quiver_transactions::partition::PartitionTxns;
+use quiver_transactions::partition::{Ended, PartitionTxns, aborted_overlapping};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -40,6 +40,7 @@ proptest! {
     #[test]
     fn a_read_committed_reader_gets_exactly_the_committed_records(ops in proptest::collection::vec(op(), 1..50)) {
         let mut txns = PartitionTxns::default();
+        let mut aborts = Vec::new();
         let mut log: Vec<Bytes> = Vec::new();
         let mut offset = 0i64;
         // The model: each record's value, and whether it is visible
@@ -82,7 +83,16 @@ proptest! {
             } else {
                 None
             };
-            txns.on_batch(h.producer_id, h.base_offset, h.last_offset(), h.is_transactional(), marker.map(|m| m == Marker::Commit));
+            let ended = txns.on_batch(
+                h.producer_id,
+                h.base_offset,
+                h.last_offset(),
+                h.is_transactional(),
+                marker.map(|m| m == Marker::Commit),
+            );
+            if let Some(Ended::Aborted(a)) = ended {
+                aborts.push(a);
+            }
             log.push(b);
             offset += count;
         }
@@ -93,7 +103,7 @@ proptest! {
             prop_assert!(*o >= lso || decided.is_some(), "offset {} below the LSO {} is undecided", o, lso);
         }
         // A read_committed read of everything below the LSO.
-        let aborted = txns.aborted_overlapping(0, lso).iter().map(|a| (a.producer_id, a.first_offset)).collect();
+        let aborted = aborted_overlapping(&aborts, 0, lso).iter().map(|a| (a.producer_id, a.first_offset)).collect();
         let mut reader = ReadCommitted::new(aborted);
         let mut seen = Vec::new();
         for b in &log {

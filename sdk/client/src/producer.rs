@@ -779,7 +779,7 @@ impl Shared {
         if let Some(stamp) = batch.stamp {
             let mut sequences = self.sequences.lock().expect("producer sequences");
             if let Some(seq) = sequences.get_mut(&(batch.topic.clone(), batch.partition)) {
-                seq.completed(stamp);
+                seq.completed(stamp, result.is_ok());
             }
             drop(sequences);
             self.window_moved.notify_one();
@@ -821,9 +821,16 @@ impl Shared {
     }
 
     /// A transaction ended (or began with a new epoch): every partition's
-    /// numbering starts again at 0. Called with nothing in flight.
-    pub(crate) fn reset_sequences(&self) {
-        self.sequences.lock().expect("producer sequences").clear();
+    /// numbering starts again at 0, under the same producer id (`same_id`:
+    /// leaders it wrote to know it) or a new one. Called with nothing in
+    /// flight.
+    pub(crate) fn reset_sequences(&self, same_id: bool) {
+        let mut sequences = self.sequences.lock().expect("producer sequences");
+        if same_id {
+            sequences.values_mut().for_each(PartitionSequence::restart);
+        } else {
+            sequences.clear();
+        }
     }
 
     /// What is known of a batch whose attempt just ended.

@@ -25,14 +25,22 @@ pub(crate) struct PartitionSequence {
     /// The batches numbered since the oldest one not yet completed, in
     /// order: their stamps, and whether each is completed.
     window: VecDeque<(Stamp, bool)>,
+    /// Whether a batch of this producer was written to the partition. Until
+    /// one is, the leader may not know the producer and would take any
+    /// sequence as its first: a later batch arriving before the first (a
+    /// retry racing a leader change or a restart) would make the first one
+    /// stale. So until then one batch is out at a time.
+    written: bool,
 }
 
 impl PartitionSequence {
     /// Numbers a batch of `count` records: the partition's next sequence in
     /// its current epoch. `None` (nothing numbered) while `window_max`
     /// batches are numbered since the oldest one not yet completed: brokers
-    /// remember that many, so a retry is always recognised.
+    /// remember that many, so a retry is always recognised (one, until a
+    /// batch of the producer was written to the partition).
     pub(crate) fn stamp(&mut self, count: usize, window_max: usize) -> Option<Stamp> {
+        let window_max = if self.written { window_max } else { 1 };
         if self.window.len() >= window_max {
             return None;
         }
@@ -43,9 +51,10 @@ impl PartitionSequence {
         Some(stamp)
     }
 
-    /// The batch `stamp` is answered (written or failed): the window moves
-    /// past every completed batch at its front.
-    pub(crate) fn completed(&mut self, stamp: Stamp) {
+    /// The batch `stamp` is answered (`written`, or failed): the window
+    /// moves past every completed batch at its front.
+    pub(crate) fn completed(&mut self, stamp: Stamp, written: bool) {
+        self.written |= written;
         if let Some(entry) = self.window.iter_mut().find(|(s, _)| *s == stamp) {
             entry.1 = true;
         }
@@ -57,6 +66,14 @@ impl PartitionSequence {
     /// Whether `stamp` belongs to the partition's current epoch.
     pub(crate) fn is_current(&self, stamp: Stamp) -> bool {
         self.epoch == stamp.epoch
+    }
+
+    /// A transaction ended: the next batches start again at 0 (the
+    /// coordinator's new epoch numbers them). The partition's leader still
+    /// knows the producer if it wrote here.
+    pub(crate) fn restart(&mut self) {
+        self.next = 0;
+        self.window.clear();
     }
 
     /// The batch `stamp` failed for good: its sequences will never be
@@ -155,28 +172,47 @@ mod tests {
 
     #[test]
     fn batches_are_numbered_in_order_within_a_window() {
-        let mut seq = PartitionSequence::default();
+        let mut seq = PartitionSequence { written: true, ..PartitionSequence::default() };
         let stamps: Vec<Stamp> = (0..3).map(|_| seq.stamp(10, 3).unwrap()).collect();
         assert_eq!(stamps.iter().map(|s| s.sequence).collect::<Vec<_>>(), [0, 10, 20]);
         assert_eq!(seq.stamp(10, 3), None, "the window is full");
         // The window moves only from its front: completing the second batch
         // frees nothing while the first is out.
-        seq.completed(stamps[1]);
+        seq.completed(stamps[1], true);
         assert_eq!(seq.stamp(10, 3), None);
-        seq.completed(stamps[0]);
+        seq.completed(stamps[0], true);
         assert_eq!(seq.stamp(10, 3), Some(Stamp { epoch: 0, sequence: 30 }));
     }
 
     #[test]
+    fn the_first_batch_goes_alone_until_one_is_written() {
+        let mut seq = PartitionSequence::default();
+        let first = seq.stamp(10, 16).unwrap();
+        assert_eq!(seq.stamp(10, 16), None, "the leader may not know the producer yet");
+        seq.completed(first, false);
+        assert!(seq.failed(first));
+        let again = seq.stamp(10, 16).unwrap();
+        assert_eq!(again, Stamp { epoch: 1, sequence: 0 });
+        assert_eq!(seq.stamp(10, 16), None, "a failed batch taught the leader nothing");
+        seq.completed(again, true);
+        let more: Vec<Stamp> = (0..16).map(|_| seq.stamp(10, 16).unwrap()).collect();
+        assert_eq!(more[15].sequence, 160);
+        assert_eq!(seq.stamp(10, 16), None, "the whole window once written");
+        seq.restart();
+        assert_eq!(seq.stamp(10, 16).unwrap().sequence, 0);
+        assert!(seq.stamp(10, 16).is_some(), "a transaction's end does not make the producer unknown");
+    }
+
+    #[test]
     fn sequences_wrap_at_i32_max() {
-        let mut seq = PartitionSequence { next: i32::MAX - 1, ..PartitionSequence::default() };
+        let mut seq = PartitionSequence { next: i32::MAX - 1, written: true, ..PartitionSequence::default() };
         assert_eq!(seq.stamp(5, 16).unwrap().sequence, i32::MAX - 1);
         assert_eq!(seq.stamp(1, 16).unwrap().sequence, 3);
     }
 
     #[test]
     fn a_failure_starts_one_new_epoch() {
-        let mut seq = PartitionSequence::default();
+        let mut seq = PartitionSequence { written: true, ..PartitionSequence::default() };
         let (a, b) = (seq.stamp(1, 16).unwrap(), seq.stamp(1, 16).unwrap());
         assert!(seq.failed(a));
         assert!(!seq.is_current(b), "in flight from the old epoch");

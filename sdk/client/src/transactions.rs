@@ -9,8 +9,10 @@
 //! left open is aborted. A partition joins the transaction on its first
 //! write (its leader checks with the coordinator). `commit` and `abort`
 //! send every buffered record first, then end the transaction at the
-//! coordinator, which writes a commit or abort marker to each partition in
-//! it and gives the producer its next epoch.
+//! coordinator, which stores the decision, gives the producer its next
+//! epoch, and writes a commit or abort marker to each partition in it (the
+//! next transaction's writes wait for them). A read_committed consumer sees
+//! a committed transaction once its partition's marker is written.
 //!
 //! Errors say what the producer may do next ([`TransactionError`]):
 //! fatal ones (fenced, another instance took over) mean close it; an
@@ -31,6 +33,8 @@ use crate::producer::{ProduceError, Producer, ProducerConfig, ProducerRecord};
 
 /// Pause before asking the coordinator again while a transaction ends.
 const CONCURRENT_BACKOFF: Duration = Duration::from_millis(50);
+/// How often [`TransactionalProducer::settled`] looks.
+const SETTLE_POLL: Duration = Duration::from_millis(5);
 
 /// Why a transactional operation failed, and what the producer may do.
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +288,31 @@ impl TransactionalProducer {
         }
     }
 
+    /// Waits until the last transaction ended is complete at its
+    /// coordinator: its markers are written, so read_committed consumers of
+    /// each of its partitions see it (or see it aborted). `commit` and
+    /// `abort` answer once the decision is stored and the markers follow
+    /// within moments; this is for a process handing off to readers (a
+    /// script's last commit), not for every transaction. Gives up after the
+    /// request timeout.
+    pub async fn settled(&self) -> Result<(), TransactionError> {
+        let request = DescribeTransactionRequest { transactional_id: self.id.clone() };
+        let deadline = Instant::now() + self.client.config().request_timeout;
+        loop {
+            let state = self.coordinator_call(&request).await?.transaction.state;
+            if !state.starts_with("prepare") {
+                return Ok(());
+            }
+            if Instant::now() + CONCURRENT_BACKOFF >= deadline {
+                return Err(TransactionError::Coordinator(CallError::Broker(WireError::new(
+                    ErrorCode::ConcurrentTransactions,
+                    format!("'{}' is still {state}", self.id),
+                ))));
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    }
+
     /// A coordinator request, again while the coordinator moves, loads or
     /// is ending the transaction (for up to the request timeout).
     async fn coordinator_call<R: quiver_protocol::messages::Request>(
@@ -308,8 +337,10 @@ impl TransactionalProducer {
     fn set_identity(&self, producer_id: i64, epoch: i16) {
         let shared = self.producer.shared();
         let txn = shared.txn.as_ref().expect("a transactional producer has an identity");
-        *txn.current.lock().expect("transactional identity") = Some((producer_id, epoch));
-        shared.reset_sequences();
+        let before = txn.current.lock().expect("transactional identity").replace((producer_id, epoch));
+        // Leaders that saw the producer id still know it in its new epoch;
+        // a new id is known nowhere.
+        shared.reset_sequences(before.is_some_and(|(id, _)| id == producer_id));
     }
 
     fn take_failure(&self) -> Option<String> {

@@ -69,6 +69,7 @@ impl Broker {
         id: &str,
         timeout_ms: u64,
     ) -> Result<(i64, i16), TxnOpError> {
+        self.await_finishing(id).await;
         for _ in 0..INIT_ROUNDS {
             let (decided, epoch) = self
                 .with_txn(id, |c, now, fresh| {
@@ -106,6 +107,8 @@ impl Broker {
         partitions: Vec<(String, u32)>,
         groups: Vec<String>,
     ) -> Result<(), TxnOpError> {
+        // The previous transaction's markers go first.
+        self.await_finishing(id).await;
         self.with_txn(id, |c, now, _| {
             let added = c.add(id, producer_id, epoch, &partitions, &groups, now)?;
             Ok(Decided::store(added.into_iter().collect(), ()))
@@ -114,8 +117,10 @@ impl Broker {
         .map(drop)
     }
 
-    /// Commits or aborts: answered once every partition has its marker,
-    /// with the producer id and epoch for the next transaction.
+    /// Commits or aborts: answered once the decision (`Prepare*`) is
+    /// stored, with the producer id and epoch for the next transaction; the
+    /// markers are written meanwhile, before anything of the id's next
+    /// transaction (see [`Broker::finish_in_background`]).
     pub(crate) async fn end_txn(
         self: &Arc<Self>,
         id: &str,
@@ -123,6 +128,7 @@ impl Broker {
         epoch: i16,
         commit: bool,
     ) -> Result<(i64, i16), TxnOpError> {
+        self.await_finishing(id).await;
         let (end, shard_epoch) = self
             .with_txn(id, |c, now, fresh| {
                 Ok(match c.end(id, producer_id, epoch, commit, now, fresh)? {
@@ -134,7 +140,7 @@ impl Broker {
             .await?;
         match end {
             End::Prepare(t, markers) => {
-                self.finish_transaction(&markers, shard_epoch).await?;
+                self.finish_in_background(markers, shard_epoch);
                 Ok((t.producer_id, t.producer_epoch))
             }
             End::Empty(t) => Ok((t.producer_id, t.producer_epoch)),
