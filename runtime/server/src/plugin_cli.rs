@@ -71,7 +71,7 @@ pub enum PluginCommand {
         /// consumers of the outputs see each input's outputs once, across
         /// broker crashes and failovers) or at-least-once (a step redone
         /// after a failure writes its outputs again).
-        #[arg(long, default_value = "exactly-once")]
+        #[arg(long, default_value = "")]
         guarantee: String,
     },
     List {

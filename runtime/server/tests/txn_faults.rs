@@ -15,7 +15,7 @@
 //! offsets going backwards or skipping a committed record, and a
 //! transaction seen in part.
 //!
-//! Seeds: `QUIVER_FAULT_SEEDS=1,2,3` (default `3,4`).
+//! Seeds: `QUIVER_FAULT_SEEDS=1,2,3` (default `3,4,5,6`).
 
 mod common;
 
@@ -324,7 +324,7 @@ fn round(seed: u64) {
 
 #[test]
 fn transactions_hold_under_kills_pauses_and_partitions() {
-    faults::for_each_seed(&[3, 4], round);
+    faults::for_each_seed(&[3, 4, 5, 6], round);
 }
 
 /// The checker itself: each anomaly in a made-up history is reported.
