@@ -43,6 +43,9 @@ const EXPIRY_TICK_MS: u64 = 1_000;
 /// How long an id's next request waits for its previous end's markers
 /// before going on (and meeting `concurrent_transactions`, retriable).
 const FINISH_WAIT: Duration = Duration::from_secs(10);
+/// How long a transaction stays `Prepare*` before the expiry loop writes its
+/// markers (an end's own finisher failed, or a predecessor left it).
+const FINISH_TAKEOVER_MS: u64 = 3_000;
 
 /// What a decision stores and answers.
 pub(crate) struct Decided<T> {
@@ -261,6 +264,15 @@ impl Broker {
         coordinator_epoch: i32,
     ) -> Result<Transaction, TxnOpError> {
         let id = markers.transactional_id.as_str();
+        // Markers listed earlier (the expiry loop's) may be stale: once the
+        // transaction completed, the producer's next one (same epoch) may
+        // have data in these partitions, which a late marker would end.
+        if !self.read_txn(id, |c| c.awaits_markers(markers)).await? {
+            return self
+                .read_txn(id, |c| c.get(id).cloned())
+                .await?
+                .ok_or_else(|| TxnOpError::Txn { id: id.to_owned(), source: TxnError::Unknown(id.to_owned()) });
+        }
         if let Err(detail) = self.write_markers(markers, coordinator_epoch).await {
             tracing::info!(id, commit = markers.commit, %detail, "markers not all written yet");
             return Err(TxnOpError::MarkersPending { id: id.to_owned(), detail });
@@ -437,7 +449,12 @@ impl Broker {
                 let now = now_ms().max(0) as u64;
                 let timed_out: Vec<String> =
                     c.timed_out(now, &mut || -1).into_iter().map(|(t, _)| t.transactional_id).collect();
-                (timed_out, c.pending(), c.expired_ids(now))
+                // A fresh `Prepare*` is its end's to finish (in the
+                // background); the loop takes over ends left half done.
+                let stuck = c.pending().into_iter().filter(|m| {
+                    c.get(&m.transactional_id).is_some_and(|t| now.saturating_sub(t.updated_ms) >= FINISH_TAKEOVER_MS)
+                });
+                (timed_out, stuck.collect::<Vec<_>>(), c.expired_ids(now))
             };
             for id in timed_out {
                 let aborted = self

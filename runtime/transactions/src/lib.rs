@@ -462,6 +462,15 @@ impl Coordinator {
         self.txns.values().filter(|t| t.state.preparing()).map(markers).collect()
     }
 
+    /// Whether `markers` are still to be written: their transaction is
+    /// still `Prepare*` in their epoch. Markers taken earlier (a takeover's
+    /// list, a retry) must not be written once it completed: the
+    /// producer's next transaction, of the same epoch, may have data in
+    /// their partitions by then, and a late marker would end it.
+    pub fn awaits_markers(&self, m: &Markers) -> bool {
+        self.txns.get(&m.transactional_id).is_some_and(|t| t.state.preparing() && markers(t) == *m)
+    }
+
     /// Idle ids not used for `id_expiration_ms`: tombstone them.
     pub fn expired_ids(&self, now_ms: u64) -> Vec<String> {
         self.txns

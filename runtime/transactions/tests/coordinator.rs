@@ -168,8 +168,18 @@ fn an_end_while_markers_are_written_is_retried_later() {
     assert_eq!(pending.len(), 1);
     assert!(!pending[0].commit);
     assert_eq!((pending[0].producer_id, pending[0].producer_epoch), (p.0, p.1 + 1));
+    assert!(replayed.awaits_markers(&pending[0]));
     let done = replayed.complete("tx", 4).unwrap();
     assert_eq!(done.state, TxnState::CompleteAbort);
+    // Once complete, the same markers are stale: written now, they would
+    // end the producer's next transaction (same epoch).
+    replayed.apply(done);
+    assert!(!replayed.awaits_markers(&pending[0]));
+    let next = (pending[0].producer_id, pending[0].producer_epoch);
+    if let Some(t) = replayed.add("tx", next.0, next.1, &[("a".into(), 0)], &[], 5).unwrap() {
+        replayed.apply(t);
+    }
+    assert!(!replayed.awaits_markers(&pending[0]), "the next transaction is ongoing, not preparing");
 }
 
 #[test]
