@@ -427,8 +427,11 @@ impl Broker {
     ) -> Result<(), ProduceError> {
         let (_, partition) = self.partition(&marker.topic, marker.partition)?;
         let producer = marker.producer_id;
-        let open = partition.log.open_transaction(producer).is_some();
-        if !open && partition.log.producer_epoch(producer).is_some_and(|e| e >= marker.producer_epoch) {
+        // Written once: a partition that saw the marker's epoch has it
+        // already, or holds the producer's next transaction (whose data is
+        // of that epoch, and which a repeated marker — a request delayed in
+        // the network, a stale retry — must not end).
+        if partition.log.producer_epoch(producer).is_some_and(|e| e >= marker.producer_epoch) {
             return Ok(());
         }
         let kind = if marker.commit { Marker::Commit } else { Marker::Abort };

@@ -252,6 +252,22 @@ async fn commits_are_seen_whole_aborts_never_and_new_instances_fence_old_ones() 
     let (uncommitted, lso) = read(&cluster, 2, Isolation::ReadUncommitted).await;
     assert_eq!(uncommitted, strings(&["c2a", "c2b", "zombie", "new", "next"]));
     assert_eq!(lso, 7, "c2a c2b, commit, zombie, abort, new, commit | next (open)");
+    // The last commit's marker again (a request delayed in the network): the
+    // partition saw its epoch, so it is not written and cannot end `next`.
+    let late = WriteTxnMarkersRequest {
+        coordinator_epoch: i32::MAX,
+        markers: vec![TxnMarker {
+            producer_id: next.0,
+            producer_epoch: next.1,
+            commit: true,
+            topic: TOPIC.into(),
+            partition: 2,
+        }],
+        groups: Vec::new(),
+    };
+    let answer = at_leader(&cluster, TOPIC, 2, &late).await.unwrap();
+    assert_eq!(answer.results[0].error, ErrorCode::None, "{}", answer.results[0].message);
+    assert_eq!(read(&cluster, 2, Isolation::ReadCommitted).await, (strings(&["c2a", "c2b", "new"]), 7));
     end(&cluster, id, next, false).await.unwrap();
     settled(&cluster, id).await;
     assert_eq!(read(&cluster, 2, Isolation::ReadCommitted).await.0, strings(&["c2a", "c2b", "new"]));
