@@ -139,7 +139,7 @@ impl Broker {
             partition = shard.partition.id,
             epoch = shard.epoch,
             transactions = coordinator.transactions().count(),
-            pending = coordinator.pending().len(),
+            pending = coordinator.pending(0, 0).len(),
             "coordinating transactions"
         );
         *shard.coordinator.lock().await = Some(coordinator);
@@ -268,10 +268,7 @@ impl Broker {
         // transaction completed, the producer's next one (same epoch) may
         // have data in these partitions, which a late marker would end.
         if !self.read_txn(id, |c| c.awaits_markers(markers)).await? {
-            return self
-                .read_txn(id, |c| c.get(id).cloned())
-                .await?
-                .ok_or_else(|| TxnOpError::Txn { id: id.to_owned(), source: TxnError::Unknown(id.to_owned()) });
+            return self.describe_transaction(id).await;
         }
         if let Err(detail) = self.write_markers(markers, coordinator_epoch).await {
             tracing::info!(id, commit = markers.commit, %detail, "markers not all written yet");
@@ -291,10 +288,7 @@ impl Broker {
                 Ok(t)
             }
             // Completed meanwhile (by the expiry loop, or a retried end).
-            None => self
-                .read_txn(id, |c| c.get(id).cloned())
-                .await?
-                .ok_or_else(|| TxnOpError::Txn { id: id.to_owned(), source: TxnError::Unknown(id.to_owned()) }),
+            None => self.describe_transaction(id).await,
         }
     }
 
@@ -454,10 +448,7 @@ impl Broker {
                     c.timed_out(now, &mut || -1).into_iter().map(|(t, _)| t.transactional_id).collect();
                 // A fresh `Prepare*` is its end's to finish (in the
                 // background); the loop takes over ends left half done.
-                let stuck = c.pending().into_iter().filter(|m| {
-                    c.get(&m.transactional_id).is_some_and(|t| now.saturating_sub(t.updated_ms) >= FINISH_TAKEOVER_MS)
-                });
-                (timed_out, stuck.collect::<Vec<_>>(), c.expired_ids(now))
+                (timed_out, c.pending(now, FINISH_TAKEOVER_MS), c.expired_ids(now))
             };
             for id in timed_out {
                 let aborted = self

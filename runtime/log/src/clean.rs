@@ -379,7 +379,8 @@ impl Log {
         let mut full = false;
         // Below the bound (the last stable offset) every transaction is
         // decided.
-        let aborted: Vec<AbortedTxn> = self.read_state().segments.iter().flat_map(|s| s.aborted.clone()).collect();
+        let aborted: Vec<AbortedTxn> =
+            self.read_state().segments.iter().flat_map(|s| s.aborted.iter().copied()).collect();
         for (span, file) in spans.iter().zip(&files) {
             if span.next_offset <= plan.first_dirty_offset {
                 continue;
@@ -508,7 +509,7 @@ impl Log {
         segment.aborted = {
             let state = self.read_state();
             let inputs = state.segments.iter().filter(|s| (base..end).contains(&s.base_offset()));
-            inputs.flat_map(|s| s.aborted.clone()).collect()
+            inputs.flat_map(|s| s.aborted.iter().copied()).collect()
         };
         segment.next_offset = end;
         segment.time_index = segment.sealed_time_index();

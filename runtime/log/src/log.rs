@@ -179,12 +179,7 @@ impl Log {
             let segment = match bases.get(i + 1) {
                 Some(&next) => Segment::load_sealed(file.clone(), next).and_then(|loaded| match loaded {
                     Ok(segment) => Ok(segment),
-                    Err(reason) => Segment::rebuild_sealed(file, next, &reason, |file, len| {
-                        // Its transactions as of its base: the aborts it
-                        // holds get their first offsets right.
-                        let mut producers = Producers::load(&file.path(PRODUCERS_EXT));
-                        replay(file, len, config.index_interval_bytes, &mut producers)
-                    }),
+                    Err(reason) => rebuild_sealed(file, next, &reason, config.index_interval_bytes),
                 }),
                 None => recover_active(file, config.index_interval_bytes, &mut producers),
             }
@@ -960,6 +955,46 @@ fn recover_active(file: Arc<SegmentFile>, index_interval_bytes: u32, producers: 
     }
     // Every batch in it was checked, and appends only add checked ones.
     file.mark_checked(u64::MAX);
+    Ok(segment)
+}
+
+/// Rebuilds a sealed segment's bookkeeping and index files (its
+/// `.index`/`.timeindex`/`.txnindex` missing or inconsistent, `reason`) by
+/// replaying it from its own producer snapshot: the aborts it holds get
+/// their first offsets right. `next_offset` is the next segment's base.
+fn rebuild_sealed(
+    file: Arc<SegmentFile>,
+    next_offset: i64,
+    reason: &str,
+    index_interval_bytes: u32,
+) -> io::Result<Segment> {
+    warn!(file = %file.path(LOG_EXT).display(), %reason, "rebuilding the indexes of a sealed segment");
+    let size = file.file.metadata()?.len();
+    let mut producers = Producers::load(&file.path(PRODUCERS_EXT));
+    let (mut segment, outcome) = replay(&file, size, index_interval_bytes, &mut producers)?;
+    if let Some(reason) = &outcome.problem {
+        // Not truncated: later segments exist. Reads of the bad part fail
+        // their checks and return Corrupt.
+        warn!(
+            file = %file.path(LOG_EXT).display(),
+            position = outcome.valid_len,
+            %reason,
+            "sealed segment is damaged; reads past this position will report corruption"
+        );
+    }
+    // Less is a compacted segment's hole at its end.
+    if outcome.next_offset > next_offset {
+        warn!(
+            file = %file.path(LOG_EXT).display(),
+            scanned_next_offset = outcome.next_offset,
+            next_segment_base_offset = next_offset,
+            "sealed segment does not end where the next segment starts"
+        );
+    }
+    segment.time_index = segment.sealed_time_index();
+    segment.size = size;
+    segment.next_offset = next_offset;
+    segment.write_index_files(true)?;
     Ok(segment)
 }
 

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use quiver_protocol::batch::{self, BATCH_HEADER_LEN, BatchHeader};
-use tracing::warn;
 
 use quiver_transactions::partition::AbortedTxn;
 
@@ -192,7 +191,7 @@ impl Segment {
 
     /// A sealed segment as found on disk, `Err` with the reason when its
     /// index files are missing or inconsistent (the caller then rebuilds
-    /// them with [`Segment::rebuild_sealed`]). `next_offset` is the next
+    /// them by a replay: `log.rs`, `rebuild_sealed`). `next_offset` is the next
     /// segment's base offset. The data itself is checked only when read.
     pub(crate) fn load_sealed(file: Arc<SegmentFile>, next_offset: i64) -> io::Result<Result<Segment, String>> {
         let size = file.file.metadata()?.len();
@@ -218,44 +217,6 @@ impl Segment {
             last_batch_base_offset: next_offset - 1,
             bytes_since_index: 0,
         }))
-    }
-
-    /// Rebuilds a sealed segment's bookkeeping and index files by scanning
-    /// it: `replay` is the log's scan of a segment (batches and the aborts
-    /// they make), here from the segment's own producer snapshot.
-    pub(crate) fn rebuild_sealed(
-        file: Arc<SegmentFile>,
-        next_offset: i64,
-        reason: &str,
-        replay: impl FnOnce(&Arc<SegmentFile>, u64) -> io::Result<(Segment, ScanOutcome)>,
-    ) -> io::Result<Segment> {
-        warn!(file = %file.path(LOG_EXT).display(), %reason, "rebuilding the indexes of a sealed segment");
-        let size = file.file.metadata()?.len();
-        let (mut segment, outcome) = replay(&file, size)?;
-        if let Some(reason) = &outcome.problem {
-            // Not truncated: later segments exist. Reads of the bad
-            // part fail their checks and return Corrupt.
-            warn!(
-                file = %file.path(LOG_EXT).display(),
-                position = outcome.valid_len,
-                %reason,
-                "sealed segment is damaged; reads past this position will report corruption"
-            );
-        }
-        // Less is a compacted segment's hole at its end.
-        if outcome.next_offset > next_offset {
-            warn!(
-                file = %file.path(LOG_EXT).display(),
-                scanned_next_offset = outcome.next_offset,
-                next_segment_base_offset = next_offset,
-                "sealed segment does not end where the next segment starts"
-            );
-        }
-        segment.time_index = segment.sealed_time_index();
-        segment.size = size;
-        segment.next_offset = next_offset;
-        segment.write_index_files(true)?;
-        Ok(segment)
     }
 }
 

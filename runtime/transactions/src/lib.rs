@@ -456,10 +456,12 @@ impl Coordinator {
         }
     }
 
-    /// Markers still to write: every `Prepare*` transaction (after a
-    /// coordinator takes over, the ones its predecessor left half done).
-    pub fn pending(&self) -> Vec<Markers> {
-        self.txns.values().filter(|t| t.state.preparing()).map(markers).collect()
+    /// Markers still to write: every transaction `Prepare*` for at least
+    /// `min_age_ms` at `now_ms` (after a coordinator takes over, the ones
+    /// its predecessor left half done; a fresh one is its end's to finish).
+    pub fn pending(&self, now_ms: u64, min_age_ms: u64) -> Vec<Markers> {
+        let stuck = |t: &&Transaction| t.state.preparing() && now_ms.saturating_sub(t.updated_ms) >= min_age_ms;
+        self.txns.values().filter(stuck).map(markers).collect()
     }
 
     /// Whether `markers` are still to be written: their transaction is

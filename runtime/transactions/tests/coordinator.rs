@@ -164,7 +164,8 @@ fn an_end_while_markers_are_written_is_retried_later() {
     for r in &h.records {
         replayed.apply(Transaction::decode(&r.encode()).unwrap());
     }
-    let pending = replayed.pending();
+    assert_eq!(replayed.pending(3, 2), vec![], "decided at 2: not yet a second old at 3");
+    let pending = replayed.pending(3, 0);
     assert_eq!(pending.len(), 1);
     assert!(!pending[0].commit);
     assert_eq!((pending[0].producer_id, pending[0].producer_epoch), (p.0, p.1 + 1));
